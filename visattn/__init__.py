@@ -1,0 +1,41 @@
+"""visattn: attention processors for vision and multimodal models.
+
+    import visattn
+    handle = visattn.apply(model, "inspect", layers=[3])   # timm, open_clip, diffusers, transformers
+    visattn.remove(model)                                  # stock behaviour again, bit for bit
+    visattn.methods()                                      # name -> frameworks, paper, options
+"""
+
+from . import processors as _processors  # noqa: F401  (registers the methods)
+from .api import applied, apply, methods, remove
+from .errors import (
+    KernelUnavailableError,
+    MethodConflictError,
+    NotAppliedError,
+    OptionError,
+    ShapeError,
+    UnknownMethodError,
+    UnsupportedModelError,
+    UnsupportedTargetError,
+    VisattnError,
+)
+from .patching import Handle
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Handle",
+    "KernelUnavailableError",
+    "MethodConflictError",
+    "NotAppliedError",
+    "OptionError",
+    "ShapeError",
+    "UnknownMethodError",
+    "UnsupportedModelError",
+    "UnsupportedTargetError",
+    "VisattnError",
+    "applied",
+    "apply",
+    "methods",
+    "remove",
+]

@@ -1,0 +1,155 @@
+"""Reference attention in plain PyTorch: the oracle for every kernel and the CPU fallback.
+
+Shapes follow SDPA: ``q`` is ``[B, H, Nq, D]``, ``k`` and ``v`` are ``[B, Hkv, Nk, D]`` with
+``H % Hkv == 0`` (grouped kv heads are repeated). Everything is computed in float32 and returned
+in ``q``'s dtype. A query row with nothing to attend to returns zeros (and a log-sum-exp of -inf),
+the convention the block-sparse kernels follow too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import ShapeError
+
+
+def _expand_kv(x: Tensor, num_heads: int) -> Tensor:
+    if x.shape[1] == num_heads:
+        return x
+    if num_heads % x.shape[1]:
+        raise ShapeError(f"query heads ({num_heads}) must be a multiple of kv heads ({x.shape[1]})")
+    return x.repeat_interleave(num_heads // x.shape[1], dim=1)
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ShapeError(f"q, k, v must be [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape[:3] + k.shape[3:] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ShapeError(f"incompatible q, k, v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+
+
+def attention_logits(q: Tensor, k: Tensor, *, scale: float | None = None, bias: Tensor | None = None,
+                     mask: Tensor | None = None) -> Tensor:
+    """``q k^T * scale (+ bias)``, masked positions set to -inf, in float32: ``[B, H, Nq, Nk]``.
+
+    ``mask`` is boolean, True where attention is allowed, broadcastable to the logits.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k = _expand_kv(k, q.shape[1])
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias.float()
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ShapeError(f"mask must be boolean (True = attend); got {mask.dtype}")
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return logits
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, bias: Tensor | None = None,
+              mask: Tensor | None = None, return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Dense attention ``softmax(q k^T * scale + bias) v`` with an optional boolean mask.
+
+    Returns the output ``[B, H, Nq, D]`` and, with ``return_lse``, the float32 log-sum-exp ``[B, H, Nq]``.
+    """
+    _check_qkv(q, k, v)
+    logits = attention_logits(q, k, scale=scale, bias=bias, mask=mask)
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse.nan_to_num(neginf=0.0).unsqueeze(-1))  # empty rows -> all zeros
+    out = torch.matmul(probs, _expand_kv(v, q.shape[1]).float()).to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def attention_probs(q: Tensor, k: Tensor, *, scale: float | None = None, bias: Tensor | None = None,
+                    mask: Tensor | None = None, head_mean: bool = True, query_chunk: int = 1024) -> Tensor:
+    """Attention probabilities, head-averaged ``[B, Nq, Nk]`` or per head ``[B, H, Nq, Nk]``, float32.
+
+    Queries are processed ``query_chunk`` rows at a time, so a head-averaged map never needs the
+    full per-head map in memory.
+    """
+    rows = []
+    for start in range(0, q.shape[2], query_chunk):
+        sl = slice(start, start + query_chunk)
+        b = bias[..., sl, :] if bias is not None and bias.shape[-2] > 1 else bias
+        m = mask[..., sl, :] if mask is not None and mask.shape[-2] > 1 else mask
+        p = attention_logits(q[:, :, sl], k, scale=scale, bias=b, mask=m).softmax(dim=-1).nan_to_num(0.0)
+        rows.append(p.mean(dim=1) if head_mean else p)
+    return torch.cat(rows, dim=-2)
+
+
+def check_block_lists(kv_indices: Tensor, kv_counts: Tensor, *, batch: int, heads: int, num_q_blocks: int,
+                      num_kv_blocks: int, check_values: bool = True) -> None:
+    """Validate per-query-block kv lists; raise :class:`ShapeError` naming the problem.
+
+    ``kv_indices``: integer ``[B, H, num_q_blocks, max_kv]``; the first ``kv_counts[b, h, i]`` entries of
+    row ``i`` are the kv blocks that query block ``i`` visits, distinct and in ``[0, num_kv_blocks)``.
+    ``kv_counts``: integer ``[B, H, num_q_blocks]`` in ``[0, max_kv]``. ``B`` and ``H`` may be 1 to broadcast.
+    """
+    for name, t in (("kv_indices", kv_indices), ("kv_counts", kv_counts)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ShapeError(f"{name} must be int32 or int64; got {t.dtype}")
+    if kv_indices.ndim != 4 or kv_counts.ndim != 3:
+        raise ShapeError(f"kv_indices must be [B, H, q_blocks, max_kv] and kv_counts [B, H, q_blocks]; "
+                         f"got {tuple(kv_indices.shape)} and {tuple(kv_counts.shape)}")
+    bi, hi, qi, _ = kv_indices.shape
+    if (bi not in (1, batch) or hi not in (1, heads) or qi != num_q_blocks
+            or tuple(kv_counts.shape) != (bi, hi, qi)):
+        raise ShapeError(f"kv_indices {tuple(kv_indices.shape)} / kv_counts {tuple(kv_counts.shape)} do not fit "
+                         f"B={batch}, H={heads}, q_blocks={num_q_blocks} (B and H may be 1)")
+    if not check_values:
+        return
+    max_kv = kv_indices.shape[-1]
+    if kv_counts.numel() and (int(kv_counts.min()) < 0 or int(kv_counts.max()) > max_kv):
+        raise ShapeError(f"kv_counts must lie in [0, {max_kv}] (the length of the kv lists)")
+    valid = torch.arange(max_kv, device=kv_indices.device) < kv_counts.unsqueeze(-1)
+    used = kv_indices[valid]
+    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= num_kv_blocks):
+        raise ShapeError(f"kv_indices out of range: listed blocks must lie in [0, {num_kv_blocks})")
+    padded = torch.where(valid, kv_indices.long(), -1 - torch.arange(max_kv, device=kv_indices.device))
+    srt = padded.sort(dim=-1).values
+    if bool((srt[..., 1:] == srt[..., :-1]).any()):
+        raise ShapeError("kv_indices lists a kv block twice for one query block")
+
+
+def block_mask(kv_indices: Tensor, kv_counts: Tensor, *, num_q: int, num_kv: int, block_q: int, block_k: int,
+               always_kv: Sequence[tuple[int, int]] | None = None) -> Tensor:
+    """The boolean token mask ``[B, H, num_q, num_kv]`` that the block lists (and ``always_kv`` ranges) describe."""
+    nqb, nkb = -(-num_q // block_q), -(-num_kv // block_k)
+    b, h, _, max_kv = kv_indices.shape
+    valid = torch.arange(max_kv, device=kv_indices.device) < kv_counts.unsqueeze(-1)
+    blocks = torch.zeros(b, h, nqb, nkb + 1, dtype=torch.bool, device=kv_indices.device)
+    idx = torch.where(valid, kv_indices.long(), nkb)  # unused slots go to a spare column
+    blocks.scatter_(-1, idx, True)
+    blocks = blocks[..., :nkb]
+    mask = blocks.repeat_interleave(block_q, dim=2)[:, :, :num_q].repeat_interleave(block_k, dim=3)[..., :num_kv]
+    if always_kv:
+        cols = torch.zeros(num_kv, dtype=torch.bool, device=mask.device)
+        for start, end in always_kv:
+            cols[start:end] = True
+        mask = mask | cols
+    return mask
+
+
+def block_sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, *,
+                                     block_q: int, block_k: int, scale: float | None = None,
+                                     always_kv: Sequence[tuple[int, int]] | None = None,
+                                     return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Block-sparse attention computed densely with the mask of :func:`block_mask`: the kernels' oracle.
+
+    Query block ``i`` (tokens ``[i*block_q, (i+1)*block_q)``) attends to the kv blocks listed in
+    ``kv_indices[b, h, i, :kv_counts[b, h, i]]`` and to every token in the ``always_kv`` ranges.
+    """
+    _check_qkv(q, k, v)
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    check_block_lists(kv_indices, kv_counts, batch=b, heads=h, num_q_blocks=-(-nq // block_q),
+                      num_kv_blocks=-(-nk // block_k))
+    for start, end in always_kv or ():
+        if not 0 <= start <= end <= nk:
+            raise ShapeError(f"always_kv range ({start}, {end}) must lie within [0, {nk}]")
+    mask = block_mask(kv_indices, kv_counts, num_q=nq, num_kv=nk, block_q=block_q, block_k=block_k,
+                      always_kv=always_kv)
+    return attention(q, k, v, scale=scale, mask=mask, return_lse=return_lse)

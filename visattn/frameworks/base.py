@@ -1,0 +1,63 @@
+"""What every framework adapter provides, and the per-call context they carry.
+
+A framework module (``visattn.frameworks.timm``, ``.open_clip``, ``.diffusers``, ``.transformers``)
+exposes two functions used by methods:
+
+``attention_layers(model) -> list[tuple[str, nn.Module]]``
+    The model's attention modules in execution order, with their qualified names. Layer indices
+    in every method's ``layers=`` option index this list.
+
+``observe_attention(model, patcher, layers, observer) -> None``
+    Arrange, through ``patcher`` so it can be undone exactly, that each call of each selected
+    attention layer calls ``observer(layer_index, q, k, scale, mask)`` with the exact query and key
+    the stock attention uses (after norms and rotary embeddings, ``[B, H, N, D]``; k may have fewer
+    heads), its softmax scale, and its mask (boolean, True = attend, or an additive float bias, or
+    ``None``), while the layer's output stays bit-identical to stock.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from torch import Tensor
+
+Observer = Callable[[int, Tensor, Tensor, float, "Tensor | None"], None]
+
+
+@dataclass
+class CallContext:
+    """Per-call state a method may need inside an attention layer.
+
+    Attributes:
+        layer: index of the attention layer being run (its position in ``attention_layers``).
+        timestep: the diffusion timestep of the current denoiser call, if the model takes one.
+        step: how many denoiser calls have started since the method was applied (0-based).
+        extra: anything else a framework adapter reads from the call (e.g. ``input_ids``).
+    """
+
+    layer: int | None = None
+    timestep: Any = None
+    step: int = -1
+    extra: dict[str, Any] | None = None
+
+
+def adapter(framework: str) -> ModuleType:
+    """The adapter module of ``framework`` (``visattn.frameworks.<framework>``)."""
+    return importlib.import_module(f"visattn.frameworks.{framework}")
+
+
+def select_layers(names: Sequence[str], layers: Sequence[int] | None, method: str) -> list[int]:
+    """Indices of the chosen layers, checked against the model's attention layers."""
+    from ..errors import OptionError
+
+    if layers is None:
+        return list(range(len(names)))
+    bad = [i for i in layers if i >= len(names)]
+    if bad:
+        raise OptionError(f"{method}: layers {bad} out of range; this model has {len(names)} attention layers "
+                          f"(0..{len(names) - 1})")
+    return sorted(layers)

@@ -1,0 +1,64 @@
+"""open_clip: the visual tower's ``nn.MultiheadAttention`` layers.
+
+open_clip's ``VisionTransformer`` runs ``ResidualAttentionBlock``s whose attention is a torch
+``nn.MultiheadAttention`` called with ``need_weights=False`` (the fused path). Observation
+recomputes q and k from the layer's own input projection in a forward pre-hook, so the stock call
+runs untouched. (open_clip models built on a timm trunk are detected as timm models.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import UnsupportedModelError
+from ..patching import Patcher
+from .base import Observer
+
+
+def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if not layers:
+        raise UnsupportedModelError(
+            f"the open_clip model {type(model).__name__} has no nn.MultiheadAttention layers; supported: "
+            f"open_clip VisionTransformer towers built from ResidualAttentionBlock")
+    return layers
+
+
+def mha_query_key(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-head q and k ``[B, H, N, D]`` that ``mha`` computes from its inputs."""
+    if not mha.batch_first:
+        query, key = query.transpose(0, 1), key.transpose(0, 1)
+    e, h = mha.embed_dim, mha.num_heads
+    if mha._qkv_same_embed_dim:
+        w_q, w_k = mha.in_proj_weight[:e], mha.in_proj_weight[e:2 * e]
+    else:
+        w_q, w_k = mha.q_proj_weight, mha.k_proj_weight
+    b_q, b_k = (mha.in_proj_bias[:e], mha.in_proj_bias[e:2 * e]) if mha.in_proj_bias is not None else (None, None)
+    q, k = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k)
+    split = lambda x: x.unflatten(-1, (h, e // h)).transpose(1, 2)  # noqa: E731
+    return split(q), split(k)
+
+
+def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int], observer: Observer) -> None:
+    modules = attention_layers(model)
+    for idx in layers:
+        mha = modules[idx][1]
+
+        def pre(module: nn.MultiheadAttention, args: tuple, kwargs: dict[str, Any], idx: int = idx) -> None:
+            query = kwargs.get("query", args[0] if args else None)
+            key = kwargs.get("key", args[1] if len(args) > 1 else query)
+            mask = kwargs.get("attn_mask", args[4] if len(args) > 4 else None)
+            if kwargs.get("is_causal") and mask is None:
+                n = query.shape[1 if module.batch_first else 0]
+                mask = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+            elif mask is not None and mask.dtype == torch.bool:
+                mask = ~mask  # torch MHA: True = masked out; observers take True = attend
+            q, k = mha_query_key(module, query, key)
+            observer(idx, q, k, (module.embed_dim // module.num_heads) ** -0.5, mask)
+
+        patcher.add_hook(mha.register_forward_pre_hook(pre, with_kwargs=True))

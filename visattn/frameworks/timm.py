@@ -1,0 +1,96 @@
+"""timm: finding attention layers, observing them, swapping them in place, and the factory flags.
+
+timm's ``Attention`` (``timm.layers.Attention``, used by ``VisionTransformer`` and its deit3,
+DINOv2-style, register and qk-norm variants) computes ``q, k = q_norm(q), k_norm(k)`` right before
+attention. Observation hooks those two submodules, so the stock forward runs untouched. Methods
+that change the computation swap the module's class for a subclass (same parameters, same names,
+so checkpoints keep loading) through :func:`swap_attention`, or build models with the factory
+flags ``attn_layer=`` (names registered in ``timm.models.vision_transformer.ATTN_LAYERS`` by
+:func:`register_attn_layer`) and ``block_fn=``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from timm.layers import Attention
+
+from ..core.layout import TokenLayout
+from ..errors import UnsupportedModelError
+from ..patching import Patcher
+from .base import Observer
+
+
+def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """timm ``Attention`` modules in execution order; raises if the model has none."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention)]
+    if not layers:
+        raise UnsupportedModelError(
+            f"the timm model {type(model).__name__} has no timm.layers.Attention layers; supported: "
+            f"VisionTransformer and other models built from timm.layers.Attention")
+    return layers
+
+
+def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int], observer: Observer) -> None:
+    modules = attention_layers(model)
+    for idx in layers:
+        attn = modules[idx][1]
+        state: dict[str, Any] = {}
+
+        def pre(module: nn.Module, args: tuple, kwargs: dict, state: dict = state) -> None:
+            state["mask"] = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
+            state["causal"] = kwargs.get("is_causal", args[2] if len(args) > 2 else False)
+
+        def on_q(module: nn.Module, args: tuple, out: torch.Tensor, state: dict = state) -> None:
+            state["q"] = out
+
+        def on_k(module: nn.Module, args: tuple, out: torch.Tensor, state: dict = state, idx: int = idx,
+                 attn: nn.Module = attn) -> None:
+            q, mask = state.pop("q"), state.get("mask")
+            if state.get("causal"):
+                n = q.shape[2]
+                mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            observer(idx, q, out, attn.scale, mask)
+
+        patcher.add_hook(attn.register_forward_pre_hook(pre, with_kwargs=True))
+        patcher.add_hook(attn.q_norm.register_forward_hook(on_q))
+        patcher.add_hook(attn.k_norm.register_forward_hook(on_k))
+
+
+def swap_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int],
+                   make: Callable[[int, nn.Module], type], configure: Callable[[int, nn.Module], dict[str, Any]]
+                   ) -> None:
+    """Swap the class of each selected ``Attention`` for ``make(idx, module)`` (a subclass adding
+    behaviour) and set the attributes ``configure(idx, module)`` returns; all undone by ``patcher``."""
+    modules = attention_layers(model)
+    for idx in layers:
+        module = modules[idx][1]
+        for name, value in configure(idx, module).items():
+            patcher.set_attr(module, name, value)
+        patcher.swap_class(module, make(idx, module))
+
+
+def register_attn_layer(name: str, cls: type) -> None:
+    """Make ``timm.create_model(..., attn_layer=name)`` build ``cls`` (a ``timm.layers.Attention`` subclass)."""
+    from timm.models import vision_transformer
+
+    if not issubclass(cls, Attention):
+        raise TypeError(f"{cls.__name__} must subclass timm.layers.Attention to keep timm's parameter names")
+    vision_transformer.ATTN_LAYERS[name] = cls
+
+
+def vit_layout(model: nn.Module, num_tokens: int, image_size: tuple[int, int] | None = None) -> TokenLayout:
+    """The token layout of a timm ViT sequence: prefix tokens, then the patch grid (for ``image_size``)."""
+    prefix = int(getattr(model, "num_prefix_tokens", 0))
+    grid = None
+    patch_embed = getattr(model, "patch_embed", None)
+    if image_size is not None and patch_embed is not None and hasattr(patch_embed, "dynamic_feat_size"):
+        grid = tuple(patch_embed.dynamic_feat_size(image_size))
+    elif patch_embed is not None and getattr(patch_embed, "grid_size", None) is not None:
+        grid = tuple(patch_embed.grid_size)
+    if grid is not None and prefix + grid[0] * grid[1] != num_tokens:
+        grid = None  # dynamic size without image_size: infer a square grid
+    return TokenLayout.for_vit(num_tokens, prefix, grid)

@@ -1,0 +1,97 @@
+"""``inspect``: record attention maps without changing a single output bit.
+
+Not a paper's method but the tool every paper's figures rely on: the softmax attention
+``A = softmax(q k^T / sqrt(d) + bias)`` of chosen layers, head-averaged (or per head on request),
+recorded on every call of those layers. The framework adapter hands over the exact q and k the
+stock attention uses; the map is computed beside the stock computation, ``query_chunk`` rows at a
+time, so at most one layer's per-head map for one chunk is in memory. Works on timm and open_clip
+ViTs, diffusers UNets and DiTs, and transformers models. There is nothing to make identical: the
+method never changes outputs.
+
+Options: ``layers`` (None = all), ``per_head`` (False), ``query_chunk`` (1024), ``to_cpu`` (True).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..core.attention import attention_probs
+from ..frameworks import Target
+from ..frameworks.base import adapter, select_layers
+from ..options import bool_option, int_option, layers_option
+from ..patching import Handle, Patcher
+from ..registry import Method, register
+
+
+class InspectHandle(Handle):
+    """Handle of ``inspect``: ``maps[layer]`` is the list of maps recorded for that layer, one per call.
+
+    A map is ``[B, Nq, Nk]`` (head-averaged) or ``[B, H, Nq, Nk]`` (``per_head=True``), float32.
+    ``layer_names[layer]`` is the module's qualified name.
+    """
+
+    def __init__(self, *args: Any, layer_names: dict[int, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.layer_names = layer_names
+        self.maps: dict[int, list[Tensor]] = {i: [] for i in layer_names}
+
+    def clear(self) -> None:
+        for calls in self.maps.values():
+            calls.clear()
+
+    def last(self, layer: int) -> Tensor:
+        """The map of the most recent call of ``layer``."""
+        if not self.maps.get(layer):
+            raise KeyError(f"no map recorded for layer {layer}; recorded layers: {sorted(self.maps)}")
+        return self.maps[layer][-1]
+
+    def save_png(self, path: str | Path, layer: int, image: Any = None, *, query: int | str = "mean",
+                 grid: tuple[int, int] | None = None, key_span: tuple[int, int] | None = None,
+                 sample: int = 0) -> Path:
+        """Render the last map of ``layer`` (over ``image`` if given) to a PNG; see :func:`visattn.render.render_map`."""
+        from ..render import attention_heatmap, render_map
+
+        heat = attention_heatmap(self.last(layer), query=query, grid=grid, key_span=key_span, sample=sample)
+        return render_map(heat, path, image=image)
+
+
+@register
+class Inspect(Method):
+    name = "inspect"
+    summary = "record attention maps of chosen layers, outputs unchanged"
+    paper = "- (analysis tool: softmax(q k^T / sqrt(d)) as in Vaswani et al., 2017, 'Attention Is All You Need')"
+    frameworks = ("timm", "open_clip", "diffusers", "transformers")
+    options = (
+        layers_option("layers", None, doc="attention layers to record (indices into the model's attention layers)"),
+        bool_option("per_head", False, doc="keep one map per head instead of the head average"),
+        int_option("query_chunk", 1024, low=1, doc="query rows computed at a time (memory bound)"),
+        bool_option("to_cpu", True, doc="move recorded maps to the CPU"),
+    )
+
+    def check_target(self, target: Target, options: dict[str, Any]) -> None:
+        super().check_target(target, options)
+        names = [n for n, _ in adapter(target.framework).attention_layers(target.model)]
+        select_layers(names, options["layers"], self.name)
+
+    def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> InspectHandle:
+        fw = adapter(target.framework)
+        names = [n for n, _ in fw.attention_layers(target.model)]
+        chosen = select_layers(names, options["layers"], self.name)
+        handle = InspectHandle(self.name, target.model, options, patcher,
+                               layer_names={i: names[i] for i in chosen})
+
+        @torch.no_grad()
+        def observer(layer: int, q: Tensor, k: Tensor, scale: float, mask: Tensor | None) -> None:
+            bias = None
+            if mask is not None and mask.dtype != torch.bool:
+                bias, mask = mask, None
+            probs = attention_probs(q, k, scale=scale, bias=bias, mask=mask, head_mean=not options["per_head"],
+                                    query_chunk=options["query_chunk"])
+            handle.maps[layer].append(probs.cpu() if options["to_cpu"] else probs)
+
+        fw.observe_attention(target.model, patcher, chosen, observer)
+        return handle
