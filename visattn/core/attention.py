@@ -1,9 +1,9 @@
 """Reference attention in plain PyTorch: the oracle for every kernel and the CPU fallback.
 
 Shapes follow SDPA: ``q`` is ``[B, H, Nq, D]``, ``k`` and ``v`` are ``[B, Hkv, Nk, D]`` with
-``H % Hkv == 0`` (grouped kv heads are repeated). Everything is computed in float32 and returned
-in ``q``'s dtype. A query row with nothing to attend to returns zeros (and a log-sum-exp of -inf),
-the convention the block-sparse kernels follow too.
+``H % Hkv == 0`` (grouped kv heads are repeated). Everything is computed in float32 (float64 for
+float64 inputs) and returned in ``q``'s dtype. A query row with nothing to attend to returns zeros
+(and a log-sum-exp of -inf), the convention the block-sparse kernels follow too.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ def _expand_kv(x: Tensor, num_heads: int) -> Tensor:
     return x.repeat_interleave(num_heads // x.shape[1], dim=1)
 
 
+def _acc(x: Tensor) -> Tensor:
+    """``x`` in the accumulation dtype: float32, or float64 when ``x`` is float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ShapeError(f"q, k, v must be [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -33,15 +38,15 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 def attention_logits(q: Tensor, k: Tensor, *, scale: float | None = None, bias: Tensor | None = None,
                      mask: Tensor | None = None) -> Tensor:
-    """``q k^T * scale (+ bias)``, masked positions set to -inf, in float32: ``[B, H, Nq, Nk]``.
+    """``q k^T * scale (+ bias)``, masked positions set to -inf, in float32 (or float64): ``[B, H, Nq, Nk]``.
 
     ``mask`` is boolean, True where attention is allowed, broadcastable to the logits.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k = _expand_kv(k, q.shape[1])
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    logits = torch.matmul(_acc(q), _acc(k).transpose(-1, -2)) * scale
     if bias is not None:
-        logits = logits + bias.float()
+        logits = logits + _acc(bias)
     if mask is not None:
         if mask.dtype != torch.bool:
             raise ShapeError(f"mask must be boolean (True = attend); got {mask.dtype}")
@@ -59,7 +64,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, bi
     logits = attention_logits(q, k, scale=scale, bias=bias, mask=mask)
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - lse.nan_to_num(neginf=0.0).unsqueeze(-1))  # empty rows -> all zeros
-    out = torch.matmul(probs, _expand_kv(v, q.shape[1]).float()).to(q.dtype)
+    out = torch.matmul(probs, _acc(_expand_kv(v, q.shape[1]))).to(q.dtype)
     return (out, lse) if return_lse else out
 
 

@@ -29,7 +29,8 @@ def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-def mha_query_key(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mha_query_key(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-head q and k ``[B, H, N, D]`` that ``mha`` computes from its inputs."""
     if not mha.batch_first:
         query, key = query.transpose(0, 1), key.transpose(0, 1)

@@ -52,7 +52,7 @@ class InspectHandle(Handle):
     def save_png(self, path: str | Path, layer: int, image: Any = None, *, query: int | str = "mean",
                  grid: tuple[int, int] | None = None, key_span: tuple[int, int] | None = None,
                  sample: int = 0) -> Path:
-        """Render the last map of ``layer`` (over ``image`` if given) to a PNG; see :func:`visattn.render.render_map`."""
+        """Render the last map of ``layer`` (over ``image`` if given) to a PNG (see :mod:`visattn.render`)."""
         from ..render import attention_heatmap, render_map
 
         heat = attention_heatmap(self.last(layer), query=query, grid=grid, key_span=key_span, sample=sample)

@@ -1,0 +1,103 @@
+"""The public surface: apply / remove / methods, the registry, options and the documented errors."""
+
+import pytest
+import timm
+import torch
+
+import visattn
+from visattn import registry
+from visattn.errors import (
+    MethodConflictError,
+    NotAppliedError,
+    OptionError,
+    UnknownMethodError,
+    UnsupportedModelError,
+    UnsupportedTargetError,
+    VisattnError,
+)
+from visattn.options import choice_option, float_option, int_option, validate_options
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                             depth=2, num_heads=2, num_classes=3).eval()
+
+
+def test_methods_lists_inspect_with_options():
+    info = visattn.methods()["inspect"]
+    assert set(info["frameworks"]) == {"timm", "open_clip", "diffusers", "transformers"}
+    assert info["options"]["query_chunk"]["default"] == 1024 and info["paper"]
+
+
+def test_unknown_method_lists_known(vit):
+    with pytest.raises(UnknownMethodError, match="known methods: .*inspect"):
+        visattn.apply(vit, "no_such_method")
+
+
+def test_unsupported_target_names_frameworks():
+    with pytest.raises(UnsupportedTargetError, match="timm, open_clip, diffusers, transformers"):
+        visattn.apply(torch.nn.Linear(2, 2), "inspect")
+
+
+def test_unsupported_model_family():
+    cnn = timm.create_model("resnet10t", pretrained=False, num_classes=2)
+    with pytest.raises(UnsupportedModelError, match="no timm.layers.Attention"):
+        visattn.apply(cnn, "inspect")
+    assert "_visattn_handles" not in cnn.__dict__
+
+
+@pytest.mark.parametrize("opts,msg", [
+    ({"layers": [9]}, r"layers \[9\] out of range; this model has 2"),
+    ({"layers": "all"}, "layers must be None"),
+    ({"query_chunk": 0}, r"query_chunk must be an int >= 1 \(got 0\)"),
+    ({"per_head": 1}, "per_head must be True or False"),
+    ({"colour": "red"}, "unknown option.*colour.*accepted: layers, per_head, query_chunk, to_cpu"),
+])
+def test_bad_options_raise_before_touching(vit, opts, msg):
+    with pytest.raises(OptionError, match=msg) as err:
+        visattn.apply(vit, "inspect", **opts)
+    assert isinstance(err.value, (ValueError, VisattnError))
+    assert visattn.applied(vit) == [] and all(not m._forward_hooks for m in vit.modules())
+
+
+def test_second_method_conflicts_and_remove_twice(vit):
+    handle = visattn.apply(vit, "inspect")
+    with pytest.raises(MethodConflictError, match="cannot be applied on top of inspect"):
+        visattn.apply(vit, "inspect")
+    assert visattn.applied(vit) == [handle]
+    visattn.remove(vit)
+    with pytest.raises(NotAppliedError):
+        visattn.remove(vit)
+    handle.remove()  # a removed handle stays removed
+
+
+def test_failed_install_is_rolled_back(vit):
+    class Broken(registry.Method):
+        name, paper, frameworks = "broken_for_test", "-", ("timm",)
+
+        def install(self, target, patcher, options):
+            patcher.set_attr(target.model, "marker", 1)
+            raise RuntimeError("boom")
+
+    registry.register(Broken)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            visattn.apply(vit, "broken_for_test")
+        assert "marker" not in vit.__dict__ and visattn.applied(vit) == []
+    finally:
+        registry._REGISTRY.pop("broken_for_test")
+
+
+def test_option_validators():
+    opts = (int_option("r", 0, low=0), float_option("keep", 1.0, low=0, high=1, low_open=True),
+            choice_option("strategy", "cls", ["cls", "fastv"]))
+    assert validate_options("m", opts, {"keep": 1}) == {"r": 0, "keep": 1.0, "strategy": "cls"}
+    with pytest.raises(OptionError, match=r"m: keep must be a number in \(0, 1\] \(got 0\)"):
+        validate_options("m", opts, {"keep": 0})
+    with pytest.raises(OptionError, match="r must be an int >= 0"):
+        validate_options("m", opts, {"r": True})
+    with pytest.raises(OptionError, match="strategy must be one of 'cls', 'fastv'"):
+        validate_options("m", opts, {"strategy": "star"})
+    with pytest.raises(OptionError, match="keep must be"):
+        validate_options("m", opts, {"keep": float("nan")})

@@ -1,0 +1,305 @@
+"""Routed block-sparse flash attention: one kernel behind BiFormer, VSA-style tile top-k, GRAT and STA.
+
+Papers: BiFormer (Zhu et al., CVPR 2023, bi-level routing attention), VSA (video sparse attention:
+tile-level top-k, trained through the sparse kernel) and FlashAttention-2 (Dao, 2023; the
+online-softmax forward and the dq / dk-dv backward split used here).
+
+For query block ``i`` (tokens ``[i * block_q, (i + 1) * block_q)``) let ``S_i`` be the tokens of the kv
+blocks ``kv_indices[b, h, i, :kv_counts[b, h, i]]`` together with every token of the ``always_kv``
+ranges. Each query row ``x`` of the block computes
+
+    o_x = sum_{y in S_i} softmax_y(scale * q_x . k_y) v_y,   lse_x = log sum_{y in S_i} exp(scale * q_x . k_y)
+
+and a row with ``S_i`` empty gives ``o_x = 0``, ``lse_x = -inf`` (the reference's convention). The
+kernel visits only the listed blocks, so its cost is proportional to the kept fraction.
+
+Options and their identity values: listing every kv block for every query block reproduces dense
+attention; ``always_kv=None`` adds nothing; ``scale=None`` is ``D ** -0.5``.
+
+Dispatch: CUDA tensors (or any tensors while ``TRITON_INTERPRET=1``) with Triton importable run the
+Triton kernels; anything else falls back to :func:`visattn.core.attention.block_sparse_attention_reference`,
+logged once, or raises :class:`~visattn.errors.KernelUnavailableError` under ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .._logging import fallback
+from ..core.attention import block_sparse_attention_reference, check_block_lists
+from ..errors import ShapeError
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+_LN2 = math.log(2.0)
+_LOG2E = 1.0 / _LN2
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _triton_module():
+    """The Triton kernels, imported on first use (so ``TRITON_INTERPRET`` is read then)."""
+    return importlib.import_module("visattn.kernels._block_sparse_triton")
+
+
+def kernel_unavailable_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """Why the Triton kernel cannot run on these tensors, or ``None`` when it can."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if not _interpret() and not (q.is_cuda and k.is_cuda and v.is_cuda):
+        return f"tensors are on {q.device.type}, the Triton kernel needs CUDA (or TRITON_INTERPRET=1)"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} is not supported by the kernel (float16 or bfloat16)"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} exceeds the kernel's maximum {MAX_HEAD_DIM}"
+    return None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The block lists as the kernels read them (int32, contiguous), always blocks split off."""
+
+    kv_indices: Tensor          # [Bi, Hi, nqb, max_kv] int32, always blocks removed
+    kv_counts: Tensor           # [Bi, Hi, nqb] int32
+    num_kv_blocks: int
+    always_blocks: Tensor | None = None   # [nA] int32: kv blocks holding always-attended tokens
+    always_tokens: Tensor | None = None   # [N_kv] int8: 1 on always-attended tokens
+    always_listed: Tensor | None = None   # [Bi, Hi, nqb, nA] int8: query block listed always block a
+
+    @property
+    def num_always(self) -> int:
+        return 0 if self.always_blocks is None else int(self.always_blocks.numel())
+
+
+def _make_plan(kv_indices: Tensor, kv_counts: Tensor, always_kv: Sequence[tuple[int, int]] | None,
+               *, num_kv: int, block_k: int) -> _Plan:
+    nkb = -(-num_kv // block_k)
+    idx = kv_indices.to(torch.int32).contiguous()
+    cnt = kv_counts.to(torch.int32).contiguous()
+    ranges = [(int(s), int(e)) for s, e in (always_kv or ()) if int(e) > int(s)]
+    if not ranges:
+        return _Plan(idx, cnt, nkb)
+    device = idx.device
+    tokens = torch.zeros(nkb * block_k, dtype=torch.int8, device=device)
+    for start, end in ranges:
+        tokens[start:end] = 1
+    holds = tokens.view(nkb, block_k).any(dim=1)
+    blocks = holds.nonzero().flatten()
+    slot = torch.full((nkb + 1,), -1, dtype=torch.long, device=device)
+    slot[blocks] = torch.arange(blocks.numel(), device=device)
+    valid = torch.arange(idx.shape[-1], device=device) < cnt.unsqueeze(-1)
+    safe = torch.where(valid, idx.long(), nkb)  # unused slots may hold anything
+    in_always = valid & holds[safe.clamp(max=nkb - 1)] & (safe < nkb)
+    listed = torch.zeros(*idx.shape[:3], blocks.numel() + 1, dtype=torch.int8, device=device)
+    listed.scatter_(-1, torch.where(in_always, slot[safe], blocks.numel()), 1)
+    keep = valid & ~in_always
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
+    return _Plan(idx.gather(-1, order).contiguous(), keep.sum(-1).to(torch.int32), nkb,
+                 blocks.to(torch.int32), tokens[:num_kv].contiguous(), listed[..., :-1].contiguous())
+
+
+def _transpose_lists(plan: _Plan) -> tuple[Tensor, Tensor]:
+    """For each kv block, the query blocks that list it: ``([Bi, Hi, nkb, max_q], [Bi, Hi, nkb])`` int32."""
+    idx, cnt, nkb = plan.kv_indices, plan.kv_counts, plan.num_kv_blocks
+    bi, hi, nqb, max_kv = idx.shape
+    device = idx.device
+    valid = torch.arange(max_kv, device=device) < cnt.unsqueeze(-1)
+    group = torch.arange(bi * hi, device=device).view(bi, hi, 1, 1) * nkb
+    qblk = torch.arange(nqb, device=device).view(1, 1, nqb, 1)
+    pair = ((group + idx.long()) * nqb + qblk)[valid].sort().values  # (bh, kv block) major, q block minor
+    key, q_sorted = pair // nqb, pair % nqb
+    counts = torch.bincount(key, minlength=bi * hi * nkb)
+    width = max(int(counts.max()), 1) if counts.numel() else 1
+    pos = torch.arange(key.numel(), device=device) - (counts.cumsum(0) - counts)[key]
+    out = torch.zeros(bi * hi * nkb, width, dtype=torch.int32, device=device)
+    out[key, pos] = q_sorted.to(torch.int32)
+    return out.view(bi, hi, nkb, width), counts.view(bi, hi, nkb).to(torch.int32)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(x - 1, 0).bit_length()
+
+
+def _interp_tile(block: int) -> int:
+    return min(32, max(16, _next_pow2(block)))
+
+
+def _meta(q: Tensor, k: Tensor, plan: _Plan, block_q: int, block_k: int, tuned) -> dict:
+    """Compile-time flags; under the interpreter (no autotuner) also fixed small tiles."""
+    head_dim = q.shape[-1]
+    padded = max(16, _next_pow2(head_dim))
+    meta = dict(GROUP=q.shape[1] // k.shape[1], BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=padded,
+                MASK_Q=q.shape[2] % block_q != 0, MASK_KV=k.shape[2] % block_k != 0,
+                MASK_D=head_dim != padded, HAS_ALW=plan.num_always > 0)
+    if tuned is None:
+        meta.update(BLOCK_M=_interp_tile(block_q), BLOCK_N=_interp_tile(block_k))
+    return meta
+
+
+def _dummy(device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.zeros(1, dtype=dtype, device=device)
+
+
+def _bcast_stride(t: Tensor, dim: int) -> int:
+    return 0 if t.shape[dim] == 1 else t.stride(dim)
+
+
+def _list_strides(idx: Tensor, cnt: Tensor) -> tuple[int, ...]:
+    return (_bcast_stride(idx, 0), _bcast_stride(idx, 1), idx.stride(2), _bcast_stride(cnt, 0),
+            _bcast_stride(cnt, 1))
+
+
+def _always_args(plan: _Plan, device: torch.device) -> tuple[Tensor, Tensor, Tensor, tuple[int, int, int]]:
+    if plan.num_always == 0:
+        flags = _dummy(device, torch.int8)
+        return _dummy(device, torch.int32), flags, flags, (0, 0, 0)
+    lst = plan.always_listed
+    return (plan.always_blocks, plan.always_tokens, lst,
+            (_bcast_stride(lst, 0), _bcast_stride(lst, 1), lst.stride(2)))
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _Plan, *, block_q: int, block_k: int,
+             scale: float) -> tuple[Tensor, Tensor]:
+    tk = _triton_module()
+    b, h, nq, d = q.shape
+    nqb = -(-nq // block_q)
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
+    alw_blk, alw_tok, alw_lst, lst_strides = _always_args(plan, q.device)
+    meta = _meta(q, k, plan, block_q, block_k, tk.fwd_tuned)
+    kernel = tk.fwd_kernel if tk.fwd_tuned is None else tk.fwd_tuned
+
+    def grid(m: dict) -> tuple[int, int]:
+        return (nqb * -(-block_q // m["BLOCK_M"]), b * h)
+
+    kernel[grid](q, k, v, o, lse, plan.kv_indices, plan.kv_counts, alw_blk, alw_tok, alw_lst,
+                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+                 *_list_strides(plan.kv_indices, plan.kv_counts), *lst_strides,
+                 h, nq, k.shape[2], d, plan.num_always, scale * _LOG2E, **meta)
+    return o, lse
+
+
+def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, delta: Tensor, plan: _Plan,
+              *, block_q: int, block_k: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    tk = _triton_module()
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    nqb, nkb = -(-nq // block_q), plan.num_kv_blocks
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    alw_blk, alw_tok, alw_lst, lst_strides = _always_args(plan, q.device)
+    meta = _meta(q, k, plan, block_q, block_k, tk.dq_tuned)
+    kernel = tk.dq_kernel if tk.dq_tuned is None else tk.dq_tuned
+    kernel[lambda m: (nqb * -(-block_q // m["BLOCK_M"]), b * h)](
+        q, k, v, do, dq, lse, delta, plan.kv_indices, plan.kv_counts, alw_blk, alw_tok, alw_lst,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *_list_strides(plan.kv_indices, plan.kv_counts), *lst_strides,
+        h, nq, nk, d, plan.num_always, scale * _LOG2E, scale, **meta)
+
+    q_idx, q_cnt = _transpose_lists(plan)
+    if plan.num_always:
+        slot = torch.full((nkb,), -1, dtype=torch.int32, device=q.device)
+        slot[plan.always_blocks.long()] = torch.arange(plan.num_always, dtype=torch.int32, device=q.device)
+    else:
+        slot = _dummy(q.device, torch.int32)
+    meta = _meta(q, k, plan, block_q, block_k, tk.dkdv_tuned)
+    kernel = tk.dkdv_kernel if tk.dkdv_tuned is None else tk.dkdv_tuned
+    kernel[lambda m: (nkb * -(-block_k // m["BLOCK_N"]), b * hkv)](
+        q, k, v, do, dk, dv, lse, delta, q_idx, q_cnt, slot, alw_tok, alw_lst,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *_list_strides(q_idx, q_cnt), *lst_strides,
+        hkv, nq, nk, d, nqb, scale * _LOG2E, scale, **meta)
+    return dq, dk, dv
+
+
+class _BlockSparseFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: _Plan, block_q: int, block_k: int,
+                scale: float) -> tuple[Tensor, Tensor]:
+        o, lse2 = _forward(q, k, v, plan, block_q=block_q, block_k=block_k, scale=scale)
+        ctx.save_for_backward(q, k, v, o, lse2)
+        ctx.plan, ctx.block_q, ctx.block_k, ctx.scale = plan, block_q, block_k, scale
+        return o, lse2 * _LN2
+
+    @staticmethod
+    def backward(ctx, do: Tensor, dlse: Tensor | None):
+        q, k, v, o, lse2 = ctx.saved_tensors
+        do = do.contiguous()
+        delta = (o.float() * do.float()).sum(-1)
+        if dlse is not None:  # d lse / d logits = p, so it folds into delta
+            delta = delta - dlse.float().nan_to_num(0.0)
+        dq, dk, dv = _backward(do, q, k, v, o, lse2, delta.contiguous(), ctx.plan, block_q=ctx.block_q,
+                               block_k=ctx.block_k, scale=ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int,
+                  always_kv: Sequence[tuple[int, int]] | None) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ShapeError(f"block_sparse_attention: q, k, v must be [B, H, N, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ShapeError(f"block_sparse_attention: k and v must match and share B and D with q; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ShapeError(f"block_sparse_attention: query heads ({q.shape[1]}) must be a multiple of kv heads "
+                         f"({k.shape[1]})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ShapeError(f"block_sparse_attention: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    for name, blk in (("block_q", block_q), ("block_k", block_k)):
+        if isinstance(blk, bool) or not isinstance(blk, int) or blk < 1:
+            raise ShapeError(f"block_sparse_attention: {name} must be a positive int; got {blk!r}")
+    for rng in always_kv or ():
+        if len(rng) != 2 or not 0 <= int(rng[0]) <= int(rng[1]) <= k.shape[2]:
+            raise ShapeError(f"block_sparse_attention: always_kv ranges must be (start, end) with "
+                             f"0 <= start <= end <= {k.shape[2]}; got {tuple(rng)}")
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, *,
+                           block_q: int, block_k: int, scale: float | None = None,
+                           always_kv: Sequence[tuple[int, int]] | None = None, return_lse: bool = False,
+                           strict: bool = False, check_values: bool = True) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention of each query block to its listed kv blocks (and ``always_kv`` tokens); see the module doc.
+
+    Args:
+        q: ``[B, H, Nq, D]``; k, v: ``[B, Hkv, Nk, D]`` with ``H % Hkv == 0`` (grouped kv heads).
+            The kernel takes float16 / bfloat16 and any ``D <= 256``, any ``Nq``, ``Nk``.
+        kv_indices: int32/int64 ``[B|1, H|1, ceil(Nq / block_q), max_kv]``; the first ``kv_counts``
+            entries of a row are distinct kv block indices in ``[0, ceil(Nk / block_k))``.
+        kv_counts: int32/int64 ``[B|1, H|1, ceil(Nq / block_q)]`` in ``[0, max_kv]``.
+        block_q, block_k: query and kv block sizes in tokens (any positive size; 64 or 128 run best).
+        scale: logit scale, ``D ** -0.5`` when ``None``.
+        always_kv: ``(start, end)`` kv token ranges every query attends to (prefix or text tokens).
+        return_lse: also return the float32 natural log-sum-exp ``[B, H, Nq]`` (differentiable).
+        strict: raise :class:`~visattn.errors.KernelUnavailableError` instead of falling back.
+        check_values: check list values (range, duplicates, counts); this syncs with the host, so hot
+            loops whose router is trusted may pass ``False`` (a bad index then reads wrong memory).
+    """
+    _check_inputs(q, k, v, block_q, block_k, always_kv)
+    b, h, nq, d = q.shape
+    check_block_lists(kv_indices, kv_counts, batch=b, heads=h, num_q_blocks=-(-nq // block_q),
+                      num_kv_blocks=-(-k.shape[2] // block_k), check_values=check_values)
+    scale = d ** -0.5 if scale is None else float(scale)
+    reason = kernel_unavailable_reason(q, k, v)
+    if reason is not None:
+        fallback(f"block_sparse_attention:{reason}", f"visattn block_sparse_attention: {reason}; using the "
+                 "PyTorch reference", strict)
+        return block_sparse_attention_reference(q, k, v, kv_indices, kv_counts, block_q=block_q,
+                                                block_k=block_k, scale=scale, always_kv=always_kv,
+                                                return_lse=return_lse)
+    plan = _make_plan(kv_indices, kv_counts, always_kv, num_kv=k.shape[2], block_k=block_k)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out, lse = _BlockSparseFunction.apply(q, k, v, plan, block_q, block_k, scale)
+    return (out, lse) if return_lse else out
