@@ -1,0 +1,250 @@
+"""diffusers: finding attention layers, observing them, swapping their processors, per-call context
+and token layouts.
+
+Checked against diffusers 0.42.1 (torch 2.14) on UNet2DConditionModel, FluxTransformer2DModel,
+SD3Transformer2DModel, WanTransformer3DModel, CogVideoXTransformer3DModel,
+HunyuanVideoTransformer3DModel and PixArtTransformer2DModel.
+
+Attention layers are the modules diffusers gives an attention processor: instances of
+``diffusers.models.attention_processor.Attention`` and of the ``AttentionModuleMixin`` classes
+(``FluxAttention``, ``WanAttention``...). Their order is execution order: module order, except that
+a UNet's ``mid_block`` (registered after ``up_blocks``) runs between the down and up blocks.
+
+Observation. Every stock processor of these models ends in
+``torch.nn.functional.scaled_dot_product_attention`` (SDPA): directly (``AttnProcessor2_0``,
+``JointAttnProcessor2_0``, ``CogVideoXAttnProcessor2_0``) or through ``dispatch_attention_fn``,
+whose native backends call it on ``[B, H, N, D]`` tensors. So :func:`observe_attention` leaves the
+processors alone: a forward pre-hook on each selected attention module enters a
+``TorchFunctionMode`` (thread-local) that hands every SDPA call's q, k, scale and mask to the
+observer and then makes that very call; a forward hook leaves it. The observer therefore sees
+exactly what SDPA sees, after norms, rotary embeddings and the text/image concatenation of joint
+attention, and outputs cannot change. A processor that attends twice in one call (IP-adapter,
+Wan image-to-video cross-attention) reports both calls, in order. A layer that runs without SDPA
+(``AttnProcessor``, the flash/sage/xformers backends) raises :class:`UnsupportedModelError` rather
+than recording nothing. Observation is meant for eager inference (not ``torch.compile``).
+
+Methods that change attention replace processors with :func:`set_processors` (undone by restoring
+the very same processor objects), read the denoiser call (timestep, step, current layer) from
+:func:`install_context`, and the token layout of a layer from :func:`token_layout`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_processor import Attention
+from torch.overrides import TorchFunctionMode
+
+from ..core.layout import TokenLayout
+from ..errors import UnsupportedModelError
+from ..patching import Patcher
+from .base import CallContext, Observer
+
+SUPPORTED_MODELS = ("UNet2DConditionModel", "FluxTransformer2DModel", "SD3Transformer2DModel",
+                    "WanTransformer3DModel", "CogVideoXTransformer3DModel", "HunyuanVideoTransformer3DModel",
+                    "PixArtTransformer2DModel")
+_TEXT_FIRST = ("FluxTransformer2DModel", "CogVideoXTransformer3DModel")
+_SDPA = torch._C._nn.scaled_dot_product_attention  # what F.scaled_dot_product_attention is
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """diffusers attention modules (self-, cross- and joint attention) in execution order."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (Attention, AttentionModuleMixin))]
+    if not layers:
+        raise UnsupportedModelError(
+            f"the diffusers model {type(model).__name__} has no attention layers (diffusers Attention or "
+            f"AttentionModuleMixin modules); supported: {', '.join(SUPPORTED_MODELS)} and other models "
+            f"built from them")
+    children = list(model._modules)
+    if "mid_block" in children and "up_blocks" in children:  # UNet: down, mid, up
+        children.remove("mid_block")
+        children.insert(children.index("up_blocks"), "mid_block")
+    rank = {name: i for i, name in enumerate(children)}
+    return sorted(layers, key=lambda item: rank.get(item[0].split(".")[0], -1))  # stable: module order within
+
+
+class _SDPATap(TorchFunctionMode):
+    """While active, reports the q, k, scale and mask of each SDPA call to ``observer`` before making it."""
+
+    def __init__(self, layer: int, observer: Observer) -> None:
+        super().__init__()
+        self.layer = layer
+        self.observer = observer
+        self.calls = 0
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            call = dict(zip(_SDPA_ARGS, args), **kwargs)
+            q, k, mask = call["query"], call["key"], call.get("attn_mask")
+            if call.get("is_causal"):
+                mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+            scale = call.get("scale")
+            self.observer(self.layer, q, k, q.shape[-1] ** -0.5 if scale is None else scale, mask)
+            self.calls += 1
+        return func(*args, **kwargs)
+
+
+def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int], observer: Observer) -> None:
+    """Call ``observer(layer, q, k, scale, mask)`` for each SDPA call of each selected layer (see module doc)."""
+    modules = attention_layers(model)
+    for idx in layers:
+        name, module = modules[idx]
+        active: list[_SDPATap] = []
+
+        def enter(module: nn.Module, args: tuple, idx: int = idx, active: list = active) -> None:
+            tap = _SDPATap(idx, observer)
+            tap.__enter__()
+            active.append(tap)
+
+        def leave(module: nn.Module, args: tuple, output: Any, name: str = name, active: list = active) -> None:
+            tap = active.pop()
+            tap.__exit__(None, None, None)
+            if output is not None and tap.calls == 0:  # output is None when the forward raised
+                backend = getattr(module.processor, "_attention_backend", None)
+                raise UnsupportedModelError(
+                    f"visattn cannot observe attention layer {tap.layer} ({name}): it ran without "
+                    f"torch.nn.functional.scaled_dot_product_attention (processor "
+                    f"{type(module.processor).__name__}, attention backend {backend or 'default'}); use an "
+                    f"SDPA processor and a native backend (native, _native_cudnn, _native_efficient, "
+                    f"_native_flash, _native_math)")
+
+        patcher.add_hook(module.register_forward_pre_hook(enter))
+        patcher.add_hook(module.register_forward_hook(leave, always_call=True))
+
+
+def set_processors(model: nn.Module, patcher: Patcher, make: Callable[[int, str, nn.Module], Any]) -> None:
+    """Give attention layer ``idx`` (named ``name``) the processor ``make(idx, name, module)``; ``None`` keeps it.
+
+    The new processor is set as a plain instance attribute (not through ``set_processor``), so
+    ``model.attn_processors`` reports it and undo restores the very same processor object. A replaced
+    processor that is an ``nn.Module`` (an IP-adapter's) stays registered as a submodule meanwhile,
+    and a new one is not registered: ``state_dict()`` never changes.
+    """
+    for idx, (name, module) in enumerate(attention_layers(model)):
+        processor = make(idx, name, module)
+        if processor is not None:
+            patcher.set_attr(module, "processor", processor)
+
+
+def install_context(model: nn.Module, patcher: Patcher) -> CallContext:
+    """A :class:`CallContext` that follows the denoiser ``model`` through hooks (undone by ``patcher``).
+
+    At each call of ``model``: ``step`` goes up by one, ``timestep`` is the call's ``timestep``
+    argument, and for the families of :data:`SUPPORTED_MODELS` ``extra`` is ``{"grid": ...,
+    "text_tokens": ...}`` (see :func:`call_grid`), so ``token_layout(model, ctx.layer, **ctx.extra)``
+    is the current layer's layout. While an attention layer runs, ``layer`` is its index in
+    :func:`attention_layers` (``None`` otherwise). Hooks rather than attention kwargs, because Wan
+    and HunyuanVideo do not pass attention kwargs down to their blocks.
+    """
+    ctx = CallContext()
+    signature = inspect.signature(type(model).forward)  # the class's: instance forwards may be wrapped
+    family = type(model).__name__
+
+    def on_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        inputs = signature.bind_partial(module, *args, **kwargs).arguments
+        ctx.step += 1
+        ctx.timestep = inputs.get("timestep")
+        if family in SUPPORTED_MODELS:
+            grid, text_tokens = call_grid(module, inputs)
+            ctx.extra = {"grid": grid, "text_tokens": text_tokens}
+
+    patcher.add_hook(model.register_forward_pre_hook(on_call, with_kwargs=True))
+    for idx, (_, module) in enumerate(attention_layers(model)):
+        def enter(module: nn.Module, args: tuple, idx: int = idx) -> None:
+            ctx.layer = idx
+
+        def leave(module: nn.Module, args: tuple, output: Any) -> None:
+            ctx.layer = None
+
+        patcher.add_hook(module.register_forward_pre_hook(enter))
+        patcher.add_hook(module.register_forward_hook(leave, always_call=True))
+    return ctx
+
+
+def _family(model: nn.Module) -> str:
+    family = type(model).__name__
+    if family not in SUPPORTED_MODELS:
+        raise UnsupportedModelError(f"visattn does not know the token layout of the diffusers model {family}; "
+                                    f"known: {', '.join(SUPPORTED_MODELS)}")
+    return family
+
+
+def call_grid(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[tuple[int, ...], int]:
+    """The token grid at the model's input and the number of text tokens of one denoiser call.
+
+    ``inputs`` maps the names of ``model.forward``'s arguments to the call's values (only the
+    latent, ``encoder_hidden_states`` and, for Flux, ``img_ids`` are read). The grid is ``(h, w)``
+    or ``(t, h, w)`` in tokens (latent size divided by the patch size; a UNet's latent size; for Flux,
+    whose latents come packed, the extent of ``img_ids``). The text length is that of
+    ``encoder_hidden_states``.
+    """
+    family, cfg = _family(model), model.config
+    text_tokens = int(inputs["encoder_hidden_states"].shape[1])
+    if family == "FluxTransformer2DModel":
+        ids = inputs["img_ids"].reshape(-1, 3)
+        return (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1), text_tokens
+    if family == "UNet2DConditionModel":
+        return tuple(inputs["sample"].shape[-2:]), text_tokens
+    shape = inputs["hidden_states"].shape
+    if family in ("SD3Transformer2DModel", "PixArtTransformer2DModel"):
+        p = cfg.patch_size
+        return (shape[-2] // p, shape[-1] // p), text_tokens
+    if family == "CogVideoXTransformer3DModel":  # [B, F, C, H, W]
+        p, p_t = cfg.patch_size, cfg.patch_size_t or 1
+        return (shape[1] // p_t, shape[-2] // p, shape[-1] // p), text_tokens
+    if family == "WanTransformer3DModel":
+        p_t, p_h, p_w = cfg.patch_size
+    else:  # HunyuanVideoTransformer3DModel
+        p_t, p_h, p_w = cfg.patch_size_t, cfg.patch_size, cfg.patch_size
+    return (shape[-3] // p_t, shape[-2] // p_h, shape[-1] // p_w), text_tokens
+
+
+def _unet_level(model: nn.Module, name: str) -> int:
+    """How many times the UNet has downsampled the latent where attention layer ``name`` runs."""
+    part, _, rest = name.partition(".")
+    total = sum(b.downsamplers is not None for b in model.down_blocks)
+    if part == "down_blocks":
+        return sum(b.downsamplers is not None for b in model.down_blocks[:int(rest.split(".")[0])])
+    if part == "up_blocks":
+        return total - sum(b.upsamplers is not None for b in model.up_blocks[:int(rest.split(".")[0])])
+    return total  # mid_block
+
+
+def token_layout(model: nn.Module, layer: int, grid: tuple[int, ...], text_tokens: int) -> TokenLayout:
+    """The layout of the query sequence of attention layer ``layer`` in a call with ``grid`` and ``text_tokens``
+    (as :func:`call_grid` returns them).
+
+    Self- and joint attention attend within this sequence; in cross-attention (UNet, PixArt and Wan
+    ``attn2``) the queries are the grid and the keys are the text (for Wan image-to-video, image
+    tokens then text). Per family: Flux and CogVideoX put the text before the image tokens
+    (``text=((0, T),)``, grid from ``T``); SD3 joint layers (``attn``) and HunyuanVideo blocks put it
+    after (SD3's dual ``attn2`` sees image tokens only), and HunyuanVideo's token refiner sees the
+    text alone (no grid); Wan, PixArt and UNet self-attention see the grid only, a UNet's at the
+    resolution of its block (``h`` and ``w`` halved, rounding up, per downsampler above it).
+    """
+    family = _family(model)
+    name, module = attention_layers(model)[layer]
+    grid = tuple(int(g) for g in grid)
+    if family == "UNet2DConditionModel":
+        for _ in range(_unet_level(model, name)):
+            grid = tuple(-(-g // 2) for g in grid)
+    n = math.prod(grid)
+    if getattr(module, "is_cross_attention", False):
+        return TokenLayout(num_tokens=n, grid=grid)
+    if family in _TEXT_FIRST:
+        return TokenLayout(num_tokens=text_tokens + n, grid=grid, grid_start=text_tokens,
+                           text=((0, text_tokens),))
+    if family == "HunyuanVideoTransformer3DModel" and name.startswith("context_embedder."):
+        return TokenLayout(num_tokens=text_tokens, text=((0, text_tokens),))
+    if family == "HunyuanVideoTransformer3DModel" or (
+            family == "SD3Transformer2DModel" and getattr(module, "added_kv_proj_dim", None) is not None):
+        return TokenLayout(num_tokens=n + text_tokens, grid=grid, text=((n, n + text_tokens),))
+    return TokenLayout(num_tokens=n, grid=grid)
