@@ -6,6 +6,8 @@
     visattn.methods()                                      # name -> frameworks, paper, options
 """
 
+import importlib.util
+
 from . import processors as _processors  # noqa: F401  (registers the methods)
 from .api import applied, apply, methods, remove
 from .errors import (
@@ -20,6 +22,9 @@ from .errors import (
     VisattnError,
 )
 from .patching import Handle
+
+if importlib.util.find_spec("timm") is not None:
+    from . import timm  # noqa: F401  (registers visattn's layers in timm's factory flags)
 
 __version__ = "0.1.0"
 

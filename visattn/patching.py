@@ -38,6 +38,13 @@ class Patcher:
 
         self._undo.append(undo)
 
+    def add_module(self, parent: Any, name: str, module: Any) -> None:
+        """Register a new submodule (e.g. a method's own parameters); undo deletes it again."""
+        if name in parent._modules or name in parent.__dict__ or name in parent._parameters:
+            raise ValueError(f"{type(parent).__name__} already has an attribute {name!r}")
+        parent.add_module(name, module)
+        self._undo.append(lambda: delattr(parent, name))
+
     def swap_class(self, obj: Any, new_cls: type) -> None:
         """Change ``obj``'s class to ``new_cls`` (a subclass adding behaviour, never state)."""
         old = obj.__class__

@@ -34,6 +34,26 @@ def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
+def vit_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The transformer blocks of a timm ``VisionTransformer``-style model, in execution order.
+
+    Only modules whose class is exactly ``timm.models.vision_transformer.Block`` (pre-norm, a timm
+    ``Attention``, optional LayerScale) count, since methods that work between a block's attention
+    and its MLP override that block's ``forward``; raises if there are none, or if some blocks are
+    of another kind (``block_fn=`` variants).
+    """
+    from timm.models.vision_transformer import Block
+
+    blocks = [(n, m) for n, m in model.named_modules() if type(m) is Block and isinstance(m.attn, Attention)]
+    others = sorted({type(m).__name__ for m in model.modules() if isinstance(m, Block) and type(m) is not Block})
+    if not blocks or others:
+        found = f" (it has {', '.join(others)} blocks)" if others else ""
+        raise UnsupportedModelError(
+            f"the timm model {type(model).__name__} is not built from timm.models.vision_transformer.Block "
+            f"blocks{found}; supported: VisionTransformer models (ViT, DeiT3, DINOv2-style with registers)")
+    return blocks
+
+
 def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int], observer: Observer) -> None:
     modules = attention_layers(model)
     for idx in layers:
@@ -82,15 +102,20 @@ def register_attn_layer(name: str, cls: type) -> None:
     vision_transformer.ATTN_LAYERS[name] = cls
 
 
+def vit_grid(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]:
+    """The patch grid ``(h, w)`` a timm ViT makes of an image of ``image_size`` (dynamic sizes included)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None or getattr(patch_embed, "grid_size", None) is None:
+        raise UnsupportedModelError(f"the timm model {type(model).__name__} has no patch_embed.grid_size (not a ViT)")
+    if getattr(model, "dynamic_img_size", False):
+        return tuple(patch_embed.dynamic_feat_size(tuple(image_size)))
+    return tuple(patch_embed.grid_size)
+
+
 def vit_layout(model: nn.Module, num_tokens: int, image_size: tuple[int, int] | None = None) -> TokenLayout:
     """The token layout of a timm ViT sequence: prefix tokens, then the patch grid (for ``image_size``)."""
     prefix = int(getattr(model, "num_prefix_tokens", 0))
-    grid = None
-    patch_embed = getattr(model, "patch_embed", None)
-    if image_size is not None and patch_embed is not None and hasattr(patch_embed, "dynamic_feat_size"):
-        grid = tuple(patch_embed.dynamic_feat_size(image_size))
-    elif patch_embed is not None and getattr(patch_embed, "grid_size", None) is not None:
-        grid = tuple(patch_embed.grid_size)
+    grid = vit_grid(model, image_size) if image_size is not None else getattr(model.patch_embed, "grid_size", None)
     if grid is not None and prefix + grid[0] * grid[1] != num_tokens:
         grid = None  # dynamic size without image_size: infer a square grid
-    return TokenLayout.for_vit(num_tokens, prefix, grid)
+    return TokenLayout.for_vit(num_tokens, prefix, tuple(grid) if grid is not None else None)

@@ -1,0 +1,126 @@
+"""bra: bi-level routing attention on timm ViTs (BiFormer)."""
+
+import pytest
+import timm
+import torch
+
+import visattn
+from visattn.core import attention
+from visattn.errors import OptionError, ShapeError, UnsupportedModelError
+from visattn.processors.bra import bi_level_routing_attention
+
+
+def _vit(**kw):
+    cfg = dict(pretrained=False, num_classes=3, img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    cfg.update(kw)
+    return timm.create_model("vit_small_patch16_224", **cfg).eval()
+
+
+MODELS = {
+    "plain": lambda: _vit(),
+    "layerscale_qknorm_registers": lambda: _vit(init_values=1e-2, qk_norm=True, reg_tokens=3),
+    "dynamic_size": lambda: _vit(dynamic_img_size=True),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_topk_all_regions_reproduces_stock_and_remove_restores(kind):
+    model = MODELS[kind]()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    visattn.apply(model, "bra", n_win=4, topk=16)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    visattn.remove(model)
+    visattn.apply(model, "bra", n_win=2, topk=1, lepe=True)
+    tokens = torch.randn(2, model.num_prefix_tokens + 64, 32)
+    with torch.no_grad():
+        routed = model.blocks[0].attn(tokens)
+        assert not torch.allclose(routed, timm.layers.Attention.forward(model.blocks[0].attn, tokens), atol=1e-3)
+    assert "blocks.0.attn.lepe.weight" in model.state_dict()
+    visattn.remove(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    assert model.state_dict().keys() == sd.keys() and all(torch.equal(model.state_dict()[k], sd[k]) for k in sd)
+    assert type(model.blocks[0].attn) is timm.layers.Attention
+
+
+def _expected_mask(q, k, num_prefix, grid, n_win, topk):
+    """Token mask of BiFormer's routing, built independently in raster order."""
+    b, h, n, d = q.shape
+    gh, gw = grid
+    rh, rw = gh // n_win, gw // n_win
+    rows = torch.arange(gh).repeat_interleave(gw)
+    cols = torch.arange(gw).repeat(gh)
+    region = (rows // rh) * n_win + cols // rw  # region id of each grid token
+    onehot = torch.nn.functional.one_hot(region, n_win * n_win).float()  # [G, R]
+    per_region = onehot / onehot.sum(0)
+    qr = torch.einsum("bhgd,gr->brhd", q[:, :, num_prefix:].float(), per_region).reshape(b, -1, h * d)
+    kr = torch.einsum("bhgd,gr->brhd", k[:, :, num_prefix:].float(), per_region).reshape(b, -1, h * d)
+    chosen = (qr @ kr.transpose(1, 2)).topk(topk, dim=-1).indices  # [B, R, topk]
+    allowed = torch.zeros(b, n_win * n_win, n_win * n_win, dtype=torch.bool)
+    allowed.scatter_(-1, chosen, True)
+    grid_mask = allowed[:, region][:, :, region]  # [B, G, G]
+    mask = torch.ones(b, 1, n, n, dtype=torch.bool)
+    mask[:, 0, num_prefix:, num_prefix:] = grid_mask
+    return mask
+
+
+@pytest.mark.parametrize("num_prefix,grid,n_win,topk", [(1, (8, 8), 4, 3), (5, (4, 6), 2, 1), (0, (16, 16), 2, 2)])
+def test_routed_attention_matches_masked_reference(num_prefix, grid, n_win, topk):
+    b, h, d = 2, 2, 8
+    n = num_prefix + grid[0] * grid[1]
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
+    out = bi_level_routing_attention(q, k, v, num_prefix=num_prefix, grid=grid, n_win=n_win, topk=topk,
+                                     scale=d ** -0.5)
+    ref = attention(q, k, v, mask=_expected_mask(q, k, num_prefix, grid, n_win, topk))
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("num_prefix", [0, 2])
+def test_gather_and_block_sparse_paths_agree(num_prefix):
+    q, k, v = (torch.randn(2, 2, num_prefix + 64, 8, dtype=torch.float64) for _ in range(3))
+    out = {path: bi_level_routing_attention(q, k, v, num_prefix=num_prefix, grid=(8, 8), n_win=2, topk=2, scale=0.3,
+                                            path=path) for path in ("gather", "kernel")}
+    torch.testing.assert_close(out["gather"], out["kernel"])
+    with pytest.raises(OptionError, match="path must be one of"):
+        bi_level_routing_attention(q, k, v, num_prefix=num_prefix, grid=(8, 8), n_win=2, topk=2, scale=0.3, path="x")
+
+
+def test_factory_flag_keeps_timm_parameter_names():
+    stock = _vit()
+    routed = _vit(attn_layer=visattn.timm.bra(n_win=4, topk=2))
+    by_name = _vit(attn_layer="visattn_bra", img_size=56, patch_size=4)  # 14x14 grid, default n_win=7
+    assert routed.state_dict().keys() == stock.state_dict().keys()
+    assert by_name.state_dict().keys() == _vit(img_size=56).state_dict().keys()
+    routed.load_state_dict(stock.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert routed(x).shape == stock(x).shape
+        assert by_name(torch.randn(1, 3, 56, 56)).shape == (1, 3)
+    with_lepe = _vit(attn_layer=visattn.timm.bra(n_win=4, topk=2, lepe=True))
+    missing = with_lepe.load_state_dict(stock.state_dict(), strict=False).missing_keys
+    assert missing and all(".attn.lepe." in key for key in missing)
+
+
+def test_errors():
+    model = _vit()
+    fits = r"n_win=3 does not divide the 8x8 patch grid; n_win values that fit: \[1, 2, 4, 8\]"
+    with pytest.raises(ShapeError, match=fits):
+        visattn.apply(model, "bra", n_win=3, topk=1)
+    with pytest.raises(OptionError, match=r"topk must be <= n_win \*\* 2 = 4"):
+        visattn.apply(model, "bra", n_win=2, topk=5)
+    with pytest.raises(OptionError, match="topk must be an int >= 1"):
+        visattn.apply(model, "bra", topk=0)
+    with pytest.raises(UnsupportedModelError):
+        visattn.apply(timm.create_model("resnet10t", pretrained=False), "bra")
+    with pytest.raises(OptionError, match="topk must be"):
+        visattn.timm.bra(n_win=2, topk=9)
+    assert visattn.applied(model) == []
+    dyn = MODELS["dynamic_size"]()
+    visattn.apply(dyn, "bra", n_win=4, topk=2)
+    with pytest.raises(ShapeError, match="does not divide the 9x8 patch grid"):
+        dyn(torch.randn(1, 3, 36, 32))
+    visattn.remove(dyn)

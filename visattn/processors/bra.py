@@ -1,0 +1,270 @@
+"""``bra`` — bi-level routing attention for timm ViTs.
+
+Paper: Zhu et al., "BiFormer: Vision Transformer with Bi-Level Routing Attention", CVPR 2023, Sec. 3.2.
+The ``h x w`` patch grid is split into ``n_win x n_win`` regions of ``S`` tokens. Region queries and
+keys are the means of q and k over each region (Eq. 3: ``Q_r, K_r``); the region affinity is
+``A_r = Q_r K_r^T`` (Eq. 4), computed once for all heads from their concatenated channels and
+without gradients, as BiFormer does; each region keeps the ``topk`` regions of highest affinity
+(``I_r = topk(A_r)``, Eq. 5); every token of a region attends to the tokens of its routed regions
+(Eq. 6), plus, with ``lepe=True``, the local context enhancement ``LCE(V)``: a depthwise 5x5 conv on
+v (Eq. 7), zero-initialised so that adding it leaves a pretrained model's outputs unchanged until
+it is trained. Prefix tokens (class, registers) attend to all tokens and all tokens attend to them.
+
+Two ways in: ``visattn.apply(model, "bra", n_win=..., topk=...)`` swaps the class of a built
+model's attention layers in place; ``timm.create_model(name, attn_layer="visattn_bra")`` (after
+``import visattn``) or ``attn_layer=visattn.timm.bra(n_win=8, topk=4)`` builds it. Either way the
+parameter names are timm's, so checkpoints load unchanged (``lepe=True`` adds ``attn.lepe.*``).
+
+Regions of >= 64 tokens run on the block-sparse kernel (:mod:`visattn.kernels.block_sparse`, one
+kv block per region, nothing gathered); smaller ones gather their routed regions' keys and values
+and run fused SDPA. Options: ``n_win`` (7), ``topk`` (4; identity: ``n_win ** 2``, which runs timm's
+own dense attention), ``lepe`` (False), ``layers`` (None = all), ``strict`` (False: raise instead of
+falling back to the PyTorch reference when the kernel cannot run). Attention masks and attention
+dropout are not supported on the routed path.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache, lru_cache
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..core.routing import TileOrder, block_scores, pool_blocks, select_topk, tile_order
+from ..errors import OptionError, ShapeError
+from ..frameworks import Target
+from ..frameworks.base import adapter, select_layers
+from ..kernels import block_sparse_attention
+from ..options import bool_option, int_option, layers_option, validate_options
+from ..patching import Handle, Patcher
+from ..registry import Method, register
+
+#: regions of at least this many tokens use the block-sparse kernel; smaller ones the gather path.
+KERNEL_MIN_REGION = 64
+
+
+@lru_cache(maxsize=64)
+def _region_order(grid: tuple[int, int], n_win: int, device: str) -> TileOrder:
+    return tile_order(grid, (grid[0] // n_win, grid[1] // n_win), device=device)
+
+
+def check_grid(grid: tuple[int, int], n_win: int) -> None:
+    """Raise :class:`ShapeError` unless ``n_win`` divides both sides of the grid."""
+    if grid[0] % n_win or grid[1] % n_win:
+        fits = [n for n in range(1, min(grid) + 1) if grid[0] % n == 0 and grid[1] % n == 0]
+        raise ShapeError(f"bra: n_win={n_win} does not divide the {grid[0]}x{grid[1]} patch grid; "
+                         f"n_win values that fit: {fits}")
+
+
+def bi_level_routing_attention(q: Tensor, k: Tensor, v: Tensor, *, num_prefix: int, grid: tuple[int, int],
+                               n_win: int, topk: int, scale: float, strict: bool = False, path: str = "auto") -> Tensor:
+    """Eqs. 3-6 of BiFormer on ``[B, H, P + h*w, D]`` tensors (prefix first, grid in raster order).
+
+    ``path``: ``"kernel"`` (block-sparse kernel), ``"gather"`` (gather routed regions, then SDPA), or
+    ``"auto"``: the kernel for regions of at least ``KERNEL_MIN_REGION`` tokens.
+    """
+    check_grid(grid, n_win)
+    if path not in ("auto", "kernel", "gather"):
+        raise OptionError(f"bra: path must be one of 'auto', 'kernel', 'gather' (got {path!r})")
+    b, h, n, d = q.shape
+    p, regions = num_prefix, n_win * n_win
+    size = (grid[0] // n_win) * (grid[1] // n_win)
+    order = _region_order(grid, n_win, str(q.device))
+    # region order, prefix tokens last: region r is token block r, the prefix the last block(s)
+    qs, ks, vs = (torch.cat([order.to_tiles(t[:, :, p:]), t[:, :, :p]], dim=2) for t in (q, k, v))
+    with torch.no_grad():  # Eqs. 3-5, shared by all heads
+        q_r, k_r = (pool_blocks(t[:, :, :regions * size], size).transpose(1, 2).reshape(b, 1, regions, h * d)
+                    for t in (qs, ks))
+        routed, _ = select_topk(block_scores(q_r, k_r), topk)  # [B, 1, R, topk]
+    if path == "kernel" or (path == "auto" and size >= KERNEL_MIN_REGION):
+        out = _routed_kernel(qs, ks, vs, routed, p=p, size=size, scale=scale, strict=strict)
+    else:
+        out = _routed_gather(qs, ks, vs, routed, p=p, size=size, scale=scale)
+    return torch.cat([out[:, :, regions * size:], order.to_raster(out[:, :, :regions * size])], dim=2)
+
+
+def _routed_kernel(qs: Tensor, ks: Tensor, vs: Tensor, routed: Tensor, *, p: int, size: int, scale: float,
+                   strict: bool) -> Tensor:
+    b, regions, topk = qs.shape[0], routed.shape[2], routed.shape[3]
+    n_blocks = regions + -(-p // size)
+    kv_indices = torch.arange(regions, device=qs.device, dtype=torch.int32).expand(b, 1, n_blocks, regions).clone()
+    kv_indices[:, :, :regions, :topk] = routed
+    kv_counts = torch.full((b, 1, n_blocks), regions, dtype=torch.int32, device=qs.device)
+    kv_counts[:, :, :regions] = topk
+    always = [(regions * size, regions * size + p)] if p else None
+    return block_sparse_attention(qs, ks, vs, kv_indices, kv_counts, block_q=size, block_k=size, scale=scale,
+                                  always_kv=always, strict=strict, check_values=False)
+
+
+def _routed_gather(qs: Tensor, ks: Tensor, vs: Tensor, routed: Tensor, *, p: int, size: int, scale: float) -> Tensor:
+    b, h, _, d = qs.shape
+    regions, topk = routed.shape[2], routed.shape[3]
+    g = regions * size
+    index = routed[:, 0].long().reshape(b, 1, regions * topk, 1, 1).expand(b, h, regions * topk, size, d)
+
+    def gather(t: Tensor) -> Tensor:
+        picked = t[:, :, :g].reshape(b, h, regions, size, d).gather(2, index).reshape(b, h, regions, topk * size, d)
+        prefix = t[:, :, g:].unsqueeze(2).expand(b, h, regions, p, d)
+        return torch.cat([picked, prefix], dim=3)
+
+    out_grid = F.scaled_dot_product_attention(qs[:, :, :g].reshape(b, h, regions, size, d), gather(ks), gather(vs),
+                                              scale=scale).reshape(b, h, g, d)
+    out_prefix = F.scaled_dot_product_attention(qs[:, :, g:], ks, vs, scale=scale)
+    return torch.cat([out_grid, out_prefix], dim=2)
+
+
+@cache
+def timm_layer() -> type:
+    """``BiLevelRoutingAttention``: timm's ``Attention`` with bi-level routing (built on first use, so
+    visattn imports without timm)."""
+    from timm.layers import Attention
+
+    class BiLevelRoutingAttention(Attention):
+        """timm ``Attention`` whose token mixing is bi-level routing attention (same parameters and names).
+
+        Configured through class attributes (:func:`visattn.timm.bra` makes configured subclasses) or,
+        on models patched by ``visattn.apply``, instance attributes set by the patcher.
+        """
+
+        n_win: ClassVar[int] = 7
+        topk: ClassVar[int] = 4
+        use_lepe: ClassVar[bool] = False
+        strict: ClassVar[bool] = False
+        #: prefix tokens (class, registers); ``None``: whatever a square grid leaves over.
+        num_prefix_tokens: ClassVar[int | None] = None
+
+        def __init__(self, dim: int, num_heads: int = 8, **kwargs: Any) -> None:
+            super().__init__(dim, num_heads=num_heads, **kwargs)
+            if self.use_lepe:
+                self.lepe = _make_lepe(self.attn_dim, device=self.qkv.weight.device, dtype=self.qkv.weight.dtype)
+
+        def _layout(self, n: int) -> tuple[int, tuple[int, int]]:
+            layout = self.__dict__.get("_visattn_layout")  # set per call by visattn.apply's model hook
+            if layout and layout["num_tokens"] == n:
+                return layout["num_prefix"], layout["grid"]
+            p = self.num_prefix_tokens
+            side = math.isqrt(n - (p or 0))
+            if p is None:
+                p = n - side * side
+            if side * side != n - p:
+                raise ShapeError(f"bra: {n} tokens with {p} prefix tokens do not form a square grid; build the model "
+                                 f"with visattn.apply(model, 'bra', ...) for non-square inputs")
+            return p, (side, side)
+
+        def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+            if self.topk >= self.n_win ** 2 and not self.use_lepe:
+                return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)  # identity: timm's dense path
+            if attn_mask is not None or is_causal:
+                raise ShapeError("bra: attention masks and causal attention are not supported with routing")
+            b, n, _ = x.shape
+            prefix, grid = self._layout(n)
+            gate = self.gate(x).sigmoid() if self.gate is not None else None
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            out = bi_level_routing_attention(q, k, v, num_prefix=prefix, grid=grid, n_win=self.n_win, topk=self.topk,
+                                             scale=self.scale, strict=self.strict)
+            if self.use_lepe:
+                v_img = v[:, :, prefix:].transpose(2, 3).reshape(b, self.attn_dim, *grid)
+                lce = self.lepe(v_img).reshape(b, self.num_heads, self.head_dim, -1).transpose(2, 3)
+                out = torch.cat([out[:, :, :prefix], out[:, :, prefix:] + lce], dim=2)
+            x = out.transpose(1, 2).reshape(b, n, self.attn_dim)
+            x = self.norm(x)
+            if gate is not None:
+                x = x * gate
+            return self.proj_drop(self.proj(x))
+
+    return BiLevelRoutingAttention
+
+
+def _make_lepe(channels: int, **dd: Any) -> nn.Conv2d:
+    conv = nn.Conv2d(channels, channels, 5, padding=2, groups=channels, **dd)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+@cache
+def _configured(n_win: int, topk: int, lepe: bool, strict: bool, num_prefix_tokens: int | None
+                ) -> type:
+    attrs = dict(n_win=n_win, topk=topk, use_lepe=lepe, strict=strict, num_prefix_tokens=num_prefix_tokens,
+                 __module__=__name__)
+    return type(f"BiLevelRoutingAttention_w{n_win}_k{topk}{'_lepe' if lepe else ''}", (timm_layer(),), attrs)
+
+
+@register
+class BRA(Method):
+    name = "bra"
+    summary = "bi-level routing attention: each region attends to its top-k regions"
+    paper = "Zhu et al., BiFormer: Vision Transformer with Bi-Level Routing Attention, CVPR 2023 (Eqs. 3-7)"
+    frameworks = ("timm",)
+    options = (
+        int_option("n_win", 7, low=1, doc="regions per side of the patch grid"),
+        int_option("topk", 4, low=1, doc="regions each region attends to (identity: n_win ** 2)"),
+        bool_option("lepe", False, identity=False, doc="add LePE (zero-initialised depthwise 5x5 conv on v)"),
+        layers_option("layers", None, doc="attention layers to patch (None = all)"),
+        bool_option("strict", False, doc="raise instead of falling back to the PyTorch reference"),
+    )
+
+    def check_target(self, target: Target, options: dict[str, Any]) -> None:
+        super().check_target(target, options)
+        if options["topk"] > options["n_win"] ** 2:
+            raise OptionError(f"bra: topk must be <= n_win ** 2 = {options['n_win'] ** 2} (got {options['topk']})")
+        select_layers([n for n, _ in adapter("timm").attention_layers(target.model)], options["layers"], self.name)
+        grid = adapter("timm").vit_grid(target.model, target.model.patch_embed.img_size)
+        if not getattr(target.model, "dynamic_img_size", False):
+            check_grid(grid, options["n_win"])
+
+    def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> Handle:
+        model, timm_fw = target.model, adapter("timm")
+        layers = select_layers([n for n, _ in timm_fw.attention_layers(model)], options["layers"], self.name)
+        cls = _configured(options["n_win"], options["topk"], options["lepe"], options["strict"],
+                          int(getattr(model, "num_prefix_tokens", 0)))
+        layout: dict[str, Any] = {}
+
+        def configure(idx: int, module: nn.Module) -> dict[str, Any]:
+            if options["lepe"]:
+                weight = module.qkv.weight
+                patcher.add_module(module, "lepe", _make_lepe(module.attn_dim, device=weight.device,
+                                                              dtype=weight.dtype))
+            return {"_visattn_layout": layout}
+
+        timm_fw.swap_attention(model, patcher, layers, lambda idx, module: _swapped(type(module), cls), configure)
+
+        def set_layout(module: nn.Module, args: tuple) -> None:
+            grid = timm_fw.vit_grid(module, args[0].shape[-2:])
+            check_grid(grid, options["n_win"])
+            layout.update(num_prefix=module.num_prefix_tokens, grid=grid,
+                          num_tokens=module.num_prefix_tokens + grid[0] * grid[1])
+
+        patcher.add_hook(model.register_forward_pre_hook(set_layout))
+        return Handle(self.name, model, options, patcher)
+
+
+@cache
+def _swapped(base: type, configured: type) -> type:
+    """A class that is ``configured`` (BRA behaviour) for a module of class ``base`` (timm's Attention)."""
+    from timm.layers import Attention
+
+    if base is Attention:
+        return configured
+    return type(f"{configured.__name__}_{base.__name__}", (configured, base), {"__module__": __name__})
+
+
+def bra(*, n_win: int = 7, topk: int = 4, lepe: bool = False, strict: bool = False,
+        num_prefix_tokens: int | None = None) -> type:
+    """A configured layer class for timm's factory flag: ``create_model(name, attn_layer=bra(n_win=8, topk=4))``.
+
+    ``num_prefix_tokens=None`` infers the prefix from a square grid; give it for models whose prefix
+    is larger than a grid side.
+    """
+    values = validate_options("bra", BRA.options, dict(n_win=n_win, topk=topk, lepe=lepe, strict=strict))
+    if topk > n_win ** 2:
+        raise OptionError(f"bra: topk must be <= n_win ** 2 = {n_win ** 2} (got {topk})")
+    if num_prefix_tokens is not None and (not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0):
+        raise OptionError(f"bra: num_prefix_tokens must be None or an int >= 0 (got {num_prefix_tokens!r})")
+    return _configured(values["n_win"], values["topk"], values["lepe"], values["strict"], num_prefix_tokens)
+
