@@ -6,11 +6,11 @@ applies norms and rotary embeddings (M-RoPE included) and then calls
 ``ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)``.
 visattn registers two functions there, ``"visattn_sdpa"`` and ``"visattn_eager"``, each with the
 mask format of the implementation it wraps in ``AttentionMaskInterface`` (without that entry
-transformers would build no mask at all). Each one calls, for the module it serves, the routes
-visattn installed on that module (an observer, or a method's attention), innermost last, and
-finally the stock implementation: ``ALL_ATTENTION_FUNCTIONS["sdpa"]`` or the modeling file's own
-``eager_attention_forward``, both looked up in the namespace of the module's ``forward``. A module
-without routes calls straight through.
+transformers would build no mask at all). Each one runs the routes visattn installed on the
+module it serves (an observer, or a method's own attention), newest first, each handing on to the
+next and the oldest to the stock implementation: ``ALL_ATTENTION_FUNCTIONS["sdpa"]`` or the
+modeling file's own ``eager_attention_forward``, both looked up in the namespace of the module's
+``forward``. A module without routes calls the stock implementation straight away.
 
 Switching a model over sets ``_attn_implementation_internal`` — the value behind
 ``config._attn_implementation`` — of the configs of the routed modules only (for LLaVA the vision
@@ -169,6 +169,9 @@ def stock_mask(implementation: str, module: nn.Module, query: Tensor, key: Tenso
 
 
 def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int], observer: Observer) -> None:
+    """Call ``observer`` with the q, k, scaling and :func:`stock_mask` of every call of the selected layers,
+    then the stock attention, untouched (see :mod:`visattn.frameworks.base`)."""
+
     def make_route(idx: int, module: nn.Module, implementation: str) -> Route:
         def route(call: Callable[..., Any], module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                   attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:

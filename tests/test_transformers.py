@@ -1,0 +1,332 @@
+"""transformers vision-language models: inspect through AttentionInterface, exactly and reversibly.
+
+Tiny random-weight LLaVA, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL models, each built once per module in
+"sdpa" and "eager" (same weights), fed a batch of two left-padded prompts of different lengths with
+image tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+import visattn
+from visattn.frameworks import transformers as tfa
+from visattn.patching import Patcher
+
+PAD, IMAGE, START, END, VIDEO = 0, 90, 91, 92, 93
+VOCAB = 100
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=PAD)
+CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+            patch_size=14)
+QWEN_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
+QWEN_TEXT = dict(TEXT, bos_token_id=1, eos_token_id=2,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
+
+
+@dataclass
+class Case:
+    family: str
+    models: dict[str, torch.nn.Module]  # "sdpa" and "eager", same weights
+    inputs: dict[str, torch.Tensor]
+
+
+def _prompts(image_tokens: list[int], wrap: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two left-padded prompts of different lengths, sample b holding image_tokens[b] image tokens."""
+    rows = [[5, 6, *wrap[:1], *[IMAGE] * n, *wrap[1:], 7, 8, 9, 10] for n in image_tokens]
+    rows[0] = rows[0][:-2]  # the first prompt is shorter: more left padding, image tokens further right
+    width = max(map(len, rows)) + 1
+    ids = torch.full((len(rows), width), PAD)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):] = torch.tensor(row)
+    return ids, (ids != PAD).long()
+
+
+def _llava(impl: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**CLIP), text_config=LlamaConfig(**TEXT), image_token_id=IMAGE,
+                      pad_token_id=PAD)
+    return LlavaForConditionalGeneration._from_config(cfg, attn_implementation=impl)
+
+
+def _llava_next(impl: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(**CLIP), text_config=LlamaConfig(**TEXT), image_token_id=IMAGE,
+                          pad_token_id=PAD, image_grid_pinpoints=[[28, 28], [28, 56]])
+    return LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation=impl)
+
+
+def _qwen_vision(**extra: Any) -> dict[str, Any]:
+    return dict(depth=2, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                **extra)
+
+
+def _qwen2_vl(impl: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = Qwen2VLConfig(text_config=QWEN_TEXT, vision_config=_qwen_vision(embed_dim=32),
+                        **QWEN_IDS)
+    return Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation=impl)
+
+
+def _qwen2_5_vl(impl: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    vision = _qwen_vision(intermediate_size=64, out_hidden_size=32, window_size=28, fullatt_block_indexes=[1])
+    cfg = Qwen2_5_VLConfig(text_config=QWEN_TEXT, vision_config=vision, **QWEN_IDS)
+    return Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation=impl)
+
+
+def _inputs(family: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    if family == "llava":
+        ids, mask = _prompts([4, 4])  # 28px, patch 14, [CLS] dropped: 4 tokens per image
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28))
+    if family == "llava_next":  # anyres: a 28x28 image (1 crop) and a 28x56 one (2 crops)
+        pixels, sizes = torch.randn(2, 3, 3, 28, 28), torch.tensor([[28, 28], [28, 56]])
+        with torch.no_grad():
+            feats = model.model.get_image_features(pixels, sizes, vision_feature_layer=-2,
+                                                   vision_feature_select_strategy="default")
+        ids, mask = _prompts([len(f) for f in getattr(feats, "pooler_output", feats)])
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
+    # Qwen2-VL / Qwen2.5-VL: flattened 14px patches, grid (1, 4, 4) per 56px image, merged 2x2 -> 4 tokens
+    grid = torch.tensor([[1, 4, 4], [1, 4, 4]])
+    ids, mask = _prompts([4, 4], wrap=(START, END))
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMAGE).int(),
+                pixel_values=torch.randn(32, 3 * 2 * 14 * 14), image_grid_thw=grid)
+
+
+#: Per vision layer, the maps of one forward: one call per batch of crops (LLaVA: [CLS] + 2x2 patches;
+#: LLaVA-NeXT: 2 + 3 crops), per image (Qwen2-VL's SDPA path splits at cu_seqlens) or per window (Qwen2.5-VL).
+VISION_MAPS = {
+    "llava": [[(2, 5, 5)]] * 2,
+    "llava_next": [[(5, 5, 5)]] * 2,
+    "qwen2_vl": [[(1, 16, 16)] * 2] * 2,
+    "qwen2_5_vl": [[(1, 4, 4)] * 8, [(1, 16, 16)] * 2],  # layer 0 windowed, layer 1 full attention
+}
+BUILDERS = {"llava": _llava, "llava_next": _llava_next, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl}
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def case(request: pytest.FixtureRequest) -> Case:
+    models = {}
+    for impl in ("sdpa", "eager"):
+        model = BUILDERS[request.param](impl).eval()
+        model.generation_config.pad_token_id = PAD
+        model.generation_config.eos_token_id = None
+        models[impl] = model
+    models["eager"].load_state_dict(models["sdpa"].state_dict())
+    return Case(request.param, models, _inputs(request.param, models["sdpa"]))
+
+
+def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=4, do_sample=False)
+
+
+def _configs(model: torch.nn.Module) -> list[Any]:
+    """Every config object of the model: the top one, its sub-configs (recursively), its modules'."""
+    found, todo = {}, [model.config] + [m.config for m in model.modules() if hasattr(m, "config")]
+    while todo:
+        config = todo.pop()
+        if id(config) not in found:
+            found[id(config)] = config
+            todo += [getattr(config, key) for key in config.sub_configs if getattr(config, key, None) is not None]
+    return list(found.values())
+
+
+def _implementations(model: torch.nn.Module) -> list[Any]:
+    return [c.__dict__.get("_attn_implementation_internal") for c in _configs(model)]
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_inspect_leaves_logits_bit_identical_and_remove_restores_everything(case: Case, impl: str) -> None:
+    model = case.models[impl]
+    stock = _logits(model, case.inputs)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    implementations = _implementations(model)
+    llm = tfa.language_layers(model)
+    handle = visattn.apply(model, "inspect", layers=[0, llm[-1]])
+    assert torch.equal(_logits(model, case.inputs), stock)
+    assert handle.maps[0] and handle.maps[llm[-1]]
+    visattn.remove(model)
+    assert _implementations(model) == implementations
+    assert not any(tfa.ROUTES_ATTR in m.__dict__ for m in model.modules())
+    assert torch.equal(_logits(model, case.inputs), stock)
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+
+
+def test_maps_have_the_right_shape_and_attended_rows_sum_to_one(case: Case) -> None:
+    model, ids = case.models["sdpa"], case.inputs["input_ids"]
+    names = [n for n, _ in tfa.attention_layers(model)]
+    llm = tfa.language_layers(model)
+    assert llm == [2, 3] and len(names) == 4  # the 2 vision-tower layers first, then the 2 decoder layers
+    handle = visattn.apply(model, "inspect")
+    try:
+        _logits(model, case.inputs)
+    finally:
+        visattn.remove(model)
+    shapes = {i: [tuple(m.shape) for m in maps] for i, maps in handle.maps.items()}
+    n = ids.shape[1]
+    assert shapes == {0: VISION_MAPS[case.family][0], 1: VISION_MAPS[case.family][1], 2: [(2, n, n)], 3: [(2, n, n)]}
+    real = case.inputs["attention_mask"].bool()
+    for layer, maps in handle.maps.items():
+        for m in maps:
+            sums = m.sum(-1)[real] if layer in llm else m.sum(-1)  # left-padding rows attend to nothing
+            torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)
+
+
+def test_llm_map_matches_eager_output_attentions(case: Case) -> None:
+    """The recorded map equals transformers' own eager attention weights: q, k, rotary (M-RoPE) and
+    the padding mask reach the observer as the stock attention uses them."""
+    model = case.models["sdpa"]
+    llm = tfa.language_layers(model)
+    handle = visattn.apply(model, "inspect", layers=llm)
+    try:
+        _logits(model, case.inputs)
+    finally:
+        visattn.remove(model)
+    with torch.no_grad():
+        reference = case.models["eager"](**case.inputs, output_attentions=True).attentions
+    real = case.inputs["attention_mask"].bool()
+    for i, layer in enumerate(llm):
+        expected = reference[i].float().mean(dim=1)
+        torch.testing.assert_close(handle.last(layer)[real], expected[real], atol=1e-5, rtol=0)
+
+
+def test_vision_map_matches_clip_eager_attentions() -> None:
+    sdpa, eager = _llava("sdpa").eval(), _llava("eager").eval()
+    eager.load_state_dict(sdpa.state_dict())
+    pixels = torch.randn(2, 3, 28, 28)
+    handle = visattn.apply(sdpa, "inspect", layers=[0, 1])
+    try:
+        with torch.no_grad():
+            sdpa.model.vision_tower(pixels)
+    finally:
+        visattn.remove(sdpa)
+    with torch.no_grad():
+        reference = eager.model.vision_tower(pixels, output_attentions=True).attentions
+    for layer in (0, 1):
+        torch.testing.assert_close(handle.last(layer), reference[layer].float().mean(dim=1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_generate_with_cache_is_unchanged(case: Case, impl: str) -> None:
+    model = case.models[impl]
+    stock = _generate(model, case.inputs)
+    llm = tfa.language_layers(model)
+    handle = visattn.apply(model, "inspect", layers=llm[0])
+    try:
+        tokens = _generate(model, case.inputs)
+    finally:
+        visattn.remove(model)
+    assert torch.equal(tokens, stock)
+    n = case.inputs["input_ids"].shape[1]
+    assert [tuple(m.shape) for m in handle.maps[llm[0]]] == [(2, n, n)] + [(2, 1, n + t) for t in range(1, 4)]
+
+
+def test_image_token_spans_on_a_left_padded_batch(case: Case) -> None:
+    model, ids, mask = case.models["sdpa"], case.inputs["input_ids"], case.inputs["attention_mask"]
+    layout = tfa.image_token_spans(model, ids, mask)
+    assert layout.num_tokens == ids.shape[1] and len(layout.image) == 2
+    for b, spans in enumerate(layout.image):
+        (start, end), = spans
+        assert (ids[b, start:end] == IMAGE).all() and (ids[b, :start] != IMAGE).all() and (ids[b, end:] != IMAGE).all()
+    assert layout.image[0][0][0] != layout.image[1][0][0]  # different prompt lengths: different offsets
+
+
+def test_image_token_spans_finds_every_run_and_ignores_padding() -> None:
+    model = SimpleNamespace(config=SimpleNamespace(image_token_id=IMAGE))
+    ids = torch.tensor([[IMAGE, PAD, 5, IMAGE, IMAGE, 6, IMAGE],
+                        [PAD, PAD, PAD, 5, 6, 7, 8]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1]])
+    assert tfa.image_token_spans(model, ids, mask).image == (((3, 5), (6, 7)), ())
+    assert tfa.image_token_spans(model, ids).image == (((0, 1), (3, 5), (6, 7)), ())
+    with pytest.raises(visattn.ShapeError, match="batch, tokens"):
+        tfa.image_token_spans(model, ids[0])
+
+
+def test_bad_inputs_raise_documented_errors(case: Case) -> None:
+    model = case.models["sdpa"]
+    count = len(tfa.attention_layers(model))
+    with pytest.raises(visattn.OptionError, match=rf"out of range.*0\.\.{count - 1}"):
+        visattn.apply(model, "inspect", layers=[count])
+    with pytest.raises(visattn.OptionError, match="unknown option"):
+        visattn.apply(model, "inspect", layer=0)
+    visattn.apply(model, "inspect", layers=0)
+    try:
+        with pytest.raises(visattn.MethodConflictError):
+            visattn.apply(model, "inspect", layers=1)
+    finally:
+        visattn.remove(model)
+    assert not visattn.applied(model)
+
+
+def test_unsupported_attention_implementation_is_refused_untouched() -> None:
+    model = _llava("sdpa").eval()
+    text = model.config.text_config
+    object.__setattr__(text, "_attn_implementation_internal", "flex_attention")
+    before = _implementations(model)
+    with pytest.raises(visattn.UnsupportedModelError, match="attn_implementation=\"sdpa\""):
+        visattn.apply(model, "inspect", layers=tfa.language_layers(model))
+    assert _implementations(model) == before and not visattn.applied(model)
+
+
+def test_model_without_attention_interface_layers_is_unsupported() -> None:
+    from transformers import ResNetConfig, ResNetModel
+
+    model = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1]))
+    with pytest.raises(visattn.UnsupportedModelError, match="LlavaForConditionalGeneration"):
+        visattn.apply(model, "inspect")
+
+
+def test_set_attn_implementation_to_a_visattn_name_calls_straight_through() -> None:
+    model = _llava("sdpa").eval()
+    ids, mask = _prompts([4, 4])
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28))
+    stock = _logits(model, inputs)
+    model.set_attn_implementation("visattn_sdpa")
+    assert model.config.text_config._attn_implementation == "visattn_sdpa"
+    assert torch.equal(_logits(model, inputs), stock)
+    handle = visattn.apply(model, "inspect", layers=tfa.language_layers(model))
+    _logits(model, inputs)
+    visattn.remove(model)
+    assert model.config.text_config._attn_implementation == "visattn_sdpa"  # left as the user set it
+    assert len(handle.maps[tfa.language_layers(model)[0]]) == 1
+
+
+def test_decoder_layers_and_track_inputs(case: Case) -> None:
+    model = case.models["sdpa"]
+    layers = tfa.decoder_layers(model)
+    assert len(layers) == TEXT["num_hidden_layers"]
+    patcher = Patcher()
+    context = tfa.track_inputs(model, patcher)
+    try:
+        _generate(model, case.inputs)
+    finally:
+        patcher.undo()
+    assert context.step == 3  # prefill and 3 cached decode steps for 4 new tokens
+    assert context.extra["input_ids"].shape == (2, 1)
+    assert context.extra["attention_mask"].shape == (2, case.inputs["input_ids"].shape[1] + 3)
+    assert not model._forward_pre_hooks
