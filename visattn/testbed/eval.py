@@ -1,0 +1,342 @@
+"""``visattn eval vit``: how far a method moves a ViT classifier's answers.
+
+The harness runs the stock model once over a held-out set, then for each value of a sweep applies
+the method (``visattn.apply(model, method, **options)``), runs the same images, and removes it
+again. Per value it reports the patched top-1, the stock top-1 and the *agreement*: the fraction
+of images whose predicted class is the stock model's. At a method's identity setting the
+agreement is 1.0.
+
+By default the model is the testbed ViT shipped in ``visattn/testbed/weights`` and the images are
+the first ``n`` samples of the ``test`` split of :func:`~.data.classification_batch` (never seen in
+training). A user with real models and data passes a timm model name with a local checkpoint
+(``model_name`` + ``checkpoint``) and/or a local image folder in ImageFolder layout (one subfolder
+per class; labels are the sorted subfolder indices, so top-1 is meaningful when the model was
+trained with that class order; agreement always is). Images are prepared with the model's timm
+data config (resize, centre crop, normalise).
+
+Results go to ``<out_dir>/eval_vit_<method>.json`` (with a model's name when one is given) and a
+PNG plot of top-1 and agreement across the sweep beside it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+import visattn
+
+from ..errors import OptionError, UnsupportedModelError
+from ..options import validate_options
+from ..registry import all_methods, get_method
+from .data import SHAPES, classification_batch
+from .vit import SHIPPED_WEIGHTS, load_vit
+
+TESTBEDS: tuple[str, ...] = ("vit",)
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def parse_value(text: str) -> Any:
+    """``"4"`` -> 4, ``"0.5"`` -> 0.5, ``"true"``/``"false"``/``"none"`` -> True/False/None, else the text."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``"strategy=cls"`` -> ``("strategy", "cls")``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise OptionError(f"an option must be written NAME=VALUE, e.g. r=8 (got {text!r})")
+    return name.strip(), parse_value(value)
+
+
+def parse_sweep(text: str) -> tuple[str, list[Any]]:
+    """``"r=0,4,8"`` -> ``("r", [0, 4, 8])``."""
+    name, sep, values = text.partition("=")
+    items = [v for v in values.split(",")] if sep else []
+    if not name.strip() or not items or any(not v.strip() for v in items):
+        raise OptionError(f"a sweep must be written NAME=V1,V2,..., e.g. r=0,4,8 (got {text!r})")
+    return name.strip(), [parse_value(v) for v in items]
+
+
+@dataclass(frozen=True)
+class _Data:
+    """What the model is run on: either generated images or files, and their labels."""
+
+    labels: np.ndarray
+    images: np.ndarray | None = None
+    paths: tuple[Path, ...] = ()
+    classes: tuple[str, ...] = SHAPES
+    description: str = ""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, start: int, stop: int, transform: Any) -> torch.Tensor:
+        if self.images is not None:
+            pics = [Image.fromarray(a) for a in self.images[start:stop]]
+        else:
+            pics = [Image.open(p).convert("RGB") for p in self.paths[start:stop]]
+        return torch.stack([transform(p) for p in pics])
+
+
+def image_folder(root: str | Path, n: int | None) -> _Data:
+    """The first ``n`` images (sorted by class, then file name) of an ImageFolder-layout folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    paths, labels = [], []
+    for i, c in enumerate(classes):
+        for f in sorted((root / c).iterdir()):
+            if f.suffix.lower() in IMAGE_EXTENSIONS:
+                paths.append(f)
+                labels.append(i)
+    if not paths:
+        raise ValueError(f"no images in {root}: expected one subfolder per class holding image files "
+                         f"({', '.join(IMAGE_EXTENSIONS)})")
+    if n is not None:
+        paths, labels = paths[:n], labels[:n]
+    return _Data(np.array(labels, dtype=np.int64), paths=tuple(paths), classes=tuple(classes),
+                 description=f"image folder {root} ({len(paths)} images, {len(classes)} classes)")
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r}; accepted: auto, cpu, cuda, cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; accepted: auto, cpu, cuda, cuda:N")
+    return dev
+
+
+def _check_method(method: str, options: Mapping[str, Any], sweep: tuple[str, Sequence[Any]] | None
+                  ) -> list[dict[str, Any]]:
+    """Validate everything about the method before a model is built; the options of each sweep point."""
+    cls = get_method(method)
+    if "timm" not in cls.frameworks:
+        timm_methods = [n for n, c in all_methods().items() if "timm" in c.frameworks]
+        raise UnsupportedModelError(f"{method} does not support timm models, so it cannot run on the ViT testbed; "
+                                    f"methods that do: {', '.join(timm_methods)}")
+    if sweep is None:
+        points = [dict(options)]
+    else:
+        name, values = sweep
+        if name in options:
+            raise OptionError(f"{method}: {name} is both swept and given as an option; give it once")
+        if not values:
+            raise OptionError(f"{method}: the sweep of {name} has no values")
+        points = [{**options, name: v} for v in values]
+    for given in points:
+        validate_options(method, cls.options, given)
+    return points
+
+
+def _load_model(model_name: str | None, checkpoint: str | Path | None, num_classes: int | None,
+                img_size: int | None, device: torch.device) -> tuple[nn.Module, str]:
+    if model_name is None and checkpoint is None:
+        return load_vit(device=device), f"testbed ViT ({SHIPPED_WEIGHTS.name})"
+    if model_name is None or checkpoint is None:
+        raise ValueError("a local model needs both a timm model name and a checkpoint file "
+                         f"(got model={model_name!r}, checkpoint={checkpoint!r})")
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    import timm
+
+    kwargs: dict[str, Any] = {}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    model = timm.create_model(model_name, pretrained=False, checkpoint_path=str(checkpoint), **kwargs)
+    return model.to(device).eval(), f"{model_name} ({checkpoint})"
+
+
+def _transform(model: nn.Module, img_size: int | None) -> Any:
+    """The model's timm eval transform; ``img_size`` (when the model was built with one) overrides its config."""
+    from timm.data import create_transform, resolve_model_data_config
+
+    args = {"input_size": (3, img_size, img_size)} if img_size is not None else None
+    return create_transform(**resolve_model_data_config(model, args=args))
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, data: _Data, transform: Any, batch_size: int, device: torch.device,
+             bar: Any, after_batch: Any = None) -> tuple[torch.Tensor, float]:
+    """Predicted classes of every image, and the seconds the forward passes took."""
+    preds, seconds = [], 0.0
+    for a in range(0, len(data), batch_size):
+        x = data.batch(a, min(a + batch_size, len(data)), transform).to(device)
+        t0 = time.perf_counter()
+        logits = model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - t0
+        preds.append(logits.argmax(-1).cpu())
+        if after_batch is not None:
+            after_batch()
+        bar.update(1)
+    return torch.cat(preds), seconds
+
+
+def _fraction(hits: torch.Tensor) -> float:
+    return round(float(hits.double().mean()), 6)
+
+
+def eval_vit(method: str, options: Mapping[str, Any] | None = None, sweep: tuple[str, Sequence[Any]] | None = None,
+             *, n: int = 1000, seed: int = 0, batch_size: int = 250, device: str = "auto",
+             model_name: str | None = None, checkpoint: str | Path | None = None, num_classes: int | None = None,
+             img_size: int | None = None, images: str | Path | None = None,
+             out_dir: str | Path | None = "benchmarks/results", progress: bool = True) -> dict[str, Any]:
+    """Stock vs ``method`` on a ViT classifier; returns (and writes, unless ``out_dir`` is None) the results.
+
+    Args:
+        method: a registered method that supports timm (``visattn.methods()``).
+        options: fixed options of the method, e.g. ``{"strategy": "cls"}``.
+        sweep: ``(option name, values)``, e.g. ``("r", [0, 4, 8])``; None runs the options once.
+        n: number of images (the first ``n`` of the test split, or of ``images``; all of them if None).
+        seed: data seed of the generated test split.
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``.
+        model_name, checkpoint: a timm model name and a local checkpoint (default: the testbed ViT);
+            ``num_classes`` and ``img_size`` are passed to ``timm.create_model`` when given.
+        images: a local ImageFolder-layout folder (default: the generated test split).
+    """
+    from tqdm.auto import tqdm
+
+    options = dict(options or {})
+    points = _check_method(method, options, sweep)
+    if n is not None and n < 1:
+        raise ValueError(f"n must be >= 1 or None (got {n})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    dev = _resolve_device(device)
+    if images is not None:
+        data = image_folder(images, n)
+    else:
+        if n is None:
+            raise ValueError("n must be given for the generated test split")
+        x, y = classification_batch("test", n, seed=seed)
+        data = _Data(y, images=x, description=f"generated test split, seed {seed}, images 0..{n - 1}")
+    model, model_desc = _load_model(model_name, checkpoint, num_classes, img_size, dev)
+    for given in points:  # the method's own checks against this model (e.g. grid sizes), before any pass
+        visattn.apply(model, method, **given)
+        visattn.remove(model)
+    transform = _transform(model, img_size)
+    labels = torch.from_numpy(data.labels)
+    batches = math.ceil(len(data) / batch_size)
+
+    with torch.no_grad():  # warm-up, so that the stock pass's time does not include one-off costs
+        model(data.batch(0, min(batch_size, len(data)), transform).to(dev))
+    bar = tqdm(total=batches * (1 + len(points)), desc=f"eval vit {method}", unit="batch", disable=not progress)
+    stock, stock_s = _predict(model, data, transform, batch_size, dev, bar)
+    rows = []
+    for given in points:
+        label = ", ".join(f"{k}={v}" for k, v in given.items()) or "defaults"
+        bar.set_postfix_str(label)
+        handle = visattn.apply(model, method, **given)
+        try:  # methods that record (inspect) expose clear(); keep memory flat
+            preds, seconds = _predict(model, data, transform, batch_size, dev, bar,
+                                      getattr(handle, "clear", None))
+        finally:
+            visattn.remove(model)
+        rows.append({"options": given, "value": given.get(sweep[0]) if sweep else None,
+                     "top1": _fraction(preds == labels), "agreement": _fraction(preds == stock),
+                     "seconds": round(seconds, 3), "speedup": round(stock_s / max(seconds, 1e-9), 3)})
+    bar.close()
+
+    result = {
+        "testbed": "vit", "method": method, "options": options, "sweep": sweep[0] if sweep else None,
+        "model": model_desc, "data": data.description, "n": len(data), "classes": list(data.classes),
+        "stock_top1": _fraction(stock == labels), "stock_seconds": round(stock_s, 3), "rows": rows,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__, "batch_size": batch_size,
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": " ".join(["visattn", *sys.argv[1:]]) if Path(sys.argv[0]).name == "visattn" else None,
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"eval_vit_{method}" if model_name is None else f"eval_vit_{model_name}_{method}"
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        plot(result, out / f"{stem}.png")
+        result["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.png")]
+    return result
+
+
+def table(result: Mapping[str, Any]) -> str:
+    """The result as a Markdown table: one row per sweep point (times are in the JSON)."""
+    lines = ["| setting | top-1 stock | top-1 patched | agreement with stock |", "|---|---|---|---|"]
+    for row in result["rows"]:
+        setting = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "defaults"
+        lines.append(f"| {result['method']} {setting} | {result['stock_top1']:.3f} | {row['top1']:.3f} | "
+                     f"{row['agreement']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(result: Mapping[str, Any], path: str | Path, width: int = 640, height: int = 400) -> Path:
+    """Top-1 (stock and patched) and agreement across the sweep, as a PNG line chart."""
+    rows = result["rows"]
+    names = [str(r["value"]) if result["sweep"] else "defaults" for r in rows]
+    series = [("agreement", [r["agreement"] for r in rows], (230, 120, 20)),
+              ("top-1 patched", [r["top1"] for r in rows], (40, 90, 200)),
+              ("top-1 stock", [result["stock_top1"]] * len(rows), (140, 140, 140))]
+    low = min(min(v) for _, v, _ in series)
+    y0 = max(0.0, math.floor(low * 10) / 10 - 0.1)
+    left, right, top, bottom = 60, width - 20, 40, height - 50
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+
+    def xy(i: int, v: float) -> tuple[float, float]:
+        x = left + (right - left) * (i + 0.5) / len(rows)
+        return x, bottom - (bottom - top) * (v - y0) / (1.0 - y0)
+
+    for k in range(11):
+        v = y0 + (1.0 - y0) * k / 10
+        y = xy(0, v)[1]
+        draw.line([(left, y), (right, y)], fill=(230, 230, 230))
+        draw.text((8, y - 6), f"{v:.2f}", fill="black")
+    draw.rectangle([left, top, right, bottom], outline="black")
+    for i, name in enumerate(names):
+        x = xy(i, y0)[0]
+        draw.text((x - 3 * len(name), bottom + 8), name, fill="black")
+    draw.text((left, bottom + 28), f"{result['sweep'] or 'setting'}", fill="black")
+    title = f"{result['method']} on {result['model']}: {result['n']} images"
+    draw.text((left, 10), title, fill="black")
+    for j, (label, values, colour) in enumerate(series):
+        pts = [xy(i, v) for i, v in enumerate(values)]
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=4 if j == 0 else 2)
+        for x, y in pts:  # agreement as open squares, so that it stays visible under an equal top-1
+            if j == 0:
+                draw.rectangle([x - 6, y - 6, x + 6, y + 6], outline=colour, width=2)
+            else:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        draw.text((right - 110, top + 8 + 14 * j), label, fill=colour)
+    path = Path(path)
+    img.save(path)
+    return path
