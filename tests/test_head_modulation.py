@@ -1,0 +1,279 @@
+"""head_modulation (pai, vhr): alpha=0 bit-identical, PAI exact against a dense reference, VHR's divergence
+against an image-ablated reference, generate() with the KV cache, errors. Tiny LLaVA, LLaVA-NeXT, Qwen2-VL and
+Qwen2.5-VL models (from test_transformers) with a left-padded batch of two prompts of different lengths."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from test_transformers import BUILDERS, END, IMAGE, PAD, START, TEXT, VIDEO, _inputs
+
+import visattn
+from visattn.core.attention import attention_logits
+from visattn.core.redistribute import amplify_logits
+from visattn.frameworks import transformers as tfa
+from visattn.patching import Patcher
+
+ALPHA = 0.5
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def case(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    model = BUILDERS[request.param]("sdpa").eval()
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model, _inputs(request.param, model)
+
+
+def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=5, do_sample=False, suppress_tokens=[IMAGE, VIDEO, START, END],
+                              **kwargs)
+
+
+def _route_llm(model: torch.nn.Module, layers: list[int], fn: Any) -> Patcher:
+    """Replace the attention of LLM ``layers`` by ``fn(idx, implementation, module, q, k, v, mask, scaling)``."""
+    patcher = Patcher()
+
+    def make_route(idx: int, module: torch.nn.Module, implementation: str) -> tfa.Route:
+        def route(call: Any, module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+            mask = tfa.stock_mask(implementation, module, q, k, attention_mask, kwargs.get("is_causal"))
+            return fn(idx, call, module, q, k, v, attention_mask, mask, kwargs), None
+
+        return route
+
+    tfa.route_attention(model, patcher, layers, make_route)
+    return patcher
+
+
+@pytest.mark.parametrize("strategy", ["pai", "vhr"])
+def test_alpha_0_reproduces_stock_logits_and_generate(case: tuple[torch.nn.Module, dict[str, torch.Tensor]],
+                                                      strategy: str) -> None:
+    model, inputs = case
+    stock, tokens = _logits(model, inputs), _generate(model, inputs)
+    visattn.apply(model, "head_modulation", strategy=strategy, alpha=0.0, decoder_layers=[0, 1])
+    try:
+        assert torch.equal(_logits(model, inputs), stock)
+        assert torch.equal(_generate(model, inputs), tokens)
+    finally:
+        visattn.remove(model)
+    assert torch.equal(_logits(model, inputs), stock)
+
+
+def test_pai_matches_the_dense_reference_and_leaves_earlier_rows_bit_identical(
+        case: tuple[torch.nn.Module, dict[str, torch.Tensor]]) -> None:
+    model, inputs = case
+    ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
+    image = ((ids == IMAGE) & real).float()[:, None, None, :]
+    stock = _logits(model, inputs)
+    visattn.apply(model, "head_modulation", strategy="pai", alpha=ALPHA, decoder_layers=[0, 1])
+    try:
+        logits = _logits(model, inputs)
+    finally:
+        visattn.remove(model)
+
+    def dense(idx: int, call: Any, module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: Any,
+              mask: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:
+        logits = attention_logits(q, k, scale=kwargs["scaling"])
+        logits[..., -1:, :] = amplify_logits(logits[..., -1:, :], ALPHA * image)  # the generating row only
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        probs = logits.softmax(-1).nan_to_num(0.0)
+        return (probs @ v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)).transpose(1, 2).to(q.dtype)
+
+    reference = _route_llm(model, tfa.language_layers(model), dense)
+    try:
+        expected = _logits(model, inputs)
+    finally:
+        reference.undo()
+    assert torch.equal(logits[:, :-1], stock[:, :-1])
+    torch.testing.assert_close(logits[:, -1], expected[:, -1], atol=1e-5, rtol=0)
+    assert (logits[:, -1] - stock[:, -1]).abs().max() > 1e-4
+
+
+def test_pai_generate_with_cache_matches_full_forwards(case: tuple[torch.nn.Module, dict[str, torch.Tensor]]) -> None:
+    model, inputs = case
+    stock = _generate(model, inputs)
+    visattn.apply(model, "head_modulation", strategy="pai", alpha=ALPHA, decoder_layers=[0, 1])
+    try:
+        cached = _generate(model, inputs)
+        full = _generate(model, inputs, use_cache=False)
+    finally:
+        visattn.remove(model)
+    assert cached.shape == stock.shape == (2, inputs["input_ids"].shape[1] + 5)
+    assert torch.equal(cached, full)
+
+
+def test_pai_on_an_unpadded_prompt_takes_the_causal_path_and_generates_consistently() -> None:
+    """No padding: transformers passes no mask (SDPA's is_causal) in prefill and decode."""
+    model = BUILDERS["llava"]("sdpa").eval()
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    batch = _inputs("llava", model)
+    inputs = dict(input_ids=batch["input_ids"][1:, 1:], attention_mask=batch["attention_mask"][1:, 1:],
+                  pixel_values=batch["pixel_values"][1:])
+    assert bool(inputs["attention_mask"].all())
+    stock = _logits(model, inputs)
+    visattn.apply(model, "head_modulation", strategy="pai", alpha=ALPHA, decoder_layers=[0, 1])
+    try:
+        logits = _logits(model, inputs)
+        cached, full = _generate(model, inputs), _generate(model, inputs, use_cache=False)
+    finally:
+        visattn.remove(model)
+    assert torch.equal(logits[:, :-1], stock[:, :-1]) and (logits[:, -1] - stock[:, -1]).abs().max() > 1e-4
+    assert torch.equal(cached, full)
+
+
+def test_vhr_divergence_is_measured_against_an_image_ablated_pass(
+        case: tuple[torch.nn.Module, dict[str, torch.Tensor]]) -> None:
+    model, inputs = case
+    ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
+    image = (ids == IMAGE) & real
+    layer = tfa.language_layers(model)[0]
+    handle = visattn.apply(model, "head_modulation", strategy="vhr", alpha=ALPHA, decoder_layers=[0], top=0.5)
+    try:
+        _logits(model, inputs)
+        tokens = _generate(model, inputs)
+    finally:
+        visattn.remove(model)
+    recorded: dict[bool, torch.Tensor] = {}
+
+    def last_row(ablate: bool) -> Any:
+        def fn(idx: int, call: Any, module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: Any,
+               mask: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:
+            if ablate:  # text rows cannot see the image in any decoder layer
+                attention_mask = mask & ~(image[:, None, None, :] & ~image[:, None, :, None])
+            out = call(module, q, k, v, attention_mask, **kwargs)[0]
+            if idx == layer:
+                recorded[ablate] = out[:, -1].float()
+            return out
+
+        return fn
+
+    for ablate in (False, True):
+        patcher = _route_llm(model, tfa.language_layers(model), last_row(ablate))
+        try:
+            _logits(model, inputs)
+        finally:
+            patcher.undo()
+    vhd = (recorded[False] - recorded[True]).norm(dim=-1)
+    torch.testing.assert_close(handle.vhd[layer], vhd, atol=1e-6, rtol=1e-5)
+    heads = TEXT["num_attention_heads"]
+    top = vhd.topk(math.ceil(heads / 2), dim=-1).indices
+    expected = torch.ones(2, heads).scatter_(1, top, 1 + ALPHA)
+    assert torch.equal(handle.head_gains[layer], expected)
+    assert tokens.shape == (2, ids.shape[1] + 5)
+
+
+def test_vhr_changes_the_generating_row_only(case: tuple[torch.nn.Module, dict[str, torch.Tensor]]) -> None:
+    model, inputs = case
+    stock = _logits(model, inputs)
+    visattn.apply(model, "head_modulation", strategy="vhr", alpha=ALPHA)
+    try:
+        logits = _logits(model, inputs)
+    finally:
+        visattn.remove(model)
+    assert torch.equal(logits[:, :-1], stock[:, :-1])
+    assert (logits[:, -1] - stock[:, -1]).abs().max() > 1e-4
+
+
+def test_bad_options_and_inputs_raise_clear_errors() -> None:
+    model = BUILDERS["llava"]("sdpa").eval()
+    for options, match in [(dict(alpha=-0.1), r"alpha must be a number >= 0.0"),
+                           (dict(strategy="vcd"), r"strategy must be one of 'pai', 'vhr', 'imbalance'"),
+                           (dict(decoder_layers=[0, 5]), r"decoder_layers \[5\] out of range.*2 decoder layers"),
+                           (dict(), r"modulates decoder layers 2..31.*only 2; pass decoder_layers"),
+                           (dict(strategy="vhr", top=0), "top must be a number in")]:
+        with pytest.raises(visattn.OptionError, match=match):
+            visattn.apply(model, "head_modulation", **options)
+    assert not visattn.applied(model)
+    visattn.apply(model, "head_modulation", decoder_layers=[0, 1])
+    try:
+        with pytest.raises(visattn.ShapeError, match="no image tokens"):
+            _logits(model, dict(input_ids=torch.tensor([[5, 6, 7, 8]])))
+    finally:
+        visattn.remove(model)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, vocab_size=100))
+    with pytest.raises(visattn.UnsupportedModelError, match="no image_token_id"):
+        visattn.apply(llm, "head_modulation", decoder_layers=[0])
+
+
+# --- imbalance (LLaVA only) ---
+
+def test_imbalance_selects_both_streams_and_matches_the_dense_reference() -> None:
+    from visattn.core.attention import attention_probs
+    from visattn.core.redistribute import dual_stream_selection, spatial_contrast
+
+    model = BUILDERS["llava"]("sdpa").eval()
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    inputs = _inputs("llava", model)
+    ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
+    image = (ids == IMAGE) & real
+    stock, tokens = _logits(model, inputs), _generate(model, inputs)
+    visattn.apply(model, "head_modulation", strategy="imbalance", alpha=0.0)
+    try:
+        assert torch.equal(_logits(model, inputs), stock) and torch.equal(_generate(model, inputs), tokens)
+    finally:
+        visattn.remove(model)
+    handle = visattn.apply(model, "head_modulation", strategy="imbalance", alpha=ALPHA, select=0.5)
+    try:
+        logits = _logits(model, inputs)
+        assert _generate(model, inputs).shape == (2, ids.shape[1] + 5)
+    finally:
+        visattn.remove(model)
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def cls_row(idx: int, call: Any, module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attention_mask: Any, mask: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:
+        seen["cls"] = attention_probs(q[:, :, :1], k, scale=kwargs["scaling"])[:, 0, 1:]
+        return call(module, q, k, v, attention_mask, **kwargs)[0]
+
+    patcher = _route_llm(model, [0], cls_row)  # attention layer 0: the vision tower's first layer
+    patcher.add_hook(model.model.multi_modal_projector.register_forward_hook(
+        lambda module, args, out: seen.update(features=out)))
+    try:
+        _logits(model, inputs)
+    finally:
+        patcher.undo()
+    chosen = dual_stream_selection(seen["cls"], spatial_contrast(seen["features"], (2, 2)), 0.5)
+    selected = torch.zeros_like(image)
+    selected[image] = chosen.flatten()
+    assert torch.equal(handle.selected, selected) and selected.sum() > 2
+
+    def dense(idx: int, call: Any, module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: Any,
+              mask: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:
+        logits = attention_logits(q, k, scale=kwargs["scaling"])
+        share = (logits.masked_fill(~mask, float("-inf"))[..., -1, :].softmax(-1) * image[:, None]).sum(-1)
+        weight = ALPHA * (share / share.amax(-1, keepdim=True))[:, :, None, None] * selected[:, None, None, :]
+        logits[..., -1:, :] = amplify_logits(logits[..., -1:, :], weight)  # the prompt's last token: generating
+        probs = logits.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+        return (probs @ v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)).transpose(1, 2).to(q.dtype)
+
+    reference = _route_llm(model, tfa.language_layers(model), dense)
+    try:
+        expected = _logits(model, inputs)
+    finally:
+        reference.undo()
+    assert torch.equal(logits[:, :-1], stock[:, :-1])
+    torch.testing.assert_close(logits[:, -1], expected[:, -1], atol=1e-5, rtol=0)
+    assert (logits[:, -1] - stock[:, -1]).abs().max() > 1e-4
+
+
+def test_imbalance_needs_a_cls_token_model() -> None:
+    model = BUILDERS["qwen2_vl"]("sdpa").eval()
+    with pytest.raises(visattn.UnsupportedModelError, match="strategy 'imbalance' needs a vision tower"):
+        visattn.apply(model, "head_modulation", strategy="imbalance")

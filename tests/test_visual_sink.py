@@ -1,0 +1,306 @@
+"""visual_sink (VAR): sinks found from planted massive activations, redistribution exact against a dense
+reference, p=1 bit-identical, generate() with the KV cache, errors. Tiny LLaVA, LLaVA-NeXT, Qwen2-VL and
+Qwen2.5-VL models (from test_transformers) with a left-padded batch of two prompts of different lengths."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+from test_transformers import BUILDERS, END, IMAGE, PAD, START, VIDEO, _inputs
+
+import visattn
+from visattn.core.attention import attention_probs
+from visattn.core.redistribute import find_sinks, redistribute
+from visattn.frameworks import transformers as tfa
+from visattn.patching import Patcher
+
+SINK_DIM, OTHER_DIM, BIG = 3, 7, 1e4  # planted: the sink dimension, a massive dimension the reference lacks
+TAU = 4.0  # RMS-normalised values reach sqrt(32) ~ 5.7 in these 32-wide models
+OPTIONS = dict(p=0.6, tau=TAU, rho=1.0, summ=0.0)
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def case(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    model = BUILDERS[request.param]("sdpa").eval()
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model, _inputs(request.param, model)
+
+
+def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=5, do_sample=False, suppress_tokens=[IMAGE, VIDEO, START, END],
+                              **kwargs)
+
+
+def _plant(model: torch.nn.Module) -> tuple[Patcher, dict[str, torch.Tensor]]:
+    """Massive activations at the first decoder layer's input of every forward over a whole prompt: in
+    SINK_DIM at each sample's first real token and first image token, in OTHER_DIM at its last image token."""
+    patcher, where = Patcher(), {}
+
+    def ids(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        is_image = ids == IMAGE
+        where["first"] = mask[:, -ids.shape[1]:].int().argmax(1) if mask is not None else torch.zeros_like(ids[:, 0])
+        where["image"] = is_image.int().argmax(1)
+        where["last_image"] = ids.shape[1] - 1 - is_image.flip(1).int().argmax(1)
+
+    def plant(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        hidden = args[0]
+        if hidden.shape[1] == 1:
+            return args, kwargs
+        hidden = hidden.clone()
+        rows = torch.arange(hidden.shape[0])
+        hidden[rows, where["first"], SINK_DIM] += BIG
+        hidden[rows, where["image"], SINK_DIM] += BIG
+        hidden[rows, where["last_image"], OTHER_DIM] += BIG
+        return (hidden, *args[1:]), kwargs
+
+    patcher.add_hook(model.register_forward_pre_hook(ids, with_kwargs=True))
+    patcher.add_hook(tfa.decoder_layers(model)[0].register_forward_pre_hook(plant, with_kwargs=True))
+    return patcher, where
+
+
+def _dense_reference(model: torch.nn.Module, patcher: Patcher, layer: int, sinks: torch.Tensor, ids: torch.Tensor,
+                     mask: torch.Tensor) -> None:
+    """Layer ``layer`` computes every row densely (all heads, float32) and applies ``redistribute`` to the
+    text rows after the image: the definition, without the method's row picking and write-back."""
+    image = (ids == IMAGE) & mask.bool()
+    text = mask.bool() & ~image & (image.cumsum(1) > 0)
+
+    def make_route(idx: int, module: torch.nn.Module, implementation: str) -> tfa.Route:
+        def route(call: Any, module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+            full = tfa.stock_mask(implementation, module, q, k, attention_mask, kwargs.get("is_causal"))
+            probs = attention_probs(q, k, scale=kwargs["scaling"], mask=full, head_mean=False)
+            moved = redistribute(probs, sinks[:, None, None, :], image[:, None, None, :], p=OPTIONS["p"],
+                                 rho=OPTIONS["rho"], summ=OPTIONS["summ"])
+            probs = torch.where(text[:, None, :, None], moved, probs)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+            return (probs @ v).transpose(1, 2).to(q.dtype), None
+
+        return route
+
+    tfa.route_attention(model, patcher, [layer], make_route)
+
+
+# --- the math, on hand-made tensors ---
+
+def test_redistribution_keeps_p_of_sink_mass_and_gives_the_rest_in_proportion() -> None:
+    probs = torch.tensor([[0.1, 0.4, 0.2, 0.1, 0.2],    # centric: image share 0.7, sink share 0.4/0.7
+                          [0.1, 0.1, 0.0, 0.1, 0.7],    # image share 0.2 < summ 0.3: unchanged
+                          [0.0, 0.5, 0.1, 0.1, 0.3]])   # sink share 0.5/0.7 > rho 0.6: unchanged
+    image = torch.tensor([False, True, True, True, False])
+    sink = torch.tensor([False, True, False, False, True])  # the text sink (column 4) is not an image sink
+    out = redistribute(probs, sink, image, p=0.6, rho=0.6, summ=0.3)
+    torch.testing.assert_close(out.sum(-1), torch.ones(3))
+    torch.testing.assert_close(out[0, 1], torch.tensor(0.6 * 0.4))
+    freed = 0.4 * 0.4
+    torch.testing.assert_close(out[0, 2:4], probs[0, 2:4] + freed * probs[0, 2:4] / probs[0, 2:4].sum())
+    torch.testing.assert_close(out[0, [0, 4]], probs[0, [0, 4]])
+    assert torch.equal(out[1:], probs[1:])
+    assert torch.equal(redistribute(probs, sink, image, p=1.0, rho=1.0, summ=0.0), probs)
+
+
+def test_redistribution_of_random_rows_sums_to_one() -> None:
+    probs = torch.randn(2, 4, 6, 50).softmax(-1)
+    image = torch.zeros(2, 1, 1, 50, dtype=torch.bool)
+    image[..., 10:40] = True
+    sink = torch.rand(2, 1, 1, 50) < 0.1
+    out = redistribute(probs, sink, image, p=0.3, rho=1.0, summ=0.0)
+    torch.testing.assert_close(out.sum(-1), torch.ones(2, 4, 6))
+    kept = (out * (sink & image)).sum(-1) / (probs * (sink & image)).sum(-1)
+    torch.testing.assert_close(kept, torch.full_like(kept, 0.3))
+
+
+def test_sink_dimensions_are_those_of_the_reference_token() -> None:
+    hidden = torch.randn(2, 6, 64)
+    hidden[0, 0, 5] = hidden[0, 3, 5] = hidden[1, 2, 9] = hidden[1, 4, 9] = 1e4
+    hidden[0, 4, 11] = 1e4  # massive, but not in a sink dimension of sample 0
+    dims, tokens = find_sinks(hidden, torch.tensor([0, 2]), tau=6.0)
+    assert dims.nonzero().tolist() == [[0, 5], [1, 9]]
+    assert tokens.nonzero().tolist() == [[0, 0], [0, 3], [1, 2], [1, 4]]
+
+
+# --- on the four model families ---
+
+def test_p_1_reproduces_stock_logits_and_generate(case: tuple[torch.nn.Module, dict[str, torch.Tensor]]) -> None:
+    model, inputs = case
+    stock, tokens = _logits(model, inputs), _generate(model, inputs)
+    visattn.apply(model, "visual_sink", p=1.0, tau=TAU)
+    try:
+        assert torch.equal(_logits(model, inputs), stock)
+        assert torch.equal(_generate(model, inputs), tokens)
+    finally:
+        visattn.remove(model)
+    assert torch.equal(_logits(model, inputs), stock)
+
+
+def test_planted_sinks_are_found_and_redistribution_matches_the_dense_reference(
+        case: tuple[torch.nn.Module, dict[str, torch.Tensor]]) -> None:
+    model, inputs = case
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    planted, where = _plant(model)
+    try:
+        stock = _logits(model, inputs)
+        handle = visattn.apply(model, "visual_sink", **OPTIONS)
+        try:
+            logits = _logits(model, inputs)
+        finally:
+            visattn.remove(model)
+        layer = tfa.language_layers(model)[0]
+        assert set(handle.sink_tokens) == {layer}  # every layer but the last
+        dims, sinks = handle.sink_dims[layer], handle.sink_tokens[layer]
+        assert dims.nonzero()[:, 1].tolist() == [SINK_DIM, SINK_DIM]
+        assert sinks.nonzero().tolist() == [[b, int(where["image"][b])] for b in range(2)]
+        reference = Patcher()
+        _dense_reference(model, reference, layer, sinks, ids, mask)
+        try:
+            expected = _logits(model, inputs)
+        finally:
+            reference.undo()
+    finally:
+        planted.undo()
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], expected[real], atol=1e-5, rtol=0)
+    assert (logits[real] - stock[real]).abs().max() > 1e-4
+
+
+def test_generate_with_cache_matches_full_forwards(case: tuple[torch.nn.Module, dict[str, torch.Tensor]]) -> None:
+    model, inputs = case
+    planted, _ = _plant(model)
+    try:
+        visattn.apply(model, "visual_sink", **OPTIONS)
+        try:
+            cached = _generate(model, inputs)
+            full = _generate(model, inputs, use_cache=False)
+        finally:
+            visattn.remove(model)
+    finally:
+        planted.undo()
+    assert cached.shape == (2, inputs["input_ids"].shape[1] + 5)
+    assert torch.equal(cached, full)
+
+
+def test_an_unpadded_prompt_takes_the_causal_path_and_generates_consistently() -> None:
+    """No padding: transformers passes no mask (SDPA's is_causal) in prefill and decode."""
+    model = BUILDERS["llava"]("sdpa").eval()
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    batch = _inputs("llava", model)
+    inputs = dict(input_ids=batch["input_ids"][1:, 1:], attention_mask=batch["attention_mask"][1:, 1:],
+                  pixel_values=batch["pixel_values"][1:])
+    assert bool(inputs["attention_mask"].all())
+    planted, _ = _plant(model)
+    try:
+        stock = _logits(model, inputs)
+        visattn.apply(model, "visual_sink", **OPTIONS)
+        try:
+            logits = _logits(model, inputs)
+            cached, full = _generate(model, inputs), _generate(model, inputs, use_cache=False)
+        finally:
+            visattn.remove(model)
+    finally:
+        planted.undo()
+    assert (logits - stock).abs().max() > 1e-4
+    assert torch.equal(cached, full)
+
+
+# --- errors ---
+
+def test_bad_options_and_inputs_raise_clear_errors() -> None:
+    model = BUILDERS["llava"]("sdpa").eval()
+    for options, match in [(dict(p=1.5), r"p must be a number in \[0.0, 1.0\]"), (dict(p=-0.1), "p must be"),
+                           (dict(tau=0), r"tau must be a number > 0"), (dict(rho=2), "rho must be"),
+                           (dict(keep=0.5), "unknown option")]:
+        with pytest.raises(visattn.OptionError, match=match):
+            visattn.apply(model, "visual_sink", **options)
+    assert not visattn.applied(model)
+    text = torch.tensor([[5, 6, 7, 8]])
+    visattn.apply(model, "visual_sink")
+    try:
+        with pytest.raises(visattn.ShapeError, match="no image tokens.*image_token_id = 90"):
+            _logits(model, dict(input_ids=text))
+        with pytest.raises(visattn.ShapeError, match="pass input_ids"):
+            _logits(model, dict(inputs_embeds=torch.randn(1, 4, 32)))
+    finally:
+        visattn.remove(model)
+
+
+def test_models_without_image_tokens_are_unsupported() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetModel
+
+    llm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, vocab_size=100))
+    with pytest.raises(visattn.UnsupportedModelError, match="no image_token_id"):
+        visattn.apply(llm, "visual_sink")
+    with pytest.raises(visattn.UnsupportedModelError):
+        visattn.apply(ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1])), "visual_sink")
+
+
+# --- the fused decode kernel (VAR and PAI), in Triton's interpreter ---
+
+def kernel_cases() -> dict[str, str | None]:
+    """Run in a child with TRITON_INTERPRET=1: the decode kernel against the PyTorch path, per case."""
+    from visattn.core.redistribute import amplify_logits, attend_rows
+    from visattn.kernels.reweighted_decode import decode_row, runs
+
+    results: dict[str, str | None] = {}
+    gen = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 1e-2)):
+        for b, h, hkv, nk, d, n in [(2, 4, 2, 150, 64, 120), (3, 6, 2, 33, 80, 20)]:
+            name = f"{str(dtype)[6:]}-{b}x{h}/{hkv}x{nk}x{d}"
+            q, k, v = (torch.randn(b, x, m, d, generator=gen).to(dtype) for x, m in ((h, 1), (hkv, nk), (hkv, nk)))
+            image = torch.zeros(b, n, dtype=torch.bool)
+            image[:, 5:n - 3] = True
+            sink = (torch.rand(b, n, generator=gen) < 0.15) & image
+            mask = torch.ones(b, 1, 1, nk, dtype=torch.bool)
+            mask[0, ..., :3] = False  # left padding
+            scale = d ** -0.5
+            padded = (torch.nn.functional.pad(x, (0, nk - n))[:, None, None] for x in (sink, image))
+            sink_cols, image_cols = padded  # the kernel reads classes for the first n keys only
+            var = dict(probs_fn=functools.partial(redistribute, sink=sink_cols, image=image_cols, p=0.3, rho=0.9,
+                                                  summ=0.1))
+            pai = dict(logits_fn=functools.partial(amplify_logits, weight=0.5 * image_cols.float()))
+            try:
+                assert runs(q, mask)
+                plain = attend_rows(q.float(), k.float(), v.float(), None, scale=scale, mask=mask)
+                cls = image.to(torch.int8) * 2  # 2: image token, 1: sink (VAR only)
+                for mode, hooks, classes in (("var", var, cls - sink.to(torch.int8)), ("pai", pai, cls)):
+                    got = decode_row(q, k, v, mask, classes, scale=scale, mode=mode, alpha=0.5, p=0.3, rho=0.9,
+                                     summ=0.1).transpose(1, 2).float()
+                    ref = attend_rows(q.float(), k.float(), v.float(), None, scale=scale, mask=mask, **hooks)
+                    err = float((got - ref).norm() / ref.norm())
+                    assert err < tol, f"{mode}: relative error {err:.2e} >= {tol}"
+                    assert float((ref - plain).norm() / plain.norm()) > 10 * tol, f"{mode}: the case changes nothing"
+                results[name] = None
+            except Exception as exc:  # reported by the test
+                results[name] = f"{type(exc).__name__}: {exc}"
+    return results
+
+
+def test_decode_kernel_matches_the_pytorch_path_in_the_interpreter() -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (f"import json, runpy; cases = runpy.run_path({str(Path(__file__))!r}); "
+              "print('RESULTS' + json.dumps(cases['kernel_cases']()))")
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS")]
+    assert proc.returncode == 0 and lines, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    results = json.loads(lines[-1][len("RESULTS"):])
+    assert len(results) == 4 and all(r is None for r in results.values()), results

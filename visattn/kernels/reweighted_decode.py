@@ -1,0 +1,61 @@
+"""One fused launch for a decode step of ``visual_sink`` (VAR) or ``head_modulation`` (PAI).
+
+A decode step has one query row per sample; the PyTorch path
+(:func:`visattn.core.redistribute.attend_rows` with a redistribution or logit hook) takes about twenty
+small launches per layer for it, and at decode time launches are the cost. The Triton kernel computes
+the same row in one: ``softmax(q k^T * scale)`` with VAR's sink redistribution (``mode="var"``, Eqs. 4-6
+of "See What You Are Told") or PAI's ``l + alpha * |l|`` on image keys (``mode="pai"``), then ``@ v``.
+
+:func:`decode_row` returns ``None`` where the kernel cannot run (no Triton, not CUDA unless
+``TRITON_INTERPRET=1``, float32, an additive float mask, head dim > 256); callers then take the
+PyTorch path, which is the kernel's oracle in the tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+MODES = {"var": 1, "pai": 2}
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def runs(q: Tensor, mask: Tensor | None) -> bool:
+    """Whether the kernel takes this decode step: one query row, fp16/bf16 on CUDA (or interpreted),
+    head dim <= 256, and a boolean ``[B|1, 1, 1, Nk]`` mask or none."""
+    if q.shape[2] != 1 or q.dtype not in KERNEL_DTYPES or q.shape[-1] > 256:
+        return False
+    if mask is not None and (mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[1:3] != (1, 1)):
+        return False
+    return (q.is_cuda or _interpret()) and importlib.util.find_spec("triton") is not None
+
+
+def decode_row(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, classes: Tensor, *, scale: float, mode: str,
+               alpha: float = 0.0, p: float = 1.0, rho: float = 1.0, summ: float = 0.0) -> Tensor:
+    """Attention of one query row: ``q`` ``[B, H, 1, D]``, ``k``/``v`` ``[B, Hkv, Nk, D]`` (last dim
+    contiguous), ``mask`` bool ``[B|1, 1, 1, Nk]`` or None, ``classes`` int8 ``[B, n <= Nk]`` (0 text,
+    1 sink image token, 2 other image token; keys past ``n`` are text). Returns ``[B, 1, H, D]``.
+    Call only where :func:`runs` is true."""
+    kernel = importlib.import_module("visattn.kernels._reweighted_decode_triton").reweighted_decode_kernel
+    b, h, _, d = q.shape
+    nk = k.shape[2]
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty(b, 1, h, d, dtype=q.dtype, device=q.device)
+    flags = mask[:, 0, 0, :].view(torch.uint8) if mask is not None else classes
+    mask_b = flags.stride(0) if mask is not None and mask.shape[0] > 1 else 0
+    kernel[(b, h)](q, k, v, out, classes, flags,
+                   q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+                   v.stride(2), out.stride(0), out.stride(2), classes.stride(0), mask_b, flags.stride(-1),
+                   nk, classes.shape[1], h // k.shape[1], scale, alpha, p, rho, summ,
+                   HEAD_D=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), BLOCK_N=64, MODE=MODES[mode],
+                   HAS_MASK=mask is not None, num_warps=4)
+    return out

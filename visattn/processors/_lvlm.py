@@ -1,0 +1,131 @@
+"""What ``visual_sink`` and ``head_modulation`` share on transformers vision-language models.
+
+:class:`ImageKeys` follows, forward by forward (``generate()`` included), which query rows and which
+key columns are image tokens: it reads ``input_ids``, ``attention_mask`` and ``past_key_values`` in a
+forward pre-hook of the model, finds the image tokens from ``config.image_token_id`` (per sample,
+so left padding and batches work), and keeps the image columns of the KV cache from the forward
+that started it (no past) through every cached continuation. A forward without a past must show
+image tokens; a continuation must continue the cache the previous forward left.
+
+:func:`rows_index` turns a per-sample row mask into the ``[B, R]`` index that
+:func:`visattn.core.redistribute.attend_rows` takes, and :func:`write_rows` puts rows computed that way
+back into the stock attention output.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..errors import ShapeError, UnsupportedModelError
+from ..frameworks import transformers as tfa
+from ..patching import Patcher
+
+
+def call_arguments(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a call as one flat ``name -> value`` dict (``**kwargs`` merged in)."""
+    bound = dict(signature.bind_partial(*args, **kwargs).arguments)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            bound.update(bound.pop(name, {}))
+    return bound
+
+
+def image_token_id(model: nn.Module, method: str) -> int:
+    token = getattr(model.config, "image_token_id", None)
+    if token is None:
+        raise UnsupportedModelError(f"{method}: {type(model).__name__}'s config has no image_token_id; "
+                                    f"supported: {tfa.SUPPORTED}")
+    return int(token)
+
+
+class ImageKeys:
+    """Image rows and columns of the current forward of a transformers VLM.
+
+    Attributes (valid inside a forward):
+        fresh: the forward has no past (prefill or a forward without cache).
+        has_image: the forward's own tokens include image tokens.
+        real: ``[B, q]`` bool, the forward's tokens that the attention mask keeps.
+        image: ``[B, q]`` bool, the forward's image tokens.
+        after_image: ``[B, q]`` bool, tokens with an image token at or before them (cache included).
+        columns: ``[B, n]`` bool, image key columns from the start of the cache, ``n`` <= the key count
+            (columns past ``n`` are no image).
+        first_real: ``[B]`` int, the first real token of each sample (of the fresh forward).
+    """
+
+    def __init__(self, model: nn.Module, patcher: Patcher, method: str) -> None:
+        self.method = method
+        self.token = image_token_id(model, method)
+        self.signature = inspect.signature(model.forward)
+        self.columns: Tensor | None = None
+        self.num_keys = 0
+        patcher.add_hook(model.register_forward_pre_hook(self._start, with_kwargs=True))
+
+    def _start(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        given = call_arguments(self.signature, args, kwargs)
+        ids = given.get("input_ids")
+        if ids is None:
+            raise ShapeError(f"{self.method}: pass input_ids (image positions are read from config.image_token_id "
+                             f"= {self.token}); inputs_embeds alone do not show them")
+        past = given.get("past_key_values")
+        past_len = past.get_seq_length() if past is not None else 0
+        mask = given.get("attention_mask")
+        q = ids.shape[1]
+        self.real = mask[:, -q:].bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        self.image = (ids == self.token) & self.real
+        self.has_image = bool(self.image.any())
+        self.fresh = past_len == 0
+        if self.fresh:
+            if not self.has_image:
+                raise ShapeError(f"{self.method}: the input has no image tokens (config.image_token_id = "
+                                 f"{self.token}); the method needs the image in the prompt")
+            self.columns = self.image
+            self.first_real = self.real.int().argmax(1)
+            self.after_image = self.image.cumsum(1) > 0
+        else:
+            if self.columns is None or past_len != self.num_keys:
+                raise ShapeError(f"{self.method}: this forward continues a KV cache of {past_len} tokens that the "
+                                 f"method did not see being built; start from a forward without past_key_values")
+            seen = self.columns.any(1, keepdim=True)
+            self.after_image = seen | (self.image.cumsum(1) > 0)
+            if self.has_image:
+                pad = self.columns.new_zeros(ids.shape[0], past_len - self.columns.shape[1])
+                self.columns = torch.cat([self.columns, pad, self.image], 1)
+        self.num_keys = past_len + q
+        self.memo: dict[str, Any] = {}
+
+    def text_rows(self) -> tuple[Tensor, Tensor] | None:
+        """:func:`rows_index` of this forward's text rows: real, not image, with an image before them."""
+        return self.once("text_rows", lambda: rows_index(self.real & ~self.image & self.after_image))
+
+    def once(self, name: str, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once per forward (layers share it)."""
+        if name not in self.memo:
+            self.memo[name] = make()
+        return self.memo[name]
+
+
+def rows_index(rows: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``[B, q]`` bool -> (``index`` ``[B, R]`` of the True rows, first in order, ``valid`` ``[B, R]``), or
+    ``None`` when no row is True. ``R`` is the largest count; a sample's slots past its count are not valid."""
+    counts = rows.sum(1)
+    r = int(counts.max())
+    if r == 0:
+        return None
+    order = torch.sort((~rows).int(), dim=1, stable=True).indices[:, :r]
+    return order, torch.arange(r, device=rows.device) < counts[:, None]
+
+
+def write_rows(out: Tensor, new: Tensor, index: Tensor, valid: Tensor | None = None) -> Tensor:
+    """``out`` ``[B, q, H, D]`` with rows ``index`` ``[B, R]`` replaced by ``new`` ``[B, H, R, D]`` where ``valid``."""
+    b, r = index.shape
+    where = index[:, :, None, None].expand(b, r, *out.shape[2:])
+    new = new.transpose(1, 2).to(out.dtype)
+    if valid is not None:
+        new = torch.where(valid[:, :, None, None], new, out.gather(1, where))
+    return out.scatter(1, where, new)

@@ -1,0 +1,321 @@
+"""``head_modulation``: give generated tokens more of the image, by logit or by head, in transformers VLMs.
+
+One option ``alpha`` (identity 0: the stock attention runs untouched) and three published recipes:
+
+- ``strategy="pai"`` — Liu et al., 2024, "Paying More Attention to Image: A Training-Free Method for
+  Alleviating Hallucination in LVLMs" (Eq. 4): for the generating query row (the last row of every
+  forward: the prompt's last token, then each generated token), image logits become
+  ``l_j + alpha * |l_j|`` before the softmax (:func:`visattn.core.redistribute.amplify_logits`), in
+  decoder layers 2..31 (PAI's ``[2, 32)``, clipped to the model's depth). PAI's contrastive logit
+  refinement with a text-only pass is not part of this method.
+- ``strategy="vhr"`` — He et al., 2024, "Cracking the Code of Hallucination in LVLMs with Vision-aware
+  Head Divergence": a head's vision-aware head divergence is ``VHD_h = || o_h(image) - o_h(no image) ||``,
+  its attention output for the prompt's last token with and without the image; the ``top`` fraction of
+  heads of each layer with the largest VHD have their outputs scaled by ``1 + alpha`` for the
+  generating rows. Calibration, per prompt: at every forward without a past the model runs once more
+  first, without KV cache and computing logits for the last token only, with the image columns hidden
+  from every non-image token in every decoder layer (the text then reads as if the image were
+  removed, positions unchanged); each layer records its last-row head outputs. The real pass then
+  measures ``o_h(image)`` layer by layer, so a layer's VHD sees the reinforcement of the layers before
+  it (only the last token's stream differs). Cost: one extra prefill per prompt (about 2x prefill
+  time, no extra memory for a cache); decode steps add one multiply per layer.
+- ``strategy="imbalance"`` — "Fixing Imbalanced Attention to Mitigate In-Context Hallucination of Large
+  Vision-Language Model" (2025), as we read its two components. Dual-stream token selection, per image
+  (:func:`visattn.core.redistribute.dual_stream_selection`): the ``select`` fraction of patches most
+  attended by the [CLS] token in the vision tower's first layer (locally informative) joined with the
+  ``select`` fraction whose projected features differ most from their 4 spatial neighbours (spatially
+  significant, :func:`~visattn.core.redistribute.spatial_contrast`). Head-specific modulation: a head's
+  visual sensitivity ``w_h`` is its attention share on the image for the prompt's last token, over the
+  largest share in its layer; the generating rows' logits on selected tokens become
+  ``l_j + alpha * w_h * |l_j|``. LLaVA (CLIP tower with [CLS], ``vision_feature_select_strategy="default"``)
+  only.
+
+The methods act on query rows that generate a token. The stock SDPA (or eager) attention runs for
+every row, and only the generating row is recomputed explicitly where logits change
+(:func:`~visattn.core.redistribute.attend_rows`); PAI's decode steps take one fused launch per layer
+on CUDA (:mod:`visattn.kernels.reweighted_decode`). With ``pai`` a cached ``generate()`` computes what
+a forward over the same tokens computes for its last row; ``vhr`` and ``imbalance`` measure their
+head weights once per prompt (at the forward without a past) and keep them for its decode steps.
+Batches with left padding, the KV cache and the four families of
+:mod:`visattn.frameworks.transformers` work (``imbalance``: LLaVA only); image positions come from
+``config.image_token_id``.
+
+Options: ``strategy`` ("pai"), ``alpha`` (0.2; identity 0), ``decoder_layers`` (None = the strategy's
+layers: pai 2..31, vhr and imbalance all; indices of the language model's decoder layers, from 0),
+``top`` (0.5, vhr: fraction of heads reinforced per layer), ``select`` (0.25, imbalance: fraction of
+image tokens each selection stream picks).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..core.attention import attention_probs
+from ..core.redistribute import amplify_logits, attend_rows, dual_stream_selection, spatial_contrast
+from ..errors import OptionError, ShapeError, UnsupportedModelError
+from ..frameworks import Target
+from ..frameworks import transformers as tfa
+from ..kernels import reweighted_decode
+from ..options import choice_option, float_option, layers_option
+from ..patching import Handle, Patcher
+from ..registry import Method, register
+from ._lvlm import ImageKeys, call_arguments, image_token_id, write_rows
+
+STRATEGIES = ("pai", "vhr", "imbalance")
+#: PAI modulates decoder layers [2, 32) of LLaVA-1.5's 32.
+PAI_LAYERS = range(2, 32)
+
+
+class HeadModulationHandle(Handle):
+    """Handle of ``head_modulation``; what it measured in the last forward without a past, per
+    language-model layer (index into the model's attention layers). ``vhr``: ``vhd[layer]`` ``[B, H]``
+    float32 and ``head_gains[layer]`` ``[B, H]`` (``1 + alpha`` for reinforced heads, else 1).
+    ``imbalance``: ``selected`` ``[B, N]`` bool (the selected image tokens) and ``sensitivity[layer]``
+    ``[B, H]`` (each head's image share over the layer's largest)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.vhd: dict[int, Tensor] = {}
+        self.head_gains: dict[int, Tensor] = {}
+        self.selected: Tensor | None = None
+        self.sensitivity: dict[int, Tensor] = {}
+
+
+def _decoder_layers(strategy: str, chosen: tuple[int, ...] | None, depth: int) -> list[int]:
+    if chosen is not None:
+        bad = [i for i in chosen if i >= depth]
+        if bad:
+            raise OptionError(f"head_modulation: decoder_layers {bad} out of range; the model has {depth} decoder "
+                              f"layers (0..{depth - 1})")
+        return sorted(chosen)
+    layers = [i for i in PAI_LAYERS if i < depth] if strategy == "pai" else list(range(depth))  # vhr, imbalance
+    if not layers:
+        raise OptionError(f"head_modulation: strategy {strategy!r} modulates decoder layers "
+                          f"{PAI_LAYERS.start}..{PAI_LAYERS.stop - 1}, and the model has only {depth}; "
+                          f"pass decoder_layers")
+    return layers
+
+
+@register
+class HeadModulation(Method):
+    name = "head_modulation"
+    summary = "amplify generated tokens' attention to the image: PAI logits, VHR heads or imbalance-fixing selection"
+    paper = ("Liu et al., 2024, 'Paying More Attention to Image' (pai); He et al., 2024, 'Cracking the Code of "
+             "Hallucination in LVLMs with Vision-aware Head Divergence' (vhr); 'Fixing Imbalanced Attention to "
+             "Mitigate In-Context Hallucination of Large Vision-Language Model', 2025 (imbalance)")
+    frameworks = ("transformers",)
+    options = (
+        choice_option("strategy", "pai", STRATEGIES,
+                      doc="pai (image logits), vhr (vision-aware heads), imbalance (selected tokens, per head)"),
+        float_option("alpha", 0.2, low=0.0, identity=0.0,
+                     doc="strength: logit gain (pai, imbalance), head output gain (vhr)"),
+        layers_option("decoder_layers", None,
+                      doc="decoder layers to modulate (0-based); None = pai: 2..31, vhr and imbalance: all"),
+        float_option("top", 0.5, low=0.0, high=1.0, low_open=True, doc="vhr: fraction of heads reinforced per layer"),
+        float_option("select", 0.25, low=0.0, high=1.0, low_open=True,
+                     doc="imbalance: fraction of image tokens each selection stream picks"),
+    )
+
+    def check_target(self, target: Target, options: dict[str, Any]) -> None:
+        super().check_target(target, options)
+        image_token_id(target.model, self.name)
+        _decoder_layers(options["strategy"], options["decoder_layers"], len(tfa.language_layers(target.model)))
+        if options["strategy"] == "imbalance":
+            _projector(target.model)
+
+    def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> HeadModulationHandle:
+        model = target.model
+        handle = HeadModulationHandle(self.name, model, options, patcher)
+        language = tfa.language_layers(model)
+        layers = [language[i] for i in _decoder_layers(options["strategy"], options["decoder_layers"], len(language))]
+        keys = ImageKeys(model, patcher, self.name)
+        alpha = options["alpha"]
+        if options["strategy"] == "pai":
+            make_route = _pai(keys, alpha)
+        elif options["strategy"] == "vhr":
+            make_route = _vhr(model, patcher, keys, handle, alpha, options["top"])
+        else:
+            make_route = _imbalance(model, patcher, keys, handle, alpha, options["select"])
+        tfa.route_attention(model, patcher, layers, make_route)
+        return handle
+
+
+def _pai(keys: ImageKeys, alpha: float) -> tfa.RouteFactory:
+    def make_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:
+        def route(call: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                  attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+            if alpha == 0.0:
+                return call(module, query, key, value, attention_mask, **kwargs)
+            scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
+            if query.shape[2] == 1 and reweighted_decode.runs(query, mask):  # a decode step, in one launch
+                classes = keys.once("pai_classes", lambda: keys.columns.to(torch.int8) * 2)
+                return reweighted_decode.decode_row(query, key, value, mask, classes, scale=scale, mode="pai",
+                                                    alpha=alpha), None
+            weight = keys.once("pai_weight", lambda: (alpha * keys.columns.float())[:, None, None, :])
+            n = weight.shape[-1]
+
+            def logits_fn(logits: Tensor) -> Tensor:
+                logits[..., :n] = amplify_logits(logits[..., :n], weight)
+                return logits
+
+            if query.shape[2] == 1:  # a decode step: the generating row is the only row
+                out = attend_rows(query, key, value, None, scale=scale, mask=mask, logits_fn=logits_fn)
+                return out.transpose(1, 2), None
+            out, _ = call(module, query, key, value, attention_mask, **kwargs)
+            last = keys.once("last_row", lambda: torch.full((query.shape[0], 1), query.shape[2] - 1,
+                                                            device=query.device))
+            new = attend_rows(query, key, value, last, scale=scale, mask=mask, logits_fn=logits_fn)
+            return write_rows(out, new, last), None
+
+        return route
+
+    return make_route
+
+
+def _vhr(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModulationHandle, alpha: float,
+         top: float) -> tfa.RouteFactory:
+    without: dict[int, Tensor] = {}  # per layer: last-row head outputs of the image-ablated pass
+    gains: dict[int, Tensor] = {}  # per layer: head gains [B, 1, H, 1] in the attention output's dtype
+    ablating = [False]
+    signature = inspect.signature(model.forward)
+
+    def calibrate(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if alpha == 0.0 or not keys.fresh:
+            return
+        given = call_arguments(signature, args, kwargs)
+        given.update(past_key_values=None, use_cache=False)
+        given.pop("labels", None)
+        if "logits_to_keep" in signature.parameters:
+            given["logits_to_keep"] = 1
+        ablating[0] = True
+        try:
+            with torch.no_grad():
+                module.forward(**given)  # the model's own pre-hooks (ours included) do not run again
+        finally:
+            ablating[0] = False
+
+    patcher.add_hook(model.register_forward_pre_hook(calibrate, with_kwargs=True))
+
+    def make_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:
+        def route(call: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                  attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+            if alpha == 0.0:
+                return call(module, query, key, value, attention_mask, **kwargs)
+            if ablating[0]:
+                mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
+                hide = keys.columns[:, None, None, :] & ~keys.image[:, None, :, None]
+                if mask is None:
+                    mask = ~hide
+                elif mask.dtype == torch.bool:
+                    mask = mask & ~hide
+                else:
+                    mask = mask.masked_fill(hide, torch.finfo(mask.dtype).min)
+                out, weights = call(module, query, key, value, mask, **kwargs)
+                without[layer] = out[:, -1]
+                return out, weights
+            out, weights = call(module, query, key, value, attention_mask, **kwargs)
+            if keys.fresh:
+                vhd = (out[:, -1].float() - without.pop(layer).float()).norm(dim=-1)
+                reinforced = vhd.topk(math.ceil(top * vhd.shape[1]), dim=-1).indices
+                head_gains = torch.ones_like(vhd).scatter_(1, reinforced, 1.0 + alpha)
+                handle.vhd[layer], handle.head_gains[layer] = vhd, head_gains
+                gains[layer] = head_gains[:, None, :, None].to(out.dtype)
+            out[:, -1:] *= gains[layer]
+            return out, weights
+
+        return route
+
+    return make_route
+
+
+def _projector(model: nn.Module) -> nn.Module:
+    """LLaVA's multimodal projector; refuses models whose image tokens are not the CLIP patches in order."""
+    config = model.config
+    projector = getattr(getattr(model, "model", model), "multi_modal_projector", None)
+    if (type(model).__name__ != "LlavaForConditionalGeneration" or projector is None
+            or getattr(config, "vision_feature_select_strategy", None) != "default"
+            or not isinstance(getattr(config, "vision_feature_layer", None), int)):
+        raise UnsupportedModelError(
+            f"head_modulation: strategy 'imbalance' needs a vision tower [CLS] token whose patches are the image "
+            f"tokens in order: LlavaForConditionalGeneration with vision_feature_select_strategy='default' and one "
+            f"vision_feature_layer (got {type(model).__name__}); strategies 'pai' and 'vhr' support it")
+    return projector
+
+
+def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModulationHandle, alpha: float,
+               select: float) -> tfa.RouteFactory:
+    cls_attention: list[Tensor] = []  # the vision tower's first layer: [CLS] attention over patches, per image
+    weights: dict[int, Tensor] = {}  # per layer: alpha * w_h on selected columns, [B, H, 1, n]
+
+    def cls_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:
+        def route(call: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                  attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+            if alpha != 0.0:
+                mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
+                bias = mask if mask is not None and mask.dtype != torch.bool else None
+                mask = mask if bias is None else None
+                scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+                cls_attention[:] = [attention_probs(query[:, :, :1], key, scale=scale, bias=bias, mask=mask)[:, 0, 1:]]
+            return call(module, query, key, value, attention_mask, **kwargs)
+
+        return route
+
+    def select_tokens(module: nn.Module, args: tuple, output: Tensor) -> None:
+        if alpha == 0.0 or not keys.fresh:
+            return
+        side = math.isqrt(output.shape[1])
+        chosen = dual_stream_selection(cls_attention.pop(), spatial_contrast(output, (side, side)), select)
+        where = keys.image.nonzero()
+        if where.shape[0] != chosen.numel():
+            raise ShapeError(f"head_modulation: {where.shape[0]} image tokens for {chosen.numel()} image patches")
+        handle.selected = torch.zeros_like(keys.image).index_put_(tuple(where.T), chosen.flatten())
+
+    patcher.add_hook(_projector(model).register_forward_hook(select_tokens))
+    tfa.route_attention(model, patcher, [0], cls_route)
+
+    def make_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:
+        def route(call: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                  attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+            if alpha == 0.0:
+                return call(module, query, key, value, attention_mask, **kwargs)
+            scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
+            n = keys.columns.shape[1]
+            if not keys.fresh and weights[layer].shape[-1] != n:
+                raise ShapeError("head_modulation: strategy 'imbalance' selects image tokens when the prompt is first "
+                                 "run; a cached continuation cannot add images")
+
+            def logits_fn(logits: Tensor) -> Tensor:
+                logits[..., :n] = amplify_logits(logits[..., :n], weights[layer])
+                return logits
+
+            if query.shape[2] == 1:  # a decode step: the generating row is the only row
+                out = attend_rows(query, key, value, None, scale=scale, mask=mask, logits_fn=logits_fn)
+                return out.transpose(1, 2), None
+            last = torch.full((query.shape[0], 1), query.shape[2] - 1, device=query.device)
+            if keys.fresh:
+                image = keys.columns[:, None, None, :]
+                share: list[Tensor] = []
+
+                def measure(probs: Tensor) -> Tensor:
+                    share.append((probs[..., :n] * image).sum(-1)[..., 0])
+                    return probs
+
+                attend_rows(query, key, value, last, scale=scale, mask=mask, probs_fn=measure)
+                sensitivity = share[0] / share[0].amax(-1, keepdim=True).clamp_min(torch.finfo(share[0].dtype).tiny)
+                handle.sensitivity[layer] = sensitivity
+                weights[layer] = alpha * sensitivity[:, :, None, None] * handle.selected[:, None, None, :n].float()
+            out, _ = call(module, query, key, value, attention_mask, **kwargs)
+            new = attend_rows(query, key, value, last, scale=scale, mask=mask, logits_fn=logits_fn)
+            return write_rows(out, new, last), None
+
+        return route
+
+    return make_route

@@ -1,0 +1,155 @@
+"""``visual_sink``: Visual Attention Redistribution (VAR) for LLaVA-style models in transformers.
+
+Paper: Kang et al., 2025, "See What You Are Told: Visual Attention Sink in Large Multimodal Models".
+In every decoder layer but the last:
+
+1. Sinks (Sec. 3). The layer's input hidden states are RMS-normalised; the sink dimensions are those in
+   which the first real token of the sample (the language model's own sink) exceeds ``tau``, and the
+   visual sink tokens are the image tokens that exceed ``tau`` in one of them
+   (:func:`visattn.core.redistribute.find_sinks`). Nothing is hard-coded: the dimensions are read from
+   each prompt's hidden states, layer by layer, and kept on the handle (``sink_dims``, ``sink_tokens``).
+2. Image-centric heads (Sec. 4.1). For each text query row (a real, non-image token with an image
+   before it: the prompt's text after the image and every generated token) and each head, the row
+   counts as image-centric when its image share is ``>= summ`` and the sinks' share of that is ``<= rho``.
+3. Redistribution (Sec. 4.2, :func:`visattn.core.redistribute.redistribute`): in those rows the sink
+   columns keep ``p`` of their weight; the rest goes to the other image tokens in proportion to their
+   weight. Rows still sum to one.
+
+The decision is per row, so a cached ``generate()`` computes what a full forward over the same
+tokens computes. Models run with ``attn_implementation="sdpa"`` (or ``"eager"``): the stock attention
+runs for every row, and only text rows of layers with sinks are recomputed explicitly
+(:func:`~visattn.core.redistribute.attend_rows`); a decode step (one generated row) replaces the stock
+attention by one fused launch per layer on CUDA (:mod:`visattn.kernels.reweighted_decode`), or by the
+explicit computation elsewhere. Batches, left padding, the KV cache and the four families of
+:mod:`visattn.frameworks.transformers` work; image positions come from ``config.image_token_id``.
+
+Options: ``p`` (0.6; identity 1.0: the stock attention runs untouched), ``tau`` (20), ``rho`` (0.5),
+``summ`` (0.2). ``tau`` is the paper's value for 4096-wide models; an RMS-normalised value cannot
+exceed ``sqrt(hidden_size)``, so small models need a smaller one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..core.redistribute import attend_rows, find_sinks, redistribute
+from ..errors import UnsupportedModelError
+from ..frameworks import Target
+from ..frameworks import transformers as tfa
+from ..kernels import reweighted_decode
+from ..options import float_option
+from ..patching import Handle, Patcher
+from ..registry import Method, register
+from ._lvlm import ImageKeys, call_arguments, image_token_id, write_rows
+
+
+class VisualSinkHandle(Handle):
+    """Handle of ``visual_sink``. Per language-model layer (index into the model's attention layers),
+    from the last forward without a past: ``sink_dims[layer]`` ``[B, C]`` bool (the sink dimensions
+    of each sample) and ``sink_tokens[layer]`` ``[B, N]`` bool (its visual sink tokens)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sink_dims: dict[int, Tensor] = {}
+        self.sink_tokens: dict[int, Tensor] = {}
+
+
+@register
+class VisualSink(Method):
+    name = "visual_sink"
+    summary = "VAR: move attention from visual sink tokens to the other image tokens in image-centric heads"
+    paper = "Kang et al., 2025, 'See What You Are Told: Visual Attention Sink in Large Multimodal Models'"
+    frameworks = ("transformers",)
+    options = (
+        float_option("p", 0.6, low=0.0, high=1.0, identity=1.0,
+                     doc="fraction of the sink tokens' attention they keep in image-centric heads"),
+        float_option("tau", 20.0, low=0.0, low_open=True,
+                     doc="massive-activation threshold on RMS-normalised hidden states"),
+        float_option("rho", 0.5, low=0.0, high=1.0, doc="image-centric: sink share of the image attention <= rho"),
+        float_option("summ", 0.2, low=0.0, high=1.0, doc="image-centric: image share of the attention >= summ"),
+    )
+
+    def check_target(self, target: Target, options: dict[str, Any]) -> None:
+        super().check_target(target, options)
+        image_token_id(target.model, self.name)
+        if len(tfa.language_layers(target.model)) < 2:
+            raise UnsupportedModelError(f"{self.name}: {target.family} needs at least 2 decoder layers "
+                                        f"(VAR changes every layer but the last)")
+
+    def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> VisualSinkHandle:
+        model = target.model
+        handle = VisualSinkHandle(self.name, model, options, patcher)
+        layers = tfa.language_layers(model)[:-1]
+        decoder = tfa.decoder_layers(model)
+        keys = ImageKeys(model, patcher, self.name)
+        p, tau, rho, summ = options["p"], options["tau"], options["rho"], options["summ"]
+        has_sinks: dict[int, bool] = {}
+        columns: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # per layer: image columns -> (sinks, classes)
+
+        def sink_columns(layer: int) -> tuple[Tensor, Tensor]:
+            """The layer's sink columns ``[B, n]`` and key classes (0 text, 1 sink, 2 other image) for the
+            current image columns ``[B, n]``, recomputed only when those change."""
+            image = keys.columns
+            if layer not in columns or columns[layer][0] is not image:
+                found = handle.sink_tokens[layer]
+                sinks = F.pad(found, (0, image.shape[1] - found.shape[1])) & image
+                columns[layer] = image, sinks, image.to(torch.int8) * 2 - sinks.to(torch.int8)
+            return columns[layer][1:]
+
+        def detect(layer: int, signature: inspect.Signature) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+                if not keys.fresh:  # a continuation adds no image tokens the sinks could be among
+                    return
+                hidden = call_arguments(signature, args, kwargs)["hidden_states"]
+                dims, tokens = find_sinks(hidden, keys.first_real, tau)
+                handle.sink_dims[layer], handle.sink_tokens[layer] = dims, tokens & keys.image
+                has_sinks[layer] = bool(handle.sink_tokens[layer].any())
+                columns.pop(layer, None)
+
+            return hook
+
+        for i, layer in enumerate(layers):
+            signature = inspect.signature(decoder[i].forward)
+            patcher.add_hook(decoder[i].register_forward_pre_hook(detect(layer, signature), with_kwargs=True))
+
+        def make_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:
+            def route(call: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+                if p == 1.0 or not has_sinks[layer]:
+                    return call(module, query, key, value, attention_mask, **kwargs)
+                scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+                mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
+                image = keys.columns
+                n = image.shape[1]
+                sinks, classes = sink_columns(layer)
+
+                def probs_fn(probs: Tensor) -> Tensor:
+                    probs[..., :n] = redistribute(probs[..., :n], sinks[:, None, None, :], image[:, None, None, :],
+                                                  p=p, rho=rho, summ=summ)
+                    return probs
+
+                if query.shape[2] == 1 and not keys.has_image:  # a decode step: one generated text row
+                    if reweighted_decode.runs(query, mask):
+                        return reweighted_decode.decode_row(query, key, value, mask, classes, scale=scale, mode="var",
+                                                            p=p, rho=rho, summ=summ), None
+                    out = attend_rows(query, key, value, None, scale=scale, mask=mask, probs_fn=probs_fn)
+                    return out.transpose(1, 2), None
+                out, weights = call(module, query, key, value, attention_mask, **kwargs)
+                picked = keys.text_rows()
+                if picked is None:
+                    return out, weights
+                index, valid = picked
+                new = attend_rows(query, key, value, index, scale=scale, mask=mask, probs_fn=probs_fn)
+                return write_rows(out, new, index, valid), None
+
+            return route
+
+        tfa.route_attention(model, patcher, layers, make_route)
+        return handle
