@@ -1,0 +1,233 @@
+"""Visual token pruning (``prune``, issue 8) on the LLaVA-1.5-7B architecture: prefill, KV cache, decode.
+
+All in one run, bf16, sdpa, random weights (speed does not depend on them): ``LlavaForConditionalGeneration``
+built from a config on the meta device, moved with ``to_empty`` and initialised on the GPU by transformers'
+``initialize_weights`` (CLIP ViT-L/14-336 vision tower, 2-layer MLP projector, Llama-2-7B text model: 32
+layers, hidden 4096, ffn 11008, 32 heads; 576 image tokens per 336px image, ``image_token_id`` set):
+
+- prefill (one forward as ``generate()`` runs it: the vision tower, the projector, the language model
+  and the last position's logits) of the stock model, of ``prune`` with strategies ``fastv`` (K=2)
+  and ``cls``, and of the bound: the same model fed only ``kept`` visual tokens per image (vision tower
+  and projector on the whole image, then the language model on the short sequence). Times are medians
+  over interleaved repetitions (stock, methods and bound in turn), CUDA events around each call.
+- settings: batch 16 with one image each, keeping 64/576 and 128/576; batch 1 with five images (2880
+  visual tokens, LLaVA-NeXT-sized), keeping 320/2880. Every prompt has ``--text`` text tokens around
+  the image(s).
+- the KV cache after prefill at batch 16 keeping 64/576 (bytes of keys and values over all layers);
+- ``generate()`` of ``--new-tokens`` tokens at batch 16 (greedy, no EOS): decode tokens per second,
+  ``batch * new_tokens / (generate time - prefill time)``, stock and pruned.
+
+    PYTHONPATH=. python3 benchmarks/lvlm.py --out benchmarks/results/lvlm.json
+    PYTHONPATH=. python3 benchmarks/lvlm.py --tiny --out /tmp/lvlm.json   # CPU smoke run, tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# benchmarks/kernels.py, first on the path when this file runs as a script, would shadow the optional
+# `kernels` package that transformers probes for
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
+
+import visattn  # noqa: E402
+
+IMAGE_TOKEN = 32000
+
+
+def build(tiny: bool, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
+    if tiny:
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                  image_size=56, patch_size=14)
+        text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                           vocab_size=32064, max_position_embeddings=8192)
+    else:
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+        text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, pad_token_id=0,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    model.to_empty(device=device)
+    # initialise everything on the device, the non-persistent buffers (rotary inv_freq, CLIP position ids)
+    # included: clear the "already initialised" marks that construction left, then run transformers' init
+    for item in [*model.modules(), *model.parameters(), *model.buffers()]:
+        item.__dict__.pop("_is_hf_initialized", None)
+    model.initialize_weights()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def inputs(model: LlavaForConditionalGeneration, batch: int, images: int, text: int, device: str,
+           visual_per_image: int | None = None) -> dict[str, torch.Tensor]:
+    """``batch`` prompts: text/2 tokens, ``images`` images, text/2 tokens (no padding)."""
+    vision = model.config.vision_config
+    per_image = (vision.image_size // vision.patch_size) ** 2 if visual_per_image is None else visual_per_image
+    head = torch.randint(1, 31000, (batch, text // 2), device=device)
+    tail = torch.randint(1, 31000, (batch, text - text // 2), device=device)
+    ids = torch.cat([head, torch.full((batch, images * per_image), IMAGE_TOKEN, device=device), tail], dim=1)
+    pixels = torch.randn(batch * images, 3, vision.image_size, vision.image_size, device=device,
+                         dtype=model.dtype)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
+
+
+def prefill(model: LlavaForConditionalGeneration, x: dict[str, torch.Tensor]) -> Callable[[], Any]:
+    return lambda: model(**x, logits_to_keep=1, use_cache=True)
+
+
+def bound(model: LlavaForConditionalGeneration, x: dict[str, torch.Tensor], kept: int, text: int,
+          images: int) -> Callable[[], Any]:
+    """The stock model fed only ``kept`` visual tokens per image: vision tower and projector on every
+    image, then the language model (and the last logits) on the short sequence."""
+    short = inputs(model, x["input_ids"].shape[0], images, text, x["input_ids"].device.type, visual_per_image=kept)
+    language, head = model.model.language_model, model.lm_head
+
+    def run() -> Any:
+        features = model.model.get_image_features(x["pixel_values"], vision_feature_layer=-2,
+                                                  vision_feature_select_strategy="default")
+        features = getattr(features, "pooler_output", features)
+        features = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+        features = features[:, :kept].reshape(-1, features.shape[-1])
+        embeds = model.get_input_embeddings()(short["input_ids"])
+        embeds = embeds.masked_scatter((short["input_ids"] == IMAGE_TOKEN)[..., None], features.to(embeds.dtype))
+        hidden = language(inputs_embeds=embeds, attention_mask=short["attention_mask"], use_cache=True)
+        return head(hidden.last_hidden_state[:, -1:])
+
+    return run
+
+
+def timed(fn: Callable[[], Any], device: str) -> float:
+    """Milliseconds of one call (CUDA events on the GPU, a host clock on the CPU)."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def compare(model: LlavaForConditionalGeneration, variants: dict[str, tuple[dict[str, Any] | None, Callable]],
+            iters: int, device: str) -> dict[str, float]:
+    """Median ms of each variant, interleaved: every repetition runs each variant once, in turn.
+    A variant is (prune options or None for stock, the call)."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for rep in range(iters + 2):  # two warm-up rounds
+        for name, (options, fn) in variants.items():
+            if options is not None:
+                visattn.apply(model, "prune", **options)
+            try:
+                with torch.no_grad():
+                    ms = timed(fn, device)
+            finally:
+                if options is not None:
+                    visattn.remove(model)
+            if rep >= 2:
+                times[name].append(ms)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def cache_bytes(cache: Any) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tiny", action="store_true", help="tiny random model on the CPU (smoke run)")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--text", type=int, default=70, help="text tokens per prompt")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    args = parser.parse_args()
+    device = "cpu" if args.tiny else "cuda"
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    torch.manual_seed(0)
+    model = build(args.tiny, device, dtype)
+    per_image = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    big_batch = 2 if args.tiny else 16
+    settings = [(big_batch, 1, 64), (big_batch, 1, 128), (1, 5, 64)]  # (batch, images, kept per image)
+    if args.tiny:
+        settings = [(big_batch, 1, 2), (1, 5, 2)]
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                               "torch": torch.__version__, "transformers": transformers.__version__,
+                               "dtype": str(dtype), "text_tokens": args.text, "visual_per_image": per_image,
+                               "prefill": [], "kv_cache": {}, "decode": {}}
+    for batch, images, kept in settings:
+        x = inputs(model, batch, images, args.text, device)
+        with torch.no_grad():
+            if not torch.isfinite(prefill(model, x)().logits).all():
+                raise RuntimeError("the randomly initialised model gives non-finite logits")
+        keep = kept / per_image
+        variants = {
+            "stock": (None, prefill(model, x)),
+            "fastv": ({"strategy": "fastv", "keep": keep, "layer": 2}, prefill(model, x)),
+            "cls": ({"strategy": "cls", "keep": keep}, prefill(model, x)),
+            "bound": (None, bound(model, x, kept, args.text, images)),
+        }
+        ms = compare(model, variants, args.iters, device)
+        row = {"batch": batch, "visual_tokens": images * per_image, "kept": images * kept,
+               "ms": ms, "speedup": {k: ms["stock"] / v for k, v in ms.items() if k != "stock"}}
+        row["of_bound"] = {k: row["speedup"][k] / row["speedup"]["bound"] for k in ("fastv", "cls")}
+        results["prefill"].append(row)
+        print(f"prefill B={batch} {images * per_image}->{images * kept}: "
+              + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
+              + " | " + ", ".join(f"{k} {v:.2f}x" for k, v in row["speedup"].items())
+              + " | of bound " + ", ".join(f"{k} {v:.0%}" for k, v in row["of_bound"].items()), flush=True)
+
+    batch, kept = big_batch, settings[0][2]
+    x = inputs(model, batch, 1, args.text, device)
+    methods = {"stock": None, "fastv": {"strategy": "fastv", "keep": kept / per_image, "layer": 2},
+               "cls": {"strategy": "cls", "keep": kept / per_image}}
+    for name, options in methods.items():
+        if options is not None:
+            visattn.apply(model, "prune", **options)
+        try:
+            with torch.no_grad():
+                cache = prefill(model, x)().past_key_values
+                results["kv_cache"][name] = {"bytes": cache_bytes(cache),
+                                             "tokens_per_layer": [layer.keys.shape[-2] for layer in cache.layers]}
+                del cache
+                generate = lambda: model.generate(**x, max_new_tokens=args.new_tokens,  # noqa: E731
+                                                  min_new_tokens=args.new_tokens, do_sample=False)
+                model.generate(**x, max_new_tokens=4, do_sample=False)  # warm-up
+                ms_generate = timed(generate, device)
+                ms_prefill = statistics.median(timed(prefill(model, x), device) for _ in range(3))
+        finally:
+            if options is not None:
+                visattn.remove(model)
+        results["decode"][name] = {"generate_ms": ms_generate, "prefill_ms": ms_prefill,
+                                   "decode_tokens_per_s": batch * args.new_tokens / (ms_generate - ms_prefill) * 1e3}
+    stock_bytes = results["kv_cache"]["stock"]["bytes"]
+    for name in ("fastv", "cls"):
+        results["kv_cache"][name]["smaller_than_stock"] = 1 - results["kv_cache"][name]["bytes"] / stock_bytes
+        results["decode"][name]["speedup"] = (results["decode"][name]["decode_tokens_per_s"]
+                                              / results["decode"]["stock"]["decode_tokens_per_s"])
+    smaller = {k: results["kv_cache"][k]["smaller_than_stock"] for k in ("fastv", "cls")}
+    print(f"kv cache after prefill, B={batch}, keep {kept}/{per_image}: "
+          + ", ".join(f"{k} {v['bytes'] / 2**20:.0f} MiB" for k, v in results["kv_cache"].items())
+          + " | smaller: " + ", ".join(f"{k} {v:.1%}" for k, v in smaller.items()))
+    print(f"decode, B={batch}, {args.new_tokens} new tokens: "
+          + ", ".join(f"{k} {v['decode_tokens_per_s']:.0f} tok/s (generate {v['generate_ms']:.0f} ms)"
+                      for k, v in results["decode"].items()))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""``prune`` on transformers vision-language models: tokens really removed, the right ones, in every step.
+
+Tiny random-weight LLaVA, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL models (built by test_transformers.py),
+fed two left-padded prompts of different lengths. The references are independent of visattn's hooks:
+transformers' own eager attention weights and hidden states for the scores, and the stock model whose
+attention masks hide the dropped tokens (removal must equal masking, for every kept token and every
+generated token).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from test_transformers import BUILDERS, IMAGE, PAD, _inputs, _llava
+
+import visattn
+from visattn.frameworks import transformers as tfa
+from visattn.patching import Patcher
+
+NEW_TOKENS = 5
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def case(request: pytest.FixtureRequest) -> tuple[str, dict[str, torch.nn.Module], dict[str, torch.Tensor]]:
+    models = {}
+    for impl in ("sdpa", "eager"):
+        model = BUILDERS[request.param](impl).eval()
+        model.generation_config.pad_token_id = PAD
+        model.generation_config.eos_token_id = None
+        models[impl] = model
+    models["eager"].load_state_dict(models["sdpa"].state_dict())
+    return request.param, models, _inputs(request.param, models["sdpa"])
+
+
+def _run(model: torch.nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+    with torch.no_grad():
+        if kwargs:
+            return model.generate(**inputs, **kwargs, do_sample=False, return_dict_in_generate=True,
+                                  output_logits=True)
+        return model(**inputs)
+
+
+def _generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+    return _run(model, inputs, max_new_tokens=NEW_TOKENS)
+
+
+def _top(scores: torch.Tensor, visual: torch.Tensor, keep: float) -> torch.Tensor:
+    """Independent selection: per sample, every non-visual position and the best visual ones."""
+    dropped = min(n - math.ceil(keep * n) for n in visual.sum(-1).tolist())
+    kept = []
+    for b in range(scores.shape[0]):
+        vis = visual[b].nonzero()[:, 0]
+        low = vis[scores[b, vis].argsort()[:dropped]]
+        row = torch.ones(scores.shape[1], dtype=torch.bool)
+        row[low] = False
+        kept.append(row.nonzero()[:, 0])
+    return torch.stack(kept)
+
+
+def _masked_reference(model: torch.nn.Module, kept: torch.Tensor, prompt: int, first: int) -> Patcher:
+    """The stock model with the prompt positions not in ``kept`` hidden from decoder layers >= ``first``."""
+    patcher = Patcher()
+    llm = tfa.language_layers(model)
+
+    def make_route(index: int, module: torch.nn.Module, implementation: str) -> Callable[..., Any]:
+        def route(call: Callable[..., Any], module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any) -> Any:
+            mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
+            visible = torch.ones(kept.shape[0], key.shape[2], dtype=torch.bool)
+            visible[:, :prompt] = False
+            visible.scatter_(1, kept, True)
+            mask = mask & visible[:, None, None, :]
+            return call(module, query, key, value, mask, **{**kwargs, "is_causal": False})
+
+        return route
+
+    tfa.route_attention(model, patcher, llm[first:], make_route)
+    return patcher
+
+
+def _check_against_masked_reference(model: torch.nn.Module, inputs: dict[str, torch.Tensor], kept: torch.Tensor,
+                                    first: int, pruned_logits: torch.Tensor, pruned: Any) -> None:
+    prompt = inputs["input_ids"].shape[1]
+    patcher = _masked_reference(model, kept, prompt, first)
+    try:
+        reference_logits = _run(model, inputs).logits
+        reference = _generate(model, inputs)
+    finally:
+        patcher.undo()
+    real = inputs["attention_mask"].gather(1, kept).bool()
+    expected = reference_logits.gather(1, kept[..., None].expand(-1, -1, reference_logits.shape[-1]))
+    torch.testing.assert_close(pruned_logits[real], expected[real], atol=1e-5, rtol=0)
+    assert torch.equal(pruned.sequences, reference.sequences)
+    for step, (ours, theirs) in enumerate(zip(pruned.logits, reference.logits)):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0, msg=f"generated token {step}")
+
+
+def _cache_lengths(result: Any) -> list[int]:
+    cache = result.past_key_values
+    return [cache.layers[i].keys.shape[-2] for i in range(len(cache.layers))]
+
+
+@pytest.mark.parametrize("strategy", ["fastv", "star", "plphp", "transprune", "cls"])
+def test_keep_one_is_bit_identical_in_forward_and_generate(case: tuple, strategy: str) -> None:
+    family, models, inputs = case
+    model = models["sdpa"]
+    if strategy != "fastv" and family != "llava":
+        pytest.skip("at keep=1.0 no strategy installs anything but input checks: fastv covers every family, "
+                    "LLaVA every strategy (cls and star need its [CLS] token)")
+    stock_logits, stock = _run(model, inputs).logits, _generate(model, inputs)
+    visattn.apply(model, "prune", strategy=strategy, keep=1.0, **({} if strategy == "cls" else {"layer": 1}))
+    try:
+        logits, result = _run(model, inputs).logits, _generate(model, inputs)
+    finally:
+        visattn.remove(model)
+    assert torch.equal(logits, stock_logits)
+    assert torch.equal(result.sequences, stock.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(result.logits, stock.logits))
+
+
+def test_fastv_keeps_what_the_last_token_attends_to_and_equals_masking(case: tuple) -> None:
+    family, models, inputs = case
+    model, keep = models["sdpa"], 0.5
+    ids, prompt = inputs["input_ids"], inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        attentions = models["eager"](**inputs, output_attentions=True).attentions
+    visual = (ids == IMAGE) & inputs["attention_mask"].bool()
+    expected = _top(attentions[0][:, :, -1].float().mean(1), visual, keep)  # decoder layer K-1 = 0
+    handle = visattn.apply(model, "prune", strategy="fastv", keep=keep, layer=1)
+    try:
+        logits = _run(model, inputs).logits
+        assert torch.equal(handle.kept[1], expected)
+        result = _generate(model, inputs)
+    finally:
+        visattn.remove(model)
+    kept = expected.shape[1]
+    assert kept < prompt and logits.shape[1] == kept
+    assert _cache_lengths(result) == [prompt + NEW_TOKENS - 1, kept + NEW_TOKENS - 1]  # layer 1 really shorter
+    _check_against_masked_reference(model, inputs, expected, 1, logits, result)
+
+
+def test_transprune_ranks_by_transition_plus_instruction_attention(case: tuple) -> None:
+    family, models, inputs = case
+    model, keep = models["sdpa"], 0.5
+    with torch.no_grad():
+        out = models["eager"](**inputs, output_attentions=True, output_hidden_states=True)
+    visual = (inputs["input_ids"] == IMAGE) & inputs["attention_mask"].bool()
+    before, after = out.hidden_states[0].float(), out.hidden_states[1].float()
+    ttv = ((after.norm(dim=-1) - before.norm(dim=-1)).abs() / before.norm(dim=-1)
+           + 1 - torch.nn.functional.cosine_similarity(before, after, dim=-1))
+    last_image = max(int(row.nonzero().max()) for row in visual)
+    iga = out.attentions[0][:, :, last_image + 1:].float().mean((1, 2))
+
+    def unit(x: torch.Tensor) -> torch.Tensor:  # min-max over each sample's image tokens
+        lows = torch.stack([x[b][visual[b]].min() for b in range(2)])[:, None]
+        highs = torch.stack([x[b][visual[b]].max() for b in range(2)])[:, None]
+        return (x - lows) / (highs - lows)
+
+    expected = _top(unit(ttv) + unit(iga), visual, keep)
+    handle = visattn.apply(model, "prune", strategy="transprune", keep=keep, layer=1)
+    try:
+        logits = _run(model, inputs).logits
+        result = _generate(model, inputs)
+    finally:
+        visattn.remove(model)
+    assert torch.equal(handle.kept[1], expected)
+    _check_against_masked_reference(model, inputs, expected, 1, logits, result)
+
+
+def test_plphp_prunes_the_kv_cache_per_head_after_prefill(case: tuple) -> None:
+    family, models, inputs = case
+    model, keep = models["sdpa"], 0.5
+    prompt = inputs["input_ids"].shape[1]
+    stock = _run(model, inputs).logits
+    with torch.no_grad():
+        attentions = models["eager"](**inputs, output_attentions=True).attentions
+    visual = (inputs["input_ids"] == IMAGE) & inputs["attention_mask"].bool()
+    row = attentions[1][:, :, -1].float()  # [B, H, N] at decoder layer 1
+    per_head = row.view(2, 2, 2, -1).mean(2)  # 4 query heads share 2 kv heads
+    handle = visattn.apply(model, "prune", strategy="plphp", keep=keep, layer=1)
+    try:
+        out = _run(model, inputs)
+        result = _generate(model, inputs)
+    finally:
+        visattn.remove(model)
+    assert torch.equal(out.logits, stock)  # prefill is not pruned
+    kept = handle.kept[1]  # [B, Hkv, n]: one layer pruned, so its retention is keep
+    for h in range(2):
+        assert torch.equal(kept[:, h].sort(-1).values, _top(per_head[:, h], visual, keep))
+    assert kept.shape[-1] < prompt
+    assert _cache_lengths(out) == [prompt, kept.shape[-1]]  # a plain forward's cache is pruned too
+    assert _cache_lengths(result) == [prompt + NEW_TOKENS - 1, kept.shape[-1] + NEW_TOKENS - 1]
+    # decoding from the per-head caches equals the stock model whose decode steps hide, in each kv head of
+    # layer 1, the prompt tokens that head dropped
+    visible = torch.zeros(2, 2, prompt, dtype=torch.bool).scatter(2, kept, True).repeat_interleave(2, dim=1)
+    patcher = Patcher()
+
+    def make_route(index: int, module: torch.nn.Module, implementation: str) -> Callable[..., Any]:
+        def route(call: Callable[..., Any], module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any) -> Any:
+            if query.shape[2] == 1:
+                mask = tfa.stock_mask(implementation, module, query, key, attention_mask)
+                new = torch.ones(2, 4, key.shape[2] - prompt, dtype=torch.bool)
+                attention_mask = mask & torch.cat([visible, new], dim=2)[:, :, None, :]
+            return call(module, query, key, value, attention_mask, **kwargs)
+
+        return route
+
+    tfa.route_attention(model, patcher, [tfa.language_layers(model)[1]], make_route)
+    try:
+        reference = _generate(model, inputs)
+    finally:
+        patcher.undo()
+    assert torch.equal(result.sequences, reference.sequences)
+    for ours, theirs in zip(result.logits, reference.logits):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_cls_keeps_what_the_vision_cls_token_attends_to_and_equals_masking() -> None:
+    models = {impl: _llava(impl).eval() for impl in ("sdpa", "eager")}
+    models["eager"].load_state_dict(models["sdpa"].state_dict())
+    for model in models.values():
+        model.generation_config.pad_token_id = PAD
+        model.generation_config.eos_token_id = None
+    model, inputs, keep = models["sdpa"], _inputs("llava", models["sdpa"]), 0.5
+    with torch.no_grad():
+        vision = models["eager"].model.vision_tower(inputs["pixel_values"], output_attentions=True)
+    cls = vision.attentions[0][:, :, 0, 1:].float().mean(1)  # feature layer -2 of 2: layer 0's [CLS] row
+    visual = (inputs["input_ids"] == IMAGE) & inputs["attention_mask"].bool()
+    scores = torch.zeros(visual.shape).masked_scatter(visual, cls.flatten())
+    expected = _top(scores, visual, keep)
+    handle = visattn.apply(model, "prune", strategy="cls", keep=keep)
+    try:
+        logits = _run(model, inputs).logits
+        assert torch.equal(handle.kept[0], expected)
+        result = _generate(model, inputs)
+    finally:
+        visattn.remove(model)
+    assert _cache_lengths(result) == [expected.shape[1] + NEW_TOKENS - 1] * 2
+    _check_against_masked_reference(model, inputs, expected, 0, logits, result)
+
+
+def test_star_drops_at_the_input_then_at_the_middle_layer() -> None:
+    model = _llava("sdpa").eval()
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor([[5, 6] + [IMAGE] * 4 + [7, 8, 9], [PAD, 5] + [IMAGE] * 4 + [7, 8, 9]])
+    inputs = dict(input_ids=ids, attention_mask=(ids != PAD).long(), pixel_values=torch.randn(2, 3, 28, 28))
+    handle = visattn.apply(model, "prune", strategy="star", keep=0.25, layer=1)
+    try:
+        result = _generate(model, inputs)
+    finally:
+        visattn.remove(model)
+    # sqrt(0.25) = 0.5: 4 -> 2 image tokens at the input, then 2 -> 1 before layer 1
+    assert handle.kept[0].shape == (2, 7) and handle.kept[1].shape == (2, 6)
+    assert set(handle.kept[1][0].tolist()) <= set(handle.kept[0][0].tolist())
+    assert _cache_lengths(result) == [7 + NEW_TOKENS - 1, 6 + NEW_TOKENS - 1]
+
+
+def test_errors() -> None:
+    model = _llava("sdpa").eval()
+    inputs = _inputs("llava", model)
+    with pytest.raises(visattn.OptionError, match=r"keep must be a number in \(0.0, 1.0\]"):
+        visattn.apply(model, "prune", strategy="fastv", keep=0.0)
+    with pytest.raises(visattn.OptionError, match=r"keep must be"):
+        visattn.apply(model, "prune", strategy="fastv", keep=1.5)
+    with pytest.raises(visattn.OptionError, match=r"layer must be a decoder layer in 1\.\.1"):
+        visattn.apply(model, "prune", strategy="fastv")  # FastV's default K=2 on a 2-layer model
+    with pytest.raises(visattn.OptionError, match="'ensemble_layers' applies to strategies 'cls' and 'star'"):
+        visattn.apply(model, "prune", strategy="fastv", layer=1, ensemble_layers=[0])
+    with pytest.raises(visattn.OptionError, match="ensemble_layers \\[5\\] out of range"):
+        visattn.apply(model, "prune", strategy="cls", ensemble_layers=[5])
+    with pytest.raises(visattn.OptionError, match="'layer' applies to 'fastv'"):
+        visattn.apply(model, "prune", strategy="cls", layer=1)
+    with pytest.raises(visattn.OptionError, match="'layers' applies to timm and open_clip"):
+        visattn.apply(model, "prune", strategy="fastv", layer=1, layers=[1])
+    with pytest.raises(visattn.UnsupportedModelError, match="no \\[CLS\\] token.*use strategy 'fastv'"):
+        visattn.apply(BUILDERS["qwen2_vl"]("sdpa"), "prune", strategy="cls")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, vocab_size=100))
+    with pytest.raises(visattn.UnsupportedModelError, match="supported: LlavaForConditionalGeneration"):
+        visattn.apply(llm, "prune", strategy="fastv", layer=1)
+    assert not visattn.applied(model)
+    visattn.apply(model, "prune", strategy="fastv", keep=0.5, layer=1)
+    try:
+        text_only = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        text_only["input_ids"] = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE, 5)
+        with pytest.raises(ValueError, match=r"sample\(s\) \[0, 1\] of the batch hold no image tokens"):
+            _run(model, text_only)
+        with pytest.raises(ValueError, match="must be called with input_ids"):
+            _run(model, {"inputs_embeds": torch.randn(2, 3, 32)})
+    finally:
+        visattn.remove(model)
+
+
+def test_vision_language_options_are_refused_on_timm() -> None:
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, depth=2, embed_dim=48, num_heads=2,
+                            img_size=32, patch_size=8, num_classes=2)
+    for options in ({"strategy": "fastv"}, {"layer": 1}, {"ensemble_layers": [0]}):
+        with pytest.raises(visattn.OptionError, match="only strategy 'cls' with options keep and layers"):
+            visattn.apply(vit, "prune", **options)
+    assert not visattn.applied(vit)

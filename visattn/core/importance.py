@@ -1,0 +1,107 @@
+"""Importance scores for pruning the visual tokens of a vision-language model, framework-free.
+
+Every score is a ``[B, N]`` float32 tensor over the current sequence; pruning keeps the candidate
+(visual) tokens of highest score and every other token (text, padding):
+
+- **FastV** (Chen et al., 2024, "An Image is Worth 1/2 Tokens After Layer 2"): the attention the
+  last token pays to each token at one decoder layer, averaged over heads,
+  ``s_j = mean_h softmax(q_last k^T / sqrt(d) + m)_j`` (:func:`row_attention`), computed from the
+  last query row and the keys alone: one ``[B, H, 1, N]`` product, no attention map.
+- **VTC-CLS** ("[CLS] Token Tells Everything Needed for Training-free Efficient MLLMs"): the
+  vision tower's [CLS] attention ``a_i = mean_h softmax(q_cls k^T / sqrt(d))_i``, averaged over
+  the ensembled layers (:func:`visattn.core.merge.cls_attention` per layer).
+- **TransPrune** ("Token Transition Pruning for Efficient Large Vision-Language Model"): token
+  transition variation across a decoder layer, magnitude and direction,
+  ``TTV_j = |(||h'_j|| - ||h_j||)| / ||h_j|| + (1 - cos(h_j, h'_j))`` (:func:`transition_variation`),
+  plus instruction-guided attention, the attention of the instruction tokens (the text after the
+  image) to each token averaged over heads and rows (:func:`row_attention`); each is min-max
+  normalised over the candidates and the two are summed (:func:`normalized`).
+- **PLPHP** ("Per-Layer Per-Head Vision Token Pruning"): a layer's share of the last token's
+  attention that lands on visual tokens, ``v_l = sum_{j visual} mean_h a_j`` (:func:`vision_share`),
+  sets its retention ``r_l = min(1, keep * v_l / mean_l v_l)`` (:func:`layer_retention`): layers
+  that look at the image keep more; each kv head then keeps its own top tokens.
+
+:func:`kept_indices` turns a score into the sorted positions kept, with one rule for a batch:
+sample ``b`` has ``n_b`` candidates and should keep ``ceil(keep * n_b)`` of them; every sample
+drops the same number ``D = min_b (n_b - ceil(keep * n_b))`` of its lowest-scored candidates, so
+sequences stay rectangular and each sample keeps at least its own ``ceil(keep * n_b)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..errors import ShapeError
+
+
+def additive_bias(mask: Tensor | None) -> Tensor | None:
+    """An attention mask as an additive float32 bias: boolean (True = attend) -> 0 / -inf; float as given."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.float()
+
+
+def row_attention(q_rows: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
+    """Attention probabilities of a few query rows over every key, per head: ``[B, H, R, N]`` (float32).
+
+    ``q_rows`` is ``[B, H, R, D]``, ``k`` is ``[B, Hkv, N, D]`` with ``H % Hkv == 0`` (grouped kv heads
+    are shared by consecutive query heads, as in transformers' ``repeat_kv``); ``bias`` is additive and
+    broadcastable to ``[B, H, R, N]``.
+    """
+    heads, kv_heads = q_rows.shape[1], k.shape[1]
+    if heads % kv_heads:
+        raise ShapeError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
+    k = k.float().repeat_interleave(heads // kv_heads, dim=1)
+    logits = (q_rows.float() @ k.transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1)
+
+
+def vision_share(probs: Tensor, candidates: Tensor) -> Tensor:
+    """PLPHP's vision attention of a layer: the share of ``probs`` (``[B, H, N]``, rows summing to 1)
+    that lands on ``candidates`` (``[B, N]`` bool), averaged over heads and samples (a 0-dim tensor)."""
+    return (probs * candidates[:, None, :]).sum(-1).mean()
+
+
+def layer_retention(shares: Tensor, keep: float) -> Tensor:
+    """PLPHP's per-layer retention: ``r_l = min(1, keep * v_l / mean(v))`` for shares ``v`` ``[L]``."""
+    mean = shares.mean().clamp_min(torch.finfo(shares.dtype).tiny)
+    return (keep * shares / mean).clamp(min=torch.finfo(shares.dtype).tiny, max=1.0)
+
+
+def transition_variation(before: Tensor, after: Tensor) -> Tensor:
+    """TransPrune's token transition variation across a layer: ``[B, N, C]`` twice -> ``[B, N]``."""
+    before, after = before.float(), after.float()
+    norm_before, norm_after = before.norm(dim=-1), after.norm(dim=-1)
+    magnitude = (norm_after - norm_before).abs() / norm_before.clamp_min(1e-6)
+    direction = 1.0 - torch.nn.functional.cosine_similarity(before, after, dim=-1)
+    return magnitude + direction
+
+
+def normalized(scores: Tensor, candidates: Tensor) -> Tensor:
+    """``scores`` min-max normalised to [0, 1] over each sample's ``candidates`` (others set to 0)."""
+    inf = torch.tensor(float("inf"), device=scores.device)
+    low = torch.where(candidates, scores, inf).amin(-1, keepdim=True)
+    high = torch.where(candidates, scores, -inf).amax(-1, keepdim=True)
+    return torch.where(candidates, (scores - low) / (high - low).clamp_min(1e-12), 0.0)
+
+
+def num_dropped(keep: float, counts: Tensor) -> int:
+    """Candidates every sample drops: ``min_b (n_b - ceil(keep * n_b))`` for candidate counts ``n_b``."""
+    return min(n - math.ceil(keep * n) for n in counts.tolist())
+
+
+def kept_indices(scores: Tensor, candidates: Tensor, dropped: int) -> Tensor:
+    """Positions kept, ``[B, N - dropped]`` in increasing order: every non-candidate and, per sample,
+    all but the ``dropped`` candidates of lowest score."""
+    batch, n = scores.shape
+    order_key = torch.where(candidates, scores.float(), float("inf"))
+    lowest = order_key.topk(dropped, dim=-1, largest=False, sorted=False).indices
+    keep = torch.ones(batch, n, dtype=torch.bool, device=scores.device).scatter(1, lowest, False)
+    return keep.nonzero()[:, 1].view(batch, n - dropped)
