@@ -30,6 +30,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on
 
 
 @triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr):
+    # DOT_F32 works around Triton's interpreter, which multiplies bfloat16 dot operands as raw bits.
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
     KV_IDX, KV_CNT, ALW_BLK, ALW_TOK, ALW_LIST,
@@ -38,7 +46,7 @@ def _fwd_kernel(
     H, N_Q, N_KV, D, N_ALW, qk_scale,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASK_Q: tl.constexpr, MASK_KV: tl.constexpr, MASK_D: tl.constexpr, HAS_ALW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     SUB_M: tl.constexpr = (BLOCK_Q + BLOCK_M - 1) // BLOCK_M
     SUB_N: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
@@ -71,8 +79,14 @@ def _fwd_kernel(
 
     idx_base = KV_IDX + b * sib + h * sih + qblk * siq
     count = tl.load(KV_CNT + b * scb + h * sch + qblk)
-    for it in range(count * SUB_N):
-        blk = tl.load(idx_base + it // SUB_N)
+    n_iter = count * SUB_N
+    # The next block index is loaded one iteration ahead of its k / v tiles, so that the software
+    # pipeline can issue those tiles' loads early (measured on the H100: kept-block rate 0.56-0.65 ->
+    # 0.63-0.75 of SDPA at block 64; the same change in the backward kernels made them slower).
+    nxt = tl.load(idx_base, mask=n_iter > 0, other=0)
+    for it in range(n_iter):
+        blk = nxt
+        nxt = tl.load(idx_base + (it + 1) // SUB_N, mask=it + 1 < n_iter, other=0)
         c_in = (it % SUB_N) * BLOCK_N + offs_n
         cols = blk * BLOCK_K + c_in
         if COLS_MASKED or MASK_D:
@@ -82,14 +96,14 @@ def _fwd_kernel(
         else:
             k = tl.load(k_base + cols[:, None] * skn)
             v = tl.load(v_base + cols[:, None] * svn)
-        s = tl.dot(q, tl.trans(k))
+        s = _dot(q, tl.trans(k), DOT_F32)
         if COLS_MASKED:
             s = tl.where(((c_in < BLOCK_K) & (cols < N_KV))[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
         m_i = m_new
 
     if HAS_ALW:
@@ -106,16 +120,17 @@ def _fwd_kernel(
             kv_mask = in_seq[:, None] & d_ok[None, :]
             k = tl.load(k_base + cols[:, None] * skn, mask=kv_mask, other=0.0)
             v = tl.load(v_base + cols[:, None] * svn, mask=kv_mask, other=0.0)
-            s = tl.where(ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+            s = tl.where(ok[None, :], _dot(q, tl.trans(k), DOT_F32), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
             p = tl.math.exp2(s * qk_scale - m_use[:, None])
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_F32)
             m_i = m_new
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that attend nothing give 0
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows that attend nothing: output 0, lse -inf
+    out = acc / l_safe[:, None]
     o_ptrs = O + b * sob + h * soh + rows[:, None] * son + offs_d[None, :]
     lse_ptrs = LSE + bh * N_Q + rows
     if ROWS_MASKED or MASK_D:
@@ -123,23 +138,24 @@ def _fwd_kernel(
     else:
         tl.store(o_ptrs, out.to(O.dtype.element_ty))
     if ROWS_MASKED:
-        tl.store(lse_ptrs, m_i + tl.math.log2(l_i), mask=row_ok)
+        tl.store(lse_ptrs, m_i + tl.math.log2(l_safe), mask=row_ok)
     else:
-        tl.store(lse_ptrs, m_i + tl.math.log2(l_i))
+        tl.store(lse_ptrs, m_i + tl.math.log2(l_safe))
 
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA,
+    Q, K, V, O, DO, DQ, LSE, DELTA, DLSE,
     KV_IDX, KV_CNT, ALW_BLK, ALW_TOK, ALW_LIST,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     sib, sih, siq, scb, sch, slb, slh, slq,
     H, N_Q, N_KV, D, N_ALW, qk_scale, scale,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASK_Q: tl.constexpr, MASK_KV: tl.constexpr, MASK_D: tl.constexpr, HAS_ALW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DLSE: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # q, do and dq share one layout (strides sq*), as do k and v apart from their own strides.
+    # o, do and dq share one layout (strides so*). Besides dq, this kernel computes and stores
+    # DELTA = rowsum(o * do) - dlse for the dk/dv kernel, which runs after it.
     SUB_M: tl.constexpr = (BLOCK_Q + BLOCK_M - 1) // BLOCK_M
     SUB_N: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
     ROWS_MASKED: tl.constexpr = MASK_Q or (BLOCK_Q % BLOCK_M != 0)
@@ -158,19 +174,27 @@ def _dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
 
     q_off = b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :]
+    o_off = b * sob + h * soh + rows[:, None] * son + offs_d[None, :]
     if ROWS_MASKED or MASK_D:
         qd_mask = (rows < N_Q)[:, None] & d_ok[None, :]
         q = tl.load(Q + q_off, mask=qd_mask, other=0.0)
-        do = tl.load(DO + q_off, mask=qd_mask, other=0.0)
+        do = tl.load(DO + o_off, mask=qd_mask, other=0.0)
+        o = tl.load(O + o_off, mask=qd_mask, other=0.0)
     else:
         q = tl.load(Q + q_off)
-        do = tl.load(DO + q_off)
+        do = tl.load(DO + o_off)
+        o = tl.load(O + o_off)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if ROWS_MASKED:
         lse = tl.load(LSE + bh * N_Q + rows, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + bh * N_Q + rows, mask=row_ok, other=0.0)
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + bh * N_Q + rows, mask=row_ok, other=0.0)
+        tl.store(DELTA + bh * N_Q + rows, delta, mask=row_ok)
     else:
         lse = tl.load(LSE + bh * N_Q + rows)
-        delta = tl.load(DELTA + bh * N_Q + rows)
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + bh * N_Q + rows)
+        tl.store(DELTA + bh * N_Q + rows, delta)
     k_base = K + b * skb + hk * skh + offs_d[None, :]
     v_base = V + b * svb + hk * svh + offs_d[None, :]
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -188,13 +212,13 @@ def _dq_kernel(
         else:
             k = tl.load(k_base + cols[:, None] * skn)
             v = tl.load(v_base + cols[:, None] * svn)
-        s = tl.dot(q, tl.trans(k))
+        s = _dot(q, tl.trans(k), DOT_F32)
         if COLS_MASKED:
             s = tl.where(((c_in < BLOCK_K) & (cols < N_KV))[None, :], s, float("-inf"))
         p = tl.math.exp2(s * qk_scale - lse[:, None])
-        dp = tl.dot(do, tl.trans(v))
+        dp = _dot(do, tl.trans(v), DOT_F32)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += _dot(ds.to(k.dtype), k, DOT_F32)
 
     if HAS_ALW:
         lst_base = ALW_LIST + b * slb + h * slh + qblk * slq
@@ -210,13 +234,13 @@ def _dq_kernel(
             kv_mask = in_seq[:, None] & d_ok[None, :]
             k = tl.load(k_base + cols[:, None] * skn, mask=kv_mask, other=0.0)
             v = tl.load(v_base + cols[:, None] * svn, mask=kv_mask, other=0.0)
-            s = tl.where(ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+            s = tl.where(ok[None, :], _dot(q, tl.trans(k), DOT_F32), float("-inf"))
             p = tl.math.exp2(s * qk_scale - lse[:, None])
-            dp = tl.dot(do, tl.trans(v))
+            dp = _dot(do, tl.trans(v), DOT_F32)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+            dq += _dot(ds.to(k.dtype), k, DOT_F32)
 
-    dq_ptrs = DQ + q_off
+    dq_ptrs = DQ + o_off
     if ROWS_MASKED or MASK_D:
         tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
@@ -227,16 +251,16 @@ def _dq_kernel(
 def _dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA,
     Q_IDX, Q_CNT, ALW_SLOT, ALW_TOK, ALW_LIST,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdb, sdh, sdn,
     stb, sth, stk, sub, suh, slb, slh, slq,
     HKV, N_Q, N_KV, D, N_QBLK, qk_scale, scale,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASK_Q: tl.constexpr, MASK_KV: tl.constexpr, MASK_D: tl.constexpr, HAS_ALW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program owns one column tile of one kv block of one kv head, and visits the query blocks
     # of every head in its group that listed this kv block (Q_IDX / Q_CNT, the transposed lists).
-    # dk and dv share k's and v's layouts; q and do share q's.
+    # do has strides so*; dk and dv share one layout (strides sd*).
     SUB_M: tl.constexpr = (BLOCK_Q + BLOCK_M - 1) // BLOCK_M
     SUB_N: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
     ROWS_MASKED: tl.constexpr = MASK_Q or (BLOCK_Q % BLOCK_M != 0)
@@ -272,6 +296,7 @@ def _dkdv_kernel(
         h = hk * GROUP + g
         bh = b * (HKV * GROUP) + h
         q_base = b * sqb + h * sqh + offs_d[None, :]
+        do_base = b * sob + h * soh + offs_d[None, :]
         idx_base = Q_IDX + b * stb + h * sth + kblk * stk
         count = tl.load(Q_CNT + b * sub + h * suh + kblk)
         for it in range(count * SUB_M):
@@ -281,10 +306,10 @@ def _dkdv_kernel(
             if ROWS_MASKED or MASK_D:
                 qd_mask = (rows < N_Q)[:, None] & d_ok[None, :]
                 q = tl.load(Q + q_base + rows[:, None] * sqn, mask=qd_mask, other=0.0)
-                do = tl.load(DO + q_base + rows[:, None] * sqn, mask=qd_mask, other=0.0)
+                do = tl.load(DO + do_base + rows[:, None] * son, mask=qd_mask, other=0.0)
             else:
                 q = tl.load(Q + q_base + rows[:, None] * sqn)
-                do = tl.load(DO + q_base + rows[:, None] * sqn)
+                do = tl.load(DO + do_base + rows[:, None] * son)
             if ROWS_MASKED:
                 row_ok = (r_in < BLOCK_Q) & (rows < N_Q)
                 lse = tl.load(LSE + bh * N_Q + rows, mask=row_ok, other=float("inf"))
@@ -292,14 +317,14 @@ def _dkdv_kernel(
             else:
                 lse = tl.load(LSE + bh * N_Q + rows)
                 delta = tl.load(DELTA + bh * N_Q + rows)
-            s_t = tl.dot(k, tl.trans(q))
+            s_t = _dot(k, tl.trans(q), DOT_F32)
             p_t = tl.math.exp2(s_t * qk_scale - lse[None, :])
             if ROWS_MASKED:
                 p_t = tl.where(row_ok[None, :], p_t, 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do)
-            dp_t = tl.dot(v, tl.trans(do))
+            dv += _dot(p_t.to(do.dtype), do, DOT_F32)
+            dp_t = _dot(v, tl.trans(do), DOT_F32)
             ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q)
+            dk += _dot(ds_t.to(q.dtype), q, DOT_F32)
         if HAS_ALW:
             if slot >= 0:
                 lst_base = ALW_LIST + b * slb + h * slh + slot
@@ -311,20 +336,21 @@ def _dkdv_kernel(
                     row_ok = (r_in < BLOCK_Q) & (rows < N_Q)
                     qd_mask = (rows < N_Q)[:, None] & d_ok[None, :]
                     q = tl.load(Q + q_base + rows[:, None] * sqn, mask=qd_mask, other=0.0)
-                    do = tl.load(DO + q_base + rows[:, None] * sqn, mask=qd_mask, other=0.0)
+                    do = tl.load(DO + do_base + rows[:, None] * son, mask=qd_mask, other=0.0)
                     lse = tl.load(LSE + bh * N_Q + rows, mask=row_ok, other=float("inf"))
                     delta = tl.load(DELTA + bh * N_Q + rows, mask=row_ok, other=0.0)
-                    s_t = tl.dot(k, tl.trans(q))
+                    s_t = _dot(k, tl.trans(q), DOT_F32)
                     ok = (tok | listed)[:, None] & row_ok[None, :]
                     p_t = tl.where(ok, tl.math.exp2(s_t * qk_scale - lse[None, :]), 0.0)
-                    dv += tl.dot(p_t.to(do.dtype), do)
-                    dp_t = tl.dot(v, tl.trans(do))
+                    dv += _dot(p_t.to(do.dtype), do, DOT_F32)
+                    dp_t = _dot(v, tl.trans(do), DOT_F32)
                     ds_t = p_t * (dp_t - delta[None, :])
-                    dk += tl.dot(ds_t.to(q.dtype), q)
+                    dk += _dot(ds_t.to(q.dtype), q, DOT_F32)
 
     store_mask = col_ok[:, None] & d_ok[None, :]
-    tl.store(DK + k_off, (dk * scale).to(DK.dtype.element_ty), mask=store_mask)
-    tl.store(DV + v_off, dv.to(DV.dtype.element_ty), mask=store_mask)
+    d_off = b * sdb + hk * sdh + cols[:, None] * sdn + offs_d[None, :]
+    tl.store(DK + d_off, (dk * scale).to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(DV + d_off, dv.to(DV.dtype.element_ty), mask=store_mask)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -348,10 +374,10 @@ _KEY = ["N_Q", "BLOCK_Q", "BLOCK_K", "HEAD_DIM", "GROUP", "HAS_ALW"]
 _PRUNE = {"early_config_prune": _prune}
 
 # Few configs each: (BLOCK_M, BLOCK_N, warps, stages).
-FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
-                        (64, 64, 4, 4)])
-DQ_CONFIGS = _configs([(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 8, 2)])
-DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)])
+FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4),
+                        (64, 64, 4, 2)])
+DQ_CONFIGS = _configs([(128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 128, 8, 2)])
+DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (32, 64, 4, 3)])
 
 if INTERPRET:
     fwd_tuned = dq_tuned = dkdv_tuned = None

@@ -23,6 +23,7 @@ logged once, or raises :class:`~visattn.errors.KernelUnavailableError` under ``s
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -109,21 +110,27 @@ def _make_plan(kv_indices: Tensor, kv_counts: Tensor, always_kv: Sequence[tuple[
 
 
 def _transpose_lists(plan: _Plan) -> tuple[Tensor, Tensor]:
-    """For each kv block, the query blocks that list it: ``([Bi, Hi, nkb, max_q], [Bi, Hi, nkb])`` int32."""
+    """For each kv block, the query blocks that list it: ``([Bi, Hi, nkb, nqb], [Bi, Hi, nkb])`` int32.
+
+    Built with a sort and a scatter, without host synchronisation: unused list slots get a
+    sentinel key that sorts last, and the lists are ``nqb`` wide (the most they can hold).
+    """
     idx, cnt, nkb = plan.kv_indices, plan.kv_counts, plan.num_kv_blocks
     bi, hi, nqb, max_kv = idx.shape
     device = idx.device
+    groups = bi * hi * nkb
     valid = torch.arange(max_kv, device=device) < cnt.unsqueeze(-1)
-    group = torch.arange(bi * hi, device=device).view(bi, hi, 1, 1) * nkb
+    group = torch.arange(bi * hi, device=device).view(bi, hi, 1, 1) * nkb + idx.long()
     qblk = torch.arange(nqb, device=device).view(1, 1, nqb, 1)
-    pair = ((group + idx.long()) * nqb + qblk)[valid].sort().values  # (bh, kv block) major, q block minor
-    key, q_sorted = pair // nqb, pair % nqb
-    counts = torch.bincount(key, minlength=bi * hi * nkb)
-    width = max(int(counts.max()), 1) if counts.numel() else 1
+    pair = torch.where(valid, group * nqb + qblk, groups * nqb).flatten().sort().values
+    key, q_sorted = pair // nqb, pair % nqb  # (bh, kv block) major, query block minor; sentinel last
+    counts = torch.zeros(groups + 1, dtype=torch.long, device=device)
+    counts.index_add_(0, key, torch.ones_like(key))
     pos = torch.arange(key.numel(), device=device) - (counts.cumsum(0) - counts)[key]
-    out = torch.zeros(bi * hi * nkb, width, dtype=torch.int32, device=device)
+    pos = torch.where(key < groups, pos, 0)
+    out = torch.zeros(groups + 1, nqb, dtype=torch.int32, device=device)
     out[key, pos] = q_sorted.to(torch.int32)
-    return out.view(bi, hi, nkb, width), counts.view(bi, hi, nkb).to(torch.int32)
+    return out[:groups].view(bi, hi, nkb, nqb), counts[:groups].view(bi, hi, nkb).to(torch.int32)
 
 
 def _next_pow2(x: int) -> int:
@@ -140,13 +147,16 @@ def _meta(q: Tensor, k: Tensor, plan: _Plan, block_q: int, block_k: int, tuned) 
     padded = max(16, _next_pow2(head_dim))
     meta = dict(GROUP=q.shape[1] // k.shape[1], BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=padded,
                 MASK_Q=q.shape[2] % block_q != 0, MASK_KV=k.shape[2] % block_k != 0,
-                MASK_D=head_dim != padded, HAS_ALW=plan.num_always > 0)
+                MASK_D=head_dim != padded, HAS_ALW=plan.num_always > 0,
+                DOT_F32=_interpret() and q.dtype == torch.bfloat16)
     if tuned is None:
         meta.update(BLOCK_M=_interp_tile(block_q), BLOCK_N=_interp_tile(block_k))
     return meta
 
 
+@functools.cache
 def _dummy(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A one-element placeholder for pointer arguments a kernel variant does not read."""
     return torch.zeros(1, dtype=dtype, device=device)
 
 
@@ -189,23 +199,26 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _Plan, *, block_q: int, bloc
     return o, lse
 
 
-def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, delta: Tensor, plan: _Plan,
-              *, block_q: int, block_k: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dlse: Tensor | None,
+              plan: _Plan, *, block_q: int, block_k: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     tk = _triton_module()
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     nqb, nkb = -(-nq // block_q), plan.num_kv_blocks
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq = torch.empty_like(o)  # o, do and dq share o's contiguous layout
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    delta = torch.empty_like(lse)
     alw_blk, alw_tok, alw_lst, lst_strides = _always_args(plan, q.device)
+
     meta = _meta(q, k, plan, block_q, block_k, tk.dq_tuned)
     kernel = tk.dq_kernel if tk.dq_tuned is None else tk.dq_tuned
     kernel[lambda m: (nqb * -(-block_q // m["BLOCK_M"]), b * h)](
-        q, k, v, do, dq, lse, delta, plan.kv_indices, plan.kv_counts, alw_blk, alw_tok, alw_lst,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        q, k, v, o, do, dq, lse, delta, lse if dlse is None else dlse,
+        plan.kv_indices, plan.kv_counts, alw_blk, alw_tok, alw_lst,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         *_list_strides(plan.kv_indices, plan.kv_counts), *lst_strides,
-        h, nq, nk, d, plan.num_always, scale * _LOG2E, scale, **meta)
+        h, nq, nk, d, plan.num_always, scale * _LOG2E, scale, HAS_DLSE=dlse is not None, **meta)
 
     q_idx, q_cnt = _transpose_lists(plan)
     if plan.num_always:
@@ -217,7 +230,7 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     kernel = tk.dkdv_kernel if tk.dkdv_tuned is None else tk.dkdv_tuned
     kernel[lambda m: (nkb * -(-block_k // m["BLOCK_N"]), b * hkv)](
         q, k, v, do, dk, dv, lse, delta, q_idx, q_cnt, slot, alw_tok, alw_lst,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *dk.stride()[:3],
         *_list_strides(q_idx, q_cnt), *lst_strides,
         hkv, nq, nk, d, nqb, scale * _LOG2E, scale, **meta)
     return dq, dk, dv
@@ -230,16 +243,16 @@ class _BlockSparseFunction(torch.autograd.Function):
         o, lse2 = _forward(q, k, v, plan, block_q=block_q, block_k=block_k, scale=scale)
         ctx.save_for_backward(q, k, v, o, lse2)
         ctx.plan, ctx.block_q, ctx.block_k, ctx.scale = plan, block_q, block_k, scale
+        ctx.set_materialize_grads(False)  # an unused lse (or output) gets no zero-filled gradient
         return o, lse2 * _LN2
 
     @staticmethod
     def backward(ctx, do: Tensor, dlse: Tensor | None):
         q, k, v, o, lse2 = ctx.saved_tensors
-        do = do.contiguous()
-        delta = (o.float() * do.float()).sum(-1)
-        if dlse is not None:  # d lse / d logits = p, so it folds into delta
-            delta = delta - dlse.float().nan_to_num(0.0)
-        dq, dk, dv = _backward(do, q, k, v, o, lse2, delta.contiguous(), ctx.plan, block_q=ctx.block_q,
+        do = torch.zeros_like(o) if do is None else do.contiguous()
+        if dlse is not None:  # d lse / d logits = p, so dlse folds into delta = rowsum(o * do)
+            dlse = dlse.float().contiguous()
+        dq, dk, dv = _backward(do, q, k, v, o, lse2, dlse, ctx.plan, block_q=ctx.block_q,
                                block_k=ctx.block_k, scale=ctx.scale)
         return dq, dk, dv, None, None, None, None
 

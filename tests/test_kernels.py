@@ -1,0 +1,202 @@
+"""The block-sparse Triton kernel matches the dense-masked reference, forward and backward.
+
+CPU tests run the Triton kernels in Triton's interpreter. ``TRITON_INTERPRET=1`` must be set before
+Triton is first imported, which other tests may already have done, so the interpreted cases run in
+one child process started with it (``run_cases``), and each test reads its case's result. GPU tests
+(``-m gpu``) run the compiled kernels at full shapes and skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from visattn import _logging
+from visattn.core.attention import attention, block_sparse_attention_reference
+from visattn.errors import KernelUnavailableError, ShapeError
+from visattn.kernels.block_sparse import block_sparse_attention
+
+TOL = {torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def random_lists(b: int, h: int, nqb: int, nkb: int, max_kv: int, gen: torch.Generator,
+                 device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct random kv blocks per query block, random counts, query block 0 with an empty list."""
+    idx = torch.stack([torch.randperm(nkb, generator=gen)[:max_kv] for _ in range(b * h * nqb)])
+    cnt = torch.randint(0, max_kv + 1, (b, h, nqb), generator=gen)
+    cnt[..., 0] = 0
+    return idx.view(b, h, nqb, max_kv).to(device), cnt.to(device)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def check_against_reference(b: int, h: int, hkv: int, n: int, d: int, block_q: int, block_k: int,
+                            dtype: torch.dtype, *, always=None, broadcast: bool = False, lse_grad: bool = False,
+                            device: str = "cpu", max_kv: int = 3, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n, d, generator=gen).to(device, dtype).requires_grad_()
+    k = torch.randn(b, hkv, n, d, generator=gen).to(device, dtype).requires_grad_()
+    v = torch.randn(b, hkv, n, d, generator=gen).to(device, dtype).requires_grad_()
+    nqb, nkb = -(-n // block_q), -(-n // block_k)
+    idx, cnt = random_lists(1 if broadcast else b, 1 if broadcast else h, nqb, nkb, min(max_kv, nkb), gen, device)
+    do = torch.randn(b, h, n, d, generator=gen).to(device, dtype)
+    w = torch.randn(b, h, n, generator=gen).to(device)
+
+    def loss(out, lse):
+        value = (out.float() * do.float()).sum()
+        return value + (lse * w).sum() if lse_grad else value
+
+    out, lse = block_sparse_attention(q, k, v, idx, cnt, block_q=block_q, block_k=block_k, always_kv=always,
+                                      return_lse=True, strict=True)
+    loss(out, lse).backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = block_sparse_attention_reference(qf, kf, vf, idx, cnt, block_q=block_q, block_k=block_k,
+                                                        always_kv=always, return_lse=True)
+    loss(ref_out, ref_lse).backward()
+
+    tol = TOL[dtype]
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel(out, ref_out) < tol
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse[finite] - ref_lse[finite]).abs().max() < 1e-2
+    if not always:  # query block 0 lists nothing and nothing is always attended: zero output
+        assert not finite[..., :block_q].any() and not out[..., :block_q, :].any()
+    for name, got, want in zip("qkv", grads, (qf.grad, kf.grad, vf.grad)):
+        assert torch.isfinite(got).all(), f"d{name} has non-finite values"
+        assert rel(got, want) < tol, f"d{name}: relative error {rel(got, want):.2e}"
+
+
+CASES = {
+    "fp16": dict(b=1, h=2, hkv=2, n=64, d=16, block_q=16, block_k=16, dtype=torch.float16),
+    "bf16-ragged-gqa": dict(b=1, h=2, hkv=1, n=70, d=16, block_q=16, block_k=32, dtype=torch.bfloat16),
+    "always-padded-headdim": dict(b=2, h=2, hkv=2, n=50, d=20, block_q=16, block_k=16, dtype=torch.float16,
+                                  always=[(0, 5), (30, 34)], lse_grad=True),
+    "odd-blocks-always": dict(b=1, h=2, hkv=2, n=90, d=16, block_q=24, block_k=40, dtype=torch.float16,
+                              always=[(0, 7)]),
+    "bf16-d64-broadcast-lists": dict(b=2, h=2, hkv=2, n=96, d=64, block_q=32, block_k=32, dtype=torch.bfloat16,
+                                     broadcast=True, always=[(90, 96)]),
+}
+
+
+def check_dense_identity() -> None:
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 48, 16, generator=gen).half() for _ in range(3))
+    idx = torch.arange(3).expand(1, 2, 3, 3).contiguous()
+    cnt = torch.full((1, 2, 3), 3)
+    out = block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=16, strict=True)
+    assert rel(out, attention(q.float(), k.float(), v.float())) < 1e-2
+
+
+def run_cases() -> dict[str, str | None]:
+    """Run every interpreted case in this process: case name -> None (passed) or the failure."""
+    checks = {name: (lambda kw=kw: check_against_reference(**kw)) for name, kw in CASES.items()}
+    checks["dense-identity"] = check_dense_identity
+    results: dict[str, str | None] = {}
+    for name, check in checks.items():
+        try:
+            check()
+            results[name] = None
+        except Exception as exc:  # reported by the test of that case
+            results[name] = f"{type(exc).__name__}: {exc}"
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreted_results() -> dict[str, str | None]:
+    script = (f"import json, runpy; cases = runpy.run_path({str(Path(__file__))!r}); "
+              "print('RESULTS' + json.dumps(cases['run_cases']()))")
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS")]
+    assert proc.returncode == 0 and lines, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1][len("RESULTS"):])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_matches_reference_forward_and_gradients(interpreted_results, case):
+    assert interpreted_results[case] is None, interpreted_results[case]
+
+
+def test_every_block_listed_reproduces_dense_attention(interpreted_results):
+    assert interpreted_results["dense-identity"] is None, interpreted_results["dense-identity"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("out_of_range", "out of range"),
+    ("duplicate", "twice"),
+    ("float_dtype", "int32 or int64"),
+    ("wrong_shape", "do not fit"),
+    ("count_too_large", "kv_counts must lie"),
+])
+def test_invalid_block_lists_raise_shape_error(bad, message):
+    q = k = v = torch.randn(1, 2, 64, 16)
+    idx = torch.tensor([0, 1, 2, 3]).expand(1, 2, 4, 4).clone()
+    cnt = torch.full((1, 2, 4), 2)
+    if bad == "out_of_range":
+        idx[0, 1, 2, 0] = 4
+    elif bad == "duplicate":
+        idx[0, 0, 1, 1] = idx[0, 0, 1, 0]
+    elif bad == "float_dtype":
+        idx = idx.float()
+    elif bad == "wrong_shape":
+        idx, cnt = idx[:, :, :3], cnt[:, :, :3]
+    else:
+        cnt[0, 0, 0] = 5
+    with pytest.raises(ShapeError, match=message):
+        block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=16)
+
+
+def test_bad_blocks_and_ranges_raise_shape_error():
+    q = k = v = torch.randn(1, 2, 64, 16)
+    idx, cnt = torch.zeros(1, 1, 4, 1, dtype=torch.int32), torch.ones(1, 1, 4, dtype=torch.int32)
+    with pytest.raises(ShapeError, match="block_q must be a positive int"):
+        block_sparse_attention(q, k, v, idx, cnt, block_q=0, block_k=16)
+    with pytest.raises(ShapeError, match="always_kv"):
+        block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=16, always_kv=[(10, 70)])
+    with pytest.raises(ShapeError, match="multiple of kv heads"):
+        block_sparse_attention(q, k[:, :1].expand(1, 3, 64, 16), v[:, :1].expand(1, 3, 64, 16), idx, cnt,
+                               block_q=16, block_k=16)
+
+
+def test_cpu_dispatch_falls_back_once_and_strict_raises(monkeypatch, caplog):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_logging, "_seen", set())
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=gen) for _ in range(3))
+    idx, cnt = random_lists(1, 2, 3, 3, 2, gen)
+    with caplog.at_level(logging.WARNING, logger="visattn"):
+        out = block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=16)
+        block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=16)
+    assert len([r for r in caplog.records if "PyTorch reference" in r.getMessage()]) == 1
+    ref = block_sparse_attention_reference(q, k, v, idx, cnt, block_q=16, block_k=16)
+    assert torch.equal(out, ref)
+    with pytest.raises(KernelUnavailableError, match="strict"):
+        block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=16, strict=True)
+
+
+@pytest.fixture
+def compiled():
+    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("needs a CUDA GPU (and Triton's interpreter off)")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d, block, dtype", [(128, 64, torch.bfloat16), (128, 128, torch.bfloat16),
+                                              (64, 128, torch.float16)])
+def test_gpu_kernel_matches_reference_at_full_shapes(compiled, d, block, dtype):
+    check_against_reference(1, 4, 4, 4096, d, block, block, dtype, device="cuda", max_kv=8)
+    check_against_reference(2, 4, 2, 4000, d, block, block, dtype, device="cuda", max_kv=8,
+                            always=[(0, 77), (2000, 2100)], seed=1)
+

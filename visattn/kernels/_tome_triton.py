@@ -1,0 +1,98 @@
+"""Triton kernels of ToMe's bipartite soft matching (see :mod:`visattn.core.merge`, their oracle).
+
+``_match_kernel``: one program per sequence. It loads sets A and B of the metric, takes cosine
+similarities with one ``tl.dot``, each a's best b, the ``r`` best edges (by rank: how many edges
+beat each one), and writes the decision: the kept token of every output position, the merged
+tokens and the output position each joins, and the new sizes. Everything in between lives in
+registers, as ``BLOCK x BLOCK`` comparison matrices (``BLOCK`` <= 128, so up to 256 image tokens).
+
+``_merge_kernel``: one program per output token: ``x_G = (s_kept x_kept + sum_src s_src x_src) / s_G``,
+reading each input row once.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _match_kernel(metric, size_in, kept_out, src_out, dst_out, size_out,
+                  N, D, P, R, N_OUT, NA, NB, A_OFF: tl.constexpr, B_OFF: tl.constexpr, HAS_SIZE: tl.constexpr,
+                  BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    b = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    d = tl.arange(0, BLOCK_D)
+    ok_a, ok_b = i < NA, i < NB
+    pos_a = P + A_OFF + 2 * i  # sequence positions of A (rows) and B (columns)
+    pos_b = P + B_OFF + 2 * i
+    base = metric + b * N * D
+    ok_d = d[None, :] < D
+    a = tl.load(base + pos_a[:, None] * D + d[None, :], mask=ok_a[:, None] & ok_d, other=0.0).to(tl.float32)
+    bb = tl.load(base + pos_b[:, None] * D + d[None, :], mask=ok_b[:, None] & ok_d, other=0.0).to(tl.float32)
+    a = a / tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), 1e-12)[:, None]
+    bb = bb / tl.maximum(tl.sqrt(tl.sum(bb * bb, axis=1)), 1e-12)[:, None]
+    scores = tl.dot(a.to(metric.dtype.element_ty), tl.trans(bb.to(metric.dtype.element_ty)))  # [A, B]
+    scores = tl.where(ok_b[None, :], scores, float("-inf"))
+    best = tl.max(scores, axis=1)
+    is_best = (scores == best[:, None]) & ok_b[None, :]
+    partner = tl.min(tl.where(is_best, i[None, :], BLOCK), axis=1)  # first b of highest similarity
+    best = tl.where(ok_a, best, float("-inf"))
+    # rank of each edge: edges that beat it (higher similarity, or equal and earlier)
+    beats = (best[None, :] > best[:, None]) | ((best[None, :] == best[:, None]) & (i[None, :] < i[:, None]))
+    rank = tl.sum((beats & ok_a[None, :]).to(tl.int32), axis=1)
+    merged = (rank < R) & ok_a
+    # merged A tokens before each A token, and before each B token (in sequence order)
+    before_a = tl.sum((merged[None, :] & (i[None, :] < i[:, None])).to(tl.int32), axis=1)
+    before_b = tl.sum((merged[:, None] & (pos_a[:, None] < pos_b[None, :])).to(tl.int32), axis=0)
+    out_a = pos_a - before_a
+    out_b = pos_b - before_b
+    # sizes: a kept token keeps its own; a B token adds those of the A tokens merged into it
+    sbase = size_in + b * N
+    if HAS_SIZE:
+        s_a = tl.load(sbase + pos_a, mask=ok_a, other=0.0)
+        s_b = tl.load(sbase + pos_b, mask=ok_b, other=0.0)
+    else:
+        s_a = tl.where(ok_a, 1.0, 0.0)
+        s_b = tl.where(ok_b, 1.0, 0.0)
+    joins = merged[:, None] & (partner[:, None] == i[None, :])  # [A, B]: a merges into b
+    s_b = s_b + tl.sum(tl.where(joins, s_a[:, None], 0.0), axis=0)
+    dst = tl.sum(tl.where(joins, out_b[None, :], 0), axis=1)  # output position each merged a joins
+    keep_a = ok_a & (rank >= R)
+    obase = b * N_OUT
+    tl.store(kept_out + obase + out_a, pos_a.to(tl.int64), mask=keep_a)
+    tl.store(kept_out + obase + out_b, pos_b.to(tl.int64), mask=ok_b)
+    tl.store(size_out + obase + out_a, s_a, mask=keep_a)
+    tl.store(size_out + obase + out_b, s_b, mask=ok_b)
+    tl.store(src_out + b * R + before_a, pos_a.to(tl.int64), mask=merged)
+    tl.store(dst_out + b * R + before_a, dst.to(tl.int64), mask=merged)
+    p = tl.arange(0, BLOCK_P)
+    if HAS_SIZE:
+        s_p = tl.load(sbase + p, mask=p < P, other=0.0)
+    else:
+        s_p = tl.where(p < P, 1.0, 0.0)
+    tl.store(kept_out + obase + p, p.to(tl.int64), mask=p < P)
+    tl.store(size_out + obase + p, s_p, mask=p < P)
+
+
+@triton.jit
+def _merge_kernel(x, out, kept, src, dst, size_in, size_out, N, N_OUT, C, R,
+                  HAS_SIZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // N_OUT
+    j = pid % N_OUT
+    c = tl.arange(0, BLOCK_C)
+    cm = c < C
+    row = tl.load(kept + pid)
+    total = tl.load(size_out + pid)
+    w = tl.load(size_in + b * N + row) / total if HAS_SIZE else 1.0 / total
+    acc = tl.load(x + (b * N + row) * C + c, mask=cm, other=0.0).to(tl.float32) * w
+    k = tl.arange(0, BLOCK_R)
+    joining = tl.sum((tl.load(dst + b * R + k, mask=k < R, other=-1) == j).to(tl.int32), axis=0)
+    if joining > 0:  # a destination: add its sources (most outputs have none and skip this)
+        for i in range(R):
+            if tl.load(dst + b * R + i) == j:
+                s_row = tl.load(src + b * R + i)
+                w = tl.load(size_in + b * N + s_row) / total if HAS_SIZE else 1.0 / total
+                acc += tl.load(x + (b * N + s_row) * C + c, mask=cm, other=0.0).to(tl.float32) * w
+    tl.store(out + pid * C + c, acc.to(out.dtype.element_ty), mask=cm)
