@@ -1,0 +1,285 @@
+"""Benchmark of ``sparse_video`` (issue 6): attention-only and full-transformer speed, memory and fidelity.
+
+Every row is measured in one run, bf16, against stock attention (``F.scaled_dot_product_attention``,
+the call the stock diffusers processors make) measured in the same run:
+
+- attention only, Wan 2.1 1.3B at 81x480x832 (grid 21x30x52 = 32,760 tokens, 12 heads, head dim 128)
+  and HunyuanVideo-size 720p (grid 21x45x80 = 75,600 video tokens + 256 text tokens last, 24 heads):
+  time per strategy, kept block fraction, speedup, extra peak memory; for tile_topk the kernel alone
+  on the same block lists, so ``overhead_ms`` = permutation + routing + text + un-permutation;
+- one forward of ``WanTransformer3DModel`` with the Wan 2.1 T2V 1.3B config and random weights
+  (latents 16x21x60x104, 512 text tokens): stock vs ``visattn.apply(model, "sparse_video", ...)``,
+  peak memory, the bound ``1 / ((1 - f) + f * kept)`` where ``f`` = 30 stock self-attention calls
+  over the stock forward, and the achieved fraction of that bound;
+- fidelity: relative L2 error of that forward's output against stock, per strategy and keep ratio
+  (random-weight architecture, not a trained model: the numbers show the mechanics, not quality).
+
+    PYTHONPATH=. python3 benchmarks/video.py --out benchmarks/results/video.json
+    PYTHONPATH=. python3 benchmarks/video.py --smoke   # tiny shapes on the CPU (reference path)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import visattn
+from visattn.core.layout import TokenLayout
+from visattn.kernels import block_sparse_attention
+from visattn.processors.sparse_video import (
+    SparseVideoConfig,
+    geometry,
+    route_blocks,
+    sparse_video_attention,
+    take_tokens,
+)
+
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6)
+WAN_TINY = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=16, ffn_dim=64,
+                num_layers=2)
+
+# (name, heads, grid, text tokens (after the grid), strategies: name -> options)
+ATTENTION_CASES = [
+    ("wan_1.3b_480p", 12, (21, 30, 52), 0, {
+        "tile_topk keep=0.10": dict(keep=0.1), "tile_topk keep=0.10 tile 4x8x4": dict(keep=0.1, tile=(4, 8, 4)),
+        "tile_topk keep=0.25": dict(keep=0.25), "tile_topk top_p=0.9": dict(top_p=0.9),
+        "rectified keep=0.10": dict(strategy="rectified", keep=0.1),
+        "sliding_tile 3x3x7": dict(strategy="sliding_tile", window=(3, 3, 7)),
+        "grat surrounding r=1": dict(strategy="grat"),
+        "grat criss_cross": dict(strategy="grat", grat_pattern="criss_cross")}),
+    ("hunyuanvideo_720p", 24, (21, 45, 80), 256, {
+        "tile_topk keep=0.10": dict(keep=0.1), "tile_topk keep=0.10 tile 4x8x4": dict(keep=0.1, tile=(4, 8, 4)),
+        "rectified keep=0.10": dict(strategy="rectified", keep=0.1),
+        "sliding_tile 3x5x9": dict(strategy="sliding_tile", window=(3, 5, 9)),
+        "grat criss_cross": dict(strategy="grat", grat_pattern="criss_cross")}),
+]
+SMOKE_ATTENTION_CASES = [("tiny_video", 2, (5, 6, 10), 7, {"tile_topk keep=0.25": dict(keep=0.25, tile=(2, 4, 4)),
+                                                           "rectified keep=0.25": dict(strategy="rectified", keep=0.25,
+                                                                                       tile=(2, 4, 4))})]
+FORWARD_CONFIGS = {
+    "tile_topk keep=0.05": dict(keep=0.05), "tile_topk keep=0.10": dict(keep=0.1),
+    "tile_topk keep=0.10 tile 4x8x4": dict(keep=0.1, tile=(4, 8, 4)),
+    "tile_topk keep=0.25": dict(keep=0.25), "tile_topk keep=0.50": dict(keep=0.5),
+    "tile_topk top_p=0.9": dict(top_p=0.9),
+    "rectified keep=0.10": dict(strategy="rectified", keep=0.1),
+    "rectified keep=0.25": dict(strategy="rectified", keep=0.25),
+    "sliding_tile 3x3x7": dict(strategy="sliding_tile", window=(3, 3, 7)),
+    "grat surrounding r=1": dict(strategy="grat"),
+    "grat criss_cross": dict(strategy="grat", grat_pattern="criss_cross"),
+}
+HEAD_DIM = 128
+
+
+def timed(fn: Callable[[], Any], reps: int, warmup: int = 2) -> float:
+    """Median milliseconds of ``fn`` (CUDA events on the GPU, the host clock on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_mib(fn: Callable[[], Any]) -> float:
+    """Peak memory that ``fn`` allocates beyond what is allocated before it (MiB; 0 on the CPU)."""
+    if not torch.cuda.is_available():
+        fn()
+        return 0.0
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def kept_fraction(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, config: SparseVideoConfig) -> float:
+    geo = geometry(layout.grid, layout.grid_start, layout.num_tokens, config.tile_for(layout.grid), q.device)
+    qp, kp = (t.index_select(2, geo.perm)[:, :, :geo.num_grid] for t in (q, k))
+    _, cnt = route_blocks(qp, kp, config, geo, q.shape[-1] ** -0.5)
+    return float(cnt.float().mean()) / geo.num_blocks
+
+
+def dense_masked_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                           config: SparseVideoConfig) -> torch.Tensor:
+    """Dense float32 attention in raster order under the token mask of the same routing decision."""
+    n, scale = layout.num_tokens, q.shape[-1] ** -0.5
+    geo = geometry(layout.grid, layout.grid_start, n, config.tile_for(layout.grid), q.device)
+    ng = geo.num_grid
+    qp, kp = (t.index_select(2, geo.perm)[:, :, :ng] for t in (q, k))
+    idx, cnt = route_blocks(qp, kp, config, geo, scale)
+    idx, cnt = idx.expand(q.shape[0], q.shape[1], *idx.shape[2:]), cnt.expand(*q.shape[:2], cnt.shape[-1])
+    listed = torch.arange(idx.shape[-1], device=q.device) < cnt[..., None]
+    blocks = torch.zeros(*q.shape[:2], geo.num_blocks, geo.num_blocks + 1, dtype=torch.bool, device=q.device)
+    blocks.scatter_(-1, torch.where(listed, idx.long(), geo.num_blocks), True)
+    block_of = torch.full((n,), geo.num_blocks, device=q.device)  # raster token -> block (text: a spare column)
+    block_of[geo.perm[:ng]] = torch.arange(ng, device=q.device) // geo.block
+    padded = torch.cat([blocks, torch.ones_like(blocks[:, :, :1])], dim=2)  # text queries: a spare row
+    mask = padded[:, :, block_of][:, :, :, block_of] | (block_of == geo.num_blocks)
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale)
+
+
+def kernel_check(device: torch.device) -> list[dict]:
+    """The whole routed path in bf16 (kernel on CUDA) against :func:`dense_masked_reference`."""
+    layout = TokenLayout(num_tokens=37 + 9 * 14 * 20, grid=(9, 14, 20), text=((9 * 14 * 20, 37 + 9 * 14 * 20),))
+    q, k, v = (torch.randn(2, 4, layout.num_tokens, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
+    rows = []
+    for options in (dict(keep=0.1), dict(top_p=0.5), dict(strategy="sliding_tile", window=(1, 3, 3)),
+                    dict(strategy="grat", grat_pattern="criss_cross")):
+        config = SparseVideoConfig.from_options(**options)
+        out = sparse_video_attention(q, k, v, layout, config).float()
+        ref = dense_masked_reference(q, k, v, layout, config)
+        rows.append(dict(options=options, rel_error=float((out - ref).norm() / ref.norm())))
+        print(f"check {options}: relative error vs dense-masked reference {rows[-1]['rel_error']:.2e}", flush=True)
+    return rows
+
+
+def attention_rows(cases: list, device: torch.device, dtype: torch.dtype, reps: int) -> list[dict]:
+    rows = []
+    for name, heads, grid, text, strategies in cases:
+        n = math.prod(grid) + text
+        layout = TokenLayout(num_tokens=n, grid=grid, text=((n - text, n),) if text else ())
+        q, k, v = (torch.randn(1, heads, n, HEAD_DIM if device.type == "cuda" else 16, device=device, dtype=dtype)
+                   for _ in range(3))
+        stock = partial(F.scaled_dot_product_attention, q, k, v)
+        stock_ms, stock_mib = timed(stock, reps), peak_extra_mib(stock)
+        for label, options in strategies.items():
+            config = SparseVideoConfig.from_options(**options)
+            row = dict(case=name, heads=heads, grid=list(grid), text_tokens=text, tokens=n, strategy=label,
+                       kept_fraction=kept_fraction(q, k, layout, config), stock_ms=stock_ms, stock_peak_mib=stock_mib)
+            sparse = partial(sparse_video_attention, q, k, v, layout, config)
+            row["sparse_ms"], row["sparse_peak_mib"] = timed(sparse, reps), peak_extra_mib(sparse)
+            row["speedup"] = stock_ms / row["sparse_ms"]
+            if config.strategy == "tile_topk":  # the kernel alone on the same lists
+                geo = geometry(grid, 0, n, config.tile_for(grid), device)
+                qp, kp, vp = (take_tokens(t, geo.perm) for t in (q, k, v))
+                idx, cnt = route_blocks(qp[:, :, :geo.num_grid], kp[:, :, :geo.num_grid], config, geo,
+                                        q.shape[-1] ** -0.5)
+                always = [(geo.num_grid, n)] if text else None
+                row["kernel_ms"] = timed(partial(block_sparse_attention, qp[:, :, :geo.num_grid], kp, vp, idx, cnt,
+                                                 block_q=geo.block, block_k=geo.block, always_kv=always,
+                                                 check_values=False), reps)
+                row["overhead_ms"] = row["sparse_ms"] - row["kernel_ms"]
+                row["permute_qkv_ms"] = 3 * timed(partial(take_tokens, q, geo.perm), reps)
+                row["permute_qkv_index_select_ms"] = 3 * timed(partial(q.index_select, 2, geo.perm), reps)
+                row["route_ms"] = timed(partial(route_blocks, qp[:, :, :geo.num_grid], kp[:, :, :geo.num_grid],
+                                                config, geo, q.shape[-1] ** -0.5), reps)
+                row["unpermute_ms"] = timed(partial(take_tokens, qp, geo.inverse), reps)
+                row["kernel_speedup"] = stock_ms / row["kernel_ms"]
+                row["kernel_rate_vs_sdpa"] = stock_ms * row["kept_fraction"] / row["kernel_ms"]
+            line = (f"attention {name:18s} {label:31s} kept {row['kept_fraction']:.3f}  stock {stock_ms:7.2f} ms  "
+                    f"sparse {row['sparse_ms']:7.2f} ms  {row['speedup']:5.2f}x  "
+                    f"peak +{row['sparse_peak_mib']:.0f} MiB (stock +{stock_mib:.0f})")
+            if "kernel_ms" in row:
+                line += (f"  kernel {row['kernel_ms']:.2f} ms, overhead {row['overhead_ms']:.2f} ms (permute "
+                         f"{row['permute_qkv_ms']:.2f}, as index_select {row['permute_qkv_index_select_ms']:.2f}; "
+                         f"route {row['route_ms']:.2f}, "
+                         f"unpermute {row['unpermute_ms']:.2f})")
+            print(line, flush=True)
+            rows.append(row)
+    return rows
+
+
+def forward_rows(config: dict, latent: tuple[int, int, int], text: int, device: torch.device, dtype: torch.dtype,
+                 reps: int, attention_ms: float | None) -> dict:
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = WanTransformer3DModel(**config).to(dtype).eval()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:  # as from_pretrained(torch_dtype=)
+        if any(keep in name for keep in model._keep_in_fp32_modules):
+            tensor.data = tensor.data.float()
+    inputs = dict(hidden_states=torch.randn(1, config["in_channels"], *latent, device=device, dtype=dtype),
+                  timestep=torch.tensor([500.0], device=device),
+                  encoder_hidden_states=torch.randn(1, text, config["text_dim"], device=device, dtype=dtype))
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return model(**inputs, return_dict=False)[0]
+
+    dense = run().float()
+    stock_ms = timed(run, reps)
+    stock_mib = peak_extra_mib(run)
+    result: dict[str, Any] = dict(config={k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+                                  latent=list(latent), text_tokens=text, stock_ms=stock_ms, stock_peak_mib=stock_mib)
+    if attention_ms is not None:
+        result["self_attention_share"] = config["num_layers"] * attention_ms / stock_ms
+    print(f"forward stock {stock_ms:.1f} ms, peak +{stock_mib:.0f} MiB"
+          + (f", self-attention {100 * result['self_attention_share']:.0f}%" if attention_ms else ""), flush=True)
+    rows = []
+    for label, options in (FORWARD_CONFIGS if device.type == "cuda" else {"tile_topk keep=0.25": dict(keep=0.25)}
+                           ).items():
+        if device.type != "cuda":
+            options = dict(options, tile=(1, 2, 2))
+        visattn.apply(model, "sparse_video", **options)
+        out = run().float()
+        row = dict(strategy=label, rel_l2_error=float((out - dense).norm() / dense.norm()), sparse_ms=timed(run, reps),
+                   sparse_peak_mib=peak_extra_mib(run))
+        visattn.remove(model)
+        row["speedup"] = stock_ms / row["sparse_ms"]
+        print(f"forward {label:22s} rel L2 {row['rel_l2_error']:.4f}  {row['sparse_ms']:.1f} ms  "
+              f"{row['speedup']:.2f}x  peak +{row['sparse_peak_mib']:.0f} MiB", flush=True)
+        rows.append(row)
+    result["rows"] = rows
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    reps = 2 if args.smoke else 20
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                               "torch": torch.__version__, "dtype": str(dtype)}
+    results["kernel_check"] = kernel_check(device)
+    results["attention"] = attention_rows(SMOKE_ATTENTION_CASES if args.smoke else ATTENTION_CASES, device, dtype,
+                                          reps)
+    wan_stock = next((r["stock_ms"] for r in results["attention"] if r["case"] == "wan_1.3b_480p"), None)
+    if args.smoke:
+        fwd = forward_rows(WAN_TINY, (3, 8, 8), 5, device, dtype, reps, None)
+    else:
+        fwd = forward_rows(WAN_1_3B, (21, 60, 104), 512, device, dtype, 5, wan_stock)
+        for row in fwd["rows"]:
+            kept = next((r["kept_fraction"] for r in results["attention"]
+                         if r["case"] == "wan_1.3b_480p" and r["strategy"] == row["strategy"]), None)
+            if kept is not None:
+                share = fwd["self_attention_share"]
+                row["kept_fraction"] = kept
+                row["bound"] = 1.0 / ((1.0 - share) + share * kept)
+                row["fraction_of_bound"] = row["speedup"] / row["bound"]
+                row["fraction_of_possible_gain"] = (row["speedup"] - 1.0) / (row["bound"] - 1.0)
+    results["wan_forward"] = fwd
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
