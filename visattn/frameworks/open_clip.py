@@ -45,6 +45,40 @@ def mha_query_key(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Te
     return split(q), split(k)
 
 
+def resblocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """open_clip ``ResidualAttentionBlock``s (self-attention through ``nn.MultiheadAttention``), in
+    execution order; raises if the model has none."""
+    blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__ == "ResidualAttentionBlock"
+              and isinstance(getattr(m, "attn", None), nn.MultiheadAttention)]
+    if not blocks:
+        raise UnsupportedModelError(
+            f"the open_clip model {type(model).__name__} has no ResidualAttentionBlock; supported: open_clip "
+            f"VisionTransformer towers")
+    return blocks
+
+
+def mha_self_attention(mha: nn.MultiheadAttention, x: torch.Tensor, bias: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Self-attention of ``mha`` on batch-first ``x`` ``[B, N, E]`` through fused SDPA.
+
+    ``bias`` is an additive float mask broadcastable to ``[B, H, N, N]`` (or a boolean mask, True =
+    attend, as SDPA takes it). Returns the output ``[B, N, E]`` and the per-head q and k
+    ``[B, H, N, D]``. Computes what ``mha(x, x, x, need_weights=False)`` computes, for layers with
+    a packed input projection and no ``bias_k``/``add_zero_attn``.
+    """
+    if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+        raise UnsupportedModelError("nn.MultiheadAttention with separate q/k/v projections, bias_k or "
+                                    "add_zero_attn is not supported")
+    b, n, e = x.shape
+    h = mha.num_heads
+    qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(b, n, 3, h, e // h).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                         dropout_p=mha.dropout if mha.training else 0.0)
+    out = F.linear(out.transpose(1, 2).reshape(b, n, e), mha.out_proj.weight, mha.out_proj.bias)
+    return out, q, k
+
+
 def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int], observer: Observer) -> None:
     modules = attention_layers(model)
     for idx in layers:
