@@ -63,6 +63,28 @@ def attention_rows(batch: int, side: int, dim: int, heads: int, n_win: int, topk
     return rows
 
 
+def profile_routed_path(batch: int = 8, side: int = 64, heads: int = 12, d: int = 64, n_win: int = 8,
+                        topk: int = 4) -> None:
+    """torch.profiler table of one routed call (kernels sorted by GPU time)."""
+    from visattn.processors.bra import bi_level_routing_attention
+
+    q, k, v = (torch.randn(batch, heads, side * side + 1, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+    def run() -> torch.Tensor:
+        return bi_level_routing_attention(q, k, v, num_prefix=1, grid=(side, side), n_win=n_win, topk=topk,
+                                          scale=d ** -0.5, strict=True, path="kernel")
+
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            run()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+
+
 def identity_overhead(batch: int = 256) -> dict:
     import timm
 
@@ -84,7 +106,10 @@ def identity_overhead(batch: int = 256) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bra.json"))
+    parser.add_argument("--profile", action="store_true", help="print where the routed path's GPU time goes")
     args = parser.parse_args()
+    if args.profile:
+        profile_routed_path()
     rows = attention_rows(batch=8, side=64, dim=768, heads=12, n_win=8, topks=[4, 16])
     ident = identity_overhead()
     print(f"{'topk':>4} {'kernel ms':>9} {'gather ms':>9} {'dense ms':>8} {'x gather':>8} {'mem kern':>8} "

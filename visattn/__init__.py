@@ -8,6 +8,7 @@
 
 import importlib.util
 
+from . import diffusers  # noqa: F401  (visattn.diffusers: processors; imports diffusers only when used)
 from . import processors as _processors  # noqa: F401  (registers the methods)
 from .api import applied, apply, methods, remove
 from .errors import (

@@ -1,3 +1,3 @@
 """One module per method; importing this package registers them all."""
 
-from . import inspect  # noqa: F401
+from . import bra, head_modulation, inspect, isolation, prune, sparse_video, tome, visual_sink  # noqa: F401

@@ -65,6 +65,7 @@ class Inspect(Method):
     summary = "record attention maps of chosen layers, outputs unchanged"
     paper = "- (analysis tool: softmax(q k^T / sqrt(d)) as in Vaswani et al., 2017, 'Attention Is All You Need')"
     frameworks = ("timm", "open_clip", "diffusers", "transformers")
+    composes_with = frozenset({"isolation"})
     options = (
         layers_option("layers", None, doc="attention layers to record (indices into the model's attention layers)"),
         bool_option("per_head", False, doc="keep one map per head instead of the head average"),

@@ -1,0 +1,281 @@
+"""tome on diffusers (ToMe for Stable Diffusion): ratio=0 reproduces stock on every supported family and
+scope, merging leaves N - ratio*N tokens where it should (self-attention, or the whole block) and
+only there (UNet levels by max_downsample, never text tokens), the cell partition and matching do
+what ToMe-SD says, remove() restores the model, and bad input gets a clear error."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import diffusers  # noqa: E402
+from test_diffusers import B, T, _flux, _pixart, _run, _sd3, _unet, _wan  # noqa: E402
+
+import visattn  # noqa: E402
+from visattn.core.merge_sd import cell_destinations, match_to_cells  # noqa: E402
+from visattn.frameworks import diffusers as adapter  # noqa: E402
+from visattn.processors.tome_diffusers import PerSampleRopeFluxAttnProcessor  # noqa: E402
+
+
+def _sdxl() -> tuple:
+    """A tiny SDXL-like UNet: no attention at full resolution, two transformer layers at the lowest
+    level, text_time added conditions, linear projections."""
+    model = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2), cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 8,
+        use_linear_projection=True)
+    inputs = dict(sample=torch.randn(B, 4, 16, 16), timestep=torch.tensor([10, 10]),
+                  encoder_hidden_states=torch.randn(B, T, 16),
+                  added_cond_kwargs={"text_embeds": torch.randn(B, 8), "time_ids": torch.randn(B, 6)})
+    return model, inputs
+
+
+FAMILIES = {"unet": _unet, "sdxl": _sdxl, "pixart": _pixart, "sd3": _sd3, "flux": _flux}
+
+
+def _build(family: str) -> tuple[torch.nn.Module, dict[str, Any], torch.Tensor]:
+    torch.manual_seed(0)
+    model, inputs = FAMILIES[family]()[:2]
+    model.eval()
+    return model, inputs, _run(model, inputs)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def case(request: pytest.FixtureRequest) -> tuple[str, torch.nn.Module, dict[str, Any], torch.Tensor]:
+    return (request.param, *_build(request.param))
+
+
+def _snapshot(model: torch.nn.Module) -> tuple[dict, dict]:
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return state, {n: m.processor for n, m in adapter.attention_layers(model)}
+
+
+def _assert_restored(model: torch.nn.Module, snapshot: tuple[dict, dict]) -> None:
+    state, processors = snapshot
+    after = model.state_dict()
+    assert list(after) == list(state) and all(torch.equal(after[k], v) for k, v in state.items())
+    assert all(m.processor is processors[n] for n, m in adapter.attention_layers(model))
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    assert all(type(m).__module__.startswith(("diffusers", "torch")) for m in model.modules())
+
+
+@pytest.mark.parametrize("scope", ["attention", "block"])
+def test_ratio_zero_reproduces_stock_bit_for_bit(case, scope: str) -> None:
+    family, model, inputs, stock = case
+    snapshot = _snapshot(model)
+    handle = visattn.apply(model, "tome", ratio=0.0, scope=scope, max_downsample=8)
+    try:
+        assert torch.equal(_run(model, inputs), stock)
+        assert handle.token_counts and all(n_in == n_out for _, n_in, n_out in handle.token_counts)
+    finally:
+        visattn.remove(model)
+    _assert_restored(model, snapshot)
+    assert torch.equal(_run(model, inputs), stock)
+
+
+def _record_lengths(model: torch.nn.Module, names: list[str]) -> tuple[dict[str, list[int]], list]:
+    """Token counts entering the named modules (hidden_states, image tokens only)."""
+    seen: dict[str, list[int]] = {n: [] for n in names}
+    modules = dict(model.named_modules())
+
+    def hook(name: str):
+        def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            seen[name].append(x.shape[1])
+        return record
+
+    return seen, [modules[n].register_forward_pre_hook(hook(n), with_kwargs=True) for n in names]
+
+
+@pytest.mark.parametrize("scope", ["attention", "block"])
+def test_merging_leaves_n_minus_r_tokens_where_the_scope_says(case, scope: str) -> None:
+    family, model, inputs, stock = case
+    snapshot = _snapshot(model)
+    names = [n for n, _ in adapter.attention_layers(model)]
+    handle = visattn.apply(model, "tome", ratio=0.5, scope=scope, max_downsample=8)
+    seen, hooks = _record_lengths(model, names)  # after the method's hooks: what the attention itself sees
+    try:
+        out = _run(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        visattn.remove(model)
+    assert out.shape == stock.shape and torch.isfinite(out).all() and not torch.equal(out, stock)
+    merged = {name: (n_in, n_out) for name, n_in, n_out in handle.token_counts}
+    assert merged and all(n_out == n_in - int(0.5 * n_in) for n_in, n_out in merged.values())
+    text = T if family == "flux" else 0
+    for name in names:
+        (length,) = seen[name]
+        attn = dict(model.named_modules())[name]
+        block = name.rsplit(".", 1)[0]
+        single = "single_transformer_blocks" in name  # Flux single stream: text + image in one sequence
+        if scope == "attention" and name in merged:
+            n_in, n_out = merged[name]
+            assert length == n_out + (text if single else 0), name
+        elif scope == "block" and block in merged:  # every attention in a merged block, cross-attention too
+            n_in, n_out = merged[block]
+            assert length == n_out + (text if single else 0), name
+        else:
+            assert getattr(attn, "is_cross_attention", False) or name not in merged, name
+    _assert_restored(model, snapshot)
+    assert torch.equal(_run(model, inputs), stock)
+
+
+def test_sdxl_max_downsample_reaches_its_attention_levels() -> None:
+    model, inputs, stock = _build("sdxl")
+    levels = {}
+    for max_downsample in (None, 2, 4):
+        handle = visattn.apply(model, "tome", ratio=0.5, max_downsample=max_downsample)
+        try:
+            _run(model, inputs)
+        finally:
+            visattn.remove(model)
+        levels[max_downsample] = sorted({n_in for _, n_in, _ in handle.token_counts})
+    # 16x16 latents: attention at 8x8 (downsampled 2) and 4x4 (downsampled 4), none at 16x16
+    assert levels == {None: [64], 2: [64], 4: [16, 64]}
+    with pytest.raises(visattn.OptionError, match="max_downsample=1 selects no layer.*downsampling 2, 4"):
+        visattn.apply(model, "tome", ratio=0.5, max_downsample=1)
+    assert "_visattn_handles" not in model.__dict__
+
+
+def test_block_scope_keeps_each_tokens_own_residual() -> None:
+    """y_i = x_i + (Block(merge x) - merge x)_{G(i)}: the tokens of a group share one residual update."""
+    model, inputs, _ = _build("pixart")
+    block = model.transformer_blocks[0]
+    seen: dict[str, torch.Tensor] = {}
+    handle = visattn.apply(model, "tome", ratio=0.5, scope="block")
+    pre = block.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("x", a[0]), with_kwargs=True,
+                                           prepend=True)  # before the method's hook: the unmerged input
+    post = block.register_forward_hook(lambda m, a, out: seen.__setitem__("y", out))  # after: unmerged output
+    try:
+        _run(model, inputs)
+    finally:
+        pre.remove()
+        post.remove()
+        visattn.remove(model)
+    assert handle.token_counts[0][1:] == (16, 8) and seen["y"].shape == seen["x"].shape
+    delta = seen["y"] - seen["x"]
+    for b in range(B):
+        same = torch.cdist(delta[b], delta[b]) < 1e-4  # rows of one group, up to rounding
+        assert len(torch.unique(same, dim=0)) == 8  # 16 tokens, 8 groups
+
+
+def test_seed_fixes_the_destinations() -> None:
+    model, inputs, _ = _build("sd3")
+    outs = []
+    for seed in (0, 0, 1):
+        visattn.apply(model, "tome", ratio=0.5, seed=seed)
+        try:
+            outs.append(_run(model, inputs))
+        finally:
+            visattn.remove(model)
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+# --- the math (visattn.core.merge_sd) ------------------------------------------------------------------
+
+
+def test_one_destination_per_full_cell_and_the_rest_are_sources() -> None:
+    h, w, sx, sy = 7, 9, 2, 3
+    dst, src = cell_destinations(h, w, sx, sy, generator=torch.Generator().manual_seed(0))
+    assert dst.numel() == (h // sy) * (w // sx) and sorted(torch.cat([dst, src]).tolist()) == list(range(h * w))
+    assert torch.equal(dst, dst.sort().values) and torch.equal(src, src.sort().values)
+    cells = sorted(((int(i) // w) // sy, (int(i) % w) // sx) for i in dst)
+    assert cells == [(r, c) for r in range(h // sy) for c in range(w // sx)]
+    again, _ = cell_destinations(h, w, sx, sy, generator=torch.Generator().manual_seed(0))
+    other, _ = cell_destinations(h, w, sx, sy, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(dst, again) and not torch.equal(dst, other)
+    with pytest.raises(ValueError, match="no full 3x2 cell"):
+        cell_destinations(2, 9, sx, sy)
+
+
+def test_matching_merges_the_most_similar_sources_into_their_destination_average() -> None:
+    torch.manual_seed(0)
+    h = w = 4
+    x = torch.randn(2, h * w, 8)
+    dst, src = cell_destinations(h, w, 2, 2, generator=torch.Generator().manual_seed(0))
+    r = 5
+    merge = match_to_cells(x, dst, src, r)
+    y = merge.merge(x)
+    assert y.shape == (2, h * w - r, 8) and merge.r == r
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    for b in range(2):
+        sim = xn[b, src] @ xn[b, dst].T
+        best, partner = sim.max(-1)
+        merged = set(best.topk(r).indices.tolist())
+        groups = {int(d): [int(d)] for d in dst}
+        for j, s in enumerate(src.tolist()):
+            if j in merged:
+                groups[int(dst[partner[j]])].append(s)
+        for d, members in groups.items():  # each destination's slot holds its group's average
+            torch.testing.assert_close(y[b, merge.slot[b, d]], x[b, members].mean(0))
+            assert all(merge.slot[b, i] == merge.slot[b, d] for i in members)
+        kept = [s for j, s in enumerate(src.tolist()) if j not in merged]
+        assert all(torch.equal(y[b, merge.slot[b, s]], x[b, s]) for s in kept)
+    out = merge.unmerge(y)
+    assert out.shape == x.shape and torch.equal(out, y.gather(1, merge.slot[..., None].expand(-1, -1, 8)))
+    assert torch.equal(merge.select(x), x.gather(1, merge.own[..., None].expand(-1, -1, 8)))
+    assert torch.equal(merge.unmerge(merge.select(x)).gather(1, merge.own[..., None].expand(-1, -1, 8)),
+                       merge.select(x))  # every slot's own token maps back to that slot
+    nothing = match_to_cells(x, dst, src, 0)
+    assert nothing.merge(x) is x and nothing.unmerge(x) is x and nothing.select(x) is x
+    assert match_to_cells(x, dst, src, 99).r == src.numel()  # clamped to the sources
+
+
+def test_per_sample_rope_processor_matches_the_stock_processor() -> None:
+    model, inputs, stock = _build("flux")
+    attn = model.transformer_blocks[0].attn
+    torch.manual_seed(1)
+    x, text = torch.randn(B, 12, 16), torch.randn(B, T, 16)
+    ids = torch.cat([inputs["txt_ids"], inputs["img_ids"]])
+    rope = model.pos_embed(ids)
+    proc = PerSampleRopeFluxAttnProcessor(attn.processor)
+    with torch.no_grad():
+        ref = attn.processor(attn, x, text, None, rope)
+        shared = proc(attn, x, text, None, rope)  # shared tables: the stock processor itself
+        per_sample = proc(attn, x, text, None, tuple(t[None].expand(B, -1, -1) for t in rope))
+    for a, b, c in zip(ref, shared, per_sample):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(c, a, atol=1e-6, rtol=1e-5)
+
+
+# --- errors --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opts,msg", [
+    ({"r": 4}, "r is an option for timm and open_clip models, not diffusers models; diffusers options: ratio"),
+    ({"r": 4, "trace_source": True}, "r, trace_source are options for timm and open_clip models"),
+    ({"ratio": 1.0}, r"ratio must be None \(0.5\) or a number in \[0.0, 1.0\) \(got 1.0\)"),
+    ({"ratio": -0.1}, "ratio must be"),
+    ({"scope": "mlp"}, "scope must be None \\('attention'\\) or one of 'attention', 'block'"),
+    ({"max_downsample": 3}, "max_downsample must be None or one of 1, 2, 4, 8"),
+    ({"max_downsample": True}, "max_downsample must be"),
+    ({"sx": 0}, r"sx must be None \(2\) or an int >= 1"),
+])
+def test_bad_options_raise_before_touching(opts: dict, msg: str) -> None:
+    model, inputs, stock = _build("pixart")
+    with pytest.raises(visattn.OptionError, match=msg):
+        visattn.apply(model, "tome", **opts)
+    assert "_visattn_handles" not in model.__dict__ and torch.equal(_run(model, inputs), stock)
+
+
+def test_unsupported_family_and_masked_attention_are_refused() -> None:
+    torch.manual_seed(0)
+    wan = _wan()[0]
+    with pytest.raises(visattn.UnsupportedModelError, match="supported diffusers models: UNet2DConditionModel"):
+        visattn.apply(wan, "tome")
+    model, inputs, _ = _build("pixart")
+    visattn.apply(model, "tome", ratio=0.5)
+    try:
+        attn = model.transformer_blocks[0].attn1
+        with pytest.raises(ValueError, match="attention mask over its tokens"), torch.no_grad():
+            attn(torch.randn(B, 16, 16), attention_mask=torch.ones(B, 16, dtype=torch.bool))
+    finally:
+        visattn.remove(model)

@@ -1,0 +1,386 @@
+"""diffusers adapter of ``tome``: ToMe for Stable Diffusion (Bolya & Hoffman, 2023, "Token Merging for
+Fast Stable Diffusion") on UNets, SDXL's included, and DiTs (PixArt, SD3, Flux).
+
+The math is :mod:`visattn.core.merge_sd`: one random destination per ``sy x sx`` cell of the image
+grid, every source matched to its most similar destination (cosine similarity of the hidden
+states), the ``r = ratio * N`` most similar sources averaged into their destination, and the
+output copied back to every token afterwards. Text tokens are never merged: a UNet's and PixArt's
+blocks see image tokens only, SD3's joint blocks keep the text in ``encoder_hidden_states``, and
+Flux's single-stream attention gets its text first (the image tokens after it are merged).
+
+Two scopes, both undone exactly by ``remove()`` (forward hooks on the stock modules; the stock
+processors keep running):
+
+- ``scope="attention"`` (what tomesd does): the input of each self-attention (UNet and PixArt
+  ``attn1``; SD3 ``attn`` and ``attn2``; Flux ``attn``) is merged, the attention runs on ``N - r``
+  image tokens, and its output is unmerged: ``y_i = Attn(merge(x))_{G(i)}``.
+- ``scope="block"``: the whole transformer block (self-attention, cross- or joint attention and MLP)
+  runs on the merged tokens and only its residual update is unmerged, so each token keeps its own
+  residual stream: ``y_i = x_i + (Block(merge(x)) - merge(x))_{G(i)}``.
+
+Flux's rotary position tables are per token: a merged sequence takes, in every slot, the position
+of the token that stands there (a destination or a kept source; ``CellMerge.select``), which
+differs per sample, so merged Flux attention layers get :class:`PerSampleRopeFluxAttnProcessor`,
+diffusers' Flux processor with per-sample tables (it defers to the stock processor otherwise).
+
+Options and identity values: ``ratio`` (0.5; identity 0: nothing is merged and the output is
+bit-identical to stock), ``max_downsample`` (None: the finest resolution that has self-attention,
+tomesd's default of 1 on SD 1.x/2.x, 2 on SDXL, whose attention runs at 1/2 and 1/4 of the latent
+size; 1, 2, 4 or 8: merge at every UNet level downsampled at most that much; DiTs have one level,
+1), ``sx`` and ``sy`` (2: the cell size), ``seed`` (0: destinations are drawn from a generator
+seeded with it when the method is applied; each denoiser call draws fresh ones, as tomesd does,
+once per grid size: the layers of one call at one resolution share them), ``scope``
+("attention"). ``tome`` declares these beside its timm/open_clip options, so their declared default
+is ``None``, standing for the default named here; an option of the other frameworks is an error.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..core.merge_sd import CellMerge, cell_destinations, match_to_cells
+from ..errors import OptionError
+from ..frameworks import Target
+from ..options import Option, choice_option, float_option, int_option
+from ..patching import Handle, Patcher
+
+FAMILIES = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+DOWNSAMPLES = (1, 2, 4, 8)
+
+
+def _check_max_downsample(v: Any) -> int | None:
+    if v is None or (isinstance(v, int) and not isinstance(v, bool) and v in DOWNSAMPLES):
+        return v
+    raise ValueError
+
+
+def _default_none(option: Option) -> Option:
+    """``option`` with ``None`` as its default, standing for its own default: ``tome`` declares timm and
+    diffusers options side by side, and a diffusers option left at ``None`` was not given."""
+    def check(v: Any) -> Any:
+        return None if v is None else option.check(v)
+
+    return Option(option.name, None, f"None ({option.default!r}) or {option.accepted}", check, option.identity,
+                  option.doc)
+
+
+OPTIONS = tuple(_default_none(o) for o in (
+    float_option("ratio", 0.5, low=0.0, high=1.0, high_open=True, identity=0.0,
+                 doc="diffusers: share of a layer's image tokens merged away (r = ratio * N)"),
+    int_option("sx", 2, low=1, doc="diffusers: cell width, one destination per sy x sx cell"),
+    int_option("sy", 2, low=1, doc="diffusers: cell height, one destination per sy x sx cell"),
+    int_option("seed", 0, low=0, doc="diffusers: seed of the destinations' random positions in their cells"),
+    choice_option("scope", "attention", ("attention", "block"),
+                  doc="diffusers: merge around each self-attention, or around each whole transformer block"),
+)) + (
+    Option("max_downsample", None, "None or one of 1, 2, 4, 8", _check_max_downsample,
+           doc="diffusers: merge at UNet levels downsampled at most this much (None: the finest with attention)"),
+)
+DEFAULTS = {"ratio": 0.5, "sx": 2, "sy": 2, "seed": 0, "scope": "attention", "max_downsample": None}
+
+
+def resolve(options: dict[str, Any]) -> dict[str, Any]:
+    """The diffusers options with ``None`` replaced by their defaults (:data:`DEFAULTS`)."""
+    return {name: default if options[name] is None else options[name] for name, default in DEFAULTS.items()}
+
+
+class _Site:
+    """A transformer block the method patches: its kind, its self-attention layers and its level."""
+
+    def __init__(self, name: str, block: nn.Module, kind: str, attentions: list[tuple[int, nn.Module]],
+                 downsample: int) -> None:
+        self.name = name
+        self.block = block
+        self.kind = kind  # "basic" (UNet, PixArt), "joint" (SD3), "flux", "flux_single"
+        self.attentions = attentions  # (index in attention_layers, module)
+        self.downsample = downsample
+
+
+def _sites(model: nn.Module) -> list[_Site]:
+    from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    from ..frameworks.diffusers import attention_layers, token_layout
+
+    index = {id(m): i for i, (_, m) in enumerate(attention_layers(model))}
+    kinds = ((BasicTransformerBlock, "basic", ("attn1",)), (JointTransformerBlock, "joint", ("attn", "attn2")),
+             (FluxTransformerBlock, "flux", ("attn",)), (FluxSingleTransformerBlock, "flux_single", ("attn",)))
+    probe = (1024, 1024)  # a grid divisible by every UNet level: the layout's grid gives the downsampling
+    sites = []
+    for name, block in model.named_modules():
+        for cls, kind, attrs in kinds:
+            if type(block) is cls:
+                attns = [(index[id(a)], a) for a in (getattr(block, x, None) for x in attrs)
+                         if a is not None and not getattr(a, "is_cross_attention", False)]
+                if attns:
+                    grid = token_layout(model, attns[0][0], probe, 0).grid
+                    sites.append(_Site(name, block, kind, attns, probe[0] // grid[0]))
+    return sites
+
+
+def _selected(sites: list[_Site], max_downsample: int | None) -> list[_Site]:
+    levels = sorted({s.downsample for s in sites})
+    limit = levels[0] if max_downsample is None else max_downsample
+    return [s for s in sites if s.downsample <= limit]
+
+
+def check(target: Target, options: dict[str, Any]) -> None:
+    """Errors that depend on the model: a ``max_downsample`` that selects no layer."""
+    options = resolve(options)
+    sites = _sites(target.model)
+    if not sites:
+        raise OptionError(f"tome: this {target.family} has no transformer block with self-attention to merge in")
+    if options["ratio"] > 0 and not _selected(sites, options["max_downsample"]):
+        levels = ", ".join(str(d) for d in sorted({s.downsample for s in sites}))
+        raise OptionError(f"tome: max_downsample={options['max_downsample']} selects no layer of this "
+                          f"{target.family}: its self-attention runs at downsampling {levels}; choose "
+                          f"max_downsample >= {min(s.downsample for s in sites)} or None")
+
+
+class TomeDiffusersHandle(Handle):
+    """Handle of ``tome`` on a diffusers model.
+
+    ``token_counts``: for the last denoiser call, one ``(name, tokens in, tokens after merging)``
+    per merge, in execution order (``name`` the merged attention layer or block).
+    """
+
+    def __init__(self, *args: Any, state: _State, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._state = state
+
+    @property
+    def token_counts(self) -> list[tuple[str, int, int]]:
+        return list(self._state.token_counts)
+
+
+class _State:
+    """What a denoiser call carries to the hooks: its grid, its text length, the generator."""
+
+    def __init__(self, model: nn.Module, options: dict[str, Any]) -> None:
+        self.model = model
+        self.ratio: float = options["ratio"]
+        self.sx: int = options["sx"]
+        self.sy: int = options["sy"]
+        self.seed: int = options["seed"]
+        self.grid: tuple[int, ...] = ()
+        self.text_tokens = 0
+        self.token_counts: list[tuple[str, int, int]] = []
+        self.partitions: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._layouts: dict[tuple, tuple[int, ...]] = {}
+
+    def layer_grid(self, layer: int) -> tuple[int, ...]:
+        from ..frameworks.diffusers import token_layout
+
+        key = (layer, self.grid)
+        if key not in self._layouts:
+            self._layouts[key] = token_layout(self.model, layer, self.grid, self.text_tokens).grid
+        return self._layouts[key]
+
+    def decide(self, name: str, metric: Tensor, grid: tuple[int, ...]) -> CellMerge:
+        h, w = grid
+        n = metric.shape[1]
+        if n != h * w:
+            raise ValueError(f"tome: {name} got {n} image tokens, expected a {h}x{w} grid")
+        r = int(n * self.ratio)
+        if r == 0 or h < self.sy or w < self.sx:
+            merge = CellMerge(None, n)
+        else:
+            device = metric.device
+            if (h, w, device) not in self.partitions:  # one draw per denoiser call and grid size
+                if device not in self._generators:
+                    self._generators[device] = torch.Generator(device).manual_seed(self.seed)
+                self.partitions[h, w, device] = cell_destinations(h, w, self.sx, self.sy, device=device,
+                                                                  generator=self._generators[device])
+            dst, src = self.partitions[h, w, device]
+            merge = match_to_cells(metric, dst, src, r)
+        self.token_counts.append((name, n, n - merge.r))
+        return merge
+
+
+def _merge_rope(rope: tuple[Tensor, Tensor] | None, merge: CellMerge,
+                n_img: int) -> tuple[Tensor, Tensor] | None:
+    """Flux's rotary tables ``[T + N, D]`` for the merged sequence: ``[B, T + N - r, D]`` per sample."""
+    if rope is None or merge.r == 0:
+        return rope
+    batch = merge.slot.shape[0]
+    text = rope[0].shape[0] - n_img
+
+    def one(table: Tensor) -> Tensor:
+        table = table[None].expand(batch, -1, -1)
+        return torch.cat([table[:, :text], merge.select(table[:, text:])], dim=1)
+
+    return one(rope[0]), one(rope[1])
+
+
+def _hidden(args: tuple, kwargs: dict[str, Any]) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict[str, Any], x: Tensor) -> tuple[tuple, dict[str, Any]]:
+    if args:
+        return (x, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": x}
+
+
+def _check_no_mask(name: str, kwargs: dict[str, Any]) -> None:
+    if kwargs.get("attention_mask") is not None:
+        raise ValueError(f"tome: {name} was given an attention mask over its tokens, which merged tokens "
+                         f"cannot follow; call it without attention_mask or use ratio=0")
+
+
+def _hook_attention(patcher: Patcher, state: _State, site: _Site, layer: int, attn: nn.Module, name: str) -> None:
+    """``scope="attention"``: merge the self-attention's image tokens, unmerge its output."""
+    pending: list[tuple[CellMerge, int]] = []
+
+    def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        _check_no_mask(name, kwargs)
+        x = _hidden(args, kwargs)
+        start = state.text_tokens if site.kind == "flux_single" else 0  # Flux single stream: text first
+        image = x[:, start:]
+        merge = state.decide(name, image, state.layer_grid(layer))
+        pending.append((merge, start))
+        if merge.r == 0:
+            return args, kwargs
+        merged = merge.merge(image)
+        args, kwargs = _with_hidden(args, kwargs, torch.cat([x[:, :start], merged], dim=1) if start else merged)
+        if "image_rotary_emb" in kwargs:
+            kwargs["image_rotary_emb"] = _merge_rope(kwargs["image_rotary_emb"], merge, image.shape[1])
+        return args, kwargs
+
+    def after(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        merge, start = pending.pop()
+        if merge.r == 0:
+            return output
+        first = output[0] if isinstance(output, tuple) else output
+        first = merge.unmerge(first) if not start else torch.cat([first[:, :start], merge.unmerge(first[:, start:])], 1)
+        return (first, *output[1:]) if isinstance(output, tuple) else first
+
+    patcher.add_hook(attn.register_forward_pre_hook(before, with_kwargs=True))
+    patcher.add_hook(attn.register_forward_hook(after, with_kwargs=True))
+
+
+def _hook_block(patcher: Patcher, state: _State, site: _Site) -> None:
+    """``scope="block"``: the block runs on merged tokens; its residual update is unmerged."""
+    pending: list[tuple[CellMerge, Tensor, Tensor]] = []
+    layer = site.attentions[0][0]
+
+    def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        _check_no_mask(site.name, kwargs)
+        x = _hidden(args, kwargs)  # image tokens only, in every supported block
+        merge = state.decide(site.name, x, state.layer_grid(layer))
+        merged = merge.merge(x)
+        pending.append((merge, x, merged))
+        if merge.r == 0:
+            return args, kwargs
+        args, kwargs = _with_hidden(args, kwargs, merged)
+        if "image_rotary_emb" in kwargs:
+            kwargs["image_rotary_emb"] = _merge_rope(kwargs["image_rotary_emb"], merge, x.shape[1])
+        return args, kwargs
+
+    def after(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        merge, x, merged = pending.pop()
+        if merge.r == 0:
+            return output
+        if isinstance(output, tuple):  # SD3 and Flux blocks: (encoder_hidden_states, hidden_states)
+            return output[0], x + merge.unmerge(output[1] - merged)
+        return x + merge.unmerge(output - merged)
+
+    patcher.add_hook(site.block.register_forward_pre_hook(before, with_kwargs=True))
+    patcher.add_hook(site.block.register_forward_hook(after, with_kwargs=True))
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of ``x`` ``[B, S, H, D]`` with per-sample tables ``[B, S, D]`` (Flux's pairing)."""
+    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
+    return (x.float() * cos[:, :, None] + rotated.float() * sin[:, :, None]).to(x.dtype)
+
+
+class PerSampleRopeFluxAttnProcessor:
+    """diffusers' ``FluxAttnProcessor`` for rotary tables given per sample (``[B, S, D]``), as merged
+    sequences need; with shared tables (``[S, D]``) or none it calls the stock processor it replaces."""
+
+    def __init__(self, stock: Callable[..., Any]) -> None:
+        self.stock = stock
+
+    def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None,
+                 image_rotary_emb: tuple[Tensor, Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        if image_rotary_emb is None or image_rotary_emb[0].dim() == 2:
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        q, k, v, text_q, text_k, text_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if attn.added_kv_proj_dim is not None:
+            text_q, text_k, text_v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (text_q, text_k, text_v))
+            q = torch.cat([attn.norm_added_q(text_q), q], dim=1)
+            k = torch.cat([attn.norm_added_k(text_k), k], dim=1)
+            v = torch.cat([text_v, v], dim=1)
+        cos, sin = image_rotary_emb
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask,
+                                    backend=getattr(self.stock, "_attention_backend", None))
+        out = out.flatten(2, 3).to(q.dtype)
+        if encoder_hidden_states is None:
+            return out
+        text, image = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
+        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+        return image, attn.to_add_out(text.contiguous())
+
+
+def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> TomeDiffusersHandle:
+    """Patch ``target.model`` (one of :data:`FAMILIES`) as the module docstring says."""
+    from ..frameworks.diffusers import call_grid, set_processors
+
+    model = target.model
+    options = resolve(options)
+    state = _State(model, options)
+    sites = _selected(_sites(model), options["max_downsample"])
+    signature = inspect.signature(type(model).forward)
+
+    def on_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        state.grid, state.text_tokens = call_grid(module, signature.bind_partial(module, *args, **kwargs).arguments)
+        state.token_counts = []
+        state.partitions = {}
+
+    patcher.add_hook(model.register_forward_pre_hook(on_call, with_kwargs=True))
+    for site in sites:
+        if options["scope"] == "block":
+            _hook_block(patcher, state, site)
+        else:
+            for layer, attn in site.attentions:
+                _hook_attention(patcher, state, site, layer, attn, f"{site.name}.{_child_name(site.block, attn)}")
+    if target.family == "FluxTransformer2DModel" and options["ratio"] > 0:
+        flux_attns = {id(a) for s in sites for _, a in s.attentions}
+        set_processors(model, patcher, lambda i, name, m: PerSampleRopeFluxAttnProcessor(m.processor)
+                       if id(m) in flux_attns else None)
+    return TomeDiffusersHandle("tome", model, options, patcher, state=state)
+
+
+def _child_name(parent: nn.Module, child: nn.Module) -> str:
+    return next(n for n, m in parent.named_children() if m is child)
+
+
+def check_options(framework: str, options: dict[str, Any], declared: tuple[Option, ...]) -> None:
+    """Reject the options of the other frameworks: ``tome`` declares its timm/open_clip options and
+    :data:`OPTIONS` (diffusers) side by side, ``declared`` all of them. A diffusers option counts as
+    given when it is not ``None``; a timm/open_clip option when it differs from its default."""
+    vit = tuple(o for o in declared if o not in OPTIONS)
+    if framework == "diffusers":
+        wrong, owner, own = [o.name for o in vit if options[o.name] != o.default], "timm and open_clip", OPTIONS
+    else:
+        wrong, owner, own = [o.name for o in OPTIONS if options[o.name] is not None], "diffusers", vit
+    if wrong:
+        raise OptionError(f"tome: {', '.join(wrong)} {'is an option' if len(wrong) == 1 else 'are options'} for "
+                          f"{owner} models, not {framework} models; {framework} options: "
+                          f"{', '.join(o.name for o in own)}")
