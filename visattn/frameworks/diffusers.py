@@ -51,7 +51,7 @@ SUPPORTED_MODELS = ("UNet2DConditionModel", "FluxTransformer2DModel", "SD3Transf
                     "PixArtTransformer2DModel")
 _TEXT_FIRST = ("FluxTransformer2DModel", "CogVideoXTransformer3DModel")
 _SDPA = torch._C._nn.scaled_dot_product_attention  # what F.scaled_dot_product_attention is
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -70,26 +70,41 @@ def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return sorted(layers, key=lambda item: rank.get(item[0].split(".")[0], -1))  # stable: module order within
 
 
-class _SDPATap(TorchFunctionMode):
-    """While active, reports the q, k, scale and mask of each SDPA call to ``observer`` before making it."""
+class SDPAIntercept(TorchFunctionMode):
+    """While active, hands each SDPA call's arguments, by name, to ``handler``.
 
-    def __init__(self, layer: int, observer: Observer) -> None:
+    A result other than ``None`` replaces the call's output; ``None`` lets SDPA run as called.
+    ``seen`` counts the SDPA calls, ``answered`` those the handler replaced. The mode is
+    thread-local and patches nothing global.
+    """
+
+    def __init__(self, handler: Callable[[dict[str, Any]], Any]) -> None:
         super().__init__()
-        self.layer = layer
-        self.observer = observer
-        self.calls = 0
+        self.handler = handler
+        self.seen = self.answered = 0
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is _SDPA:
-            call = dict(zip(_SDPA_ARGS, args), **kwargs)
-            q, k, mask = call["query"], call["key"], call.get("attn_mask")
-            if call.get("is_causal"):
-                mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-            scale = call.get("scale")
-            self.observer(self.layer, q, k, q.shape[-1] ** -0.5 if scale is None else scale, mask)
-            self.calls += 1
+            self.seen += 1
+            out = self.handler(dict(zip(SDPA_ARGS, args), **kwargs))
+            if out is not None:
+                self.answered += 1
+                return out
         return func(*args, **kwargs)
+
+
+def _observing(layer: int, observer: Observer) -> SDPAIntercept:
+    """An :class:`SDPAIntercept` that reports each call's q, k, scale and mask to ``observer``."""
+
+    def report(call: dict[str, Any]) -> None:
+        q, k, mask = call["query"], call["key"], call.get("attn_mask")
+        if call.get("is_causal"):
+            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scale = call.get("scale")
+        observer(layer, q, k, q.shape[-1] ** -0.5 if scale is None else scale, mask)
+
+    return SDPAIntercept(report)
 
 
 def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int], observer: Observer) -> None:
@@ -97,20 +112,21 @@ def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int],
     modules = attention_layers(model)
     for idx in layers:
         name, module = modules[idx]
-        active: list[_SDPATap] = []
+        active: list[SDPAIntercept] = []
 
         def enter(module: nn.Module, args: tuple, idx: int = idx, active: list = active) -> None:
-            tap = _SDPATap(idx, observer)
+            tap = _observing(idx, observer)
             tap.__enter__()
             active.append(tap)
 
-        def leave(module: nn.Module, args: tuple, output: Any, name: str = name, active: list = active) -> None:
+        def leave(module: nn.Module, args: tuple, output: Any, idx: int = idx, name: str = name,
+                  active: list = active) -> None:
             tap = active.pop()
             tap.__exit__(None, None, None)
-            if output is not None and tap.calls == 0:  # output is None when the forward raised
+            if output is not None and tap.seen == 0:  # output is None when the forward raised
                 backend = getattr(module.processor, "_attention_backend", None)
                 raise UnsupportedModelError(
-                    f"visattn cannot observe attention layer {tap.layer} ({name}): it ran without "
+                    f"visattn cannot observe attention layer {idx} ({name}): it ran without "
                     f"torch.nn.functional.scaled_dot_product_attention (processor "
                     f"{type(module.processor).__name__}, attention backend {backend or 'default'}); use an "
                     f"SDPA processor and a native backend (native, _native_cudnn, _native_efficient, "

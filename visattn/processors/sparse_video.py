@@ -74,7 +74,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from ..core.layout import TokenLayout
 from ..core.routing import block_scores, diagonal_blocks, pool_blocks, select_topk, select_topp, tile_order
@@ -455,29 +454,19 @@ def sparse_video_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout,
 # diffusers
 
 
-_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+def _sparse_sdpa(layout: TokenLayout, config: SparseVideoConfig) -> Any:
+    """An SDPA interception that answers the layer's self/joint-attention call with :func:`sparse_video_attention`."""
+    from ..frameworks.diffusers import SDPAIntercept
 
+    def answer(call: dict[str, Any]) -> Tensor | None:
+        q, k = call["query"], call["key"]
+        if (q.shape[-2] != k.shape[-2] or q.shape[-2] != layout.num_tokens or call.get("is_causal")
+                or call.get("dropout_p")):
+            return None
+        return sparse_video_attention(q, k, call["value"], layout, config, scale=call.get("scale"),
+                                      attn_mask=call.get("attn_mask"))
 
-class _SparseSDPA(TorchFunctionMode):
-    """While active, answers the layer's self/joint-attention SDPA call with :func:`sparse_video_attention`."""
-
-    def __init__(self, layout: TokenLayout, config: SparseVideoConfig) -> None:
-        super().__init__()
-        self.layout = layout
-        self.config = config
-        self.calls = 0
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            call = dict(zip(_SDPA_ARGS, args), **kwargs)
-            q, k = call["query"], call["key"]
-            if (q.shape[-2] == k.shape[-2] == self.layout.num_tokens and not call.get("is_causal")
-                    and not call.get("dropout_p")):
-                self.calls += 1
-                return sparse_video_attention(q, k, call["value"], self.layout, self.config, scale=call.get("scale"),
-                                              attn_mask=call.get("attn_mask"))
-        return func(*args, **kwargs)
+    return SDPAIntercept(answer)
 
 
 @dataclass
@@ -598,10 +587,10 @@ class SparseVideoAttnProcessor:
                        hidden_states.device)
         if is_dense(self.config, geo):
             return layer.stock(attn, hidden_states, **kwargs)
-        mode = _SparseSDPA(layout, self.config)
+        mode = _sparse_sdpa(layout, self.config)
         with mode:
             out = layer.stock(attn, hidden_states, **kwargs)
-        if mode.calls == 0:
+        if mode.answered == 0:
             backend = getattr(layer.stock, "_attention_backend", None)
             raise UnsupportedModelError(
                 f"sparse_video: attention layer {layer.index} ({layer.name}) ran without a "
