@@ -61,3 +61,8 @@ def select_layers(names: Sequence[str], layers: Sequence[int] | None, method: st
         raise OptionError(f"{method}: layers {bad} out of range; this model has {len(names)} attention layers "
                           f"(0..{len(names) - 1})")
     return sorted(layers)
+
+
+def vit_blocks(target: Any) -> list[Any]:
+    """The transformer blocks of a timm ViT or an open_clip visual tower (a detected ``Target``), in order."""
+    return [m for _, m in adapter(target.framework).vit_blocks(target.model)]

@@ -136,6 +136,23 @@ def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int],
         patcher.add_hook(module.register_forward_hook(leave, always_call=True))
 
 
+def flux_joint_qkv(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flux's joint q, k, v ``[B, S, H, D]`` as its stock processor builds them, before rotary embeddings:
+    projections and q/k norms, text tokens (dual-stream blocks) first, then the image tokens."""
+    from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+    q, k, v, text_q, text_k, text_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+    q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
+    q, k = attn.norm_q(q), attn.norm_k(k)
+    if attn.added_kv_proj_dim is not None:
+        text_q, text_k, text_v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (text_q, text_k, text_v))
+        q = torch.cat([attn.norm_added_q(text_q), q], dim=1)
+        k = torch.cat([attn.norm_added_k(text_k), k], dim=1)
+        v = torch.cat([text_v, v], dim=1)
+    return q, k, v
+
+
 def set_processors(model: nn.Module, patcher: Patcher, make: Callable[[int, str, nn.Module], Any]) -> None:
     """Give attention layer ``idx`` (named ``name``) the processor ``make(idx, name, module)``; ``None`` keeps it.
 

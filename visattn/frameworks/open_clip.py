@@ -45,7 +45,7 @@ def mha_query_key(mha: nn.MultiheadAttention, query: torch.Tensor, key: torch.Te
     return split(q), split(k)
 
 
-def resblocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def vit_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """open_clip ``ResidualAttentionBlock``s (self-attention through ``nn.MultiheadAttention``), in
     execution order; raises if the model has none."""
     blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__ == "ResidualAttentionBlock"

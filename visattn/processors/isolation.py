@@ -45,6 +45,7 @@ from torch import Tensor
 from ..core.regions import as_region, check_in_image, isolation_mask, reposition, subject_map
 from ..errors import OptionError, UnsupportedModelError
 from ..frameworks import Target
+from ..frameworks.base import adapter
 from ..options import Option, bool_option, int_option
 from ..patching import Handle, Patcher
 from ..registry import Method, register
@@ -195,17 +196,9 @@ class IsolationFluxAttnProcessor:
         if not plan.targets or attention_mask is not None:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
         plan.split(hidden_states.shape[0])
-        q, k, v, text_q, text_k, text_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        if attn.added_kv_proj_dim is not None:
-            text_q, text_k, text_v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (text_q, text_k, text_v))
-            q = torch.cat([attn.norm_added_q(text_q), q], dim=1)
-            k = torch.cat([attn.norm_added_k(text_k), k], dim=1)
-            v = torch.cat([text_v, v], dim=1)
+        q, k, v = adapter("diffusers").flux_joint_qkv(attn, hidden_states, encoder_hidden_states)
         grid = plan.grid
         text = q.shape[1] - grid[0] * grid[1]  # text first, then the image grid
         sample, source, place, mask = plan.layout(grid, text, q.device)

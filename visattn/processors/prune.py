@@ -32,7 +32,7 @@ from torch import Tensor
 from ..core.merge import cls_attention, keep_top_and_fuse, key_mask, num_kept
 from ..errors import OptionError, UnsupportedModelError
 from ..frameworks import Target
-from ..frameworks.base import select_layers
+from ..frameworks.base import select_layers, vit_blocks
 from ..options import choice_option, float_option, int_option, layers_option
 from ..patching import Handle, Patcher
 from ..registry import Method, register
@@ -164,29 +164,19 @@ class Prune(Method):
             raise OptionError(f"prune: on {target.framework} models only strategy 'cls' with options keep and layers "
                               f"applies; strategy {options['strategy']!r}, layer and ensemble_layers are for "
                               f"transformers vision-language models")
-        blocks = self._blocks(target)
+        blocks = vit_blocks(target)
         select_layers([str(i) for i in range(len(blocks))], options["layers"], self.name)
         if target.framework == "timm" and getattr(target.model, "cls_token", None) is None:
             raise UnsupportedModelError(
                 f"prune: strategy 'cls' ranks tokens by [CLS] attention, and this {target.family} has no class "
                 f"token (class_token=False)")
 
-    @staticmethod
-    def _blocks(target: Target) -> list[Any]:
-        if target.framework == "timm":
-            from ..frameworks.timm import vit_blocks
-
-            return [m for _, m in vit_blocks(target.model)]
-        from ..frameworks.open_clip import resblocks
-
-        return [m for _, m in resblocks(target.model)]
-
     def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> Handle:
         if target.framework == "transformers":
             from . import prune_vlm
 
             return prune_vlm.install(target, patcher, options)
-        blocks = self._blocks(target)
+        blocks = vit_blocks(target)
         depth = len(blocks)
         chosen = options["layers"]
         if chosen is None:

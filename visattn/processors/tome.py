@@ -39,6 +39,7 @@ from torch import Tensor
 from ..core.merge import bipartite_soft_matching, key_mask, log_size_bias, merge_wavg, parse_r
 from ..errors import OptionError, UnsupportedModelError
 from ..frameworks import Target
+from ..frameworks.base import vit_blocks
 from ..options import Option, bool_option
 from ..patching import Handle, Patcher
 from ..registry import Method, register
@@ -209,24 +210,14 @@ class Tome(Method):
                 "embeddings are laid out per patch position, which merged tokens no longer have; supported "
                 "timm models: VisionTransformer (ViT, DeiT3, DINOv2-style with registers)")
         super().check_target(target, options)
-        depth = len(self._blocks(target))
+        depth = len(vit_blocks(target))
         if isinstance(options["r"], list) and len(options["r"]) > depth:
             raise OptionError(f"tome: r lists {len(options['r'])} layers but this {target.family} has {depth} blocks")
-
-    @staticmethod
-    def _blocks(target: Target) -> list[Any]:
-        if target.framework == "timm":
-            from ..frameworks.timm import vit_blocks
-
-            return [m for _, m in vit_blocks(target.model)]
-        from ..frameworks.open_clip import resblocks
-
-        return [m for _, m in resblocks(target.model)]
 
     def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> Handle:
         if target.framework == "diffusers":
             return tome_diffusers.install(target, patcher, options)
-        blocks = self._blocks(target)
+        blocks = vit_blocks(target)
         schedule = parse_r(options["r"], len(blocks))
         model = target.model
         num_prefix = int(getattr(model, "num_prefix_tokens", 1))  # open_clip towers: the class token

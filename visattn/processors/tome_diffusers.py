@@ -47,6 +47,7 @@ from torch import Tensor
 from ..core.merge_sd import CellMerge, cell_destinations, match_to_cells
 from ..errors import OptionError
 from ..frameworks import Target
+from ..frameworks.base import adapter
 from ..options import Option, choice_option, float_option, int_option
 from ..patching import Handle, Patcher
 
@@ -316,16 +317,8 @@ class PerSampleRopeFluxAttnProcessor:
         if image_rotary_emb is None or image_rotary_emb[0].dim() == 2:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
-        q, k, v, text_q, text_k, text_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        if attn.added_kv_proj_dim is not None:
-            text_q, text_k, text_v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (text_q, text_k, text_v))
-            q = torch.cat([attn.norm_added_q(text_q), q], dim=1)
-            k = torch.cat([attn.norm_added_k(text_k), k], dim=1)
-            v = torch.cat([text_v, v], dim=1)
+        q, k, v = adapter("diffusers").flux_joint_qkv(attn, hidden_states, encoder_hidden_states)
         cos, sin = image_rotary_emb
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask,
