@@ -1,26 +1,19 @@
 """bra: bi-level routing attention on timm ViTs (BiFormer)."""
 
+import functools
+
 import pytest
 import timm
 import torch
+from tiny_models import VIT_VARIANTS, tiny_vit
 
 import visattn
 from visattn.core import attention
 from visattn.errors import OptionError, ShapeError, UnsupportedModelError
 from visattn.processors.bra import bi_level_routing_attention
 
-
-def _vit(**kw):
-    cfg = dict(pretrained=False, num_classes=3, img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
-    cfg.update(kw)
-    return timm.create_model("vit_small_patch16_224", **cfg).eval()
-
-
-MODELS = {
-    "plain": lambda: _vit(),
-    "layerscale_qknorm_registers": lambda: _vit(init_values=1e-2, qk_norm=True, reg_tokens=3),
-    "dynamic_size": lambda: _vit(dynamic_img_size=True),
-}
+_vit = functools.partial(tiny_vit, patch_size=4, embed_dim=32, num_heads=2, num_classes=3)
+MODELS = {kind: functools.partial(_vit, **cfg) for kind, cfg in VIT_VARIANTS.items()}
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))

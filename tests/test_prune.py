@@ -2,35 +2,21 @@
 attended by [CLS] and the rest fuse into one token weighted by that attention, counts follow
 ceil(keep * N), and bad input is refused."""
 
+import functools
 import math
 
-import open_clip
 import pytest
 import timm
 import torch
+from tiny_models import VIT_VARIANTS, tiny_clip, tiny_vit
 
 import visattn
 from visattn.core.merge import cls_attention, keep_top_and_fuse
 from visattn.errors import OptionError, UnsupportedModelError
 
-
-def _vit(**kw):
-    cfg = dict(pretrained=False, num_classes=5, img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4)
-    cfg.update(kw)
-    return timm.create_model("vit_small_patch16_224", **cfg).eval()
-
-
-def _clip():
-    cfg = dict(embed_dim=32, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=4, head_width=16),
-               text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1))
-    return open_clip.CLIP(**cfg).eval()
-
-
-VITS = {
-    "plain": lambda: _vit(),
-    "layerscale_qknorm_registers": lambda: _vit(init_values=1e-5, qk_norm=True, reg_tokens=4),
-    "dynamic_size": lambda: _vit(dynamic_img_size=True),
-}
+_vit = functools.partial(tiny_vit, depth=4)
+VITS = {kind: functools.partial(_vit, **cfg) for kind, cfg in VIT_VARIANTS.items()
+        if cfg.get("class_token", True)}
 
 
 @pytest.mark.parametrize("kind", sorted(VITS))
@@ -70,7 +56,7 @@ def test_default_layers_follow_evit():
 
 
 def test_open_clip_tower_identity_and_pruning():
-    clip = _clip()
+    clip = tiny_clip(layers=4)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = clip.encode_image(x)

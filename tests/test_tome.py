@@ -1,6 +1,7 @@
 """tome: r=0 reproduces stock bit for bit, merging counts and sources are right, identical patches
 collapse without changing the output, sizes weight the average, and bad input is refused."""
 
+import functools
 import math
 import os
 import re
@@ -8,34 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import open_clip
 import pytest
 import timm
 import torch
+from tiny_models import VIT_VARIANTS, tiny_clip, tiny_vit
 
 import visattn
 from visattn.core.merge import bipartite_soft_matching, log_size_bias, merge_wavg, parse_r
 from visattn.errors import OptionError, UnsupportedModelError
 
-
-def _vit(**kw):
-    cfg = dict(pretrained=False, num_classes=5, img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4)
-    cfg.update(kw)
-    return timm.create_model("vit_small_patch16_224", **cfg).eval()
-
-
-def _clip_tower():
-    cfg = dict(embed_dim=32, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=3, head_width=16),
-               text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1))
-    return open_clip.CLIP(**cfg).eval()
-
-
-VITS = {
-    "plain": lambda: _vit(),
-    "layerscale_qknorm_registers": lambda: _vit(init_values=1e-5, qk_norm=True, reg_tokens=4),
-    "no_class_token_avg_pool": lambda: _vit(class_token=False, global_pool="avg"),
-    "dynamic_size": lambda: _vit(dynamic_img_size=True),
-}
+_vit = functools.partial(tiny_vit, depth=4)
+VITS = {kind: functools.partial(_vit, **cfg) for kind, cfg in VIT_VARIANTS.items()}
 
 
 def _snapshot(model):
@@ -75,7 +59,7 @@ def test_r0_reproduces_stock_and_remove_restores(kind):
 
 
 def test_open_clip_tower_r0_identity_merging_and_remove():
-    clip = _clip_tower()
+    clip = tiny_clip(layers=3)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref, ref_tower = clip.encode_image(x), clip.visual(x)

@@ -1,27 +1,17 @@
-"""timm and open_clip: inspect leaves outputs bit-identical, records true attention maps, and remove() restores."""
+"""timm and open_clip: inspect leaves outputs bit-identical, records the true attention, remove() restores."""
+
+import functools
 
 import open_clip
 import pytest
-import timm
 import torch
+from tiny_models import VIT_VARIANTS, tiny_clip, tiny_vit
 
 import visattn
 from visattn.core import attention_probs
 from visattn.frameworks.timm import vit_layout
 
-
-def _vit(**kw):
-    cfg = dict(pretrained=False, num_classes=5, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
-    cfg.update(kw)
-    return timm.create_model("vit_small_patch16_224", **cfg).eval()
-
-
-VITS = {
-    "plain": lambda: _vit(),
-    "layerscale_qknorm_registers": lambda: _vit(init_values=1e-2, qk_norm=True, reg_tokens=4, class_token=True),
-    "dynamic_size": lambda: _vit(dynamic_img_size=True),
-    "no_class_token_avg_pool": lambda: _vit(class_token=False, global_pool="avg"),
-}
+VITS = {kind: functools.partial(tiny_vit, **cfg) for kind, cfg in VIT_VARIANTS.items()}
 
 
 def _snapshot(model):
@@ -88,14 +78,8 @@ def test_timm_map_is_the_true_attention():
     torch.testing.assert_close(handle.last(1), attention_probs(q, k, head_mean=False))
 
 
-def _tiny_clip():
-    vision = dict(image_size=32, layers=2, width=64, patch_size=8, head_width=16, mlp_ratio=2.0)
-    text = dict(context_length=8, vocab_size=50, width=32, heads=2, layers=1)
-    return open_clip.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text).eval()
-
-
 def test_open_clip_visual_tower_and_whole_model():
-    model = _tiny_clip()
+    model = tiny_clip()
     x = torch.randn(2, 3, 32, 32)
     _check_apply_remove(model.visual, x, [1], {1: (2, 17, 17)})
     handle = visattn.apply(model, "inspect", layers=[0])  # a whole CLIP model is patched through its visual tower
