@@ -1,6 +1,6 @@
 """head_modulation (pai, vhr): alpha=0 bit-identical, PAI exact against a dense reference, VHR's divergence
 against an image-ablated reference, generate() with the KV cache, errors. Tiny LLaVA, LLaVA-NeXT, Qwen2-VL and
-Qwen2.5-VL models (from test_transformers) with a left-padded batch of two prompts of different lengths."""
+Qwen2.5-VL models (tests/tiny_vlms.py) with a left-padded batch of two prompts of different lengths."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_transformers import BUILDERS, END, IMAGE, PAD, START, TEXT, VIDEO, _inputs
+from tiny_vlms import BUILDERS, END, IMAGE, START, TEXT, VIDEO, build, forward_logits, vlm_inputs
 
 import visattn
 from visattn.core.attention import attention_logits
@@ -22,15 +22,8 @@ ALPHA = 0.5
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
 def case(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    model = BUILDERS[request.param]("sdpa").eval()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model, _inputs(request.param, model)
-
-
-def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
+    model = build(request.param, "sdpa")
+    return model, vlm_inputs(request.param, model)
 
 
 def _generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
@@ -59,14 +52,14 @@ def _route_llm(model: torch.nn.Module, layers: list[int], fn: Any) -> Patcher:
 def test_alpha_0_reproduces_stock_logits_and_generate(case: tuple[torch.nn.Module, dict[str, torch.Tensor]],
                                                       strategy: str) -> None:
     model, inputs = case
-    stock, tokens = _logits(model, inputs), _generate(model, inputs)
+    stock, tokens = forward_logits(model, inputs), _generate(model, inputs)
     visattn.apply(model, "head_modulation", strategy=strategy, alpha=0.0, decoder_layers=[0, 1])
     try:
-        assert torch.equal(_logits(model, inputs), stock)
+        assert torch.equal(forward_logits(model, inputs), stock)
         assert torch.equal(_generate(model, inputs), tokens)
     finally:
         visattn.remove(model)
-    assert torch.equal(_logits(model, inputs), stock)
+    assert torch.equal(forward_logits(model, inputs), stock)
 
 
 def test_pai_matches_the_dense_reference_and_leaves_earlier_rows_bit_identical(
@@ -74,10 +67,10 @@ def test_pai_matches_the_dense_reference_and_leaves_earlier_rows_bit_identical(
     model, inputs = case
     ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
     image = ((ids == IMAGE) & real).float()[:, None, None, :]
-    stock = _logits(model, inputs)
+    stock = forward_logits(model, inputs)
     visattn.apply(model, "head_modulation", strategy="pai", alpha=ALPHA, decoder_layers=[0, 1])
     try:
-        logits = _logits(model, inputs)
+        logits = forward_logits(model, inputs)
     finally:
         visattn.remove(model)
 
@@ -92,7 +85,7 @@ def test_pai_matches_the_dense_reference_and_leaves_earlier_rows_bit_identical(
 
     reference = _route_llm(model, tfa.language_layers(model), dense)
     try:
-        expected = _logits(model, inputs)
+        expected = forward_logits(model, inputs)
     finally:
         reference.undo()
     assert torch.equal(logits[:, :-1], stock[:, :-1])
@@ -115,17 +108,15 @@ def test_pai_generate_with_cache_matches_full_forwards(case: tuple[torch.nn.Modu
 
 def test_pai_on_an_unpadded_prompt_takes_the_causal_path_and_generates_consistently() -> None:
     """No padding: transformers passes no mask (SDPA's is_causal) in prefill and decode."""
-    model = BUILDERS["llava"]("sdpa").eval()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    batch = _inputs("llava", model)
+    model = build("llava", "sdpa")
+    batch = vlm_inputs("llava", model)
     inputs = dict(input_ids=batch["input_ids"][1:, 1:], attention_mask=batch["attention_mask"][1:, 1:],
                   pixel_values=batch["pixel_values"][1:])
     assert bool(inputs["attention_mask"].all())
-    stock = _logits(model, inputs)
+    stock = forward_logits(model, inputs)
     visattn.apply(model, "head_modulation", strategy="pai", alpha=ALPHA, decoder_layers=[0, 1])
     try:
-        logits = _logits(model, inputs)
+        logits = forward_logits(model, inputs)
         cached, full = _generate(model, inputs), _generate(model, inputs, use_cache=False)
     finally:
         visattn.remove(model)
@@ -141,7 +132,7 @@ def test_vhr_divergence_is_measured_against_an_image_ablated_pass(
     layer = tfa.language_layers(model)[0]
     handle = visattn.apply(model, "head_modulation", strategy="vhr", alpha=ALPHA, decoder_layers=[0], top=0.5)
     try:
-        _logits(model, inputs)
+        forward_logits(model, inputs)
         tokens = _generate(model, inputs)
     finally:
         visattn.remove(model)
@@ -162,7 +153,7 @@ def test_vhr_divergence_is_measured_against_an_image_ablated_pass(
     for ablate in (False, True):
         patcher = _route_llm(model, tfa.language_layers(model), last_row(ablate))
         try:
-            _logits(model, inputs)
+            forward_logits(model, inputs)
         finally:
             patcher.undo()
     vhd = (recorded[False] - recorded[True]).norm(dim=-1)
@@ -176,10 +167,10 @@ def test_vhr_divergence_is_measured_against_an_image_ablated_pass(
 
 def test_vhr_changes_the_generating_row_only(case: tuple[torch.nn.Module, dict[str, torch.Tensor]]) -> None:
     model, inputs = case
-    stock = _logits(model, inputs)
+    stock = forward_logits(model, inputs)
     visattn.apply(model, "head_modulation", strategy="vhr", alpha=ALPHA)
     try:
-        logits = _logits(model, inputs)
+        logits = forward_logits(model, inputs)
     finally:
         visattn.remove(model)
     assert torch.equal(logits[:, :-1], stock[:, :-1])
@@ -199,7 +190,7 @@ def test_bad_options_and_inputs_raise_clear_errors() -> None:
     visattn.apply(model, "head_modulation", decoder_layers=[0, 1])
     try:
         with pytest.raises(visattn.ShapeError, match="no image tokens"):
-            _logits(model, dict(input_ids=torch.tensor([[5, 6, 7, 8]])))
+            forward_logits(model, dict(input_ids=torch.tensor([[5, 6, 7, 8]])))
     finally:
         visattn.remove(model)
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -216,21 +207,19 @@ def test_imbalance_selects_both_streams_and_matches_the_dense_reference() -> Non
     from visattn.core.attention import attention_probs
     from visattn.core.redistribute import dual_stream_selection, spatial_contrast
 
-    model = BUILDERS["llava"]("sdpa").eval()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    inputs = _inputs("llava", model)
+    model = build("llava", "sdpa")
+    inputs = vlm_inputs("llava", model)
     ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
     image = (ids == IMAGE) & real
-    stock, tokens = _logits(model, inputs), _generate(model, inputs)
+    stock, tokens = forward_logits(model, inputs), _generate(model, inputs)
     visattn.apply(model, "head_modulation", strategy="imbalance", alpha=0.0)
     try:
-        assert torch.equal(_logits(model, inputs), stock) and torch.equal(_generate(model, inputs), tokens)
+        assert torch.equal(forward_logits(model, inputs), stock) and torch.equal(_generate(model, inputs), tokens)
     finally:
         visattn.remove(model)
     handle = visattn.apply(model, "head_modulation", strategy="imbalance", alpha=ALPHA, select=0.5)
     try:
-        logits = _logits(model, inputs)
+        logits = forward_logits(model, inputs)
         assert _generate(model, inputs).shape == (2, ids.shape[1] + 5)
     finally:
         visattn.remove(model)
@@ -246,7 +235,7 @@ def test_imbalance_selects_both_streams_and_matches_the_dense_reference() -> Non
     patcher.add_hook(model.model.multi_modal_projector.register_forward_hook(
         lambda module, args, out: seen.update(features=out)))
     try:
-        _logits(model, inputs)
+        forward_logits(model, inputs)
     finally:
         patcher.undo()
     chosen = dual_stream_selection(seen["cls"], spatial_contrast(seen["features"], (2, 2)), 0.5)
@@ -265,7 +254,7 @@ def test_imbalance_selects_both_streams_and_matches_the_dense_reference() -> Non
 
     reference = _route_llm(model, tfa.language_layers(model), dense)
     try:
-        expected = _logits(model, inputs)
+        expected = forward_logits(model, inputs)
     finally:
         reference.undo()
     assert torch.equal(logits[:, :-1], stock[:, :-1])

@@ -1,6 +1,6 @@
 """``prune`` on transformers vision-language models: tokens really removed, the right ones, in every step.
 
-Tiny random-weight LLaVA, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL models (built by test_transformers.py),
+Tiny random-weight LLaVA, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL models (tests/tiny_vlms.py),
 fed two left-padded prompts of different lengths. The references are independent of visattn's hooks:
 transformers' own eager attention weights and hidden states for the scores, and the stock model whose
 attention masks hide the dropped tokens (removal must equal masking, for every kept token and every
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_transformers import BUILDERS, IMAGE, PAD, _inputs, _llava
+from tiny_vlms import BUILDERS, IMAGE, PAD, build, llava, vlm_inputs
 
 import visattn
 from visattn.frameworks import transformers as tfa
@@ -26,14 +26,9 @@ NEW_TOKENS = 5
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
 def case(request: pytest.FixtureRequest) -> tuple[str, dict[str, torch.nn.Module], dict[str, torch.Tensor]]:
-    models = {}
-    for impl in ("sdpa", "eager"):
-        model = BUILDERS[request.param](impl).eval()
-        model.generation_config.pad_token_id = PAD
-        model.generation_config.eos_token_id = None
-        models[impl] = model
+    models = {impl: build(request.param, impl) for impl in ("sdpa", "eager")}
     models["eager"].load_state_dict(models["sdpa"].state_dict())
-    return request.param, models, _inputs(request.param, models["sdpa"])
+    return request.param, models, vlm_inputs(request.param, models["sdpa"])
 
 
 def _run(model: torch.nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> Any:
@@ -221,12 +216,9 @@ def test_plphp_prunes_the_kv_cache_per_head_after_prefill(case: tuple) -> None:
 
 
 def test_cls_keeps_what_the_vision_cls_token_attends_to_and_equals_masking() -> None:
-    models = {impl: _llava(impl).eval() for impl in ("sdpa", "eager")}
+    models = {impl: build("llava", impl) for impl in ("sdpa", "eager")}
     models["eager"].load_state_dict(models["sdpa"].state_dict())
-    for model in models.values():
-        model.generation_config.pad_token_id = PAD
-        model.generation_config.eos_token_id = None
-    model, inputs, keep = models["sdpa"], _inputs("llava", models["sdpa"]), 0.5
+    model, inputs, keep = models["sdpa"], vlm_inputs("llava", models["sdpa"]), 0.5
     with torch.no_grad():
         vision = models["eager"].model.vision_tower(inputs["pixel_values"], output_attentions=True)
     cls = vision.attentions[0][:, :, 0, 1:].float().mean(1)  # feature layer -2 of 2: layer 0's [CLS] row
@@ -245,9 +237,7 @@ def test_cls_keeps_what_the_vision_cls_token_attends_to_and_equals_masking() -> 
 
 
 def test_star_drops_at_the_input_then_at_the_middle_layer() -> None:
-    model = _llava("sdpa").eval()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
+    model = build("llava", "sdpa")
     ids = torch.tensor([[5, 6] + [IMAGE] * 4 + [7, 8, 9], [PAD, 5] + [IMAGE] * 4 + [7, 8, 9]])
     inputs = dict(input_ids=ids, attention_mask=(ids != PAD).long(), pixel_values=torch.randn(2, 3, 28, 28))
     handle = visattn.apply(model, "prune", strategy="star", keep=0.25, layer=1)
@@ -262,8 +252,8 @@ def test_star_drops_at_the_input_then_at_the_middle_layer() -> None:
 
 
 def test_errors() -> None:
-    model = _llava("sdpa").eval()
-    inputs = _inputs("llava", model)
+    model = llava("sdpa").eval()
+    inputs = vlm_inputs("llava", model)
     with pytest.raises(visattn.OptionError, match=r"keep must be a number in \(0.0, 1.0\]"):
         visattn.apply(model, "prune", strategy="fastv", keep=0.0)
     with pytest.raises(visattn.OptionError, match=r"keep must be"):

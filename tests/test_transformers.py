@@ -13,32 +13,11 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-)
+from tiny_vlms import BUILDERS, IMAGE, PAD, TEXT, build, forward_logits, llava, prompts, vlm_inputs
 
 import visattn
 from visattn.frameworks import transformers as tfa
 from visattn.patching import Patcher
-
-PAD, IMAGE, START, END, VIDEO = 0, 90, 91, 92, 93
-VOCAB = 100
-TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=PAD)
-CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
-            patch_size=14)
-QWEN_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
-QWEN_TEXT = dict(TEXT, bos_token_id=1, eos_token_id=2,
-                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
 
 
 @dataclass
@@ -46,69 +25,6 @@ class Case:
     family: str
     models: dict[str, torch.nn.Module]  # "sdpa" and "eager", same weights
     inputs: dict[str, torch.Tensor]
-
-
-def _prompts(image_tokens: list[int], wrap: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two left-padded prompts of different lengths, sample b holding image_tokens[b] image tokens."""
-    rows = [[5, 6, *wrap[:1], *[IMAGE] * n, *wrap[1:], 7, 8, 9, 10] for n in image_tokens]
-    rows[0] = rows[0][:-2]  # the first prompt is shorter: more left padding, image tokens further right
-    width = max(map(len, rows)) + 1
-    ids = torch.full((len(rows), width), PAD)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row):] = torch.tensor(row)
-    return ids, (ids != PAD).long()
-
-
-def _llava(impl: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**CLIP), text_config=LlamaConfig(**TEXT), image_token_id=IMAGE,
-                      pad_token_id=PAD)
-    return LlavaForConditionalGeneration._from_config(cfg, attn_implementation=impl)
-
-
-def _llava_next(impl: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(**CLIP), text_config=LlamaConfig(**TEXT), image_token_id=IMAGE,
-                          pad_token_id=PAD, image_grid_pinpoints=[[28, 28], [28, 56]])
-    return LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation=impl)
-
-
-def _qwen_vision(**extra: Any) -> dict[str, Any]:
-    return dict(depth=2, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                **extra)
-
-
-def _qwen2_vl(impl: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = Qwen2VLConfig(text_config=QWEN_TEXT, vision_config=_qwen_vision(embed_dim=32),
-                        **QWEN_IDS)
-    return Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation=impl)
-
-
-def _qwen2_5_vl(impl: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    vision = _qwen_vision(intermediate_size=64, out_hidden_size=32, window_size=28, fullatt_block_indexes=[1])
-    cfg = Qwen2_5_VLConfig(text_config=QWEN_TEXT, vision_config=vision, **QWEN_IDS)
-    return Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation=impl)
-
-
-def _inputs(family: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    torch.manual_seed(1)
-    if family == "llava":
-        ids, mask = _prompts([4, 4])  # 28px, patch 14, [CLS] dropped: 4 tokens per image
-        return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28))
-    if family == "llava_next":  # anyres: a 28x28 image (1 crop) and a 28x56 one (2 crops)
-        pixels, sizes = torch.randn(2, 3, 3, 28, 28), torch.tensor([[28, 28], [28, 56]])
-        with torch.no_grad():
-            feats = model.model.get_image_features(pixels, sizes, vision_feature_layer=-2,
-                                                   vision_feature_select_strategy="default")
-        ids, mask = _prompts([len(f) for f in getattr(feats, "pooler_output", feats)])
-        return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
-    # Qwen2-VL / Qwen2.5-VL: flattened 14px patches, grid (1, 4, 4) per 56px image, merged 2x2 -> 4 tokens
-    grid = torch.tensor([[1, 4, 4], [1, 4, 4]])
-    ids, mask = _prompts([4, 4], wrap=(START, END))
-    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMAGE).int(),
-                pixel_values=torch.randn(32, 3 * 2 * 14 * 14), image_grid_thw=grid)
 
 
 #: Per vision layer, the maps of one forward: one call per batch of crops (LLaVA: [CLS] + 2x2 patches;
@@ -119,29 +35,18 @@ VISION_MAPS = {
     "qwen2_vl": [[(1, 16, 16)] * 2] * 2,
     "qwen2_5_vl": [[(1, 4, 4)] * 8, [(1, 16, 16)] * 2],  # layer 0 windowed, layer 1 full attention
 }
-BUILDERS = {"llava": _llava, "llava_next": _llava_next, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl}
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
 def case(request: pytest.FixtureRequest) -> Case:
-    models = {}
-    for impl in ("sdpa", "eager"):
-        model = BUILDERS[request.param](impl).eval()
-        model.generation_config.pad_token_id = PAD
-        model.generation_config.eos_token_id = None
-        models[impl] = model
+    models = {impl: build(request.param, impl) for impl in ("sdpa", "eager")}
     models["eager"].load_state_dict(models["sdpa"].state_dict())
-    return Case(request.param, models, _inputs(request.param, models["sdpa"]))
+    return Case(request.param, models, vlm_inputs(request.param, models["sdpa"]))
 
 
-def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def _generate(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
-        return model(**inputs).logits
-
-
-def _generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        return model.generate(**batch, max_new_tokens=4, do_sample=False)
 
 
 def _configs(model: torch.nn.Module) -> list[Any]:
@@ -162,17 +67,17 @@ def _implementations(model: torch.nn.Module) -> list[Any]:
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_inspect_leaves_logits_bit_identical_and_remove_restores_everything(case: Case, impl: str) -> None:
     model = case.models[impl]
-    stock = _logits(model, case.inputs)
+    stock = forward_logits(model, case.inputs)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     implementations = _implementations(model)
     llm = tfa.language_layers(model)
     handle = visattn.apply(model, "inspect", layers=[0, llm[-1]])
-    assert torch.equal(_logits(model, case.inputs), stock)
+    assert torch.equal(forward_logits(model, case.inputs), stock)
     assert handle.maps[0] and handle.maps[llm[-1]]
     visattn.remove(model)
     assert _implementations(model) == implementations
     assert not any(tfa.ROUTES_ATTR in m.__dict__ for m in model.modules())
-    assert torch.equal(_logits(model, case.inputs), stock)
+    assert torch.equal(forward_logits(model, case.inputs), stock)
     after = model.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
 
@@ -184,7 +89,7 @@ def test_maps_have_the_right_shape_and_attended_rows_sum_to_one(case: Case) -> N
     assert llm == [2, 3] and len(names) == 4  # the 2 vision-tower layers first, then the 2 decoder layers
     handle = visattn.apply(model, "inspect")
     try:
-        _logits(model, case.inputs)
+        forward_logits(model, case.inputs)
     finally:
         visattn.remove(model)
     shapes = {i: [tuple(m.shape) for m in maps] for i, maps in handle.maps.items()}
@@ -204,7 +109,7 @@ def test_llm_map_matches_eager_output_attentions(case: Case) -> None:
     llm = tfa.language_layers(model)
     handle = visattn.apply(model, "inspect", layers=llm)
     try:
-        _logits(model, case.inputs)
+        forward_logits(model, case.inputs)
     finally:
         visattn.remove(model)
     with torch.no_grad():
@@ -216,7 +121,7 @@ def test_llm_map_matches_eager_output_attentions(case: Case) -> None:
 
 
 def test_vision_map_matches_clip_eager_attentions() -> None:
-    sdpa, eager = _llava("sdpa").eval(), _llava("eager").eval()
+    sdpa, eager = llava("sdpa").eval(), llava("eager").eval()
     eager.load_state_dict(sdpa.state_dict())
     pixels = torch.randn(2, 3, 28, 28)
     handle = visattn.apply(sdpa, "inspect", layers=[0, 1])
@@ -284,7 +189,7 @@ def test_bad_inputs_raise_documented_errors(case: Case) -> None:
 
 
 def test_unsupported_attention_implementation_is_refused_untouched() -> None:
-    model = _llava("sdpa").eval()
+    model = llava("sdpa").eval()
     text = model.config.text_config
     object.__setattr__(text, "_attn_implementation_internal", "flex_attention")
     before = _implementations(model)
@@ -302,15 +207,15 @@ def test_model_without_attention_interface_layers_is_unsupported() -> None:
 
 
 def test_set_attn_implementation_to_a_visattn_name_calls_straight_through() -> None:
-    model = _llava("sdpa").eval()
-    ids, mask = _prompts([4, 4])
-    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28))
-    stock = _logits(model, inputs)
+    model = llava("sdpa").eval()
+    ids, mask = prompts([4, 4])
+    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28))
+    stock = forward_logits(model, batch)
     model.set_attn_implementation("visattn_sdpa")
     assert model.config.text_config._attn_implementation == "visattn_sdpa"
-    assert torch.equal(_logits(model, inputs), stock)
+    assert torch.equal(forward_logits(model, batch), stock)
     handle = visattn.apply(model, "inspect", layers=tfa.language_layers(model))
-    _logits(model, inputs)
+    forward_logits(model, batch)
     visattn.remove(model)
     assert model.config.text_config._attn_implementation == "visattn_sdpa"  # left as the user set it
     assert len(handle.maps[tfa.language_layers(model)[0]]) == 1

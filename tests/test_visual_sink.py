@@ -1,6 +1,6 @@
 """visual_sink (VAR): sinks found from planted massive activations, redistribution exact against a dense
 reference, p=1 bit-identical, generate() with the KV cache, errors. Tiny LLaVA, LLaVA-NeXT, Qwen2-VL and
-Qwen2.5-VL models (from test_transformers) with a left-padded batch of two prompts of different lengths."""
+Qwen2.5-VL models (tests/tiny_vlms.py) with a left-padded batch of two prompts of different lengths."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_transformers import BUILDERS, END, IMAGE, PAD, START, VIDEO, _inputs
+from tiny_vlms import BUILDERS, END, IMAGE, START, VIDEO, build, forward_logits, vlm_inputs
 
 import visattn
 from visattn.core.attention import attention_probs
@@ -24,15 +24,8 @@ OPTIONS = dict(p=0.6, tau=TAU, rho=1.0, summ=0.0)
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
 def case(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    model = BUILDERS[request.param]("sdpa").eval()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model, _inputs(request.param, model)
-
-
-def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
+    model = build(request.param, "sdpa")
+    return model, vlm_inputs(request.param, model)
 
 
 def _generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
@@ -134,14 +127,14 @@ def test_sink_dimensions_are_those_of_the_reference_token() -> None:
 
 def test_p_1_reproduces_stock_logits_and_generate(case: tuple[torch.nn.Module, dict[str, torch.Tensor]]) -> None:
     model, inputs = case
-    stock, tokens = _logits(model, inputs), _generate(model, inputs)
+    stock, tokens = forward_logits(model, inputs), _generate(model, inputs)
     visattn.apply(model, "visual_sink", p=1.0, tau=TAU)
     try:
-        assert torch.equal(_logits(model, inputs), stock)
+        assert torch.equal(forward_logits(model, inputs), stock)
         assert torch.equal(_generate(model, inputs), tokens)
     finally:
         visattn.remove(model)
-    assert torch.equal(_logits(model, inputs), stock)
+    assert torch.equal(forward_logits(model, inputs), stock)
 
 
 def test_planted_sinks_are_found_and_redistribution_matches_the_dense_reference(
@@ -150,10 +143,10 @@ def test_planted_sinks_are_found_and_redistribution_matches_the_dense_reference(
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     planted, where = _plant(model)
     try:
-        stock = _logits(model, inputs)
+        stock = forward_logits(model, inputs)
         handle = visattn.apply(model, "visual_sink", **OPTIONS)
         try:
-            logits = _logits(model, inputs)
+            logits = forward_logits(model, inputs)
         finally:
             visattn.remove(model)
         layer = tfa.language_layers(model)[0]
@@ -164,7 +157,7 @@ def test_planted_sinks_are_found_and_redistribution_matches_the_dense_reference(
         reference = Patcher()
         _dense_reference(model, reference, layer, sinks, ids, mask)
         try:
-            expected = _logits(model, inputs)
+            expected = forward_logits(model, inputs)
         finally:
             reference.undo()
     finally:
@@ -192,19 +185,17 @@ def test_generate_with_cache_matches_full_forwards(case: tuple[torch.nn.Module, 
 
 def test_an_unpadded_prompt_takes_the_causal_path_and_generates_consistently() -> None:
     """No padding: transformers passes no mask (SDPA's is_causal) in prefill and decode."""
-    model = BUILDERS["llava"]("sdpa").eval()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    batch = _inputs("llava", model)
+    model = build("llava", "sdpa")
+    batch = vlm_inputs("llava", model)
     inputs = dict(input_ids=batch["input_ids"][1:, 1:], attention_mask=batch["attention_mask"][1:, 1:],
                   pixel_values=batch["pixel_values"][1:])
     assert bool(inputs["attention_mask"].all())
     planted, _ = _plant(model)
     try:
-        stock = _logits(model, inputs)
+        stock = forward_logits(model, inputs)
         visattn.apply(model, "visual_sink", **OPTIONS)
         try:
-            logits = _logits(model, inputs)
+            logits = forward_logits(model, inputs)
             cached, full = _generate(model, inputs), _generate(model, inputs, use_cache=False)
         finally:
             visattn.remove(model)
@@ -228,9 +219,9 @@ def test_bad_options_and_inputs_raise_clear_errors() -> None:
     visattn.apply(model, "visual_sink")
     try:
         with pytest.raises(visattn.ShapeError, match="no image tokens.*image_token_id = 90"):
-            _logits(model, dict(input_ids=text))
+            forward_logits(model, dict(input_ids=text))
         with pytest.raises(visattn.ShapeError, match="pass input_ids"):
-            _logits(model, dict(inputs_embeds=torch.randn(1, 4, 32)))
+            forward_logits(model, dict(inputs_embeds=torch.randn(1, 4, 32)))
     finally:
         visattn.remove(model)
 

@@ -1,0 +1,112 @@
+"""Tiny random-weight vision-language models shared by the transformers tests (built from configs).
+
+LLaVA, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL, with :func:`vlm_inputs` giving each a batch of two
+left-padded prompts of different lengths holding image tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+PAD, IMAGE, START, END, VIDEO = 0, 90, 91, 92, 93
+VOCAB = 100
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=PAD)
+CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+            patch_size=14)
+QWEN_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
+QWEN_TEXT = dict(TEXT, bos_token_id=1, eos_token_id=2,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
+
+
+def prompts(image_tokens: list[int], wrap: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two left-padded prompts of different lengths, sample b holding image_tokens[b] image tokens."""
+    rows = [[5, 6, *wrap[:1], *[IMAGE] * n, *wrap[1:], 7, 8, 9, 10] for n in image_tokens]
+    rows[0] = rows[0][:-2]  # the first prompt is shorter: more left padding, image tokens further right
+    width = max(map(len, rows)) + 1
+    ids = torch.full((len(rows), width), PAD)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):] = torch.tensor(row)
+    return ids, (ids != PAD).long()
+
+
+def llava(impl: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**CLIP), text_config=LlamaConfig(**TEXT), image_token_id=IMAGE,
+                      pad_token_id=PAD)
+    return LlavaForConditionalGeneration._from_config(cfg, attn_implementation=impl)
+
+
+def llava_next(impl: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = LlavaNextConfig(vision_config=CLIPVisionConfig(**CLIP), text_config=LlamaConfig(**TEXT), image_token_id=IMAGE,
+                          pad_token_id=PAD, image_grid_pinpoints=[[28, 28], [28, 56]])
+    return LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation=impl)
+
+
+def _qwen_vision(**extra: Any) -> dict[str, Any]:
+    return dict(depth=2, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                **extra)
+
+
+def qwen2_vl(impl: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = Qwen2VLConfig(text_config=QWEN_TEXT, vision_config=_qwen_vision(embed_dim=32),
+                        **QWEN_IDS)
+    return Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation=impl)
+
+
+def qwen2_5_vl(impl: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    vision = _qwen_vision(intermediate_size=64, out_hidden_size=32, window_size=28, fullatt_block_indexes=[1])
+    cfg = Qwen2_5_VLConfig(text_config=QWEN_TEXT, vision_config=vision, **QWEN_IDS)
+    return Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation=impl)
+
+
+def vlm_inputs(family: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    if family == "llava":
+        ids, mask = prompts([4, 4])  # 28px, patch 14, [CLS] dropped: 4 tokens per image
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28))
+    if family == "llava_next":  # anyres: a 28x28 image (1 crop) and a 28x56 one (2 crops)
+        pixels, sizes = torch.randn(2, 3, 3, 28, 28), torch.tensor([[28, 28], [28, 56]])
+        with torch.no_grad():
+            feats = model.model.get_image_features(pixels, sizes, vision_feature_layer=-2,
+                                                   vision_feature_select_strategy="default")
+        ids, mask = prompts([len(f) for f in getattr(feats, "pooler_output", feats)])
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
+    # Qwen2-VL / Qwen2.5-VL: flattened 14px patches, grid (1, 4, 4) per 56px image, merged 2x2 -> 4 tokens
+    grid = torch.tensor([[1, 4, 4], [1, 4, 4]])
+    ids, mask = prompts([4, 4], wrap=(START, END))
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMAGE).int(),
+                pixel_values=torch.randn(32, 3 * 2 * 14 * 14), image_grid_thw=grid)
+
+
+BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}
+
+
+def build(family: str, impl: str) -> torch.nn.Module:
+    """The tiny ``family`` model with ``attn_implementation=impl``, in eval mode, set up for greedy generate()."""
+    model = BUILDERS[family](impl).eval()
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
