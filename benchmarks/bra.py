@@ -8,7 +8,7 @@ same routing with torch.gather of the routed regions' keys and values (BiFormer'
 its inputs. Then a whole ViT-B/16 forward at 224 px, stock vs ``bra`` at its identity setting
 (topk = n_win ** 2), for the identity overhead.
 
-    python benchmarks/bra.py --out benchmarks/results/bra.json      # on a CUDA GPU
+    python -m benchmarks.bra --out benchmarks/results/bra.json      # on a CUDA GPU
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                                     "python": platform.python_version(), "attention": rows, "identity": ident,
-                                    "command": "python benchmarks/bra.py"}, indent=2))
+                                    "command": "python -m benchmarks.bra"}, indent=2))
 
 
 if __name__ == "__main__":

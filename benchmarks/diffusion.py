@@ -16,8 +16,8 @@ All in one run, random weights (models built from config dicts, no download), ea
 - ``isolation`` on the SDXL UNet and on Flux: one reference and one target per batch element pair
   (batch 2), two subjects, latency per step and peak memory against stock.
 
-    PYTHONPATH=. python3 benchmarks/diffusion.py --out benchmarks/results/diffusion.json
-    PYTHONPATH=. python3 benchmarks/diffusion.py --tiny   # CPU smoke run at toy sizes
+    PYTHONPATH=. python3 -m benchmarks.diffusion --out benchmarks/results/diffusion.json
+    PYTHONPATH=. python3 -m benchmarks.diffusion --tiny   # CPU smoke run at toy sizes
 """
 
 from __future__ import annotations

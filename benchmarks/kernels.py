@@ -12,7 +12,7 @@ Figures per row:
   of the kernel's forward time;
 - ``bwd_rate_vs_sdpa``: the same rate ratio for the backward pass (dq, dk, dv).
 
-    PYTHONPATH=. python3 benchmarks/kernels.py --out benchmarks/results
+    PYTHONPATH=. python3 -m benchmarks.kernels --out benchmarks/results
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ layers, hidden 4096, ffn 11008, 32 heads; 576 image tokens per 336px image, ``im
 - ``generate()`` of ``--new-tokens`` tokens at batch 16 (greedy, no EOS): decode tokens per second,
   ``batch * new_tokens / (generate time - prefill time)``, stock and pruned.
 
-    PYTHONPATH=. python3 benchmarks/lvlm.py --out benchmarks/results/lvlm.json
-    PYTHONPATH=. python3 benchmarks/lvlm.py --tiny --out /tmp/lvlm.json   # CPU smoke run, tiny model
+    PYTHONPATH=. python3 -m benchmarks.lvlm --out benchmarks/results/lvlm.json
+    PYTHONPATH=. python3 -m benchmarks.lvlm --tiny --out /tmp/lvlm.json   # CPU smoke run, tiny model
 """
 
 from __future__ import annotations
@@ -26,21 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# benchmarks/kernels.py, first on the path when this file runs as a script, would shadow the optional
-# `kernels` package that transformers probes for
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+import transformers
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
-
-import visattn  # noqa: E402
+import visattn
 
 IMAGE_TOKEN = 32000
 

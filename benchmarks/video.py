@@ -14,8 +14,8 @@ the call the stock diffusers processors make) measured in the same run:
 - fidelity: relative L2 error of that forward's output against stock, per strategy and keep ratio
   (random-weight architecture, not a trained model: the numbers show the mechanics, not quality).
 
-    PYTHONPATH=. python3 benchmarks/video.py --out benchmarks/results/video.json
-    PYTHONPATH=. python3 benchmarks/video.py --smoke   # tiny shapes on the CPU (reference path)
+    PYTHONPATH=. python3 -m benchmarks.video --out benchmarks/results/video.json
+    PYTHONPATH=. python3 -m benchmarks.video --smoke   # tiny shapes on the CPU (reference path)
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ All in one run, fp16, random weights (``timm.create_model(..., pretrained=False)
   interleaved with stock;
 - EViT (``prune``, strategy "cls", keep 0.7 at blocks depth/4, depth/2, 3 depth/4).
 
-    PYTHONPATH=. python3 benchmarks/vit.py --out benchmarks/results/vit.json --tome-path .peers/ToMe
+    PYTHONPATH=. python3 -m benchmarks.vit --out benchmarks/results/vit.json --tome-path .peers/ToMe
 """
 
 from __future__ import annotations

@@ -134,7 +134,8 @@ def _open_clip_forward(self: Any, q_x: Tensor, k_x: Tensor | None = None, v_x: T
 @register
 class Prune(Method):
     name = "prune"
-    summary = "drop the least attended image tokens between attention and MLP, fusing them into one (EViT)"
+    summary = ("drop the least important image tokens: EViT on ViTs (fused into one token); FastV, VTC-CLS, "
+               "STAR, PLPHP, TransPrune on vision-language models (removed from sequence and KV cache)")
     paper = ("strategy 'cls': Liang et al., 2022, 'Not All Patches are What You Need: Expediting Vision "
              "Transformers via Token Reorganizations' (EViT, ICLR 2022); on transformers vision-language models "
              "FastV, VTC-CLS, STAR, PLPHP and TransPrune (visattn.processors.prune_vlm)")
