@@ -1,5 +1,8 @@
 """The public surface: apply / remove / methods, the registry, options and the documented errors."""
 
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
@@ -101,3 +104,18 @@ def test_option_validators():
         validate_options("m", opts, {"strategy": "star"})
     with pytest.raises(OptionError, match="keep must be"):
         validate_options("m", opts, {"keep": float("nan")})
+
+
+def test_imports_without_any_framework_installed():
+    """A core install (torch, numpy, pillow) imports visattn and lists every method."""
+    code = (
+        "import sys, importlib.util\n"
+        "blocked = ('timm', 'open_clip', 'diffusers', 'transformers')\n"
+        "for name in blocked: sys.modules[name] = None\n"
+        "find = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda n, *a: None if n.split('.')[0] in blocked else find(n, *a)\n"
+        "import visattn\n"
+        "print(sorted(visattn.methods()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "'sparse_video'" in out and "'tome'" in out and "'visual_sink'" in out

@@ -50,6 +50,17 @@ def adapter(framework: str) -> ModuleType:
     return importlib.import_module(f"visattn.frameworks.{framework}")
 
 
+class LazyAdapter:
+    """A framework adapter module, imported on first attribute access, so that the methods using it
+    import (and register) without that framework installed: ``tfa = LazyAdapter("transformers")``."""
+
+    def __init__(self, framework: str) -> None:
+        self._framework = framework
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(adapter(self._framework), name)
+
+
 def select_layers(names: Sequence[str], layers: Sequence[int] | None, method: str) -> list[int]:
     """Indices of the chosen layers, checked against the model's attention layers."""
     from ..errors import OptionError

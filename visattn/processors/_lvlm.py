@@ -23,8 +23,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import ShapeError, UnsupportedModelError
-from ..frameworks import transformers as tfa
+from ..frameworks.base import LazyAdapter
 from ..patching import Patcher
+
+tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
 
 
 def call_arguments(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -60,12 +60,14 @@ from ..core.attention import attention_probs
 from ..core.redistribute import amplify_logits, attend_rows, dual_stream_selection, spatial_contrast
 from ..errors import OptionError, ShapeError, UnsupportedModelError
 from ..frameworks import Target
-from ..frameworks import transformers as tfa
+from ..frameworks.base import LazyAdapter
 from ..kernels import reweighted_decode
 from ..options import choice_option, float_option, layers_option
 from ..patching import Handle, Patcher
 from ..registry import Method, register
 from ._lvlm import ImageKeys, call_arguments, image_token_id, write_rows
+
+tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
 
 STRATEGIES = ("pai", "vhr", "imbalance")
 #: PAI modulates decoder layers [2, 32) of LLaVA-1.5's 32.

@@ -70,8 +70,10 @@ from ..core.importance import (
 from ..core.merge import cls_attention
 from ..errors import OptionError, ShapeError, UnsupportedModelError
 from ..frameworks import Target
-from ..frameworks import transformers as tfa
+from ..frameworks.base import LazyAdapter
 from ..patching import Handle, Patcher
+
+tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
 
 STRATEGIES = ("cls", "fastv", "star", "plphp", "transprune")
 FAMILIES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration",

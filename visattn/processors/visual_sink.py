@@ -42,12 +42,14 @@ from torch import Tensor
 from ..core.redistribute import attend_rows, find_sinks, redistribute
 from ..errors import UnsupportedModelError
 from ..frameworks import Target
-from ..frameworks import transformers as tfa
+from ..frameworks.base import LazyAdapter
 from ..kernels import reweighted_decode
 from ..options import float_option
 from ..patching import Handle, Patcher
 from ..registry import Method, register
 from ._lvlm import ImageKeys, call_arguments, image_token_id, write_rows
+
+tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
 
 
 class VisualSinkHandle(Handle):
