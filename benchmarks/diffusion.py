@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import diffusers
 import torch
 
 import visattn
+from benchmarks.timing import median_ms
 from visattn.core.merge_sd import cell_destinations, match_to_cells
 from visattn.processors.tome_diffusers import _sites
 
@@ -55,26 +55,6 @@ FLUX_TINY = dict(FLUX, in_channels=4, attention_head_dim=8, num_attention_heads=
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], Any], iters: int, device: torch.device, warmup: int = 3) -> float:
-    """Median milliseconds per call (CUDA events on the GPU, the host clock on the CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def peak_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
@@ -194,7 +174,7 @@ def merge_cost(batch: int, tokens: int, channels: int, ratio: float, device: tor
         merge = match_to_cells(x, dst, src, int(tokens * ratio))
         return merge.unmerge(merge.merge(x))
 
-    return time_ms(graphed(once, None, device, (gen,)), 20, device)
+    return median_ms(graphed(once, None, device, (gen,)), 20, warmup=3)
 
 
 def bench_sdxl(device: torch.device, dtype: torch.dtype, batch: int, tiny: bool, iters: int,
@@ -220,20 +200,20 @@ def bench_sdxl(device: torch.device, dtype: torch.dtype, batch: int, tiny: bool,
                            "dtype": str(dtype), "finite": bool(torch.isfinite(stock_out).all())}
     # eager: the CPU launches ~2,000 kernels per step and, on the H100 machine, is nearly the bottleneck
     # at batch 8 already; every figure below is therefore also taken from a CUDA graph replay.
-    res["stock_eager_ms"] = time_ms(step, iters, device)
+    res["stock_eager_ms"] = median_ms(step, iters, warmup=3)
     res["stock_peak_mib"] = peak_mib(step, device)
-    res["stock_ms"] = time_ms(graphed(step, unet, device), iters, device)
+    res["stock_ms"] = median_ms(graphed(step, unet, device), iters, warmup=3)
     variants = {}
     for max_downsample in (4,) if light else (4, 2):
         for scope in ("attention", "block"):
             key = f"{scope}_md{max_downsample}"
             hooks = half_tokens(unet, scope, 0.5, max_downsample)
-            bound = time_ms(graphed(step, unet, device), iters, device)
+            bound = median_ms(graphed(step, unet, device), iters, warmup=3)
             for h in hooks:
                 h.remove()
             visattn.apply(unet, "tome", ratio=0.5, scope=scope, max_downsample=max_downsample)
-            ms = time_ms(graphed(step, unet, device), iters, device)
-            eager = time_ms(step, iters, device)
+            ms = median_ms(graphed(step, unet, device), iters, warmup=3)
+            eager = median_ms(step, iters, warmup=3)
             peak = peak_mib(step, device)
             out = step()
             visattn.remove(unet)
@@ -250,9 +230,9 @@ def bench_sdxl(device: torch.device, dtype: torch.dtype, batch: int, tiny: bool,
         res["stock_where"] = module_times(unet, step, device)
         return res
     visattn.apply(unet, "tome", ratio=0.0, scope="block", max_downsample=4)
-    res["ratio0_ms"] = time_ms(graphed(step, unet, device), iters, device)
+    res["ratio0_ms"] = median_ms(graphed(step, unet, device), iters, warmup=3)
     visattn.remove(unet)
-    res["stock_ms_again"] = time_ms(graphed(step, unet, device), iters, device)
+    res["stock_ms_again"] = median_ms(graphed(step, unet, device), iters, warmup=3)
     levels = [(side // 2) ** 2, (side // 4) ** 2]
     chans = (16, 16) if tiny else (640, 1280)
     res["merge_cost_ms"] = {f"{n} tokens x {c}": merge_cost(batch, n, c, 0.5, device, dtype)
@@ -283,7 +263,7 @@ def bench_flux(device: torch.device, dtype: torch.dtype, batch: int, tiny: bool,
     res: dict[str, Any] = {"model": f"Flux transformer, reduced depth: {dual} dual + {single} single blocks "
                                     f"(full model: 19 + 38), random weights", "px": side * 16, "batch": batch,
                            "image_tokens": side * side, "text_tokens": text, "dtype": str(dtype)}
-    res["stock_ms"] = time_ms(step, iters, device)
+    res["stock_ms"] = median_ms(step, iters, warmup=3)
     res["stock_peak_mib"] = peak_mib(step, device)
     if device.type == "cuda":  # per block: events around each block
         per: dict[str, list[float]] = {"dual": [], "single": []}
@@ -313,11 +293,11 @@ def bench_flux(device: torch.device, dtype: torch.dtype, batch: int, tiny: bool,
     variants = {}
     for scope in ("attention", "block"):
         hooks = half_tokens(flux, scope, 0.5, 1)
-        bound = time_ms(step, iters, device)
+        bound = median_ms(step, iters, warmup=3)
         for h in hooks:
             h.remove()
         visattn.apply(flux, "tome", ratio=0.5, scope=scope)
-        ms = time_ms(step, iters, device)
+        ms = median_ms(step, iters, warmup=3)
         peak = peak_mib(step, device)
         visattn.remove(flux)
         variants[scope] = {"tome_ms": ms, "bound_ms": bound, "speedup": res["stock_ms"] / ms,
@@ -337,7 +317,7 @@ def bench_isolation(model: torch.nn.Module, step: Callable[[], Any], stock_ms: f
                    reference_regions=[box(100, 300, 400, 900), box(500, 100, 1000, 1000)])
     visattn.apply(model, "isolation", **regions)
     run = graphed(step, model, device) if graph else step
-    ms = time_ms(run, 10, device)
+    ms = median_ms(run, 10, warmup=3)
     peak = peak_mib(step, device)
     visattn.remove(model)
     return {"subjects": 2, "references": 1, "ms": ms, "stock_ms": stock_ms, "slowdown": ms / stock_ms,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import transformers
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import visattn
+from benchmarks.timing import median_ms
 
 IMAGE_TOKEN = 32000
 
@@ -104,20 +104,6 @@ def bound(model: LlavaForConditionalGeneration, x: dict[str, torch.Tensor], kept
     return run
 
 
-def timed(fn: Callable[[], Any], device: str) -> float:
-    """Milliseconds of one call (CUDA events on the GPU, a host clock on the CPU)."""
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    begin = time.perf_counter()
-    fn()
-    return (time.perf_counter() - begin) * 1e3
-
-
 def compare(model: LlavaForConditionalGeneration, variants: dict[str, tuple[dict[str, Any] | None, Callable]],
             iters: int, device: str) -> dict[str, float]:
     """Median ms of each variant, interleaved: every repetition runs each variant once, in turn.
@@ -129,7 +115,7 @@ def compare(model: LlavaForConditionalGeneration, variants: dict[str, tuple[dict
                 visattn.apply(model, "prune", **options)
             try:
                 with torch.no_grad():
-                    ms = timed(fn, device)
+                    ms = median_ms(fn)
             finally:
                 if options is not None:
                     visattn.remove(model)
@@ -201,8 +187,8 @@ def main() -> None:
                 generate = lambda: model.generate(**x, max_new_tokens=args.new_tokens,  # noqa: E731
                                                   min_new_tokens=args.new_tokens, do_sample=False)
                 model.generate(**x, max_new_tokens=4, do_sample=False)  # warm-up
-                ms_generate = timed(generate, device)
-                ms_prefill = statistics.median(timed(prefill(model, x), device) for _ in range(3))
+                ms_generate = median_ms(generate)
+                ms_prefill = statistics.median(median_ms(prefill(model, x)) for _ in range(3))
         finally:
             if options is not None:
                 visattn.remove(model)

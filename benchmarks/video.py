@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import visattn
+from benchmarks.timing import median_ms
 from visattn.core.layout import TokenLayout
 from visattn.kernels import block_sparse_attention
 from visattn.processors.sparse_video import (
@@ -80,26 +79,6 @@ FORWARD_CONFIGS = {
     "grat criss_cross": dict(strategy="grat", grat_pattern="criss_cross"),
 }
 HEAD_DIM = 128
-
-
-def timed(fn: Callable[[], Any], reps: int, warmup: int = 2) -> float:
-    """Median milliseconds of ``fn`` (CUDA events on the GPU, the host clock on the CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def peak_extra_mib(fn: Callable[[], Any]) -> float:
@@ -164,13 +143,13 @@ def attention_rows(cases: list, device: torch.device, dtype: torch.dtype, reps: 
         q, k, v = (torch.randn(1, heads, n, HEAD_DIM if device.type == "cuda" else 16, device=device, dtype=dtype)
                    for _ in range(3))
         stock = partial(F.scaled_dot_product_attention, q, k, v)
-        stock_ms, stock_mib = timed(stock, reps), peak_extra_mib(stock)
+        stock_ms, stock_mib = median_ms(stock, reps, warmup=2), peak_extra_mib(stock)
         for label, options in strategies.items():
             config = SparseVideoConfig.from_options(**options)
             row = dict(case=name, heads=heads, grid=list(grid), text_tokens=text, tokens=n, strategy=label,
                        kept_fraction=kept_fraction(q, k, layout, config), stock_ms=stock_ms, stock_peak_mib=stock_mib)
             sparse = partial(sparse_video_attention, q, k, v, layout, config)
-            row["sparse_ms"], row["sparse_peak_mib"] = timed(sparse, reps), peak_extra_mib(sparse)
+            row["sparse_ms"], row["sparse_peak_mib"] = median_ms(sparse, reps, warmup=2), peak_extra_mib(sparse)
             row["speedup"] = stock_ms / row["sparse_ms"]
             if config.strategy == "tile_topk":  # the kernel alone on the same lists
                 geo = geometry(grid, 0, n, config.tile_for(grid), device)
@@ -178,15 +157,15 @@ def attention_rows(cases: list, device: torch.device, dtype: torch.dtype, reps: 
                 idx, cnt = route_blocks(qp[:, :, :geo.num_grid], kp[:, :, :geo.num_grid], config, geo,
                                         q.shape[-1] ** -0.5)
                 always = [(geo.num_grid, n)] if text else None
-                row["kernel_ms"] = timed(partial(block_sparse_attention, qp[:, :, :geo.num_grid], kp, vp, idx, cnt,
+                row["kernel_ms"] = median_ms(partial(block_sparse_attention, qp[:, :, :geo.num_grid], kp, vp, idx, cnt,
                                                  block_q=geo.block, block_k=geo.block, always_kv=always,
-                                                 check_values=False), reps)
+                                                 check_values=False), reps, warmup=2)
                 row["overhead_ms"] = row["sparse_ms"] - row["kernel_ms"]
-                row["permute_qkv_ms"] = 3 * timed(partial(take_tokens, q, geo.perm), reps)
-                row["permute_qkv_index_select_ms"] = 3 * timed(partial(q.index_select, 2, geo.perm), reps)
-                row["route_ms"] = timed(partial(route_blocks, qp[:, :, :geo.num_grid], kp[:, :, :geo.num_grid],
-                                                config, geo, q.shape[-1] ** -0.5), reps)
-                row["unpermute_ms"] = timed(partial(take_tokens, qp, geo.inverse), reps)
+                row["permute_qkv_ms"] = 3 * median_ms(partial(take_tokens, q, geo.perm), reps, warmup=2)
+                row["permute_qkv_index_select_ms"] = 3 * median_ms(partial(q.index_select, 2, geo.perm), reps, warmup=2)
+                row["route_ms"] = median_ms(partial(route_blocks, qp[:, :, :geo.num_grid], kp[:, :, :geo.num_grid],
+                                                config, geo, q.shape[-1] ** -0.5), reps, warmup=2)
+                row["unpermute_ms"] = median_ms(partial(take_tokens, qp, geo.inverse), reps, warmup=2)
                 row["kernel_speedup"] = stock_ms / row["kernel_ms"]
                 row["kernel_rate_vs_sdpa"] = stock_ms * row["kept_fraction"] / row["kernel_ms"]
             line = (f"attention {name:18s} {label:31s} kept {row['kept_fraction']:.3f}  stock {stock_ms:7.2f} ms  "
@@ -221,7 +200,7 @@ def forward_rows(config: dict, latent: tuple[int, int, int], text: int, device: 
             return model(**inputs, return_dict=False)[0]
 
     dense = run().float()
-    stock_ms = timed(run, reps)
+    stock_ms = median_ms(run, reps, warmup=2)
     stock_mib = peak_extra_mib(run)
     result: dict[str, Any] = dict(config={k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
                                   latent=list(latent), text_tokens=text, stock_ms=stock_ms, stock_peak_mib=stock_mib)
@@ -236,8 +215,8 @@ def forward_rows(config: dict, latent: tuple[int, int, int], text: int, device: 
             options = dict(options, tile=(1, 2, 2))
         visattn.apply(model, "sparse_video", **options)
         out = run().float()
-        row = dict(strategy=label, rel_l2_error=float((out - dense).norm() / dense.norm()), sparse_ms=timed(run, reps),
-                   sparse_peak_mib=peak_extra_mib(run))
+        row = dict(strategy=label, rel_l2_error=float((out - dense).norm() / dense.norm()),
+                   sparse_ms=median_ms(run, reps, warmup=2), sparse_peak_mib=peak_extra_mib(run))
         visattn.remove(model)
         row["speedup"] = stock_ms / row["sparse_ms"]
         print(f"forward {label:22s} rel L2 {row['rel_l2_error']:.4f}  {row['sparse_ms']:.1f} ms  "

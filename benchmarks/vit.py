@@ -31,23 +31,9 @@ import timm
 import torch
 
 import visattn
+from benchmarks.timing import median_ms
 
 MODELS = {"vit_base_patch16_224": 13, "vit_large_patch16_224": 7}
-
-
-def time_ms(fn: Callable[[], object], iters: int) -> float:
-    """Median milliseconds per call over ``iters`` calls, CUDA events around each call."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def graphed(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -104,26 +90,26 @@ def bench_model(name: str, r: int, args: argparse.Namespace, tome: object) -> di
         def fwd() -> torch.Tensor:
             return model(x)
 
-        stock = time_ms(fwd, args.iters)
-        stock_graph = time_ms(graphed(model, x), args.iters)
+        stock = median_ms(fwd, args.iters, warmup=3)
+        stock_graph = median_ms(graphed(model, x), args.iters, warmup=3)
         # identity settings, interleaved with stock so drift cancels
         ident = {"stock": [], "tome_r0": [], "prune_keep1": []}
         for _ in range(3):
-            ident["stock"].append(time_ms(fwd, args.iters))
+            ident["stock"].append(median_ms(fwd, args.iters, warmup=3))
             visattn.apply(model, "tome", r=0)
-            ident["tome_r0"].append(time_ms(fwd, args.iters))
+            ident["tome_r0"].append(median_ms(fwd, args.iters, warmup=3))
             visattn.remove(model)
             visattn.apply(model, "prune", keep=1.0)
-            ident["prune_keep1"].append(time_ms(fwd, args.iters))
+            ident["prune_keep1"].append(median_ms(fwd, args.iters, warmup=3))
             visattn.remove(model)
         base = statistics.median(ident["stock"])
         row["identity_overhead_pct"] = {k: 100 * (statistics.median(v) / base - 1)
                                         for k, v in ident.items() if k != "stock"}
 
         handle = visattn.apply(model, "tome", r=r)
-        ours = time_ms(fwd, args.iters)
+        ours = median_ms(fwd, args.iters, warmup=3)
         counts = handle.token_counts
-        ours_graph = time_ms(graphed(model, x), args.iters)
+        ours_graph = median_ms(graphed(model, x), args.iters, warmup=3)
         if args.profile:
             write_profile(args.profile, f"{name} r={r}: tome", fwd)
             visattn.remove(model)
@@ -145,21 +131,21 @@ def bench_model(name: str, r: int, args: argparse.Namespace, tome: object) -> di
             return merge, None
 
         tome_processor.bipartite_soft_matching = drop_last
-        row["tome_drop_last_ms"] = time_ms(fwd, args.iters)
+        row["tome_drop_last_ms"] = median_ms(fwd, args.iters, warmup=3)
         tome_processor.bipartite_soft_matching = real
         # diagnostic: the same merges through the PyTorch path of visattn.core.merge (no Triton kernels)
         import visattn.core.merge as core_merge
 
         use_kernels = core_merge._use_kernels
         core_merge._use_kernels = lambda metric, n_img: False
-        row["tome_torch_path_ms"] = time_ms(fwd, args.iters)
+        row["tome_torch_path_ms"] = median_ms(fwd, args.iters, warmup=3)
         core_merge._use_kernels = use_kernels
         visattn.remove(model)
         after = counts[1:] + [counts[-1] - min(r, (counts[-1] - model.num_prefix_tokens) // 2)]
         limit = macs(model, [counts[0]] * len(counts), [counts[0]] * len(counts)) / macs(model, counts, after)
 
         handle = visattn.apply(model, "prune", keep=0.7)
-        evit = time_ms(fwd, args.iters)
+        evit = median_ms(fwd, args.iters, warmup=3)
         evit_counts = handle.token_counts
         visattn.remove(model)
 
@@ -171,7 +157,7 @@ def bench_model(name: str, r: int, args: argparse.Namespace, tome: object) -> di
             peer = copy.deepcopy(model)
             tome.patch.timm(peer)
             peer.r = r
-            row["tome_ref_ms"] = time_ms(lambda: peer(x), args.iters)  # noqa: B023
+            row["tome_ref_ms"] = median_ms(lambda: peer(x), args.iters, warmup=3)  # noqa: B023
             row["tome_ref_speedup"] = stock / row["tome_ref_ms"]
             # One merging block: both make the same merges (later blocks differ, since ToMe reorders
             # tokens and so re-pairs them), so the logits agree to fp16 noise.

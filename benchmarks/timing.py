@@ -1,0 +1,31 @@
+"""The one timing helper the benchmarks share."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def median_ms(fn: Callable[[], Any], iters: int = 1, warmup: int = 0) -> float:
+    """Median milliseconds of ``iters`` calls of ``fn`` after ``warmup`` untimed ones: CUDA events
+    around each call when a GPU is present (synchronising on the end event), the host clock otherwise."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
