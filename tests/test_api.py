@@ -119,3 +119,33 @@ def test_imports_without_any_framework_installed():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "'sparse_video'" in out and "'tome'" in out and "'visual_sink'" in out
+
+
+def test_composing_methods_stack_and_unwind_newest_first(vit):
+    class First(registry.Method):
+        name, paper, frameworks, composes_with = "first_for_test", "-", ("timm",), frozenset({"second_for_test"})
+
+        def install(self, target, patcher, options):
+            patcher.set_attr(target.model, "order", ["first"])
+            return visattn.Handle(self.name, target.model, options, patcher)
+
+    class Second(First):
+        name, composes_with = "second_for_test", frozenset({"first_for_test"})
+
+        def install(self, target, patcher, options):
+            patcher.set_attr(target.model, "order", target.model.order + ["second"])
+            return visattn.Handle(self.name, target.model, options, patcher)
+
+    for cls in (First, Second):
+        registry.register(cls)
+    try:
+        first = visattn.apply(vit, "first_for_test")
+        visattn.apply(vit, "second_for_test")
+        assert vit.order == ["first", "second"]
+        with pytest.raises(MethodConflictError, match="remove the methods applied after it first"):
+            first.remove()
+        visattn.remove(vit)
+        assert "order" not in vit.__dict__ and visattn.applied(vit) == []
+    finally:
+        for cls in (First, Second):
+            registry._REGISTRY.pop(cls.name)

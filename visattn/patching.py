@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .errors import MethodConflictError
+
 _MISSING = object()
 HANDLES_ATTR = "_visattn_handles"
 
@@ -82,7 +84,7 @@ class Handle:
             return
         handles = self.model.__dict__.get(HANDLES_ATTR, [])
         if handles and handles[-1] is not self:
-            raise RuntimeError(f"{self.method}: remove the methods applied after it first "
+            raise MethodConflictError(f"{self.method}: remove the methods applied after it first "
                                f"({', '.join(h.method for h in handles[handles.index(self) + 1:])})")
         self._patcher.undo()
         if handles:
