@@ -5,6 +5,7 @@ import functools
 import pytest
 import timm
 import torch
+from interpreter import run_interpreted
 from tiny_models import VIT_VARIANTS, tiny_vit
 
 import visattn
@@ -117,3 +118,23 @@ def test_errors():
     with pytest.raises(ShapeError, match="does not divide the 9x8 patch grid"):
         dyn(torch.randn(1, 3, 36, 32))
     visattn.remove(dyn)
+
+
+def kernel_cases() -> dict[str, float]:
+    """The routed path on the Triton kernel (interpreted) against the gather path in float64."""
+    errors = {}
+    for p in (0, 1, 3):
+        torch.manual_seed(p)
+        q, k, v = (torch.randn(1, 2, p + 64, 16, dtype=torch.float16) for _ in range(3))
+        out = bi_level_routing_attention(q, k, v, num_prefix=p, grid=(8, 8), n_win=2, topk=2, scale=0.25,
+                                         path="kernel", strict=True)
+        ref = bi_level_routing_attention(q.double(), k.double(), v.double(), num_prefix=p, grid=(8, 8), n_win=2,
+                                         topk=2, scale=0.25, path="gather")
+        errors[str(p)] = float((out.double() - ref).abs().max())
+    return errors
+
+
+def test_block_sparse_path_runs_the_triton_kernel_like_the_gather_path():
+    pytest.importorskip("triton")
+    errors = run_interpreted(__file__, "kernel_cases")
+    assert sorted(errors) == ["0", "1", "3"] and max(errors.values()) < 2e-3, errors

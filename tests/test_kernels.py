@@ -8,15 +8,12 @@ one child process started with it (``run_cases``), and each test reads its case'
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from interpreter import run_interpreted
 
 from visattn import _logging
 from visattn.core.attention import attention, block_sparse_attention_reference
@@ -114,14 +111,7 @@ def run_cases() -> dict[str, str | None]:
 
 @pytest.fixture(scope="module")
 def interpreted_results() -> dict[str, str | None]:
-    script = (f"import json, runpy; cases = runpy.run_path({str(Path(__file__))!r}); "
-              "print('RESULTS' + json.dumps(cases['run_cases']()))")
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS")]
-    assert proc.returncode == 0 and lines, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULTS"):])
+    return run_interpreted(__file__, "run_cases")
 
 
 @pytest.mark.parametrize("case", list(CASES))

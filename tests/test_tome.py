@@ -3,15 +3,12 @@ collapse without changing the output, sizes weight the average, and bad input is
 
 import functools
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
+from interpreter import run_interpreted
 from tiny_models import VIT_VARIANTS, tiny_clip, tiny_vit
 
 import visattn
@@ -195,36 +192,32 @@ def test_key_mask_padding_tokens_are_never_merged():
     visattn.remove(model)
 
 
-_KERNEL_CHECK = """
-import torch
-import visattn.core.merge as cm
-from visattn.kernels import tome as kernels
-torch.manual_seed(0)
-use_kernels = cm._use_kernels
-for batch, n, prefix, r, sized in [(3, 17, 1, 4, 0), (2, 21, 4, 5, 1), (2, 16, 0, 8, 1), (1, 30, 3, 13, 0)]:
-    metric, x = torch.randn(batch, n, 16), torch.randn(batch, n, 24)
-    size = torch.randint(1, 5, (batch, n)).float() if sized else None
-    ref = cm._match(metric, r, prefix, size, None)
-    kept, src, dst, new_size = kernels.match(metric, r, prefix, size)
-    assert torch.equal(kept, ref.kept) and torch.equal(new_size, ref.size)
-    assert torch.equal(src.sort(1).values, ref.src.sort(1).values)  # the same tokens merge, in another order
-    fused, _ = cm.bipartite_soft_matching(metric, r, num_prefix=prefix, size=size)  # the kernels, interpreted
-    cm._use_kernels = lambda metric, n_img: False
-    eager, _ = cm.bipartite_soft_matching(metric, r, num_prefix=prefix, size=size)
-    cm._use_kernels = use_kernels
-    torch.testing.assert_close(fused(x), eager(x))
-print("KERNELS OK")
-"""
+def kernel_cases() -> bool:
+    """The Triton decision and merge against the PyTorch path (run in the interpreter, see below)."""
+    import visattn.core.merge as cm
+    from visattn.kernels import tome as kernels
+
+    torch.manual_seed(0)
+    use_kernels = cm._use_kernels
+    for batch, n, prefix, r, sized in [(3, 17, 1, 4, 0), (2, 21, 4, 5, 1), (2, 16, 0, 8, 1), (1, 30, 3, 13, 0)]:
+        metric, x = torch.randn(batch, n, 16), torch.randn(batch, n, 24)
+        size = torch.randint(1, 5, (batch, n)).float() if sized else None
+        ref = cm._match(metric, r, prefix, size, None)
+        kept, src, dst, new_size = kernels.match(metric, r, prefix, size)
+        assert torch.equal(kept, ref.kept) and torch.equal(new_size, ref.size)
+        assert torch.equal(src.sort(1).values, ref.src.sort(1).values)  # the same tokens merge, in another order
+        fused, _ = cm.bipartite_soft_matching(metric, r, num_prefix=prefix, size=size)  # the kernels, interpreted
+        cm._use_kernels = lambda metric, n_img: False
+        eager, _ = cm.bipartite_soft_matching(metric, r, num_prefix=prefix, size=size)
+        cm._use_kernels = use_kernels
+        torch.testing.assert_close(fused(x), eager(x))
+    return True
 
 
 def test_triton_kernels_match_the_pytorch_path():
-    """The Triton decision and merge (run in Triton's interpreter, in a child process so that
-    TRITON_INTERPRET is set before Triton is imported) equal the PyTorch path."""
+    """The Triton decision and merge, run in Triton's interpreter, equal the PyTorch path."""
     pytest.importorskip("triton")
-    root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
-    assert "KERNELS OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert run_interpreted(__file__, "kernel_cases") is True
 
 
 def test_options_and_models_refused():

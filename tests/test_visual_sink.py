@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from interpreter import run_interpreted
 from tiny_vlms import BUILDERS, END, IMAGE, START, VIDEO, build, forward_logits, vlm_inputs
 
 import visattn
@@ -279,19 +280,5 @@ def kernel_cases() -> dict[str, str | None]:
 
 
 def test_decode_kernel_matches_the_pytorch_path_in_the_interpreter() -> None:
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = (f"import json, runpy; cases = runpy.run_path({str(Path(__file__))!r}); "
-              "print('RESULTS' + json.dumps(cases['kernel_cases']()))")
-    root = Path(__file__).resolve().parents[1]
-    path = os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS")]
-    assert proc.returncode == 0 and lines, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    results = json.loads(lines[-1][len("RESULTS"):])
+    results = run_interpreted(__file__, "kernel_cases", timeout=300)
     assert len(results) == 4 and all(r is None for r in results.values()), results

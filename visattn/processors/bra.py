@@ -90,14 +90,15 @@ def bi_level_routing_attention(q: Tensor, k: Tensor, v: Tensor, *, num_prefix: i
 def _routed_kernel(qs: Tensor, ks: Tensor, vs: Tensor, routed: Tensor, *, p: int, size: int, scale: float,
                    strict: bool) -> Tensor:
     b, regions, topk = qs.shape[0], routed.shape[2], routed.shape[3]
-    n_blocks = regions + -(-p // size)
-    kv_indices = torch.arange(regions, device=qs.device, dtype=torch.int32).expand(b, 1, n_blocks, regions).clone()
-    kv_indices[:, :, :regions, :topk] = routed
-    kv_counts = torch.full((b, 1, n_blocks), regions, dtype=torch.int32, device=qs.device)
-    kv_counts[:, :, :regions] = topk
-    always = [(regions * size, regions * size + p)] if p else None
+    n_blocks = regions + -(-p // size)  # the prefix tokens' (partial) blocks follow the regions
+    every = torch.arange(n_blocks, device=qs.device, dtype=torch.int32)
+    kv_indices = every.expand(b, 1, n_blocks, n_blocks).clone()  # prefix query blocks visit every block
+    kv_indices[:, :, :regions, :topk] = routed  # a region visits its routed regions and the prefix blocks
+    kv_indices[:, :, :regions, topk:topk + n_blocks - regions] = every[regions:]
+    kv_counts = torch.full((b, 1, n_blocks), n_blocks, dtype=torch.int32, device=qs.device)
+    kv_counts[:, :, :regions] = topk + n_blocks - regions
     return block_sparse_attention(qs, ks, vs, kv_indices, kv_counts, block_q=size, block_k=size, scale=scale,
-                                  always_kv=always, strict=strict, check_values=False)
+                                  strict=strict, check_values=False)
 
 
 def _routed_gather(qs: Tensor, ks: Tensor, vs: Tensor, routed: Tensor, *, p: int, size: int, scale: float) -> Tensor:
