@@ -102,12 +102,13 @@ def register_attn_layer(name: str, cls: type) -> None:
     vision_transformer.ATTN_LAYERS[name] = cls
 
 
-def vit_grid(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]:
-    """The patch grid ``(h, w)`` a timm ViT makes of an image of ``image_size`` (dynamic sizes included)."""
+def vit_grid(model: nn.Module, image_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The patch grid ``(h, w)`` a timm ViT makes of an image of ``image_size`` (default: the model's own
+    ``img_size``; dynamic sizes included)."""
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is None or getattr(patch_embed, "grid_size", None) is None:
         raise UnsupportedModelError(f"the timm model {type(model).__name__} has no patch_embed.grid_size (not a ViT)")
-    if getattr(model, "dynamic_img_size", False):
+    if image_size is not None and getattr(model, "dynamic_img_size", False):
         return tuple(patch_embed.dynamic_feat_size(tuple(image_size)))
     return tuple(patch_embed.grid_size)
 

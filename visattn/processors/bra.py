@@ -60,6 +60,12 @@ def check_grid(grid: tuple[int, int], n_win: int) -> None:
                          f"n_win values that fit: {fits}")
 
 
+def check_topk(n_win: int, topk: int) -> None:
+    """Raise :class:`OptionError` unless ``topk`` is at most the number of regions."""
+    if topk > n_win ** 2:
+        raise OptionError(f"bra: topk must be <= n_win ** 2 = {n_win ** 2} (got {topk})")
+
+
 def bi_level_routing_attention(q: Tensor, k: Tensor, v: Tensor, *, num_prefix: int, grid: tuple[int, int],
                                n_win: int, topk: int, scale: float, strict: bool = False, path: str = "auto") -> Tensor:
     """Eqs. 3-6 of BiFormer on ``[B, H, P + h*w, D]`` tensors (prefix first, grid in raster order).
@@ -212,12 +218,10 @@ class BRA(Method):
 
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
         super().check_target(target, options)
-        if options["topk"] > options["n_win"] ** 2:
-            raise OptionError(f"bra: topk must be <= n_win ** 2 = {options['n_win'] ** 2} (got {options['topk']})")
+        check_topk(options["n_win"], options["topk"])
         select_layers([n for n, _ in adapter("timm").attention_layers(target.model)], options["layers"], self.name)
-        grid = adapter("timm").vit_grid(target.model, target.model.patch_embed.img_size)
         if not getattr(target.model, "dynamic_img_size", False):
-            check_grid(grid, options["n_win"])
+            check_grid(adapter("timm").vit_grid(target.model), options["n_win"])
 
     def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> Handle:
         model, timm_fw = target.model, adapter("timm")
@@ -263,8 +267,7 @@ def bra(*, n_win: int = 7, topk: int = 4, lepe: bool = False, strict: bool = Fal
     is larger than a grid side.
     """
     values = validate_options("bra", BRA.options, dict(n_win=n_win, topk=topk, lepe=lepe, strict=strict))
-    if topk > n_win ** 2:
-        raise OptionError(f"bra: topk must be <= n_win ** 2 = {n_win ** 2} (got {topk})")
+    check_topk(n_win, topk)
     if num_prefix_tokens is not None and (not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0):
         raise OptionError(f"bra: num_prefix_tokens must be None or an int >= 0 (got {num_prefix_tokens!r})")
     return _configured(values["n_win"], values["topk"], values["lepe"], values["strict"], num_prefix_tokens)
