@@ -198,5 +198,5 @@ def test_eval_bad_inputs_are_named(tmp_path, capsys):
         main(["eval", "vit", "--method", "inspect", "--sweep", "per_head"])
     assert "NAME=V1,V2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["eval", "vlm", "--method", "inspect"])
-    assert "invalid choice: 'vlm'" in capsys.readouterr().err
+        main(["eval", "dit", "--method", "inspect"])
+    assert "invalid choice: 'dit'" in capsys.readouterr().err

@@ -98,18 +98,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--layer", type=int, default=-1, help="attention layer index (negative counts from the end)")
     p.add_argument("--out", type=Path, default=Path("attention.png"))
-    e = sub.add_parser("eval", help="stock vs patched model on a held-out set: top-1 and agreement (JSON + PNG)")
-    e.add_argument("testbed", choices=["vit"], help="vit: the shipped testbed ViT classifier (or --model/--checkpoint)")
-    e.add_argument("--method", required=True, help="a registered method that supports timm (see visattn methods)")
+    e = sub.add_parser("eval", help="stock vs patched model on a held-out set: top-1 or POPE/QA and agreement "
+                                    "(JSON + PNG)")
+    e.add_argument("testbed", choices=["vit", "vlm"],
+                   help="vit: the shipped testbed ViT classifier (or --model/--checkpoint); "
+                        "vlm: the shipped testbed LLaVA-style VLM (or --checkpoint/--tokenizer)")
+    e.add_argument("--method", required=True,
+                   help="a registered method that supports timm (vit) or transformers (vlm); see visattn methods")
     e.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                    help="a fixed option of the method, e.g. strategy=cls (repeatable)")
     e.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...", help="an option swept over values, e.g. r=0,4,8")
-    e.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
+    e.add_argument("--n", type=int, default=None,
+                   help="number of images (vit, default 1000) or of scenes (vlm, default 200)")
     e.add_argument("--seed", type=int, default=0, help="seed of the generated test split")
     e.add_argument("--batch-size", type=int, default=250)
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--model", default=None, help="timm model name of a local checkpoint (with --checkpoint)")
-    e.add_argument("--checkpoint", default=None, help="local timm checkpoint file (with --model)")
+    e.add_argument("--checkpoint", default=None,
+                   help="vit: local timm checkpoint file (with --model); vlm: a vlm.safetensors in the testbed layout")
+    e.add_argument("--tokenizer", default=None, help="vlm: tokenizer file (default: vlm_tokenizer.json beside it)")
     e.add_argument("--num-classes", type=int, default=None, help="classes of the checkpoint's head (passed to timm)")
     e.add_argument("--img-size", type=int, default=None, help="input size of the checkpoint (passed to timm)")
     e.add_argument("--images", default=None, help="local image folder, one subfolder per class (ImageFolder layout)")
@@ -129,15 +136,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     elif args.command == "eval":
         from visattn.errors import VisattnError
-        from visattn.testbed.eval import eval_vit, parse_option, parse_sweep, table
+        from visattn.testbed.eval import eval_vit, eval_vlm, parse_option, parse_sweep, table
 
         try:
             options = dict(parse_option(o) for o in args.option)
             sweep = parse_sweep(args.sweep) if args.sweep else None
-            result = eval_vit(args.method, options, sweep, n=args.n, seed=args.seed, batch_size=args.batch_size,
-                              device=args.device, model_name=args.model, checkpoint=args.checkpoint,
-                              num_classes=args.num_classes, img_size=args.img_size, images=args.images,
-                              out_dir=args.out_dir, progress=not args.no_progress)
+            if args.testbed == "vlm":
+                vit_only = {"--model": args.model, "--num-classes": args.num_classes, "--img-size": args.img_size,
+                            "--images": args.images}
+                given = [k for k, v in vit_only.items() if v is not None]
+                if given:
+                    raise ValueError(f"{', '.join(given)} apply to the vit testbed only")
+                result = eval_vlm(args.method, options, sweep, n=200 if args.n is None else args.n, seed=args.seed,
+                                  batch_size=args.batch_size, device=args.device, checkpoint=args.checkpoint,
+                                  tokenizer=args.tokenizer, out_dir=args.out_dir, progress=not args.no_progress)
+            else:
+                if args.tokenizer is not None:
+                    raise ValueError("--tokenizer applies to the vlm testbed only")
+                result = eval_vit(args.method, options, sweep, n=1000 if args.n is None else args.n, seed=args.seed,
+                                  batch_size=args.batch_size, device=args.device, model_name=args.model,
+                                  checkpoint=args.checkpoint, num_classes=args.num_classes, img_size=args.img_size,
+                                  images=args.images, out_dir=args.out_dir, progress=not args.no_progress)
         except (VisattnError, ValueError, OSError) as exc:
             e.error(str(exc))
         print(f"{result['model']} on {result['data']}, {result['device']}")

@@ -2,13 +2,16 @@
 
 Pretrained weights cannot be assumed, so fidelity is measured on models trained in this repo on
 data it generates (:mod:`.data`), and the same harness takes a user's local checkpoints and image
-folders. This release ships the ViT classifier (:mod:`.vit`) and ``visattn eval vit`` (:mod:`.eval`):
+folders. This release ships the ViT classifier (:mod:`.vit`), the LLaVA-style VLM (:mod:`.vlm`) and
+``visattn eval vit`` / ``visattn eval vlm`` (:mod:`.eval`):
 
-    from visattn.testbed import eval_vit
+    from visattn.testbed import eval_vit, eval_vlm
     result = eval_vit("tome", sweep=("r", [0, 4, 8]), n=1000, device="cpu")
+    result = eval_vlm("prune", {"strategy": "fastv"}, sweep=("keep", [1.0, 0.5]), n=200, device="cpu")
 """
 
-from .eval import eval_vit
+from .eval import eval_vit, eval_vlm
 from .vit import load_vit, train_vit
+from .vlm import load_vlm, train_vlm
 
-__all__ = ["eval_vit", "load_vit", "train_vit"]
+__all__ = ["eval_vit", "eval_vlm", "load_vit", "load_vlm", "train_vit", "train_vlm"]

@@ -1,4 +1,4 @@
-"""``visattn eval vit``: how far a method moves a ViT classifier's answers.
+"""``visattn eval vit`` and ``visattn eval vlm``: how far a method moves a model's answers.
 
 The harness runs the stock model once over a held-out set, then for each value of a sweep applies
 the method (``visattn.apply(model, method, **options)``), runs the same images, and removes it
@@ -16,6 +16,13 @@ data config (resize, centre crop, normalise).
 
 Results go to ``<out_dir>/eval_vit_<method>.json`` (with a model's name when one is given) and a
 PNG plot of top-1 and agreement across the sweep beside it.
+
+``visattn eval vlm`` (:func:`eval_vlm`) does the same for the testbed VLM (:mod:`.vlm`, a
+transformers ``LlavaForConditionalGeneration`` run with sdpa attention) on the questions of held-out
+generated scenes: POPE accuracy and F1 per split (random, popular, adversarial), colour and count
+accuracy, and agreement (the fraction of questions answered as the stock model answers them), for
+every method that supports transformers. Results: ``<out_dir>/eval_vlm_<method>.json`` and a PNG of
+POPE-random accuracy and agreement across the sweep.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from ..registry import all_methods, get_method
 from .data import SHAPES, classification_batch
 from .vit import SHIPPED_WEIGHTS, load_vit
 
-TESTBEDS: tuple[str, ...] = ("vit",)
+TESTBEDS: tuple[str, ...] = ("vit", "vlm")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -135,14 +142,14 @@ def _resolve_device(device: str) -> torch.device:
     return dev
 
 
-def _check_method(method: str, options: Mapping[str, Any], sweep: tuple[str, Sequence[Any]] | None
-                  ) -> list[dict[str, Any]]:
+def _check_method(method: str, options: Mapping[str, Any], sweep: tuple[str, Sequence[Any]] | None,
+                  framework: str = "timm", testbed: str = "ViT") -> list[dict[str, Any]]:
     """Validate everything about the method before a model is built; the options of each sweep point."""
     cls = get_method(method)
-    if "timm" not in cls.frameworks:
-        timm_methods = [n for n, c in all_methods().items() if "timm" in c.frameworks]
-        raise UnsupportedModelError(f"{method} does not support timm models, so it cannot run on the ViT testbed; "
-                                    f"methods that do: {', '.join(timm_methods)}")
+    if framework not in cls.frameworks:
+        supported = [n for n, c in all_methods().items() if framework in c.frameworks]
+        raise UnsupportedModelError(f"{method} does not support {framework} models, so it cannot run on the {testbed} "
+                                    f"testbed; methods that do: {', '.join(supported)}")
     if sweep is None:
         points = [dict(options)]
     else:
@@ -288,8 +295,100 @@ def eval_vit(method: str, options: Mapping[str, Any] | None = None, sweep: tuple
     return result
 
 
+def eval_vlm(method: str, options: Mapping[str, Any] | None = None, sweep: tuple[str, Sequence[Any]] | None = None,
+             *, n: int = 200, seed: int = 0, batch_size: int = 200, device: str = "auto",
+             checkpoint: str | Path | None = None, tokenizer: str | Path | None = None,
+             out_dir: str | Path | None = "benchmarks/results", progress: bool = True) -> dict[str, Any]:
+    """Stock vs ``method`` on the testbed VLM; returns (and writes, unless ``out_dir`` is None) the results.
+
+    The questions are those of scenes ``0 .. n-1`` of the generated ``test`` split (:mod:`.vlm`):
+    POPE presence questions per split (random, popular, adversarial; accuracy, F1 with ``yes`` as
+    positive, yes-ratio), colour and count questions (accuracy). The answer to a question is the
+    model's first greedy token. Per sweep point: the patched metrics and the *agreement*, the
+    fraction of questions answered as the stock model answers them (overall and per kind).
+
+    Args:
+        method: a registered method that supports transformers (``visattn.methods()``).
+        options, sweep: as for :func:`eval_vit`.
+        n: number of test scenes (each gives about 20 questions).
+        checkpoint, tokenizer: a local ``vlm.safetensors`` and tokenizer file in the testbed VLM's
+            layout (default: the shipped ones; the tokenizer defaults to ``vlm_tokenizer.json`` beside
+            the checkpoint).
+    """
+    from tqdm.auto import tqdm
+
+    from .vlm import SHIPPED_VLM, evaluate, load_vlm, question_set
+
+    options = dict(options or {})
+    points = _check_method(method, options, sweep, framework="transformers", testbed="VLM")
+    if n is None or n < 1:
+        raise ValueError(f"n must be >= 1 (got {n})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    dev = _resolve_device(device)
+    model, tok = load_vlm(checkpoint, tokenizer, dev, attn_implementation="sdpa")
+    model_desc = f"testbed VLM ({Path(checkpoint).name if checkpoint is not None else SHIPPED_VLM.name})"
+    for given in points:  # the method's own checks against this model, before any pass
+        visattn.apply(model, method, **given)
+        visattn.remove(model)
+    images, kinds = question_set("test", n, seed)
+    total = sum(len(v) for v in kinds.values())
+
+    with torch.no_grad():  # warm-up, so that the stock pass's time does not include one-off costs
+        evaluate(model, tok, images, {"count": kinds["count"][:batch_size]}, dev, batch_size)
+    bar = tqdm(total=total * (1 + len(points)), desc=f"eval vlm {method}", unit="q", disable=not progress)
+    t0 = time.perf_counter()
+    stock, stock_answers = evaluate(model, tok, images, kinds, dev, batch_size, bar.update)
+    stock_s = time.perf_counter() - t0
+    rows = []
+    for given in points:
+        label = ", ".join(f"{k}={v}" for k, v in given.items()) or "defaults"
+        bar.set_postfix_str(label)
+        handle = visattn.apply(model, method, **given)
+        clear = getattr(handle, "clear", None)  # methods that record (inspect): keep memory flat
+
+        def on_batch(k: int, clear: Any = clear) -> None:
+            if clear is not None:
+                clear()
+            bar.update(k)
+
+        try:
+            t0 = time.perf_counter()
+            metrics, answers = evaluate(model, tok, images, kinds, dev, batch_size, on_batch)
+            seconds = time.perf_counter() - t0
+        finally:
+            visattn.remove(model)
+        same = {k: [a == b for a, b in zip(answers[k], stock_answers[k])] for k in kinds}
+        rows.append({"options": given, "value": given.get(sweep[0]) if sweep else None, "metrics": metrics,
+                     "agreement": round(sum(sum(v) for v in same.values()) / total, 6),
+                     "agreement_per_kind": {k: round(sum(v) / max(len(v), 1), 6) for k, v in same.items()},
+                     "seconds": round(seconds, 3), "speedup": round(stock_s / max(seconds, 1e-9), 3)})
+    bar.close()
+
+    result = {
+        "testbed": "vlm", "method": method, "options": options, "sweep": sweep[0] if sweep else None,
+        "model": model_desc, "data": f"generated test scenes, seed {seed}, scenes 0..{n - 1}",
+        "n": n, "questions": {k: len(v) for k, v in kinds.items()}, "stock": stock,
+        "stock_seconds": round(stock_s, 3), "rows": rows,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__, "batch_size": batch_size, "attn_implementation": "sdpa",
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": " ".join(["visattn", *sys.argv[1:]]) if Path(sys.argv[0]).name == "visattn" else None,
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"eval_vlm_{method}" if checkpoint is None else f"eval_vlm_{Path(checkpoint).stem}_{method}"
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        plot(result, out / f"{stem}.png")
+        result["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.png")]
+    return result
+
+
 def table(result: Mapping[str, Any]) -> str:
     """The result as a Markdown table: one row per sweep point (times are in the JSON)."""
+    if result.get("testbed") == "vlm":
+        return _vlm_table(result)
     lines = ["| setting | top-1 stock | top-1 patched | agreement with stock |", "|---|---|---|---|"]
     for row in result["rows"]:
         setting = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "defaults"
@@ -298,13 +397,37 @@ def table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _vlm_table(result: Mapping[str, Any]) -> str:
+    stock = result["stock"]
+    lines = ["| setting | POPE acc random / popular / adversarial | POPE F1 random / popular / adversarial | "
+             "colour acc | count acc | agreement with stock |", "|---|---|---|---|---|---|"]
+
+    def cells(m: Mapping[str, Any]) -> str:
+        acc = " / ".join(f"{m[s]['accuracy']:.3f}" for s in ("random", "popular", "adversarial"))
+        f1 = " / ".join(f"{m[s]['f1']:.3f}" for s in ("random", "popular", "adversarial"))
+        return f"{acc} | {f1} | {m['colour']['accuracy']:.3f} | {m['count']['accuracy']:.3f}"
+
+    lines.append(f"| stock | {cells(stock)} | 1.000 |")
+    for row in result["rows"]:
+        setting = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "defaults"
+        lines.append(f"| {result['method']} {setting} | {cells(row['metrics'])} | {row['agreement']:.3f} |")
+    return "\n".join(lines)
+
+
 def plot(result: Mapping[str, Any], path: str | Path, width: int = 640, height: int = 400) -> Path:
-    """Top-1 (stock and patched) and agreement across the sweep, as a PNG line chart."""
+    """Top-1 (stock and patched; for the VLM, POPE-random accuracy) and agreement across the sweep, as a PNG."""
     rows = result["rows"]
     names = [str(r["value"]) if result["sweep"] else "defaults" for r in rows]
-    series = [("agreement", [r["agreement"] for r in rows], (230, 120, 20)),
-              ("top-1 patched", [r["top1"] for r in rows], (40, 90, 200)),
-              ("top-1 stock", [result["stock_top1"]] * len(rows), (140, 140, 140))]
+    if result.get("testbed") == "vlm":
+        series = [("agreement", [r["agreement"] for r in rows], (230, 120, 20)),
+                  ("POPE random patched", [r["metrics"]["random"]["accuracy"] for r in rows], (40, 90, 200)),
+                  ("POPE random stock", [result["stock"]["random"]["accuracy"]] * len(rows), (140, 140, 140))]
+        what = f"{result['n']} scenes, {sum(result['questions'].values())} questions"
+    else:
+        series = [("agreement", [r["agreement"] for r in rows], (230, 120, 20)),
+                  ("top-1 patched", [r["top1"] for r in rows], (40, 90, 200)),
+                  ("top-1 stock", [result["stock_top1"]] * len(rows), (140, 140, 140))]
+        what = f"{result['n']} images"
     low = min(min(v) for _, v, _ in series)
     y0 = max(0.0, math.floor(low * 10) / 10 - 0.1)
     left, right, top, bottom = 60, width - 20, 40, height - 50
@@ -325,7 +448,7 @@ def plot(result: Mapping[str, Any], path: str | Path, width: int = 640, height: 
         x = xy(i, y0)[0]
         draw.text((x - 3 * len(name), bottom + 8), name, fill="black")
     draw.text((left, bottom + 28), f"{result['sweep'] or 'setting'}", fill="black")
-    title = f"{result['method']} on {result['model']}: {result['n']} images"
+    title = f"{result['method']} on {result['model']}: {what}"
     draw.text((left, 10), title, fill="black")
     for j, (label, values, colour) in enumerate(series):
         pts = [xy(i, v) for i, v in enumerate(values)]
@@ -336,7 +459,7 @@ def plot(result: Mapping[str, Any], path: str | Path, width: int = 640, height: 
                 draw.rectangle([x - 6, y - 6, x + 6, y + 6], outline=colour, width=2)
             else:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        draw.text((right - 110, top + 8 + 14 * j), label, fill=colour)
+        draw.text((right - 150, top + 8 + 14 * j), label, fill=colour)
     path = Path(path)
     img.save(path)
     return path
