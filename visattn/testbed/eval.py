@@ -280,15 +280,27 @@ def eval_vit(method: str, options: Mapping[str, Any] | None = None, sweep: tuple
         "testbed": "vit", "method": method, "options": options, "sweep": sweep[0] if sweep else None,
         "model": model_desc, "data": data.description, "n": len(data), "classes": list(data.classes),
         "stock_top1": _fraction(stock == labels), "stock_seconds": round(stock_s, 3), "rows": rows,
+        **_run_record(dev, batch_size),
+    }
+    stem = f"eval_vit_{method}" if model_name is None else f"eval_vit_{model_name}_{method}"
+    return _write(result, out_dir, stem)
+
+
+def _run_record(dev: torch.device, batch_size: int) -> dict[str, Any]:
+    """Where and how a result was made: device, torch version, batch size, time, command."""
+    return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch": torch.__version__, "batch_size": batch_size,
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": " ".join(["visattn", *sys.argv[1:]]) if Path(sys.argv[0]).name == "visattn" else None,
     }
+
+
+def _write(result: dict[str, Any], out_dir: str | Path | None, stem: str) -> dict[str, Any]:
+    """Write ``result`` as ``<stem>.json`` with its plot ``<stem>.png`` under ``out_dir`` (if given)."""
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"eval_vit_{method}" if model_name is None else f"eval_vit_{model_name}_{method}"
         (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         plot(result, out / f"{stem}.png")
         result["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.png")]
@@ -370,19 +382,10 @@ def eval_vlm(method: str, options: Mapping[str, Any] | None = None, sweep: tuple
         "model": model_desc, "data": f"generated test scenes, seed {seed}, scenes 0..{n - 1}",
         "n": n, "questions": {k: len(v) for k, v in kinds.items()}, "stock": stock,
         "stock_seconds": round(stock_s, 3), "rows": rows,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "torch": torch.__version__, "batch_size": batch_size, "attn_implementation": "sdpa",
-        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": " ".join(["visattn", *sys.argv[1:]]) if Path(sys.argv[0]).name == "visattn" else None,
+        "attn_implementation": "sdpa", **_run_record(dev, batch_size),
     }
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"eval_vlm_{method}" if checkpoint is None else f"eval_vlm_{Path(checkpoint).stem}_{method}"
-        (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        plot(result, out / f"{stem}.png")
-        result["files"] = [str(out / f"{stem}.json"), str(out / f"{stem}.png")]
-    return result
+    stem = f"eval_vlm_{method}" if checkpoint is None else f"eval_vlm_{Path(checkpoint).stem}_{method}"
+    return _write(result, out_dir, stem)
 
 
 def table(result: Mapping[str, Any]) -> str:
