@@ -9,7 +9,16 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_vlms import BUILDERS, END, IMAGE, START, TEXT, VIDEO, build, forward_logits, vlm_inputs
+from tiny_vlms import (
+    BUILDERS,
+    IMAGE,
+    TEXT,
+    assert_identity,
+    build,
+    forward_logits,
+    generate,
+    vlm_inputs,
+)
 
 import visattn
 from visattn.core.attention import attention_logits
@@ -24,12 +33,6 @@ ALPHA = 0.5
 def case(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     model = build(request.param, "sdpa")
     return model, vlm_inputs(request.param, model)
-
-
-def _generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=5, do_sample=False, suppress_tokens=[IMAGE, VIDEO, START, END],
-                              **kwargs)
 
 
 def _route_llm(model: torch.nn.Module, layers: list[int], fn: Any) -> Patcher:
@@ -49,17 +52,10 @@ def _route_llm(model: torch.nn.Module, layers: list[int], fn: Any) -> Patcher:
 
 
 @pytest.mark.parametrize("strategy", ["pai", "vhr"])
-def test_alpha_0_reproduces_stock_logits_and_generate(case: tuple[torch.nn.Module, dict[str, torch.Tensor]],
+def test_alpha_0_reproduces_stock_logits_andgenerate(case: tuple[torch.nn.Module, dict[str, torch.Tensor]],
                                                       strategy: str) -> None:
     model, inputs = case
-    stock, tokens = forward_logits(model, inputs), _generate(model, inputs)
-    visattn.apply(model, "head_modulation", strategy=strategy, alpha=0.0, decoder_layers=[0, 1])
-    try:
-        assert torch.equal(forward_logits(model, inputs), stock)
-        assert torch.equal(_generate(model, inputs), tokens)
-    finally:
-        visattn.remove(model)
-    assert torch.equal(forward_logits(model, inputs), stock)
+    assert_identity(model, inputs, "head_modulation", strategy=strategy, alpha=0.0, decoder_layers=[0, 1])
 
 
 def test_pai_matches_the_dense_reference_and_leaves_earlier_rows_bit_identical(
@@ -95,11 +91,11 @@ def test_pai_matches_the_dense_reference_and_leaves_earlier_rows_bit_identical(
 
 def test_pai_generate_with_cache_matches_full_forwards(case: tuple[torch.nn.Module, dict[str, torch.Tensor]]) -> None:
     model, inputs = case
-    stock = _generate(model, inputs)
+    stock = generate(model, inputs)
     visattn.apply(model, "head_modulation", strategy="pai", alpha=ALPHA, decoder_layers=[0, 1])
     try:
-        cached = _generate(model, inputs)
-        full = _generate(model, inputs, use_cache=False)
+        cached = generate(model, inputs)
+        full = generate(model, inputs, use_cache=False)
     finally:
         visattn.remove(model)
     assert cached.shape == stock.shape == (2, inputs["input_ids"].shape[1] + 5)
@@ -117,7 +113,7 @@ def test_pai_on_an_unpadded_prompt_takes_the_causal_path_and_generates_consisten
     visattn.apply(model, "head_modulation", strategy="pai", alpha=ALPHA, decoder_layers=[0, 1])
     try:
         logits = forward_logits(model, inputs)
-        cached, full = _generate(model, inputs), _generate(model, inputs, use_cache=False)
+        cached, full = generate(model, inputs), generate(model, inputs, use_cache=False)
     finally:
         visattn.remove(model)
     assert torch.equal(logits[:, :-1], stock[:, :-1]) and (logits[:, -1] - stock[:, -1]).abs().max() > 1e-4
@@ -133,7 +129,7 @@ def test_vhr_divergence_is_measured_against_an_image_ablated_pass(
     handle = visattn.apply(model, "head_modulation", strategy="vhr", alpha=ALPHA, decoder_layers=[0], top=0.5)
     try:
         forward_logits(model, inputs)
-        tokens = _generate(model, inputs)
+        tokens = generate(model, inputs)
     finally:
         visattn.remove(model)
     recorded: dict[bool, torch.Tensor] = {}
@@ -211,16 +207,16 @@ def test_imbalance_selects_both_streams_and_matches_the_dense_reference() -> Non
     inputs = vlm_inputs("llava", model)
     ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
     image = (ids == IMAGE) & real
-    stock, tokens = forward_logits(model, inputs), _generate(model, inputs)
+    stock, tokens = forward_logits(model, inputs), generate(model, inputs)
     visattn.apply(model, "head_modulation", strategy="imbalance", alpha=0.0)
     try:
-        assert torch.equal(forward_logits(model, inputs), stock) and torch.equal(_generate(model, inputs), tokens)
+        assert torch.equal(forward_logits(model, inputs), stock) and torch.equal(generate(model, inputs), tokens)
     finally:
         visattn.remove(model)
     handle = visattn.apply(model, "head_modulation", strategy="imbalance", alpha=ALPHA, select=0.5)
     try:
         logits = forward_logits(model, inputs)
-        assert _generate(model, inputs).shape == (2, ids.shape[1] + 5)
+        assert generate(model, inputs).shape == (2, ids.shape[1] + 5)
     finally:
         visattn.remove(model)
 

@@ -14,8 +14,8 @@ import torch
 pytest.importorskip("diffusers")
 
 from PIL import Image  # noqa: E402
-from test_diffusers import B, T, _flux, _pixart, _run  # noqa: E402
-from test_tome_diffusers import _sdxl  # noqa: E402
+from test_diffusers import B, T, _pixart, _run  # noqa: E402
+from test_tome_diffusers import _build  # noqa: E402
 
 import visattn  # noqa: E402
 from visattn.core.regions import as_region, reposition, subject_map, token_mask  # noqa: E402
@@ -28,17 +28,10 @@ SUBJECTS = {
     "flux": dict(target_regions=[(0, 0, 32, 16), (32, 32, 64, 48)],
                  reference_regions=[(32, 0, 64, 32), (0, 16, 32, 48)]),
 }
-BUILD = {"sdxl": _sdxl, "flux": _flux}
+FAMILIES = ("sdxl", "flux")  # built by test_tome_diffusers._build
 
 
-def _build(family: str) -> tuple[torch.nn.Module, dict[str, Any], torch.Tensor]:
-    torch.manual_seed(0)
-    model, inputs = BUILD[family]()[:2]
-    model.eval()
-    return model, inputs, _run(model, inputs)
-
-
-@pytest.fixture(scope="module", params=list(BUILD))
+@pytest.fixture(scope="module", params=FAMILIES)
 def case(request: pytest.FixtureRequest) -> tuple[str, torch.nn.Module, dict[str, Any], torch.Tensor]:
     return (request.param, *_build(request.param))
 

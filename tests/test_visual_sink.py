@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from interpreter import run_interpreted
-from tiny_vlms import BUILDERS, END, IMAGE, START, VIDEO, build, forward_logits, vlm_inputs
+from tiny_vlms import BUILDERS, IMAGE, assert_identity, build, forward_logits, generate, vlm_inputs
 
 import visattn
 from visattn.core.attention import attention_probs
@@ -27,12 +27,6 @@ OPTIONS = dict(p=0.6, tau=TAU, rho=1.0, summ=0.0)
 def case(request: pytest.FixtureRequest) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     model = build(request.param, "sdpa")
     return model, vlm_inputs(request.param, model)
-
-
-def _generate(model: torch.nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=5, do_sample=False, suppress_tokens=[IMAGE, VIDEO, START, END],
-                              **kwargs)
 
 
 def _plant(model: torch.nn.Module) -> tuple[Patcher, dict[str, torch.Tensor]]:
@@ -126,16 +120,9 @@ def test_sink_dimensions_are_those_of_the_reference_token() -> None:
 
 # --- on the four model families ---
 
-def test_p_1_reproduces_stock_logits_and_generate(case: tuple[torch.nn.Module, dict[str, torch.Tensor]]) -> None:
+def test_p_1_reproduces_stock_logits_andgenerate(case: tuple[torch.nn.Module, dict[str, torch.Tensor]]) -> None:
     model, inputs = case
-    stock, tokens = forward_logits(model, inputs), _generate(model, inputs)
-    visattn.apply(model, "visual_sink", p=1.0, tau=TAU)
-    try:
-        assert torch.equal(forward_logits(model, inputs), stock)
-        assert torch.equal(_generate(model, inputs), tokens)
-    finally:
-        visattn.remove(model)
-    assert torch.equal(forward_logits(model, inputs), stock)
+    assert_identity(model, inputs, "visual_sink", p=1.0, tau=TAU)
 
 
 def test_planted_sinks_are_found_and_redistribution_matches_the_dense_reference(
@@ -174,8 +161,8 @@ def test_generate_with_cache_matches_full_forwards(case: tuple[torch.nn.Module, 
     try:
         visattn.apply(model, "visual_sink", **OPTIONS)
         try:
-            cached = _generate(model, inputs)
-            full = _generate(model, inputs, use_cache=False)
+            cached = generate(model, inputs)
+            full = generate(model, inputs, use_cache=False)
         finally:
             visattn.remove(model)
     finally:
@@ -197,7 +184,7 @@ def test_an_unpadded_prompt_takes_the_causal_path_and_generates_consistently() -
         visattn.apply(model, "visual_sink", **OPTIONS)
         try:
             logits = forward_logits(model, inputs)
-            cached, full = _generate(model, inputs), _generate(model, inputs, use_cache=False)
+            cached, full = generate(model, inputs), generate(model, inputs, use_cache=False)
         finally:
             visattn.remove(model)
     finally:

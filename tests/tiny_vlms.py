@@ -110,3 +110,24 @@ def build(family: str, impl: str) -> torch.nn.Module:
 def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         return model(**batch).logits
+
+
+def generate(model: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+    """Five greedy tokens, never an image/vision marker token (the tiny models would emit them)."""
+    with torch.no_grad():
+        return model.generate(**batch, max_new_tokens=5, do_sample=False, suppress_tokens=[IMAGE, VIDEO, START, END],
+                              **kwargs)
+
+
+def assert_identity(model: torch.nn.Module, batch: dict[str, torch.Tensor], method: str, **options: Any) -> None:
+    """``method`` at ``options`` gives bit-identical logits and generate() tokens, and remove() restores them."""
+    import visattn
+
+    stock, tokens = forward_logits(model, batch), generate(model, batch)
+    visattn.apply(model, method, **options)
+    try:
+        assert torch.equal(forward_logits(model, batch), stock)
+        assert torch.equal(generate(model, batch), tokens)
+    finally:
+        visattn.remove(model)
+    assert torch.equal(forward_logits(model, batch), stock)
