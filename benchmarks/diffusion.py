@@ -33,6 +33,7 @@ import diffusers
 import torch
 
 import visattn
+from benchmarks.timing import graphed as timing_graphed
 from benchmarks.timing import median_ms
 from visattn.core.merge_sd import cell_destinations, match_to_cells
 from visattn.processors.tome_diffusers import _sites
@@ -69,25 +70,13 @@ def peak_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
 
 def graphed(fn: Callable[[], Any], model: torch.nn.Module | None, device: torch.device,
             generators: tuple[torch.Generator, ...] = ()) -> Callable[[], Any]:
-    """``fn`` captured in a CUDA graph (the CPU's launch cost removed); returns its replay. The
-    destination generators of an applied ``tome`` (and ``generators``) are registered with the
-    graph, so every replay draws fresh destinations as an eager call would."""
+    """:func:`benchmarks.timing.graphed`, with the destination generators of an applied ``tome``
+    registered too, so every replay draws fresh destinations as an eager call would."""
     if device.type != "cuda":
         return fn
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
     for handle in visattn.applied(model) if model is not None else []:
         generators += tuple(getattr(getattr(handle, "_state", None), "_generators", {}).values())
-    for gen in generators:
-        graph.register_generator_state(gen)
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return timing_graphed(fn, generators)
 
 
 def half_tokens(model: torch.nn.Module, scope: str, ratio: float, max_downsample: int) -> list:
