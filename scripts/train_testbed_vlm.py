@@ -30,6 +30,8 @@ def main() -> None:
     p.add_argument("--val-size", type=int, default=60)
     p.add_argument("--test-size", type=int, default=500)
     p.add_argument("--max-qa", type=int, default=16, help="question-answer pairs per training sequence")
+    p.add_argument("--caption-share", type=float, default=0.25,
+                   help="fraction of training sequences that teach captioning instead of questions")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="processes generating the scenes")
@@ -38,7 +40,8 @@ def main() -> None:
     p.add_argument("--init", default=None, help="a vlm.safetensors to continue from (a second stage)")
     a = p.parse_args()
     train_vlm(a.out, steps=a.steps, batch_size=a.batch_size, train_size=a.train_size, val_size=a.val_size,
-              test_size=a.test_size, max_qa=a.max_qa, lr=a.lr, seed=a.seed, workers=a.workers, threads=a.threads,
+              test_size=a.test_size, max_qa=a.max_qa, caption_share=a.caption_share,
+              lr=a.lr, seed=a.seed, workers=a.workers, threads=a.threads,
               device=a.device, init=a.init, log_every=max(1, min(300, a.steps // 4)))
 
 

@@ -128,7 +128,20 @@ def test_training_recipe_runs_and_writes_its_record(smoke):
     assert json.loads((out / "vlm.json").read_text())["steps"] == 2 and metrics["device"].startswith("cpu")
     model, tok = load_vlm(out / "vlm.safetensors")
     assert model.config.image_token_id == tok.token_to_id(IMAGE)
-    assert set(metrics["test"]) == {"random", "popular", "adversarial", "colour", "count"}
+    assert set(metrics["test"]) == {"random", "popular", "adversarial", "colour", "count", "caption"}
+    assert {"chair_i", "chair_s", "recall"} <= set(metrics["test"]["caption"]) and metrics["caption_share"] == 0.25
+
+
+def test_caption_training_sequence_teaches_the_reference_caption_after_the_prompt():
+    from visattn.testbed.vlm import CAPTION_PROMPT, _caption_sequence
+
+    tok = build_tokenizer()
+    scene = D.multi_object_scene(0, "train", 5)
+    ids, labels = _caption_sequence(scene, tok)
+    prompt, target = encode(tok, CAPTION_PROMPT), encode(tok, D.captions(scene)[1])
+    assert ids == [tok.token_to_id(IMAGE)] * IMAGE_TOKENS + prompt + target
+    assert labels == [-100] * (IMAGE_TOKENS + len(prompt)) + target
+    assert tok.decode(target).startswith("an image with four shapes") and tok.id_to_token(target[-1]) == "."
 
 
 def test_training_path_is_the_models_forward(smoke):
@@ -136,7 +149,7 @@ def test_training_path_is_the_models_forward(smoke):
     from visattn.testbed.vlm import prompt_ids
 
     model, tok = load_vlm(smoke[0] / "vlm.safetensors")
-    images, kinds = question_set("test", 3)
+    images, kinds, _ = question_set("test", 3)
     triples = kinds["random"][:4]
     ids = torch.tensor([prompt_ids(tok, q) for _, q, _ in triples])
     x = images[[i for i, _, _ in triples]]

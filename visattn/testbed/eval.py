@@ -343,7 +343,7 @@ def eval_vlm(method: str, options: Mapping[str, Any] | None = None, sweep: tuple
     for given in points:  # the method's own checks against this model, before any pass
         visattn.apply(model, method, **given)
         visattn.remove(model)
-    images, kinds = question_set("test", n, seed)
+    images, kinds, _ = question_set("test", n, seed)
     total = sum(len(v) for v in kinds.values())
 
     with torch.no_grad():  # warm-up, so that the stock pass's time does not include one-off costs

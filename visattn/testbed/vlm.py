@@ -16,9 +16,14 @@ Built from configs (nothing is downloaded):
 
 A prompt is the 64 image tokens followed by a question (:func:`prompt_ids`); the answer is the
 first greedily generated token (:func:`answer`), one word: ``yes``/``no``, a colour or a number word.
+A caption is what the model generates greedily after :data:`CAPTION_PROMPT`, up to and including
+its first ``.`` (:func:`caption`); :func:`chair_metrics` scores the objects it names (CHAIR).
 :func:`train_vlm` teaches the projector and the Llama, teacher-forced, to answer the generator's
 POPE presence, colour and count questions (several per image in one sequence, the loss on the
-answer words only), and writes ``vlm.safetensors`` (fp16), ``vlm.json`` and the tokenizer.
+answer words only) and, in a ``caption_share`` of the training sequences, to caption (the image,
+:data:`CAPTION_PROMPT`, then the scene's reference caption of :data:`CAPTION_FORM`, the loss on the
+caption), and writes ``vlm.safetensors`` (fp16), ``vlm.json`` and the tokenizer. Captioning adds
+no word to the vocabulary, so checkpoints trained before it still load (they only caption badly).
 ``scripts/train_testbed_vlm.py`` runs it; :func:`load_vlm` loads weights in this layout (by default
 those in ``visattn/testbed/weights/``; none ship yet, as no run has reached POPE accuracy >= 85% on
 the random split: CPU-only runs reach about 73%).
@@ -29,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -49,6 +55,7 @@ from .data import (
     SHAPES,
     ObjectStatistics,
     Scene,
+    captions,
     colour_questions,
     count_questions,
     multi_object_scene,
@@ -71,6 +78,13 @@ TEXT_CONFIG: dict[str, Any] = {"hidden_size": 128, "intermediate_size": 256, "nu
 #: the scenes whose object statistics define POPE's popular and adversarial negatives (train split).
 STATS_SCENES = 2000
 QUESTION_KINDS: tuple[str, ...] = ("pope", "colour", "count")
+#: the prompt that asks for a caption (words of :func:`vocabulary` only, so older tokenizers encode it).
+CAPTION_PROMPT = "What is in the image?"
+#: which of :func:`~.data.captions`' reference forms the model learns: "an image with <n> shapes: <objects>."
+CAPTION_FORM = 1
+#: a caption ends at its first full stop; the longest reference caption is 22 tokens.
+CAPTION_END = "."
+CAPTION_TOKENS = 24
 
 
 def vocabulary() -> list[str]:
@@ -230,7 +244,16 @@ def _training_sequence(qs: dict[str, list[tuple[str, str]]], tok: Any, rng: np.r
     without repeats, colour, count), shuffled; labels are -100 except on the answers."""
     pope = list(dict.fromkeys(qa for split in POPE_SPLITS for qa in qs[split]))
     pairs = pope + qs["colour"] + qs["count"]
-    pairs = [pairs[i] for i in rng.permutation(len(pairs))[:max_qa]]
+    return _sequence([pairs[i] for i in rng.permutation(len(pairs))[:max_qa]], tok)
+
+
+def _caption_sequence(scene: Scene, tok: Any) -> tuple[list[int], list[int]]:
+    """Image tokens, :data:`CAPTION_PROMPT` and the scene's reference caption; labels on the caption only."""
+    return _sequence([(CAPTION_PROMPT, captions(scene)[CAPTION_FORM])], tok)
+
+
+def _sequence(pairs: Sequence[tuple[str, str]], tok: Any) -> tuple[list[int], list[int]]:
+    """Image tokens then the ``(prompt, target)`` pairs; labels are -100 except on the targets."""
     ids = [tok.token_to_id(IMAGE)] * IMAGE_TOKENS
     labels = [-100] * IMAGE_TOKENS
     for q, a in pairs:
@@ -289,6 +312,57 @@ def answer(model: nn.Module, tokenizer: Any, images: np.ndarray, questions: Sequ
     return out
 
 
+@torch.no_grad()
+def caption(model: nn.Module, tokenizer: Any, images: np.ndarray, device: str | torch.device = "cpu",
+            batch_size: int = 200, max_new_tokens: int = CAPTION_TOKENS, on_batch: Any = None) -> list[str]:
+    """The model's caption of each image: greedy ``generate()`` (with its KV cache) after
+    :data:`CAPTION_PROMPT`, up to and including the first ``.`` or ``max_new_tokens`` tokens.
+
+    Every prompt has the same length, so batches are not padded; ``on_batch(k)`` is called after each.
+    """
+    ids = prompt_ids(tokenizer, CAPTION_PROMPT)
+    end, pad = tokenizer.token_to_id(CAPTION_END), tokenizer.token_to_id(PAD)
+    out: list[str] = []
+    for a in range(0, len(images), batch_size):
+        chunk = images[a:a + batch_size]
+        input_ids = torch.tensor([ids] * len(chunk), device=device)
+        new = model.generate(input_ids=input_ids, pixel_values=to_input(chunk, device),
+                             attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=end, pad_token_id=pad)[:, len(ids):].tolist()
+        for row in new:
+            row = row[:row.index(end) + 1] if end in row else row
+            out.append(tokenizer.decode([t for t in row if t != pad]))
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return out
+
+
+def mentioned_shapes(text: str) -> set[str]:
+    """The shapes a caption names, singular or plural (``"two circles and a star."`` -> ``{circle, star}``)."""
+    names = {**{s: s for s in SHAPES}, **{plural(s): s for s in SHAPES}}
+    return {names[w] for w in re.findall(r"[a-z]+", text.lower()) if w in names}
+
+
+def chair_metrics(texts: Sequence[str], present: Sequence[set[str]]) -> dict[str, float]:
+    """CHAIR object hallucination (Rohrbach et al., 2018) of captions ``texts`` of images holding ``present``.
+
+    Each caption counts each shape it names once (:func:`mentioned_shapes`). ``chair_i``: named shapes
+    absent from their image over all named shapes; ``chair_s``: captions naming at least one absent
+    shape over all captions; ``recall``: present shapes named over all present shapes; ``mentions``:
+    named shapes per caption.
+    """
+    if len(texts) != len(present):
+        raise ValueError(f"one object set per caption: got {len(texts)} captions and {len(present)} sets")
+    named = [mentioned_shapes(t) for t in texts]
+    mentions = sum(len(m) for m in named)
+    wrong = [len(m - p) for m, p in zip(named, present)]
+    hits = sum(len(m & p) for m, p in zip(named, present))
+    return {"chair_i": round(sum(wrong) / max(mentions, 1), 6),
+            "chair_s": round(sum(w > 0 for w in wrong) / max(len(texts), 1), 6),
+            "recall": round(hits / max(sum(len(p) for p in present), 1), 6),
+            "mentions": round(mentions / max(len(texts), 1), 6), "n": len(texts)}
+
+
 def pope_metrics(answers: Sequence[str], truth: Sequence[str]) -> dict[str, float]:
     """POPE's accuracy, precision, recall, F1 (``yes`` is positive) and yes-ratio; any non-``yes`` answer is a no."""
     pred = np.array([a == "yes" for a in answers])
@@ -302,24 +376,29 @@ def pope_metrics(answers: Sequence[str], truth: Sequence[str]) -> dict[str, floa
 
 
 def question_set(split: str, n: int, seed: int = 0, stats: ObjectStatistics | None = None
-                 ) -> tuple[np.ndarray, dict[str, list[tuple[int, str, str]]]]:
-    """Images of scenes ``0 .. n-1`` of ``split`` and, per kind (POPE splits, colour, count), the
-    ``(image index, question, answer)`` triples."""
+                 ) -> tuple[np.ndarray, dict[str, list[tuple[int, str, str]]], list[set[str]]]:
+    """Images of scenes ``0 .. n-1`` of ``split``; per kind (POPE splits, colour, count), the
+    ``(image index, question, answer)`` triples; and the shapes present in each image."""
     stats = stats if stats is not None else pope_statistics(seed)
     sc = scenes(split, n, seed=seed)
     kinds: dict[str, list[tuple[int, str, str]]] = {k: [] for k in (*POPE_SPLITS, "colour", "count")}
     for i, s in enumerate(sc):
         for kind, qa in questions(s, stats, seed, split, i).items():
             kinds[kind] += [(i, q, a) for q, a in qa]
-    return np.stack([s.image for s in sc]), kinds
+    return np.stack([s.image for s in sc]), kinds, [{o.shape for o in s.objects} for s in sc]
 
 
 def evaluate(model: nn.Module, tokenizer: Any, images: np.ndarray, kinds: dict[str, list[tuple[int, str, str]]],
-             device: str | torch.device = "cpu", batch_size: int = 200, on_batch: Any = None
-             ) -> tuple[dict[str, Any], dict[str, list[str]]]:
-    """Metrics per kind (POPE accuracy/F1 per split, colour and count accuracy) and the answers given."""
+             device: str | torch.device = "cpu", batch_size: int = 200, on_batch: Any = None,
+             present: Sequence[set[str]] | None = None) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Metrics per kind (POPE accuracy/F1 per split, colour and count accuracy) and the answers given;
+    with ``present`` (the shapes in each image), also ``"caption"``: the caption of every image
+    (:func:`caption`) and its CHAIR metrics (:func:`chair_metrics`)."""
     metrics: dict[str, Any] = {}
     answers: dict[str, list[str]] = {}
+    if present is not None:
+        answers["caption"] = caption(model, tokenizer, images, device, batch_size, on_batch=on_batch)
+        metrics["caption"] = chair_metrics(answers["caption"], present)
     for kind, triples in kinds.items():
         got = answer(model, tokenizer, images[[t[0] for t in triples]], [t[1] for t in triples], device,
                      batch_size, on_batch)
@@ -338,8 +417,8 @@ def evaluate(model: nn.Module, tokenizer: Any, images: np.ndarray, kinds: dict[s
 
 
 def train_vlm(out_dir: str | Path, *, steps: int = 1500, batch_size: int = 32, train_size: int = 8000,
-              val_size: int = 60, test_size: int = 500, max_qa: int = 16, lr: float = 2e-3,
-              weight_decay: float = 0.01, warmup: int = 100, seed: int = 0, workers: int = 1,
+              val_size: int = 60, test_size: int = 500, max_qa: int = 16, caption_share: float = 0.25,
+              lr: float = 2e-3, weight_decay: float = 0.01, warmup: int = 100, seed: int = 0, workers: int = 1,
               device: str | None = None, threads: int | None = None, vit_weights: str | Path | None = None,
               init: str | Path | None = None, log_every: int = 250) -> dict[str, Any]:
     """Train the testbed VLM's projector and Llama (the ViT vision tower frozen) and write
@@ -347,7 +426,9 @@ def train_vlm(out_dir: str | Path, *, steps: int = 1500, batch_size: int = 32, t
 
     Training, validation and test images are scenes ``0 .. n-1`` of the ``train``, ``val`` and
     ``test`` splits of :func:`~.data.multi_object_scene` with ``seed``; the vision tower's features
-    of the training images are computed once. ``init``: a ``vlm.safetensors`` to start from (a
+    of the training images are computed once. Each training image gives a question sequence
+    (:func:`_training_sequence`) and a caption sequence (:func:`_caption_sequence`); a batch row is
+    the caption sequence with probability ``caption_share``. ``init``: a ``vlm.safetensors`` to start from (a
     continued run; its ``vlm.json``, when beside it, is recorded as the earlier stage). Returns the
     metrics written to ``vlm.json``.
     """
@@ -355,6 +436,8 @@ def train_vlm(out_dir: str | Path, *, steps: int = 1500, batch_size: int = 32, t
 
     if min(steps, batch_size, train_size, val_size, test_size, max_qa) < 1:
         raise ValueError("steps, batch_size, max_qa and the split sizes must all be >= 1")
+    if not 0.0 <= caption_share < 1.0:
+        raise ValueError(f"caption_share must be in [0, 1) (got {caption_share})")
     if threads is not None:
         torch.set_num_threads(threads)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -367,10 +450,11 @@ def train_vlm(out_dir: str | Path, *, steps: int = 1500, batch_size: int = 32, t
     rng = np.random.default_rng([seed, 7])
     seqs = [_training_sequence(questions(s, stats, seed, "train", i), tok, rng, max_qa)
             for i, s in enumerate(train_scenes)]
+    seqs += [_caption_sequence(s, tok) for s in train_scenes]  # row train_size + i: image i's caption
     train_images = np.stack([s.image for s in train_scenes])
     del train_scenes
-    val_images, val_kinds = question_set("val", val_size, seed, stats)
-    test_images, test_kinds = question_set("test", test_size, seed, stats)
+    val_images, val_kinds, val_present = question_set("val", val_size, seed, stats)
+    test_images, test_kinds, test_present = question_set("test", test_size, seed, stats)
 
     torch.manual_seed(seed)
     model = build_vlm(tok.get_vocab_size())
@@ -395,8 +479,8 @@ def train_vlm(out_dir: str | Path, *, steps: int = 1500, batch_size: int = 32, t
 
     pad = tok.token_to_id(PAD)
     length = max(len(s[0]) for s in seqs)
-    ids = torch.full((train_size, length), pad, dtype=torch.long)
-    labels = torch.full((train_size, length), -100, dtype=torch.long)
+    ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+    labels = torch.full((len(seqs), length), -100, dtype=torch.long)
     for i, (s, lab) in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
         labels[i, :len(lab)] = torch.tensor(lab)
@@ -417,8 +501,10 @@ def train_vlm(out_dir: str | Path, *, steps: int = 1500, batch_size: int = 32, t
     model.train()
     model.model.vision_tower.eval()
     for step in range(1, steps + 1):
-        idx = torch.randint(0, train_size, (batch_size,), generator=gen).to(device)
-        x, y = ids[idx], labels[idx]
+        idx = torch.randint(0, train_size, (batch_size,), generator=gen)
+        row = idx + train_size * (torch.rand(batch_size, generator=gen) < caption_share)
+        idx, row = idx.to(device), row.to(device)
+        x, y = ids[row], labels[row]
         width = int((x != pad).sum(1).max())
         x, y = x[:, :width], y[:, :width]
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
@@ -435,11 +521,12 @@ def train_vlm(out_dir: str | Path, *, steps: int = 1500, batch_size: int = 32, t
         sched.step()
         if step % log_every == 0 or step == steps:
             model.eval()
-            val, _ = evaluate(model, tok, val_images, val_kinds, device)
+            val, _ = evaluate(model, tok, val_images, val_kinds, device, present=val_present)
             model.train()
             model.model.vision_tower.eval()
             line = {"step": step, "loss": round(loss.item(), 4), "seconds": round(time.time() - t1, 1),
-                    **{k: v["accuracy"] for k, v in val.items()}}
+                    **{k: v["accuracy"] for k, v in val.items() if k != "caption"},
+                    **{f"caption_{k}": val["caption"][k] for k in ("chair_i", "recall")}}
             history.append(line)
             print(" ".join(f"{k} {v}" for k, v in line.items()), flush=True)
     train_s = time.time() - t1
@@ -447,14 +534,15 @@ def train_vlm(out_dir: str | Path, *, steps: int = 1500, batch_size: int = 32, t
     weights = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in model.state_dict().items()
                if k != "lm_head.weight"}  # tied to the embeddings
     model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)  # measure what is shipped
-    val, _ = evaluate(model, tok, val_images, val_kinds, device)
-    test, _ = evaluate(model, tok, test_images, test_kinds, device)
+    val, _ = evaluate(model, tok, val_images, val_kinds, device, present=val_present)
+    test, _ = evaluate(model, tok, test_images, test_kinds, device, present=test_present)
     metrics = {
         "model": "transformers LlavaForConditionalGeneration (CLIP vision tower = testbed ViT, Llama)",
         "text_config": TEXT_CONFIG, "vision_feature_layer": -2, "image_tokens": IMAGE_TOKENS,
         "mean": MEAN, "std": STD, "vocab_size": tok.get_vocab_size(), "vision_tower": str(vit_path.name),
         "vision_tower_frozen": True, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
-        "weight_decay": weight_decay, "warmup": warmup, "max_qa_per_image": max_qa, "train_size": train_size,
+        "weight_decay": weight_decay, "warmup": warmup, "max_qa_per_image": max_qa, "caption_share": caption_share,
+        "caption_prompt": CAPTION_PROMPT, "caption_form": CAPTION_FORM, "train_size": train_size,
         "val_size": val_size, "test_size": test_size, "pope_stats_scenes": STATS_SCENES,
         "init": str(init) if init is not None else None, "earlier_stage": earlier,
         "val": val, "test": test, "history": history,
@@ -466,6 +554,8 @@ def train_vlm(out_dir: str | Path, *, steps: int = 1500, batch_size: int = 32, t
     save_file(weights, str(out_dir / "vlm.safetensors"))
     tok.save(str(out_dir / "vlm_tokenizer.json"))
     (out_dir / "vlm.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"test POPE random accuracy {test['random']['accuracy']:.4f}; wrote {out_dir / 'vlm.safetensors'}",
+    print(f"test POPE random accuracy {test['random']['accuracy']:.4f}, caption CHAIR_i "
+          f"{test['caption']['chair_i']:.4f} (recall {test['caption']['recall']:.4f}); "
+          f"wrote {out_dir / 'vlm.safetensors'}",
           flush=True)
     return metrics
