@@ -74,9 +74,13 @@ def graphed(fn: Callable[[], Any], model: torch.nn.Module | None, device: torch.
     registered too, so every replay draws fresh destinations as an eager call would."""
     if device.type != "cuda":
         return fn
-    for handle in visattn.applied(model) if model is not None else []:
-        generators += tuple(getattr(getattr(handle, "_state", None), "_generators", {}).values())
-    return timing_graphed(fn, generators)
+
+    def all_generators() -> tuple[torch.Generator, ...]:
+        made = [getattr(getattr(h, "_state", None), "_generators", {}).values()
+                for h in (visattn.applied(model) if model is not None else [])]
+        return generators + tuple(g for group in made for g in group)
+
+    return timing_graphed(fn, all_generators)
 
 
 def half_tokens(model: torch.nn.Module, scope: str, ratio: float, max_downsample: int) -> list:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -31,9 +31,11 @@ def median_ms(fn: Callable[[], Any], iters: int = 1, warmup: int = 0) -> float:
     return statistics.median(times)
 
 
-def graphed(fn: Callable[[], Any], generators: tuple[torch.Generator, ...] = ()) -> Callable[[], Any]:
+def graphed(fn: Callable[[], Any],
+            generators: Callable[[], Iterable[torch.Generator]] = tuple) -> Callable[[], Any]:
     """``fn`` captured in a CUDA graph, so the CPU's launch cost drops out; returns the graph's replay.
-    ``fn`` runs twice on a side stream first (warm-up, autotuning); ``generators`` are registered with
+    ``fn`` runs twice on a side stream first (warm-up, autotuning); the generators that
+    ``generators()`` returns after the warm-up (some are made by the first call) are registered with
     the graph, so that each replay draws fresh random numbers as an eager call would."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -42,7 +44,7 @@ def graphed(fn: Callable[[], Any], generators: tuple[torch.Generator, ...] = ())
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    for gen in generators:
+    for gen in generators():
         graph.register_generator_state(gen)
     with torch.cuda.graph(graph):
         fn()

@@ -31,28 +31,9 @@ import timm
 import torch
 
 import visattn
-from benchmarks.timing import median_ms
+from benchmarks.timing import graphed, median_ms
 
 MODELS = {"vit_base_patch16_224": 13, "vit_large_patch16_224": 7}
-
-
-def graphed(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """The forward of ``model`` on ``x`` captured in a CUDA graph; returns the replay function."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            model(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = model(x)
-
-    def replay() -> torch.Tensor:
-        graph.replay()
-        return out
-
-    return replay
 
 
 def write_profile(path: str, title: str, fn: Callable[[], object]) -> None:
@@ -91,7 +72,7 @@ def bench_model(name: str, r: int, args: argparse.Namespace, tome: object) -> di
             return model(x)
 
         stock = median_ms(fwd, args.iters, warmup=3)
-        stock_graph = median_ms(graphed(model, x), args.iters, warmup=3)
+        stock_graph = median_ms(graphed(lambda: model(x)), args.iters, warmup=3)
         # identity settings, interleaved with stock so drift cancels
         ident = {"stock": [], "tome_r0": [], "prune_keep1": []}
         for _ in range(3):
@@ -109,7 +90,7 @@ def bench_model(name: str, r: int, args: argparse.Namespace, tome: object) -> di
         handle = visattn.apply(model, "tome", r=r)
         ours = median_ms(fwd, args.iters, warmup=3)
         counts = handle.token_counts
-        ours_graph = median_ms(graphed(model, x), args.iters, warmup=3)
+        ours_graph = median_ms(graphed(lambda: model(x)), args.iters, warmup=3)
         if args.profile:
             write_profile(args.profile, f"{name} r={r}: tome", fwd)
             visattn.remove(model)
