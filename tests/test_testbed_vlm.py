@@ -11,16 +11,18 @@ import torch
 from visattn.cli import main
 from visattn.errors import OptionError, UnsupportedModelError
 from visattn.testbed import data as D
-from visattn.testbed.eval import eval_vlm
+from visattn.testbed.eval import eval_vlm, table
 from visattn.testbed.vit import load_vit, to_input
 from visattn.testbed.vlm import (
     IMAGE,
     IMAGE_TOKENS,
     build_tokenizer,
     build_vlm,
+    chair_metrics,
     encode,
     image_features,
     load_vlm,
+    mentioned_shapes,
     pope_metrics,
     pope_statistics,
     question_set,
@@ -97,11 +99,35 @@ def test_eval_vlm_inspect_and_prune_keep_1_agree_fully(smoke, tmp_path, capsys):
     assert "| inspect defaults |" in capsys.readouterr().out
     result = json.loads((tmp_path / "eval_vlm_vlm_inspect.json").read_text())
     assert result["rows"][0]["agreement"] == 1.0 and (tmp_path / "eval_vlm_vlm_inspect.png").is_file()
-    assert set(result["stock"]) == {"random", "popular", "adversarial", "colour", "count"}
+    assert set(result["stock"]) == {"random", "popular", "adversarial", "colour", "count", "caption"}
+    assert len(result["stock_captions"]) == 3 and result["stock"]["caption"]["n"] == 3
     result = eval_vlm("prune", sweep=("keep", [1.0]), n=3, device="cpu", checkpoint=ckpt, out_dir=None,
                       progress=False)
     row = result["rows"][0]
-    assert row["agreement"] == 1.0 and row["metrics"] == result["stock"]
+    assert row["agreement"] == 1.0 and row["caption_agreement"] == 1.0 and row["metrics"] == result["stock"]
+    assert row["captions"] == result["stock_captions"]
+    assert "CHAIR_i / CHAIR_s / recall" in table(result)
+
+
+def test_captions_name_shapes_singular_or_plural():
+    assert mentioned_shapes("An image with three shapes: two circles (red, blue) and a Star.") == {"circle", "star"}
+    assert mentioned_shapes("a red crosses, hexagons, a ring.") == {"cross", "hexagon", "ring"}
+    assert mentioned_shapes("a red shape on a striped background.") == set()
+    assert all(mentioned_shapes(D.captions(s)[1]) == {o.shape for o in s.objects}
+               for s in (D.multi_object_scene(0, "val", i) for i in range(20)))
+
+
+def test_chair_counts_hallucinated_objects_per_mention_and_per_caption():
+    texts = ["a red circle and two blue stars.",  # star absent: 1 of 2 mentions hallucinated
+             "an image with two shapes: a square and a square.",  # one mention, correct
+             "a green ring, a cross and a hexagon.",  # ring and hexagon absent: 2 of 3
+             "a plain background."]  # no mention
+    present = [{"circle"}, {"square", "triangle"}, {"cross"}, {"diamond"}]
+    m = chair_metrics(texts, present)
+    assert m == {"chair_i": round(3 / 6, 6), "chair_s": 0.5, "recall": round(3 / 5, 6), "mentions": 1.5, "n": 4}
+    assert chair_metrics(["a circle."], [{"circle"}])["chair_i"] == 0.0
+    with pytest.raises(ValueError, match="one object set per caption: got 1 captions and 2 sets"):
+        chair_metrics(["a circle."], [{"circle"}, set()])
 
 
 def test_eval_vlm_bad_inputs_are_named(smoke, tmp_path, capsys):
@@ -116,7 +142,10 @@ def test_eval_vlm_bad_inputs_are_named(smoke, tmp_path, capsys):
         eval_vlm("inspect", checkpoint=tmp_path / "missing.safetensors", out_dir=None)
     with pytest.raises(SystemExit):
         main(["eval", "vlm", "--method", "inspect", "--images", str(tmp_path)])
-    assert "--images apply to the vit testbed only" in capsys.readouterr().err
+    assert "give both --questions and --images" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "vit", "--method", "inspect", "--questions", "pope.jsonl"])
+    assert "--questions applies to the vlm testbed only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "vit", "--method", "inspect", "--tokenizer", "t.json"])
     assert "--tokenizer applies to the vlm testbed only" in capsys.readouterr().err

@@ -102,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     "(JSON + PNG)")
     e.add_argument("testbed", choices=["vit", "vlm"],
                    help="vit: the shipped testbed ViT classifier (or --model/--checkpoint); "
-                        "vlm: the shipped testbed LLaVA-style VLM (or --checkpoint/--tokenizer)")
+                        "vlm: the shipped testbed LLaVA-style VLM (or --checkpoint/--tokenizer, or a Hugging Face "
+                        "checkpoint directory with --questions/--images)")
     e.add_argument("--method", required=True,
                    help="a registered method that supports timm (vit) or transformers (vlm); see visattn methods")
     e.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
@@ -119,7 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--tokenizer", default=None, help="vlm: tokenizer file (default: vlm_tokenizer.json beside it)")
     e.add_argument("--num-classes", type=int, default=None, help="classes of the checkpoint's head (passed to timm)")
     e.add_argument("--img-size", type=int, default=None, help="input size of the checkpoint (passed to timm)")
-    e.add_argument("--images", default=None, help="local image folder, one subfolder per class (ImageFolder layout)")
+    e.add_argument("--images", default=None, help="vit: local image folder, one subfolder per class (ImageFolder "
+                   "layout); vlm: the folder holding the images of --questions")
+    e.add_argument("--questions", nargs="+", default=None, metavar="FILE",
+                   help="vlm: POPE-format question files (JSON lines: image, text, label), with --images and a "
+                        "Hugging Face --checkpoint DIR; --n then takes the first N questions of each")
     e.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"), help="where the JSON and PNG go")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -142,17 +147,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             options = dict(parse_option(o) for o in args.option)
             sweep = parse_sweep(args.sweep) if args.sweep else None
             if args.testbed == "vlm":
-                vit_only = {"--model": args.model, "--num-classes": args.num_classes, "--img-size": args.img_size,
-                            "--images": args.images}
+                vit_only = {"--model": args.model, "--num-classes": args.num_classes, "--img-size": args.img_size}
                 given = [k for k, v in vit_only.items() if v is not None]
                 if given:
                     raise ValueError(f"{', '.join(given)} apply to the vit testbed only")
-                result = eval_vlm(args.method, options, sweep, n=200 if args.n is None else args.n, seed=args.seed,
-                                  batch_size=args.batch_size, device=args.device, checkpoint=args.checkpoint,
-                                  tokenizer=args.tokenizer, out_dir=args.out_dir, progress=not args.no_progress)
+                n = args.n if args.n is not None else None if args.questions else 200
+                result = eval_vlm(args.method, options, sweep, n=n, seed=args.seed, batch_size=args.batch_size,
+                                  device=args.device, checkpoint=args.checkpoint, tokenizer=args.tokenizer,
+                                  questions=args.questions, images=args.images, out_dir=args.out_dir,
+                                  progress=not args.no_progress)
             else:
-                if args.tokenizer is not None:
-                    raise ValueError("--tokenizer applies to the vlm testbed only")
+                for flag, value in (("--tokenizer", args.tokenizer), ("--questions", args.questions)):
+                    if value is not None:
+                        raise ValueError(f"{flag} applies to the vlm testbed only")
                 result = eval_vit(args.method, options, sweep, n=1000 if args.n is None else args.n, seed=args.seed,
                                   batch_size=args.batch_size, device=args.device, model_name=args.model,
                                   checkpoint=args.checkpoint, num_classes=args.num_classes, img_size=args.img_size,

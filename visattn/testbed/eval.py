@@ -21,8 +21,10 @@ PNG plot of top-1 and agreement across the sweep beside it.
 transformers ``LlavaForConditionalGeneration`` run with sdpa attention) on the questions of held-out
 generated scenes: POPE accuracy and F1 per split (random, popular, adversarial), colour and count
 accuracy, and agreement (the fraction of questions answered as the stock model answers them), for
-every method that supports transformers. Results: ``<out_dir>/eval_vlm_<method>.json`` and a PNG of
-POPE-random accuracy and agreement across the sweep.
+every method that supports transformers, and CHAIR object hallucination (CHAIR_i, CHAIR_s) and object
+recall of the captions it generates. A user's own Hugging Face checkpoint directory and POPE question
+files (:mod:`.hf_vlm`) go through the same harness. Results: ``<out_dir>/eval_vlm_<method>.json`` and a
+PNG of POPE accuracy, CHAIR_i and agreement across the sweep.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ from .vit import SHIPPED_WEIGHTS, load_vit
 
 TESTBEDS: tuple[str, ...] = ("vit", "vlm")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+#: how many of each pass's captions the VLM result keeps, as examples.
+CAPTION_EXAMPLES = 8
 
 
 def parse_value(text: str) -> Any:
@@ -308,49 +312,86 @@ def _write(result: dict[str, Any], out_dir: str | Path | None, stem: str) -> dic
 
 
 def eval_vlm(method: str, options: Mapping[str, Any] | None = None, sweep: tuple[str, Sequence[Any]] | None = None,
-             *, n: int = 200, seed: int = 0, batch_size: int = 200, device: str = "auto",
+             *, n: int | None = 200, seed: int = 0, batch_size: int = 200, device: str = "auto",
              checkpoint: str | Path | None = None, tokenizer: str | Path | None = None,
+             questions: str | Path | Sequence[str | Path] | None = None, images: str | Path | None = None,
              out_dir: str | Path | None = "benchmarks/results", progress: bool = True) -> dict[str, Any]:
-    """Stock vs ``method`` on the testbed VLM; returns (and writes, unless ``out_dir`` is None) the results.
+    """Stock vs ``method`` on a VLM; returns (and writes, unless ``out_dir`` is None) the results.
 
-    The questions are those of scenes ``0 .. n-1`` of the generated ``test`` split (:mod:`.vlm`):
-    POPE presence questions per split (random, popular, adversarial; accuracy, F1 with ``yes`` as
-    positive, yes-ratio), colour and count questions (accuracy). The answer to a question is the
-    model's first greedy token. Per sweep point: the patched metrics and the *agreement*, the
-    fraction of questions answered as the stock model answers them (overall and per kind).
+    By default the questions are those of scenes ``0 .. n-1`` of the generated ``test`` split
+    (:mod:`.vlm`): POPE presence questions per split (random, popular, adversarial; accuracy, F1 with
+    ``yes`` as positive, yes-ratio), colour and count questions (accuracy); and each scene is
+    captioned (greedy ``generate()``, at most 24 new tokens, to the first full stop) and the
+    captions scored for object hallucination against the shapes in the scene: ``chair_i`` (named
+    shapes that are absent / all named shapes), ``chair_s`` (captions naming an absent shape / all
+    captions), ``recall`` (present shapes named / all present shapes). Per sweep point: the patched
+    metrics; the *agreement*, the fraction of questions answered as the stock model answers them
+    (overall and per kind); and ``caption_agreement``, the fraction of captions equal to stock's.
 
     Args:
         method: a registered method that supports transformers (``visattn.methods()``).
         options, sweep: as for :func:`eval_vit`.
-        n: number of test scenes (each gives about 20 questions).
-        checkpoint, tokenizer: a local ``vlm.safetensors`` and tokenizer file in the testbed VLM's
-            layout (default: the shipped ones; the tokenizer defaults to ``vlm_tokenizer.json`` beside
-            the checkpoint).
+        n: number of test scenes (each gives about 20 questions); with ``questions``, the number of
+            questions taken from the top of each file (None: all).
+        checkpoint: a ``vlm.safetensors`` in the testbed VLM's layout (default: the shipped one), or a
+            Hugging Face checkpoint directory with its processor (:class:`~.hf_vlm.HFVLM`: prompts
+            through the processor's chat template, answers read as POPE reads them).
+        tokenizer: the testbed tokenizer file (default: ``vlm_tokenizer.json`` beside the checkpoint).
+        questions, images: POPE-format question files (JSON lines with ``image``, ``text``, ``label``;
+            each file a split named by its stem) and the folder holding their images, instead of the
+            generated scenes (:func:`~.hf_vlm.read_pope`); they need a Hugging Face checkpoint, and
+            there is no CHAIR (the files list no objects).
     """
     from tqdm.auto import tqdm
 
-    from .vlm import SHIPPED_VLM, evaluate, load_vlm, question_set
+    from .vlm import CAPTION_TOKENS, SHIPPED_VLM, TestbedVLM, evaluate, load_vlm, question_set
 
     options = dict(options or {})
     points = _check_method(method, options, sweep, framework="transformers", testbed="VLM")
-    if n is None or n < 1:
-        raise ValueError(f"n must be >= 1 (got {n})")
+    if (questions is None) != (images is None):
+        raise ValueError("POPE question files and their image folder go together: give both --questions and "
+                         f"--images (got questions={questions!r}, images={images!r})")
+    hf = checkpoint is not None and Path(checkpoint).is_dir()
+    if questions is not None and not hf:
+        raise ValueError("question files need a Hugging Face checkpoint directory (--checkpoint DIR): the testbed "
+                         "VLM knows only the words of its generated scenes")
+    if hf and tokenizer is not None:
+        raise ValueError("--tokenizer is for a testbed vlm.safetensors; a Hugging Face checkpoint brings its processor")
+    if (n is None and questions is None) or (n is not None and n < 1):
+        raise ValueError(f"n must be >= 1 (got {n}); None (all questions) only with question files")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
     dev = _resolve_device(device)
-    model, tok = load_vlm(checkpoint, tokenizer, dev, attn_implementation="sdpa")
-    model_desc = f"testbed VLM ({Path(checkpoint).name if checkpoint is not None else SHIPPED_VLM.name})"
+    if questions is not None:
+        from .hf_vlm import read_pope
+
+        files = [questions] if isinstance(questions, (str, Path)) else list(questions)
+        pics, kinds = read_pope(files, images, n)
+        present = None
+        data_desc = f"POPE question files {', '.join(map(str, files))}, images in {images}"
+    else:
+        pics, kinds, present = question_set("test", n, seed)
+        data_desc = f"generated test scenes, seed {seed}, scenes 0..{n - 1}"
+    if hf:
+        from .hf_vlm import HFVLM
+
+        vlm = HFVLM(checkpoint, dev)
+        model_desc = vlm.description
+    else:
+        vlm = TestbedVLM(*load_vlm(checkpoint, tokenizer, dev, attn_implementation="sdpa"), dev)
+        model_desc = f"testbed VLM ({Path(checkpoint).name if checkpoint is not None else SHIPPED_VLM.name})"
+    model = vlm.model
     for given in points:  # the method's own checks against this model, before any pass
         visattn.apply(model, method, **given)
         visattn.remove(model)
-    images, kinds, _ = question_set("test", n, seed)
-    total = sum(len(v) for v in kinds.values())
+    total = sum(len(v) for v in kinds.values()) + (len(present) if present is not None else 0)
 
     with torch.no_grad():  # warm-up, so that the stock pass's time does not include one-off costs
-        evaluate(model, tok, images, {"count": kinds["count"][:batch_size]}, dev, batch_size)
+        first = next(iter(kinds))
+        evaluate(vlm, pics, {first: kinds[first][:batch_size]}, batch_size)
     bar = tqdm(total=total * (1 + len(points)), desc=f"eval vlm {method}", unit="q", disable=not progress)
     t0 = time.perf_counter()
-    stock, stock_answers = evaluate(model, tok, images, kinds, dev, batch_size, bar.update)
+    stock, stock_answers = evaluate(vlm, pics, kinds, batch_size, bar.update, present)
     stock_s = time.perf_counter() - t0
     rows = []
     for given in points:
@@ -366,21 +407,25 @@ def eval_vlm(method: str, options: Mapping[str, Any] | None = None, sweep: tuple
 
         try:
             t0 = time.perf_counter()
-            metrics, answers = evaluate(model, tok, images, kinds, dev, batch_size, on_batch)
+            metrics, answers = evaluate(vlm, pics, kinds, batch_size, on_batch, present)
             seconds = time.perf_counter() - t0
         finally:
             visattn.remove(model)
-        same = {k: [a == b for a, b in zip(answers[k], stock_answers[k])] for k in kinds}
+        same = {k: [a == b for a, b in zip(answers[k], stock_answers[k])] for k in answers}
+        captions = same.pop("caption", None)
         rows.append({"options": given, "value": given.get(sweep[0]) if sweep else None, "metrics": metrics,
-                     "agreement": round(sum(sum(v) for v in same.values()) / total, 6),
+                     "agreement": round(sum(sum(v) for v in same.values()) / sum(map(len, same.values())), 6),
                      "agreement_per_kind": {k: round(sum(v) / max(len(v), 1), 6) for k, v in same.items()},
+                     "caption_agreement": round(sum(captions) / len(captions), 6) if captions else None,
+                     "captions": answers.get("caption", [])[:CAPTION_EXAMPLES],
                      "seconds": round(seconds, 3), "speedup": round(stock_s / max(seconds, 1e-9), 3)})
     bar.close()
 
     result = {
         "testbed": "vlm", "method": method, "options": options, "sweep": sweep[0] if sweep else None,
-        "model": model_desc, "data": f"generated test scenes, seed {seed}, scenes 0..{n - 1}",
-        "n": n, "questions": {k: len(v) for k, v in kinds.items()}, "stock": stock,
+        "model": model_desc, "data": data_desc, "n": n, "images": len(pics),
+        "questions": {k: len(v) for k, v in kinds.items()}, "stock": stock,
+        "stock_captions": stock_answers.get("caption", [])[:CAPTION_EXAMPLES], "caption_tokens": CAPTION_TOKENS,
         "stock_seconds": round(stock_s, 3), "rows": rows,
         "attn_implementation": "sdpa", **_run_record(dev, batch_size),
     }
@@ -402,13 +447,19 @@ def table(result: Mapping[str, Any]) -> str:
 
 def _vlm_table(result: Mapping[str, Any]) -> str:
     stock = result["stock"]
-    lines = ["| setting | POPE acc random / popular / adversarial | POPE F1 random / popular / adversarial | "
-             "colour acc | count acc | agreement with stock |", "|---|---|---|---|---|---|"]
+    pope = [k for k in stock if "f1" in stock[k]]
+    words = [k for k in ("colour", "count") if k in stock]
+    head = [f"POPE acc {' / '.join(pope)}", f"POPE F1 {' / '.join(pope)}", *(f"{k} acc" for k in words)]
+    if "caption" in stock:
+        head.append("CHAIR_i / CHAIR_s / recall")
+    lines = [f"| setting | {' | '.join(head)} | agreement with stock |", "|---" * (len(head) + 2) + "|"]
 
     def cells(m: Mapping[str, Any]) -> str:
-        acc = " / ".join(f"{m[s]['accuracy']:.3f}" for s in ("random", "popular", "adversarial"))
-        f1 = " / ".join(f"{m[s]['f1']:.3f}" for s in ("random", "popular", "adversarial"))
-        return f"{acc} | {f1} | {m['colour']['accuracy']:.3f} | {m['count']['accuracy']:.3f}"
+        out = [" / ".join(f"{m[s]['accuracy']:.3f}" for s in pope), " / ".join(f"{m[s]['f1']:.3f}" for s in pope),
+               *(f"{m[k]['accuracy']:.3f}" for k in words)]
+        if "caption" in m:
+            out.append(" / ".join(f"{m['caption'][k]:.3f}" for k in ("chair_i", "chair_s", "recall")))
+        return " | ".join(out)
 
     lines.append(f"| stock | {cells(stock)} | 1.000 |")
     for row in result["rows"]:
@@ -418,14 +469,18 @@ def _vlm_table(result: Mapping[str, Any]) -> str:
 
 
 def plot(result: Mapping[str, Any], path: str | Path, width: int = 640, height: int = 400) -> Path:
-    """Top-1 (stock and patched; for the VLM, POPE-random accuracy) and agreement across the sweep, as a PNG."""
+    """Top-1 (stock and patched; for the VLM, POPE accuracy and CHAIR_i) and agreement across the sweep, as a PNG."""
     rows = result["rows"]
     names = [str(r["value"]) if result["sweep"] else "defaults" for r in rows]
     if result.get("testbed") == "vlm":
+        pope = next(k for k, m in result["stock"].items() if "f1" in m)  # random, or the first question file
         series = [("agreement", [r["agreement"] for r in rows], (230, 120, 20)),
-                  ("POPE random patched", [r["metrics"]["random"]["accuracy"] for r in rows], (40, 90, 200)),
-                  ("POPE random stock", [result["stock"]["random"]["accuracy"]] * len(rows), (140, 140, 140))]
-        what = f"{result['n']} scenes, {sum(result['questions'].values())} questions"
+                  (f"POPE {pope} patched", [r["metrics"][pope]["accuracy"] for r in rows], (40, 90, 200)),
+                  (f"POPE {pope} stock", [result["stock"][pope]["accuracy"]] * len(rows), (140, 140, 140))]
+        if "caption" in result["stock"]:
+            series += [("CHAIR_i patched", [r["metrics"]["caption"]["chair_i"] for r in rows], (200, 40, 40)),
+                       ("CHAIR_i stock", [result["stock"]["caption"]["chair_i"]] * len(rows), (230, 160, 160))]
+        what = f"{result['images']} images, {sum(result['questions'].values())} questions"
     else:
         series = [("agreement", [r["agreement"] for r in rows], (230, 120, 20)),
                   ("top-1 patched", [r["top1"] for r in rows], (40, 90, 200)),

@@ -39,6 +39,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -388,23 +389,51 @@ def question_set(split: str, n: int, seed: int = 0, stats: ObjectStatistics | No
     return np.stack([s.image for s in sc]), kinds, [{o.shape for o in s.objects} for s in sc]
 
 
-def evaluate(model: nn.Module, tokenizer: Any, images: np.ndarray, kinds: dict[str, list[tuple[int, str, str]]],
-             device: str | torch.device = "cpu", batch_size: int = 200, on_batch: Any = None,
-             present: Sequence[set[str]] | None = None) -> tuple[dict[str, Any], dict[str, list[str]]]:
-    """Metrics per kind (POPE accuracy/F1 per split, colour and count accuracy) and the answers given;
-    with ``present`` (the shapes in each image), also ``"caption"``: the caption of every image
-    (:func:`caption`) and its CHAIR metrics (:func:`chair_metrics`)."""
+@dataclass
+class TestbedVLM:
+    """The testbed VLM with its tokenizer, answering (:func:`answer`) and captioning (:func:`caption`)
+    through the interface :func:`evaluate` shares with :class:`~.hf_vlm.HFVLM`."""
+
+    model: nn.Module
+    tokenizer: Any
+    device: str | torch.device = "cpu"
+
+    def answer(self, images: np.ndarray, questions: Sequence[str], batch_size: int = 200, on_batch: Any = None,
+               yes_no: bool = False) -> list[str]:
+        """One-word answers; ``yes_no`` changes nothing (the answer is already one word)."""
+        return answer(self.model, self.tokenizer, images, questions, self.device, batch_size, on_batch)
+
+    def caption(self, images: np.ndarray, batch_size: int = 200, on_batch: Any = None,
+                max_new_tokens: int = CAPTION_TOKENS) -> list[str]:
+        return caption(self.model, self.tokenizer, images, self.device, batch_size, max_new_tokens, on_batch)
+
+
+#: question kinds answered with a word; every other kind is a POPE (yes/no) kind.
+WORD_KINDS: tuple[str, ...] = ("colour", "count")
+
+
+def evaluate(vlm: Any, images: np.ndarray | Sequence[Any], kinds: dict[str, list[tuple[int, str, str]]],
+             batch_size: int = 200, on_batch: Any = None, present: Sequence[set[str]] | None = None
+             ) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Metrics per kind and the answers ``vlm`` (a :class:`TestbedVLM` or :class:`~.hf_vlm.HFVLM`) gives.
+
+    ``kinds`` maps a kind to ``(image index, question, answer)`` triples: a POPE kind (any but
+    :data:`WORD_KINDS`) gets :func:`pope_metrics`, colour and count their accuracy. With ``present``
+    (the shapes in each image), also ``"caption"``: the caption of every image and its CHAIR
+    metrics (:func:`chair_metrics`).
+    """
     metrics: dict[str, Any] = {}
     answers: dict[str, list[str]] = {}
     if present is not None:
-        answers["caption"] = caption(model, tokenizer, images, device, batch_size, on_batch=on_batch)
+        answers["caption"] = vlm.caption(images, batch_size, on_batch)
         metrics["caption"] = chair_metrics(answers["caption"], present)
     for kind, triples in kinds.items():
-        got = answer(model, tokenizer, images[[t[0] for t in triples]], [t[1] for t in triples], device,
-                     batch_size, on_batch)
+        index = [t[0] for t in triples]
+        pics = images[index] if isinstance(images, np.ndarray) else [images[i] for i in index]
+        got = vlm.answer(pics, [t[1] for t in triples], batch_size, on_batch, yes_no=kind not in WORD_KINDS)
         answers[kind] = got
         truth = [t[2] for t in triples]
-        if kind in POPE_SPLITS:
+        if kind not in WORD_KINDS:
             metrics[kind] = pope_metrics(got, truth)
         else:
             metrics[kind] = {"accuracy": round(float(np.mean([g == t for g, t in zip(got, truth)])), 6)}
@@ -472,6 +501,7 @@ def train_vlm(out_dir: str | Path, *, steps: int = 1500, batch_size: int = 32, t
             earlier = json.loads(init.with_name("vlm.json").read_text())
     model.to(device)
     model.model.vision_tower.requires_grad_(False)
+    testbed = TestbedVLM(model, tok, device)
     feats = image_features(model, train_images, device).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     data_s = time.time() - t0
     print(f"data: {train_size}/{val_size}/{test_size} scenes, features {tuple(feats.shape)} in {data_s:.1f} s",
@@ -521,7 +551,7 @@ def train_vlm(out_dir: str | Path, *, steps: int = 1500, batch_size: int = 32, t
         sched.step()
         if step % log_every == 0 or step == steps:
             model.eval()
-            val, _ = evaluate(model, tok, val_images, val_kinds, device, present=val_present)
+            val, _ = evaluate(testbed, val_images, val_kinds, present=val_present)
             model.train()
             model.model.vision_tower.eval()
             line = {"step": step, "loss": round(loss.item(), 4), "seconds": round(time.time() - t1, 1),
@@ -534,8 +564,8 @@ def train_vlm(out_dir: str | Path, *, steps: int = 1500, batch_size: int = 32, t
     weights = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in model.state_dict().items()
                if k != "lm_head.weight"}  # tied to the embeddings
     model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)  # measure what is shipped
-    val, _ = evaluate(model, tok, val_images, val_kinds, device, present=val_present)
-    test, _ = evaluate(model, tok, test_images, test_kinds, device, present=test_present)
+    val, _ = evaluate(testbed, val_images, val_kinds, present=val_present)
+    test, _ = evaluate(testbed, test_images, test_kinds, present=test_present)
     metrics = {
         "model": "transformers LlavaForConditionalGeneration (CLIP vision tower = testbed ViT, Llama)",
         "text_config": TEXT_CONFIG, "vision_feature_layer": -2, "image_tokens": IMAGE_TOKENS,
