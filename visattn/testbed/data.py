@@ -14,7 +14,8 @@ splits (``train``, ``val``, ``test``) never share a generator stream.
   random / popular / adversarial absent-object negatives), :func:`colour_questions`,
   :func:`count_questions` and :func:`captions` turn it into questions and reference captions.
 - :func:`moving_shapes_video` — a short clip of shapes moving (and bouncing) over a static textured
-  background, with per-frame boxes and a caption.
+  background, with per-frame boxes and a caption; :func:`video_batch` makes many one-shape clips,
+  optionally in worker processes: this is the video DiT's data.
 
 Images are ``uint8`` arrays ``[H, W, 3]``; shapes are drawn at twice the resolution and reduced,
 so their edges are anti-aliased. Object colours are saturated named colours (:data:`COLOURS`);
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -271,23 +272,46 @@ def _classification_chunk(args: tuple[int, str, int, int, int]) -> tuple[np.ndar
     return np.stack([s.image for s in scenes]), np.array([s.label for s in scenes], dtype=np.int64)
 
 
+def _video_chunk(args: tuple[int, str, int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    seed, split, start, stop, size, frames = args
+    videos = [moving_shapes_video(seed, split, i, frames, size) for i in range(start, stop)]
+    return np.stack([v.frames for v in videos]), np.array([v.label for v in videos], dtype=np.int64)
+
+
+def _in_chunks(make: Callable[[tuple], tuple[np.ndarray, np.ndarray]], split: str, n: int, seed: int, start: int,
+               workers: int, *args: int) -> tuple[np.ndarray, np.ndarray]:
+    """Samples ``start .. start+n-1`` of ``split`` drawn by ``make`` in chunks, in ``workers`` processes if > 1."""
+    rng_for(seed, split, start)  # validates split, seed and start early
+    if n <= 0:
+        raise ValueError(f"n must be >= 1 (got {n})")
+    chunk = max(1, min(2000, -(-n // max(workers, 1))))
+    jobs = [(seed, split, a, min(a + chunk, start + n), *args) for a in range(start, start + n, chunk)]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            parts = list(pool.map(make, jobs))
+    else:
+        parts = [make(j) for j in jobs]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
 def classification_batch(split: str, n: int, *, seed: int = 0, start: int = 0, size: int = 64,
                          workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Images ``[n, size, size, 3]`` uint8 and labels ``[n]`` of samples ``start .. start+n-1`` of ``split``.
 
     The result is the same for any ``workers``; with ``workers > 1`` chunks are drawn in processes.
     """
-    rng_for(seed, split, start)  # validates split, seed and start early
-    if n <= 0:
-        raise ValueError(f"n must be >= 1 (got {n})")
-    chunk = max(1, min(2000, -(-n // max(workers, 1))))
-    jobs = [(seed, split, a, min(a + chunk, start + n), size) for a in range(start, start + n, chunk)]
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            parts = list(pool.map(_classification_chunk, jobs))
-    else:
-        parts = [_classification_chunk(j) for j in jobs]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return _in_chunks(_classification_chunk, split, n, seed, start, workers, size)
+
+
+def video_batch(split: str, n: int, *, seed: int = 0, start: int = 0, frames: int = 8, size: int = 64,
+                workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """One-shape clips ``[n, frames, size, size, 3]`` uint8 of :func:`moving_shapes_video` and their labels ``[n]``.
+
+    Samples ``start .. start+n-1`` of ``split``; the same for any ``workers``, as :func:`classification_batch`.
+    """
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1 (got {frames})")
+    return _in_chunks(_video_chunk, split, n, seed, start, workers, size, frames)
 
 
 def multi_object_scene(seed: int, split: str, index: int, size: int = 64, max_objects: int = 4) -> Scene:

@@ -1,4 +1,4 @@
-"""``visattn eval vit`` and ``visattn eval vlm``: how far a method moves a model's answers.
+"""``visattn eval vit``, ``visattn eval vlm`` and ``visattn eval video``: how far a method moves a model's answers.
 
 The harness runs the stock model once over a held-out set, then for each value of a sweep applies
 the method (``visattn.apply(model, method, **options)``), runs the same images, and removes it
@@ -25,6 +25,12 @@ every method that supports transformers, and CHAIR object hallucination (CHAIR_i
 recall of the captions it generates. A user's own Hugging Face checkpoint directory and POPE question
 files (:mod:`.hf_vlm`) go through the same harness. Results: ``<out_dir>/eval_vlm_<method>.json`` and a
 PNG of POPE accuracy, CHAIR_i and agreement across the sweep.
+
+``visattn eval video`` (:func:`eval_video`) samples clips with the testbed video DiT (:mod:`.video`, a
+diffusers ``WanTransformer3DModel``) stock and patched from the same noise, for every method that
+supports Wan (``sparse_video``): PSNR and SSIM of the patched clips against the stock ones, and the
+class accuracy of both (the fraction of frames the testbed ViT classifies as the conditioned class).
+Results: ``<out_dir>/eval_video_<method>.json`` and a PNG of SSIM and class accuracy across the sweep.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
+from torch.nn import functional as F
 
 import visattn
 
@@ -52,7 +59,7 @@ from ..registry import all_methods, get_method
 from .data import SHAPES, classification_batch
 from .vit import SHIPPED_WEIGHTS, load_vit
 
-TESTBEDS: tuple[str, ...] = ("vit", "vlm")
+TESTBEDS: tuple[str, ...] = ("vit", "vlm", "video")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 #: how many of each pass's captions the VLM result keeps, as examples.
 CAPTION_EXAMPLES = 8
@@ -433,10 +440,139 @@ def eval_vlm(method: str, options: Mapping[str, Any] | None = None, sweep: tuple
     return _write(result, out_dir, stem)
 
 
+def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-x.square() / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """SSIM (Wang et al., 2004) of images ``[..., C, H, W]`` in [0, 1]: one value per image ``[...]``.
+
+    Local statistics under a Gaussian window (``window`` pixels, at most the image's smaller side,
+    standard deviation ``sigma``) over the positions where the window fits, per channel, in float64;
+    the SSIM map is averaged over positions and channels. Identical images give exactly 1.
+    """
+    if a.shape != b.shape or a.ndim < 3:
+        raise ValueError(f"ssim needs two images of one shape [..., C, H, W] (got {list(a.shape)} and {list(b.shape)})")
+    size = min(window, a.shape[-1], a.shape[-2])
+    size -= 1 - size % 2  # odd
+    g = _gaussian_window(size, sigma).to(a.device)
+    channels = a.shape[-3]
+    x, y = (t.reshape(-1, channels, *t.shape[-2:]).double() for t in (a, b))
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        t = F.conv2d(t, g.view(1, 1, 1, -1).expand(channels, 1, 1, size), groups=channels)
+        return F.conv2d(t, g.view(1, 1, -1, 1).expand(channels, 1, size, 1), groups=channels)
+
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    ssim_map = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return ssim_map.mean(dim=(-3, -2, -1)).reshape(a.shape[:-3])
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of ``a`` against ``b`` (values in [0, 1]) from their mean squared error; ``inf`` if identical."""
+    mse = float((a.double() - b.double()).square().mean())
+    return math.inf if mse == 0 else round(10 * math.log10(1 / mse), 4)
+
+
+def eval_video(method: str, options: Mapping[str, Any] | None = None, sweep: tuple[str, Sequence[Any]] | None = None,
+               *, n: int = 8, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+               batch_size: int = 8, device: str = "auto", checkpoint: str | Path | None = None,
+               out_dir: str | Path | None = "benchmarks/results", progress: bool = True) -> dict[str, Any]:
+    """Stock vs ``method`` on the testbed video DiT; returns (and writes, unless ``out_dir`` is None) the results.
+
+    The stock model samples ``n`` clips (classes 0, 1, ..., 7, 0, ... in turn; the noise of clip ``i``
+    a function of ``seed`` and ``i``, :func:`~.video.sample`), then for each sweep point the method is
+    applied to the Wan transformer and the same clips are sampled from the same noise. Per point: PSNR
+    (dB, from the mean squared error over all clips; ``inf`` when identical) and SSIM (:func:`ssim`, per
+    frame, averaged) of the patched clips against the stock ones, and the class accuracy of both: the
+    fraction of frames (and of middle frames) that the shipped testbed ViT classifies as the
+    conditioned class. At a method's identity setting PSNR is ``inf`` and SSIM 1.
+
+    Args:
+        method: a registered method that supports diffusers and Wan (``visattn.methods()``), e.g. sparse_video.
+        options, sweep: as for :func:`eval_vit`.
+        n: number of clips; ``batch_size``: clips per model call.
+        steps, guidance: Euler steps and classifier-free guidance scale (default: the weights' own).
+        checkpoint: a ``video_dit.safetensors`` with its ``video_dit.json`` beside it (default: the shipped one).
+    """
+    from tqdm.auto import tqdm
+
+    from .video import SHIPPED_VIDEO_DIT, class_accuracy, classify_frames, eval_labels, load_video_dit, sample
+
+    options = dict(options or {})
+    points = _check_method(method, options, sweep, framework="diffusers", testbed="video DiT")
+    if n is None or n < 1:
+        raise ValueError(f"n must be >= 1 (got {n})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be an int >= 1 or None (got {steps!r})")
+    if guidance is not None and not guidance >= 1.0:
+        raise ValueError(f"guidance must be >= 1 or None (got {guidance})")
+    dev = _resolve_device(device)
+    model = load_video_dit(checkpoint, dev)
+    for given in points:  # the method's own checks against this model, before any pass
+        visattn.apply(model.transformer, method, **given)
+        visattn.remove(model.transformer)
+    steps = model.default_steps if steps is None else steps
+    guidance = model.default_guidance if guidance is None else guidance
+    vit = load_vit(device=dev)
+    labels = eval_labels(n)
+
+    def run(update: Any) -> tuple[torch.Tensor, float]:
+        t0 = time.perf_counter()
+        clips = sample(model, labels, seed=seed, steps=steps, guidance=guidance, device=dev, batch_size=batch_size,
+                       progress=update)
+        return clips, time.perf_counter() - t0
+
+    sample(model, labels[:1], seed=seed, steps=1, guidance=guidance, device=dev)  # warm-up (one-off costs)
+    bar = tqdm(total=steps * math.ceil(n / batch_size) * (1 + len(points)), desc=f"eval video {method}",
+               unit="step", disable=not progress)
+    stock, stock_s = run(bar.update)
+    stock_acc = class_accuracy(classify_frames(vit, stock), labels)
+    rows = []
+    for given in points:
+        bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in given.items()) or "defaults")
+        handle = visattn.apply(model.transformer, method, **given)
+        clear = getattr(handle, "clear", None)  # methods that record (inspect): keep memory flat
+
+        def update(k: int, clear: Any = clear) -> None:
+            if clear is not None:
+                clear()
+            bar.update(k)
+
+        try:
+            clips, seconds = run(update)
+        finally:
+            visattn.remove(model.transformer)
+        acc = class_accuracy(classify_frames(vit, clips), labels)
+        rows.append({"options": given, "value": given.get(sweep[0]) if sweep else None,
+                     "psnr": psnr(clips, stock), "ssim": round(float(ssim(clips, stock).mean()), 6),
+                     "accuracy": acc["frames"], "accuracy_middle_frame": acc["middle"],
+                     "seconds": round(seconds, 3), "speedup": round(stock_s / max(seconds, 1e-9), 3)})
+    bar.close()
+
+    result = {
+        "testbed": "video", "method": method, "options": options, "sweep": sweep[0] if sweep else None,
+        "model": f"testbed video DiT ({Path(checkpoint).name if checkpoint is not None else SHIPPED_VIDEO_DIT.name})",
+        "data": f"{n} generated clips of classes 0..7 in turn, noise seed {seed}", "n": n, "steps": steps,
+        "guidance": guidance, "stock_accuracy": stock_acc["frames"], "stock_accuracy_middle_frame": stock_acc["middle"],
+        "stock_seconds": round(stock_s, 3), "rows": rows, **_run_record(dev, batch_size),
+    }
+    stem = f"eval_video_{method}" if checkpoint is None else f"eval_video_{Path(checkpoint).stem}_{method}"
+    return _write(result, out_dir, stem)
+
+
 def table(result: Mapping[str, Any]) -> str:
     """The result as a Markdown table: one row per sweep point (times are in the JSON)."""
     if result.get("testbed") == "vlm":
         return _vlm_table(result)
+    if result.get("testbed") == "video":
+        return _video_table(result)
     lines = ["| setting | top-1 stock | top-1 patched | agreement with stock |", "|---|---|---|---|"]
     for row in result["rows"]:
         setting = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "defaults"
@@ -468,8 +604,18 @@ def _vlm_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _video_table(result: Mapping[str, Any]) -> str:
+    lines = ["| setting | PSNR (dB) | SSIM | class accuracy stock | class accuracy patched |", "|---|---|---|---|---|"]
+    for row in result["rows"]:
+        setting = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "defaults"
+        lines.append(f"| {result['method']} {setting} | {row['psnr']:.2f} | {row['ssim']:.4f} | "
+                     f"{result['stock_accuracy']:.3f} | {row['accuracy']:.3f} |")
+    return "\n".join(lines)
+
+
 def plot(result: Mapping[str, Any], path: str | Path, width: int = 640, height: int = 400) -> Path:
-    """Top-1 (stock and patched; for the VLM, POPE accuracy and CHAIR_i) and agreement across the sweep, as a PNG."""
+    """Top-1 (stock and patched; for the VLM, POPE accuracy and CHAIR_i) and agreement across the sweep, as a PNG;
+    for the video DiT, SSIM and the class accuracy of the stock and patched samples."""
     rows = result["rows"]
     names = [str(r["value"]) if result["sweep"] else "defaults" for r in rows]
     if result.get("testbed") == "vlm":
@@ -481,6 +627,11 @@ def plot(result: Mapping[str, Any], path: str | Path, width: int = 640, height: 
             series += [("CHAIR_i patched", [r["metrics"]["caption"]["chair_i"] for r in rows], (200, 40, 40)),
                        ("CHAIR_i stock", [result["stock"]["caption"]["chair_i"]] * len(rows), (230, 160, 160))]
         what = f"{result['images']} images, {sum(result['questions'].values())} questions"
+    elif result.get("testbed") == "video":
+        series = [("SSIM", [r["ssim"] for r in rows], (230, 120, 20)),
+                  ("class acc. patched", [r["accuracy"] for r in rows], (40, 90, 200)),
+                  ("class acc. stock", [result["stock_accuracy"]] * len(rows), (140, 140, 140))]
+        what = f"{result['n']} clips, {result['steps']} steps"
     else:
         series = [("agreement", [r["agreement"] for r in rows], (230, 120, 20)),
                   ("top-1 patched", [r["top1"] for r in rows], (40, 90, 200)),
@@ -512,7 +663,7 @@ def plot(result: Mapping[str, Any], path: str | Path, width: int = 640, height: 
         pts = [xy(i, v) for i, v in enumerate(values)]
         if len(pts) > 1:
             draw.line(pts, fill=colour, width=4 if j == 0 else 2)
-        for x, y in pts:  # agreement as open squares, so that it stays visible under an equal top-1
+        for x, y in pts:  # the first series (agreement, SSIM) as open squares, visible under an equal second
             if j == 0:
                 draw.rectangle([x - 6, y - 6, x + 6, y + 6], outline=colour, width=2)
             else:

@@ -1,0 +1,146 @@
+"""The testbed video DiT: its data, training recipe, sampler, metrics and ``visattn eval video``.
+
+A tiny model (:data:`~visattn.testbed.video.TINY_CONFIG`: 4 frames of 16x16, a 4x8x8 token grid of four
+4x4x4 tiles) is trained for a few steps by the shipped recipe; the harness's claims do not depend on
+how well it generates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from visattn.cli import main
+from visattn.errors import OptionError, UnsupportedModelError
+from visattn.testbed import video
+from visattn.testbed.data import SHAPES, moving_shapes_video, video_batch
+from visattn.testbed.eval import eval_video, psnr, ssim
+from visattn.testbed.video import TINY_CONFIG, load_video_dit, sample, train_video_dit
+from visattn.testbed.vit import load_vit
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """``(checkpoint path, metrics)`` of a tiny video DiT trained for 12 steps on the CPU."""
+    out = tmp_path_factory.mktemp("video_dit")
+    metrics = train_video_dit(out, steps=12, batch_size=8, train_size=64, config=TINY_CONFIG, lr=3e-3, warmup=2,
+                              eval_n=8, eval_steps=2, guidances=(1.0, 3.0), log_every=6, device="cpu")
+    return out / "video_dit.safetensors", metrics
+
+
+def test_video_batch_is_the_generator_and_the_same_for_any_workers():
+    clips, labels = video_batch("train", 3, seed=1, start=2, frames=3, size=16)
+    assert clips.shape == (3, 3, 16, 16, 3) and clips.dtype == np.uint8
+    one = moving_shapes_video(1, "train", 3, frames=3, size=16)
+    assert np.array_equal(clips[1], one.frames) and labels[1] == one.label
+    again, labels_again = video_batch("train", 3, seed=1, start=2, frames=3, size=16, workers=2)
+    assert np.array_equal(clips, again) and np.array_equal(labels, labels_again)
+    with pytest.raises(ValueError, match="frames must be >= 1"):
+        video_batch("train", 3, frames=0)
+
+
+def test_training_lowers_the_loss_and_records_seed_steps_and_accuracy(tiny):
+    path, metrics = tiny
+    history = metrics["loss_history"]
+    assert len(history) == 2 and history[1] < history[0]
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert record["partial"] is False and record["seed"] == 0 and record["steps_done"] == 12
+    assert 0.0 <= record["class_accuracy"] <= 1.0 and set(record["class_accuracy_by_guidance"]) == {"1.0", "3.0"}
+    model = load_video_dit(path)
+    assert model.config["frames"] == 4 and model.default_guidance == record["sampling"]["guidance"]
+    assert model.default_steps == 2
+
+
+def test_sampling_is_a_function_of_seed_and_clip_index(tiny):
+    model = load_video_dit(tiny[0])
+    clips = sample(model, [0, 5, 8], seed=3, steps=2, guidance=2.0)
+    assert clips.shape == (3, 4, 3, 16, 16) and clips.min() >= 0 and clips.max() <= 1
+    assert torch.equal(clips, sample(model, [0, 5, 8], seed=3, steps=2, guidance=2.0))
+    assert not torch.allclose(clips, sample(model, [0, 5, 8], seed=4, steps=2, guidance=2.0))
+    assert torch.equal(video.initial_noise(3, 2, (4, 3, 16, 16))[1], video.initial_noise(3, 5, (4, 3, 16, 16))[1])
+    one_by_one = sample(model, [0, 5, 8], seed=3, steps=2, guidance=2.0, batch_size=1)
+    torch.testing.assert_close(one_by_one, clips, atol=1e-4, rtol=0)
+
+
+def test_class_accuracy_reads_generated_frames_with_the_vit():
+    clips, labels = video_batch("test", 8, frames=3, size=64)
+    frames = torch.from_numpy(clips).permute(0, 1, 4, 2, 3).float() / 255
+    predicted = video.classify_frames(load_vit(), frames)
+    assert predicted.shape == (8, 3)
+    acc = video.class_accuracy(predicted, labels)
+    assert acc["frames"] >= 0.9 and acc["middle"] >= 0.85
+    assert video.class_accuracy(predicted, (torch.as_tensor(labels) + 1) % len(SHAPES))["frames"] <= 0.1
+
+
+def test_ssim_and_psnr():
+    torch.manual_seed(0)
+    a = torch.rand(2, 3, 3, 24, 24)
+    assert torch.equal(ssim(a, a), torch.ones(2, 3, dtype=torch.float64))
+    noisy = (a + 0.1 * torch.randn_like(a)).clamp(0, 1)
+    s = ssim(noisy, a)
+    assert s.shape == (2, 3) and bool((s < 0.99).all()) and bool((s > ssim((a + 0.3 * torch.randn_like(a)).clamp(0, 1),
+                                                                           a)).all())
+    # flat images: SSIM is its luminance term (2 x y + C1) / (x^2 + y^2 + C1), C1 = 0.01^2
+    flat = ssim(torch.full((1, 3, 16, 16), 0.2), torch.full((1, 3, 16, 16), 0.6))
+    assert float(flat) == pytest.approx((2 * 0.2 * 0.6 + 1e-4) / (0.2 ** 2 + 0.6 ** 2 + 1e-4), rel=1e-6)
+    assert psnr(a, a) == math.inf
+    assert psnr(torch.zeros(4, 4), torch.full((4, 4), 0.1)) == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="one shape"):
+        ssim(a, a[:1])
+
+
+def test_eval_video_identity_is_exact_and_sparsity_costs_fidelity(tiny, tmp_path):
+    result = eval_video("sparse_video", {}, ("keep", [1.0, 0.25]), n=2, steps=2, checkpoint=tiny[0], device="cpu",
+                        out_dir=tmp_path, progress=False)
+    identity, sparse = result["rows"]
+    assert identity["psnr"] == math.inf and identity["ssim"] == 1.0
+    assert identity["accuracy"] == result["stock_accuracy"]
+    assert math.isfinite(sparse["psnr"]) and sparse["ssim"] < 1.0
+    stored = json.loads((tmp_path / "eval_video_video_dit_sparse_video.json").read_text())
+    assert stored["rows"][0]["psnr"] == math.inf and stored["testbed"] == "video"
+    assert (tmp_path / "eval_video_video_dit_sparse_video.png").stat().st_size > 0
+
+
+def test_eval_video_command_prints_the_table(tiny, tmp_path, capsys):
+    main(["eval", "video", "--method", "sparse_video", "--option", "keep=0.25", "--sweep", "dense_steps=2,0",
+          "--n", "1", "--steps", "2", "--checkpoint", str(tiny[0]), "--device", "cpu", "--out-dir", str(tmp_path),
+          "--no-progress"])
+    out = capsys.readouterr().out
+    assert "| sparse_video keep=0.25, dense_steps=2 | inf | 1.0000 |" in out  # every step dense: stock
+    assert "| sparse_video keep=0.25, dense_steps=0 |" in out and "dense_steps=0 | inf |" not in out
+
+
+def test_video_bad_inputs_are_named(tiny, tmp_path, capsys):
+    model = load_video_dit(tiny[0])
+    with pytest.raises(ValueError, match="labels must be class indices 0..7"):
+        sample(model, [9])
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        sample(model, [0], steps=0)
+    with pytest.raises(ValueError, match="guidance must be >= 1"):
+        sample(model, [0], guidance=0.5)
+    with pytest.raises(ValueError, match="unknown video DiT config keys width; accepted: frames"):
+        video.build_video_dit({"width": 3})
+    with pytest.raises(ValueError, match="must be a multiple"):
+        video.build_video_dit({"size": 18})
+    with pytest.raises(FileNotFoundError, match="no testbed video DiT"):
+        load_video_dit(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="max_minutes must be > 0"):
+        train_video_dit(tmp_path, max_minutes=0)
+    with pytest.raises(UnsupportedModelError, match="does not support diffusers models"):
+        eval_video("bra", checkpoint=tiny[0], out_dir=None)
+    with pytest.raises(UnsupportedModelError, match="WanTransformer3DModel"):
+        eval_video("tome", checkpoint=tiny[0], out_dir=None)
+    with pytest.raises(OptionError, match="keep"):
+        eval_video("sparse_video", {"keep": 2.0}, checkpoint=tiny[0], out_dir=None)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        eval_video("sparse_video", n=0, checkpoint=tiny[0], out_dir=None)
+    with pytest.raises(SystemExit):
+        main(["eval", "video", "--method", "sparse_video", "--tokenizer", "t.json"])
+    assert "--tokenizer applies to the vlm testbed only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "vit", "--method", "tome", "--steps", "3", "--guidance", "2"])
+    assert "--steps applies to the video testbed only; --guidance applies" in capsys.readouterr().err
