@@ -122,12 +122,12 @@ def generate_seconds(model: torch.nn.Module, inputs: dict[str, torch.Tensor], ne
 def measure(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, reps: int) -> dict[str, Any]:
     times: dict[str, dict[int, list[float]]] = {m: {1: [], new_tokens: []} for m in METHODS}
     sinks = None
-    for rep in range(reps + 1):  # repetition 0 warms up, with 8 new tokens
+    for rep in range(reps + 1):  # repetition 0 warms up every cache length (cuDNN plans one per shape)
         for name, (method, options, kernel) in METHODS.items():
             use_kernel(kernel)
             handle = visattn.apply(model, method, **options) if method else None
             try:
-                for n in (1, new_tokens) if rep else (8,):
+                for n in (1, new_tokens) if rep else (new_tokens,):
                     seconds = generate_seconds(model, inputs, n)
                     if rep:
                         times[name][n].append(seconds)
