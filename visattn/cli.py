@@ -1,4 +1,4 @@
-"""The ``visattn`` command: ``info``, ``methods``, ``inspect`` and ``eval``."""
+"""The ``visattn`` command: ``info``, ``methods``, ``inspect``, ``eval`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 
 def _version(module: str) -> str:
@@ -86,6 +87,24 @@ def run_inspect(model_name: str, image: str | None, layer: int, out: Path, check
             "png": str(out)}
 
 
+def load_demo_app() -> ModuleType:
+    """The Gradio app ``demos/app.py`` of this source tree, as a module (``launch(host, port, device)``).
+
+    Raises ``RuntimeError`` with what to do when Gradio or the file is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise RuntimeError('the demo needs Gradio: pip install "visattn[demo]"')
+    path = Path(__file__).resolve().parent.parent / "demos" / "app.py"
+    if not path.is_file():
+        raise RuntimeError(f"the demo app is demos/app.py of a visattn source tree (pip install -e .); "
+                           f"not found at {path}")
+    spec = importlib.util.spec_from_file_location("visattn_demo_app", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="visattn", description="Attention processors for vision models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "Hugging Face --checkpoint DIR; --n then takes the first N questions of each")
     e.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"), help="where the JSON and PNG go")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d = sub.add_parser("demo", help="the Gradio demo (demos/app.py): ViT, vision-language and diffusion tabs on the "
+                                    "testbed models")
+    d.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N: where the models run")
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -182,6 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{result['model']} on {result['data']}, {result['device']}")
         print(table(result))
         print("wrote " + ", ".join(result["files"]))
+    elif args.command == "demo":
+        try:
+            app = load_demo_app()
+        except RuntimeError as exc:
+            d.error(str(exc))
+        app.launch(args.host, args.port, args.device)
     return 0
 
 

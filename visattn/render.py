@@ -54,9 +54,10 @@ def _colorize(heat: np.ndarray) -> np.ndarray:
     return (_RAMP[i] * (1 - f) + _RAMP[i + 1] * f).astype(np.uint8)
 
 
-def render_map(heat: np.ndarray | Tensor, path: str | Path, *, image: Any = None, size: int = 448,
-               alpha: float = 0.55) -> Path:
-    """Write ``heat`` (2D) as a PNG heatmap; blend it over ``image`` (PIL image, array or ``[3, H, W]`` tensor)."""
+def heatmap_image(heat: np.ndarray | Tensor, *, image: Any = None, size: int = 448, alpha: float = 0.55
+                  ) -> Image.Image:
+    """``heat`` (2D) as an RGB heatmap, blended over ``image`` (PIL image, array or ``[3, H, W]`` tensor) at
+    the image's size if given, else scaled up by whole pixels towards ``size``."""
     if isinstance(heat, Tensor):
         heat = heat.detach().float().cpu().numpy()
     if heat.ndim != 2:
@@ -73,6 +74,13 @@ def render_map(heat: np.ndarray | Tensor, path: str | Path, *, image: Any = None
     else:
         scale = max(1, size // max(heat.shape))
         out = colour.resize((heat.shape[1] * scale, heat.shape[0] * scale), Image.Resampling.NEAREST)
+    return out
+
+
+def render_map(heat: np.ndarray | Tensor, path: str | Path, *, image: Any = None, size: int = 448,
+               alpha: float = 0.55) -> Path:
+    """Write ``heat`` (2D) as a PNG heatmap (:func:`heatmap_image`), blended over ``image`` if given."""
+    out = heatmap_image(heat, image=image, size=size, alpha=alpha)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     out.save(path)

@@ -76,21 +76,40 @@ def bi_level_routing_attention(q: Tensor, k: Tensor, v: Tensor, *, num_prefix: i
     check_grid(grid, n_win)
     if path not in ("auto", "kernel", "gather"):
         raise OptionError(f"bra: path must be one of 'auto', 'kernel', 'gather' (got {path!r})")
-    b, h, n, d = q.shape
     p, regions = num_prefix, n_win * n_win
     size = (grid[0] // n_win) * (grid[1] // n_win)
     order = _region_order(grid, n_win, str(q.device))
     # region order, prefix tokens last: region r is token block r, the prefix the last block(s)
     qs, ks, vs = (torch.cat([order.to_tiles(t[:, :, p:]), t[:, :, :p]], dim=2) for t in (q, k, v))
-    with torch.no_grad():  # Eqs. 3-5, shared by all heads
-        q_r, k_r = (pool_blocks(t[:, :, :regions * size], size).transpose(1, 2).reshape(b, 1, regions, h * d)
-                    for t in (qs, ks))
-        routed, _ = select_topk(block_scores(q_r, k_r), topk)  # [B, 1, R, topk]
+    routed = _route(qs, ks, regions, size, topk)
     if path == "kernel" or (path == "auto" and size >= KERNEL_MIN_REGION):
         out = _routed_kernel(qs, ks, vs, routed, p=p, size=size, scale=scale, strict=strict)
     else:
         out = _routed_gather(qs, ks, vs, routed, p=p, size=size, scale=scale)
     return torch.cat([out[:, :, regions * size:], order.to_raster(out[:, :, :regions * size])], dim=2)
+
+
+@torch.no_grad()
+def _route(qs: Tensor, ks: Tensor, regions: int, size: int, topk: int) -> Tensor:
+    """Eqs. 3-5, shared by all heads, on region-ordered q and k: ``[B, 1, R, topk]`` routed regions."""
+    b, h, _, d = qs.shape
+    q_r, k_r = (pool_blocks(t[:, :, :regions * size], size).transpose(1, 2).reshape(b, 1, regions, h * d)
+                for t in (qs, ks))
+    return select_topk(block_scores(q_r, k_r), topk)[0]
+
+
+def route_regions(q: Tensor, k: Tensor, *, num_prefix: int, grid: tuple[int, int], n_win: int, topk: int) -> Tensor:
+    """The regions BRA routes each region to (Eqs. 3-5), from one layer's ``[B, H, P + h*w, D]`` q and k.
+
+    Returns ``[B, n_win ** 2, topk]`` region indices, ascending; regions are numbered in raster order of
+    the ``n_win x n_win`` region grid.
+    """
+    check_grid(grid, n_win)
+    check_topk(n_win, topk)
+    size = (grid[0] // n_win) * (grid[1] // n_win)
+    order = _region_order(grid, n_win, str(q.device))
+    qs, ks = (order.to_tiles(t[:, :, num_prefix:]) for t in (q, k))
+    return _route(qs, ks, n_win * n_win, size, topk)[:, 0].sort(dim=-1).values
 
 
 def _routed_kernel(qs: Tensor, ks: Tensor, vs: Tensor, routed: Tensor, *, p: int, size: int, scale: float,
