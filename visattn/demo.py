@@ -13,7 +13,8 @@ local checkpoint in the same layout:
   same noise: frames, latency and PSNR of sparse against dense.
 
 Models load once per checkpoint path (:func:`vit_model`, :func:`vlm_model`, :func:`video_model`);
-methods are applied for one computation and removed (:func:`applied`), one computation at a time.
+methods are applied for one computation and removed (:func:`applied`), one computation at a time
+(:func:`one_at_a_time`).
 Images are RGB ``uint8`` arrays ``[H, W, 3]``; drawings come back as PIL images :data:`DISPLAY` pixels wide.
 """
 
@@ -26,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, wraps
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,22 @@ from .testbed.data import SHAPES, classification_scene, colour_questions, count_
 
 #: side of every drawing, in pixels (the testbed images are 64 px; a patch becomes 32 px).
 DISPLAY = 256
-#: ``progress(fraction, description)``: how long computations report how far they are (``gr.Progress`` fits).
+#: ``progress(fraction, description)``: how long computations report their progress (``gr.Progress`` fits).
 Progress = Callable[[float, str], Any]
 
-_LOCK = threading.RLock()  # models are shared between requests; one method applied at a time
+_LOCK = threading.Lock()
+
+
+def one_at_a_time(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run under one lock: the cached models are shared by every request, and a method applied for
+    one computation must not be seen by another."""
+
+    @wraps(fn)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with _LOCK:
+            return fn(*args, **kwargs)
+
+    return locked
 
 
 def _report(progress: Progress | None, fraction: float, text: str) -> None:
@@ -56,12 +69,11 @@ def _report(progress: Progress | None, fraction: float, text: str) -> None:
 @contextmanager
 def applied(model: nn.Module, method: str, **options: Any) -> Iterator[Any]:
     """``visattn.apply(model, method, **options)`` for the ``with`` block, removed on the way out."""
-    with _LOCK:
-        handle = visattn.apply(model, method, **options)
-        try:
-            yield handle
-        finally:
-            visattn.remove(model)
+    handle = visattn.apply(model, method, **options)
+    try:
+        yield handle
+    finally:
+        visattn.remove(model)
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -197,6 +209,7 @@ def _probabilities(logits: torch.Tensor) -> dict[str, float]:
     return {SHAPES[i]: round(float(p), 4) for i, p in enumerate(logits.softmax(-1)[0])}
 
 
+@one_at_a_time
 @torch.no_grad()
 def classify(model: nn.Module, image: Any) -> dict[str, float]:
     """The stock model's class probabilities for ``image``."""
@@ -214,6 +227,7 @@ class MergeGroups:
     groups: int
 
 
+@one_at_a_time
 @torch.no_grad()
 def tome_groups(model: nn.Module, image: Any, r: int) -> MergeGroups:
     """ToMe with ``r`` merges per block; every group of patches that ended in one token gets a colour
@@ -256,6 +270,7 @@ class Routes:
     probabilities: dict[str, float]
 
 
+@one_at_a_time
 @torch.no_grad()
 def bra_routes(model: nn.Module, image: Any, *, n_win: int, topk: int, layer: int, region: int) -> Routes:
     """Bi-level routing attention with ``n_win`` regions per side and ``topk`` routes; which regions
@@ -293,6 +308,7 @@ def bra_routes(model: nn.Module, image: Any, *, n_win: int, topk: int, layer: in
     return Routes(drawing, region, routed, _probabilities(logits))
 
 
+@one_at_a_time
 @torch.no_grad()
 def attention_maps(model: nn.Module, image: Any, *, layer: int, query: str = "class token"
                    ) -> list[tuple[Image.Image, str]]:
@@ -316,6 +332,7 @@ def attention_maps(model: nn.Module, image: Any, *, layer: int, query: str = "cl
     return out
 
 
+@one_at_a_time
 @torch.no_grad()
 def vit_throughput(model: nn.Module, *, r: int, n_win: int, topk: int, batch: int = 64, repeats: int = 3,
                    progress: Progress | None = None) -> list[dict[str, Any]]:
@@ -423,6 +440,7 @@ def _vlm_tokens(method: str, handle: Any, n_image: int) -> tuple[np.ndarray | No
     return None, False, "modulates attention to every image token"
 
 
+@one_at_a_time
 @torch.no_grad()
 def vlm_answers(model: nn.Module, tokenizer: Any, image: Any, question: str,
                 methods: dict[str, dict[str, Any]], progress: Progress | None = None) -> list[VlmAnswer]:
@@ -529,6 +547,7 @@ class VideoComparison:
     psnr: float
 
 
+@one_at_a_time
 @torch.no_grad()
 def video_compare(model: nn.Module, label: int, *, seed: int, steps: int, guidance: float, strategy: str,
                   keep: float, progress: Progress | None = None) -> VideoComparison:
