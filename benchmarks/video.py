@@ -181,19 +181,27 @@ def attention_rows(cases: list, device: torch.device, dtype: torch.dtype, reps: 
     return rows
 
 
-def forward_rows(config: dict, latent: tuple[int, int, int], text: int, device: torch.device, dtype: torch.dtype,
-                 reps: int, attention_ms: float | None) -> dict:
+def wan_model(config: dict, latent: tuple[int, int, int], text: int, device: torch.device, dtype: torch.dtype
+              ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """``WanTransformer3DModel(**config)`` with random weights (seed 0), in ``dtype`` except the modules diffusers
+    keeps in fp32 (as ``from_pretrained(torch_dtype=)`` leaves them), and the inputs of one call (batch 1)."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
     with torch.device(device):
         model = WanTransformer3DModel(**config).to(dtype).eval()
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:  # as from_pretrained(torch_dtype=)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if any(keep in name for keep in model._keep_in_fp32_modules):
             tensor.data = tensor.data.float()
     inputs = dict(hidden_states=torch.randn(1, config["in_channels"], *latent, device=device, dtype=dtype),
                   timestep=torch.tensor([500.0], device=device),
                   encoder_hidden_states=torch.randn(1, text, config["text_dim"], device=device, dtype=dtype))
+    return model, inputs
+
+
+def forward_rows(config: dict, latent: tuple[int, int, int], text: int, device: torch.device, dtype: torch.dtype,
+                 reps: int, attention_ms: float | None) -> dict:
+    model, inputs = wan_model(config, latent, text, device, dtype)
 
     def run() -> torch.Tensor:
         with torch.no_grad():

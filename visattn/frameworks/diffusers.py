@@ -26,6 +26,19 @@ than recording nothing. Observation is meant for eager inference (not ``torch.co
 Methods that change attention replace processors with :func:`set_processors` (undone by restoring
 the very same processor objects), read the denoiser call (timestep, step, current layer) from
 :func:`install_context`, and the token layout of a layer from :func:`token_layout`.
+
+Attention backends. ``dispatch_attention_fn`` (``diffusers.models.attention_dispatch``) looks a
+backend up by name in ``_AttentionBackendRegistry`` and passes it q, k, v as ``[B, S, H, D]``, the
+mask, the scale and the model's ``_parallel_config``; ``model.set_attention_backend(name)`` accepts
+only values of the ``AttentionBackendName`` enum. :func:`register_attention_backend` adds a member to
+that enum and the function to the registry (once per process; it changes no model), so diffusers'
+own ``set_attention_backend`` and ``enable_parallelism`` accept it. Context parallelism is the
+backend's job: under a ``ContextParallelConfig`` the backend receives this rank's sequence shard and
+hands an attention function to diffusers' templated context-parallel attention, which exchanges the
+shards (Ulysses all-to-all: the whole sequence for H / degree heads; ring: k/v shards passed round)
+and calls it. :func:`ulysses_attention` does that for functions that need the whole sequence.
+:func:`select_attention_backend` points a model's processors at a backend (undone exactly) and
+:func:`dense_backends` says which backend each layer used before.
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from diffusers.models import attention_dispatch
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 from torch.overrides import TorchFunctionMode
@@ -50,6 +64,7 @@ SUPPORTED_MODELS = ("UNet2DConditionModel", "FluxTransformer2DModel", "SD3Transf
                     "WanTransformer3DModel", "CogVideoXTransformer3DModel", "HunyuanVideoTransformer3DModel",
                     "PixArtTransformer2DModel")
 _TEXT_FIRST = ("FluxTransformer2DModel", "CogVideoXTransformer3DModel")
+NATIVE_BACKEND = attention_dispatch.AttentionBackendName.NATIVE  # torch SDPA, diffusers' default
 _SDPA = torch._C._nn.scaled_dot_product_attention  # what F.scaled_dot_product_attention is
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
@@ -281,3 +296,102 @@ def token_layout(model: nn.Module, layer: int, grid: tuple[int, ...], text_token
             family == "SD3Transformer2DModel" and getattr(module, "added_kv_proj_dim", None) is not None):
         return TokenLayout(num_tokens=n + text_tokens, grid=grid, text=((n, n + text_tokens),))
     return TokenLayout(num_tokens=n, grid=grid)
+
+
+def register_attention_backend(name: str, fn: Callable[..., torch.Tensor], *, context_parallel: bool) -> Any:
+    """Register ``fn`` as diffusers attention backend ``name``; return its ``AttentionBackendName`` member.
+
+    ``fn`` takes the keywords of ``dispatch_attention_fn`` it names (``query``, ``key``, ``value``
+    ``[B, S, H, D]``, ``attn_mask``, ``dropout_p``, ``is_causal``, ``scale``, ``enable_gqa``,
+    ``_parallel_config``); ``context_parallel`` declares that it handles ``_parallel_config`` itself.
+    Registering a name again keeps the first registration (same function expected).
+    """
+    enum, registry = attention_dispatch.AttentionBackendName, attention_dispatch._AttentionBackendRegistry
+    if name in enum._value2member_map_:
+        member = enum(name)
+        if member in registry._backends and registry._backends[member] is not fn:
+            raise UnsupportedModelError(f"the diffusers attention backend {name!r} is already registered with "
+                                        f"another function")
+    else:
+        member = str.__new__(enum, name)  # an enum member as EnumType makes them (no public API adds one)
+        member._name_, member._value_, member._sort_order_ = name.upper(), name, len(enum._member_names_)
+        member.__objclass__ = enum
+        enum._member_map_[member._name_] = member
+        enum._value2member_map_[name] = member
+        enum._member_names_.append(member._name_)
+        if enum(name) is not member or name not in {m.value for m in enum.__members__.values()}:
+            raise UnsupportedModelError(f"could not add {name!r} to diffusers' AttentionBackendName on this Python")
+    registry.register(member, supports_context_parallel=context_parallel)(fn)
+    return member
+
+
+def select_attention_backend(model: nn.Module, patcher: Patcher, backend: Any) -> None:
+    """Point every attention processor of ``model`` that has an ``_attention_backend`` at ``backend``.
+
+    What ``model.set_attention_backend`` does to the processors, undone exactly by ``patcher`` (a
+    processor that had only the class default gets it back); diffusers' process-wide active backend is
+    left alone.
+    """
+    for _, module in attention_layers(model):
+        if hasattr(module.processor, "_attention_backend"):
+            patcher.set_attr(module.processor, "_attention_backend", backend)
+
+
+def dense_backends(model: nn.Module, exclude: Any) -> dict[int, Any]:
+    """The attention backend each layer of ``model`` dispatches to now, by layer index.
+
+    A processor without its own choice uses diffusers' active backend; where that is ``exclude`` (the
+    backend about to delegate to these), the native one (SDPA) is used instead.
+    """
+    active, _ = attention_dispatch._AttentionBackendRegistry.get_active_backend()
+    backends = {}
+    for index, (_, module) in enumerate(attention_layers(model)):
+        chosen = getattr(module.processor, "_attention_backend", None)
+        chosen = attention_dispatch.AttentionBackendName(chosen) if chosen is not None else active
+        backends[index] = NATIVE_BACKEND if chosen == exclude else chosen
+    return backends
+
+
+def dispatch_attention(backend: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       parallel_config: Any = None, **kwargs: Any) -> torch.Tensor:
+    """diffusers' ``dispatch_attention_fn`` on ``[B, S, H, D]`` tensors with backend ``backend``."""
+    return attention_dispatch.dispatch_attention_fn(query, key, value, backend=backend,
+                                                    parallel_config=parallel_config, **kwargs)
+
+
+def require_ulysses(cp: Any) -> None:
+    """Raise :class:`UnsupportedModelError` unless the ``ContextParallelConfig`` ``cp`` is Ulysses alone (see
+    :func:`ulysses_attention`)."""
+    if cp.ring_degree > 1:
+        raise UnsupportedModelError(
+            f"this attention needs every key of the sequence, so it runs under Ulysses context parallelism only "
+            f"(ContextParallelConfig(ulysses_degree=N), ring_degree=1); got ring_degree={cp.ring_degree}, "
+            f"ulysses_degree={cp.ulysses_degree}")
+
+
+def ulysses_attention(attend: Callable[..., torch.Tensor], query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, attn_mask: torch.Tensor | None, scale: float | None,
+                      parallel_config: Any) -> torch.Tensor:
+    """``attend(q, k, v, attn_mask, scale)`` over the whole sequence under diffusers' Ulysses context parallelism.
+
+    ``query``, ``key``, ``value`` are this rank's sequence shard ``[B, S / degree, H, D]``; diffusers'
+    all-to-all gives ``attend`` the whole sequence for ``H / degree`` heads (the same tensors, per head,
+    as without parallelism) and sends its output back as a shard. Ring attention cannot serve such a
+    function — each rank would see one shard of the keys at a time — so a ``ring_degree`` above 1 raises
+    :class:`UnsupportedModelError` before any communication. Inference only: the backward pass raises.
+    """
+    require_ulysses(parallel_config.context_parallel_config)
+
+    def forward_op(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float | None,
+                   enable_gqa: bool, return_lse: bool, _save_ctx: bool = True, _parallel_config: Any = None
+                   ) -> torch.Tensor:
+        return attend(query, key, value, attn_mask, scale)
+
+    def backward_op(ctx: Any, grad_out: torch.Tensor, *args: Any, **kwargs: Any) -> tuple:
+        raise UnsupportedModelError("the visattn attention backends run inference only under context parallelism "
+                                    "(no backward pass)")
+
+    return attention_dispatch._templated_context_parallel_attention(
+        query, key, value, attn_mask, 0.0, False, scale, False, False, forward_op=forward_op,
+        backward_op=backward_op, _parallel_config=parallel_config)

@@ -53,8 +53,9 @@ Options and identity values: ``strategy`` ('tile_topk'); ``keep`` (0.25; identit
 3 tiles per axis; identity: the tile grid's size) for sliding_tile; ``grat_pattern`` ('surrounding')
 and ``grat_radius`` (1; identity: >= the tile grid's largest side, surrounding) for grat;
 ``dense_steps`` (0), ``dense_layers`` (0); ``strict`` (False: the PyTorch reference is used, logged
-once, where the Triton kernel cannot run). At an identity setting the layer calls stock SDPA itself,
-so the output is bit-identical to stock.
+once, where the Triton kernel cannot run); ``install`` ('processor'; 'attention_backend' for diffusers'
+context parallelism, see :mod:`visattn.processors.sparse_video_backend`). At an identity setting the
+layer calls stock SDPA itself, so the output is bit-identical to stock.
 
 Installation (diffusers): ``visattn.apply(pipe_or_model, "sparse_video", ...)`` or
 ``model.set_attn_processor(visattn.diffusers.SparseVideoAttnProcessor(model, ...))``; see
@@ -144,6 +145,11 @@ OPTIONS: tuple[Option, ...] = (
     int_option("dense_layers", 0, low=0, doc="first sparse-eligible attention layers run dense"),
     bool_option("strict", False, doc="raise instead of falling back to the PyTorch reference"),
 )
+INSTALLS = ("processor", "attention_backend")
+INSTALL = choice_option("install", "processor", INSTALLS,
+                        doc="'processor': attention processors around the stock ones; 'attention_backend': the "
+                            "diffusers attention backend 'visattn_sparse', which context parallelism (Ulysses) "
+                            "wraps (visattn.processors.sparse_video_backend)")
 
 
 @dataclass(frozen=True)
@@ -469,83 +475,43 @@ def _sparse_sdpa(layout: TokenLayout, config: SparseVideoConfig) -> Any:
     return SDPAIntercept(answer)
 
 
-@dataclass
-class _Layer:
-    index: int
-    name: str
-    stock: Any
-    stock_params: frozenset[str]
-    eligible_index: int | None  # position among the layers sparse attention may replace
+class SparseVideoSchedule:
+    """Which attention layers of one diffusers model run sparse in the current call, and with what token layout.
 
-
-class SparseVideoAttnProcessor:
-    """A diffusers attention processor running ``sparse_video`` (module doc) in the layers of one model.
-
-    ``model.set_attn_processor(SparseVideoAttnProcessor(model, strategy="tile_topk", keep=0.1))`` —
-    or ``visattn.apply(model_or_pipe, "sparse_video", ...)``, which does the same and can be undone with
-    ``visattn.remove``. The processor is made for one model (the denoiser), because a diffusers
-    processor call alone does not carry the token grid, the denoising step or the layer index:
-    construction records each attention layer's current (stock) processor and installs forward
-    hooks on the model that read the grid and text length of each call
-    (:func:`visattn.frameworks.diffusers.install_context`). ``stock_processors`` gives the
-    processors back for ``model.set_attn_processor(...)``; ``detach()`` removes the hooks.
-
-    Why stock processors are kept rather than re-implemented: each call runs the layer's own
-    stock processor — projections, norms, rotary embeddings, the text/image concatenation, output
-    projections all exactly as stock — inside a ``TorchFunctionMode`` that answers its one
-    self/joint-attention SDPA call (directly or through ``dispatch_attention_fn``'s native backends)
-    with :func:`sparse_video_attention` on the very q, k, v that SDPA would get. ``__call__`` names
-    every keyword any of these stock processors takes (``image_rotary_emb``, ``rotary_emb``, ``temb``),
-    because diffusers drops the keywords a processor's signature does not name. Layers that are not
-    self/joint attention over a grid (Wan's cross-attention, HunyuanVideo's token refiner) run
-    their stock processor untouched; a layer that never reaches SDPA (a non-native attention backend)
-    raises :class:`~visattn.errors.UnsupportedModelError`. The attention itself,
-    :func:`sparse_video_attention`, is a plain function of ``[B, H, N, D]`` tensors and a layout, so it
-    can also be registered as an attention backend. Eager inference only (not ``torch.compile``).
+    Both installations of ``sparse_video`` — :class:`SparseVideoAttnProcessor` and the attention backend
+    (:mod:`visattn.processors.sparse_video_backend`) — ask it, because neither a processor call nor a backend
+    call carries the token grid, the denoising step or the layer index. Construction checks the model family
+    and the tile, and installs :func:`visattn.frameworks.diffusers.install_context` (hooks undone by
+    ``patcher``): the grid and text length of each denoiser call, the running attention layer, the timestep.
     """
 
-    def __init__(self, model: nn.Module, *, patcher: Patcher | None = None, **options: Any) -> None:
+    def __init__(self, model: nn.Module, config: SparseVideoConfig, patcher: Patcher) -> None:
         from ..frameworks import diffusers as fw
 
         family = type(model).__name__
         if family not in FAMILIES:
             raise UnsupportedModelError(f"sparse_video does not support the diffusers model {family}; supported: "
                                         f"{', '.join(FAMILIES)}")
-        self.config = SparseVideoConfig.from_options(**options)
+        rank = 3 if family in FAMILIES[:3] else 2
+        if config.tile is not None and len(config.tile) != rank:
+            raise ShapeError(f"sparse_video: tile {config.tile} cannot cover the {rank}D token grid of "
+                             f"{family}; give a tile with {rank} sides")
+        self.config = config
         self._fw = fw
         self._model = model
-        self._patcher = patcher or Patcher()
         self._layouts: dict[tuple, TokenLayout] = {}
-        self._layers: dict[int, _Layer] = {}
-        rank = 3 if family in FAMILIES[:3] else 2
-        if self.config.tile is not None and len(self.config.tile) != rank:
-            raise ShapeError(f"sparse_video: tile {self.config.tile} cannot cover the {rank}D token grid of "
-                             f"{family}; give a tile with {rank} sides")
-        eligible = 0
-        for index, (name, module) in enumerate(fw.attention_layers(model)):
-            stock = module.processor
-            if isinstance(stock, SparseVideoAttnProcessor):
-                stock = stock._layers[id(module)].stock
+        self.eligible: dict[int, int] = {}  # layer index -> position among the layers sparse attention may replace
+        for index, (_, module) in enumerate(fw.attention_layers(model)):
             layout = fw.token_layout(model, index, (1,) * rank, 1)
-            is_sparse = layout.grid is not None and not getattr(module, "is_cross_attention", False)
-            params = frozenset(inspect.signature(stock.__call__).parameters)
-            self._layers[id(module)] = _Layer(index, name, stock, params, eligible if is_sparse else None)
-            eligible += is_sparse
-        self._ctx = fw.install_context(model, self._patcher)
+            if layout.grid is not None and not getattr(module, "is_cross_attention", False):
+                self.eligible[index] = len(self.eligible)
+        self._ctx = fw.install_context(model, patcher)
         self._call, self._step, self._timestep = -1, -1, None
 
     @property
-    def stock_processors(self) -> dict[str, Any]:
-        """``{"<layer>.processor": stock processor}``, for ``model.set_attn_processor`` to restore stock."""
-        return {f"{layer.name}.processor": layer.stock for layer in self._layers.values()}
-
-    def sparse_layers(self) -> list[int]:
-        """Indices (in attention-layer order) of the layers whose attention this processor makes sparse."""
-        return [layer.index for layer in self._layers.values() if layer.eligible_index is not None]
-
-    def detach(self) -> None:
-        """Remove the hooks this processor installed on its model."""
-        self._patcher.undo()
+    def running_layer(self) -> int | None:
+        """Index of the attention layer running now (``None`` outside attention layers)."""
+        return self._ctx.layer
 
     def _denoising_step(self) -> int:
         if self._ctx.step != self._call:
@@ -559,12 +525,88 @@ class SparseVideoAttnProcessor:
             self._timestep = t
         return self._step
 
-    def _layout(self, layer: _Layer) -> TokenLayout:
-        extra = self._ctx.extra or {}
-        key = (layer.index, tuple(extra["grid"]), extra["text_tokens"])
+    def layout(self, index: int, device: torch.device) -> TokenLayout | None:
+        """The token layout of layer ``index`` in the current call if it runs sparse now, else ``None``.
+
+        ``None``: not self/joint attention over a grid, no denoiser call seen, a dense layer or step of the
+        schedule, or an identity setting on this call's geometry (so that stock attention runs bit for bit).
+        """
+        eligible = self.eligible.get(index)
+        extra = self._ctx.extra
+        if (eligible is None or extra is None or eligible < self.config.dense_layers
+                or (self.config.dense_steps and self._denoising_step() < self.config.dense_steps)):
+            return None
+        key = (index, tuple(extra["grid"]), extra["text_tokens"])
         if key not in self._layouts:
-            self._layouts[key] = self._fw.token_layout(self._model, layer.index, extra["grid"], extra["text_tokens"])
-        return self._layouts[key]
+            self._layouts[key] = self._fw.token_layout(self._model, index, extra["grid"], extra["text_tokens"])
+        layout = self._layouts[key]
+        geo = geometry(tuple(layout.grid), layout.grid_start, layout.num_tokens, self.config.tile_for(layout.grid),
+                       device)
+        return None if is_dense(self.config, geo) else layout
+
+
+@dataclass
+class _Layer:
+    index: int
+    name: str
+    stock: Any
+    stock_params: frozenset[str]
+
+
+class SparseVideoAttnProcessor:
+    """A diffusers attention processor running ``sparse_video`` (module doc) in the layers of one model.
+
+    ``model.set_attn_processor(SparseVideoAttnProcessor(model, strategy="tile_topk", keep=0.1))`` —
+    or ``visattn.apply(model_or_pipe, "sparse_video", ...)``, which does the same and can be undone with
+    ``visattn.remove``. The processor is made for one model (the denoiser), because a diffusers
+    processor call alone does not carry the token grid, the denoising step or the layer index:
+    construction records each attention layer's current (stock) processor and installs forward
+    hooks on the model that read the grid and text length of each call (:class:`SparseVideoSchedule`).
+    ``stock_processors`` gives the processors back for ``model.set_attn_processor(...)``; ``detach()``
+    removes the hooks.
+
+    Why stock processors are kept rather than re-implemented: each call runs the layer's own
+    stock processor — projections, norms, rotary embeddings, the text/image concatenation, output
+    projections all exactly as stock — inside a ``TorchFunctionMode`` that answers its one
+    self/joint-attention SDPA call (directly or through ``dispatch_attention_fn``'s native backends)
+    with :func:`sparse_video_attention` on the very q, k, v that SDPA would get. ``__call__`` names
+    every keyword any of these stock processors takes (``image_rotary_emb``, ``rotary_emb``, ``temb``),
+    because diffusers drops the keywords a processor's signature does not name. Layers that are not
+    self/joint attention over a grid (Wan's cross-attention, HunyuanVideo's token refiner) run
+    their stock processor untouched; a layer that never reaches SDPA (a non-native attention backend)
+    raises :class:`~visattn.errors.UnsupportedModelError`. The attention itself,
+    :func:`sparse_video_attention`, is a plain function of ``[B, H, N, D]`` tensors and a layout; it also
+    serves as a diffusers attention backend (:mod:`visattn.processors.sparse_video_backend`, the way to
+    run under context parallelism). Eager inference only (not ``torch.compile``).
+    """
+
+    def __init__(self, model: nn.Module, *, patcher: Patcher | None = None, **options: Any) -> None:
+        from ..frameworks import diffusers as fw
+
+        self.config = SparseVideoConfig.from_options(**options)
+        self._model = model
+        self._patcher = patcher or Patcher()
+        self._schedule = SparseVideoSchedule(model, self.config, self._patcher)
+        self._layers: dict[int, _Layer] = {}
+        for index, (name, module) in enumerate(fw.attention_layers(model)):
+            stock = module.processor
+            if isinstance(stock, SparseVideoAttnProcessor):
+                stock = stock._layers[id(module)].stock
+            params = frozenset(inspect.signature(stock.__call__).parameters)
+            self._layers[id(module)] = _Layer(index, name, stock, params)
+
+    @property
+    def stock_processors(self) -> dict[str, Any]:
+        """``{"<layer>.processor": stock processor}``, for ``model.set_attn_processor`` to restore stock."""
+        return {f"{layer.name}.processor": layer.stock for layer in self._layers.values()}
+
+    def sparse_layers(self) -> list[int]:
+        """Indices (in attention-layer order) of the layers whose attention this processor makes sparse."""
+        return sorted(self._schedule.eligible)
+
+    def detach(self) -> None:
+        """Remove the hooks this processor installed on its model."""
+        self._patcher.undo()
 
     def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, image_rotary_emb: Any = None, rotary_emb: Any = None,
@@ -578,14 +620,8 @@ class SparseVideoAttnProcessor:
         for name, value in (("image_rotary_emb", rotary), ("rotary_emb", rotary), ("temb", temb)):
             if value is not None and name in layer.stock_params:
                 kwargs[name] = value
-        if (layer.eligible_index is None or self._ctx.extra is None
-                or layer.eligible_index < self.config.dense_layers
-                or (self.config.dense_steps and self._denoising_step() < self.config.dense_steps)):
-            return layer.stock(attn, hidden_states, **kwargs)
-        layout = self._layout(layer)
-        geo = geometry(tuple(layout.grid), layout.grid_start, layout.num_tokens, self.config.tile_for(layout.grid),
-                       hidden_states.device)
-        if is_dense(self.config, geo):
+        layout = self._schedule.layout(layer.index, hidden_states.device)
+        if layout is None:
             return layer.stock(attn, hidden_states, **kwargs)
         mode = _sparse_sdpa(layout, self.config)
         with mode:
@@ -596,7 +632,7 @@ class SparseVideoAttnProcessor:
                 f"sparse_video: attention layer {layer.index} ({layer.name}) ran without a "
                 f"torch.nn.functional.scaled_dot_product_attention call over its {layout.num_tokens} tokens "
                 f"(processor {type(layer.stock).__name__}, attention backend {backend or 'default'}); use the stock "
-                f"processor with a native attention backend")
+                f"processor with a native attention backend, or install='attention_backend'")
         return out
 
 
@@ -608,17 +644,23 @@ class SparseVideo(Method):
              "GRAT (2025); XAttention-style top-p selection")
     frameworks = ("diffusers",)
     families = {"diffusers": FAMILIES}
-    options = OPTIONS
+    options = (*OPTIONS, INSTALL)
 
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
         super().check_target(target, options)
-        SparseVideoConfig(**options).check_strategy_options()
+        SparseVideoConfig(**{k: v for k, v in options.items() if k != "install"}).check_strategy_options()
 
     def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> Handle:
         from ..frameworks import diffusers as fw
 
-        processor = SparseVideoAttnProcessor(target.model, patcher=patcher, **options)
-        sparse = set(processor.sparse_layers())
-        fw.set_processors(target.model, patcher, lambda idx, name, module: processor if idx in sparse else None)
+        config = {k: v for k, v in options.items() if k != "install"}
+        if options["install"] == "attention_backend":
+            from .sparse_video_backend import SparseVideoAttnBackend
+
+            SparseVideoAttnBackend(target.model, patcher=patcher, **config).select(patcher)
+        else:
+            processor = SparseVideoAttnProcessor(target.model, patcher=patcher, **config)
+            sparse = set(processor.sparse_layers())
+            fw.set_processors(target.model, patcher, lambda idx, name, module: processor if idx in sparse else None)
         return Handle(self.name, target.model, options, patcher)
 

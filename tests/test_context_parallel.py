@@ -1,0 +1,189 @@
+"""sparse_video as the diffusers attention backend ``visattn_sparse`` (issue 11): registered so that
+``set_attention_backend`` selects it; the single-process path reproduces the processor's output and the identity
+setting reproduces stock; remove() restores the previous backends; two CPU processes under diffusers' Ulysses
+context parallelism (gloo) give the single-process output; ring attention and unsupported models raise clear
+errors."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import traceback
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from diffusers import ContextParallelConfig  # noqa: E402
+from diffusers.models._modeling_parallel import ParallelConfig  # noqa: E402
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry, attention_backend  # noqa: E402
+from test_diffusers import BUILDERS, _run  # noqa: E402
+
+import visattn  # noqa: E402
+from visattn.errors import OptionError, UnsupportedModelError  # noqa: E402
+from visattn.frameworks.diffusers import attention_layers  # noqa: E402
+
+SPARSE = dict(keep=0.5, tile=(1, 2, 2))  # the tiny Wan's 2x4x4 grid: 8 blocks, 4 kept per query block
+
+
+def _model(family: str = "wan") -> tuple[torch.nn.Module, dict[str, Any]]:
+    torch.manual_seed(0)
+    model, inputs, *_ = BUILDERS[family]()
+    return model.eval(), inputs
+
+
+def _backends(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Each attention processor's own attributes (where a selected backend is recorded)."""
+    return [dict(module.processor.__dict__) for _, module in attention_layers(model)]
+
+
+@pytest.fixture(autouse=True)
+def _keep_active_backend():
+    """``set_attention_backend`` also sets diffusers' process-wide active backend: put it back after each test."""
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry._active_backend = active
+
+
+def test_set_attention_backend_selects_the_registered_backend_and_matches_the_processor() -> None:
+    model, inputs = _model()
+    visattn.apply(model, "sparse_video", **SPARSE)
+    by_processor = _run(model, inputs)
+    visattn.remove(model)
+    backend = visattn.diffusers.SparseVideoAttnBackend(model, **SPARSE)
+    assert "visattn_sparse" in _AttentionBackendRegistry._supports_context_parallel
+    model.set_attention_backend("visattn_sparse")
+    assert {p._attention_backend for p in model.attn_processors.values()} == {"visattn_sparse"}
+    assert torch.equal(_run(model, inputs), by_processor)
+    model.reset_attention_backend()
+    backend.detach()
+
+
+@pytest.mark.parametrize("family", ["wan", "flux", "hunyuanvideo"])
+def test_backend_reproduces_the_processor_and_remove_restores(family: str) -> None:
+    model, inputs = _model(family)
+    ref, before = _run(model, inputs), _backends(model)
+    tile = SPARSE["tile"] if family != "flux" else (1, 2)
+    visattn.apply(model, "sparse_video", keep=0.5, tile=tile)
+    by_processor = _run(model, inputs)
+    visattn.remove(model)
+    handle = visattn.apply(model, "sparse_video", keep=0.5, tile=tile, install="attention_backend")
+    by_backend = _run(model, inputs)
+    handle.remove()
+    assert torch.equal(by_backend, by_processor) and not torch.equal(by_backend, ref)
+    assert _backends(model) == before and torch.equal(_run(model, inputs), ref)
+
+
+def test_identity_reproduces_stock_and_dense_calls_keep_the_previous_backend() -> None:
+    model, inputs = _model()
+    ref = _run(model, inputs)
+    visattn.apply(model, "sparse_video", keep=1.0, install="attention_backend")
+    assert torch.equal(_run(model, inputs), ref)
+    visattn.remove(model)
+
+    model.set_attention_backend("_native_math")  # a user's earlier choice
+    math_ref, before = _run(model, inputs), _backends(model)
+    visattn.apply(model, "sparse_video", keep=1.0, dense_layers=1, install="attention_backend")
+    assert torch.equal(_run(model, inputs), math_ref)
+    visattn.remove(model)
+    assert _backends(model) == before
+    assert {p._attention_backend for p in model.attn_processors.values()} == {"_native_math"}
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    with pytest.raises(OptionError, match="install must be one of 'processor', 'attention_backend'"):
+        visattn.apply(_model()[0], "sparse_video", install="backend")
+    cogvideox, _ = _model("cogvideox")
+    with pytest.raises(UnsupportedModelError, match="dispatch_attention_fn: WanTransformer3DModel, Flux.*"
+                                                    "install='processor'"):
+        visattn.apply(cogvideox, "sparse_video", install="attention_backend")
+    assert not visattn.applied(cogvideox)
+
+    stock, inputs = _model()  # a model nobody prepared, run with the backend selected process-wide
+    visattn.diffusers.SparseVideoAttnBackend(_model()[0])  # registers the backend
+    with attention_backend("visattn_sparse"), pytest.raises(UnsupportedModelError, match="ran outside a model"):
+        _run(stock, inputs)
+
+    for family, config, match in [
+            ("flux", ContextParallelConfig(ulysses_degree=2), "context parallelism supports WanTransformer3DModel"),
+            ("wan", ContextParallelConfig(ring_degree=2), "Ulysses context parallelism only.*got ring_degree=2"),
+            ("wan", ContextParallelConfig(ulysses_degree=2, ring_degree=2), "got ring_degree=2, ulysses_degree=2")]:
+        model, _ = _model(family)
+        model._parallel_config = ParallelConfig(context_parallel_config=config)  # as enable_parallelism records it
+        with pytest.raises(UnsupportedModelError, match=match):
+            visattn.apply(model, "sparse_video", install="attention_backend")
+    model, _ = _model()
+    model._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
+    with pytest.raises(OptionError, match="per-head sliding_tile windows cannot run under Ulysses"):
+        visattn.apply(model, "sparse_video", strategy="sliding_tile", window=((1, 1, 1), (1, 3, 3)),
+                      install="attention_backend")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Two CPU processes (gloo) under diffusers' own context parallelism
+
+
+def _rank(rank: int, world: int, port: int, results: Any) -> None:
+    """One rank: the tiny Wan (same seed as the parent) under Ulysses degree ``world``, stock then sparse; then
+    ring attention, which must be refused."""
+    try:
+        torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
+        # diffusers 0.42.1 places the rank on device `rank % torch.accelerator.device_count()`, 0 on a CPU-only host
+        torch.accelerator.device_count = lambda: 1
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+        model, inputs = _model()
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+        stock = _run(model, inputs)
+        visattn.apply(model, "sparse_video", install="attention_backend", **SPARSE)
+        sparse = _run(model, inputs)
+        visattn.remove(model)
+        restored = torch.equal(_run(model, inputs), stock)
+        ring, _ = _model()
+        ring.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
+        try:
+            visattn.apply(ring, "sparse_video", install="attention_backend", **SPARSE)
+            refused = ""
+        except UnsupportedModelError as err:
+            refused = str(err)
+        results.put((rank, dict(stock=stock.numpy(), sparse=sparse.numpy(), restored=restored, ring=refused)))
+        torch.distributed.destroy_process_group()
+    except BaseException:
+        results.put((rank, traceback.format_exc()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ulysses_equals_single_process_and_ring_is_refused() -> None:
+    model, inputs = _model()
+    stock_ref = _run(model, inputs)
+    visattn.apply(model, "sparse_video", install="attention_backend", **SPARSE)
+    sparse_ref = _run(model, inputs)
+    visattn.remove(model)
+    # fork, not spawn: a spawned rank re-imports diffusers (~10 s on two cores) before it can start
+    context = multiprocessing.get_context("fork")
+    results, port = context.Queue(), _free_port()
+    ranks = [context.Process(target=_rank, args=(r, 2, port, results)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    try:
+        got = dict(results.get(timeout=60) for _ in ranks)
+    finally:
+        for p in ranks:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    for rank, result in got.items():
+        assert isinstance(result, dict), f"rank {rank} failed:\n{result}"
+        torch.testing.assert_close(torch.from_numpy(result["stock"]), stock_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(result["sparse"]), sparse_ref, rtol=1e-5, atol=1e-5)
+        assert (torch.from_numpy(result["sparse"]) - stock_ref).abs().max() > 1e-2  # the sparse path ran
+        assert result["restored"]
+        assert "Ulysses context parallelism only" in result["ring"] and "ring_degree=2" in result["ring"]

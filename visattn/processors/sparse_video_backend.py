@@ -1,0 +1,180 @@
+"""``sparse_video`` as a diffusers attention backend, so that diffusers' context parallelism runs it.
+
+diffusers scales a video DiT over GPUs with context parallelism (``ContextParallelConfig``,
+``model.enable_parallelism``): the sequence is split across ranks, and the split is undone inside the
+attention backend that ``dispatch_attention_fn`` calls — Ulysses (DeepSpeed-Ulysses, Jacobs et al.,
+2023) exchanges shards all-to-all so that each rank holds the whole sequence for ``H / degree`` heads;
+ring attention (Liu et al., 2023) keeps each rank's query shard and passes the key/value shards
+round, merging partial softmaxes through their log-sum-exp. A processor that intercepts SDPA never
+sees that exchange, so the sparse attention of :mod:`visattn.processors.sparse_video` is registered
+as the backend ``visattn_sparse`` (:func:`visattn.frameworks.diffusers.register_attention_backend`),
+which ``model.set_attention_backend("visattn_sparse")`` selects and ``enable_parallelism`` accepts.
+
+    backend = visattn.diffusers.SparseVideoAttnBackend(transformer, strategy="tile_topk", keep=0.1)
+    transformer.set_attention_backend("visattn_sparse")
+    transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))  # before or after
+    ...
+    backend.detach()   # hooks removed; select another backend with set_attention_backend
+
+or ``visattn.apply(transformer, "sparse_video", keep=0.1, install="attention_backend")``, which points
+the processors at the backend itself and is undone exactly by ``visattn.remove`` (each processor's
+previous ``_attention_backend`` restored; diffusers' process-wide active backend is never changed).
+
+The backend is a function of q, k, v only, so :class:`SparseVideoAttnBackend` gives it the rest: hooks
+on the model make it the backend's current model for the duration of each forward (a ``ContextVar``)
+and read the token grid, text length, timestep and running layer of each call
+(:class:`~visattn.processors.sparse_video.SparseVideoSchedule`, the same schedule the processor uses).
+Calls that the schedule leaves dense — cross-attention, dense layers and steps, identity settings —
+go to the backend each layer used before (diffusers' native SDPA by default), with the same parallel
+config, so they are exactly stock.
+
+What works and what does not (diffusers 0.42.1):
+
+- No parallelism: Wan, Flux and HunyuanVideo, whose processors call ``dispatch_attention_fn``; the
+  output equals the processor installation's. CogVideoX and SD3 processors call SDPA directly and
+  never reach a backend: use ``install="processor"`` there.
+- Ulysses (``ulysses_degree > 1``, ``ring_degree == 1``, also ``ulysses_anything``): Wan. After the
+  all-to-all each rank has every token of its heads, and every strategy routes each head on its own
+  q and k, so routing and kernel are unchanged and the output equals the single-GPU output up to
+  floating-point differences elsewhere in the model. Per-head ``sliding_tile`` windows are refused
+  (a rank holds a subset of the heads). Flux's context-parallel plan shards its text and image tokens
+  separately, so the gathered sequence interleaves them per rank and is not the joint layout the
+  routing assumes; HunyuanVideo has no plan. Both are refused under parallelism.
+- Ring attention (``ring_degree > 1``, alone or with Ulysses): refused with a clear error. Each rank
+  sees one shard of the keys at a time, while routing ranks a query block's kv blocks over the whole
+  sequence and the kernel would have to return its log-sum-exp for the ring's merge. It could be done
+  (gather the pooled keys — one vector per block and head — to route globally, then visit per shard
+  only the routed blocks it holds), but is not implemented.
+- Inference only under parallelism (diffusers asks the backend for a backward op; it raises).
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any
+
+import torch.nn as nn
+from torch import Tensor
+
+from ..errors import OptionError, ShapeError, UnsupportedModelError
+from ..patching import Patcher
+from .sparse_video import SparseVideoConfig, SparseVideoSchedule, sparse_video_attention
+
+BACKEND = "visattn_sparse"
+FAMILIES = ("WanTransformer3DModel", "FluxTransformer2DModel", "HunyuanVideoTransformer3DModel")
+CONTEXT_PARALLEL_FAMILIES = ("WanTransformer3DModel",)
+
+_RUNNING: ContextVar[SparseVideoAttnBackend | None] = ContextVar("visattn_sparse_model", default=None)
+
+
+def visattn_sparse(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                   dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                   enable_gqa: bool = False, _parallel_config: Any = None) -> Tensor:
+    """The function registered as diffusers attention backend ``visattn_sparse`` (``[B, S, H, D]`` tensors):
+    hands the call to the :class:`SparseVideoAttnBackend` of the model running now."""
+    running = _RUNNING.get()
+    if running is None:
+        raise UnsupportedModelError(
+            f"the attention backend {BACKEND!r} ran outside a model prepared for it: make "
+            f"visattn.diffusers.SparseVideoAttnBackend(model, ...) before model.set_attention_backend({BACKEND!r}), "
+            f"or use visattn.apply(model, 'sparse_video', install='attention_backend')")
+    return running.attend(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                          scale=scale, enable_gqa=enable_gqa, parallel_config=_parallel_config)
+
+
+class SparseVideoAttnBackend:
+    """``sparse_video`` for one diffusers model through the attention backend ``visattn_sparse`` (module doc).
+
+    Construction checks the family and the options, registers the backend (once per process), records
+    the backend each attention layer uses now (for the calls left dense) and installs the hooks;
+    ``select(patcher)`` points the processors at the backend (what ``visattn.apply`` does);
+    ``detach()`` removes the hooks.
+    """
+
+    def __init__(self, model: nn.Module, *, patcher: Patcher | None = None, **options: Any) -> None:
+        from ..frameworks import diffusers as fw
+
+        family = type(model).__name__
+        if family not in FAMILIES:
+            raise UnsupportedModelError(
+                f"sparse_video's attention backend serves the diffusers models whose processors call "
+                f"dispatch_attention_fn: {', '.join(FAMILIES)} (got {family}); use install='processor' "
+                f"(visattn.diffusers.SparseVideoAttnProcessor) for it")
+        self.config = SparseVideoConfig.from_options(**options)
+        self._fw = fw
+        self._family = family
+        parallel = getattr(model, "_parallel_config", None)
+        if parallel is not None and parallel.context_parallel_config is not None:
+            self._check_parallel(parallel.context_parallel_config)
+        self._model = model
+        self._patcher = patcher or Patcher()
+        self.backend = fw.register_attention_backend(BACKEND, visattn_sparse, context_parallel=True)
+        self._dense = fw.dense_backends(model, exclude=self.backend)
+        self._schedule = SparseVideoSchedule(model, self.config, self._patcher)
+        tokens: list = []
+
+        def enter(module: nn.Module, args: tuple) -> None:
+            tokens.append(_RUNNING.set(self))
+
+        def leave(module: nn.Module, args: tuple, output: Any) -> None:
+            if tokens:
+                _RUNNING.reset(tokens.pop())
+
+        self._patcher.add_hook(model.register_forward_pre_hook(enter))
+        self._patcher.add_hook(model.register_forward_hook(leave, always_call=True))
+
+    def sparse_layers(self) -> list[int]:
+        """Indices (in attention-layer order) of the layers whose attention this backend makes sparse."""
+        return sorted(self._schedule.eligible)
+
+    def select(self, patcher: Patcher) -> None:
+        """Point the model's attention processors at this backend; ``patcher`` undoes it exactly."""
+        self._fw.select_attention_backend(self._model, patcher, self.backend)
+
+    def detach(self) -> None:
+        """Remove the hooks this backend installed on its model."""
+        self._patcher.undo()
+
+    def _check_parallel(self, cp: Any) -> None:
+        """Raise unless sparse attention can run under the context-parallel config ``cp`` (module doc)."""
+        self._fw.require_ulysses(cp)
+        if self._family not in CONTEXT_PARALLEL_FAMILIES:
+            raise UnsupportedModelError(
+                f"sparse_video under context parallelism supports {', '.join(CONTEXT_PARALLEL_FAMILIES)} (its "
+                f"self-attention sequence is the video grid alone); the context-parallel sequence of {self._family} "
+                f"is not the joint text/grid layout the routing reads")
+        if self.config.window is not None and isinstance(self.config.window[0], tuple):
+            raise OptionError("sparse_video: per-head sliding_tile windows cannot run under Ulysses context "
+                              "parallelism (each rank holds a subset of the heads); give one window for all heads")
+
+    def _sparse(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, scale: float | None,
+                layout: Any) -> Tensor:
+        """:func:`sparse_video_attention` on ``[B, S, H, D]`` tensors holding the whole sequence."""
+        if query.shape[1] != layout.num_tokens:
+            raise ShapeError(f"sparse_video: the attention backend got {query.shape[1]} tokens for a layer whose "
+                             f"layout has {layout.num_tokens} (grid {layout.grid})")
+        if attn_mask is not None and attn_mask.ndim == 2:  # [B, S_kv] key padding, as diffusers' native backend
+            attn_mask = attn_mask[:, None, None, :]
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        return sparse_video_attention(q, k, v, layout, self.config, scale=scale, attn_mask=attn_mask).transpose(1, 2)
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, *, attn_mask: Tensor | None, dropout_p: float,
+               is_causal: bool, scale: float | None, enable_gqa: bool, parallel_config: Any) -> Tensor:
+        """One backend call: sparse where the schedule says so, else the layer's previous backend."""
+        index = self._schedule.running_layer
+        cp = None if parallel_config is None else parallel_config.context_parallel_config
+        layout = None
+        if index is not None and not dropout_p and not is_causal and key.shape[1] == query.shape[1]:
+            layout = self._schedule.layout(index, query.device)
+        if layout is not None and cp is None and query.shape[1] != layout.num_tokens:
+            layout = None  # not the layer's self-attention sequence: stock, as the processor does
+        if layout is None:
+            return self._fw.dispatch_attention(
+                self._dense.get(index, self._fw.NATIVE_BACKEND), query, key, value, parallel_config,
+                attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+        if cp is None:
+            return self._sparse(query, key, value, attn_mask, scale, layout)
+        self._check_parallel(cp)
+        return self._fw.ulysses_attention(
+            lambda q, k, v, mask, s: self._sparse(q, k, v, mask, s, layout), query, key, value, attn_mask, scale,
+            parallel_config)
