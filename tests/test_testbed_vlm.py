@@ -101,7 +101,7 @@ def test_eval_vlm_inspect_and_prune_keep_1_agree_fully(smoke, tmp_path, capsys):
     assert result["rows"][0]["agreement"] == 1.0 and (tmp_path / "eval_vlm_vlm_inspect.png").is_file()
     assert set(result["stock"]) == {"random", "popular", "adversarial", "colour", "count", "caption"}
     assert len(result["stock_captions"]) == 3 and result["stock"]["caption"]["n"] == 3
-    result = eval_vlm("prune", sweep=("keep", [1.0]), n=3, device="cpu", checkpoint=ckpt, out_dir=None,
+    result = eval_vlm("prune", sweep=("keep", [1.0]), n=2, device="cpu", checkpoint=ckpt, out_dir=None,
                       progress=False)
     row = result["rows"][0]
     assert row["agreement"] == 1.0 and row["caption_agreement"] == 1.0 and row["metrics"] == result["stock"]

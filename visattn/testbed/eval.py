@@ -436,7 +436,8 @@ def eval_vlm(method: str, options: Mapping[str, Any] | None = None, sweep: tuple
         "stock_seconds": round(stock_s, 3), "rows": rows,
         "attn_implementation": "sdpa", **_run_record(dev, batch_size),
     }
-    stem = f"eval_vlm_{method}" if checkpoint is None else f"eval_vlm_{Path(checkpoint).stem}_{method}"
+    name = None if checkpoint is None else Path(checkpoint).name if hf else Path(checkpoint).stem
+    stem = f"eval_vlm_{method}" if name is None else f"eval_vlm_{name}_{method}"
     return _write(result, out_dir, stem)
 
 
