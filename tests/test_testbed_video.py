@@ -143,4 +143,4 @@ def test_video_bad_inputs_are_named(tiny, tmp_path, capsys):
     assert "--tokenizer applies to the vlm testbed only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "vit", "--method", "tome", "--steps", "3", "--guidance", "2"])
-    assert "--steps applies to the video testbed only; --guidance applies" in capsys.readouterr().err
+    assert "--steps applies to the video and image testbeds only; --guidance applies" in capsys.readouterr().err

@@ -118,31 +118,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--layer", type=int, default=-1, help="attention layer index (negative counts from the end)")
     p.add_argument("--out", type=Path, default=Path("attention.png"))
     e = sub.add_parser("eval", help="stock vs patched model on a held-out set: top-1 or POPE/QA and agreement, "
-                                    "or video PSNR/SSIM (JSON + PNG)")
-    e.add_argument("testbed", choices=["vit", "vlm", "video"],
+                                    "or video / image PSNR/SSIM (JSON + PNG)")
+    e.add_argument("testbed", choices=["vit", "vlm", "video", "image"],
                    help="vit: the shipped testbed ViT classifier (or --model/--checkpoint); "
                         "vlm: the shipped testbed LLaVA-style VLM (or --checkpoint/--tokenizer, or a Hugging Face "
                         "checkpoint directory with --questions/--images); "
-                        "video: the shipped testbed video DiT (or --checkpoint)")
+                        "video: the shipped testbed video DiT (or --checkpoint); "
+                        "image: the shipped testbed image UNet (or --checkpoint)")
     e.add_argument("--method", required=True,
-                   help="a registered method that supports timm (vit), transformers (vlm) or diffusers' Wan "
-                        "(video); see visattn methods")
+                   help="a registered method that supports timm (vit), transformers (vlm), diffusers' Wan "
+                        "(video) or diffusers' UNet (image); see visattn methods")
     e.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                    help="a fixed option of the method, e.g. strategy=cls (repeatable)")
     e.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...", help="an option swept over values, e.g. r=0,4,8")
     e.add_argument("--n", type=int, default=None,
-                   help="number of images (vit, default 1000), of scenes (vlm, default 200) or of clips (video, "
-                        "default 8)")
-    e.add_argument("--seed", type=int, default=0, help="seed of the generated test split (video: of the noise)")
-    e.add_argument("--batch-size", type=int, default=None, help="default 250 (vit, vlm), 8 (video)")
-    e.add_argument("--steps", type=int, default=None, help="video: Euler sampling steps (default: the weights' own)")
+                   help="number of images (vit, default 1000), of scenes (vlm, default 200), of clips (video, "
+                        "default 8) or of generated images (image, default 32)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the generated test split (video, image: of the noise)")
+    e.add_argument("--batch-size", type=int, default=None, help="default 250 (vit, vlm), 8 (video), 32 (image)")
+    e.add_argument("--steps", type=int, default=None,
+                   help="video, image: Euler sampling steps (default: the weights' own)")
     e.add_argument("--guidance", type=float, default=None,
-                   help="video: classifier-free guidance scale (default: the weights' own)")
+                   help="video, image: classifier-free guidance scale (default: the weights' own)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--model", default=None, help="timm model name of a local checkpoint (with --checkpoint)")
     e.add_argument("--checkpoint", default=None,
                    help="vit: local timm checkpoint file (with --model); vlm: a vlm.safetensors in the testbed "
-                        "layout; video: a video_dit.safetensors with its video_dit.json beside it")
+                        "layout; video: a video_dit.safetensors with its video_dit.json beside it; image: an "
+                        "image_unet.safetensors with its image_unet.json beside it")
     e.add_argument("--tokenizer", default=None, help="vlm: tokenizer file (default: vlm_tokenizer.json beside it)")
     e.add_argument("--num-classes", type=int, default=None, help="classes of the checkpoint's head (passed to timm)")
     e.add_argument("--img-size", type=int, default=None, help="input size of the checkpoint (passed to timm)")
@@ -172,24 +175,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     elif args.command == "eval":
         from visattn.errors import VisattnError
-        from visattn.testbed.eval import eval_video, eval_vit, eval_vlm, parse_option, parse_sweep, table
+        from visattn.testbed.eval import eval_image, eval_video, eval_vit, eval_vlm, parse_option, parse_sweep, table
 
         try:
             options = dict(parse_option(o) for o in args.option)
             sweep = parse_sweep(args.sweep) if args.sweep else None
             only = {"--model": ("vit",), "--num-classes": ("vit",), "--img-size": ("vit",), "--images": ("vit", "vlm"),
-                    "--tokenizer": ("vlm",), "--questions": ("vlm",), "--steps": ("video",), "--guidance": ("video",)}
+                    "--tokenizer": ("vlm",), "--questions": ("vlm",), "--steps": ("video", "image"),
+                    "--guidance": ("video", "image")}
             given = [k for k, testbeds in only.items() if args.testbed not in testbeds
                      and getattr(args, k[2:].replace("-", "_")) is not None]
             if given:
                 raise ValueError("; ".join(f"{k} applies to the {' and '.join(only[k])} testbed"
                                            f"{'s' if len(only[k]) > 1 else ''} only" for k in given))
-            batch_size = args.batch_size if args.batch_size is not None else 8 if args.testbed == "video" else 250
-            if args.testbed == "video":
-                result = eval_video(args.method, options, sweep, n=8 if args.n is None else args.n, seed=args.seed,
-                                    steps=args.steps, guidance=args.guidance, batch_size=batch_size,
-                                    device=args.device, checkpoint=args.checkpoint, out_dir=args.out_dir,
-                                    progress=not args.no_progress)
+            batch_size = args.batch_size if args.batch_size is not None else {"video": 8, "image": 32}.get(
+                args.testbed, 250)
+            if args.testbed in ("video", "image"):
+                evaluate, default_n = (eval_video, 8) if args.testbed == "video" else (eval_image, 32)
+                result = evaluate(args.method, options, sweep, n=default_n if args.n is None else args.n,
+                                  seed=args.seed, steps=args.steps, guidance=args.guidance, batch_size=batch_size,
+                                  device=args.device, checkpoint=args.checkpoint, out_dir=args.out_dir,
+                                  progress=not args.no_progress)
             elif args.testbed == "vlm":
                 n = args.n if args.n is not None else None if args.questions else 200
                 result = eval_vlm(args.method, options, sweep, n=n, seed=args.seed, batch_size=batch_size,

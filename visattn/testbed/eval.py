@@ -31,6 +31,9 @@ diffusers ``WanTransformer3DModel``) stock and patched from the same noise, for 
 supports Wan (``sparse_video``): PSNR and SSIM of the patched clips against the stock ones, and the
 class accuracy of both (the fraction of frames the testbed ViT classifies as the conditioned class).
 Results: ``<out_dir>/eval_video_<method>.json`` and a PNG of SSIM and class accuracy across the sweep.
+``visattn eval image`` (:func:`eval_image`) does the same with the testbed image UNet (:mod:`.image`, a
+diffusers ``UNet2DConditionModel``) for every method that supports UNets (``tome``):
+``<out_dir>/eval_image_<method>.json`` and its PNG.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +62,7 @@ from ..registry import all_methods, get_method
 from .data import SHAPES, classification_batch
 from .vit import SHIPPED_WEIGHTS, load_vit
 
-TESTBEDS: tuple[str, ...] = ("vit", "vlm", "video")
+TESTBEDS: tuple[str, ...] = ("vit", "vlm", "video", "image")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 #: how many of each pass's captions the VLM result keeps, as examples.
 CAPTION_EXAMPLES = 8
@@ -486,8 +489,8 @@ def eval_video(method: str, options: Mapping[str, Any] | None = None, sweep: tup
     """Stock vs ``method`` on the testbed video DiT; returns (and writes, unless ``out_dir`` is None) the results.
 
     The stock model samples ``n`` clips (classes 0, 1, ..., 7, 0, ... in turn; the noise of clip ``i``
-    a function of ``seed`` and ``i``, :func:`~.video.sample`), then for each sweep point the method is
-    applied to the Wan transformer and the same clips are sampled from the same noise. Per point: PSNR
+    a function of ``seed`` and ``i``, :func:`~.diffusion.sample`), then for each sweep point the method
+    is applied to the Wan transformer and the same clips are sampled from the same noise. Per point: PSNR
     (dB, from the mean squared error over all clips; ``inf`` when identical) and SSIM (:func:`ssim`, per
     frame, averaged) of the patched clips against the stock ones, and the class accuracy of both: the
     fraction of frames (and of middle frames) that the shipped testbed ViT classifies as the
@@ -500,12 +503,56 @@ def eval_video(method: str, options: Mapping[str, Any] | None = None, sweep: tup
         steps, guidance: Euler steps and classifier-free guidance scale (default: the weights' own).
         checkpoint: a ``video_dit.safetensors`` with its ``video_dit.json`` beside it (default: the shipped one).
     """
+    from .video import SHIPPED_VIDEO_DIT, load_video_dit
+
+    return _eval_generator("video", method, options, sweep, n=n, seed=seed, steps=steps, guidance=guidance,
+                           batch_size=batch_size, device=device, checkpoint=checkpoint, out_dir=out_dir,
+                           progress=progress, load=load_video_dit, shipped=SHIPPED_VIDEO_DIT, denoiser="transformer")
+
+
+def eval_image(method: str, options: Mapping[str, Any] | None = None, sweep: tuple[str, Sequence[Any]] | None = None,
+               *, n: int = 32, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+               batch_size: int = 32, device: str = "auto", checkpoint: str | Path | None = None,
+               out_dir: str | Path | None = "benchmarks/results", progress: bool = True) -> dict[str, Any]:
+    """Stock vs ``method`` on the testbed image UNet; returns (and writes, unless ``out_dir`` is None) the results.
+
+    As :func:`eval_video`, on images: the stock UNet (:mod:`.image`, a diffusers ``UNet2DConditionModel``)
+    samples ``n`` images (classes 0, 1, ..., 7, 0, ... in turn, the noise of image ``i`` a function of
+    ``seed`` and ``i``), then for each sweep point the method is applied to the UNet and the same images
+    are sampled from the same noise. Per point: PSNR and SSIM of the patched images against the stock
+    ones, and the class accuracy of both (the fraction of images the shipped testbed ViT classifies as
+    the conditioned class). ``tome`` at ``ratio=0`` gives PSNR ``inf`` and SSIM 1; with
+    ``--option scope=block`` it measures the block scope's fidelity cost.
+
+    Args:
+        method: a registered method that supports diffusers UNets (``visattn.methods()``), e.g. tome.
+        options, sweep: as for :func:`eval_vit`.
+        n: number of images; ``batch_size``: images per model call.
+        steps, guidance: Euler steps and classifier-free guidance scale (default: the weights' own).
+        checkpoint: an ``image_unet.safetensors`` with its ``image_unet.json`` beside it (default: the shipped one).
+    """
+    from .image import SHIPPED_IMAGE_UNET, load_image_unet
+
+    return _eval_generator("image", method, options, sweep, n=n, seed=seed, steps=steps, guidance=guidance,
+                           batch_size=batch_size, device=device, checkpoint=checkpoint, out_dir=out_dir,
+                           progress=progress, load=load_image_unet, shipped=SHIPPED_IMAGE_UNET, denoiser="unet")
+
+
+def _eval_generator(testbed: str, method: str, options: Mapping[str, Any] | None,
+                    sweep: tuple[str, Sequence[Any]] | None, *, n: int, seed: int, steps: int | None,
+                    guidance: float | None, batch_size: int, device: str, checkpoint: str | Path | None,
+                    out_dir: str | Path | None, progress: bool, load: Callable[..., Any], shipped: Path,
+                    denoiser: str) -> dict[str, Any]:
+    """:func:`eval_video` and :func:`eval_image`: ``load(checkpoint, device)`` gives a
+    :class:`~.diffusion.FlowModel` whose attribute ``denoiser`` is the diffusers model the method patches."""
     from tqdm.auto import tqdm
 
-    from .video import SHIPPED_VIDEO_DIT, class_accuracy, classify_frames, eval_labels, load_video_dit, sample
+    from .diffusion import eval_labels, sample, sample_accuracy
 
+    unit = {"video": "clips", "image": "images"}[testbed]
+    name = {"video": "video DiT", "image": "image UNet"}[testbed]
     options = dict(options or {})
-    points = _check_method(method, options, sweep, framework="diffusers", testbed="video DiT")
+    points = _check_method(method, options, sweep, framework="diffusers", testbed=name)
     if n is None or n < 1:
         raise ValueError(f"n must be >= 1 (got {n})")
     if batch_size < 1:
@@ -515,10 +562,11 @@ def eval_video(method: str, options: Mapping[str, Any] | None = None, sweep: tup
     if guidance is not None and not guidance >= 1.0:
         raise ValueError(f"guidance must be >= 1 or None (got {guidance})")
     dev = _resolve_device(device)
-    model = load_video_dit(checkpoint, dev)
+    model = load(checkpoint, dev)
+    target = getattr(model, denoiser)
     for given in points:  # the method's own checks against this model, before any pass
-        visattn.apply(model.transformer, method, **given)
-        visattn.remove(model.transformer)
+        visattn.apply(target, method, **given)
+        visattn.remove(target)
     steps = model.default_steps if steps is None else steps
     guidance = model.default_guidance if guidance is None else guidance
     vit = load_vit(device=dev)
@@ -526,19 +574,22 @@ def eval_video(method: str, options: Mapping[str, Any] | None = None, sweep: tup
 
     def run(update: Any) -> tuple[torch.Tensor, float]:
         t0 = time.perf_counter()
-        clips = sample(model, labels, seed=seed, steps=steps, guidance=guidance, device=dev, batch_size=batch_size,
+        found = sample(model, labels, seed=seed, steps=steps, guidance=guidance, device=dev, batch_size=batch_size,
                        progress=update)
-        return clips, time.perf_counter() - t0
+        return found, time.perf_counter() - t0
+
+    def accuracy(samples: torch.Tensor) -> dict[str, float]:
+        acc = sample_accuracy(vit, samples, labels)
+        return {"accuracy": acc["frames"], **({"accuracy_middle_frame": acc["middle"]} if testbed == "video" else {})}
 
     sample(model, labels[:1], seed=seed, steps=1, guidance=guidance, device=dev)  # warm-up (one-off costs)
-    bar = tqdm(total=steps * math.ceil(n / batch_size) * (1 + len(points)), desc=f"eval video {method}",
+    bar = tqdm(total=steps * math.ceil(n / batch_size) * (1 + len(points)), desc=f"eval {testbed} {method}",
                unit="step", disable=not progress)
     stock, stock_s = run(bar.update)
-    stock_acc = class_accuracy(classify_frames(vit, stock), labels)
     rows = []
     for given in points:
         bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in given.items()) or "defaults")
-        handle = visattn.apply(model.transformer, method, **given)
+        handle = visattn.apply(target, method, **given)
         clear = getattr(handle, "clear", None)  # methods that record (inspect): keep memory flat
 
         def update(k: int, clear: Any = clear) -> None:
@@ -547,24 +598,23 @@ def eval_video(method: str, options: Mapping[str, Any] | None = None, sweep: tup
             bar.update(k)
 
         try:
-            clips, seconds = run(update)
+            found, seconds = run(update)
         finally:
-            visattn.remove(model.transformer)
-        acc = class_accuracy(classify_frames(vit, clips), labels)
+            visattn.remove(target)
         rows.append({"options": given, "value": given.get(sweep[0]) if sweep else None,
-                     "psnr": psnr(clips, stock), "ssim": round(float(ssim(clips, stock).mean()), 6),
-                     "accuracy": acc["frames"], "accuracy_middle_frame": acc["middle"],
-                     "seconds": round(seconds, 3), "speedup": round(stock_s / max(seconds, 1e-9), 3)})
+                     "psnr": psnr(found, stock), "ssim": round(float(ssim(found, stock).mean()), 6),
+                     **accuracy(found), "seconds": round(seconds, 3),
+                     "speedup": round(stock_s / max(seconds, 1e-9), 3)})
     bar.close()
 
     result = {
-        "testbed": "video", "method": method, "options": options, "sweep": sweep[0] if sweep else None,
-        "model": f"testbed video DiT ({Path(checkpoint).name if checkpoint is not None else SHIPPED_VIDEO_DIT.name})",
-        "data": f"{n} generated clips of classes 0..7 in turn, noise seed {seed}", "n": n, "steps": steps,
-        "guidance": guidance, "stock_accuracy": stock_acc["frames"], "stock_accuracy_middle_frame": stock_acc["middle"],
+        "testbed": testbed, "method": method, "options": options, "sweep": sweep[0] if sweep else None,
+        "model": f"testbed {name} ({Path(checkpoint).name if checkpoint is not None else shipped.name})",
+        "data": f"{n} generated {unit} of classes 0..7 in turn, noise seed {seed}", "n": n, "unit": unit,
+        "steps": steps, "guidance": guidance, **{f"stock_{k}": v for k, v in accuracy(stock).items()},
         "stock_seconds": round(stock_s, 3), "rows": rows, **_run_record(dev, batch_size),
     }
-    stem = f"eval_video_{method}" if checkpoint is None else f"eval_video_{Path(checkpoint).stem}_{method}"
+    stem = f"eval_{testbed}_{method}" if checkpoint is None else f"eval_{testbed}_{Path(checkpoint).stem}_{method}"
     return _write(result, out_dir, stem)
 
 
@@ -572,8 +622,8 @@ def table(result: Mapping[str, Any]) -> str:
     """The result as a Markdown table: one row per sweep point (times are in the JSON)."""
     if result.get("testbed") == "vlm":
         return _vlm_table(result)
-    if result.get("testbed") == "video":
-        return _video_table(result)
+    if result.get("testbed") in ("video", "image"):
+        return _generator_table(result)
     lines = ["| setting | top-1 stock | top-1 patched | agreement with stock |", "|---|---|---|---|"]
     for row in result["rows"]:
         setting = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "defaults"
@@ -605,7 +655,7 @@ def _vlm_table(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _video_table(result: Mapping[str, Any]) -> str:
+def _generator_table(result: Mapping[str, Any]) -> str:
     lines = ["| setting | PSNR (dB) | SSIM | class accuracy stock | class accuracy patched |", "|---|---|---|---|---|"]
     for row in result["rows"]:
         setting = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "defaults"
@@ -616,7 +666,7 @@ def _video_table(result: Mapping[str, Any]) -> str:
 
 def plot(result: Mapping[str, Any], path: str | Path, width: int = 640, height: int = 400) -> Path:
     """Top-1 (stock and patched; for the VLM, POPE accuracy and CHAIR_i) and agreement across the sweep, as a PNG;
-    for the video DiT, SSIM and the class accuracy of the stock and patched samples."""
+    for the video DiT and the image UNet, SSIM and the class accuracy of the stock and patched samples."""
     rows = result["rows"]
     names = [str(r["value"]) if result["sweep"] else "defaults" for r in rows]
     if result.get("testbed") == "vlm":
@@ -628,11 +678,11 @@ def plot(result: Mapping[str, Any], path: str | Path, width: int = 640, height: 
             series += [("CHAIR_i patched", [r["metrics"]["caption"]["chair_i"] for r in rows], (200, 40, 40)),
                        ("CHAIR_i stock", [result["stock"]["caption"]["chair_i"]] * len(rows), (230, 160, 160))]
         what = f"{result['images']} images, {sum(result['questions'].values())} questions"
-    elif result.get("testbed") == "video":
+    elif result.get("testbed") in ("video", "image"):
         series = [("SSIM", [r["ssim"] for r in rows], (230, 120, 20)),
                   ("class acc. patched", [r["accuracy"] for r in rows], (40, 90, 200)),
                   ("class acc. stock", [result["stock_accuracy"]] * len(rows), (140, 140, 140))]
-        what = f"{result['n']} clips, {result['steps']} steps"
+        what = f"{result['n']} {result['unit']}, {result['steps']} steps"
     else:
         series = [("agreement", [r["agreement"] for r in rows], (230, 120, 20)),
                   ("top-1 patched", [r["top1"] for r in rows], (40, 90, 200)),
