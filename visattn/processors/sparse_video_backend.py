@@ -42,9 +42,10 @@ What works and what does not (diffusers 0.42.1):
   routing assumes; HunyuanVideo has no plan. Both are refused under parallelism.
 - Ring attention (``ring_degree > 1``, alone or with Ulysses): refused with a clear error. Each rank
   sees one shard of the keys at a time, while routing ranks a query block's kv blocks over the whole
-  sequence and the kernel would have to return its log-sum-exp for the ring's merge. It could be done
-  (gather the pooled keys — one vector per block and head — to route globally, then visit per shard
-  only the routed blocks it holds), but is not implemented.
+  sequence. It could be done (gather the pooled keys — one vector per block and head — to route
+  globally, then visit per shard only the routed blocks it holds, and merge the shards through the
+  log-sum-exp that ``block_sparse_attention(..., return_lse=True)`` already gives), but is not
+  implemented.
 - Inference only under parallelism (diffusers asks the backend for a backward op; it raises).
 """
 
