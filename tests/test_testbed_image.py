@@ -115,3 +115,14 @@ def test_image_bad_inputs_are_named(tiny, tmp_path):
         eval_image("tome", {"max_downsample": 1}, checkpoint=tiny[0], out_dir=None)
     with pytest.raises(ValueError, match="n must be >= 1"):
         eval_image("tome", n=0, checkpoint=tiny[0], out_dir=None)
+
+
+def test_shipped_image_unet_loads_and_records_its_recipe_and_accuracy():
+    from visattn.testbed.image import SHIPPED_IMAGE_UNET
+
+    meta = json.loads(SHIPPED_IMAGE_UNET.with_suffix(".json").read_text())
+    assert {"seed", "steps_done", "command", "class_accuracy", "sampling"} <= set(meta) and not meta["partial"]
+    assert meta["class_accuracy"] >= 0.5  # a sampler that follows its class (chance is 0.125)
+    model = load_image_unet()
+    images = sample(model, [0, 1], seed=0, steps=2, device="cpu")
+    assert images.shape[0] == 2 and torch.isfinite(images).all() and float(images.std()) > 0.01

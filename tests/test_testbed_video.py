@@ -144,3 +144,14 @@ def test_video_bad_inputs_are_named(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "vit", "--method", "tome", "--steps", "3", "--guidance", "2"])
     assert "--steps applies to the video and image testbeds only; --guidance applies" in capsys.readouterr().err
+
+
+def test_shipped_video_dit_loads_and_records_its_recipe_and_accuracy():
+    meta = json.loads(video.SHIPPED_VIDEO_DIT.with_suffix(".json").read_text())
+    assert {"seed", "steps_done", "command", "class_accuracy", "sampling"} <= set(meta) and not meta["partial"]
+    assert video.SHIPPED_VIDEO_DIT.stat().st_size < 16 * 2**20
+    model = load_video_dit()
+    assert model.default_guidance == meta["sampling"]["guidance"] and model.default_steps == meta["sampling"]["steps"]
+    clip = sample(model, [0], seed=0, steps=2, device="cpu")
+    assert clip.shape == (1, model.config["frames"], 3, model.config["size"], model.config["size"])
+    assert torch.isfinite(clip).all() and float(clip.std()) > 0.01

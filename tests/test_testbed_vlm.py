@@ -189,3 +189,15 @@ def test_training_path_is_the_models_forward(smoke):
         emb = lm.embed_tokens(ids).masked_scatter((ids == model.config.image_token_id)[..., None], vis)
         cached = model.lm_head(lm(inputs_embeds=emb).last_hidden_state)
     torch.testing.assert_close(full, cached)
+
+
+def test_shipped_vlm_reaches_85_percent_pope_random():
+    from visattn.testbed.vlm import SHIPPED_VLM, TestbedVLM, evaluate
+
+    meta = json.loads(SHIPPED_VLM.with_name("vlm.json").read_text())
+    assert meta["test"]["random"]["accuracy"] >= 0.85 and {"seed", "steps", "train_size", "command"} <= set(meta)
+    assert SHIPPED_VLM.stat().st_size < 8 * 2**20
+    model, tok = load_vlm()
+    images, kinds, _ = question_set("test", 24, meta["seed"])
+    metrics, _ = evaluate(TestbedVLM(model, tok), images, {"random": kinds["random"]})
+    assert metrics["random"]["accuracy"] >= 0.8  # 24 held-out scenes (~90 questions): the json's 0.899 with slack
