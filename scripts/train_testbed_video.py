@@ -16,35 +16,17 @@ A quick CPU check of the recipe (a tiny model, seconds): ``python scripts/train_
 from __future__ import annotations
 
 import argparse
-import os
 
-from visattn.testbed.video import GUIDANCE_CANDIDATES, TINY_CONFIG, train_video_dit
+from visattn.testbed.diffusion import add_recipe_arguments, recipe_arguments
+from visattn.testbed.video import TINY_CONFIG, train_video_dit
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="folder for video_dit.safetensors and video_dit.json")
-    p.add_argument("--steps", type=int, default=12000)
-    p.add_argument("--max-minutes", type=float, default=6.5, help="wall-time budget of the training loop")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--train-size", type=int, default=32000, help="training clips generated")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--eval-n", type=int, default=256, help="clips sampled for the final class accuracy")
-    p.add_argument("--eval-steps", type=int, default=25, help="Euler steps of the evaluation samples")
-    p.add_argument("--guidances", default=",".join(str(g) for g in GUIDANCE_CANDIDATES),
-                   help="classifier-free guidance scales to choose the default from")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes generating the clips")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    p.add_argument("--log-every", type=int, default=500)
-    p.add_argument("--tiny", action="store_true", help="TINY_CONFIG: a tiny model, 4 frames of 16x16 (a recipe check)")
+    add_recipe_arguments(p, name="video_dit", unit="clips", steps=12000, max_minutes=6.5, batch_size=64,
+                         train_size=32000, tiny="TINY_CONFIG: a tiny model, 4 frames of 16x16 (a recipe check)")
     a = p.parse_args()
-    train_video_dit(a.out, steps=a.steps, max_minutes=a.max_minutes, batch_size=a.batch_size,
-                    train_size=a.train_size, lr=a.lr, eval_n=a.eval_n, eval_steps=a.eval_steps,
-                    guidances=[float(g) for g in a.guidances.split(",")], config=TINY_CONFIG if a.tiny else None,
-                    seed=a.seed, workers=a.workers, device=a.device, compile=a.compile,
-                    log_every=max(1, min(a.log_every, a.steps // 4)))
+    train_video_dit(a.out, **recipe_arguments(a, TINY_CONFIG))
 
 
 if __name__ == "__main__":

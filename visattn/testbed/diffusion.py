@@ -18,17 +18,25 @@ to data (``t = 0``) with Euler steps and classifier-free guidance (Ho & Salimans
 Quality is the fraction of samples that the shipped testbed ViT classifies as the conditioned class
 (:func:`sample_accuracy`; every frame of a clip); :func:`choose_guidance` picks the guidance scale on one
 set of noise seeds and reports the accuracy at it on another.
+
+:func:`train_testbed` is the training run both testbeds share once their data is generated (training,
+checkpoints, evaluation, the json), :func:`load_testbed` their loader, and :func:`add_recipe_arguments`
+their training scripts' command line.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
+import os
+import platform
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -36,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import SHAPES
-from .vit import MEAN, STD, VIT_CONFIG
+from .vit import MEAN, STD, VIT_CONFIG, load_vit
 
 #: the class index meaning "no class" (classifier-free guidance's unconditional branch).
 NULL_CLASS = len(SHAPES)
@@ -277,3 +285,145 @@ def choose_guidance(model: FlowModel, vit: nn.Module, guidances: Sequence[float]
     final = sample_accuracy(vit, sample(model, labels, seed=seed, steps=steps, guidance=best, device=device,
                                         batch_size=batch_size), labels)
     return best, by_guidance, final
+
+
+M = TypeVar("M", bound=FlowModel)
+
+
+def load_testbed(model_class: Callable[[Mapping[str, Any]], M], path: str | Path | None, shipped: Path,
+                 device: str | torch.device, what: str, script: str) -> M:
+    """``model_class(config)`` with the weights at ``path`` (default: ``shipped``), float32, in eval mode on ``device``.
+
+    The json beside the weights gives the config and the sampling defaults (``default_steps``,
+    ``default_guidance``). Without either file, a FileNotFoundError names the testbed (``what``) and the
+    training script (``script``).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else shipped
+    meta = path.with_suffix(".json")
+    if not path.is_file() or not meta.is_file():
+        raise FileNotFoundError(f"no testbed {what} at {path} (the weights and {meta.name} beside them); train "
+                                f"one with {script}")
+    info = json.loads(meta.read_text())
+    model = model_class(info["config"])
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    model.default_steps = int(info["sampling"]["steps"])
+    model.default_guidance = float(info["sampling"]["guidance"])
+    return model.to(device).eval()
+
+
+def train_testbed(build: Callable[[], FlowModel], x_train: np.ndarray, y_train: np.ndarray, x_real: np.ndarray,
+                  y_real: np.ndarray, *, to_model: Callable[[Tensor], Tensor], augment: Callable[[Tensor], Tensor],
+                  weights: Path, header: Mapping[str, Any], note: str, data_seconds: float, device: torch.device,
+                  seed: int, steps: int, batch_size: int, lr: float, weight_decay: float, warmup: int,
+                  ema_decay: float, class_dropout: float, max_minutes: float | None, compile: bool, eval_steps: int,
+                  guidances: Sequence[float], log_every: int) -> dict[str, Any]:
+    """A testbed generator's training run once its data is generated; returns the metrics written to ``weights``' json.
+
+    ``build()`` makes the fresh model (after ``torch.manual_seed(seed)``). The training samples
+    ``x_train`` (uint8) and classes ``y_train`` are drawn ``batch_size`` at a time, put through
+    ``to_model`` (to [-1, 1]) and ``augment``, and fed to :func:`train_flow` with the recipe arguments.
+    Every ``log_every`` steps a quick class accuracy (up to 64 samples) is printed and the EMA weights
+    are written to ``weights`` with ``"partial": true``. At the end the EMA weights, as shipped (fp16),
+    choose the guidance (:func:`choose_guidance`, ``len(y_real)`` samples) and the final weights and
+    metrics are written. ``x_real`` / ``y_real`` are real test samples: the shipped testbed ViT's
+    accuracy on them is recorded as ``vit_accuracy_on_real_images`` (or ``_clips``); for clips the
+    middle frame's class accuracy is recorded too. The json starts with ``header`` (``model`` and
+    ``config``); ``note`` is added to the printed model summary.
+    """
+    import diffusers
+
+    cuda = device.type == "cuda"
+    train_size, eval_n = len(y_train), len(y_real)
+    vit = load_vit(device=device)
+    torch.manual_seed(seed)
+    model = build().to(device)
+    clips = len(model.sample_shape) == 4  # [F, 3, H, W]: a video model
+    unit = "clips" if clips else "images"
+    data, labels = torch.from_numpy(x_train).to(device), torch.from_numpy(y_train).to(device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    meta: dict[str, Any] = {
+        **header, "classes": list(SHAPES), "null_class": NULL_CLASS, "seed": seed, "steps": steps,
+        "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup, "ema_decay": ema_decay,
+        "class_dropout": class_dropout, "train_size": train_size, "max_minutes": max_minutes, "compile": compile,
+        "data_seconds": round(data_seconds, 1), "parameters": sum(p.numel() for p in model.parameters()),
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "command": " ".join(["python3", *sys.argv]),
+    }
+    print(f"model: {meta['parameters'] / 1e6:.2f} M parameters{note}; training for {steps} steps"
+          + (f" or {max_minutes} minutes" if max_minutes else ""), flush=True)
+    quick_labels = eval_labels(min(64, eval_n))
+
+    def draw() -> tuple[Tensor, Tensor]:
+        idx = torch.randint(0, train_size, (batch_size,), generator=gen).to(device)
+        return augment(to_model(data[idx])), labels[idx]
+
+    def on_log(step: int, ema: FlowModel, history: list[float], elapsed: float) -> None:
+        quick = sample_accuracy(vit, sample(ema, quick_labels, seed=seed + 2, steps=eval_steps,
+                                            guidance=DEFAULT_GUIDANCE, device=device), quick_labels)
+        print(f"step {step}/{steps} loss {history[-1]:.4f} class accuracy ({len(quick_labels)} {unit}) "
+              f"{quick['frames']:.3f} ({step / elapsed:.1f} steps/s, {elapsed:.0f} s)", flush=True)
+        save(ema, weights, {**meta, "partial": True, "steps_done": step, "loss_history": history,
+                            "quick_class_accuracy": quick["frames"],
+                            "sampling": {"steps": eval_steps, "guidance": DEFAULT_GUIDANCE}})
+
+    ema, history, step, train_s = train_flow(
+        model, draw, steps=steps, lr=lr, weight_decay=weight_decay, warmup=warmup, ema_decay=ema_decay,
+        class_dropout=class_dropout, max_minutes=max_minutes, device=device, compile=compile, log_every=log_every,
+        on_log=on_log)
+    print(f"trained {step} steps in {train_s:.0f} s; final loss {history[-1]:.4f}; evaluating", flush=True)
+
+    t0 = time.time()
+    best, by_guidance, final = choose_guidance(shipped_copy(ema), vit, guidances, n=eval_n, seed=seed,
+                                               steps=eval_steps, device=device)
+    real = sample_accuracy(vit, to_model(torch.from_numpy(x_real)).add(1).div(2), y_real)
+    middle = {"class_accuracy_middle_frame": final["middle"]} if clips else {}
+    metrics = {
+        **meta, "partial": False, "steps_done": step, "loss_history": history,
+        "sampling": {"steps": eval_steps, "guidance": best, "sampler": "Euler, classifier-free guidance"},
+        "eval_n": eval_n, "class_accuracy": final["frames"], **middle, "class_accuracy_by_guidance": by_guidance,
+        f"vit_accuracy_on_real_{unit}": real["frames"], "train_seconds": round(train_s, 1),
+        "eval_seconds": round(time.time() - t0, 1),
+    }
+    save(ema, weights, metrics)
+    frames = f" (every frame; middle frame {final['middle']:.3f})" if clips else ""
+    print(f"class accuracy {final['frames']:.3f}{frames} at guidance {best}, {eval_n} {unit}; wrote {weights}",
+          flush=True)
+    return metrics
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser, *, name: str, unit: str, steps: int, max_minutes: float,
+                         batch_size: int, train_size: int, tiny: str) -> None:
+    """Add a testbed training script's arguments to ``parser``, with the testbed's defaults.
+
+    ``name`` is the weights' stem (``--out`` gets ``name.safetensors`` and ``name.json``), ``unit`` what
+    a sample is called in the help ("images", "clips"), ``tiny`` the help of ``--tiny`` (the testbed's
+    TINY_CONFIG).
+    """
+    parser.add_argument("--out", required=True, help=f"folder for {name}.safetensors and {name}.json")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--max-minutes", type=float, default=max_minutes, help="wall-time budget of the training loop")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--train-size", type=int, default=train_size, help=f"training {unit} generated")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--eval-n", type=int, default=256, help=f"{unit} sampled for the final class accuracy")
+    parser.add_argument("--eval-steps", type=int, default=25, help="Euler steps of the evaluation samples")
+    parser.add_argument("--guidances", default=",".join(str(g) for g in GUIDANCE_CANDIDATES),
+                        help="classifier-free guidance scales to choose the default from")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help=f"processes generating the {unit}")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    parser.add_argument("--log-every", type=int, default=500)
+    parser.add_argument("--tiny", action="store_true", help=tiny)
+
+
+def recipe_arguments(args: argparse.Namespace, tiny_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of a testbed's training function from :func:`add_recipe_arguments`' ``args``."""
+    return dict(steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
+                train_size=args.train_size, lr=args.lr, eval_n=args.eval_n, eval_steps=args.eval_steps,
+                guidances=[float(g) for g in args.guidances.split(",")], config=tiny_config if args.tiny else None,
+                seed=args.seed, workers=args.workers, device=args.device, compile=args.compile,
+                log_every=max(1, min(args.log_every, args.steps // 4)))

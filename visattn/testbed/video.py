@@ -32,9 +32,6 @@ Methods apply to the Wan transformer inside: ``visattn.apply(model.transformer, 
 
 from __future__ import annotations
 
-import json
-import platform
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,24 +42,20 @@ from torch import Tensor
 
 from .data import SHAPES, video_batch
 from .diffusion import (
-    DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
     GUIDANCE_CANDIDATES,
-    NULL_CLASS,
     ClassEmbedding,
     FlowModel,
     check_recipe,
-    choose_guidance,
-    class_accuracy,
-    classify_frames,
-    eval_labels,
-    sample,
-    save,
-    shipped_copy,
-    train_flow,
+    load_testbed,
+    train_testbed,
 )
-from .diffusion import initial_noise as initial_noise  # re-exported: video.initial_noise is public
-from .vit import WEIGHTS_DIR, load_vit
+from .diffusion import NULL_CLASS as NULL_CLASS  # re-exported, with the next four: the module's public names
+from .diffusion import class_accuracy as class_accuracy
+from .diffusion import classify_frames as classify_frames
+from .diffusion import initial_noise as initial_noise
+from .diffusion import sample as sample
+from .vit import WEIGHTS_DIR
 
 VIDEO_CONFIG: dict[str, Any] = {
     "frames": 8, "size": 64, "patch_size": (1, 4, 4), "num_layers": 6, "num_attention_heads": 3,
@@ -130,19 +123,7 @@ def build_video_dit(config: Mapping[str, Any] | None = None) -> VideoDiT:
 
 def load_video_dit(path: str | Path | None = None, device: str | torch.device = "cpu") -> VideoDiT:
     """The video DiT from ``path`` (default: the shipped weights) and the json beside it, float32, in eval mode."""
-    from safetensors.torch import load_file
-
-    path = Path(path) if path is not None else SHIPPED_VIDEO_DIT
-    meta = path.with_suffix(".json")
-    if not path.is_file() or not meta.is_file():
-        raise FileNotFoundError(f"no testbed video DiT at {path} (the weights and {meta.name} beside them); train "
-                                f"one with scripts/train_testbed_video.py")
-    info = json.loads(meta.read_text())
-    model = VideoDiT(info["config"])
-    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
-    model.default_steps = int(info["sampling"]["steps"])
-    model.default_guidance = float(info["sampling"]["guidance"])
-    return model.to(device).eval()
+    return load_testbed(VideoDiT, path, SHIPPED_VIDEO_DIT, device, "video DiT", "scripts/train_testbed_video.py")
 
 
 def _to_model(clips: Tensor) -> Tensor:
@@ -184,8 +165,6 @@ def train_video_dit(out_dir: str | Path, *, steps: int = 12000, batch_size: int 
     """
     check_recipe({"steps": steps, "batch_size": batch_size, "train_size": train_size, "eval_n": eval_n,
                   "eval_steps": eval_steps, "log_every": log_every}, guidances, max_minutes, class_dropout)
-    import diffusers
-
     cfg = _config(config)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
@@ -201,59 +180,12 @@ def train_video_dit(out_dir: str | Path, *, steps: int = 12000, batch_size: int 
     print(f"data: {train_size} training clips of {cfg['frames']}x{cfg['size']}x{cfg['size']} in {data_s:.1f} s",
           flush=True)
 
-    vit = load_vit(device=device)
-    torch.manual_seed(seed)
-    model = build_video_dit(cfg).to(device)
-    clips, labels = torch.from_numpy(x_train).to(device), torch.from_numpy(y_train).to(device)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    meta: dict[str, Any] = {
-        "model": "diffusers WanTransformer3DModel + ClassEmbedding (pixel space, rectified flow)",
-        "config": {**cfg, "patch_size": list(cfg["patch_size"])}, "classes": list(SHAPES), "null_class": NULL_CLASS,
-        "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-        "warmup": warmup, "ema_decay": ema_decay, "class_dropout": class_dropout, "train_size": train_size,
-        "max_minutes": max_minutes, "compile": compile, "data_seconds": round(data_s, 1),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-        "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "command": " ".join(["python3", *sys.argv]),
-    }
     tokens = cfg["frames"] // cfg["patch_size"][0] * (cfg["size"] // cfg["patch_size"][1]) ** 2
-    print(f"model: {meta['parameters'] / 1e6:.2f} M parameters, {tokens} tokens per clip; training for {steps} steps"
-          + (f" or {max_minutes} minutes" if max_minutes else ""), flush=True)
-    quick_labels = eval_labels(min(64, eval_n))
-    weights = out_dir / "video_dit.safetensors"
-
-    def draw() -> tuple[Tensor, Tensor]:
-        idx = torch.randint(0, train_size, (batch_size,), generator=gen).to(device)
-        return _augment(_to_model(clips[idx])), labels[idx]
-
-    def on_log(step: int, ema: VideoDiT, history: list[float], elapsed: float) -> None:
-        quick = class_accuracy(classify_frames(vit, sample(ema, quick_labels, seed=seed + 2, steps=eval_steps,
-                                                           guidance=DEFAULT_GUIDANCE, device=device)), quick_labels)
-        print(f"step {step}/{steps} loss {history[-1]:.4f} class accuracy ({len(quick_labels)} clips) "
-              f"{quick['frames']:.3f} ({step / elapsed:.1f} steps/s, {elapsed:.0f} s)", flush=True)
-        save(ema, weights, {**meta, "partial": True, "steps_done": step, "loss_history": history,
-                            "quick_class_accuracy": quick["frames"],
-                            "sampling": {"steps": eval_steps, "guidance": DEFAULT_GUIDANCE}})
-
-    ema, history, step, train_s = train_flow(
-        model, draw, steps=steps, lr=lr, weight_decay=weight_decay, warmup=warmup, ema_decay=ema_decay,
-        class_dropout=class_dropout, max_minutes=max_minutes, device=device, compile=compile, log_every=log_every,
-        on_log=on_log)
-    print(f"trained {step} steps in {train_s:.0f} s; final loss {history[-1]:.4f}; evaluating", flush=True)
-
-    t2 = time.time()
-    best, by_guidance, final = choose_guidance(shipped_copy(ema), vit, guidances, n=eval_n, seed=seed,
-                                               steps=eval_steps, device=device)
-    real = class_accuracy(classify_frames(vit, _to_model(torch.from_numpy(x_real)).add(1).div(2)), y_real)
-    metrics = {
-        **meta, "partial": False, "steps_done": step, "loss_history": history,
-        "sampling": {"steps": eval_steps, "guidance": best, "sampler": "Euler, classifier-free guidance"},
-        "eval_n": eval_n, "class_accuracy": final["frames"], "class_accuracy_middle_frame": final["middle"],
-        "class_accuracy_by_guidance": by_guidance, "vit_accuracy_on_real_clips": real["frames"],
-        "train_seconds": round(train_s, 1), "eval_seconds": round(time.time() - t2, 1),
-    }
-    save(ema, weights, metrics)
-    print(f"class accuracy {final['frames']:.3f} (every frame; middle frame {final['middle']:.3f}) at guidance "
-          f"{best}, {eval_n} clips; wrote {weights}", flush=True)
-    return metrics
+    header = {"model": "diffusers WanTransformer3DModel + ClassEmbedding (pixel space, rectified flow)",
+              "config": {**cfg, "patch_size": list(cfg["patch_size"])}}
+    return train_testbed(
+        lambda: build_video_dit(cfg), x_train, y_train, x_real, y_real, to_model=_to_model, augment=_augment,
+        weights=out_dir / "video_dit.safetensors", header=header, note=f", {tokens} tokens per clip",
+        data_seconds=data_s, device=device, seed=seed, steps=steps, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, warmup=warmup, ema_decay=ema_decay, class_dropout=class_dropout,
+        max_minutes=max_minutes, compile=compile, eval_steps=eval_steps, guidances=guidances, log_every=log_every)
