@@ -91,6 +91,19 @@ class FlowModel(nn.Module):
         return v_null + guidance * (v_class - v_null)
 
 
+def merged_config(defaults: Mapping[str, Any], overrides: Mapping[str, Any] | None, what: str,
+                  tuple_key: str) -> dict[str, Any]:
+    """``defaults`` updated with ``overrides`` (an unknown key is an error naming the accepted ones), with
+    the value of ``tuple_key`` made a tuple of ints; a testbed's own checks follow."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {', '.join(unknown)}; accepted: {', '.join(defaults)}")
+    cfg = {**defaults, **overrides}
+    cfg[tuple_key] = tuple(int(v) for v in cfg[tuple_key])
+    return cfg
+
+
 def initial_noise(seed: int, count: int, shape: Sequence[int]) -> Tensor:
     """Noise ``[count, *shape]`` float32 on the CPU; item ``i`` depends on ``(seed, i)`` alone."""
     out = torch.empty(count, *shape)

@@ -44,6 +44,7 @@ from .diffusion import (
     FlowModel,
     check_recipe,
     load_testbed,
+    merged_config,
     train_testbed,
 )
 from .diffusion import sample as sample  # re-exported: image.sample is public
@@ -64,12 +65,7 @@ SHIPPED_IMAGE_UNET = WEIGHTS_DIR / "image_unet.safetensors"
 
 def _config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     """:data:`IMAGE_CONFIG` with ``overrides``, checked for consistency."""
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(IMAGE_CONFIG))
-    if unknown:
-        raise ValueError(f"unknown image UNet config keys {', '.join(unknown)}; accepted: {', '.join(IMAGE_CONFIG)}")
-    cfg = {**IMAGE_CONFIG, **overrides}
-    cfg["block_out_channels"] = tuple(int(c) for c in cfg["block_out_channels"])
+    cfg = merged_config(IMAGE_CONFIG, overrides, "image UNet", "block_out_channels")
     channels, ints = cfg["block_out_channels"], [k for k in IMAGE_CONFIG if k != "block_out_channels"]
     if len(channels) < 2 or min(channels) < 1 or any(int(cfg[k]) < 1 for k in ints):
         raise ValueError(f"image UNet config: block_out_channels must be 2 or more ints >= 1 (the first level has no "

@@ -48,6 +48,7 @@ from .diffusion import (
     FlowModel,
     check_recipe,
     load_testbed,
+    merged_config,
     train_testbed,
 )
 from .diffusion import NULL_CLASS as NULL_CLASS  # re-exported, with the next four: the module's public names
@@ -72,12 +73,7 @@ SHIPPED_VIDEO_DIT = WEIGHTS_DIR / "video_dit.safetensors"
 
 def _config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     """:data:`VIDEO_CONFIG` with ``overrides``, checked for consistency."""
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(VIDEO_CONFIG))
-    if unknown:
-        raise ValueError(f"unknown video DiT config keys {', '.join(unknown)}; accepted: {', '.join(VIDEO_CONFIG)}")
-    cfg = {**VIDEO_CONFIG, **overrides}
-    cfg["patch_size"] = tuple(int(p) for p in cfg["patch_size"])
+    cfg = merged_config(VIDEO_CONFIG, overrides, "video DiT", "patch_size")
     ints = [k for k in VIDEO_CONFIG if k != "patch_size"]
     if len(cfg["patch_size"]) != 3 or min(cfg["patch_size"]) < 1 or any(int(cfg[k]) < 1 for k in ints):
         raise ValueError(f"video DiT config: patch_size must be 3 ints >= 1 and {', '.join(ints)} ints >= 1 "
