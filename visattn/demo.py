@@ -40,6 +40,7 @@ import visattn
 
 from .render import attention_heatmap, heatmap_image
 from .testbed.data import SHAPES, classification_scene, colour_questions, count_questions, multi_object_scene
+from .testbed.eval import psnr
 
 #: side of every drawing, in pixels (the testbed images are 64 px; a patch becomes 32 px).
 DISPLAY = 256
@@ -501,12 +502,6 @@ def video_model(checkpoint: str | None = None, device: str = "cpu") -> nn.Module
     if why is not None:
         raise FileNotFoundError(why.replace("`", ""))
     return load_video_dit(_optional(checkpoint), device)
-
-
-def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB of ``a`` against ``b``, both in ``[0, 1]`` (``inf`` when equal)."""
-    mse = float(((torch.as_tensor(a, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def to_frames(video: torch.Tensor) -> np.ndarray:
