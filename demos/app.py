@@ -20,6 +20,7 @@ import gradio as gr  # noqa: E402
 
 from visattn import demo  # noqa: E402
 from visattn.testbed.data import SHAPES  # noqa: E402
+from visattn.testbed.eval import resolve_device  # noqa: E402
 
 _OUT = Path(tempfile.mkdtemp(prefix="visattn-demo-"))  # GIFs and example images
 
@@ -269,7 +270,7 @@ def video_tab(device: gr.State) -> None:
 def build(device: str = "auto") -> gr.Blocks:
     """The demo's page: the ViT, vision-language and diffusion tabs, their models on ``device``
     (``"auto"``: the GPU when there is one)."""
-    device = demo.resolve_device(device)
+    device = str(resolve_device(device))
     with gr.Blocks(title="visattn demo", analytics_enabled=False) as app:
         gr.Markdown(f"# visattn\nAttention methods on the testbed models shipped with visattn (or your local "
                     f"checkpoints), stock against patched, on `{device}`.")

@@ -82,11 +82,6 @@ def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def resolve_device(device: str = "auto") -> str:
-    """``"auto"``: ``"cuda"`` when a GPU is present, else ``"cpu"``; anything else as given."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 def _optional(path: str | Path | None) -> str | None:
     """A checkpoint field's value: ``None`` for empty (the shipped weights)."""
     text = str(path).strip() if path is not None else ""

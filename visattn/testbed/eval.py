@@ -142,7 +142,9 @@ def image_folder(root: str | Path, n: int | None) -> _Data:
                  description=f"image folder {root} ({len(paths)} images, {len(classes)} classes)")
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    """``auto`` (the GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N`` as a device; anything else, or a
+    GPU asked for where there is none, is an error naming the accepted values."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -255,7 +257,7 @@ def eval_vit(method: str, options: Mapping[str, Any] | None = None, sweep: tuple
         raise ValueError(f"n must be >= 1 or None (got {n})")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if images is not None:
         data = image_folder(images, n)
     else:
@@ -371,7 +373,7 @@ def eval_vlm(method: str, options: Mapping[str, Any] | None = None, sweep: tuple
         raise ValueError(f"n must be >= 1 (got {n}); None (all questions) only with question files")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if questions is not None:
         from .hf_vlm import read_pope
 
@@ -561,7 +563,7 @@ def _eval_generator(testbed: str, method: str, options: Mapping[str, Any] | None
         raise ValueError(f"steps must be an int >= 1 or None (got {steps!r})")
     if guidance is not None and not guidance >= 1.0:
         raise ValueError(f"guidance must be >= 1 or None (got {guidance})")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model = load(checkpoint, dev)
     target = getattr(model, denoiser)
     for given in points:  # the method's own checks against this model, before any pass
