@@ -34,13 +34,13 @@ import torch.nn.functional as F
 import visattn
 from benchmarks.timing import median_ms
 from visattn.core.layout import TokenLayout
+from visattn.core.routing import take_tokens
 from visattn.kernels import block_sparse_attention
 from visattn.processors.sparse_video import (
     SparseVideoConfig,
     geometry,
     route_blocks,
     sparse_video_attention,
-    take_tokens,
 )
 
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core.routing import TileOrder, block_scores, pool_blocks, select_topk, tile_order
+from ..core.routing import TileOrder, block_scores, pool_blocks, select_topk, take_tokens, tile_order
 from ..errors import OptionError, ShapeError
 from ..frameworks import Target
 from ..frameworks.base import adapter, select_layers
@@ -50,6 +50,18 @@ KERNEL_MIN_REGION = 64
 @lru_cache(maxsize=64)
 def _region_order(grid: tuple[int, int], n_win: int, device: str) -> TileOrder:
     return tile_order(grid, (grid[0] // n_win, grid[1] // n_win), device=device)
+
+
+@lru_cache(maxsize=64)
+def _token_order(grid: tuple[int, int], n_win: int, num_prefix: int, device: str) -> tuple[Tensor, Tensor]:
+    """The permutation of ``[prefix, grid in raster order]`` tokens into region order with the prefix last
+    (region ``r`` is token block ``r``, the prefix the last block(s)), and its inverse. One
+    :func:`~visattn.core.routing.take_tokens` each way moves the tokens."""
+    order = _region_order(grid, n_win, device)
+    perm = torch.cat([order.perm + num_prefix, torch.arange(num_prefix, device=device)])
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=device)
+    return perm, inverse
 
 
 def check_grid(grid: tuple[int, int], n_win: int) -> None:
@@ -78,15 +90,14 @@ def bi_level_routing_attention(q: Tensor, k: Tensor, v: Tensor, *, num_prefix: i
         raise OptionError(f"bra: path must be one of 'auto', 'kernel', 'gather' (got {path!r})")
     p, regions = num_prefix, n_win * n_win
     size = (grid[0] // n_win) * (grid[1] // n_win)
-    order = _region_order(grid, n_win, str(q.device))
-    # region order, prefix tokens last: region r is token block r, the prefix the last block(s)
-    qs, ks, vs = (torch.cat([order.to_tiles(t[:, :, p:]), t[:, :, :p]], dim=2) for t in (q, k, v))
+    perm, inverse = _token_order(grid, n_win, p, str(q.device))
+    qs, ks, vs = (take_tokens(t, perm) for t in (q, k, v))
     routed = _route(qs, ks, regions, size, topk)
     if path == "kernel" or (path == "auto" and size >= KERNEL_MIN_REGION):
         out = _routed_kernel(qs, ks, vs, routed, p=p, size=size, scale=scale, strict=strict)
     else:
         out = _routed_gather(qs, ks, vs, routed, p=p, size=size, scale=scale)
-    return torch.cat([out[:, :, regions * size:], order.to_raster(out[:, :, :regions * size])], dim=2)
+    return take_tokens(out, inverse)
 
 
 @torch.no_grad()

@@ -77,7 +77,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.layout import TokenLayout
-from ..core.routing import block_scores, diagonal_blocks, pool_blocks, select_topk, select_topp, tile_order
+from ..core.routing import (
+    block_scores,
+    diagonal_blocks,
+    pool_blocks,
+    select_topk,
+    select_topp,
+    take_tokens,
+    tile_order,
+    token_words,
+)
 from ..errors import OptionError, ShapeError, UnsupportedModelError
 from ..frameworks import Target
 from ..kernels import block_sparse_attention
@@ -396,24 +405,6 @@ def _attend_text(qt: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: f
     return F.scaled_dot_product_attention(qt, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != qt.shape[1])
 
 
-def _words(x: Tensor) -> Tensor:
-    """``x`` ``[B, H, N, D]`` viewed as 8-byte words per token where its layout allows (else ``x`` itself).
-
-    Moving tokens as ``D * itemsize / 8`` words instead of ``D`` elements halved the cost of the token
-    permutations on the H100 (benchmarks/video.py); the bytes moved are the same.
-    """
-    size = x.element_size()
-    if x.stride(-1) == 1 and (x.shape[-1] * size) % 8 == 0 and all(s * size % 8 == 0 for s in x.stride()[:-1]):
-        return x.view(torch.int64)
-    return x
-
-
-def take_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """``x.index_select(2, index)`` for ``[B, H, N, D]`` tensors, moving whole tokens (:func:`_words`)."""
-    words = _words(x)
-    return words.index_select(2, index).view(x.dtype)
-
-
 def sparse_video_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, config: SparseVideoConfig, *,
                            scale: float | None = None, attn_mask: Tensor | None = None) -> Tensor:
     """Sparse self-attention of a ``[B, H, N, D]`` sequence laid out as ``layout`` (grid plus text tokens).
@@ -452,7 +443,7 @@ def sparse_video_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout,
         return take_tokens(out_grid, geo.inverse)
     out = out_grid.new_empty(*out_grid.shape[:2], n, out_grid.shape[3])
     for part, index in ((out_grid, geo.perm[:ng]), (out_text, geo.perm[ng:])):
-        _words(out).index_copy_(2, index, _words(part.contiguous()))
+        token_words(out).index_copy_(2, index, token_words(part.contiguous()))
     return out
 
 
