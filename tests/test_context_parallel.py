@@ -150,6 +150,8 @@ def _rank(rank: int, world: int, port: int, results: Any) -> None:
         except UnsupportedModelError as err:
             refused = str(err)
         results.put((rank, dict(stock=stock.numpy(), sparse=sparse.numpy(), restored=restored, ring=refused)))
+        # rank 0 hosts the store: leaving before the other rank has built its ring mesh resets that rank's socket
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     except BaseException:
         results.put((rank, traceback.format_exc()))
