@@ -3,10 +3,11 @@
 LLaVA-1.5-7B's architecture (CLIP ViT-L/14 at 336 px, 576 image tokens, Llama-2-7B), random weights,
 bf16, ``attn_implementation="sdpa"``, built on the GPU from its config. One image and a short question
 per prompt, batch 1 and 8, greedy ``generate()`` with the KV cache. Per-token decode time is
-``(T(128 new tokens) - T(1 new token)) / 127``, each ``T`` the median of ``--reps`` runs, stock and
-the methods interleaved in every repetition. Random weights have no massive activations at VAR's
-``tau=20``, so the benchmark runs VAR at ``tau=3``: every layer then has visual sinks (their count is
-reported) and takes the redistribution path, which is what costs time.
+``(T(128 new tokens) - T(1 new token)) / 127``; every repetition runs stock and each method in turn
+(starting one method later each time), and a method's overhead is the median over repetitions of its
+ratio to stock in the same repetition (with the range over repetitions). Random weights have no
+massive activations at VAR's ``tau=20``, so the benchmark runs VAR at ``tau=3``: every layer then has
+visual sinks (their count is reported) and takes the redistribution path, which is what costs time.
 
     python -m benchmarks.lvlm_heads --out benchmarks/results/lvlm_heads.json   # on a CUDA GPU
     python -m benchmarks.lvlm_heads --tiny --out /tmp/lvlm_heads.json          # CPU smoke run
@@ -120,17 +121,28 @@ def generate_seconds(model: torch.nn.Module, inputs: dict[str, torch.Tensor], ne
 
 
 def measure(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, reps: int) -> dict[str, Any]:
-    times: dict[str, dict[int, list[float]]] = {m: {1: [], new_tokens: []} for m in METHODS}
+    """Per-method prefill and per-token decode times; overheads are medians of per-repetition ratios to stock.
+
+    Every repetition runs stock and each method once (``T(1)`` then ``T(new_tokens)``), starting one
+    method later each time, so that drift of the host's speed (which these launch-bound steps follow)
+    falls on stock and the methods alike; the ratio to stock is taken within each repetition.
+    """
+    names = list(METHODS)
+    prefill: dict[str, list[float]] = {m: [] for m in names}
+    per_token: dict[str, list[float]] = {m: [] for m in names}
     sinks = None
     for rep in range(reps + 1):  # repetition 0 warms up every cache length (cuDNN plans one per shape)
-        for name, (method, options, kernel) in METHODS.items():
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            method, options, kernel = METHODS[name]
             use_kernel(kernel)
             handle = visattn.apply(model, method, **options) if method else None
             try:
-                for n in (1, new_tokens) if rep else (new_tokens,):
-                    seconds = generate_seconds(model, inputs, n)
-                    if rep:
-                        times[name][n].append(seconds)
+                if rep:
+                    first = generate_seconds(model, inputs, 1)
+                    prefill[name].append(first)
+                    per_token[name].append((generate_seconds(model, inputs, new_tokens) - first) / (new_tokens - 1))
+                else:
+                    generate_seconds(model, inputs, new_tokens)
                 if name == "visual_sink":
                     sinks = [int(t.sum()) for t in handle.sink_tokens.values()]
             finally:
@@ -138,13 +150,14 @@ def measure(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_tokens:
                 if handle is not None:
                     visattn.remove(model)
     rows = {}
-    for name, by_n in times.items():
-        prefill, total = statistics.median(by_n[1]), statistics.median(by_n[new_tokens])
-        rows[name] = dict(prefill_ms=1e3 * prefill, decode_ms_per_token=1e3 * (total - prefill) / (new_tokens - 1),
-                          runs_s={str(n): v for n, v in by_n.items()})
-    for row in rows.values():
-        row["decode_overhead"] = row["decode_ms_per_token"] / rows["stock"]["decode_ms_per_token"] - 1
-        row["prefill_overhead"] = row["prefill_ms"] / rows["stock"]["prefill_ms"] - 1
+    for name in names:
+        decode = [a / b - 1 for a, b in zip(per_token[name], per_token["stock"])]
+        first = [a / b - 1 for a, b in zip(prefill[name], prefill["stock"])]
+        rows[name] = dict(prefill_ms=1e3 * statistics.median(prefill[name]),
+                          decode_ms_per_token=1e3 * statistics.median(per_token[name]),
+                          decode_overhead=statistics.median(decode), decode_overhead_range=[min(decode), max(decode)],
+                          prefill_overhead=statistics.median(first),
+                          prefill_s=prefill[name], decode_s_per_token=per_token[name])
     batch = inputs["input_ids"].shape[0]
     rows["visual_sink"]["sinks_per_layer_mean"] = sum(sinks) / len(sinks) / batch
     return rows
@@ -156,7 +169,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (smoke run)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -177,7 +190,8 @@ def main() -> None:
                             methods=rows))
         for name, row in rows.items():
             print(f"batch {batch:2d}  {name:12s} prefill {row['prefill_ms']:8.1f} ms ({row['prefill_overhead']:+6.1%})"
-                  f"  decode {row['decode_ms_per_token']:7.2f} ms/token ({row['decode_overhead']:+6.1%})", flush=True)
+                  f"  decode {row['decode_ms_per_token']:7.2f} ms/token ({row['decode_overhead']:+6.1%}, "
+                  f"{row['decode_overhead_range'][0]:+.1%}..{row['decode_overhead_range'][1]:+.1%})", flush=True)
     report = dict(model="LLaVA-1.5-7B architecture (random weights)" if not args.tiny else "tiny LLaVA",
                   dtype=str(dtype), device=torch.cuda.get_device_name(0) if device == "cuda" else platform.processor(),
                   torch=torch.__version__, transformers=transformers.__version__, build_s=build_s,
