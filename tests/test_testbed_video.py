@@ -18,6 +18,7 @@ from visattn.cli import main
 from visattn.errors import OptionError, UnsupportedModelError
 from visattn.testbed import video
 from visattn.testbed.data import SHAPES, moving_shapes_video, video_batch
+from visattn.testbed.diffusion import shift_times
 from visattn.testbed.eval import eval_video, psnr, ssim
 from visattn.testbed.video import TINY_CONFIG, load_video_dit, sample, train_video_dit
 from visattn.testbed.vit import load_vit
@@ -28,7 +29,7 @@ def tiny(tmp_path_factory):
     """``(checkpoint path, metrics)`` of a tiny video DiT trained for 12 steps on the CPU."""
     out = tmp_path_factory.mktemp("video_dit")
     metrics = train_video_dit(out, steps=12, batch_size=8, train_size=64, config=TINY_CONFIG, lr=3e-3, warmup=2,
-                              eval_n=8, eval_steps=2, guidances=(1.0, 3.0), log_every=6, device="cpu")
+                              eval_n=8, eval_steps=2, guidances=(1.0, 3.0), log_every=6, time_shift=3.0, device="cpu")
     return out / "video_dit.safetensors", metrics
 
 
@@ -53,6 +54,7 @@ def test_training_lowers_the_loss_and_records_seed_steps_and_accuracy(tiny):
     model = load_video_dit(path)
     assert model.config["frames"] == 4 and model.default_guidance == record["sampling"]["guidance"]
     assert model.default_steps == 2
+    assert record["time_shift"] == record["sampling"]["shift"] == model.default_shift == 3.0
 
 
 def test_sampling_is_a_function_of_seed_and_clip_index(tiny):
@@ -64,6 +66,17 @@ def test_sampling_is_a_function_of_seed_and_clip_index(tiny):
     assert torch.equal(video.initial_noise(3, 2, (4, 3, 16, 16))[1], video.initial_noise(3, 5, (4, 3, 16, 16))[1])
     one_by_one = sample(model, [0, 5, 8], seed=3, steps=2, guidance=2.0, batch_size=1)
     torch.testing.assert_close(one_by_one, clips, atol=1e-4, rtol=0)
+    assert torch.equal(clips, sample(model, [0, 5, 8], seed=3, steps=2, guidance=2.0, shift=3.0))  # the default
+    assert not torch.allclose(clips, sample(model, [0, 5, 8], seed=3, steps=2, guidance=2.0, shift=1.0))
+
+
+def test_time_shift_moves_times_toward_the_noise_and_keeps_the_ends():
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    assert torch.equal(shift_times(t, 1.0), t)
+    shifted = shift_times(t, 3.0)
+    assert shifted[0] == 0 and shifted[-1] == 1 and bool((shifted[1:-1] > t[1:-1]).all())
+    assert bool((shifted.diff() > 0).all())
+    assert float(shift_times(torch.tensor(0.5, dtype=torch.float64), 3.0)) == pytest.approx(0.75)
 
 
 def test_class_accuracy_reads_generated_frames_with_the_vit():
@@ -122,6 +135,10 @@ def test_video_bad_inputs_are_named(tiny, tmp_path, capsys):
         sample(model, [0], steps=0)
     with pytest.raises(ValueError, match="guidance must be >= 1"):
         sample(model, [0], guidance=0.5)
+    with pytest.raises(ValueError, match="time shift must be > 0"):
+        sample(model, [0], shift=0.0)
+    with pytest.raises(ValueError, match="time shift must be > 0"):
+        train_video_dit(tmp_path, steps=1, time_shift=-1.0, config=TINY_CONFIG, device="cpu")
     with pytest.raises(ValueError, match="unknown video DiT config keys width; accepted: frames"):
         video.build_video_dit({"width": 3})
     with pytest.raises(ValueError, match="must be a multiple"):

@@ -8,7 +8,9 @@ The video DiT (:mod:`.video`) and the image UNet (:mod:`.image`) are both a diff
 
 Training (:func:`train_flow`) is rectified flow (Liu et al., 2023, "Flow Straight and Fast"):
 ``x_t = (1 - t) x_0 + t e`` with data ``x_0`` in [-1, 1], noise ``e``, ``t`` logit-normal, and the model
-regresses the velocity ``e - x_0`` (the denoisers see the timestep ``1000 t``); the class is dropped to
+regresses the velocity ``e - x_0`` (the denoisers see the timestep ``1000 t``); with a time shift
+``s`` (:func:`shift_times`, SD3's Eq. 23) training draws ``t`` and sampling spaces its steps toward the
+noise end, where a clip's global layout (which shape, where) is decided. The class is dropped to
 the null class with probability ``class_dropout``. AdamW, warm-up then cosine, bf16 autocast on CUDA,
 an EMA of the weights (the shipped weights). :func:`sample` integrates the flow from noise (``t = 1``)
 to data (``t = 0``) with Euler steps and classifier-free guidance (Ho & Salimans, 2022)
@@ -71,16 +73,16 @@ class ClassEmbedding(nn.Module):
 class FlowModel(nn.Module):
     """A class-conditional velocity model ``forward(x, t, labels)``; subclasses set ``sample_shape``.
 
-    ``sample_shape`` is one sample's shape (without the batch); ``default_steps`` and
-    ``default_guidance`` are what :func:`sample` uses when not told otherwise (loaders set them from
-    the weights' json).
+    ``sample_shape`` is one sample's shape (without the batch); ``default_steps``,
+    ``default_guidance`` and ``default_shift`` are what :func:`sample` uses when not told otherwise
+    (loaders set them from the weights' json).
     """
 
     sample_shape: tuple[int, ...]
 
     def __init__(self) -> None:
         super().__init__()
-        self.default_steps, self.default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
+        self.default_steps, self.default_guidance, self.default_shift = DEFAULT_STEPS, DEFAULT_GUIDANCE, 1.0
 
     def guided(self, x: Tensor, t: Tensor, labels: Tensor, guidance: float) -> Tensor:
         """Classifier-free guided velocity; the class and null branches run as one batch (one call per step)."""
@@ -104,6 +106,17 @@ def merged_config(defaults: Mapping[str, Any], overrides: Mapping[str, Any] | No
     return cfg
 
 
+def shift_times(t: Tensor, shift: float) -> Tensor:
+    """Times ``t`` in [0, 1] moved toward the noise end: ``s t / (1 + (s - 1) t)`` (Esser et al., 2024,
+    "Scaling Rectified Flow Transformers", Eq. 23); ``shift`` 1 leaves them unchanged."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def check_shift(shift: float) -> None:
+    if not shift > 0:
+        raise ValueError(f"time shift must be > 0 (1 = no shift, > 1 = more time near the noise; got {shift})")
+
+
 def initial_noise(seed: int, count: int, shape: Sequence[int]) -> Tensor:
     """Noise ``[count, *shape]`` float32 on the CPU; item ``i`` depends on ``(seed, i)`` alone."""
     out = torch.empty(count, *shape)
@@ -124,20 +137,23 @@ def check_labels(labels: Sequence[int] | Tensor) -> Tensor:
 
 @torch.no_grad()
 def sample(model: FlowModel, labels: Sequence[int] | Tensor, *, seed: int = 0, steps: int | None = None,
-           guidance: float | None = None, device: str | torch.device | None = None, batch_size: int | None = None,
-           progress: Callable[[int], Any] | None = None) -> Tensor:
+           guidance: float | None = None, shift: float | None = None, device: str | torch.device | None = None,
+           batch_size: int | None = None, progress: Callable[[int], Any] | None = None) -> Tensor:
     """Samples ``[B, *model.sample_shape]`` in [0, 1] (float32, on the CPU) of the classes ``labels``, one per label.
 
-    Euler steps of the flow from ``t = 1`` to ``t = 0`` with classifier-free guidance (module doc).
+    Euler steps of the flow from ``t = 1`` to ``t = 0`` with classifier-free guidance (module doc), at
+    times ``shift_times(linspace(1, 0, steps + 1), shift)``.
     Sample ``i`` starts from :func:`initial_noise` item ``i`` of ``seed``, whatever ``batch_size``
-    (samples per model call; all at once if None). ``steps`` and ``guidance`` default to the model's
-    ``default_steps`` / ``default_guidance``. ``device`` (default: the model's) is where it runs; the
-    model is moved there. On CUDA the model runs under bf16 autocast. ``progress(1)`` is called after
-    every Euler step of every batch.
+    (samples per model call; all at once if None). ``steps``, ``guidance`` and ``shift`` default to the
+    model's ``default_steps`` / ``default_guidance`` / ``default_shift``. ``device`` (default: the
+    model's) is where it runs; the model is moved there. On CUDA the model runs under bf16 autocast.
+    ``progress(1)`` is called after every Euler step of every batch.
     """
     lab = check_labels(labels)
     steps = model.default_steps if steps is None else steps
     guidance = model.default_guidance if guidance is None else guidance
+    shift = model.default_shift if shift is None else shift
+    check_shift(shift)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1 (got {steps!r})")
     if not guidance >= 1.0:
@@ -148,7 +164,7 @@ def sample(model: FlowModel, labels: Sequence[int] | Tensor, *, seed: int = 0, s
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(dev).eval()
     noise = initial_noise(seed, len(lab), model.sample_shape)
-    times = torch.linspace(1.0, 0.0, steps + 1)
+    times = shift_times(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
     out = []
     for a in range(0, len(lab), batch_size):
         x, y = noise[a:a + batch_size].to(dev), lab[a:a + batch_size].to(dev)
@@ -200,7 +216,7 @@ def eval_labels(n: int) -> list[int]:
 
 
 def check_recipe(counts: dict[str, int], guidances: Sequence[float], max_minutes: float | None,
-                 class_dropout: float) -> None:
+                 class_dropout: float, time_shift: float) -> None:
     """The checks of a training call's arguments, before any work: ``counts`` (name -> value) must be >= 1."""
     if min(counts.values()) < 1:
         raise ValueError(f"{', '.join(counts)} must all be >= 1 (got {counts})")
@@ -210,11 +226,12 @@ def check_recipe(counts: dict[str, int], guidances: Sequence[float], max_minutes
         raise ValueError(f"max_minutes must be > 0 or None (got {max_minutes})")
     if not 0.0 <= class_dropout < 1.0:
         raise ValueError(f"class_dropout must be in [0, 1) (got {class_dropout})")
+    check_shift(time_shift)
 
 
 def train_flow(model: FlowModel, draw: Callable[[], tuple[Tensor, Tensor]], *, steps: int, lr: float,
-               weight_decay: float, warmup: int, ema_decay: float, class_dropout: float, max_minutes: float | None,
-               device: torch.device, compile: bool, log_every: int,
+               weight_decay: float, warmup: int, ema_decay: float, class_dropout: float, time_shift: float,
+               max_minutes: float | None, device: torch.device, compile: bool, log_every: int,
                on_log: Callable[[int, FlowModel, list[float], float], Any],
                ) -> tuple[FlowModel, list[float], int, float]:
     """The rectified-flow training loop (module doc); returns ``(ema, loss_history, steps_done, seconds)``.
@@ -244,7 +261,7 @@ def train_flow(model: FlowModel, draw: Callable[[], tuple[Tensor, Tensor]], *, s
         x0, labels = draw()
         batch = len(labels)
         y = torch.where(torch.rand(batch, device=device) < class_dropout, NULL_CLASS, labels)
-        t = torch.sigmoid(torch.randn(batch, device=device))
+        t = shift_times(torch.sigmoid(torch.randn(batch, device=device)), time_shift)
         noise = torch.randn_like(x0)
         xt = x0 + t.view(-1, *[1] * (x0.ndim - 1)) * (noise - x0)
         with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
@@ -323,6 +340,7 @@ def load_testbed(model_class: Callable[[Mapping[str, Any]], M], path: str | Path
     model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     model.default_steps = int(info["sampling"]["steps"])
     model.default_guidance = float(info["sampling"]["guidance"])
+    model.default_shift = float(info["sampling"].get("shift", 1.0))  # weights trained before the shift: 1
     return model.to(device).eval()
 
 
@@ -330,8 +348,8 @@ def train_testbed(build: Callable[[], FlowModel], x_train: np.ndarray, y_train: 
                   y_real: np.ndarray, *, to_model: Callable[[Tensor], Tensor], augment: Callable[[Tensor], Tensor],
                   weights: Path, header: Mapping[str, Any], note: str, data_seconds: float, device: torch.device,
                   seed: int, steps: int, batch_size: int, lr: float, weight_decay: float, warmup: int,
-                  ema_decay: float, class_dropout: float, max_minutes: float | None, compile: bool, eval_steps: int,
-                  guidances: Sequence[float], log_every: int) -> dict[str, Any]:
+                  ema_decay: float, class_dropout: float, time_shift: float, max_minutes: float | None, compile: bool,
+                  eval_steps: int, guidances: Sequence[float], log_every: int) -> dict[str, Any]:
     """A testbed generator's training run once its data is generated; returns the metrics written to ``weights``' json.
 
     ``build()`` makes the fresh model (after ``torch.manual_seed(seed)``). The training samples
@@ -359,7 +377,8 @@ def train_testbed(build: Callable[[], FlowModel], x_train: np.ndarray, y_train: 
     meta: dict[str, Any] = {
         **header, "classes": list(SHAPES), "null_class": NULL_CLASS, "seed": seed, "steps": steps,
         "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup, "ema_decay": ema_decay,
-        "class_dropout": class_dropout, "train_size": train_size, "max_minutes": max_minutes, "compile": compile,
+        "class_dropout": class_dropout, "time_shift": time_shift, "train_size": train_size,
+        "max_minutes": max_minutes, "compile": compile,
         "data_seconds": round(data_seconds, 1), "parameters": sum(p.numel() for p in model.parameters()),
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
         "torch": torch.__version__, "diffusers": diffusers.__version__,
@@ -375,27 +394,31 @@ def train_testbed(build: Callable[[], FlowModel], x_train: np.ndarray, y_train: 
 
     def on_log(step: int, ema: FlowModel, history: list[float], elapsed: float) -> None:
         quick = sample_accuracy(vit, sample(ema, quick_labels, seed=seed + 2, steps=eval_steps,
-                                            guidance=DEFAULT_GUIDANCE, device=device), quick_labels)
+                                            guidance=DEFAULT_GUIDANCE, shift=time_shift, device=device), quick_labels)
         print(f"step {step}/{steps} loss {history[-1]:.4f} class accuracy ({len(quick_labels)} {unit}) "
               f"{quick['frames']:.3f} ({step / elapsed:.1f} steps/s, {elapsed:.0f} s)", flush=True)
         save(ema, weights, {**meta, "partial": True, "steps_done": step, "loss_history": history,
                             "quick_class_accuracy": quick["frames"],
-                            "sampling": {"steps": eval_steps, "guidance": DEFAULT_GUIDANCE}})
+                            "sampling": {"steps": eval_steps, "guidance": DEFAULT_GUIDANCE,
+                                                         "shift": time_shift}})
 
     ema, history, step, train_s = train_flow(
         model, draw, steps=steps, lr=lr, weight_decay=weight_decay, warmup=warmup, ema_decay=ema_decay,
-        class_dropout=class_dropout, max_minutes=max_minutes, device=device, compile=compile, log_every=log_every,
-        on_log=on_log)
+        class_dropout=class_dropout, time_shift=time_shift, max_minutes=max_minutes, device=device, compile=compile,
+        log_every=log_every, on_log=on_log)
     print(f"trained {step} steps in {train_s:.0f} s; final loss {history[-1]:.4f}; evaluating", flush=True)
 
     t0 = time.time()
-    best, by_guidance, final = choose_guidance(shipped_copy(ema), vit, guidances, n=eval_n, seed=seed,
-                                               steps=eval_steps, device=device)
+    shipped = shipped_copy(ema)
+    shipped.default_shift = time_shift
+    best, by_guidance, final = choose_guidance(shipped, vit, guidances, n=eval_n, seed=seed, steps=eval_steps,
+                                               device=device)
     real = sample_accuracy(vit, to_model(torch.from_numpy(x_real)).add(1).div(2), y_real)
     middle = {"class_accuracy_middle_frame": final["middle"]} if clips else {}
     metrics = {
         **meta, "partial": False, "steps_done": step, "loss_history": history,
-        "sampling": {"steps": eval_steps, "guidance": best, "sampler": "Euler, classifier-free guidance"},
+        "sampling": {"steps": eval_steps, "guidance": best, "shift": time_shift,
+                     "sampler": "Euler, classifier-free guidance"},
         "eval_n": eval_n, "class_accuracy": final["frames"], **middle, "class_accuracy_by_guidance": by_guidance,
         f"vit_accuracy_on_real_{unit}": real["frames"], "train_seconds": round(train_s, 1),
         "eval_seconds": round(time.time() - t0, 1),
@@ -408,7 +431,7 @@ def train_testbed(build: Callable[[], FlowModel], x_train: np.ndarray, y_train: 
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser, *, name: str, unit: str, steps: int, max_minutes: float,
-                         batch_size: int, train_size: int, tiny: str) -> None:
+                         batch_size: int, train_size: int, time_shift: float, tiny: str) -> None:
     """Add a testbed training script's arguments to ``parser``, with the testbed's defaults.
 
     ``name`` is the weights' stem (``--out`` gets ``name.safetensors`` and ``name.json``), ``unit`` what
@@ -421,6 +444,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, *, name: str, unit: st
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--train-size", type=int, default=train_size, help=f"training {unit} generated")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--time-shift", type=float, default=time_shift,
+                        help="SD3 time shift of training times and sampling steps (1 = none, > 1 = toward the noise)")
     parser.add_argument("--eval-n", type=int, default=256, help=f"{unit} sampled for the final class accuracy")
     parser.add_argument("--eval-steps", type=int, default=25, help="Euler steps of the evaluation samples")
     parser.add_argument("--guidances", default=",".join(str(g) for g in GUIDANCE_CANDIDATES),
@@ -436,7 +461,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, *, name: str, unit: st
 def recipe_arguments(args: argparse.Namespace, tiny_config: Mapping[str, Any]) -> dict[str, Any]:
     """The keyword arguments of a testbed's training function from :func:`add_recipe_arguments`' ``args``."""
     return dict(steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
-                train_size=args.train_size, lr=args.lr, eval_n=args.eval_n, eval_steps=args.eval_steps,
+                train_size=args.train_size, lr=args.lr, time_shift=args.time_shift, eval_n=args.eval_n,
+                eval_steps=args.eval_steps,
                 guidances=[float(g) for g in args.guidances.split(",")], config=tiny_config if args.tiny else None,
                 seed=args.seed, workers=args.workers, device=args.device, compile=args.compile,
                 log_every=max(1, min(args.log_every, args.steps // 4)))

@@ -126,8 +126,9 @@ def _to_model(images: Tensor) -> Tensor:
 
 def train_image_unet(out_dir: str | Path, *, steps: int = 20000, batch_size: int = 128, train_size: int = 40000,
                      lr: float = 5e-4, weight_decay: float = 0.01, warmup: int = 200, ema_decay: float = 0.999,
-                     class_dropout: float = 0.1, config: Mapping[str, Any] | None = None, eval_n: int = 256,
-                     eval_steps: int = DEFAULT_STEPS, guidances: Sequence[float] = GUIDANCE_CANDIDATES,
+                     class_dropout: float = 0.1, time_shift: float = 1.0, config: Mapping[str, Any] | None = None,
+                     eval_n: int = 256, eval_steps: int = DEFAULT_STEPS,
+                     guidances: Sequence[float] = GUIDANCE_CANDIDATES,
                      max_minutes: float | None = None, seed: int = 0, workers: int = 1, device: str | None = None,
                      compile: bool = False, log_every: int = 500) -> dict[str, Any]:
     """Train the testbed image UNet from scratch; write ``image_unet.safetensors`` and ``.json`` to ``out_dir``.
@@ -141,10 +142,13 @@ def train_image_unet(out_dir: str | Path, *, steps: int = 20000, batch_size: int
     EMA weights, as shipped (fp16), sample ``eval_n // 2`` images per guidance scale in ``guidances``
     (noise seed ``seed + 1``); the best scale becomes the default and the reported ``class_accuracy`` is
     measured at it on ``eval_n`` other images (noise seed ``seed``), classified by the shipped testbed
-    ViT. Returns the metrics written to ``image_unet.json``.
+    ViT. ``time_shift`` (:func:`~.diffusion.shift_times`) moves the training
+    times and the sampling steps toward the noise; the json records it as the sampling default.
+    Returns the metrics written to ``image_unet.json``.
     """
     check_recipe({"steps": steps, "batch_size": batch_size, "train_size": train_size, "eval_n": eval_n,
-                  "eval_steps": eval_steps, "log_every": log_every}, guidances, max_minutes, class_dropout)
+                  "eval_steps": eval_steps, "log_every": log_every}, guidances, max_minutes, class_dropout,
+                 time_shift)
     cfg = _config(config)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
@@ -165,5 +169,5 @@ def train_image_unet(out_dir: str | Path, *, steps: int = 20000, batch_size: int
         lambda: build_image_unet(cfg), x_train, y_train, x_real, y_real, to_model=_to_model, augment=_augment,
         weights=out_dir / "image_unet.safetensors", header=header, note="", data_seconds=data_s, device=device,
         seed=seed, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
-        ema_decay=ema_decay, class_dropout=class_dropout, max_minutes=max_minutes, compile=compile,
-        eval_steps=eval_steps, guidances=guidances, log_every=log_every)
+        ema_decay=ema_decay, class_dropout=class_dropout, time_shift=time_shift, max_minutes=max_minutes,
+        compile=compile, eval_steps=eval_steps, guidances=guidances, log_every=log_every)
