@@ -24,8 +24,7 @@ from visattn.testbed.image import TINY_CONFIG, train_image_unet
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_recipe_arguments(p, name="image_unet", unit="images", steps=20000, max_minutes=3.5, batch_size=128,
-                         train_size=40000, time_shift=1.0,
-                         tiny="TINY_CONFIG: a tiny model on 16x16 images (a recipe check)")
+                         train_size=40000, tiny="TINY_CONFIG: a tiny model on 16x16 images (a recipe check)")
     a = p.parse_args()
     train_image_unet(a.out, **recipe_arguments(a, TINY_CONFIG))
 

@@ -24,8 +24,7 @@ from visattn.testbed.video import TINY_CONFIG, train_video_dit
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_recipe_arguments(p, name="video_dit", unit="clips", steps=12000, max_minutes=6.5, batch_size=64,
-                         train_size=32000, time_shift=1.0,
-                         tiny="TINY_CONFIG: a tiny model, 4 frames of 16x16 (a recipe check)")
+                         train_size=32000, tiny="TINY_CONFIG: a tiny model, 4 frames of 16x16 (a recipe check)")
     a = p.parse_args()
     train_video_dit(a.out, **recipe_arguments(a, TINY_CONFIG))
 
