@@ -371,6 +371,7 @@ def train_testbed(build: Callable[[], FlowModel], x_train: np.ndarray, y_train: 
     vit = load_vit(device=device)
     torch.manual_seed(seed)
     model = build().to(device)
+    model.default_shift = time_shift  # the EMA and the shipped copy inherit it: every sample below uses it
     clips = len(model.sample_shape) == 4  # [F, 3, H, W]: a video model
     unit = "clips" if clips else "images"
     data, labels = torch.from_numpy(x_train).to(device), torch.from_numpy(y_train).to(device)
@@ -395,7 +396,7 @@ def train_testbed(build: Callable[[], FlowModel], x_train: np.ndarray, y_train: 
 
     def on_log(step: int, ema: FlowModel, history: list[float], elapsed: float) -> None:
         quick = sample_accuracy(vit, sample(ema, quick_labels, seed=seed + 2, steps=eval_steps,
-                                            guidance=DEFAULT_GUIDANCE, shift=time_shift, device=device), quick_labels)
+                                            guidance=DEFAULT_GUIDANCE, device=device), quick_labels)
         print(f"step {step}/{steps} loss {history[-1]:.4f} class accuracy ({len(quick_labels)} {unit}) "
               f"{quick['frames']:.3f} ({step / elapsed:.1f} steps/s, {elapsed:.0f} s)", flush=True)
         save(ema, weights, {**meta, "partial": True, "steps_done": step, "loss_history": history,
@@ -409,10 +410,8 @@ def train_testbed(build: Callable[[], FlowModel], x_train: np.ndarray, y_train: 
     print(f"trained {step} steps in {train_s:.0f} s; final loss {history[-1]:.4f}; evaluating", flush=True)
 
     t0 = time.time()
-    shipped = shipped_copy(ema)
-    shipped.default_shift = time_shift
-    best, by_guidance, final = choose_guidance(shipped, vit, guidances, n=eval_n, seed=seed, steps=eval_steps,
-                                               device=device)
+    best, by_guidance, final = choose_guidance(shipped_copy(ema), vit, guidances, n=eval_n, seed=seed,
+                                               steps=eval_steps, device=device)
     real = sample_accuracy(vit, to_model(torch.from_numpy(x_real)).add(1).div(2), y_real)
     middle = {"class_accuracy_middle_frame": final["middle"]} if clips else {}
     metrics = {
