@@ -221,17 +221,50 @@ def test_set_attn_implementation_to_a_visattn_name_calls_straight_through() -> N
     assert len(handle.maps[tfa.language_layers(model)[0]]) == 1
 
 
-def test_decoder_layers_and_track_inputs(case: Case) -> None:
+def test_decoder_layers_and_on_call_read_every_generate_step(case: Case) -> None:
     model = case.models["sdpa"]
     layers = tfa.decoder_layers(model)
     assert len(layers) == TEXT["num_hidden_layers"]
     patcher = Patcher()
-    context = tfa.track_inputs(model, patcher)
+    calls: list[tfa.ModelCall] = []
+    tfa.on_call(model, patcher, calls.append)
     try:
         _generate(model, case.inputs)
     finally:
         patcher.undo()
-    assert context.step == 3  # prefill and 3 cached decode steps for 4 new tokens
-    assert context.extra["input_ids"].shape == (2, 1)
-    assert context.extra["attention_mask"].shape == (2, case.inputs["input_ids"].shape[1] + 3)
+    assert len(calls) == 4  # prefill and 3 cached decode steps for 4 new tokens
+    prompt = case.inputs["input_ids"].shape[1]
+    assert calls[0].prefill and calls[0].images and calls[0].past_length == 0
+    assert calls[0].input_ids.shape == (2, prompt)
+    for step, call in enumerate(calls[1:], 1):
+        assert not call.prefill and not call.images
+        assert call.past_length == prompt + step - 1  # the cache is read under either name
+        assert call.input_ids.shape == (2, 1)
+        assert call.attention_mask.shape == (2, prompt + step)
     assert not model._forward_pre_hooks
+
+
+def test_read_call_takes_the_cache_under_either_name_and_refuses_what_is_not_a_cache() -> None:
+    model = llava("sdpa").eval()
+    ids, mask = prompts([4, 4])
+    with torch.no_grad():
+        cache = tfa.output_cache(model(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28),
+                                       use_cache=True))
+    for name in tfa.CACHE_ARGUMENTS:
+        call = tfa.read_call(model, (ids[:, :1],), {"attention_mask": mask, name: cache})
+        assert call.cache is cache and call.past_length == ids.shape[1] and not call.prefill
+        assert call.keywords(cache=None)[name] is None
+    assert tfa.read_call(model, (ids,), {}).keywords(cache=None)["cache"] is None
+    with pytest.raises(visattn.UnsupportedModelError, match=r"transformers \d.*expected a transformers Cache"):
+        tfa.read_call(model, (ids,), {"past_key_values": ((torch.zeros(1),),)})
+    with pytest.raises(visattn.UnsupportedModelError, match=r"transformers \d"):
+        tfa.read_call(model, (ids,), {"input_ids": ids})
+
+
+def test_a_model_whose_forward_takes_no_input_ids_is_refused_before_patching() -> None:
+    class Odd(torch.nn.Module):
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            return pixels
+
+    with pytest.raises(visattn.UnsupportedModelError, match="input_ids, attention_mask, cache or past_key_values"):
+        tfa.check_calling_convention(Odd())

@@ -26,9 +26,12 @@ have no ``layer_idx``) need nothing from transformers. Layer indices follow
 
 Also here, for methods that act on the language model (pruning, visual sinks, head modulation):
 :func:`decoder_layers`, :func:`language_layers`, :func:`image_token_spans` (image positions from
-``config.image_token_id``, per sample, so left padding and batches work) and :func:`track_inputs`
-(the ``input_ids`` and ``attention_mask`` of the current forward, in a
-:class:`~visattn.frameworks.base.CallContext`).
+``config.image_token_id``, per sample, so left padding and batches work), and the one reader of a
+call's inputs that every method uses, :func:`read_call` (through :func:`on_call`, a pre-hook of the
+model or its language model, and :func:`output_cache`): input ids, attention mask, position ids, the KV
+cache under either of its names (``cache`` from transformers 5.24 on, ``past_key_values`` before) and
+whether image features come with the call (``pixel_values``, or the ``mm_encoder_outputs`` that
+``generate()`` computes before the prefill from 5.23 on).
 
 Checked against transformers 5.17 and 5.23 (``sdpa_attention_forward``, ``AttentionInterface``,
 ``AttentionMaskInterface``, ``get_decoder``) with LlavaForConditionalGeneration,
@@ -43,6 +46,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,7 +58,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from ..core.layout import TokenLayout
 from ..errors import ShapeError, UnsupportedModelError
 from ..patching import Patcher
-from .base import CallContext, Observer
+from .base import Observer
 
 #: The stock implementations visattn can wrap, and the prefix of the names it registers for them.
 IMPLEMENTATIONS = ("sdpa", "eager")
@@ -225,17 +229,119 @@ def image_token_spans(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
     return TokenLayout(num_tokens=input_ids.shape[1], image=tuple(tuple(s) for s in spans))
 
 
-def track_inputs(model: nn.Module, patcher: Patcher) -> CallContext:
-    """A :class:`CallContext` updated at the start of every forward of ``model`` (``generate()`` included):
-    ``step`` counts the calls (0 = the first), ``extra`` holds that call's ``input_ids`` and
-    ``attention_mask`` (``None`` where not given). The hook is removed by ``patcher``."""
-    context = CallContext(extra={})
-    signature = inspect.signature(model.forward)
+#: The names under which a model's forward takes the KV cache: ``cache`` (transformers 5.24 on) and
+#: ``past_key_values`` (earlier releases; deprecated in 5.24, still accepted there through ``**kwargs``).
+CACHE_ARGUMENTS = ("cache", "past_key_values")
 
-    def pre(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        given = signature.bind_partial(*args, **kwargs).arguments
-        context.step += 1
-        context.extra = {"input_ids": given.get("input_ids"), "attention_mask": given.get("attention_mask")}
 
-    patcher.add_hook(model.register_forward_pre_hook(pre, with_kwargs=True))
-    return context
+@functools.cache
+def _signature(cls: type) -> inspect.Signature:
+    """The signature of ``cls.forward`` as called on an instance (``self`` left out)."""
+    signature = inspect.signature(cls.forward)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """The inputs of one forward of a transformers model (the whole VLM or its language model), read the
+    same way on every supported release by :func:`read_call`.
+
+    Attributes:
+        arguments: every argument of the call by name (``**kwargs`` merged in), as given.
+        input_ids, inputs_embeds, attention_mask, position_ids: as given (``None`` where not).
+        cache: the KV cache, under whichever of :data:`CACHE_ARGUMENTS` it came (``None``: no cache given).
+        past_length: the tokens the cache already holds (0 without a cache).
+        images: image features come with this call, as ``pixel_values`` computed inside the forward or as
+            ``mm_encoder_outputs["image"]`` that ``generate()`` computed before it (transformers >= 5.23).
+    """
+
+    arguments: dict[str, Any]
+    input_ids: Tensor | None
+    inputs_embeds: Tensor | None
+    attention_mask: Tensor | None
+    position_ids: Tensor | None
+    cache: Any
+    past_length: int
+    images: bool
+
+    @property
+    def prefill(self) -> bool:
+        """The call starts a sequence: no past tokens in its cache."""
+        return self.past_length == 0
+
+    def keywords(self, **changes: Any) -> dict[str, Any]:
+        """The call's arguments as keywords, with ``changes`` applied; ``cache=...`` sets the cache under the
+        name (or names) the call used, or ``cache`` where it gave none."""
+        given = dict(self.arguments)
+        if "cache" in changes:
+            cache = changes.pop("cache")
+            names = [name for name in CACHE_ARGUMENTS if name in given] or [CACHE_ARGUMENTS[0]]
+            given.update(dict.fromkeys(names, cache))
+        given.update(changes)
+        return given
+
+
+def read_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> ModelCall:
+    """The :class:`ModelCall` of ``module(*args, **kwargs)``; raises an :class:`UnsupportedModelError` naming the
+    transformers version when the call does not fit ``module``'s forward or its cache is not a ``Cache``."""
+    signature = _signature(type(module))
+    try:
+        bound = dict(signature.bind_partial(*args, **kwargs).arguments)
+    except TypeError as error:
+        raise UnsupportedModelError(
+            f"cannot read the call of {type(module).__name__} under transformers {_transformers_version()}: {error}; "
+            f"expected the arguments of its forward{signature}") from None
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            bound.update(bound.pop(name, {}))
+    cache = next((bound[name] for name in CACHE_ARGUMENTS if bound.get(name) is not None), None)
+    if cache is not None and not callable(getattr(cache, "get_seq_length", None)):
+        raise UnsupportedModelError(
+            f"{type(module).__name__} was called under transformers {_transformers_version()} with a KV cache of type "
+            f"{type(cache).__name__}; expected a transformers Cache (DynamicCache, StaticCache...) as "
+            f"{' or '.join(CACHE_ARGUMENTS)}")
+    encoded = bound.get("mm_encoder_outputs") or {}
+    return ModelCall(arguments=bound, input_ids=bound.get("input_ids"), inputs_embeds=bound.get("inputs_embeds"),
+                     attention_mask=bound.get("attention_mask"), position_ids=bound.get("position_ids"), cache=cache,
+                     past_length=int(cache.get_seq_length()) if cache is not None else 0,
+                     images=bound.get("pixel_values") is not None or encoded.get("image") is not None)
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a model's output carries (``cache`` from transformers 5.24 on, ``past_key_values`` before)."""
+    for name in CACHE_ARGUMENTS:
+        cache = getattr(output, name, None)
+        if cache is not None:
+            return cache
+    return None
+
+
+def check_calling_convention(module: nn.Module) -> None:
+    """Refuse, before anything is patched, a model whose forward takes no input ids, mask or KV cache."""
+    params = _signature(type(module)).parameters
+    has_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    missing = [name for name in ("input_ids", "attention_mask") if name not in params]
+    if not has_kwargs and not any(name in params for name in CACHE_ARGUMENTS):
+        missing.append(" or ".join(CACHE_ARGUMENTS))
+    if missing:
+        raise UnsupportedModelError(
+            f"{type(module).__name__}.forward under transformers {_transformers_version()} takes no "
+            f"{', '.join(missing)}; visattn reads a vision-language call's input_ids, attention_mask and KV cache "
+            f"({' or '.join(CACHE_ARGUMENTS)})")
+
+
+def on_call(module: nn.Module, patcher: Patcher, fn: Callable[[ModelCall], dict[str, Any] | None]) -> None:
+    """Run ``fn(read_call(...))`` before every forward of ``module`` (``generate()``'s steps included); when
+    ``fn`` returns a dict, the forward is called with it as its keyword arguments instead. Undone by ``patcher``."""
+
+    def pre(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        changed = fn(read_call(module, args, kwargs))
+        return None if changed is None else ((), changed)
+
+    patcher.add_hook(module.register_forward_pre_hook(pre, with_kwargs=True))

@@ -1,11 +1,12 @@
 """What ``visual_sink`` and ``head_modulation`` share on transformers vision-language models.
 
 :class:`ImageKeys` follows, forward by forward (``generate()`` included), which query rows and which
-key columns are image tokens: it reads ``input_ids``, ``attention_mask`` and ``past_key_values`` in a
-forward pre-hook of the model, finds the image tokens from ``config.image_token_id`` (per sample,
-so left padding and batches work), and keeps the image columns of the KV cache from the forward
-that started it (no past) through every cached continuation. A forward without a past must show
-image tokens; a continuation must continue the cache the previous forward left.
+key columns are image tokens: it reads ``input_ids``, ``attention_mask`` and the KV cache of each call
+through :func:`visattn.frameworks.transformers.on_call`, finds the image tokens from
+``config.image_token_id`` (per sample, so left padding and batches work), and keeps the image columns
+of the KV cache from the forward that started it (empty cache) through every cached continuation. A
+forward with an empty cache must show image tokens; a continuation must continue the cache the
+previous forward left.
 
 :func:`rows_index` turns a per-sample row mask into the ``[B, R]`` index that
 :func:`visattn.core.redistribute.attend_rows` takes, and :func:`write_rows` puts rows computed that way
@@ -14,9 +15,8 @@ back into the stock attention output.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -26,23 +26,19 @@ from ..errors import ShapeError, UnsupportedModelError
 from ..frameworks.base import LazyAdapter
 from ..patching import Patcher
 
+if TYPE_CHECKING:
+    from ..frameworks.transformers import ModelCall
+
 tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
 
 
-def call_arguments(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The arguments of a call as one flat ``name -> value`` dict (``**kwargs`` merged in)."""
-    bound = dict(signature.bind_partial(*args, **kwargs).arguments)
-    for name, param in signature.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
-            bound.update(bound.pop(name, {}))
-    return bound
-
-
 def image_token_id(model: nn.Module, method: str) -> int:
+    """``config.image_token_id``, after checking that visattn can read ``model``'s calls (both before patching)."""
     token = getattr(model.config, "image_token_id", None)
     if token is None:
         raise UnsupportedModelError(f"{method}: {type(model).__name__}'s config has no image_token_id; "
                                     f"supported: {tfa.SUPPORTED}")
+    tfa.check_calling_convention(model)
     return int(token)
 
 
@@ -63,20 +59,17 @@ class ImageKeys:
     def __init__(self, model: nn.Module, patcher: Patcher, method: str) -> None:
         self.method = method
         self.token = image_token_id(model, method)
-        self.signature = inspect.signature(model.forward)
         self.columns: Tensor | None = None
         self.num_keys = 0
-        patcher.add_hook(model.register_forward_pre_hook(self._start, with_kwargs=True))
+        tfa.on_call(model, patcher, self._start)
 
-    def _start(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        given = call_arguments(self.signature, args, kwargs)
-        ids = given.get("input_ids")
+    def _start(self, call: ModelCall) -> None:
+        ids = call.input_ids
         if ids is None:
             raise ShapeError(f"{self.method}: pass input_ids (image positions are read from config.image_token_id "
                              f"= {self.token}); inputs_embeds alone do not show them")
-        past = given.get("past_key_values")
-        past_len = past.get_seq_length() if past is not None else 0
-        mask = given.get("attention_mask")
+        past_len = call.past_length
+        mask = call.attention_mask
         q = ids.shape[1]
         self.real = mask[:, -q:].bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         self.image = (ids == self.token) & self.real

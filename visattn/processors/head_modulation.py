@@ -65,7 +65,7 @@ from ..kernels import reweighted_decode
 from ..options import choice_option, float_option, layers_option
 from ..patching import Handle, Patcher
 from ..registry import Method, register
-from ._lvlm import ImageKeys, call_arguments, image_token_id, write_rows
+from ._lvlm import ImageKeys, image_token_id, write_rows
 
 tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
 
@@ -186,24 +186,23 @@ def _vhr(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModula
     without: dict[int, Tensor] = {}  # per layer: last-row head outputs of the image-ablated pass
     gains: dict[int, Tensor] = {}  # per layer: head gains [B, 1, H, 1] in the attention output's dtype
     ablating = [False]
-    signature = inspect.signature(model.forward)
+    takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    def calibrate(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    def calibrate(call: tfa.ModelCall) -> None:
         if alpha == 0.0 or not keys.fresh:
             return
-        given = call_arguments(signature, args, kwargs)
-        given.update(past_key_values=None, use_cache=False)
+        given = call.keywords(cache=None, use_cache=False)
         given.pop("labels", None)
-        if "logits_to_keep" in signature.parameters:
+        if takes_logits_to_keep:
             given["logits_to_keep"] = 1
         ablating[0] = True
         try:
             with torch.no_grad():
-                module.forward(**given)  # the model's own pre-hooks (ours included) do not run again
+                model.forward(**given)  # the model's own pre-hooks (ours included) do not run again
         finally:
             ablating[0] = False
 
-    patcher.add_hook(model.register_forward_pre_hook(calibrate, with_kwargs=True))
+    tfa.on_call(model, patcher, calibrate)
 
     def make_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:
         def route(call: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -269,17 +268,28 @@ def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: Head
 
         return route
 
-    def select_tokens(module: nn.Module, args: tuple, output: Tensor) -> None:
-        if alpha == 0.0 or not keys.fresh:
-            return
+    # generate() computes the image features before the model's forward (transformers >= 5.23), so the
+    # vision tower's outputs wait here until the prefill that uses them selects its tokens
+    features: list[tuple[Tensor, Tensor]] = []  # ([CLS] attention, projector output) of the last images
+
+    def record_features(module: nn.Module, args: tuple, output: Tensor) -> None:
+        if alpha != 0.0:
+            features[:] = [(cls_attention.pop(), output)]
+
+    def select_tokens() -> Tensor:
+        if not features:
+            raise ShapeError("head_modulation: strategy 'imbalance' needs the image features of the prompt "
+                             "(pass pixel_values)")
+        cls, output = features.pop()
         side = math.isqrt(output.shape[1])
-        chosen = dual_stream_selection(cls_attention.pop(), spatial_contrast(output, (side, side)), select)
+        chosen = dual_stream_selection(cls, spatial_contrast(output, (side, side)), select)
         where = keys.image.nonzero()
         if where.shape[0] != chosen.numel():
             raise ShapeError(f"head_modulation: {where.shape[0]} image tokens for {chosen.numel()} image patches")
         handle.selected = torch.zeros_like(keys.image).index_put_(tuple(where.T), chosen.flatten())
+        return handle.selected
 
-    patcher.add_hook(_projector(model).register_forward_hook(select_tokens))
+    patcher.add_hook(_projector(model).register_forward_hook(record_features))
     tfa.route_attention(model, patcher, [0], cls_route)
 
     def make_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:
@@ -313,7 +323,8 @@ def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: Head
                 attend_rows(query, key, value, last, scale=scale, mask=mask, probs_fn=measure)
                 sensitivity = share[0] / share[0].amax(-1, keepdim=True).clamp_min(torch.finfo(share[0].dtype).tiny)
                 handle.sensitivity[layer] = sensitivity
-                weights[layer] = alpha * sensitivity[:, :, None, None] * handle.selected[:, None, None, :n].float()
+                selected = keys.once("selected", select_tokens)
+                weights[layer] = alpha * sensitivity[:, :, None, None] * selected[:, None, None, :n].float()
             out, _ = call(module, query, key, value, attention_mask, **kwargs)
             new = attend_rows(query, key, value, last, scale=scale, mask=mask, logits_fn=logits_fn)
             return write_rows(out, new, last), None

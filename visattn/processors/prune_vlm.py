@@ -47,7 +47,6 @@ image tokens. ``keep=1.0`` drops nothing and touches no tensor: bit-identical lo
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -136,33 +135,37 @@ class VlmPruner:
 
     # -- the model's forward: is this a prefill, where are the image tokens --------------------------
 
-    def start(self, input_ids: Tensor | None, attention_mask: Tensor | None, past_key_values: Any) -> None:
-        self.prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+    def start(self, call: tfa.ModelCall) -> None:
+        self.prefill = call.prefill
         self.current, self.decode_masks = None, {}
         if not self.prefill:
             if not self.prompt_length:
-                raise ValueError("prune: a forward with a filled KV cache must follow a prefill of the pruned "
+                raise ShapeError("prune: a forward with a filled KV cache must follow a prefill of the pruned "
                                  "model (generate() does this)")
             return
+        input_ids, attention_mask = call.input_ids, call.attention_mask
         if input_ids is None:
-            raise ValueError("prune: the model must be called with input_ids (image tokens are found there "
+            raise ShapeError("prune: the model must be called with input_ids (image tokens are found there "
                              "from config.image_token_id); got inputs_embeds only")
         visual = input_ids == self.image_token_id
         if attention_mask is not None and attention_mask.dim() == 2:
             visual &= attention_mask.bool()
         missing = (visual.sum(-1) == 0).nonzero()[:, 0].tolist()
         if missing:
-            raise ValueError(f"prune: sample(s) {missing} of the batch hold no image tokens "
+            raise ShapeError(f"prune: sample(s) {missing} of the batch hold no image tokens "
                              f"(config.image_token_id={self.image_token_id}); every sample needs an image")
         self.visual, self.columns, self.kept = visual, {}, {}
         self.input_kept, self.prompt_length = None, input_ids.shape[1]
 
     # -- stage at the language model's input ---------------------------------------------------------
 
-    def language_model_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        embeds, mask, positions = kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), kwargs.get("position_ids")
+    def language_model_inputs(self, call: tfa.ModelCall) -> dict[str, Any]:
+        """The language model's keyword arguments for this call: the input stage's short sequence in a
+        prefill, the 2-D mask and positions that fit the shortened cache in a later step."""
+        kwargs = call.keywords()
+        embeds, mask, positions = call.inputs_embeds, call.attention_mask, call.position_ids
         if embeds is None:
-            raise ValueError("prune: the language model must be called with inputs_embeds")
+            raise ShapeError("prune: the language model must be called with inputs_embeds")
         if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 2):
             raise ShapeError("prune: the language model must get a 2-D attention mask [batch, tokens] (or none)")
         stage = self.stages.get(0)
@@ -185,7 +188,7 @@ class VlmPruner:
                 prompt = _gather_seq(mask[:, :self.prompt_length], self.input_kept, 1)
                 kwargs["attention_mask"] = torch.cat([prompt, mask[:, self.prompt_length:]], dim=1)
             if positions is None:
-                past = kwargs["past_key_values"].get_seq_length() + self.prompt_length - self.input_length
+                past = call.past_length + self.prompt_length - self.input_length
                 kwargs["position_ids"] = torch.arange(embeds.shape[1], device=embeds.device)[None] + past
         return kwargs
 
@@ -306,6 +309,7 @@ def check_target(target: Target, options: dict[str, Any]) -> None:
                                     f"supported: {', '.join(FAMILIES)}")
     if getattr(model.config, "image_token_id", None) is None:
         raise UnsupportedModelError(f"prune: {target.family}'s config has no image_token_id")
+    tfa.check_calling_convention(model)
     if options["layers"] is not None:
         raise OptionError("prune: option 'layers' applies to timm and open_clip models; on transformers models "
                           "'layer' says where tokens are dropped")
@@ -361,7 +365,7 @@ def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> PruneV
 
         def cls_score() -> Tensor:
             if len(vision_scores) != len(vision_layers):
-                raise ValueError("prune: strategy 'cls' needs the image features of this call (pixel_values)")
+                raise ShapeError("prune: strategy 'cls' needs the image features of this call (pixel_values)")
             per_image = torch.stack(list(vision_scores.values())).mean(0)[:, skip_cls:].flatten()
             vision_scores.clear()
             visual = pruner.visual
@@ -421,21 +425,13 @@ def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> PruneV
 
     if keep < 1.0:
         tfa.route_attention(model, patcher, sorted(routes), make_route)
-    signature = inspect.signature(model.forward)
-
-    def model_pre(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        given = signature.bind_partial(*args, **kwargs).arguments
+    def model_pre(call: tfa.ModelCall) -> None:
         captured.clear()
-        pruner.start(given.get("input_ids"), given.get("attention_mask"), given.get("past_key_values"))
+        pruner.start(call)
 
-    def language_pre(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        if args:
-            raise ValueError("prune: the language model must be called with keyword arguments")
-        return args, pruner.language_model_inputs(kwargs)
-
-    patcher.add_hook(model.register_forward_pre_hook(model_pre, with_kwargs=True))
+    tfa.on_call(model, patcher, model_pre)
     if keep < 1.0:
-        patcher.add_hook(decoder.register_forward_pre_hook(language_pre, with_kwargs=True))
+        tfa.on_call(decoder, patcher, pruner.language_model_inputs)
         layers = tfa.decoder_layers(model)
         for index in range(layer if strategy != "cls" else len(layers), len(layers)):
             def layer_pre(module: nn.Module, args: tuple, kwargs: dict[str, Any], index: int = index) -> tuple:
@@ -454,7 +450,7 @@ def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> PruneV
             patcher.add_hook(layers[layer - 1].register_forward_hook(transition, with_kwargs=True))
         if strategy == "plphp":
             def cache_after_prefill(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-                pruner.prune_cache(getattr(output, "past_key_values", None))
+                pruner.prune_cache(tfa.output_cache(output))
 
             patcher.add_hook(decoder.register_forward_hook(cache_after_prefill, with_kwargs=True))
     return PruneVlmHandle("prune", model, options, patcher, pruner=pruner)

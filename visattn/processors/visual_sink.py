@@ -30,7 +30,6 @@ exceed ``sqrt(hidden_size)``, so small models need a smaller one.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -47,7 +46,7 @@ from ..kernels import reweighted_decode
 from ..options import float_option
 from ..patching import Handle, Patcher
 from ..registry import Method, register
-from ._lvlm import ImageKeys, call_arguments, image_token_id, write_rows
+from ._lvlm import ImageKeys, image_token_id, write_rows
 
 tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
 
@@ -105,11 +104,11 @@ class VisualSink(Method):
                 columns[layer] = image, sinks, image.to(torch.int8) * 2 - sinks.to(torch.int8)
             return columns[layer][1:]
 
-        def detect(layer: int, signature: inspect.Signature) -> Callable[..., None]:
-            def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        def detect(layer: int) -> Callable[[tfa.ModelCall], None]:
+            def hook(call: tfa.ModelCall) -> None:
                 if not keys.fresh:  # a continuation adds no image tokens the sinks could be among
                     return
-                hidden = call_arguments(signature, args, kwargs)["hidden_states"]
+                hidden = call.arguments["hidden_states"]
                 dims, tokens = find_sinks(hidden, keys.first_real, tau)
                 handle.sink_dims[layer], handle.sink_tokens[layer] = dims, tokens & keys.image
                 has_sinks[layer] = bool(handle.sink_tokens[layer].any())
@@ -118,8 +117,7 @@ class VisualSink(Method):
             return hook
 
         for i, layer in enumerate(layers):
-            signature = inspect.signature(decoder[i].forward)
-            patcher.add_hook(decoder[i].register_forward_pre_hook(detect(layer, signature), with_kwargs=True))
+            tfa.on_call(decoder[i], patcher, detect(layer))
 
         def make_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:
             def route(call: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
