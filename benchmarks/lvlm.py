@@ -6,18 +6,24 @@ built from a config on the meta device, moved with ``to_empty`` and initialised 
 layers, hidden 4096, ffn 11008, 32 heads; 576 image tokens per 336px image, ``image_token_id`` set):
 
 - prefill (one forward as ``generate()`` runs it: the vision tower, the projector, the language model
-  and the last position's logits) of the stock model, of ``prune`` with strategies ``fastv`` (K=2)
-  and ``cls``, and of the bound: the same model fed only ``kept`` visual tokens per image (vision tower
-  and projector on the whole image, then the language model on the short sequence). Times are medians
-  over interleaved repetitions (stock, methods and bound in turn), CUDA events around each call.
-- settings: batch 16 with one image each, keeping 64/576 and 128/576; batch 1 with five images (2880
-  visual tokens, LLaVA-NeXT-sized), keeping 320/2880. Every prompt has ``--text`` text tokens around
-  the image(s).
+  and the last position's logits) of the stock model, of ``prune`` with each of ``--strategies``
+  (``fastv``, ``transprune`` and ``plphp`` at K=2, ``star`` at its default L/2, ``cls``), and of the
+  bound: the same model fed only ``kept`` visual tokens per image (vision tower and projector on the
+  whole image, then the language model on the short sequence). Times are medians over interleaved
+  repetitions (stock, methods and bound in turn), CUDA events around each call. A strategy that keeps
+  every token in its first layers cannot reach that all-layer bound; its own bound is estimated from
+  the measured times (``own_bound_ms``): layers before K at the stock cost, the rest at the bound's
+  (``bound + K/L (stock - bound)``; ``star``: the input stage at the bound of ``sqrt(keep)`` tokens,
+  measured as ``bound_star_input``, for its first L/2 layers; ``plphp`` prunes the cache after an
+  unpruned prefill, so its bound is the stock prefill).
+- settings (``--settings BATCHxIMAGESxKEPT``): batch 16 with one image each, keeping 64/576 and
+  128/576; batch 1 with five images (2880 visual tokens, LLaVA-NeXT-sized), keeping 320/2880. Every
+  prompt has ``--text`` text tokens around the image(s).
 - the KV cache after prefill at batch 16 keeping 64/576 (bytes of keys and values over all layers);
 - ``generate()`` of ``--new-tokens`` tokens at batch 16 (greedy, no EOS): decode tokens per second,
   ``batch * new_tokens / (generate time - prefill time)``, stock and pruned, each timed (median of 2)
   after one untimed ``generate()`` of the same length, so that no timed step pays for the first call
-  at a new cache length (cuDNN's attention builds a plan per shape).
+  at a new cache length (cuDNN's attention builds a plan per shape); ``--new-tokens 0`` skips it.
 
     PYTHONPATH=. python3 -m benchmarks.lvlm --out benchmarks/results/lvlm.json
     PYTHONPATH=. python3 -m benchmarks.lvlm --tiny --out /tmp/lvlm.json   # CPU smoke run, tiny model
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -38,8 +45,12 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 import visattn
 from benchmarks.timing import median_ms
+from visattn.frameworks.transformers import output_cache
 
 IMAGE_TOKEN = 32000
+STRATEGIES = ("cls", "fastv", "star", "transprune", "plphp")
+#: the decoder layer K of the strategies that drop tokens inside the language model (star: L // 2)
+LAYER = {"fastv": 2, "transprune": 2, "plphp": 2}
 
 
 def build(tiny: bool, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
@@ -130,23 +141,46 @@ def cache_bytes(cache: Any) -> int:
     return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
 
 
+def strategy_options(strategy: str, keep: float) -> dict[str, Any]:
+    return {"strategy": strategy, "keep": keep, **({"layer": LAYER[strategy]} if strategy in LAYER else {})}
+
+
+def own_bound(strategy: str, ms: dict[str, float], layers: int) -> float:
+    """The strategy's own bound (see the module docstring), from the measured stock and bound times."""
+    if strategy == "plphp":
+        return ms["stock"]
+    if strategy == "star":
+        return (ms["bound_star_input"] + ms["bound"]) / 2
+    k = LAYER.get(strategy, 0)
+    return ms["bound"] + k / layers * (ms["stock"] - ms["bound"])
+
+
+def setting(text: str) -> tuple[int, int, int]:
+    try:
+        batch, images, kept = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a setting is BATCHxIMAGESxKEPT, e.g. 16x1x64; got {text!r}") from None
+    return batch, images, kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tiny", action="store_true", help="tiny random model on the CPU (smoke run)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--text", type=int, default=70, help="text tokens per prompt")
-    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=256, help="decode tokens to time (0: no decode run)")
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    parser.add_argument("--settings", nargs="+", type=setting, default=None,
+                        help="BATCHxIMAGESxKEPT per image (default 16x1x64 16x1x128 1x5x64; tiny: 2x1x2 1x5x2)")
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
     torch.manual_seed(0)
     model = build(args.tiny, device, dtype)
     per_image = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-    big_batch = 2 if args.tiny else 16
-    settings = [(big_batch, 1, 64), (big_batch, 1, 128), (1, 5, 64)]  # (batch, images, kept per image)
-    if args.tiny:
-        settings = [(big_batch, 1, 2), (1, 5, 2)]
+    layers = model.config.text_config.num_hidden_layers
+    settings = args.settings or ([(2, 1, 2), (1, 5, 2)] if args.tiny else [(16, 1, 64), (16, 1, 128), (1, 5, 64)])
     results: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                                "torch": torch.__version__, "transformers": transformers.__version__,
                                "dtype": str(dtype), "text_tokens": args.text, "visual_per_image": per_image,
@@ -157,59 +191,72 @@ def main() -> None:
             if not torch.isfinite(prefill(model, x)().logits).all():
                 raise RuntimeError("the randomly initialised model gives non-finite logits")
         keep = kept / per_image
-        variants = {
-            "stock": (None, prefill(model, x)),
-            "fastv": ({"strategy": "fastv", "keep": keep, "layer": 2}, prefill(model, x)),
-            "cls": ({"strategy": "cls", "keep": keep}, prefill(model, x)),
-            "bound": (None, bound(model, x, kept, args.text, images)),
-        }
+        variants: dict[str, tuple[dict[str, Any] | None, Callable]] = {"stock": (None, prefill(model, x))}
+        for strategy in args.strategies:
+            variants[strategy] = (strategy_options(strategy, keep), prefill(model, x))
+        variants["bound"] = (None, bound(model, x, kept, args.text, images))
+        if "star" in args.strategies:
+            variants["bound_star_input"] = (None, bound(model, x, math.ceil(math.sqrt(keep) * per_image), args.text,
+                                                        images))
         ms = compare(model, variants, args.iters, device)
         row = {"batch": batch, "visual_tokens": images * per_image, "kept": images * kept,
                "ms": ms, "speedup": {k: ms["stock"] / v for k, v in ms.items() if k != "stock"}}
-        row["of_bound"] = {k: row["speedup"][k] / row["speedup"]["bound"] for k in ("fastv", "cls")}
+        row["of_bound"] = {k: ms["bound"] / ms[k] for k in args.strategies}
+        row["own_bound_ms"] = {k: own_bound(k, ms, layers) for k in args.strategies}
+        row["of_own_bound"] = {k: row["own_bound_ms"][k] / ms[k] for k in args.strategies}
         results["prefill"].append(row)
         print(f"prefill B={batch} {images * per_image}->{images * kept}: "
               + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
               + " | " + ", ".join(f"{k} {v:.2f}x" for k, v in row["speedup"].items())
-              + " | of bound " + ", ".join(f"{k} {v:.0%}" for k, v in row["of_bound"].items()), flush=True)
+              + " | of bound " + ", ".join(f"{k} {v:.0%}" for k, v in row["of_bound"].items())
+              + " | of own bound " + ", ".join(f"{k} {v:.0%}" for k, v in row["of_own_bound"].items()), flush=True)
+    cache_and_decode(model, args, settings[0], per_image, results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
 
-    batch, kept = big_batch, settings[0][2]
+
+def cache_and_decode(model: LlavaForConditionalGeneration, args: argparse.Namespace, first: tuple[int, int, int],
+                     per_image: int, results: dict[str, Any]) -> None:
+    """In the first setting: the KV cache after prefill, stock and every strategy; with ``--new-tokens``,
+    decode tokens per second of ``generate()``, stock, fastv and cls."""
+    device = model.device.type
+    batch, _, kept = first
     x = inputs(model, batch, 1, args.text, device)
-    methods = {"stock": None, "fastv": {"strategy": "fastv", "keep": kept / per_image, "layer": 2},
-               "cls": {"strategy": "cls", "keep": kept / per_image}}
+    methods: dict[str, dict[str, Any] | None] = {"stock": None}
+    methods.update({k: strategy_options(k, kept / per_image) for k in args.strategies})
     for name, options in methods.items():
         if options is not None:
             visattn.apply(model, "prune", **options)
         try:
             with torch.no_grad():
-                cache = prefill(model, x)().past_key_values
+                cache = output_cache(prefill(model, x)())
                 results["kv_cache"][name] = {"bytes": cache_bytes(cache),
                                              "tokens_per_layer": [layer.keys.shape[-2] for layer in cache.layers]}
                 del cache
-                generate = lambda: model.generate(**x, max_new_tokens=args.new_tokens,  # noqa: E731
-                                                  min_new_tokens=args.new_tokens, do_sample=False)
-                generate()  # warm-up over every cache length: cuDNN's SDPA builds a plan per new length
-                ms_generate = median_ms(generate, iters=2)
-                ms_prefill = statistics.median(median_ms(prefill(model, x)) for _ in range(3))
+                if args.new_tokens and name in ("stock", "fastv", "cls"):
+                    generate = lambda: model.generate(**x, max_new_tokens=args.new_tokens,  # noqa: E731
+                                                      min_new_tokens=args.new_tokens, do_sample=False)
+                    generate()  # warm-up over every cache length: cuDNN's SDPA builds a plan per new length
+                    ms_generate = median_ms(generate, iters=2)
+                    ms_prefill = statistics.median(median_ms(prefill(model, x)) for _ in range(3))
+                    results["decode"][name] = {
+                        "generate_ms": ms_generate, "prefill_ms": ms_prefill,
+                        "decode_tokens_per_s": batch * args.new_tokens / (ms_generate - ms_prefill) * 1e3}
         finally:
             if options is not None:
                 visattn.remove(model)
-        results["decode"][name] = {"generate_ms": ms_generate, "prefill_ms": ms_prefill,
-                                   "decode_tokens_per_s": batch * args.new_tokens / (ms_generate - ms_prefill) * 1e3}
     stock_bytes = results["kv_cache"]["stock"]["bytes"]
-    for name in ("fastv", "cls"):
+    for name in args.strategies:
         results["kv_cache"][name]["smaller_than_stock"] = 1 - results["kv_cache"][name]["bytes"] / stock_bytes
-        results["decode"][name]["speedup"] = (results["decode"][name]["decode_tokens_per_s"]
-                                              / results["decode"]["stock"]["decode_tokens_per_s"])
-    smaller = {k: results["kv_cache"][k]["smaller_than_stock"] for k in ("fastv", "cls")}
+        if name in results["decode"]:
+            results["decode"][name]["speedup"] = (results["decode"][name]["decode_tokens_per_s"]
+                                                  / results["decode"]["stock"]["decode_tokens_per_s"])
     print(f"kv cache after prefill, B={batch}, keep {kept}/{per_image}: "
-          + ", ".join(f"{k} {v['bytes'] / 2**20:.0f} MiB" for k, v in results["kv_cache"].items())
-          + " | smaller: " + ", ".join(f"{k} {v:.1%}" for k, v in smaller.items()))
-    print(f"decode, B={batch}, {args.new_tokens} new tokens: "
-          + ", ".join(f"{k} {v['decode_tokens_per_s']:.0f} tok/s (generate {v['generate_ms']:.0f} ms)"
-                      for k, v in results["decode"].items()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+          + ", ".join(f"{k} {v['bytes'] / 2**20:.0f} MiB" for k, v in results["kv_cache"].items()))
+    if results["decode"]:
+        print(f"decode, B={batch}, {args.new_tokens} new tokens: "
+              + ", ".join(f"{k} {v['decode_tokens_per_s']:.0f} tok/s (generate {v['generate_ms']:.0f} ms)"
+                          for k, v in results["decode"].items()))
 
 
 if __name__ == "__main__":
