@@ -102,9 +102,8 @@ def _cache_lengths(result: Any) -> list[int]:
 def test_keep_one_is_bit_identical_in_forward_and_generate(case: tuple) -> None:
     family, models, inputs = case
     model = models["sdpa"]
-    # at keep=1.0 no strategy installs anything but input checks: fastv covers every family, LLaVA every
-    # strategy (cls and star need its [CLS] token)
-    strategies = ["fastv", "star", "plphp", "transprune", "cls"] if family == "llava" else ["fastv"]
+    # every strategy the family takes (cls and star need LLaVA's [CLS] token)
+    strategies = ["fastv", "plphp", "transprune"] + (["star", "cls"] if family == "llava" else [])
     stock_logits, stock = _run(model, inputs).logits, _generate(model, inputs)
     for strategy in strategies:
         visattn.apply(model, "prune", strategy=strategy, keep=1.0, **({} if strategy == "cls" else {"layer": 1}))
@@ -281,10 +280,12 @@ def test_errors() -> None:
     try:
         text_only = {k: v for k, v in inputs.items() if k != "pixel_values"}
         text_only["input_ids"] = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE, 5)
-        with pytest.raises(ValueError, match=r"sample\(s\) \[0, 1\] of the batch hold no image tokens"):
+        with pytest.raises(visattn.ShapeError, match=r"sample\(s\) \[0, 1\] of the batch hold no image tokens"):
             _run(model, text_only)
-        with pytest.raises(ValueError, match="must be called with input_ids"):
+        with pytest.raises(visattn.ShapeError, match="must be called with input_ids"):
             _run(model, {"inputs_embeds": torch.randn(2, 3, 32)})
+        with pytest.raises(visattn.UnsupportedModelError, match=r"transformers \d.*expected a transformers Cache"):
+            _run(model, {**inputs, "past_key_values": ((torch.zeros(1),),)})  # a legacy tuple cache
     finally:
         visattn.remove(model)
 

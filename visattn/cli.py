@@ -19,22 +19,25 @@ def _version(module: str) -> str:
 
 
 def info() -> dict[str, object]:
-    """Versions, GPU, whether the Triton kernels can run here, and the registered methods."""
+    """Versions (torch and each framework against the range the suite passed on), GPU, whether the Triton
+    kernels can run here, and the registered methods."""
     import torch
 
     import visattn
+
+    from .versions import status
 
     cuda = torch.cuda.is_available()
     triton = _version("triton")
     return {
         "visattn": visattn.__version__,
         "python": sys.version.split()[0],
-        "torch": torch.__version__,
+        "torch": status("torch"),
         "triton": triton,
-        "timm": _version("timm"),
-        "open_clip": _version("open_clip"),
-        "diffusers": _version("diffusers"),
-        "transformers": _version("transformers"),
+        "timm": status("timm"),
+        "open_clip": status("open_clip_torch"),
+        "diffusers": status("diffusers"),
+        "transformers": status("transformers"),
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "kernels": "triton on cuda" if cuda and triton != "not installed" else "pytorch reference (no CUDA GPU)",
         "methods": sorted(visattn.methods()),

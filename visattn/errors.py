@@ -1,5 +1,7 @@
 """The errors visattn raises. Every one is a :class:`VisattnError`, and also a ``ValueError`` or
-``TypeError`` as fits, so callers can catch either. All are raised before a model is touched."""
+``TypeError`` as fits, so callers can catch either. Bad options, models and targets are refused before a
+model is touched; what only a forward shows (inputs a method cannot take, a calling convention visattn
+does not know) raises from that forward, as a :class:`ShapeError` or :class:`UnsupportedModelError`."""
 
 from __future__ import annotations
 

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import ShapeError
+
 MergeFn = Callable[..., Tensor]
 
 
@@ -182,11 +184,11 @@ def key_mask(mask: Tensor, batch: int, num_tokens: int) -> Tensor:
     """A boolean key mask (True = attend) of shape ``[B, 1, 1, N]`` (or ``[1, 1, 1, N]``) as ``[B, N]``.
 
     These are the masks whose meaning survives merging and pruning: they say which tokens exist,
-    not which pairs may attend. Any other mask raises ``ValueError``.
+    not which pairs may attend. Any other mask raises :class:`~visattn.errors.ShapeError` (a ``ValueError``).
     """
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:] != (1, 1, num_tokens) \
             or mask.shape[0] not in (1, batch):
-        raise ValueError(f"only boolean key masks of shape [B, 1, 1, N] (True = attend) can follow merged or "
+        raise ShapeError(f"only boolean key masks of shape [B, 1, 1, N] (True = attend) can follow merged or "
                          f"pruned tokens; got a {mask.dtype} mask of shape {list(mask.shape)} for {batch} "
                          f"sequences of {num_tokens} tokens")
     return mask.reshape(-1, num_tokens).expand(batch, num_tokens)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.regions import as_region, check_in_image, isolation_mask, reposition, subject_map
-from ..errors import OptionError, UnsupportedModelError
+from ..errors import OptionError, ShapeError, UnsupportedModelError
 from ..frameworks import Target
 from ..frameworks.base import adapter
 from ..options import Option, bool_option, int_option
@@ -131,7 +131,7 @@ class _Plan:
 
     def split(self, batch: int) -> int:
         if batch % self.group:
-            raise ValueError(f"isolation: a batch of {batch} is not made of groups of {self.group} "
+            raise ShapeError(f"isolation: a batch of {batch} is not made of groups of {self.group} "
                              f"({self.references} reference images, then the target)")
         return batch // self.group
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..core.merge import cls_attention, keep_top_and_fuse, key_mask, num_kept
-from ..errors import OptionError, UnsupportedModelError
+from ..errors import OptionError, ShapeError, UnsupportedModelError
 from ..frameworks import Target
 from ..frameworks.base import select_layers, vit_blocks
 from ..options import choice_option, float_option, int_option, layers_option
@@ -102,7 +102,7 @@ def _timm_forward(self: Any, x: Tensor, attn_mask: Tensor | None = None, is_caus
     if not (self._visattn_prune_here and state.prunes(x.shape[1])):
         return self._visattn_base.forward(self, x, attn_mask=mask, is_causal=is_causal)
     if is_causal:
-        raise ValueError("prune: causal attention cannot follow pruned tokens")
+        raise ShapeError("prune: causal attention cannot follow pruned tokens")
     x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=mask)))
     q, k, state.q, state.k = state.q, state.k, None, None
     x = state.prune(x, q, k, self.attn.scale)
@@ -122,7 +122,7 @@ def _open_clip_forward(self: Any, q_x: Tensor, k_x: Tensor | None = None, v_x: T
     if not (self._visattn_prune_here and state.prunes(n)):
         return self._visattn_base.forward(self, q_x, k_x, v_x, attn_mask)
     if k_x is not None or v_x is not None or attn_mask is not None:
-        raise ValueError("prune: open_clip blocks prune tokens in self-attention without attn_mask only")
+        raise ShapeError("prune: open_clip blocks prune tokens in self-attention without attn_mask only")
     x = q_x if batch_first else q_x.transpose(0, 1)
     out, q, k = mha_self_attention(self.attn, self.ln_1(x))
     x = x + self.ls_1(out)

@@ -113,6 +113,14 @@ def _gather_positions(positions: Tensor, index: Tensor) -> Tensor:
     return _gather_seq(positions, index, -1)
 
 
+def _gather_rotary(table: Tensor, index: Tensor) -> Tensor:
+    """Rotary cos/sin ``[B, N, D]``, or ``[R, B, N, D]`` (M-RoPE sections first, as Qwen2-VL's text model
+    passes them in transformers 5.6), at per-sample ``index`` ``[B, n]``."""
+    if table.dim() == 4:
+        return _gather_seq(table.transpose(0, 1), index, 2).transpose(0, 1)
+    return _gather_seq(table, index, 1)
+
+
 class VlmPruner:
     """The pruning state of one model: the stages, what the hooks captured in the current forward, and
     which prefill positions each layer's KV cache holds (for later ``generate()`` steps)."""
@@ -218,14 +226,15 @@ class VlmPruner:
         kept = kept_indices(stage.score(), self.visual, dropped)
         mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
         cos, sin = kwargs["position_embeddings"]
-        if cos.dim() != 3:
-            raise ShapeError(f"prune: expected rotary position embeddings [batch, tokens, dim]; got {tuple(cos.shape)}")
+        if cos.dim() not in (3, 4):
+            raise ShapeError(f"prune: expected rotary position embeddings [batch, tokens, dim] (or M-RoPE's "
+                             f"[sections, batch, tokens, dim]); got {tuple(cos.shape)}")
         if isinstance(mask, Tensor):
             mask = _gather_seq(_gather_seq(mask, kept, -2), kept, -1)
         elif mask is not None:
             raise ShapeError(f"prune: decoder layers must get a 4-D attention mask tensor; got {type(mask).__name__}")
-        self.current = {"attention_mask": mask, "position_embeddings": (_gather_seq(cos, kept, 1),
-                                                                        _gather_seq(sin, kept, 1)),
+        self.current = {"attention_mask": mask, "position_embeddings": (_gather_rotary(cos, kept),
+                                                                        _gather_rotary(sin, kept)),
                         "position_ids": None if positions is None else _gather_positions(positions, kept)}
         kwargs.update(self.current)
         self.visual = _gather_seq(self.visual, kept, 1)

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from ..core.merge import bipartite_soft_matching, key_mask, log_size_bias, merge_wavg, parse_r
-from ..errors import OptionError, UnsupportedModelError
+from ..errors import OptionError, ShapeError, UnsupportedModelError
 from ..frameworks import Target
 from ..frameworks.base import vit_blocks
 from ..options import Option, bool_option
@@ -152,7 +152,7 @@ def _timm_forward(self: Any, x: Tensor, attn_mask: Tensor | None = None, is_caus
     if r == 0 and not state.merged:
         return self._visattn_base.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
     if is_causal:
-        raise ValueError("tome: causal attention cannot follow merged tokens")
+        raise ShapeError("tome: causal attention cannot follow merged tokens")
     x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=state.attn_bias(x.dtype))))
     if r > 0:
         keys, state.keys = state.keys, None
@@ -174,7 +174,7 @@ def _open_clip_forward(self: Any, q_x: Tensor, k_x: Tensor | None = None, v_x: T
     if r == 0 and not state.merged:
         return self._visattn_base.forward(self, q_x, k_x, v_x, attn_mask)
     if k_x is not None or v_x is not None or attn_mask is not None:
-        raise ValueError("tome: open_clip blocks merge tokens in self-attention without attn_mask only")
+        raise ShapeError("tome: open_clip blocks merge tokens in self-attention without attn_mask only")
     x = q_x if batch_first else q_x.transpose(0, 1)
     out, _, keys = mha_self_attention(self.attn, self.ln_1(x), state.attn_bias(x.dtype))
     x = x + self.ls_1(out)

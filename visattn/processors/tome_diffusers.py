@@ -45,7 +45,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..core.merge_sd import CellMerge, cell_destinations, match_to_cells
-from ..errors import OptionError
+from ..errors import OptionError, ShapeError
 from ..frameworks import Target
 from ..frameworks.base import adapter
 from ..options import Option, choice_option, float_option, int_option
@@ -188,7 +188,7 @@ class _State:
         h, w = grid
         n = metric.shape[1]
         if n != h * w:
-            raise ValueError(f"tome: {name} got {n} image tokens, expected a {h}x{w} grid")
+            raise ShapeError(f"tome: {name} got {n} image tokens, expected a {h}x{w} grid")
         r = int(n * self.ratio)
         if r == 0 or h < self.sy or w < self.sx:
             merge = CellMerge(None, n)
@@ -232,7 +232,7 @@ def _with_hidden(args: tuple, kwargs: dict[str, Any], x: Tensor) -> tuple[tuple,
 
 def _check_no_mask(name: str, kwargs: dict[str, Any]) -> None:
     if kwargs.get("attention_mask") is not None:
-        raise ValueError(f"tome: {name} was given an attention mask over its tokens, which merged tokens "
+        raise ShapeError(f"tome: {name} was given an attention mask over its tokens, which merged tokens "
                          f"cannot follow; call it without attention_mask or use ratio=0")
 
 
