@@ -104,6 +104,19 @@ def test_option_validators():
         validate_options("m", opts, {"strategy": "star"})
     with pytest.raises(OptionError, match="keep must be"):
         validate_options("m", opts, {"keep": float("nan")})
+    with pytest.raises(OptionError, match=r"keep must be a number in \(0, 1\] \(got 1000.*\.\.\. \(401 characters\)\)"):
+        validate_options("m", opts, {"keep": 10**400})  # too large for a float: an OptionError, not OverflowError
+
+
+@pytest.mark.parametrize("method,options", [("tome", {"r": 2}), ("prune", {"keep": 0.5})])
+def test_a_token_changing_method_on_itself_is_a_conflict_not_an_unsupported_model(vit, method, options):
+    visattn.apply(vit, method, **options)
+    try:
+        for second in ("tome", "prune"):
+            with pytest.raises(MethodConflictError, match=f"{second} cannot be applied on top of {method}"):
+                visattn.apply(vit, second, **options if second == method else {})
+    finally:
+        visattn.remove(vit)
 
 
 def test_imports_without_any_framework_installed():

@@ -27,6 +27,7 @@ def test_topk_all_regions_reproduces_stock_and_remove_restores(kind):
     visattn.apply(model, "bra", n_win=4, topk=16)
     with torch.no_grad():
         assert torch.equal(model(x), ref)
+        assert torch.equal(model(x=x), ref)  # the image batch as a keyword
     visattn.remove(model)
     visattn.apply(model, "bra", n_win=2, topk=1, lepe=True)
     tokens = torch.randn(2, model.num_prefix_tokens + 64, 32)

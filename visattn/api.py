@@ -21,16 +21,16 @@ def apply(target: Any, method: str, **options: Any) -> Handle:
     method_cls = get_method(method)
     tgt = detect(target)
     values = validate_options(method, method_cls.options, options)
-    impl = method_cls()
-    impl.check_target(tgt, values)
-    applied = tgt.model.__dict__.get(HANDLES_ATTR, [])
-    for h in applied:
+    # conflicts first: a method already applied may have changed the classes check_target looks at
+    for h in tgt.model.__dict__.get(HANDLES_ATTR, []):
         if h.method not in method_cls.composes_with or method not in get_method(h.method).composes_with:
             raise MethodConflictError(
                 f"{method} cannot be applied on top of {h.method}, which is already applied to this "
                 f"{tgt.family}; call visattn.remove(model) first"
                 + (f" ({method} composes with: {', '.join(sorted(method_cls.composes_with))})"
                    if method_cls.composes_with else ""))
+    impl = method_cls()
+    impl.check_target(tgt, values)
     patcher = Patcher()
     try:
         handle = impl.install(tgt, patcher, values)

@@ -40,8 +40,10 @@ class Option:
     def validate(self, method: str, value: Any) -> Any:
         try:
             return self.check(value)
-        except (TypeError, ValueError) as exc:
-            raise OptionError(f"{method}: {self.name} must be {self.accepted} (got {value!r})") from exc
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an int too large for a float
+            shown = repr(value)
+            shown = shown if len(shown) <= 80 else f"{shown[:60]}... ({len(shown)} characters)"
+            raise OptionError(f"{method}: {self.name} must be {self.accepted} (got {shown})") from exc
 
 
 def _is_int(v: Any) -> bool:
