@@ -31,6 +31,9 @@ def test_methods_lists_inspect_with_options():
     info = visattn.methods()["inspect"]
     assert set(info["frameworks"]) == {"timm", "open_clip", "diffusers", "transformers"}
     assert info["options"]["query_chunk"]["default"] == 1024 and info["paper"]
+    tome, sparse = visattn.methods()["tome"]["options"], visattn.methods()["sparse_video"]["options"]
+    assert tome["r"]["frameworks"] == ["timm", "open_clip"] and tome["ratio"]["frameworks"] == ["diffusers"]
+    assert sparse["window"]["strategies"] == ["sliding_tile"] and "strategies" not in sparse["tile"]
 
 
 def test_unknown_method_lists_known(vit):
@@ -162,3 +165,32 @@ def test_composing_methods_stack_and_unwind_newest_first(vit):
     finally:
         for cls in (First, Second):
             registry._REGISTRY.pop(cls.name)
+
+
+@pytest.mark.parametrize("method,options", [("inspect", {}), ("tome", {"r": 2}), ("bra", {"n_win": 2, "topk": 1})])
+def test_a_patched_model_refuses_deepcopy_pickle_and_save_until_removed(vit, method, options):
+    import copy
+    import io
+    import pickle
+
+    from visattn import CopyError
+
+    before = dict(vit.__dict__)
+    visattn.apply(vit, method, **options)
+    try:
+        for attempt, what in [(lambda: copy.deepcopy(vit), "a copy would share"),
+                              (lambda: copy.deepcopy(torch.nn.Sequential(vit)), "a copy would share"),
+                              (lambda: pickle.dumps(vit), "cannot be pickled"),
+                              (lambda: torch.save(vit, io.BytesIO()), "save model.state_dict")]:
+            with pytest.raises(CopyError, match=what) as err:
+                attempt()
+            assert isinstance(err.value, VisattnError) and method in str(err.value)
+        torch.save(vit.state_dict(), io.BytesIO())  # the state dict saves
+    finally:
+        visattn.remove(vit)
+    assert vit.__dict__.keys() == before.keys()
+    twin = copy.deepcopy(vit)
+    pickle.loads(pickle.dumps(vit))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(twin(x), vit(x))

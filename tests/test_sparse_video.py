@@ -200,6 +200,10 @@ def test_bad_inputs_raise_clear_errors() -> None:
         visattn.apply(model, "sparse_video", strategy="vsa")
     with pytest.raises(OptionError, match="strategy 'grat' does not use keep"):
         visattn.apply(model, "sparse_video", strategy="grat", keep=0.1)
+    with pytest.raises(OptionError, match="strategy 'sliding_tile' does not use keep, grat_radius"):
+        visattn.apply(model, "sparse_video", strategy="sliding_tile", keep=0.25, grat_radius=1)  # their defaults
+    with pytest.raises(OptionError, match="strategy 'tile_topk' does not use window"):
+        visattn.diffusers.SparseVideoAttnProcessor(model, window=(3, 3))  # the native entry point checks too
     with pytest.raises(OptionError, match="tile must be None"):
         visattn.apply(model, "sparse_video", tile=(0, 4))
     with pytest.raises(ShapeError, match=r"tile \(4, 4, 4\) cannot cover the 2D token grid of FluxTransformer2DModel"):

@@ -6,7 +6,7 @@ from typing import Any
 
 from .errors import MethodConflictError, NotAppliedError
 from .frameworks import detect
-from .options import validate_options
+from .options import check_scope, validate_options
 from .patching import HANDLES_ATTR, Handle, Patcher
 from .registry import all_methods, get_method
 
@@ -21,6 +21,7 @@ def apply(target: Any, method: str, **options: Any) -> Handle:
     method_cls = get_method(method)
     tgt = detect(target)
     values = validate_options(method, method_cls.options, options)
+    check_scope(method, method_cls.options, options, tgt.framework)
     # conflicts first: a method already applied may have changed the classes check_target looks at
     for h in tgt.model.__dict__.get(HANDLES_ATTR, []):
         if h.method not in method_cls.composes_with or method not in get_method(h.method).composes_with:
@@ -33,6 +34,7 @@ def apply(target: Any, method: str, **options: Any) -> Handle:
     impl.check_target(tgt, values)
     patcher = Patcher()
     try:
+        patcher.refuse_copies(tgt.model, method)
         handle = impl.install(tgt, patcher, values)
     except BaseException:
         patcher.undo()

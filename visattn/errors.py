@@ -40,3 +40,7 @@ class KernelUnavailableError(VisattnError, RuntimeError):
 
 class ShapeError(VisattnError, ValueError):
     """A tensor or index list has a shape, dtype or value the operation cannot take."""
+
+
+class CopyError(VisattnError, TypeError):
+    """A model carrying a visattn method was deep-copied, pickled or saved whole (``torch.save(model)``)."""

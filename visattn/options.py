@@ -8,6 +8,7 @@ accepted: ``tome: r must be an int >= 0 (got -1)``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,9 @@ class Option:
         identity: the value at which the method reproduces the stock model (``None`` when the
             option does not take part in the identity setting).
         doc: one line of documentation.
+        frameworks: the frameworks whose models read the option (empty: every framework the method supports);
+            giving it for another framework's model is an error (:func:`check_scope`).
+        strategies: the values of the method's ``strategy`` option that read it (empty: every strategy).
     """
 
     name: str
@@ -36,6 +40,12 @@ class Option:
     check: Callable[[Any], Any]
     identity: Any = None
     doc: str = ""
+    frameworks: tuple[str, ...] = ()
+    strategies: tuple[str, ...] = ()
+
+    def scoped(self, *, frameworks: tuple[str, ...] = (), strategies: tuple[str, ...] = ()) -> Option:
+        """This option, read only by models of ``frameworks`` and / or by the strategies ``strategies``."""
+        return dataclasses.replace(self, frameworks=frameworks, strategies=strategies)
 
     def validate(self, method: str, value: Any) -> Any:
         try:
@@ -147,3 +157,22 @@ def validate_options(method: str, options: Sequence[Option], given: Mapping[str,
         accepted = ", ".join(sorted(known)) or "none"
         raise OptionError(f"{method}: unknown option(s) {', '.join(unknown)}; accepted: {accepted}")
     return {o.name: o.validate(method, given[o.name]) if o.name in given else o.default for o in options}
+
+
+def check_scope(method: str, options: Sequence[Option], given: Mapping[str, Any], framework: str) -> None:
+    """Refuse options that ``given`` names but the target does not read: an option of another framework's
+    models, or one that the chosen ``strategy`` (given, or the default) ignores. Options left out are never
+    refused, so defaults of other frameworks and strategies cost nothing."""
+    declared = {o.name: o for o in options}
+    foreign = [declared[n] for n in given if declared[n].frameworks and framework not in declared[n].frameworks]
+    if foreign:
+        owners = " and ".join(dict.fromkeys(f for o in foreign for f in o.frameworks))
+        own = [o.name for o in options if not o.frameworks or framework in o.frameworks]
+        names = ", ".join(o.name for o in foreign)
+        raise OptionError(f"{method}: {names} {'is an option' if len(foreign) == 1 else 'are options'} for {owners} "
+                          f"models, not {framework} models; {framework} options: {', '.join(own)}")
+    if "strategy" in declared:
+        strategy = given.get("strategy", declared["strategy"].default)
+        unused = [n for n in given if declared[n].strategies and strategy not in declared[n].strategies]
+        if unused:
+            raise OptionError(f"{method}: strategy {strategy!r} does not use {', '.join(unused)}")

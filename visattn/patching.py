@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .errors import MethodConflictError
+from .errors import CopyError, MethodConflictError
 
 _MISSING = object()
 HANDLES_ATTR = "_visattn_handles"
@@ -56,6 +56,24 @@ class Patcher:
     def add_hook(self, removable: Any) -> None:
         """Keep a torch ``RemovableHandle`` (or anything with ``remove()``) to remove on undo."""
         self._undo.append(removable.remove)
+
+    def refuse_copies(self, model: Any, method: str) -> None:
+        """Until undo, ``copy.deepcopy(model)`` (or of anything holding it), pickling and ``torch.save(model)``
+        raise :class:`CopyError`: a copy would share the method's hooks and state with ``model``, and its
+        ``remove()`` would undo the original's patches."""
+        family = type(model).__name__
+
+        def deepcopy(memo: Any = None) -> Any:
+            raise CopyError(f"this {family} carries visattn's {method}, whose hooks a copy would share with the "
+                            f"original; copy it before visattn.apply, or visattn.remove(model), copy, and apply "
+                            f"to each")
+
+        def reduce_ex(protocol: Any = None) -> Any:
+            raise CopyError(f"this {family} carries visattn's {method}, which cannot be pickled or saved with it; "
+                            f"save model.state_dict() instead, or visattn.remove(model) first")
+
+        self.set_attr(model, "__deepcopy__", deepcopy)
+        self.set_attr(model, "__reduce_ex__", reduce_ex)
 
     def on_undo(self, fn: Callable[[], None]) -> None:
         self._undo.append(fn)

@@ -11,13 +11,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import UnknownMethodError, UnsupportedModelError
+from .frameworks import FRAMEWORKS, Target
 from .options import Option
 
 if TYPE_CHECKING:
-    from .frameworks import Target
     from .patching import Handle, Patcher
-
-FRAMEWORKS = ("timm", "open_clip", "diffusers", "transformers")
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -65,7 +63,9 @@ class Method:
             "families": {k: list(v) for k, v in cls.families.items()},
             "composes_with": sorted(cls.composes_with),
             "options": {o.name: {"default": o.default, "accepted": o.accepted, "identity": o.identity,
-                                 "doc": o.doc} for o in cls.options},
+                                 "doc": o.doc, "frameworks": list(o.frameworks or cls.frameworks),
+                                 **({"strategies": list(o.strategies)} if o.strategies else {})}
+                        for o in cls.options},
         }
 
 

@@ -12,7 +12,9 @@ from typing import Any
 import torch.nn as nn
 
 from ..errors import UnsupportedTargetError
-from ..registry import FRAMEWORKS
+
+#: The frameworks visattn patches, each with an adapter module of that name in this package.
+FRAMEWORKS = ("timm", "open_clip", "diffusers", "transformers")
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,7 @@ class Target:
     """A detected model.
 
     Attributes:
-        framework: one of ``visattn.registry.FRAMEWORKS``.
+        framework: one of :data:`FRAMEWORKS`.
         family: the class name of the patched model (``VisionTransformer``, ``FluxTransformer2DModel``,
             ``LlavaForConditionalGeneration``...).
         model: the ``nn.Module`` that gets patched (a pipeline's denoiser, an open_clip model's

@@ -90,7 +90,7 @@ from ..core.routing import (
 from ..errors import OptionError, ShapeError, UnsupportedModelError
 from ..frameworks import Target
 from ..kernels import block_sparse_attention
-from ..options import Option, bool_option, choice_option, float_option, int_option, validate_options
+from ..options import Option, bool_option, check_scope, choice_option, float_option, int_option, validate_options
 from ..patching import Handle, Patcher
 from ..registry import Method, register
 
@@ -138,18 +138,22 @@ def _check_top_p(v: Any) -> float | None:
     return float(v)
 
 
+_ROUTED = ("tile_topk", "rectified")  # the strategies that score block pairs and keep the best
 OPTIONS: tuple[Option, ...] = (
     choice_option("strategy", "tile_topk", STRATEGIES, doc="routing rule (see the module doc)"),
     float_option("keep", 0.25, low=0, high=1, low_open=True, identity=1.0,
-                 doc="tile_topk/rectified: fraction of kv blocks each query block visits"),
-    Option("top_p", None, "None or a number in (0, 1]", _check_top_p, identity=1.0,
+                 doc="tile_topk/rectified: fraction of kv blocks each query block visits").scoped(strategies=_ROUTED),
+    Option("top_p", None, "None or a number in (0, 1]", _check_top_p, identity=1.0, strategies=_ROUTED,
            doc="tile_topk/rectified: keep the fewest blocks whose coarse softmax mass reaches top_p (replaces keep)"),
     Option("tile", None, "None (4x4x4 for video, 8x8 for images) or a tuple of 2 or 3 ints >= 1", _check_tile,
            doc="tile shape in tokens (t, h, w) or (h, w); a block is one tile's worth of tokens"),
     Option("window", None, "None (3 tiles per axis), a tuple of 2 or 3 ints >= 1, or one such tuple per head",
-           _check_window, doc="sliding_tile: window in tiles per axis (identity: the tile grid's size)"),
-    choice_option("grat_pattern", "surrounding", GRAT_PATTERNS, doc="grat: shared kv set of a tile group"),
-    int_option("grat_radius", 1, low=0, doc="grat surrounding: radius in tiles (identity: the tile grid's side)"),
+           _check_window, strategies=("sliding_tile",),
+           doc="sliding_tile: window in tiles per axis (identity: the tile grid's size)"),
+    choice_option("grat_pattern", "surrounding", GRAT_PATTERNS,
+                  doc="grat: shared kv set of a tile group").scoped(strategies=("grat",)),
+    int_option("grat_radius", 1, low=0,
+               doc="grat surrounding: radius in tiles (identity: the tile grid's side)").scoped(strategies=("grat",)),
     int_option("dense_steps", 0, low=0, doc="first denoising steps (distinct timesteps) run dense"),
     int_option("dense_layers", 0, low=0, doc="first sparse-eligible attention layers run dense"),
     bool_option("strict", False, doc="raise instead of falling back to the PyTorch reference"),
@@ -178,19 +182,19 @@ class SparseVideoConfig:
 
     @classmethod
     def from_options(cls, **options: Any) -> SparseVideoConfig:
-        config = cls(**validate_options("sparse_video", OPTIONS, options))
-        config.check_strategy_options()
-        return config
+        """The config of ``options`` as given; an option the chosen strategy does not read is an error."""
+        values = validate_options("sparse_video", OPTIONS, options)
+        check_scope("sparse_video", OPTIONS, options, "diffusers")
+        return cls(**values)
 
-    def check_strategy_options(self) -> None:
-        """Raise :class:`OptionError` for options given a non-default value that the strategy does not read."""
-        unused = {"tile_topk": ("window", "grat_pattern", "grat_radius"),
-                  "rectified": ("window", "grat_pattern", "grat_radius"),
-                  "sliding_tile": ("keep", "top_p", "grat_pattern", "grat_radius"),
-                  "grat": ("keep", "top_p", "window")}[self.strategy]
-        given = [name for name in unused if getattr(self, name) != getattr(SparseVideoConfig, name)]
-        if given:
-            raise OptionError(f"sparse_video: strategy {self.strategy!r} does not use {', '.join(given)}")
+    @classmethod
+    def resolve(cls, config: SparseVideoConfig | None, options: dict[str, Any]) -> SparseVideoConfig:
+        """``config`` (checked already, as ``visattn.apply`` does) or the config of ``options``, not both."""
+        if config is None:
+            return cls.from_options(**options)
+        if options:
+            raise OptionError(f"sparse_video: give a config or options, not both (got config and {sorted(options)})")
+        return config
 
     def tile_for(self, grid: tuple[int, ...]) -> tuple[int, ...]:
         tile = self.tile or DEFAULT_TILE[len(grid)]
@@ -571,10 +575,11 @@ class SparseVideoAttnProcessor:
     run under context parallelism). Eager inference only (not ``torch.compile``).
     """
 
-    def __init__(self, model: nn.Module, *, patcher: Patcher | None = None, **options: Any) -> None:
+    def __init__(self, model: nn.Module, *, patcher: Patcher | None = None, config: SparseVideoConfig | None = None,
+                 **options: Any) -> None:
         from ..frameworks import diffusers as fw
 
-        self.config = SparseVideoConfig.from_options(**options)
+        self.config = SparseVideoConfig.resolve(config, options)
         self._model = model
         self._patcher = patcher or Patcher()
         self._schedule = SparseVideoSchedule(model, self.config, self._patcher)
@@ -637,20 +642,16 @@ class SparseVideo(Method):
     families = {"diffusers": FAMILIES}
     options = (*OPTIONS, INSTALL)
 
-    def check_target(self, target: Target, options: dict[str, Any]) -> None:
-        super().check_target(target, options)
-        SparseVideoConfig(**{k: v for k, v in options.items() if k != "install"}).check_strategy_options()
-
     def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> Handle:
         from ..frameworks import diffusers as fw
 
-        config = {k: v for k, v in options.items() if k != "install"}
+        config = SparseVideoConfig(**{k: v for k, v in options.items() if k != "install"})  # apply checked them
         if options["install"] == "attention_backend":
             from .sparse_video_backend import SparseVideoAttnBackend
 
-            SparseVideoAttnBackend(target.model, patcher=patcher, **config).select(patcher)
+            SparseVideoAttnBackend(target.model, patcher=patcher, config=config).select(patcher)
         else:
-            processor = SparseVideoAttnProcessor(target.model, patcher=patcher, **config)
+            processor = SparseVideoAttnProcessor(target.model, patcher=patcher, config=config)
             sparse = set(processor.sparse_layers())
             fw.set_processors(target.model, patcher, lambda idx, name, module: processor if idx in sparse else None)
         return Handle(self.name, target.model, options, patcher)

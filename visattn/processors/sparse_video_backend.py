@@ -92,7 +92,8 @@ class SparseVideoAttnBackend:
     ``detach()`` removes the hooks.
     """
 
-    def __init__(self, model: nn.Module, *, patcher: Patcher | None = None, **options: Any) -> None:
+    def __init__(self, model: nn.Module, *, patcher: Patcher | None = None, config: SparseVideoConfig | None = None,
+                 **options: Any) -> None:
         from ..frameworks import diffusers as fw
 
         family = type(model).__name__
@@ -101,7 +102,7 @@ class SparseVideoAttnBackend:
                 f"sparse_video's attention backend serves the diffusers models whose processors call "
                 f"dispatch_attention_fn: {', '.join(FAMILIES)} (got {family}); use install='processor' "
                 f"(visattn.diffusers.SparseVideoAttnProcessor) for it")
-        self.config = SparseVideoConfig.from_options(**options)
+        self.config = SparseVideoConfig.resolve(config, options)
         self._fw = fw
         self._family = family
         parallel = getattr(model, "_parallel_config", None)

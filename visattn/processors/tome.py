@@ -192,15 +192,14 @@ class Tome(Method):
     frameworks = ("timm", "open_clip", "diffusers")
     families = {"timm": ("VisionTransformer",), "open_clip": ("VisionTransformer",),
                 "diffusers": tome_diffusers.FAMILIES}
-    options = (
+    options = tuple(o.scoped(frameworks=("timm", "open_clip")) for o in (
         Option("r", 8, "an int >= 0, an (r, inflect) pair with inflect in [-1, 1], or a list of ints >= 0",
                _check_r, identity=0, doc="tokens removed per layer (clamped to half the image tokens)"),
         bool_option("prop_attn", True, doc="proportional attention: add log(token size) to attention logits"),
         bool_option("trace_source", False, doc="record which patches each token holds (handle.source)"),
-    ) + tome_diffusers.OPTIONS  # diffusers UNets and DiTs: ToMe for Stable Diffusion (tome_diffusers)
+    )) + tome_diffusers.OPTIONS  # diffusers UNets and DiTs: ToMe for Stable Diffusion (tome_diffusers)
 
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
-        tome_diffusers.check_options(target.framework, options, self.options)
         if target.framework == "diffusers":
             super().check_target(target, options)
             return tome_diffusers.check(target, options)

@@ -61,17 +61,8 @@ def _check_max_downsample(v: Any) -> int | None:
     raise ValueError
 
 
-def _default_none(option: Option) -> Option:
-    """``option`` with ``None`` as its default, standing for its own default: ``tome`` declares timm and
-    diffusers options side by side, and a diffusers option left at ``None`` was not given."""
-    def check(v: Any) -> Any:
-        return None if v is None else option.check(v)
-
-    return Option(option.name, None, f"None ({option.default!r}) or {option.accepted}", check, option.identity,
-                  option.doc)
-
-
-OPTIONS = tuple(_default_none(o) for o in (
+_DIFFUSERS = ("diffusers",)
+OPTIONS = tuple(o.scoped(frameworks=_DIFFUSERS) for o in (
     float_option("ratio", 0.5, low=0.0, high=1.0, high_open=True, identity=0.0,
                  doc="diffusers: share of a layer's image tokens merged away (r = ratio * N)"),
     int_option("sx", 2, low=1, doc="diffusers: cell width, one destination per sy x sx cell"),
@@ -79,16 +70,9 @@ OPTIONS = tuple(_default_none(o) for o in (
     int_option("seed", 0, low=0, doc="diffusers: seed of the destinations' random positions in their cells"),
     choice_option("scope", "attention", ("attention", "block"),
                   doc="diffusers: merge around each self-attention, or around each whole transformer block"),
-)) + (
     Option("max_downsample", None, "None or one of 1, 2, 4, 8", _check_max_downsample,
            doc="diffusers: merge at UNet levels downsampled at most this much (None: the finest with attention)"),
-)
-DEFAULTS = {"ratio": 0.5, "sx": 2, "sy": 2, "seed": 0, "scope": "attention", "max_downsample": None}
-
-
-def resolve(options: dict[str, Any]) -> dict[str, Any]:
-    """The diffusers options with ``None`` replaced by their defaults (:data:`DEFAULTS`)."""
-    return {name: default if options[name] is None else options[name] for name, default in DEFAULTS.items()}
+))
 
 
 class _Site:
@@ -133,7 +117,6 @@ def _selected(sites: list[_Site], max_downsample: int | None) -> list[_Site]:
 
 def check(target: Target, options: dict[str, Any]) -> None:
     """Errors that depend on the model: a ``max_downsample`` that selects no layer."""
-    options = resolve(options)
     sites = _sites(target.model)
     if not sites:
         raise OptionError(f"tome: this {target.family} has no transformer block with self-attention to merge in")
@@ -336,7 +319,6 @@ def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> TomeDi
     from ..frameworks.diffusers import call_grid, set_processors
 
     model = target.model
-    options = resolve(options)
     state = _State(model, options)
     sites = _selected(_sites(model), options["max_downsample"])
     signature = inspect.signature(type(model).forward)
@@ -362,18 +344,3 @@ def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> TomeDi
 
 def _child_name(parent: nn.Module, child: nn.Module) -> str:
     return next(n for n, m in parent.named_children() if m is child)
-
-
-def check_options(framework: str, options: dict[str, Any], declared: tuple[Option, ...]) -> None:
-    """Reject the options of the other frameworks: ``tome`` declares its timm/open_clip options and
-    :data:`OPTIONS` (diffusers) side by side, ``declared`` all of them. A diffusers option counts as
-    given when it is not ``None``; a timm/open_clip option when it differs from its default."""
-    vit = tuple(o for o in declared if o not in OPTIONS)
-    if framework == "diffusers":
-        wrong, owner, own = [o.name for o in vit if options[o.name] != o.default], "timm and open_clip", OPTIONS
-    else:
-        wrong, owner, own = [o.name for o in OPTIONS if options[o.name] is not None], "diffusers", vit
-    if wrong:
-        raise OptionError(f"tome: {', '.join(wrong)} {'is an option' if len(wrong) == 1 else 'are options'} for "
-                          f"{owner} models, not {framework} models; {framework} options: "
-                          f"{', '.join(o.name for o in own)}")
