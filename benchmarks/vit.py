@@ -117,10 +117,10 @@ def bench_model(name: str, r: int, args: argparse.Namespace, tome: object) -> di
         # diagnostic: the same merges through the PyTorch path of visattn.core.merge (no Triton kernels)
         import visattn.core.merge as core_merge
 
-        use_kernels = core_merge._use_kernels
-        core_merge._use_kernels = lambda metric, n_img: False
+        tome_processor.bipartite_soft_matching = lambda *a, strict=False, **k: core_merge.bipartite_soft_matching(
+            *a, **k)
         row["tome_torch_path_ms"] = median_ms(fwd, args.iters, warmup=3)
-        core_merge._use_kernels = use_kernels
+        tome_processor.bipartite_soft_matching = real
         visattn.remove(model)
         after = counts[1:] + [counts[-1] - min(r, (counts[-1] - model.num_prefix_tokens) // 2)]
         limit = macs(model, [counts[0]] * len(counts), [counts[0]] * len(counts)) / macs(model, counts, after)

@@ -179,7 +179,9 @@ def test_bad_options_and_inputs_raise_clear_errors() -> None:
                            (dict(strategy="vcd"), r"strategy must be one of 'pai', 'vhr', 'imbalance'"),
                            (dict(decoder_layers=[0, 5]), r"decoder_layers \[5\] out of range.*2 decoder layers"),
                            (dict(), r"modulates decoder layers 2..31.*only 2; pass decoder_layers"),
-                           (dict(strategy="vhr", top=0), "top must be a number in")]:
+                           (dict(strategy="vhr", top=0), "top must be a number in"),
+                           (dict(strategy="vhr", select=0.25), "strategy 'vhr' does not use select"),
+                           (dict(top=0.5, strict=False), "strategy 'pai' does not use top")]:
         with pytest.raises(visattn.OptionError, match=match):
             visattn.apply(model, "head_modulation", **options)
     assert not visattn.applied(model)
@@ -187,6 +189,12 @@ def test_bad_options_and_inputs_raise_clear_errors() -> None:
     try:
         with pytest.raises(visattn.ShapeError, match="no image tokens"):
             forward_logits(model, dict(input_ids=torch.tensor([[5, 6, 7, 8]])))
+    finally:
+        visattn.remove(model)
+    visattn.apply(model, "head_modulation", decoder_layers=[0, 1], strict=True)
+    try:  # float32 on the CPU: the decode kernel cannot run, and strict=True refuses the PyTorch path
+        with pytest.raises(visattn.KernelUnavailableError, match="pai decode kernel: .*strict=True forbids"):
+            generate(model, vlm_inputs("llava", model))
     finally:
         visattn.remove(model)
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -198,7 +198,6 @@ def kernel_cases() -> bool:
     from visattn.kernels import tome as kernels
 
     torch.manual_seed(0)
-    use_kernels = cm._use_kernels
     for batch, n, prefix, r, sized in [(3, 17, 1, 4, 0), (2, 21, 4, 5, 1), (2, 16, 0, 8, 1), (1, 30, 3, 13, 0)]:
         metric, x = torch.randn(batch, n, 16), torch.randn(batch, n, 24)
         size = torch.randint(1, 5, (batch, n)).float() if sized else None
@@ -206,12 +205,39 @@ def kernel_cases() -> bool:
         kept, src, dst, new_size = kernels.match(metric, r, prefix, size)
         assert torch.equal(kept, ref.kept) and torch.equal(new_size, ref.size)
         assert torch.equal(src.sort(1).values, ref.src.sort(1).values)  # the same tokens merge, in another order
-        fused, _ = cm.bipartite_soft_matching(metric, r, num_prefix=prefix, size=size)  # the kernels, interpreted
-        cm._use_kernels = lambda metric, n_img: False
+        assert kernels.unavailable_reason(metric, n - prefix) is None  # the dispatcher takes the kernels
+        fused, _ = kernels.bipartite_soft_matching(metric, r, num_prefix=prefix, size=size, strict=True)
         eager, _ = cm.bipartite_soft_matching(metric, r, num_prefix=prefix, size=size)
-        cm._use_kernels = use_kernels
         torch.testing.assert_close(fused(x), eager(x))
     return True
+
+
+def test_merge_kernel_fallback_is_logged_once_and_strict_refuses_it(caplog: pytest.LogCaptureFixture) -> None:
+    from visattn import _logging
+    from visattn.errors import KernelUnavailableError
+    from visattn.kernels import tome as kernels
+
+    metric, x = torch.randn(2, 17, 16), torch.randn(2, 17, 8)
+    reason = kernels.unavailable_reason(metric, 16)
+    if reason is None:
+        pytest.skip("the merge kernels run here (CUDA or TRITON_INTERPRET=1)")
+    with pytest.raises(KernelUnavailableError, match="strict=True forbids the fallback"):
+        kernels.bipartite_soft_matching(metric, 4, num_prefix=1, strict=True)
+    _logging._seen.discard(f"tome:{reason}")
+    with caplog.at_level("WARNING", logger="visattn"):
+        for _ in range(2):
+            merge, _ = kernels.bipartite_soft_matching(metric, 4, num_prefix=1)
+    assert [r.message for r in caplog.records].count(
+        f"visattn tome merge kernels: {reason}; merging through PyTorch; falling back (logged once; pass "
+        f"strict=True to make this an error)") == 1
+    torch.testing.assert_close(merge(x), bipartite_soft_matching(metric, 4, num_prefix=1)[0](x))
+    model = _vit()
+    visattn.apply(model, "tome", r=2, strict=True)
+    try:
+        with pytest.raises(KernelUnavailableError), torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
+    finally:
+        visattn.remove(model)
 
 
 def test_triton_kernels_match_the_pytorch_path():

@@ -19,9 +19,9 @@ is that additive bias, shaped to go into a fused attention kernel as a float mas
 A merge decision is, for every output token, the input token it starts from, and for every
 merged token the output token it joins; the group sizes follow. Surviving tokens keep their
 relative order (prefix first, then the image tokens in raster order), so the result of a merge is
-again a sequence the model's head can read. This module is the PyTorch implementation (CPU, and
-the oracle of the kernels); on CUDA the decision and the weighted average each run as one Triton
-launch (:mod:`visattn.kernels.tome`).
+again a sequence the model's head can read. This module is the PyTorch implementation and the
+oracle of the Triton kernels (:mod:`visattn.kernels.tome`, which decide and average in one launch
+each and dispatch between themselves and this module); it never calls them.
 
 **EViT** (Liang et al., 2022, "Not All Patches are What You Need"): keep the ``k`` image tokens with
 the highest [CLS] attention ``a_i = mean_h softmax(q_cls k^T / sqrt(d))_i`` and fuse the rest into
@@ -32,7 +32,6 @@ after the kept tokens. :func:`cls_attention` computes ``a`` from ``q_cls`` and t
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -72,31 +71,38 @@ def bipartite_soft_matching(metric: Tensor, r: int, *, num_prefix: int = 0, size
         ``merge.size`` ``[B, N - r]`` holds the group sizes (float32). ``unmerge(x)``:
         ``[B, N - r, C] -> [B, N, C]``, every input token gets the value of the group it joined.
     """
-    n_img = metric.shape[1] - num_prefix
-    r = min(r, n_img // 2)
-    if r > 0 and mergeable is not None:
-        r = min(r, _mergeable_edges(metric, num_prefix, mergeable))
+    r = merge_count(metric, r, num_prefix, mergeable)
     if r <= 0:
         return _identity, _identity
     with torch.no_grad():
-        fused = mergeable is None and _use_kernels(metric, n_img)
-        if fused:
-            from ..kernels import tome as kernels
+        decision = _match(metric, r, num_prefix, size, mergeable)
+    return merge_functions(decision, metric.shape[:2], size)
 
-            m = _Match(*kernels.match(metric, r, num_prefix, size))
-        else:
-            m = _match(metric, r, num_prefix, size, mergeable)
+
+def merge_count(metric: Tensor, r: int, num_prefix: int, mergeable: Tensor | None) -> int:
+    """``r`` clamped to half the image tokens and, under a key mask, to the edges between mergeable tokens."""
+    r = min(r, (metric.shape[1] - num_prefix) // 2)
+    if r > 0 and mergeable is not None:
+        r = min(r, _mergeable_edges(metric, num_prefix, mergeable))
+    return r
+
+
+def merge_functions(m: Match, tokens: tuple[int, int], size: Tensor | None,
+                    mean: Callable[[Tensor], Tensor] | None = None) -> tuple[MergeFn, MergeFn]:
+    """``merge`` and ``unmerge`` (see :func:`bipartite_soft_matching`) of the decision ``m`` over ``tokens``
+    ``(B, N)`` tokens; ``mean``, when given, computes ``merge(x, "mean")`` (a fused kernel does)."""
+    r = m.src.shape[1]
 
     def merge(x: Tensor, mode: str = "mean") -> Tensor:
-        if mode == "mean" and fused:
-            return kernels.merge_mean(x, m.kept, m.src, m.dst_out, size, m.size)
+        if mode == "mean" and mean is not None:
+            return mean(x)
         rows = lambda idx: idx[:, :, None].expand(-1, -1, x.shape[-1])  # noqa: E731
         out = x.gather(1, rows(m.kept))  # every group's kept member, in order
         if mode == "sum":
             return out.scatter_add_(1, rows(m.dst_out), x.gather(1, rows(m.src)))
         if mode == "mean":  # x_G = (s_dst x_dst + sum_src s_src x_src) / s_G at the destinations
             members = torch.cat([m.kept.gather(1, m.dst_out), m.src], 1)  # [B, 2r]: destinations, sources
-            s = m.size.new_ones(metric.shape[:2]) if size is None else size.float()
+            s = m.size.new_ones(tokens) if size is None else size.float()
             weight = s.gather(1, members) / m.size.gather(1, m.dst_out).repeat(1, 2)
             members = x.gather(1, rows(members)) * weight.to(x.dtype)[..., None]
             out.scatter_(1, rows(m.dst_out), members[:, :r])  # a destination shared by sources: same value
@@ -107,27 +113,10 @@ def bipartite_soft_matching(metric: Tensor, r: int, *, num_prefix: int = 0, size
 
     def unmerge(x: Tensor) -> Tensor:
         out_index = torch.arange(m.kept.shape[1], device=x.device).expand_as(m.kept)
-        assign = m.kept.new_empty(metric.shape[:2]).scatter_(1, m.kept, out_index).scatter_(1, m.src, m.dst_out)
+        assign = m.kept.new_empty(tokens).scatter_(1, m.kept, out_index).scatter_(1, m.src, m.dst_out)
         return x.gather(1, assign[:, :, None].expand(-1, -1, x.shape[-1]))
 
     return merge, unmerge
-
-
-def _use_kernels(metric: Tensor, n_img: int) -> bool:
-    """Whether the Triton kernels of :mod:`visattn.kernels.tome` take this matching (CUDA tensors,
-    at most 256 image tokens); a CUDA matching they cannot take is logged once."""
-    from .._logging import log_once
-
-    triton_ok = importlib.util.find_spec("triton") is not None
-    if triton_ok:
-        from ..kernels import tome as kernels
-
-        if kernels.available(metric, n_img):
-            return True
-    if metric.is_cuda:
-        why = "Triton is not installed" if not triton_ok else f"{n_img} image tokens (they take up to 256)"
-        log_once("tome-kernels", f"tome: the fused merge kernels cannot run ({why}); merging through PyTorch")
-    return False
 
 
 def _scores(metric: Tensor, num_prefix: int, mergeable: Tensor | None) -> tuple[Tensor, int, int]:
@@ -147,7 +136,7 @@ def _mergeable_edges(metric: Tensor, num_prefix: int, mergeable: Tensor) -> int:
     return int((scores.amax(-1) > -math.inf).sum(-1).min())
 
 
-class _Match(NamedTuple):
+class Match(NamedTuple):
     """A merge decision. ``kept`` ``[B, N - r]``: the input token each output token starts from, in
     order; ``src`` ``[B, r]``: the merged tokens of A; ``dst_out`` ``[B, r]``: the output token each of
     them joins; ``size`` ``[B, N - r]``: the group sizes."""
@@ -158,7 +147,7 @@ class _Match(NamedTuple):
     size: Tensor
 
 
-def _match(metric: Tensor, r: int, num_prefix: int, size: Tensor | None, mergeable: Tensor | None) -> _Match:
+def _match(metric: Tensor, r: int, num_prefix: int, size: Tensor | None, mergeable: Tensor | None) -> Match:
     """The decision, as index tensors, in PyTorch: no host synchronisation."""
     batch, n, _ = metric.shape
     scores, a, b = _scores(metric, num_prefix, mergeable)
@@ -171,7 +160,7 @@ def _match(metric: Tensor, r: int, num_prefix: int, size: Tensor | None, mergeab
     dst_out = is_kept.cumsum(1).gather(1, dst) - 1
     s = torch.ones(batch, n, device=metric.device) if size is None else size.float()
     group_size = s.gather(1, kept).scatter_add_(1, dst_out, s.gather(1, src))
-    return _Match(kept, src, dst_out, group_size)
+    return Match(kept, src, dst_out, group_size)
 
 
 def merge_wavg(merge: MergeFn, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor | None]:

@@ -6,9 +6,10 @@ small launches per layer for it, and at decode time launches are the cost. The T
 the same row in one: ``softmax(q k^T * scale)`` with VAR's sink redistribution (``mode="var"``, Eqs. 4-6
 of "See What You Are Told") or PAI's ``l + alpha * |l|`` on image keys (``mode="pai"``), then ``@ v``.
 
-:func:`decode_row` returns ``None`` where the kernel cannot run (no Triton, not CUDA unless
-``TRITON_INTERPRET=1``, float32, an additive float mask, head dim > 256); callers then take the
-PyTorch path, which is the kernel's oracle in the tests.
+:func:`decode_row` dispatches as every kernel of this package does: where the kernel cannot run (no
+Triton, not CUDA unless ``TRITON_INTERPRET=1``, float32, an additive float mask, head dim > 256) it
+logs that once, or raises :class:`~visattn.errors.KernelUnavailableError` under ``strict=True``, and
+returns ``None``; callers then take the PyTorch path, which is the kernel's oracle in the tests.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import os
 import torch
 from torch import Tensor
 
+from .._logging import fallback
+from ..errors import ShapeError
+
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 MODES = {"var": 1, "pai": 2}
 
@@ -28,22 +32,35 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def runs(q: Tensor, mask: Tensor | None) -> bool:
-    """Whether the kernel takes this decode step: one query row, fp16/bf16 on CUDA (or interpreted),
-    head dim <= 256, and a boolean ``[B|1, 1, 1, Nk]`` mask or none."""
-    if q.shape[2] != 1 or q.dtype not in KERNEL_DTYPES or q.shape[-1] > 256:
-        return False
+def unavailable_reason(q: Tensor, mask: Tensor | None) -> str | None:
+    """Why the kernel cannot take the decode step of ``q`` ``[B, H, 1, D]`` under ``mask``, or ``None``."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if not (q.is_cuda or _interpret()):
+        return f"tensors are on {q.device.type}, the kernel needs CUDA (or TRITON_INTERPRET=1)"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} (the kernel takes float16 or bfloat16)"
+    if q.shape[-1] > 256:
+        return f"head dim {q.shape[-1]} (the kernel takes up to 256)"
     if mask is not None and (mask.dtype != torch.bool or mask.ndim != 4 or mask.shape[1:3] != (1, 1)):
-        return False
-    return (q.is_cuda or _interpret()) and importlib.util.find_spec("triton") is not None
+        return f"a {mask.dtype} mask of shape {tuple(mask.shape)} (the kernel takes a boolean [B, 1, 1, N] mask)"
+    return None
 
 
 def decode_row(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, classes: Tensor, *, scale: float, mode: str,
-               alpha: float = 0.0, p: float = 1.0, rho: float = 1.0, summ: float = 0.0) -> Tensor:
+               alpha: float = 0.0, p: float = 1.0, rho: float = 1.0, summ: float = 0.0,
+               strict: bool = False) -> Tensor | None:
     """Attention of one query row: ``q`` ``[B, H, 1, D]``, ``k``/``v`` ``[B, Hkv, Nk, D]`` (last dim
     contiguous), ``mask`` bool ``[B|1, 1, 1, Nk]`` or None, ``classes`` int8 ``[B, n <= Nk]`` (0 text,
-    1 sink image token, 2 other image token; keys past ``n`` are text). Returns ``[B, 1, H, D]``.
-    Call only where :func:`runs` is true."""
+    1 sink image token, 2 other image token; keys past ``n`` are text). Returns ``[B, 1, H, D]``, or
+    ``None`` where the kernel cannot run (see the module doc)."""
+    if q.shape[2] != 1:
+        raise ShapeError(f"decode_row takes one query row per sample; got {q.shape[2]}")
+    reason = unavailable_reason(q, mask)
+    if reason is not None:
+        fallback(f"reweighted_decode:{mode}:{reason}", f"visattn {mode} decode kernel: {reason}; using the "
+                 f"PyTorch path", strict)
+        return None
     kernel = importlib.import_module("visattn.kernels._reweighted_decode_triton").reweighted_decode_kernel
     b, h, _, d = q.shape
     nk = k.shape[2]

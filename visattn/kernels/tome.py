@@ -5,8 +5,12 @@ merge and three more to apply it; at ViT-B sizes that costs more than the merged
 :func:`match` decides in one launch (one program per sequence, all in registers) and
 :func:`merge_mean` applies the size-weighted average in one pass over the hidden states. Both
 compute exactly what :func:`visattn.core.merge.bipartite_soft_matching` computes (their oracle; ties
-may pair differently). Used for CUDA tensors (or any tensors under ``TRITON_INTERPRET=1``) with
-Triton importable and at most ``2 * MAX_SET`` image tokens; the core path runs otherwise.
+may pair differently).
+
+Dispatch (:func:`bipartite_soft_matching`, as for every kernel of this package): CUDA tensors (or any
+tensors under ``TRITON_INTERPRET=1``) with Triton importable, at most ``2 * MAX_SET`` image tokens
+and no key mask run the kernels; anything else falls back to the core path, logged once, or raises
+:class:`~visattn.errors.KernelUnavailableError` under ``strict=True``.
 """
 
 from __future__ import annotations
@@ -18,13 +22,38 @@ import os
 import torch
 from torch import Tensor
 
+from .._logging import fallback
+from ..core import merge as core
+
 MAX_SET = 128  # tokens of each set A and B held by one program
 
 
-def available(t: Tensor, n_img: int) -> bool:
-    """Whether the kernels run on ``t`` for a sequence of ``n_img`` image tokens."""
-    interpret = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-    return (t.is_cuda or interpret) and (n_img + 1) // 2 <= MAX_SET and importlib.util.find_spec("triton") is not None
+def unavailable_reason(t: Tensor, n_img: int) -> str | None:
+    """Why the kernels cannot merge a sequence of ``n_img`` image tokens held in ``t``, or ``None``."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes"):
+        return f"tensors are on {t.device.type}, the kernels need CUDA (or TRITON_INTERPRET=1)"
+    if (n_img + 1) // 2 > MAX_SET:
+        return f"{n_img} image tokens, the kernels take up to {2 * MAX_SET}"
+    return None
+
+
+def bipartite_soft_matching(metric: Tensor, r: int, *, num_prefix: int = 0, size: Tensor | None = None,
+                            mergeable: Tensor | None = None, strict: bool = False) -> tuple[core.MergeFn, core.MergeFn]:
+    """:func:`visattn.core.merge.bipartite_soft_matching` on the kernels where they run (see the module doc)."""
+    r = core.merge_count(metric, r, num_prefix, mergeable)
+    if r <= 0:
+        return core.bipartite_soft_matching(metric, 0)
+    n_img = metric.shape[1] - num_prefix
+    reason = "a key mask (padded tokens)" if mergeable is not None else unavailable_reason(metric, n_img)
+    if reason is not None:
+        fallback(f"tome:{reason}", f"visattn tome merge kernels: {reason}; merging through PyTorch", strict)
+        return core.bipartite_soft_matching(metric, r, num_prefix=num_prefix, size=size, mergeable=mergeable)
+    with torch.no_grad():
+        m = core.Match(*match(metric, r, num_prefix, size))
+    return core.merge_functions(m, metric.shape[:2], size,
+                                mean=lambda x: merge_mean(x, m.kept, m.src, m.dst_out, size, m.size))
 
 
 def _kernels():

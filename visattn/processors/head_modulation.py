@@ -62,7 +62,7 @@ from ..errors import OptionError, ShapeError, UnsupportedModelError
 from ..frameworks import Target
 from ..frameworks.base import LazyAdapter
 from ..kernels import reweighted_decode
-from ..options import choice_option, float_option, layers_option
+from ..options import bool_option, choice_option, float_option, layers_option
 from ..patching import Handle, Patcher
 from ..registry import Method, register
 from ._lvlm import ImageKeys, image_token_id, write_rows
@@ -119,9 +119,13 @@ class HeadModulation(Method):
                      doc="strength: logit gain (pai, imbalance), head output gain (vhr)"),
         layers_option("decoder_layers", None,
                       doc="decoder layers to modulate (0-based); None = pai: 2..31, vhr and imbalance: all"),
-        float_option("top", 0.5, low=0.0, high=1.0, low_open=True, doc="vhr: fraction of heads reinforced per layer"),
+        float_option("top", 0.5, low=0.0, high=1.0, low_open=True,
+                     doc="vhr: fraction of heads reinforced per layer").scoped(strategies=("vhr",)),
         float_option("select", 0.25, low=0.0, high=1.0, low_open=True,
-                     doc="imbalance: fraction of image tokens each selection stream picks"),
+                     doc="imbalance: fraction of image tokens each selection stream picks").scoped(
+                         strategies=("imbalance",)),
+        bool_option("strict", False, doc="pai: raise instead of falling back from the decode kernel to "
+                                         "PyTorch").scoped(strategies=("pai",)),
     )
 
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
@@ -139,7 +143,7 @@ class HeadModulation(Method):
         keys = ImageKeys(model, patcher, self.name)
         alpha = options["alpha"]
         if options["strategy"] == "pai":
-            make_route = _pai(keys, alpha)
+            make_route = _pai(keys, alpha, options["strict"])
         elif options["strategy"] == "vhr":
             make_route = _vhr(model, patcher, keys, handle, alpha, options["top"])
         else:
@@ -148,7 +152,7 @@ class HeadModulation(Method):
         return handle
 
 
-def _pai(keys: ImageKeys, alpha: float) -> tfa.RouteFactory:
+def _pai(keys: ImageKeys, alpha: float, strict: bool) -> tfa.RouteFactory:
     def make_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:
         def route(call: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                   attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
@@ -156,10 +160,12 @@ def _pai(keys: ImageKeys, alpha: float) -> tfa.RouteFactory:
                 return call(module, query, key, value, attention_mask, **kwargs)
             scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
             mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
-            if query.shape[2] == 1 and reweighted_decode.runs(query, mask):  # a decode step, in one launch
+            if query.shape[2] == 1:  # a decode step: one launch where the kernel runs
                 classes = keys.once("pai_classes", lambda: keys.columns.to(torch.int8) * 2)
-                return reweighted_decode.decode_row(query, key, value, mask, classes, scale=scale, mode="pai",
-                                                    alpha=alpha), None
+                out = reweighted_decode.decode_row(query, key, value, mask, classes, scale=scale, mode="pai",
+                                                   alpha=alpha, strict=strict)
+                if out is not None:
+                    return out, None
             weight = keys.once("pai_weight", lambda: (alpha * keys.columns.float())[:, None, None, :])
             n = weight.shape[-1]
 

@@ -36,10 +36,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.merge import bipartite_soft_matching, key_mask, log_size_bias, merge_wavg, parse_r
+from ..core.merge import key_mask, log_size_bias, merge_wavg, parse_r
 from ..errors import OptionError, ShapeError, UnsupportedModelError
 from ..frameworks import Target
 from ..frameworks.base import vit_blocks
+from ..kernels.tome import bipartite_soft_matching
 from ..options import Option, bool_option
 from ..patching import Handle, Patcher
 from ..registry import Method, register
@@ -63,11 +64,13 @@ def _check_r(v: Any) -> int | tuple[int, float] | list[int]:
 class TomeState:
     """What one forward pass carries from block to block: sizes, sources, the key mask."""
 
-    def __init__(self, schedule: list[int], num_prefix: int, prop_attn: bool, trace_source: bool) -> None:
+    def __init__(self, schedule: list[int], num_prefix: int, prop_attn: bool, trace_source: bool,
+                 strict: bool = False) -> None:
         self.schedule = schedule
         self.num_prefix = num_prefix
         self.prop_attn = prop_attn
         self.trace_source = trace_source
+        self.strict = strict
         self.start(None)
 
     def start(self, attn_mask: Tensor | None) -> None:
@@ -100,7 +103,7 @@ class TomeState:
             except ValueError as exc:
                 raise ValueError(f"tome: {exc}") from None
         merge, _ = bipartite_soft_matching(keys.mean(dim=1), r, num_prefix=self.num_prefix, size=self.size,
-                                           mergeable=self.valid)
+                                           mergeable=self.valid, strict=self.strict)
         if self.trace_source:
             if self.source is None:
                 self.source = torch.eye(n, device=x.device)[None].expand(batch, n, n)
@@ -197,6 +200,7 @@ class Tome(Method):
                _check_r, identity=0, doc="tokens removed per layer (clamped to half the image tokens)"),
         bool_option("prop_attn", True, doc="proportional attention: add log(token size) to attention logits"),
         bool_option("trace_source", False, doc="record which patches each token holds (handle.source)"),
+        bool_option("strict", False, doc="raise instead of falling back from the merge kernels to PyTorch"),
     )) + tome_diffusers.OPTIONS  # diffusers UNets and DiTs: ToMe for Stable Diffusion (tome_diffusers)
 
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
@@ -220,7 +224,7 @@ class Tome(Method):
         schedule = parse_r(options["r"], len(blocks))
         model = target.model
         num_prefix = int(getattr(model, "num_prefix_tokens", 1))  # open_clip towers: the class token
-        state = TomeState(schedule, num_prefix, options["prop_attn"], options["trace_source"])
+        state = TomeState(schedule, num_prefix, options["prop_attn"], options["trace_source"], options["strict"])
         forward = _timm_forward if target.framework == "timm" else _open_clip_forward
         for layer, block in enumerate(blocks):
             patcher.set_attr(block, "_visattn_tome", state)

@@ -43,7 +43,7 @@ from ..errors import UnsupportedModelError
 from ..frameworks import Target
 from ..frameworks.base import LazyAdapter
 from ..kernels import reweighted_decode
-from ..options import float_option
+from ..options import bool_option, float_option
 from ..patching import Handle, Patcher
 from ..registry import Method, register
 from ._lvlm import ImageKeys, image_token_id, write_rows
@@ -75,6 +75,7 @@ class VisualSink(Method):
                      doc="massive-activation threshold on RMS-normalised hidden states"),
         float_option("rho", 0.5, low=0.0, high=1.0, doc="image-centric: sink share of the image attention <= rho"),
         float_option("summ", 0.2, low=0.0, high=1.0, doc="image-centric: image share of the attention >= summ"),
+        bool_option("strict", False, doc="raise instead of falling back from the decode kernel to PyTorch"),
     )
 
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
@@ -90,7 +91,7 @@ class VisualSink(Method):
         layers = tfa.language_layers(model)[:-1]
         decoder = tfa.decoder_layers(model)
         keys = ImageKeys(model, patcher, self.name)
-        p, tau, rho, summ = options["p"], options["tau"], options["rho"], options["summ"]
+        p, tau, rho, summ, strict = (options[k] for k in ("p", "tau", "rho", "summ", "strict"))
         has_sinks: dict[int, bool] = {}
         columns: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # per layer: image columns -> (sinks, classes)
 
@@ -136,9 +137,10 @@ class VisualSink(Method):
                     return probs
 
                 if query.shape[2] == 1 and not keys.has_image:  # a decode step: one generated text row
-                    if reweighted_decode.runs(query, mask):
-                        return reweighted_decode.decode_row(query, key, value, mask, classes, scale=scale, mode="var",
-                                                            p=p, rho=rho, summ=summ), None
+                    out = reweighted_decode.decode_row(query, key, value, mask, classes, scale=scale, mode="var",
+                                                       p=p, rho=rho, summ=summ, strict=strict)
+                    if out is not None:
+                        return out, None
                     out = attend_rows(query, key, value, None, scale=scale, mask=mask, probs_fn=probs_fn)
                     return out.transpose(1, 2), None
                 out, weights = call(module, query, key, value, attention_mask, **kwargs)
