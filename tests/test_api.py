@@ -237,3 +237,17 @@ def test_a_forward_from_a_second_thread_during_one_is_refused_and_the_first_is_u
     with torch.no_grad():
         assert torch.equal(vit(x), stock)
     assert not vit._forward_pre_hooks and not vit._forward_hooks
+
+
+@pytest.mark.parametrize("method,options", [("inspect", {}), ("bra", {"n_win": 2, "topk": 1}), ("tome", {"r": 2}),
+                                            ("prune", {"keep": 0.5})])
+def test_a_meta_device_model_runs_patched(method, options):
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=2, num_classes=3).eval().to("meta")
+    handle = visattn.apply(model, method, **options)
+    try:
+        assert model(torch.randn(2, 3, 32, 32, device="meta")).shape == (2, 3)
+        if method == "inspect":
+            assert handle.maps[0][0].is_meta and handle.maps[0][0].shape == (2, 17, 17)
+    finally:
+        visattn.remove(model)

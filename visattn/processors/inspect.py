@@ -70,7 +70,7 @@ class Inspect(Method):
         layers_option("layers", None, doc="attention layers to record (indices into the model's attention layers)"),
         bool_option("per_head", False, doc="keep one map per head instead of the head average"),
         int_option("query_chunk", 1024, low=1, doc="query rows computed at a time (memory bound)"),
-        bool_option("to_cpu", True, doc="move recorded maps to the CPU"),
+        bool_option("to_cpu", True, doc="move recorded maps to the CPU (a meta-device model's stay on meta)"),
     )
 
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
@@ -92,7 +92,7 @@ class Inspect(Method):
                 bias, mask = mask, None
             probs = attention_probs(q, k, scale=scale, bias=bias, mask=mask, head_mean=not options["per_head"],
                                     query_chunk=options["query_chunk"])
-            handle.maps[layer].append(probs.cpu() if options["to_cpu"] else probs)
+            handle.maps[layer].append(probs.cpu() if options["to_cpu"] and not probs.is_meta else probs)
 
         fw.observe_attention(target.model, patcher, chosen, observer)
         return handle
