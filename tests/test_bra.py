@@ -11,7 +11,7 @@ from tiny_models import VIT_VARIANTS, tiny_vit
 import visattn
 from visattn.core import attention
 from visattn.errors import OptionError, ShapeError, UnsupportedModelError
-from visattn.processors.bra import bi_level_routing_attention
+from visattn.processors.bra import bi_level_routing_attention, route_regions
 
 _vit = functools.partial(tiny_vit, patch_size=4, embed_dim=32, num_heads=2, num_classes=3)
 MODELS = {kind: functools.partial(_vit, **cfg) for kind, cfg in VIT_VARIANTS.items()}
@@ -139,3 +139,31 @@ def test_block_sparse_path_runs_the_triton_kernel_like_the_gather_path():
     pytest.importorskip("triton")
     errors = run_interpreted(__file__, "kernel_cases")
     assert sorted(errors) == ["0", "1", "3"] and max(errors.values()) < 2e-3, errors
+
+
+def test_handle_routes_are_the_regions_each_layer_routed_to():
+    model = MODELS[sorted(MODELS)[0]]()
+    x = torch.randn(2, 3, 32, 32)
+    captured = {}
+    attn = model.blocks[1].attn
+    hooks = [attn.q_norm.register_forward_hook(lambda m, a, out: captured.__setitem__("q", out)),
+             attn.k_norm.register_forward_hook(lambda m, a, out: captured.__setitem__("k", out))]
+    handle = visattn.apply(model, "bra", n_win=2, topk=2, layers=[1])
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        visattn.remove(model)
+        for hook in hooks:
+            hook.remove()
+    assert sorted(handle.routes) == [1] and handle.routes[1].shape == (2, 4, 2)
+    expected = route_regions(captured["q"], captured["k"], num_prefix=model.num_prefix_tokens,
+                             grid=tuple(model.patch_embed.grid_size), n_win=2, topk=2)
+    assert torch.equal(handle.routes[1], expected)
+    identity = visattn.apply(model, "bra", n_win=2, topk=4)
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        visattn.remove(model)
+    assert identity.routes == {}  # the identity setting runs timm's dense attention

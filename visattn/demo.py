@@ -272,24 +272,15 @@ def bra_routes(model: nn.Module, image: Any, *, n_win: int, topk: int, layer: in
     """Bi-level routing attention with ``n_win`` regions per side and ``topk`` routes; which regions
     ``region`` attends to in ``layer`` (the query region red, its routed regions yellow)."""
     from .frameworks.timm import vit_grid
-    from .processors.bra import route_regions
 
     rgb, x = _vit_input(model, image)
     grid = vit_grid(model)
     if not 0 <= region < n_win * n_win:
         raise ValueError(f"region must be in 0..{n_win * n_win - 1} for n_win={n_win} (got {region})")
-    attn = model.blocks[layer].attn
-    captured: dict[str, torch.Tensor] = {}
-    with applied(model, "bra", n_win=int(n_win), topk=int(topk)):  # q and k of the layer, as BRA routes them
-        hooks = [attn.q_norm.register_forward_hook(lambda m, a, out: captured.__setitem__("q", out)),
-                 attn.k_norm.register_forward_hook(lambda m, a, out: captured.__setitem__("k", out))]
-        try:
-            logits = model(x)
-        finally:
-            for hook in hooks:
-                hook.remove()
-    routed = route_regions(captured["q"], captured["k"], num_prefix=int(model.num_prefix_tokens), grid=grid,
-                           n_win=int(n_win), topk=int(topk))[0, region].tolist()
+    with applied(model, "bra", n_win=int(n_win), topk=int(topk)) as handle:
+        logits = model(x)
+    routes = handle.routes.get(layer)  # none at topk = n_win ** 2: every region attends to every region
+    routed = routes[0, region].tolist() if routes is not None else list(range(n_win * n_win))
     side = grid[0] // n_win, grid[1] // n_win
     colours = np.zeros((n_win, n_win, 3))
     weight = np.zeros((n_win, n_win))

@@ -26,7 +26,8 @@ dropout are not supported on the routed path.
 from __future__ import annotations
 
 import math
-from functools import cache, lru_cache
+from collections.abc import Callable
+from functools import cache, lru_cache, partial
 from typing import Any, ClassVar
 
 import torch
@@ -79,11 +80,13 @@ def check_topk(n_win: int, topk: int) -> None:
 
 
 def bi_level_routing_attention(q: Tensor, k: Tensor, v: Tensor, *, num_prefix: int, grid: tuple[int, int],
-                               n_win: int, topk: int, scale: float, strict: bool = False, path: str = "auto") -> Tensor:
+                               n_win: int, topk: int, scale: float, strict: bool = False, path: str = "auto",
+                               on_routes: Callable[[Tensor], None] | None = None) -> Tensor:
     """Eqs. 3-6 of BiFormer on ``[B, H, P + h*w, D]`` tensors (prefix first, grid in raster order).
 
     ``path``: ``"kernel"`` (block-sparse kernel), ``"gather"`` (gather routed regions, then SDPA), or
-    ``"auto"``: the kernel for regions of at least ``KERNEL_MIN_REGION`` tokens.
+    ``"auto"``: the kernel for regions of at least ``KERNEL_MIN_REGION`` tokens. ``on_routes``, when given,
+    receives the routes as :func:`route_regions` returns them (``[B, n_win ** 2, topk]``, ascending).
     """
     check_grid(grid, n_win)
     if path not in ("auto", "kernel", "gather"):
@@ -93,6 +96,8 @@ def bi_level_routing_attention(q: Tensor, k: Tensor, v: Tensor, *, num_prefix: i
     perm, inverse = _token_order(grid, n_win, p, str(q.device))
     qs, ks, vs = (take_tokens(t, perm) for t in (q, k, v))
     routed = _route(qs, ks, regions, size, topk)
+    if on_routes is not None:
+        on_routes(routed[:, 0].sort(dim=-1).values)
     if path == "kernel" or (path == "auto" and size >= KERNEL_MIN_REGION):
         out = _routed_kernel(qs, ks, vs, routed, p=p, size=size, scale=scale, strict=strict)
     else:
@@ -203,7 +208,8 @@ def timm_layer() -> type:
             q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
             out = bi_level_routing_attention(q, k, v, num_prefix=prefix, grid=grid, n_win=self.n_win, topk=self.topk,
-                                             scale=self.scale, strict=self.strict)
+                                             scale=self.scale, strict=self.strict,
+                                             on_routes=self.__dict__.get("_visattn_on_routes"))
             if self.use_lepe:
                 v_img = v[:, :, prefix:].transpose(2, 3).reshape(b, self.attn_dim, *grid)
                 lce = self.lepe(v_img).reshape(b, self.num_heads, self.head_dim, -1).transpose(2, 3)
@@ -259,13 +265,14 @@ class BRA(Method):
         cls = _configured(options["n_win"], options["topk"], options["lepe"], options["strict"],
                           int(getattr(model, "num_prefix_tokens", 0)))
         layout: dict[str, Any] = {}
+        handle = BraHandle(self.name, model, options, patcher)
 
         def configure(idx: int, module: nn.Module) -> dict[str, Any]:
             if options["lepe"]:
                 weight = module.qkv.weight
                 patcher.add_module(module, "lepe", _make_lepe(module.attn_dim, device=weight.device,
                                                               dtype=weight.dtype))
-            return {"_visattn_layout": layout}
+            return {"_visattn_layout": layout, "_visattn_on_routes": partial(handle.routes.__setitem__, idx)}
 
         timm_fw.swap_attention(model, patcher, layers, lambda idx, module: _swapped(type(module), cls), configure)
 
@@ -280,7 +287,17 @@ class BRA(Method):
                           num_tokens=module.num_prefix_tokens + grid[0] * grid[1])
 
         patcher.add_hook(model.register_forward_pre_hook(set_layout, with_kwargs=True))
-        return Handle(self.name, model, options, patcher)
+        return handle
+
+
+class BraHandle(Handle):
+    """Handle of ``bra``. ``routes[layer]``: the regions each region of that attention layer attended to in
+    the last forward, ``[B, n_win ** 2, topk]`` ascending (as :func:`route_regions` gives them; regions in
+    raster order of the ``n_win x n_win`` grid). Layers at the identity setting run dense and record none."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.routes: dict[int, Tensor] = {}
 
 
 @cache
