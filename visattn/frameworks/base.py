@@ -21,7 +21,7 @@ import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor
 
@@ -77,3 +77,42 @@ def select_layers(names: Sequence[str], layers: Sequence[int] | None, method: st
 def vit_blocks(target: Any) -> list[Any]:
     """The transformer blocks of a timm ViT or an open_clip visual tower (a detected ``Target``), in order."""
     return [m for _, m in adapter(target.framework).vit_blocks(target.model)]
+
+
+class BlockStep(Protocol):
+    """What a method does between a ViT block's attention and its MLP (ToMe's merge, EViT's pruning).
+
+    The timm and open_clip adapters own the block (:func:`step_blocks`): they run each block's attention
+    with :meth:`mask`, hand its output with the block's q and k to :meth:`step`, and feed the result to the
+    MLP; blocks for which :meth:`stock` says so run their stock forward. Parameter names do not change.
+
+    Attributes:
+        method: the method's name, for errors.
+        verb: what the step does to tokens ("merge", "prune"), for errors.
+        token_counts: the adapter appends the tokens entering each block.
+    """
+
+    method: str
+    verb: str
+    token_counts: list[int]
+
+    def start(self, attn_mask: Tensor | None) -> None:
+        """A forward begins (its first block), with the caller's attention mask."""
+
+    def captures(self, layer: int) -> bool:
+        """Whether :meth:`step` at block ``layer`` reads the attention's q and k (fixed when installed)."""
+
+    def stock(self, layer: int, num_tokens: int) -> bool:
+        """Whether block ``layer``, entered by ``num_tokens`` tokens, runs its stock forward in this call."""
+
+    def mask(self, dtype: Any) -> Tensor | None:
+        """The attention mask or additive bias of the current tokens (the caller's until tokens change)."""
+
+    def step(self, layer: int, x: Tensor, q: Tensor | None, k: Tensor | None, scale: float) -> Tensor:
+        """``x`` ``[B, N, C]`` after attention and its residual; returns the tokens the MLP gets."""
+
+
+def step_blocks(target: Any, patcher: Any, step: BlockStep) -> None:
+    """Run ``step`` in every block of a timm ViT or open_clip visual tower (see :class:`BlockStep`),
+    through ``patcher``, so ``remove()`` undoes it."""
+    adapter(target.framework).step_blocks(target.model, patcher, step)

@@ -3,11 +3,13 @@
 open_clip's ``VisionTransformer`` runs ``ResidualAttentionBlock``s whose attention is a torch
 ``nn.MultiheadAttention`` called with ``need_weights=False`` (the fused path). Observation
 recomputes q and k from the layer's own input projection in a forward pre-hook, so the stock call
-runs untouched. (open_clip models built on a timm trunk are detected as timm models.)
+runs untouched. Methods that act between a block's attention and its MLP get the block step of
+:func:`step_blocks`. (open_clip models built on a timm trunk are detected as timm models.)
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import UnsupportedModelError
+from ..errors import ShapeError, UnsupportedModelError
 from ..patching import Patcher
-from .base import Observer
+from .base import BlockStep, Observer
 
 
 def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -77,6 +79,41 @@ def mha_self_attention(mha: nn.MultiheadAttention, x: torch.Tensor, bias: torch.
                                          dropout_p=mha.dropout if mha.training else 0.0)
     out = F.linear(out.transpose(1, 2).reshape(b, n, e), mha.out_proj.weight, mha.out_proj.bias)
     return out, q, k
+
+
+@functools.cache
+def _stepped(base: type) -> type:
+    return type(f"Stepped{base.__name__}", (base,), {"forward": _stepped_forward, "_visattn_base": base})
+
+
+def _stepped_forward(self: Any, q_x: torch.Tensor, k_x: torch.Tensor | None = None, v_x: torch.Tensor | None = None,
+                     attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    step: BlockStep = self._visattn_step
+    layer: int = self._visattn_layer
+    if layer == 0:
+        step.start(None)
+    batch_first = self.attn.batch_first
+    n = q_x.shape[1 if batch_first else 0]
+    step.token_counts.append(n)
+    if step.stock(layer, n):
+        return self._visattn_base.forward(self, q_x, k_x, v_x, attn_mask)
+    if k_x is not None or v_x is not None or attn_mask is not None:
+        raise ShapeError(f"{step.method}: open_clip blocks {step.verb} tokens in self-attention without attn_mask "
+                         f"only")
+    x = q_x if batch_first else q_x.transpose(0, 1)
+    out, q, k = mha_self_attention(self.attn, self.ln_1(x), step.mask(x.dtype))
+    x = step.step(layer, x + self.ls_1(out), q, k, q.shape[-1] ** -0.5)
+    x = x + self.ls_2(self.mlp(self.ln_2(x)))
+    return x if batch_first else x.transpose(0, 1)
+
+
+def step_blocks(model: nn.Module, patcher: Patcher, step: BlockStep) -> None:
+    """:func:`visattn.frameworks.base.step_blocks` for open_clip: each ``ResidualAttentionBlock``'s class
+    becomes a subclass running ``step`` between attention and MLP (q and k from fused SDPA's projections)."""
+    for layer, (_, block) in enumerate(vit_blocks(model)):
+        patcher.set_attr(block, "_visattn_step", step)
+        patcher.set_attr(block, "_visattn_layer", layer)
+        patcher.swap_class(block, _stepped(type(block)))
 
 
 def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int], observer: Observer) -> None:

@@ -4,13 +4,15 @@ timm's ``Attention`` (``timm.layers.Attention``, used by ``VisionTransformer`` a
 DINOv2-style, register and qk-norm variants) computes ``q, k = q_norm(q), k_norm(k)`` right before
 attention. Observation hooks those two submodules, so the stock forward runs untouched. Methods
 that change the computation swap the module's class for a subclass (same parameters, same names,
-so checkpoints keep loading) through :func:`swap_attention`, or build models with the factory
-flags ``attn_layer=`` (names registered in ``timm.models.vision_transformer.ATTN_LAYERS`` by
-:func:`register_attn_layer`) and ``block_fn=``.
+so checkpoints keep loading) through :func:`swap_attention`; methods that act between a block's
+attention and its MLP (merging, pruning) get the block step of :func:`step_blocks`. Models can
+also be built with the factory flags ``attn_layer=`` (names registered in
+``timm.models.vision_transformer.ATTN_LAYERS`` by :func:`register_attn_layer`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,9 +21,9 @@ import torch.nn as nn
 from timm.layers import Attention
 
 from ..core.layout import TokenLayout
-from ..errors import UnsupportedModelError
+from ..errors import ShapeError, UnsupportedModelError
 from ..patching import Patcher
-from .base import Observer
+from .base import BlockStep, Observer
 
 
 def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -78,6 +80,46 @@ def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int],
         patcher.add_hook(attn.register_forward_pre_hook(pre, with_kwargs=True))
         patcher.add_hook(attn.q_norm.register_forward_hook(on_q))
         patcher.add_hook(attn.k_norm.register_forward_hook(on_k))
+
+
+@functools.cache
+def _stepped(base: type) -> type:
+    return type(f"Stepped{base.__name__}", (base,), {"forward": _stepped_forward, "_visattn_base": base})
+
+
+def _stepped_forward(self: Any, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                     is_causal: bool = False) -> torch.Tensor:
+    step: BlockStep = self._visattn_step
+    layer: int = self._visattn_layer
+    if layer == 0:
+        step.start(attn_mask)
+    step.token_counts.append(x.shape[1])
+    if step.stock(layer, x.shape[1]):
+        return self._visattn_base.forward(self, x, attn_mask=step.mask(x.dtype), is_causal=is_causal)
+    if is_causal:
+        raise ShapeError(f"{step.method}: causal attention cannot follow {step.verb}d tokens")
+    captured = self.__dict__.get("_visattn_qk", {})
+    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=step.mask(x.dtype))))
+    x = step.step(layer, x, captured.pop("q", None), captured.pop("k", None), self.attn.scale)
+    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def step_blocks(model: nn.Module, patcher: Patcher, step: BlockStep) -> None:
+    """:func:`visattn.frameworks.base.step_blocks` for timm: each block's class becomes a subclass running
+    ``step`` between attention and MLP; q and k come from hooks on the attention's ``q_norm``/``k_norm``."""
+    for layer, (_, block) in enumerate(vit_blocks(model)):
+        patcher.set_attr(block, "_visattn_step", step)
+        patcher.set_attr(block, "_visattn_layer", layer)
+        patcher.swap_class(block, _stepped(type(block)))
+        if step.captures(layer):
+            captured: dict[str, torch.Tensor] = {}
+            patcher.set_attr(block, "_visattn_qk", captured)
+            for name in ("q", "k"):
+                def keep(module: nn.Module, args: tuple, out: torch.Tensor, name: str = name,
+                         captured: dict = captured) -> None:
+                    captured[name] = out
+
+                patcher.add_hook(getattr(block.attn, f"{name}_norm").register_forward_hook(keep))
 
 
 def swap_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int],

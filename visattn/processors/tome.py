@@ -12,13 +12,14 @@ patched model captures in a CUDA graph. Prefix tokens (class, registers:
 ``num_prefix_tokens``) are never merged, and the token count left for the head stays valid.
 
 Unlike the reference implementation, the stock block and attention modules keep running: the
-block's class is swapped for a subclass that only adds the merge step, so LayerScale, q/k norms,
-register tokens, dynamic image sizes and boolean key masks (``[B, 1, 1, N]``, True = attend;
-padding tokens are never merged) keep working; the keys come from a hook on the attention's
-``k_norm``. Works on timm ``VisionTransformer`` models (ViT, DeiT3, DINOv2-style with registers)
-and open_clip visual towers (``nn.MultiheadAttention``, replaced in merging blocks by the same
-projections through fused SDPA). EVA-style timm models (``timm.models.eva``) are refused: their
-rotary position embeddings are laid out per patch position, which a merged token no longer has.
+timm and open_clip adapters run :class:`TomeState`, the merge step, between each block's attention
+and its MLP (:func:`visattn.frameworks.base.step_blocks`, which also supplies the keys), so
+LayerScale, q/k norms, register tokens, dynamic image sizes and boolean key masks (``[B, 1, 1, N]``,
+True = attend; padding tokens are never merged) keep working. Works on timm ``VisionTransformer``
+models (ViT, DeiT3, DINOv2-style with registers) and open_clip visual towers
+(``nn.MultiheadAttention``, replaced in merging blocks by the same projections through fused SDPA).
+EVA-style timm models (``timm.models.eva``) are refused: their rotary position embeddings are laid
+out per patch position, which a merged token no longer has.
 
 Options: ``r`` (tokens removed per layer: an int, an ``(r, inflect)`` pair or a per-layer list;
 identity 0), ``prop_attn`` (True), ``trace_source`` (False: record which patches each token holds,
@@ -28,9 +29,7 @@ so ``r=0`` reproduces the stock model bit for bit.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,7 +38,7 @@ from torch import Tensor
 from ..core.merge import key_mask, log_size_bias, merge_wavg, parse_r
 from ..errors import OptionError, ShapeError, UnsupportedModelError
 from ..frameworks import Target
-from ..frameworks.base import vit_blocks
+from ..frameworks.base import step_blocks, vit_blocks
 from ..kernels.tome import bipartite_soft_matching
 from ..options import Option, bool_option
 from ..patching import Handle, Patcher
@@ -62,7 +61,10 @@ def _check_r(v: Any) -> int | tuple[int, float] | list[int]:
 
 
 class TomeState:
-    """What one forward pass carries from block to block: sizes, sources, the key mask."""
+    """The :class:`~visattn.frameworks.base.BlockStep` of ``tome`` on ViTs, and what one forward carries
+    from block to block: sizes, sources, the key mask."""
+
+    method, verb = "tome", "merge"
 
     def __init__(self, schedule: list[int], num_prefix: int, prop_attn: bool, trace_source: bool,
                  strict: bool = False) -> None:
@@ -74,21 +76,30 @@ class TomeState:
         self.start(None)
 
     def start(self, attn_mask: Tensor | None) -> None:
-        self.mask = attn_mask
+        self.given_mask = attn_mask
         self.valid: Tensor | None = None
         self.size: Tensor | None = None
         self.source: Tensor | None = None
-        self.keys: Tensor | None = None
         self.token_counts: list[int] = []
+
+    def captures(self, layer: int) -> bool:
+        return self.schedule[layer] > 0
+
+    def stock(self, layer: int, num_tokens: int) -> bool:
+        return self.schedule[layer] == 0 and not self.merged
+
+    def step(self, layer: int, x: Tensor, q: Tensor | None, k: Tensor | None, scale: float) -> Tensor:
+        r = self.schedule[layer]
+        return self.merge(x, k, r) if r > 0 else x
 
     @property
     def merged(self) -> bool:
         return self.size is not None
 
-    def attn_bias(self, dtype: torch.dtype) -> Tensor | None:
+    def mask(self, dtype: torch.dtype) -> Tensor | None:
         """The mask for the next attention: the caller's until tokens merge, then log-size and keys."""
         if not self.merged:
-            return self.mask
+            return self.given_mask
         if not self.prop_attn:
             return None if self.valid is None else self.valid[:, None, None, :]
         bias = log_size_bias(self.size, dtype)
@@ -97,11 +108,11 @@ class TomeState:
     def merge(self, x: Tensor, keys: Tensor, r: int) -> Tensor:
         """Merge ``r`` tokens of ``x`` ``[B, N, C]`` by the head-averaged ``keys`` ``[B, H, N, D]``."""
         batch, n, _ = x.shape
-        if self.mask is not None and self.valid is None:
+        if self.given_mask is not None and self.valid is None:
             try:
-                self.valid = key_mask(self.mask, x.shape[0], n)
-            except ValueError as exc:
-                raise ValueError(f"tome: {exc}") from None
+                self.valid = key_mask(self.given_mask, x.shape[0], n)
+            except ShapeError as exc:
+                raise ShapeError(f"tome: {exc}") from None
         merge, _ = bipartite_soft_matching(keys.mean(dim=1), r, num_prefix=self.num_prefix, size=self.size,
                                            mergeable=self.valid, strict=self.strict)
         if self.trace_source:
@@ -138,53 +149,6 @@ class TomeHandle(Handle):
     @property
     def source(self) -> Tensor | None:
         return None if self._state.source is None else self._state.source > 0
-
-
-@functools.cache
-def _subclass(base: type, forward: Callable[..., Tensor]) -> type:
-    return type(f"Tome{base.__name__}", (base,), {"forward": forward, "_visattn_base": base})
-
-
-def _timm_forward(self: Any, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-    state: TomeState = self._visattn_tome
-    layer: int = self._visattn_layer
-    if layer == 0:
-        state.start(attn_mask)
-    state.token_counts.append(x.shape[1])
-    r = state.schedule[layer]
-    if r == 0 and not state.merged:
-        return self._visattn_base.forward(self, x, attn_mask=attn_mask, is_causal=is_causal)
-    if is_causal:
-        raise ShapeError("tome: causal attention cannot follow merged tokens")
-    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=state.attn_bias(x.dtype))))
-    if r > 0:
-        keys, state.keys = state.keys, None
-        x = state.merge(x, keys, r)
-    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-
-def _open_clip_forward(self: Any, q_x: Tensor, k_x: Tensor | None = None, v_x: Tensor | None = None,
-                       attn_mask: Tensor | None = None) -> Tensor:
-    from ..frameworks.open_clip import mha_self_attention
-
-    state: TomeState = self._visattn_tome
-    layer: int = self._visattn_layer
-    if layer == 0:
-        state.start(None)
-    batch_first = self.attn.batch_first
-    state.token_counts.append(q_x.shape[1 if batch_first else 0])
-    r = state.schedule[layer]
-    if r == 0 and not state.merged:
-        return self._visattn_base.forward(self, q_x, k_x, v_x, attn_mask)
-    if k_x is not None or v_x is not None or attn_mask is not None:
-        raise ShapeError("tome: open_clip blocks merge tokens in self-attention without attn_mask only")
-    x = q_x if batch_first else q_x.transpose(0, 1)
-    out, _, keys = mha_self_attention(self.attn, self.ln_1(x), state.attn_bias(x.dtype))
-    x = x + self.ls_1(out)
-    if r > 0:
-        x = state.merge(x, keys, r)
-    x = x + self.ls_2(self.mlp(self.ln_2(x)))
-    return x if batch_first else x.transpose(0, 1)
 
 
 @register
@@ -225,14 +189,5 @@ class Tome(Method):
         model = target.model
         num_prefix = int(getattr(model, "num_prefix_tokens", 1))  # open_clip towers: the class token
         state = TomeState(schedule, num_prefix, options["prop_attn"], options["trace_source"], options["strict"])
-        forward = _timm_forward if target.framework == "timm" else _open_clip_forward
-        for layer, block in enumerate(blocks):
-            patcher.set_attr(block, "_visattn_tome", state)
-            patcher.set_attr(block, "_visattn_layer", layer)
-            patcher.swap_class(block, _subclass(type(block), forward))
-            if schedule[layer] > 0 and target.framework == "timm":
-                def keep_keys(module: Any, args: tuple, out: Tensor) -> None:
-                    state.keys = out
-
-                patcher.add_hook(block.attn.k_norm.register_forward_hook(keep_keys))
+        step_blocks(target, patcher, state)
         return TomeHandle(self.name, model, options, patcher, state=state)
