@@ -16,7 +16,7 @@ undoes it exactly. Under diffusers' context parallelism, sparse attention runs a
     transformer.enable_parallelism(config=diffusers.ContextParallelConfig(ulysses_degree=2))
 
 (``visattn.apply(..., install="attention_backend")`` does the same; see
-``visattn.processors.sparse_video_backend`` for what works with Ulysses and ring attention).
+``visattn.processors.sparse_video.backend`` for what works with Ulysses and ring attention).
 
 Importing this module (``import visattn`` does) does not import diffusers; making a processor or a
 backend does.
@@ -24,7 +24,6 @@ backend does.
 
 from __future__ import annotations
 
-from .processors.sparse_video import SparseVideoAttnProcessor, sparse_video_attention
-from .processors.sparse_video_backend import SparseVideoAttnBackend
+from .processors.sparse_video import SparseVideoAttnBackend, SparseVideoAttnProcessor, sparse_video_attention
 
 __all__ = ["SparseVideoAttnBackend", "SparseVideoAttnProcessor", "sparse_video_attention"]

@@ -182,6 +182,29 @@ def set_processors(model: nn.Module, patcher: Patcher, make: Callable[[int, str,
             patcher.set_attr(module, "processor", processor)
 
 
+def on_call(model: nn.Module, patcher: Patcher, fn: Callable[[dict[str, Any]], None]) -> None:
+    """Call ``fn(inputs)`` before every forward of the denoiser ``model``, ``inputs`` being the call's
+    arguments by name (bound to the class's ``forward``: instance forwards may be wrapped)."""
+    signature = inspect.signature(type(model).forward)
+
+    def pre(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        fn(signature.bind_partial(module, *args, **kwargs).arguments)
+
+    patcher.add_hook(model.register_forward_pre_hook(pre, with_kwargs=True))
+
+
+def around_call(module: nn.Module, patcher: Patcher, before: Callable[[tuple, dict[str, Any]], Any] | None = None,
+                after: Callable[[Any], Any] | None = None, always: bool = False) -> None:
+    """Run ``before(args, kwargs)`` before every forward of ``module`` (a returned ``(args, kwargs)``
+    replaces the call's) and ``after(output)`` after it (a returned value replaces the output);
+    ``always``: ``after`` runs even when the forward raises (its output is then ``None``)."""
+    if before is not None:
+        patcher.add_hook(module.register_forward_pre_hook(lambda m, args, kwargs: before(args, kwargs),
+                                                          with_kwargs=True))
+    if after is not None:
+        patcher.add_hook(module.register_forward_hook(lambda m, args, output: after(output), always_call=always))
+
+
 def install_context(model: nn.Module, patcher: Patcher) -> CallContext:
     """A :class:`CallContext` that follows the denoiser ``model`` through hooks (undone by ``patcher``).
 
@@ -193,18 +216,16 @@ def install_context(model: nn.Module, patcher: Patcher) -> CallContext:
     and HunyuanVideo do not pass attention kwargs down to their blocks.
     """
     ctx = CallContext()
-    signature = inspect.signature(type(model).forward)  # the class's: instance forwards may be wrapped
     family = type(model).__name__
 
-    def on_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        inputs = signature.bind_partial(module, *args, **kwargs).arguments
+    def start(inputs: dict[str, Any]) -> None:
         ctx.step += 1
         ctx.timestep = inputs.get("timestep")
         if family in SUPPORTED_MODELS:
-            grid, text_tokens = call_grid(module, inputs)
+            grid, text_tokens = call_grid(model, inputs)
             ctx.extra = {"grid": grid, "text_tokens": text_tokens}
 
-    patcher.add_hook(model.register_forward_pre_hook(on_call, with_kwargs=True))
+    on_call(model, patcher, start)
     for idx, (_, module) in enumerate(attention_layers(model)):
         def enter(module: nn.Module, args: tuple, idx: int = idx) -> None:
             ctx.layer = idx

@@ -122,6 +122,19 @@ def step_blocks(model: nn.Module, patcher: Patcher, step: BlockStep) -> None:
                 patcher.add_hook(getattr(block.attn, f"{name}_norm").register_forward_hook(keep))
 
 
+def on_images(model: nn.Module, patcher: Patcher, fn: Callable[[torch.Tensor], None], method: str) -> None:
+    """Call ``fn(images)`` with the image batch of every forward of ``model`` (positional or ``x=``)."""
+
+    def pre(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        images = args[0] if args else kwargs.get("x")
+        if images is None:
+            raise ShapeError(f"{method}: call the model with its image batch (positionally or as x=); got keywords "
+                             f"{sorted(kwargs)}")
+        fn(images)
+
+    patcher.add_hook(model.register_forward_pre_hook(pre, with_kwargs=True))
+
+
 def swap_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int],
                    make: Callable[[int, nn.Module], type], configure: Callable[[int, nn.Module], dict[str, Any]]
                    ) -> None:

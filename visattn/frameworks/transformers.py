@@ -345,3 +345,12 @@ def on_call(module: nn.Module, patcher: Patcher, fn: Callable[[ModelCall], dict[
         return None if changed is None else ((), changed)
 
     patcher.add_hook(module.register_forward_pre_hook(pre, with_kwargs=True))
+
+
+def after_call(module: nn.Module, patcher: Patcher, fn: Callable[[ModelCall, Any], None]) -> None:
+    """Run ``fn(read_call(...), output)`` after every forward of ``module``. Undone by ``patcher``."""
+
+    def post(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        fn(read_call(module, args, kwargs), output)
+
+    patcher.add_hook(module.register_forward_hook(post, with_kwargs=True))

@@ -276,17 +276,13 @@ class BRA(Method):
 
         timm_fw.swap_attention(model, patcher, layers, lambda idx, module: _swapped(type(module), cls), configure)
 
-        def set_layout(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            images = args[0] if args else kwargs.get("x")
-            if images is None:
-                raise ShapeError(f"bra: call the model with its image batch (positionally or as x=); got keywords "
-                                 f"{sorted(kwargs)}")
-            grid = timm_fw.vit_grid(module, images.shape[-2:])
+        def set_layout(images: Tensor) -> None:
+            grid = timm_fw.vit_grid(model, images.shape[-2:])
             check_grid(grid, options["n_win"])
-            layout.update(num_prefix=module.num_prefix_tokens, grid=grid,
-                          num_tokens=module.num_prefix_tokens + grid[0] * grid[1])
+            layout.update(num_prefix=model.num_prefix_tokens, grid=grid,
+                          num_tokens=model.num_prefix_tokens + grid[0] * grid[1])
 
-        patcher.add_hook(model.register_forward_pre_hook(set_layout, with_kwargs=True))
+        timm_fw.on_images(model, patcher, set_layout, self.name)
         return handle
 
 

@@ -278,7 +278,7 @@ def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: Head
     # vision tower's outputs wait here until the prefill that uses them selects its tokens
     features: list[tuple[Tensor, Tensor]] = []  # ([CLS] attention, projector output) of the last images
 
-    def record_features(module: nn.Module, args: tuple, output: Tensor) -> None:
+    def record_features(call: tfa.ModelCall, output: Tensor) -> None:
         if alpha != 0.0:
             features[:] = [(cls_attention.pop(), output)]
 
@@ -295,7 +295,7 @@ def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: Head
         handle.selected = torch.zeros_like(keys.image).index_put_(tuple(where.T), chosen.flatten())
         return handle.selected
 
-    patcher.add_hook(_projector(model).register_forward_hook(record_features))
+    tfa.after_call(_projector(model), patcher, record_features)
     tfa.route_attention(model, patcher, [0], cls_route)
 
     def make_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:

@@ -34,7 +34,6 @@ same order; identity: none, ``()``, and the model is unchanged bit for bit), ``r
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -272,16 +271,11 @@ class Isolation(Method):
                                             f"(spatial_norm or group_norm), which isolation does not reproduce")
 
     def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> IsolationHandle:
-        from ..frameworks.diffusers import call_grid, set_processors
+        from ..frameworks.diffusers import call_grid, on_call, set_processors
 
         model = target.model
         plan = _Plan(model, target.family, options)
-        signature = inspect.signature(type(model).forward)
-
-        def on_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            plan.start(call_grid(module, signature.bind_partial(module, *args, **kwargs).arguments)[0])
-
-        patcher.add_hook(model.register_forward_pre_hook(on_call, with_kwargs=True))
+        on_call(model, patcher, lambda inputs: plan.start(call_grid(model, inputs)[0]))
         chosen = {id(m) for _, m in _self_attention(model)}
         flux = target.family == "FluxTransformer2DModel"
         set_processors(model, patcher, lambda i, name, m: None if id(m) not in chosen else (

@@ -443,23 +443,19 @@ def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> PruneV
         tfa.on_call(decoder, patcher, pruner.language_model_inputs)
         layers = tfa.decoder_layers(model)
         for index in range(layer if strategy != "cls" else len(layers), len(layers)):
-            def layer_pre(module: nn.Module, args: tuple, kwargs: dict[str, Any], index: int = index) -> tuple:
-                hidden = args[0] if args else kwargs.pop("hidden_states")
-                hidden = pruner.decoder_layer_inputs(index, hidden, kwargs)
-                return (hidden, *args[1:]), kwargs
+            def layer_inputs(call: tfa.ModelCall, index: int = index) -> dict[str, Any]:
+                kwargs = call.keywords()
+                hidden = pruner.decoder_layer_inputs(index, kwargs.pop("hidden_states"), kwargs)
+                return {"hidden_states": hidden, **kwargs}
 
-            patcher.add_hook(layers[index].register_forward_pre_hook(layer_pre, with_kwargs=True))
+            tfa.on_call(layers[index], patcher, layer_inputs)
         if strategy == "transprune":
-            def transition(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+            def transition(call: tfa.ModelCall, output: Any) -> None:
                 if pruner.prefill:
-                    before = args[0] if args else kwargs["hidden_states"]
                     after = output[0] if isinstance(output, tuple) else output
-                    captured["transition"] = transition_variation(before, after)
+                    captured["transition"] = transition_variation(call.arguments["hidden_states"], after)
 
-            patcher.add_hook(layers[layer - 1].register_forward_hook(transition, with_kwargs=True))
+            tfa.after_call(layers[layer - 1], patcher, transition)
         if strategy == "plphp":
-            def cache_after_prefill(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-                pruner.prune_cache(tfa.output_cache(output))
-
-            patcher.add_hook(decoder.register_forward_hook(cache_after_prefill, with_kwargs=True))
+            tfa.after_call(decoder, patcher, lambda call, output: pruner.prune_cache(tfa.output_cache(output)))
     return PruneVlmHandle("prune", model, options, patcher, pruner=pruner)

@@ -36,7 +36,6 @@ is ``None``, standing for the default named here; an option of the other framewo
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -223,7 +222,7 @@ def _hook_attention(patcher: Patcher, state: _State, site: _Site, layer: int, at
     """``scope="attention"``: merge the self-attention's image tokens, unmerge its output."""
     pending: list[tuple[CellMerge, int]] = []
 
-    def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    def before(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         _check_no_mask(name, kwargs)
         x = _hidden(args, kwargs)
         start = state.text_tokens if site.kind == "flux_single" else 0  # Flux single stream: text first
@@ -238,7 +237,7 @@ def _hook_attention(patcher: Patcher, state: _State, site: _Site, layer: int, at
             kwargs["image_rotary_emb"] = _merge_rope(kwargs["image_rotary_emb"], merge, image.shape[1])
         return args, kwargs
 
-    def after(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+    def after(output: Any) -> Any:
         merge, start = pending.pop()
         if merge.r == 0:
             return output
@@ -246,8 +245,7 @@ def _hook_attention(patcher: Patcher, state: _State, site: _Site, layer: int, at
         first = merge.unmerge(first) if not start else torch.cat([first[:, :start], merge.unmerge(first[:, start:])], 1)
         return (first, *output[1:]) if isinstance(output, tuple) else first
 
-    patcher.add_hook(attn.register_forward_pre_hook(before, with_kwargs=True))
-    patcher.add_hook(attn.register_forward_hook(after, with_kwargs=True))
+    adapter("diffusers").around_call(attn, patcher, before, after)
 
 
 def _hook_block(patcher: Patcher, state: _State, site: _Site) -> None:
@@ -255,7 +253,7 @@ def _hook_block(patcher: Patcher, state: _State, site: _Site) -> None:
     pending: list[tuple[CellMerge, Tensor, Tensor]] = []
     layer = site.attentions[0][0]
 
-    def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    def before(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         _check_no_mask(site.name, kwargs)
         x = _hidden(args, kwargs)  # image tokens only, in every supported block
         merge = state.decide(site.name, x, state.layer_grid(layer))
@@ -268,7 +266,7 @@ def _hook_block(patcher: Patcher, state: _State, site: _Site) -> None:
             kwargs["image_rotary_emb"] = _merge_rope(kwargs["image_rotary_emb"], merge, x.shape[1])
         return args, kwargs
 
-    def after(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+    def after(output: Any) -> Any:
         merge, x, merged = pending.pop()
         if merge.r == 0:
             return output
@@ -276,8 +274,7 @@ def _hook_block(patcher: Patcher, state: _State, site: _Site) -> None:
             return output[0], x + merge.unmerge(output[1] - merged)
         return x + merge.unmerge(output - merged)
 
-    patcher.add_hook(site.block.register_forward_pre_hook(before, with_kwargs=True))
-    patcher.add_hook(site.block.register_forward_hook(after, with_kwargs=True))
+    adapter("diffusers").around_call(site.block, patcher, before, after)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -316,19 +313,18 @@ class PerSampleRopeFluxAttnProcessor:
 
 def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> TomeDiffusersHandle:
     """Patch ``target.model`` (one of :data:`FAMILIES`) as the module docstring says."""
-    from ..frameworks.diffusers import call_grid, set_processors
+    from ..frameworks.diffusers import call_grid, on_call, set_processors
 
     model = target.model
     state = _State(model, options)
     sites = _selected(_sites(model), options["max_downsample"])
-    signature = inspect.signature(type(model).forward)
 
-    def on_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        state.grid, state.text_tokens = call_grid(module, signature.bind_partial(module, *args, **kwargs).arguments)
+    def start(inputs: dict[str, Any]) -> None:
+        state.grid, state.text_tokens = call_grid(model, inputs)
         state.token_counts = []
         state.partitions = {}
 
-    patcher.add_hook(model.register_forward_pre_hook(on_call, with_kwargs=True))
+    on_call(model, patcher, start)
     for site in sites:
         if options["scope"] == "block":
             _hook_block(patcher, state, site)

@@ -54,7 +54,7 @@ Options and identity values: ``strategy`` ('tile_topk'); ``keep`` (0.25; identit
 and ``grat_radius`` (1; identity: >= the tile grid's largest side, surrounding) for grat;
 ``dense_steps`` (0), ``dense_layers`` (0); ``strict`` (False: the PyTorch reference is used, logged
 once, where the Triton kernel cannot run); ``install`` ('processor'; 'attention_backend' for diffusers'
-context parallelism, see :mod:`visattn.processors.sparse_video_backend`). At an identity setting the
+context parallelism, see :mod:`visattn.processors.sparse_video.backend`). At an identity setting the
 layer calls stock SDPA itself, so the output is bit-identical to stock.
 
 Installation (diffusers): ``visattn.apply(pipe_or_model, "sparse_video", ...)`` or
@@ -76,8 +76,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core.layout import TokenLayout
-from ..core.routing import (
+from ...core.layout import TokenLayout
+from ...core.routing import (
     block_scores,
     diagonal_blocks,
     pool_blocks,
@@ -87,12 +87,10 @@ from ..core.routing import (
     tile_order,
     token_words,
 )
-from ..errors import OptionError, ShapeError, UnsupportedModelError
-from ..frameworks import Target
-from ..kernels import block_sparse_attention
-from ..options import Option, bool_option, check_scope, choice_option, float_option, int_option, validate_options
-from ..patching import Handle, Patcher
-from ..registry import Method, register
+from ...errors import OptionError, ShapeError, UnsupportedModelError
+from ...kernels import block_sparse_attention
+from ...options import Option, bool_option, check_scope, choice_option, float_option, int_option, validate_options
+from ...patching import Patcher
 
 STRATEGIES = ("tile_topk", "rectified", "sliding_tile", "grat")
 GRAT_PATTERNS = ("surrounding", "criss_cross")
@@ -162,7 +160,7 @@ INSTALLS = ("processor", "attention_backend")
 INSTALL = choice_option("install", "processor", INSTALLS,
                         doc="'processor': attention processors around the stock ones; 'attention_backend': the "
                             "diffusers attention backend 'visattn_sparse', which context parallelism (Ulysses) "
-                            "wraps (visattn.processors.sparse_video_backend)")
+                            "wraps (visattn.processors.sparse_video.backend)")
 
 
 @dataclass(frozen=True)
@@ -457,7 +455,7 @@ def sparse_video_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout,
 
 def _sparse_sdpa(layout: TokenLayout, config: SparseVideoConfig) -> Any:
     """An SDPA interception that answers the layer's self/joint-attention call with :func:`sparse_video_attention`."""
-    from ..frameworks.diffusers import SDPAIntercept
+    from ...frameworks.diffusers import SDPAIntercept
 
     def answer(call: dict[str, Any]) -> Tensor | None:
         q, k = call["query"], call["key"]
@@ -474,14 +472,14 @@ class SparseVideoSchedule:
     """Which attention layers of one diffusers model run sparse in the current call, and with what token layout.
 
     Both installations of ``sparse_video`` — :class:`SparseVideoAttnProcessor` and the attention backend
-    (:mod:`visattn.processors.sparse_video_backend`) — ask it, because neither a processor call nor a backend
+    (:mod:`visattn.processors.sparse_video.backend`) — ask it, because neither a processor call nor a backend
     call carries the token grid, the denoising step or the layer index. Construction checks the model family
     and the tile, and installs :func:`visattn.frameworks.diffusers.install_context` (hooks undone by
     ``patcher``): the grid and text length of each denoiser call, the running attention layer, the timestep.
     """
 
     def __init__(self, model: nn.Module, config: SparseVideoConfig, patcher: Patcher) -> None:
-        from ..frameworks import diffusers as fw
+        from ...frameworks import diffusers as fw
 
         family = type(model).__name__
         if family not in FAMILIES:
@@ -571,13 +569,13 @@ class SparseVideoAttnProcessor:
     their stock processor untouched; a layer that never reaches SDPA (a non-native attention backend)
     raises :class:`~visattn.errors.UnsupportedModelError`. The attention itself,
     :func:`sparse_video_attention`, is a plain function of ``[B, H, N, D]`` tensors and a layout; it also
-    serves as a diffusers attention backend (:mod:`visattn.processors.sparse_video_backend`, the way to
+    serves as a diffusers attention backend (:mod:`visattn.processors.sparse_video.backend`, the way to
     run under context parallelism). Eager inference only (not ``torch.compile``).
     """
 
     def __init__(self, model: nn.Module, *, patcher: Patcher | None = None, config: SparseVideoConfig | None = None,
                  **options: Any) -> None:
-        from ..frameworks import diffusers as fw
+        from ...frameworks import diffusers as fw
 
         self.config = SparseVideoConfig.resolve(config, options)
         self._model = model
@@ -630,29 +628,3 @@ class SparseVideoAttnProcessor:
                 f"(processor {type(layer.stock).__name__}, attention backend {backend or 'default'}); use the stock "
                 f"processor with a native attention backend, or install='attention_backend'")
         return out
-
-
-@register
-class SparseVideo(Method):
-    name = "sparse_video"
-    summary = "block-sparse video/image DiT attention: tile top-k (VSA), Rectified SpaAttn, sliding tiles (STA), GRAT"
-    paper = ("VSA (Zhang et al., 2025); Rectified SpaAttn (2025); STA, sliding tile attention (2025); "
-             "GRAT (2025); XAttention-style top-p selection")
-    frameworks = ("diffusers",)
-    families = {"diffusers": FAMILIES}
-    options = (*OPTIONS, INSTALL)
-
-    def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> Handle:
-        from ..frameworks import diffusers as fw
-
-        config = SparseVideoConfig(**{k: v for k, v in options.items() if k != "install"})  # apply checked them
-        if options["install"] == "attention_backend":
-            from .sparse_video_backend import SparseVideoAttnBackend
-
-            SparseVideoAttnBackend(target.model, patcher=patcher, config=config).select(patcher)
-        else:
-            processor = SparseVideoAttnProcessor(target.model, patcher=patcher, config=config)
-            sparse = set(processor.sparse_layers())
-            fw.set_processors(target.model, patcher, lambda idx, name, module: processor if idx in sparse else None)
-        return Handle(self.name, target.model, options, patcher)
-

@@ -57,9 +57,9 @@ from typing import Any
 import torch.nn as nn
 from torch import Tensor
 
-from ..errors import OptionError, ShapeError, UnsupportedModelError
-from ..patching import Patcher
-from .sparse_video import SparseVideoConfig, SparseVideoSchedule, sparse_video_attention
+from ...errors import OptionError, ShapeError, UnsupportedModelError
+from ...patching import Patcher
+from .attention import SparseVideoConfig, SparseVideoSchedule, sparse_video_attention
 
 BACKEND = "visattn_sparse"
 FAMILIES = ("WanTransformer3DModel", "FluxTransformer2DModel", "HunyuanVideoTransformer3DModel")
@@ -94,7 +94,7 @@ class SparseVideoAttnBackend:
 
     def __init__(self, model: nn.Module, *, patcher: Patcher | None = None, config: SparseVideoConfig | None = None,
                  **options: Any) -> None:
-        from ..frameworks import diffusers as fw
+        from ...frameworks import diffusers as fw
 
         family = type(model).__name__
         if family not in FAMILIES:
@@ -115,15 +115,14 @@ class SparseVideoAttnBackend:
         self._schedule = SparseVideoSchedule(model, self.config, self._patcher)
         tokens: list = []
 
-        def enter(module: nn.Module, args: tuple) -> None:
+        def enter(args: tuple, kwargs: dict[str, Any]) -> None:
             tokens.append(_RUNNING.set(self))
 
-        def leave(module: nn.Module, args: tuple, output: Any) -> None:
+        def leave(output: Any) -> None:
             if tokens:
                 _RUNNING.reset(tokens.pop())
 
-        self._patcher.add_hook(model.register_forward_pre_hook(enter))
-        self._patcher.add_hook(model.register_forward_hook(leave, always_call=True))
+        fw.around_call(model, self._patcher, enter, leave, always=True)
 
     def sparse_layers(self) -> list[int]:
         """Indices (in attention-layer order) of the layers whose attention this backend makes sparse."""
