@@ -36,7 +36,7 @@ import visattn
 from benchmarks.timing import graphed as timing_graphed
 from benchmarks.timing import median_ms
 from visattn.core.merge_sd import cell_destinations, match_to_cells
-from visattn.processors.tome_diffusers import _sites
+from visattn.processors.tome.diffusers import _sites
 
 SDXL = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

@@ -97,7 +97,7 @@ def bench_model(name: str, r: int, args: argparse.Namespace, tome: object) -> di
             write_profile(args.profile, f"{name}: stock", fwd)
             visattn.apply(model, "tome", r=r)
         # diagnostic: the same block path and token counts, merging replaced by dropping the last r tokens
-        from visattn.processors import tome as tome_processor
+        from visattn.processors.tome import vit as tome_processor
 
         real = tome_processor.bipartite_soft_matching
 

@@ -18,7 +18,7 @@ from test_diffusers import B, T, _flux, _pixart, _run, _sd3, _unet, _wan  # noqa
 import visattn  # noqa: E402
 from visattn.core.merge_sd import cell_destinations, match_to_cells  # noqa: E402
 from visattn.frameworks import diffusers as adapter  # noqa: E402
-from visattn.processors.tome_diffusers import PerSampleRopeFluxAttnProcessor  # noqa: E402
+from visattn.processors.tome.diffusers import PerSampleRopeFluxAttnProcessor  # noqa: E402
 
 
 def _sdxl() -> tuple:

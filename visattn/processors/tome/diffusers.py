@@ -43,12 +43,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..core.merge_sd import CellMerge, cell_destinations, match_to_cells
-from ..errors import OptionError, ShapeError
-from ..frameworks import Target
-from ..frameworks.base import adapter
-from ..options import Option, choice_option, float_option, int_option
-from ..patching import Handle, Patcher
+from ...core.merge_sd import CellMerge, cell_destinations, match_to_cells
+from ...errors import OptionError, ShapeError
+from ...frameworks import Target
+from ...frameworks.base import adapter
+from ...options import Option, choice_option, float_option, int_option
+from ...patching import Handle, Patcher
 
 FAMILIES = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
 DOWNSAMPLES = (1, 2, 4, 8)
@@ -90,7 +90,7 @@ def _sites(model: nn.Module) -> list[_Site]:
     from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
-    from ..frameworks.diffusers import attention_layers, token_layout
+    from ...frameworks.diffusers import attention_layers, token_layout
 
     index = {id(m): i for i, (_, m) in enumerate(attention_layers(model))}
     kinds = ((BasicTransformerBlock, "basic", ("attn1",)), (JointTransformerBlock, "joint", ("attn", "attn2")),
@@ -159,7 +159,7 @@ class _State:
         self._layouts: dict[tuple, tuple[int, ...]] = {}
 
     def layer_grid(self, layer: int) -> tuple[int, ...]:
-        from ..frameworks.diffusers import token_layout
+        from ...frameworks.diffusers import token_layout
 
         key = (layer, self.grid)
         if key not in self._layouts:
@@ -313,7 +313,7 @@ class PerSampleRopeFluxAttnProcessor:
 
 def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> TomeDiffusersHandle:
     """Patch ``target.model`` (one of :data:`FAMILIES`) as the module docstring says."""
-    from ..frameworks.diffusers import call_grid, on_call, set_processors
+    from ...frameworks.diffusers import call_grid, on_call, set_processors
 
     model = target.model
     state = _State(model, options)

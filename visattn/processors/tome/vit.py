@@ -35,29 +35,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.merge import key_mask, log_size_bias, merge_wavg, parse_r
-from ..errors import OptionError, ShapeError, UnsupportedModelError
-from ..frameworks import Target
-from ..frameworks.base import step_blocks, vit_blocks
-from ..kernels.tome import bipartite_soft_matching
-from ..options import Option, bool_option
-from ..patching import Handle, Patcher
-from ..registry import Method, register
-from . import tome_diffusers
-
-
-def _check_r(v: Any) -> int | tuple[int, float] | list[int]:
-    def is_r(x: Any) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-    if is_r(v):
-        return v
-    if isinstance(v, tuple) and len(v) == 2 and is_r(v[0]) and isinstance(v[1], (int, float)) \
-            and not isinstance(v[1], bool) and -1 <= v[1] <= 1:
-        return (v[0], float(v[1]))
-    if isinstance(v, list) and all(is_r(x) for x in v):
-        return list(v)
-    raise ValueError
+from ...core.merge import key_mask, log_size_bias, merge_wavg, parse_r
+from ...errors import ShapeError
+from ...frameworks import Target
+from ...frameworks.base import step_blocks, vit_blocks
+from ...kernels.tome import bipartite_soft_matching
+from ...patching import Handle, Patcher
 
 
 class TomeState:
@@ -151,43 +134,12 @@ class TomeHandle(Handle):
         return None if self._state.source is None else self._state.source > 0
 
 
-@register
-class Tome(Method):
-    name = "tome"
-    summary = "merge similar tokens between attention and MLP (bipartite soft matching, proportional attention)"
-    paper = "Bolya et al., 2023, 'Token Merging: Your ViT But Faster' (ICLR 2023)"
-    frameworks = ("timm", "open_clip", "diffusers")
-    families = {"timm": ("VisionTransformer",), "open_clip": ("VisionTransformer",),
-                "diffusers": tome_diffusers.FAMILIES}
-    options = tuple(o.scoped(frameworks=("timm", "open_clip")) for o in (
-        Option("r", 8, "an int >= 0, an (r, inflect) pair with inflect in [-1, 1], or a list of ints >= 0",
-               _check_r, identity=0, doc="tokens removed per layer (clamped to half the image tokens)"),
-        bool_option("prop_attn", True, doc="proportional attention: add log(token size) to attention logits"),
-        bool_option("trace_source", False, doc="record which patches each token holds (handle.source)"),
-        bool_option("strict", False, doc="raise instead of falling back from the merge kernels to PyTorch"),
-    )) + tome_diffusers.OPTIONS  # diffusers UNets and DiTs: ToMe for Stable Diffusion (tome_diffusers)
-
-    def check_target(self, target: Target, options: dict[str, Any]) -> None:
-        if target.framework == "diffusers":
-            super().check_target(target, options)
-            return tome_diffusers.check(target, options)
-        if target.framework == "timm" and target.family == "Eva":
-            raise UnsupportedModelError(
-                "tome does not support EVA-style timm models (timm.models.eva.Eva): their rotary position "
-                "embeddings are laid out per patch position, which merged tokens no longer have; supported "
-                "timm models: VisionTransformer (ViT, DeiT3, DINOv2-style with registers)")
-        super().check_target(target, options)
-        depth = len(vit_blocks(target))
-        if isinstance(options["r"], list) and len(options["r"]) > depth:
-            raise OptionError(f"tome: r lists {len(options['r'])} layers but this {target.family} has {depth} blocks")
-
-    def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> Handle:
-        if target.framework == "diffusers":
-            return tome_diffusers.install(target, patcher, options)
-        blocks = vit_blocks(target)
-        schedule = parse_r(options["r"], len(blocks))
-        model = target.model
-        num_prefix = int(getattr(model, "num_prefix_tokens", 1))  # open_clip towers: the class token
-        state = TomeState(schedule, num_prefix, options["prop_attn"], options["trace_source"], options["strict"])
-        step_blocks(target, patcher, state)
-        return TomeHandle(self.name, model, options, patcher, state=state)
+def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> TomeHandle:
+    """``tome`` on a timm ViT or open_clip visual tower: :class:`TomeState` in every block."""
+    blocks = vit_blocks(target)
+    schedule = parse_r(options["r"], len(blocks))
+    model = target.model
+    num_prefix = int(getattr(model, "num_prefix_tokens", 1))  # open_clip towers: the class token
+    state = TomeState(schedule, num_prefix, options["prop_attn"], options["trace_source"], options["strict"])
+    step_blocks(target, patcher, state)
+    return TomeHandle("tome", model, options, patcher, state=state)

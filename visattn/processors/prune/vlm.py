@@ -1,6 +1,6 @@
 """``prune`` for vision-language models in transformers: visual tokens really removed, in stages.
 
-The transformers adapter of :mod:`visattn.processors.prune`. Strategies (scores in
+The transformers module of :mod:`visattn.processors.prune`. Strategies (scores in
 :mod:`visattn.core.importance`):
 
 - ``"fastv"`` — FastV (Chen et al., 2024, "An Image is Worth 1/2 Tokens After Layer 2"): decoder
@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..core.importance import (
+from ...core.importance import (
     additive_bias,
     kept_indices,
     layer_retention,
@@ -66,11 +66,11 @@ from ..core.importance import (
     transition_variation,
     vision_share,
 )
-from ..core.merge import cls_attention
-from ..errors import OptionError, ShapeError, UnsupportedModelError
-from ..frameworks import Target
-from ..frameworks.base import LazyAdapter
-from ..patching import Handle, Patcher
+from ...core.merge import cls_attention
+from ...errors import OptionError, ShapeError, UnsupportedModelError
+from ...frameworks import Target
+from ...frameworks.base import LazyAdapter
+from ...patching import Handle, Patcher
 
 tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
 

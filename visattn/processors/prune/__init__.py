@@ -1,0 +1,68 @@
+"""``prune``: token pruning by attention importance, one module per framework family.
+
+- :mod:`.vit`: EViT (strategy ``"cls"``) on timm ViTs and open_clip visual towers, between each block's
+  attention and its MLP;
+- :mod:`.vlm`: FastV, VTC-CLS, STAR, PLPHP and TransPrune on transformers vision-language models, tokens
+  removed from the sequence and the KV cache;
+- here: the :class:`Prune` method, its options and checks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...errors import OptionError, UnsupportedModelError
+from ...frameworks import Target
+from ...frameworks.base import select_layers, vit_blocks
+from ...options import choice_option, float_option, int_option, layers_option
+from ...patching import Handle, Patcher
+from ...registry import Method, register
+from . import vit, vlm
+from .vit import PruneHandle, PruneState
+
+__all__ = ["Prune", "PruneHandle", "PruneState"]
+
+
+@register
+class Prune(Method):
+    name = "prune"
+    summary = ("drop the least important image tokens: EViT on ViTs (fused into one token); FastV, VTC-CLS, "
+               "STAR, PLPHP, TransPrune on vision-language models (removed from sequence and KV cache)")
+    paper = ("strategy 'cls': Liang et al., 2022, 'Not All Patches are What You Need: Expediting Vision "
+             "Transformers via Token Reorganizations' (EViT, ICLR 2022); on transformers vision-language models "
+             "FastV, VTC-CLS, STAR, PLPHP and TransPrune (visattn.processors.prune.vlm)")
+    frameworks = ("timm", "open_clip", "transformers")
+    families = {"timm": ("VisionTransformer",), "open_clip": ("VisionTransformer",)}
+    options = (
+        choice_option("strategy", "cls", ("cls", "fastv", "star", "plphp", "transprune"),
+                      doc="how tokens are ranked: 'cls' = [CLS] attention (EViT; VTC-CLS on LLaVA); the others "
+                          "are for transformers vision-language models (see visattn.processors.prune.vlm)"),
+        float_option("keep", 0.7, low=0.0, high=1.0, low_open=True, identity=1.0,
+                     doc="fraction of image tokens kept at each chosen block"),
+        layers_option("layers", None, doc="blocks that prune (None: depth/4, depth/2, 3*depth/4, as EViT)"),
+        int_option("layer", None, low=0, allow_none=True,
+                   doc="transformers: decoder layer before which tokens are dropped (None: 2, as FastV; star: L/2)"),
+        layers_option("ensemble_layers", None,
+                      doc="transformers, cls/star: vision-tower layers whose [CLS] attention is averaged "
+                          "(None: the layer feeding the projector)"),
+    )
+
+    def check_target(self, target: Target, options: dict[str, Any]) -> None:
+        super().check_target(target, options)
+        if target.framework == "transformers":
+            return vlm.check_target(target, options)
+        if options["strategy"] != "cls" or options["layer"] is not None or options["ensemble_layers"] is not None:
+            raise OptionError(f"prune: on {target.framework} models only strategy 'cls' with options keep and layers "
+                              f"applies; strategy {options['strategy']!r}, layer and ensemble_layers are for "
+                              f"transformers vision-language models")
+        blocks = vit_blocks(target)
+        select_layers([str(i) for i in range(len(blocks))], options["layers"], self.name)
+        if target.framework == "timm" and getattr(target.model, "cls_token", None) is None:
+            raise UnsupportedModelError(
+                f"prune: strategy 'cls' ranks tokens by [CLS] attention, and this {target.family} has no class "
+                f"token (class_token=False)")
+
+    def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> Handle:
+        if target.framework == "transformers":
+            return vlm.install(target, patcher, options)
+        return vit.install(target, patcher, options)
