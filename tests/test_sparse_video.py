@@ -216,11 +216,16 @@ def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(UnsupportedModelError, match="UNet2DConditionModel"):
         visattn.diffusers.SparseVideoAttnProcessor(unet)
     wan, wan_inputs, _, _ = _model("wan")
-    visattn.apply(wan, "sparse_video", strategy="sliding_tile", tile=(1, 2, 2), window=((1, 1, 1),) * 3)
-    with pytest.raises(ShapeError, match="window gives 3 per-head windows, the layer has 2 heads"):
-        _run(wan, wan_inputs)
-    visattn.remove(wan)
+    with pytest.raises(ShapeError, match=r"window gives 3 per-head windows, and attention layer blocks\.0\.attn1 has 2 "
+                                         r"heads; give one window, or one per head"):
+        visattn.apply(wan, "sparse_video", strategy="sliding_tile", tile=(1, 2, 2), window=((1, 1, 1),) * 3)
+    with pytest.raises(ShapeError, match="window \\(3, 3\\) does not match the 3D token grid of WanTransformer3DModel"):
+        visattn.apply(wan, "sparse_video", strategy="sliding_tile", window=(3, 3))
+    assert not visattn.applied(wan)
     q = torch.randn(1, 2, 60, 8)
+    with pytest.raises(ShapeError, match="window gives 3 per-head windows, the layer has 2 heads"):
+        sparse_video_attention(q, q, q, TokenLayout(num_tokens=60, grid=(3, 4, 5)),
+                               SparseVideoConfig(strategy="sliding_tile", tile=(1, 2, 2), window=((1, 1, 1),) * 3))
     with pytest.raises(ShapeError, match="only text keys may be masked"):
         sparse_video_attention(q, q, q, TokenLayout(num_tokens=60, grid=(3, 4, 5)), SparseVideoConfig(keep=0.5),
                                attn_mask=torch.arange(60) > 0)

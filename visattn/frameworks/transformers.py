@@ -33,9 +33,9 @@ cache under either of its names (``cache`` from transformers 5.24 on, ``past_key
 whether image features come with the call (``pixel_values``, or the ``mm_encoder_outputs`` that
 ``generate()`` computes before the prefill from 5.23 on).
 
-Checked against transformers 5.17 and 5.23 (``sdpa_attention_forward``, ``AttentionInterface``,
-``AttentionMaskInterface``, ``get_decoder``) with LlavaForConditionalGeneration,
-LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration and
+Tested on transformers 5.6 (the floor, ``.ci/floor-constraints.txt``) and 5.24 (``sdpa_attention_forward``,
+``AttentionInterface``, ``AttentionMaskInterface``, ``get_decoder``, both cache argument names) with
+LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration and
 Qwen2_5_VLForConditionalGeneration. Models loaded with ``attn_implementation="sdpa"`` or
 ``"eager"`` are supported; flash and flex attention take masks in other forms (sequence lengths,
 block masks) and are refused with an error.

@@ -489,15 +489,24 @@ class SparseVideoSchedule:
         if config.tile is not None and len(config.tile) != rank:
             raise ShapeError(f"sparse_video: tile {config.tile} cannot cover the {rank}D token grid of "
                              f"{family}; give a tile with {rank} sides")
+        windows = () if config.window is None else (
+            config.window if isinstance(config.window[0], tuple) else (config.window,))
+        if any(len(w) != rank for w in windows):
+            raise ShapeError(f"sparse_video: window {config.window} does not match the {rank}D token grid of "
+                             f"{family}; give windows of {rank} sides")
         self.config = config
         self._fw = fw
         self._model = model
         self._layouts: dict[tuple, TokenLayout] = {}
         self.eligible: dict[int, int] = {}  # layer index -> position among the layers sparse attention may replace
-        for index, (_, module) in enumerate(fw.attention_layers(model)):
+        for index, (name, module) in enumerate(fw.attention_layers(model)):
             layout = fw.token_layout(model, index, (1,) * rank, 1)
             if layout.grid is not None and not getattr(module, "is_cross_attention", False):
                 self.eligible[index] = len(self.eligible)
+                heads = getattr(module, "heads", None)
+                if len(windows) > 1 and heads is not None and len(windows) != heads:
+                    raise ShapeError(f"sparse_video: window gives {len(windows)} per-head windows, and attention "
+                                     f"layer {name} has {heads} heads; give one window, or one per head")
         self._ctx = fw.install_context(model, patcher)
         self._call, self._step, self._timestep = -1, -1, None
 
