@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import UnknownMethodError, UnsupportedModelError
-from .frameworks import FRAMEWORKS, Target
+from .frameworks import FRAMEWORKS
 from .options import Option
 
 if TYPE_CHECKING:
+    from .frameworks import Target
     from .patching import Handle, Patcher
 
 _REGISTRY: dict[str, type[Method]] = {}

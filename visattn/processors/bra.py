@@ -86,7 +86,7 @@ def bi_level_routing_attention(q: Tensor, k: Tensor, v: Tensor, *, num_prefix: i
 
     ``path``: ``"kernel"`` (block-sparse kernel), ``"gather"`` (gather routed regions, then SDPA), or
     ``"auto"``: the kernel for regions of at least ``KERNEL_MIN_REGION`` tokens. ``on_routes``, when given,
-    receives the routes as :func:`route_regions` returns them (``[B, n_win ** 2, topk]``, ascending).
+    receives the routes ``[B, n_win ** 2, topk]`` (region indices, in the order top-k gave them).
     """
     check_grid(grid, n_win)
     if path not in ("auto", "kernel", "gather"):
@@ -97,7 +97,7 @@ def bi_level_routing_attention(q: Tensor, k: Tensor, v: Tensor, *, num_prefix: i
     qs, ks, vs = (take_tokens(t, perm) for t in (q, k, v))
     routed = _route(qs, ks, regions, size, topk)
     if on_routes is not None:
-        on_routes(routed[:, 0].sort(dim=-1).values)
+        on_routes(routed[:, 0])
     if path == "kernel" or (path == "auto" and size >= KERNEL_MIN_REGION):
         out = _routed_kernel(qs, ks, vs, routed, p=p, size=size, scale=scale, strict=strict)
     else:
@@ -272,7 +272,7 @@ class BRA(Method):
                 weight = module.qkv.weight
                 patcher.add_module(module, "lepe", _make_lepe(module.attn_dim, device=weight.device,
                                                               dtype=weight.dtype))
-            return {"_visattn_layout": layout, "_visattn_on_routes": partial(handle.routes.__setitem__, idx)}
+            return {"_visattn_layout": layout, "_visattn_on_routes": partial(handle._routes.__setitem__, idx)}
 
         timm_fw.swap_attention(model, patcher, layers, lambda idx, module: _swapped(type(module), cls), configure)
 
@@ -293,7 +293,11 @@ class BraHandle(Handle):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.routes: dict[int, Tensor] = {}
+        self._routes: dict[int, Tensor] = {}  # as routing left them; sorted when read, off the forward's path
+
+    @property
+    def routes(self) -> dict[int, Tensor]:
+        return {layer: routed.sort(dim=-1).values for layer, routed in self._routes.items()}
 
 
 @cache

@@ -30,8 +30,8 @@ size; 1, 2, 4 or 8: merge at every UNet level downsampled at most that much; DiT
 1), ``sx`` and ``sy`` (2: the cell size), ``seed`` (0: destinations are drawn from a generator
 seeded with it when the method is applied; each denoiser call draws fresh ones, as tomesd does,
 once per grid size: the layers of one call at one resolution share them), ``scope``
-("attention"). ``tome`` declares these beside its timm/open_clip options, so their declared default
-is ``None``, standing for the default named here; an option of the other frameworks is an error.
+("attention"). ``tome`` declares these beside its timm/open_clip options, each scoped to its
+frameworks: an option of the other frameworks, given, is an error (:func:`visattn.options.check_scope`).
 """
 
 from __future__ import annotations
