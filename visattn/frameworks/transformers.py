@@ -241,6 +241,18 @@ def _signature(cls: type) -> inspect.Signature:
     return signature.replace(parameters=list(signature.parameters.values())[1:])
 
 
+@functools.cache
+def _parameters(cls: type) -> tuple[tuple[str, ...], frozenset[str], bool]:
+    """What binding a call of ``cls.forward`` needs: the names taken positionally, in order; every name taken
+    by keyword; whether it takes ``**kwargs``. (Forwards run for every layer of every decode step, so
+    :func:`read_call` binds with these rather than with ``Signature.bind_partial``, which costs several
+    times more.)"""
+    params = _signature(cls).parameters.values()
+    positional = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    keyword = frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return positional, keyword, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
 def _transformers_version() -> str:
     import transformers
 
@@ -290,16 +302,16 @@ class ModelCall:
 def read_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> ModelCall:
     """The :class:`ModelCall` of ``module(*args, **kwargs)``; raises an :class:`UnsupportedModelError` naming the
     transformers version when the call does not fit ``module``'s forward or its cache is not a ``Cache``."""
-    signature = _signature(type(module))
-    try:
-        bound = dict(signature.bind_partial(*args, **kwargs).arguments)
-    except TypeError as error:
+    positional, keyword, any_keyword = _parameters(type(module))
+    bound = dict(zip(positional, args))
+    wrong = ([f"{len(args)} positional arguments for {len(positional)}"] if len(args) > len(positional) else []) + [
+        f"{name!r} given twice" for name in bound.keys() & kwargs.keys()] + (
+        [] if any_keyword else [f"unexpected {name!r}" for name in kwargs.keys() - keyword])
+    if wrong:
         raise UnsupportedModelError(
-            f"cannot read the call of {type(module).__name__} under transformers {_transformers_version()}: {error}; "
-            f"expected the arguments of its forward{signature}") from None
-    for name, param in signature.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
-            bound.update(bound.pop(name, {}))
+            f"cannot read the call of {type(module).__name__} under transformers {_transformers_version()}: "
+            f"{', '.join(wrong)}; expected the arguments of its forward{_signature(type(module))}")
+    bound.update(kwargs)
     cache = next((bound[name] for name in CACHE_ARGUMENTS if bound.get(name) is not None), None)
     if cache is not None and not callable(getattr(cache, "get_seq_length", None)):
         raise UnsupportedModelError(
