@@ -201,7 +201,7 @@ def kernel_cases() -> bool:
     for batch, n, prefix, r, sized in [(3, 17, 1, 4, 0), (2, 21, 4, 5, 1), (2, 16, 0, 8, 1), (1, 30, 3, 13, 0)]:
         metric, x = torch.randn(batch, n, 16), torch.randn(batch, n, 24)
         size = torch.randint(1, 5, (batch, n)).float() if sized else None
-        ref = cm._match(metric, r, prefix, size, None)
+        ref = cm.decide(metric, r, prefix, size, None)
         kept, src, dst, new_size = kernels.match(metric, r, prefix, size)
         assert torch.equal(kept, ref.kept) and torch.equal(new_size, ref.size)
         assert torch.equal(src.sort(1).values, ref.src.sort(1).values)  # the same tokens merge, in another order

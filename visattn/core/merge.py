@@ -74,9 +74,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, *, num_prefix: int = 0, size
     r = merge_count(metric, r, num_prefix, mergeable)
     if r <= 0:
         return _identity, _identity
-    with torch.no_grad():
-        decision = _match(metric, r, num_prefix, size, mergeable)
-    return merge_functions(decision, metric.shape[:2], size)
+    return merge_functions(decide(metric, r, num_prefix, size, mergeable), metric.shape[:2], size)
 
 
 def merge_count(metric: Tensor, r: int, num_prefix: int, mergeable: Tensor | None) -> int:
@@ -147,8 +145,10 @@ class Match(NamedTuple):
     size: Tensor
 
 
-def _match(metric: Tensor, r: int, num_prefix: int, size: Tensor | None, mergeable: Tensor | None) -> Match:
-    """The decision, as index tensors, in PyTorch: no host synchronisation."""
+@torch.no_grad()
+def decide(metric: Tensor, r: int, num_prefix: int, size: Tensor | None, mergeable: Tensor | None) -> Match:
+    """The decision for exactly ``r`` merges (:func:`merge_count` clamps ``r`` first), as index tensors, in
+    PyTorch: no host synchronisation."""
     batch, n, _ = metric.shape
     scores, a, b = _scores(metric, num_prefix, mergeable)
     best, partner = scores.max(dim=-1)

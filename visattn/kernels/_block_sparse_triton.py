@@ -21,12 +21,12 @@ Conventions shared by the three kernels (all the host-side preparation lives in 
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from ._runtime import interpreting
+
+INTERPRET = interpreting()
 
 
 @triton.jit

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,15 +35,12 @@ from torch import Tensor
 from .._logging import fallback
 from ..core.attention import block_sparse_attention_reference, check_block_lists
 from ..errors import ShapeError
+from ._runtime import interpreting, runtime_unavailable
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def _triton_module():
@@ -55,10 +50,9 @@ def _triton_module():
 
 def kernel_unavailable_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     """Why the Triton kernel cannot run on these tensors, or ``None`` when it can."""
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed"
-    if not _interpret() and not (q.is_cuda and k.is_cuda and v.is_cuda):
-        return f"tensors are on {q.device.type}, the Triton kernel needs CUDA (or TRITON_INTERPRET=1)"
+    reason = runtime_unavailable(q, k, v)
+    if reason is not None:
+        return reason
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} is not supported by the kernel (float16 or bfloat16)"
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -148,7 +142,7 @@ def _meta(q: Tensor, k: Tensor, plan: _Plan, block_q: int, block_k: int, tuned) 
     meta = dict(GROUP=q.shape[1] // k.shape[1], BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=padded,
                 MASK_Q=q.shape[2] % block_q != 0, MASK_KV=k.shape[2] % block_k != 0,
                 MASK_D=head_dim != padded, HAS_ALW=plan.num_always > 0,
-                DOT_F32=_interpret() and q.dtype == torch.bfloat16)
+                DOT_F32=interpreting() and q.dtype == torch.bfloat16)
     if tuned is None:
         meta.update(BLOCK_M=_interp_tile(block_q), BLOCK_N=_interp_tile(block_k))
     return meta

@@ -15,29 +15,23 @@ returns ``None``; callers then take the PyTorch path, which is the kernel's orac
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import os
 
 import torch
 from torch import Tensor
 
 from .._logging import fallback
 from ..errors import ShapeError
+from ._runtime import runtime_unavailable
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 MODES = {"var": 1, "pai": 2}
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def unavailable_reason(q: Tensor, mask: Tensor | None) -> str | None:
     """Why the kernel cannot take the decode step of ``q`` ``[B, H, 1, D]`` under ``mask``, or ``None``."""
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed"
-    if not (q.is_cuda or _interpret()):
-        return f"tensors are on {q.device.type}, the kernel needs CUDA (or TRITON_INTERPRET=1)"
+    reason = runtime_unavailable(q)
+    if reason is not None:
+        return reason
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16 or bfloat16)"
     if q.shape[-1] > 256:

@@ -16,24 +16,22 @@ and no key mask run the kernels; anything else falls back to the core path, logg
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import os
 
 import torch
 from torch import Tensor
 
 from .._logging import fallback
 from ..core import merge as core
+from ._runtime import runtime_unavailable
 
 MAX_SET = 128  # tokens of each set A and B held by one program
 
 
 def unavailable_reason(t: Tensor, n_img: int) -> str | None:
     """Why the kernels cannot merge a sequence of ``n_img`` image tokens held in ``t``, or ``None``."""
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed"
-    if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes"):
-        return f"tensors are on {t.device.type}, the kernels need CUDA (or TRITON_INTERPRET=1)"
+    reason = runtime_unavailable(t)
+    if reason is not None:
+        return reason
     if (n_img + 1) // 2 > MAX_SET:
         return f"{n_img} image tokens, the kernels take up to {2 * MAX_SET}"
     return None
@@ -47,9 +45,9 @@ def bipartite_soft_matching(metric: Tensor, r: int, *, num_prefix: int = 0, size
         return core.bipartite_soft_matching(metric, 0)
     n_img = metric.shape[1] - num_prefix
     reason = "a key mask (padded tokens)" if mergeable is not None else unavailable_reason(metric, n_img)
-    if reason is not None:
+    if reason is not None:  # r is clamped already: the core decision, not its entry point (no second clamp)
         fallback(f"tome:{reason}", f"visattn tome merge kernels: {reason}; merging through PyTorch", strict)
-        return core.bipartite_soft_matching(metric, r, num_prefix=num_prefix, size=size, mergeable=mergeable)
+        return core.merge_functions(core.decide(metric, r, num_prefix, size, mergeable), metric.shape[:2], size)
     with torch.no_grad():
         m = core.Match(*match(metric, r, num_prefix, size))
     return core.merge_functions(m, metric.shape[:2], size,
