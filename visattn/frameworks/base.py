@@ -17,6 +17,7 @@ exposes two functions used by methods:
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -110,6 +111,12 @@ class BlockStep(Protocol):
 
     def step(self, layer: int, x: Tensor, q: Tensor | None, k: Tensor | None, scale: float) -> Tensor:
         """``x`` ``[B, N, C]`` after attention and its residual; returns the tokens the MLP gets."""
+
+
+@functools.cache
+def stepped_class(base: type, forward: Callable[..., Tensor]) -> type:
+    """``base`` (a block class) with ``forward`` running a :class:`BlockStep`; ``_visattn_base`` is ``base``."""
+    return type(f"Stepped{base.__name__}", (base,), {"forward": forward, "_visattn_base": base})
 
 
 def step_blocks(target: Any, patcher: Any, step: BlockStep) -> None:

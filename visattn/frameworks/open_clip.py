@@ -9,7 +9,6 @@ runs untouched. Methods that act between a block's attention and its MLP get the
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import ShapeError, UnsupportedModelError
 from ..patching import Patcher
-from .base import BlockStep, Observer
+from .base import BlockStep, Observer, stepped_class
 
 
 def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -81,11 +80,6 @@ def mha_self_attention(mha: nn.MultiheadAttention, x: torch.Tensor, bias: torch.
     return out, q, k
 
 
-@functools.cache
-def _stepped(base: type) -> type:
-    return type(f"Stepped{base.__name__}", (base,), {"forward": _stepped_forward, "_visattn_base": base})
-
-
 def _stepped_forward(self: Any, q_x: torch.Tensor, k_x: torch.Tensor | None = None, v_x: torch.Tensor | None = None,
                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     step: BlockStep = self._visattn_step
@@ -113,7 +107,7 @@ def step_blocks(model: nn.Module, patcher: Patcher, step: BlockStep) -> None:
     for layer, (_, block) in enumerate(vit_blocks(model)):
         patcher.set_attr(block, "_visattn_step", step)
         patcher.set_attr(block, "_visattn_layer", layer)
-        patcher.swap_class(block, _stepped(type(block)))
+        patcher.swap_class(block, stepped_class(type(block), _stepped_forward))
 
 
 def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int], observer: Observer) -> None:

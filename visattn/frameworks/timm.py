@@ -12,7 +12,6 @@ also be built with the factory flags ``attn_layer=`` (names registered in
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +22,7 @@ from timm.layers import Attention
 from ..core.layout import TokenLayout
 from ..errors import ShapeError, UnsupportedModelError
 from ..patching import Patcher
-from .base import BlockStep, Observer
+from .base import BlockStep, Observer, stepped_class
 
 
 def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -82,11 +81,6 @@ def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int],
         patcher.add_hook(attn.k_norm.register_forward_hook(on_k))
 
 
-@functools.cache
-def _stepped(base: type) -> type:
-    return type(f"Stepped{base.__name__}", (base,), {"forward": _stepped_forward, "_visattn_base": base})
-
-
 def _stepped_forward(self: Any, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                      is_causal: bool = False) -> torch.Tensor:
     step: BlockStep = self._visattn_step
@@ -110,7 +104,7 @@ def step_blocks(model: nn.Module, patcher: Patcher, step: BlockStep) -> None:
     for layer, (_, block) in enumerate(vit_blocks(model)):
         patcher.set_attr(block, "_visattn_step", step)
         patcher.set_attr(block, "_visattn_layer", layer)
-        patcher.swap_class(block, _stepped(type(block)))
+        patcher.swap_class(block, stepped_class(type(block), _stepped_forward))
         if step.captures(layer):
             captured: dict[str, torch.Tensor] = {}
             patcher.set_attr(block, "_visattn_qk", captured)
