@@ -223,20 +223,24 @@ def tile_order(grid: Sequence[int], tile: Sequence[int], device: torch.device | 
         raise ShapeError(f"tile_order: grid and tile must both be (h, w) or (t, h, w); got {grid} and {tile}")
     if any(g < 1 for g in grid) or any(t < 1 for t in tile):
         raise ShapeError(f"tile_order: grid and tile sizes must be >= 1; got {grid} and {tile}")
-    # integer bookkeeping of the grid alone: computed on the CPU (so a meta-device model gets it too), then moved
-    coords = torch.meshgrid(*(torch.arange(g) for g in grid), indexing="ij")
+    coords = torch.meshgrid(*(torch.arange(g, device=device) for g in grid), indexing="ij")
     tiles_per_dim = [-(-g // t) for g, t in zip(grid, tile)]
-    tile_id = torch.zeros(grid, dtype=torch.long)
-    local = torch.zeros(grid, dtype=torch.long)
+    tile_id = torch.zeros(grid, dtype=torch.long, device=device)
+    local = torch.zeros(grid, dtype=torch.long, device=device)
     for c, t, n in zip(coords, tile, tiles_per_dim):
         tile_id = tile_id * n + c // t
         local = local * t + c % t
     key = (tile_id * math.prod(tile) + local).flatten()
     perm = torch.argsort(key)
     inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.numel())
-    sizes = torch.bincount(tile_id.flatten(), minlength=math.prod(tiles_per_dim))
-    return TileOrder(grid, tile, *(t.to(device) for t in (perm, inverse, sizes)))
+    inverse[perm] = torch.arange(perm.numel(), device=device)
+    # tile sizes from the extents per axis (edge tiles are cut short), in tile_id's row-major order: no
+    # data-dependent op, so meta tensors and torch.compile take it
+    sizes = torch.ones(1, dtype=torch.long, device=device)
+    for g, t, n in zip(grid, tile, tiles_per_dim):
+        extent = torch.tensor([min(t, g - i * t) for i in range(n)], dtype=torch.long, device=device)
+        sizes = (sizes[:, None] * extent[None, :]).flatten()
+    return TileOrder(grid, tile, perm, inverse, sizes)
 
 
 def token_words(x: Tensor) -> Tensor:

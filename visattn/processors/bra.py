@@ -86,7 +86,8 @@ def bi_level_routing_attention(q: Tensor, k: Tensor, v: Tensor, *, num_prefix: i
 
     ``path``: ``"kernel"`` (block-sparse kernel), ``"gather"`` (gather routed regions, then SDPA), or
     ``"auto"``: the kernel for regions of at least ``KERNEL_MIN_REGION`` tokens. ``on_routes``, when given,
-    receives the routes ``[B, n_win ** 2, topk]`` (region indices, in the order top-k gave them).
+    receives the routes ``[B, n_win ** 2, topk]`` (region indices, in the order top-k gave them), in eager
+    mode only (inside a ``torch.compile``d graph it would add a graph break).
     """
     check_grid(grid, n_win)
     if path not in ("auto", "kernel", "gather"):
@@ -209,7 +210,8 @@ def timm_layer() -> type:
             q, k = self.q_norm(q), self.k_norm(k)
             out = bi_level_routing_attention(q, k, v, num_prefix=prefix, grid=grid, n_win=self.n_win, topk=self.topk,
                                              scale=self.scale, strict=self.strict,
-                                             on_routes=self.__dict__.get("_visattn_on_routes"))
+                                             on_routes=None if torch.compiler.is_compiling()  # no graph break
+                                             else self.__dict__.get("_visattn_on_routes"))
             if self.use_lepe:
                 v_img = v[:, :, prefix:].transpose(2, 3).reshape(b, self.attn_dim, *grid)
                 lce = self.lepe(v_img).reshape(b, self.num_heads, self.head_dim, -1).transpose(2, 3)
@@ -289,7 +291,8 @@ class BRA(Method):
 class BraHandle(Handle):
     """Handle of ``bra``. ``routes[layer]``: the regions each region of that attention layer attended to in
     the last forward, ``[B, n_win ** 2, topk]`` ascending (as :func:`route_regions` gives them; regions in
-    raster order of the ``n_win x n_win`` grid). Layers at the identity setting run dense and record none."""
+    raster order of the ``n_win x n_win`` grid). Layers at the identity setting run dense and record none, and
+    so does a ``torch.compile``d forward."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -434,6 +434,7 @@ def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> PruneV
 
     if keep < 1.0:
         tfa.route_attention(model, patcher, sorted(routes), make_route)
+
     def model_pre(call: tfa.ModelCall) -> None:
         captured.clear()
         pruner.start(call)
