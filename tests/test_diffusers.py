@@ -184,7 +184,7 @@ def test_call_grid_and_token_layout_per_family(case: Case) -> None:
 
 def test_install_context_tracks_timestep_step_and_layer(case: Case) -> None:
     model, patcher = case.model, Patcher()
-    ctx = adapter.install_context(model, patcher)
+    ctx = adapter.install_context(model, patcher).get()  # this thread's context
     seen: list[int | None] = []
     probes = [m.register_forward_pre_hook(lambda m, a: seen.append(ctx.layer))
               for _, m in adapter.attention_layers(model)]
@@ -360,11 +360,12 @@ def test_pipeline_is_detected_and_its_transformer_inspected(dit_pipe: diffusers.
 
 def test_install_context_counts_pipeline_steps(dit_pipe: diffusers.DiTPipeline) -> None:
     patcher = Patcher()
-    ctx = adapter.install_context(dit_pipe.transformer, patcher)
+    contexts = adapter.install_context(dit_pipe.transformer, patcher)
     try:
         _generate(dit_pipe, steps=3)
     finally:
         patcher.undo()
+    ctx = contexts.get()
     assert ctx.step == 2
     assert int(ctx.timestep.flatten()[0]) == int(dit_pipe.scheduler.timesteps[-1])
     assert ctx.extra is None  # DiT is not a family with a known token layout

@@ -12,7 +12,6 @@ from . import diffusers  # noqa: F401  (visattn.diffusers: processors; imports d
 from . import processors as _processors  # noqa: F401  (registers the methods)
 from .api import applied, apply, methods, remove
 from .errors import (
-    ConcurrencyError,
     CopyError,
     KernelUnavailableError,
     MethodConflictError,
@@ -32,7 +31,6 @@ if importlib.util.find_spec("timm") is not None:
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConcurrencyError",
     "CopyError",
     "Handle",
     "KernelUnavailableError",

@@ -36,7 +36,6 @@ def apply(target: Any, method: str, **options: Any) -> Handle:
     try:
         patcher.refuse_copies(tgt.model, method)
         handle = impl.install(tgt, patcher, values)
-        patcher.refuse_concurrent_calls(tgt.model, method)
     except BaseException:
         patcher.undo()
         raise

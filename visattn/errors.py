@@ -45,6 +45,3 @@ class ShapeError(VisattnError, ValueError):
 class CopyError(VisattnError, TypeError):
     """A model carrying a visattn method was deep-copied, pickled or saved whole (``torch.save(model)``)."""
 
-
-class ConcurrencyError(VisattnError, RuntimeError):
-    """A forward of a model carrying a visattn method started while another thread was running one."""

@@ -9,13 +9,10 @@ and ``remove()``.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
-from .errors import ConcurrencyError, CopyError, MethodConflictError
+from .errors import CopyError, MethodConflictError
 
 _MISSING = object()
 HANDLES_ATTR = "_visattn_handles"
@@ -77,39 +74,6 @@ class Patcher:
 
         self.set_attr(model, "__deepcopy__", deepcopy)
         self.set_attr(model, "__reduce_ex__", reduce_ex)
-
-    def refuse_concurrent_calls(self, model: Any, method: str) -> None:
-        """Until undo, a forward of ``model`` that starts while another thread is inside one raises
-        :class:`ConcurrencyError` (the methods keep per-call state between the hooks of one forward).
-        Call it after the method's own hooks are in: it wraps them (first pre-hook, last hook)."""
-        depth: dict[int, int] = {}  # thread -> forwards of model it is inside
-        lock = threading.Lock()
-        family = type(model).__name__
-
-        def enter(module: Any, args: tuple) -> None:
-            if torch.compiler.is_compiling():  # a compiled graph holds no lock (no graph break); not checked there
-                return
-            me = threading.get_ident()
-            with lock:
-                if any(n for thread, n in depth.items() if thread != me):
-                    raise ConcurrencyError(
-                        f"this {family} carries visattn's {method} and another thread is running a forward of it; "
-                        f"the method keeps per-call state between its hooks, so run one forward at a time (a lock), "
-                        f"or give each thread its own model and apply the method to each")
-                depth[me] = depth.get(me, 0) + 1
-
-        def leave(module: Any, args: tuple, output: Any) -> None:
-            if torch.compiler.is_compiling():
-                return
-            me = threading.get_ident()
-            with lock:
-                if depth.get(me):  # a refused forward never entered
-                    depth[me] -= 1
-                    if not depth[me]:
-                        del depth[me]
-
-        self.add_hook(model.register_forward_pre_hook(enter, prepend=True))
-        self.add_hook(model.register_forward_hook(leave, always_call=True))
 
     def on_undo(self, fn: Callable[[], None]) -> None:
         self._undo.append(fn)

@@ -13,20 +13,58 @@ exposes two functions used by methods:
     the stock attention uses (after norms and rotary embeddings, ``[B, H, N, D]``; k may have fewer
     heads), its softmax scale, and its mask (boolean, True = attend, or an additive float bias, or
     ``None``), while the layer's output stays bit-identical to stock.
+
+Per-call state. What one forward (or one ``generate()``) carries from a hook to the next — token sizes
+after a merge, the image positions of a prompt, the grid of a denoiser call — lives in a
+:class:`PerThread`, never in an attribute of the model or a closure's dict: two threads running
+forwards of one patched model each see their own, as with the stock model.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
+import torch
 from torch import Tensor
 
 Observer = Callable[[int, Tensor, Tensor, float, "Tensor | None"], None]
+T = TypeVar("T")
+
+
+class PerThread(Generic[T]):
+    """A value of which each thread has its own: the state one forward (or one generation) of a patched model
+    carries between its hooks.
+
+    ``get()`` is this thread's value, made by ``factory`` on its first use in the thread; ``set(value)``
+    replaces it (a method does so when a forward starts). ``latest()`` serves handles read after a forward:
+    this thread's value, or in a thread that has none (the forward ran in a worker thread) the value set most
+    recently in any thread. Built on ``threading.local``, which ``torch.compile`` traces without a graph break.
+    """
+
+    def __init__(self, factory: Callable[[], T]) -> None:
+        self._factory = factory
+        self._local = threading.local()
+        self._latest: T | None = None
+
+    def get(self) -> T:
+        value = getattr(self._local, "value", None)
+        return self.set(self._factory()) if value is None else value
+
+    def set(self, value: T) -> T:
+        self._local.value = self._latest = value
+        return value
+
+    def latest(self) -> T:
+        value = getattr(self._local, "value", None)
+        if value is None:
+            value = self._latest
+        return self._factory() if value is None else value
 
 
 @dataclass
@@ -36,7 +74,7 @@ class CallContext:
     Attributes:
         layer: index of the attention layer being run (its position in ``attention_layers``).
         timestep: the diffusion timestep of the current denoiser call, if the model takes one.
-        step: how many denoiser calls have started since the method was applied (0-based).
+        step: how many denoiser calls have started (in this thread) since the method was applied (0-based).
         extra: anything else a framework adapter reads from the call (e.g. ``input_ids``).
     """
 
@@ -44,6 +82,23 @@ class CallContext:
     timestep: Any = None
     step: int = -1
     extra: dict[str, Any] | None = None
+    _counted: int = field(default=-1, repr=False)  # the call denoising_step last counted
+    _denoising: int = field(default=-1, repr=False)
+    _last_timestep: float | None = field(default=None, repr=False)
+
+    def denoising_step(self) -> int:
+        """The denoising step of the current call (0-based): a step is a distinct timestep, so repeated calls at
+        one timestep (classifier-free guidance run as two calls) are one step, and a timestep larger than the
+        last one starts a new generation at step 0. Reads the timestep on the host, once per call."""
+        if self.step != self._counted:
+            self._counted = self.step
+            t = None if self.timestep is None else float(torch.as_tensor(self.timestep).flatten()[0])
+            if t is None or self._last_timestep is None or t > self._last_timestep:
+                self._denoising = 0
+            elif t < self._last_timestep:
+                self._denoising += 1
+            self._last_timestep = t
+        return self._denoising
 
 
 def adapter(framework: str) -> ModuleType:
@@ -80,28 +135,14 @@ def vit_blocks(target: Any) -> list[Any]:
     return [m for _, m in adapter(target.framework).vit_blocks(target.model)]
 
 
-class BlockStep(Protocol):
-    """What a method does between a ViT block's attention and its MLP (ToMe's merge, EViT's pruning).
-
-    The timm and open_clip adapters own the block (:func:`step_blocks`): they run each block's attention
-    with :meth:`mask`, hand its output with the block's q and k to :meth:`step`, and feed the result to the
-    MLP; blocks for which :meth:`stock` says so run their stock forward. Parameter names do not change.
+class StepCall(Protocol):
+    """What one forward of a ViT carries from block to block for a :class:`BlockStep` (sizes, masks...).
 
     Attributes:
-        method: the method's name, for errors.
-        verb: what the step does to tokens ("merge", "prune"), for errors.
         token_counts: the adapter appends the tokens entering each block.
     """
 
-    method: str
-    verb: str
     token_counts: list[int]
-
-    def start(self, attn_mask: Tensor | None) -> None:
-        """A forward begins (its first block), with the caller's attention mask."""
-
-    def captures(self, layer: int) -> bool:
-        """Whether :meth:`step` at block ``layer`` reads the attention's q and k (fixed when installed)."""
 
     def stock(self, layer: int, num_tokens: int) -> bool:
         """Whether block ``layer``, entered by ``num_tokens`` tokens, runs its stock forward in this call."""
@@ -113,13 +154,37 @@ class BlockStep(Protocol):
         """``x`` ``[B, N, C]`` after attention and its residual; returns the tokens the MLP gets."""
 
 
+class BlockStep(Protocol):
+    """What a method does between a ViT block's attention and its MLP (ToMe's merge, EViT's pruning).
+
+    The timm and open_clip adapters own the block (:func:`step_blocks`): when a forward enters the first
+    block they ask :meth:`start` for the call's :class:`StepCall` (kept per thread), run each block's
+    attention with its mask, hand the output with the block's q and k to its ``step``, and feed the result
+    to the MLP; blocks for which ``stock`` says so run their stock forward. Parameter names do not change.
+
+    Attributes:
+        method: the method's name, for errors.
+        verb: what the step does to tokens ("merge", "prune"), for errors.
+    """
+
+    method: str
+    verb: str
+
+    def start(self, attn_mask: Tensor | None) -> StepCall:
+        """A forward begins (its first block), with the caller's attention mask: its fresh state."""
+
+    def captures(self, layer: int) -> bool:
+        """Whether the step at block ``layer`` reads the attention's q and k (fixed when installed)."""
+
+
 @functools.cache
 def stepped_class(base: type, forward: Callable[..., Tensor]) -> type:
     """``base`` (a block class) with ``forward`` running a :class:`BlockStep`; ``_visattn_base`` is ``base``."""
     return type(f"Stepped{base.__name__}", (base,), {"forward": forward, "_visattn_base": base})
 
 
-def step_blocks(target: Any, patcher: Any, step: BlockStep) -> None:
+def step_blocks(target: Any, patcher: Any, step: BlockStep) -> PerThread[StepCall]:
     """Run ``step`` in every block of a timm ViT or open_clip visual tower (see :class:`BlockStep`),
-    through ``patcher``, so ``remove()`` undoes it."""
-    adapter(target.framework).step_blocks(target.model, patcher, step)
+    through ``patcher``, so ``remove()`` undoes it. Returns the per-thread :class:`StepCall` of the
+    forward running (or last run), for the method's handle."""
+    return adapter(target.framework).step_blocks(target.model, patcher, step)

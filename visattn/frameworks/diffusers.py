@@ -58,7 +58,7 @@ from torch.overrides import TorchFunctionMode
 from ..core.layout import TokenLayout
 from ..errors import UnsupportedModelError
 from ..patching import Patcher
-from .base import CallContext, Observer
+from .base import CallContext, Observer, PerThread
 
 SUPPORTED_MODELS = ("UNet2DConditionModel", "FluxTransformer2DModel", "SD3Transformer2DModel",
                     "WanTransformer3DModel", "CogVideoXTransformer3DModel", "HunyuanVideoTransformer3DModel",
@@ -127,16 +127,16 @@ def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int],
     modules = attention_layers(model)
     for idx in layers:
         name, module = modules[idx]
-        active: list[SDPAIntercept] = []
+        active: PerThread[list[SDPAIntercept]] = PerThread(list)  # this thread's calls of the layer, innermost last
 
-        def enter(module: nn.Module, args: tuple, idx: int = idx, active: list = active) -> None:
+        def enter(module: nn.Module, args: tuple, idx: int = idx, active: PerThread = active) -> None:
             tap = _observing(idx, observer)
             tap.__enter__()
-            active.append(tap)
+            active.get().append(tap)
 
         def leave(module: nn.Module, args: tuple, output: Any, idx: int = idx, name: str = name,
-                  active: list = active) -> None:
-            tap = active.pop()
+                  active: PerThread = active) -> None:
+            tap = active.get().pop()
             tap.__exit__(None, None, None)
             if output is not None and tap.seen == 0:  # output is None when the forward raised
                 backend = getattr(module.processor, "_attention_backend", None)
@@ -205,20 +205,22 @@ def around_call(module: nn.Module, patcher: Patcher, before: Callable[[tuple, di
         patcher.add_hook(module.register_forward_hook(lambda m, args, output: after(output), always_call=always))
 
 
-def install_context(model: nn.Module, patcher: Patcher) -> CallContext:
-    """A :class:`CallContext` that follows the denoiser ``model`` through hooks (undone by ``patcher``).
+def install_context(model: nn.Module, patcher: Patcher) -> PerThread[CallContext]:
+    """The :class:`CallContext` of the denoiser ``model``'s calls, one per thread, kept by hooks (undone by
+    ``patcher``).
 
-    At each call of ``model``: ``step`` goes up by one, ``timestep`` is the call's ``timestep``
-    argument, and for the families of :data:`SUPPORTED_MODELS` ``extra`` is ``{"grid": ...,
+    At each call of ``model`` in a thread: that thread's ``step`` goes up by one, ``timestep`` is the call's
+    ``timestep`` argument, and for the families of :data:`SUPPORTED_MODELS` ``extra`` is ``{"grid": ...,
     "text_tokens": ...}`` (see :func:`call_grid`), so ``token_layout(model, ctx.layer, **ctx.extra)``
     is the current layer's layout. While an attention layer runs, ``layer`` is its index in
     :func:`attention_layers` (``None`` otherwise). Hooks rather than attention kwargs, because Wan
     and HunyuanVideo do not pass attention kwargs down to their blocks.
     """
-    ctx = CallContext()
+    contexts: PerThread[CallContext] = PerThread(CallContext)
     family = type(model).__name__
 
     def start(inputs: dict[str, Any]) -> None:
+        ctx = contexts.get()
         ctx.step += 1
         ctx.timestep = inputs.get("timestep")
         if family in SUPPORTED_MODELS:
@@ -228,14 +230,14 @@ def install_context(model: nn.Module, patcher: Patcher) -> CallContext:
     on_call(model, patcher, start)
     for idx, (_, module) in enumerate(attention_layers(model)):
         def enter(module: nn.Module, args: tuple, idx: int = idx) -> None:
-            ctx.layer = idx
+            contexts.get().layer = idx
 
         def leave(module: nn.Module, args: tuple, output: Any) -> None:
-            ctx.layer = None
+            contexts.get().layer = None
 
         patcher.add_hook(module.register_forward_pre_hook(enter))
         patcher.add_hook(module.register_forward_hook(leave, always_call=True))
-    return ctx
+    return contexts
 
 
 def _family(model: nn.Module) -> str:

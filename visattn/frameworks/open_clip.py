@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import ShapeError, UnsupportedModelError
 from ..patching import Patcher
-from .base import BlockStep, Observer, stepped_class
+from .base import BlockStep, Observer, PerThread, StepCall, stepped_class
 
 
 def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -84,30 +84,33 @@ def _stepped_forward(self: Any, q_x: torch.Tensor, k_x: torch.Tensor | None = No
                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     step: BlockStep = self._visattn_step
     layer: int = self._visattn_layer
-    if layer == 0:
-        step.start(None)
+    calls: PerThread[StepCall] = self._visattn_calls
+    call = calls.set(step.start(None)) if layer == 0 else calls.get()
     batch_first = self.attn.batch_first
     n = q_x.shape[1 if batch_first else 0]
-    step.token_counts.append(n)
-    if step.stock(layer, n):
+    call.token_counts.append(n)
+    if call.stock(layer, n):
         return self._visattn_base.forward(self, q_x, k_x, v_x, attn_mask)
     if k_x is not None or v_x is not None or attn_mask is not None:
         raise ShapeError(f"{step.method}: open_clip blocks {step.verb} tokens in self-attention without attn_mask "
                          f"only")
     x = q_x if batch_first else q_x.transpose(0, 1)
-    out, q, k = mha_self_attention(self.attn, self.ln_1(x), step.mask(x.dtype))
-    x = step.step(layer, x + self.ls_1(out), q, k, q.shape[-1] ** -0.5)
+    out, q, k = mha_self_attention(self.attn, self.ln_1(x), call.mask(x.dtype))
+    x = call.step(layer, x + self.ls_1(out), q, k, q.shape[-1] ** -0.5)
     x = x + self.ls_2(self.mlp(self.ln_2(x)))
     return x if batch_first else x.transpose(0, 1)
 
 
-def step_blocks(model: nn.Module, patcher: Patcher, step: BlockStep) -> None:
+def step_blocks(model: nn.Module, patcher: Patcher, step: BlockStep) -> PerThread[StepCall]:
     """:func:`visattn.frameworks.base.step_blocks` for open_clip: each ``ResidualAttentionBlock``'s class
     becomes a subclass running ``step`` between attention and MLP (q and k from fused SDPA's projections)."""
+    calls: PerThread[StepCall] = PerThread(lambda: step.start(None))
     for layer, (_, block) in enumerate(vit_blocks(model)):
         patcher.set_attr(block, "_visattn_step", step)
         patcher.set_attr(block, "_visattn_layer", layer)
+        patcher.set_attr(block, "_visattn_calls", calls)
         patcher.swap_class(block, stepped_class(type(block), _stepped_forward))
+    return calls
 
 
 def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int], observer: Observer) -> None:

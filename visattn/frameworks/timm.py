@@ -22,7 +22,7 @@ from timm.layers import Attention
 from ..core.layout import TokenLayout
 from ..errors import ShapeError, UnsupportedModelError
 from ..patching import Patcher
-from .base import BlockStep, Observer, stepped_class
+from .base import BlockStep, Observer, PerThread, StepCall, stepped_class
 
 
 def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -59,17 +59,18 @@ def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int],
     modules = attention_layers(model)
     for idx in layers:
         attn = modules[idx][1]
-        state: dict[str, Any] = {}
+        calls: PerThread[dict[str, Any]] = PerThread(dict)  # this layer's call: its mask, then its q
 
-        def pre(module: nn.Module, args: tuple, kwargs: dict, state: dict = state) -> None:
-            state["mask"] = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
-            state["causal"] = kwargs.get("is_causal", args[2] if len(args) > 2 else False)
+        def pre(module: nn.Module, args: tuple, kwargs: dict, calls: PerThread = calls) -> None:
+            calls.set({"mask": kwargs.get("attn_mask", args[1] if len(args) > 1 else None),
+                       "causal": kwargs.get("is_causal", args[2] if len(args) > 2 else False)})
 
-        def on_q(module: nn.Module, args: tuple, out: torch.Tensor, state: dict = state) -> None:
-            state["q"] = out
+        def on_q(module: nn.Module, args: tuple, out: torch.Tensor, calls: PerThread = calls) -> None:
+            calls.get()["q"] = out
 
-        def on_k(module: nn.Module, args: tuple, out: torch.Tensor, state: dict = state, idx: int = idx,
+        def on_k(module: nn.Module, args: tuple, out: torch.Tensor, calls: PerThread = calls, idx: int = idx,
                  attn: nn.Module = attn) -> None:
+            state = calls.get()
             q, mask = state.pop("q"), state.get("mask")
             if state.get("causal"):
                 n = q.shape[2]
@@ -85,35 +86,39 @@ def _stepped_forward(self: Any, x: torch.Tensor, attn_mask: torch.Tensor | None 
                      is_causal: bool = False) -> torch.Tensor:
     step: BlockStep = self._visattn_step
     layer: int = self._visattn_layer
-    if layer == 0:
-        step.start(attn_mask)
-    step.token_counts.append(x.shape[1])
-    if step.stock(layer, x.shape[1]):
-        return self._visattn_base.forward(self, x, attn_mask=step.mask(x.dtype), is_causal=is_causal)
+    calls: PerThread[StepCall] = self._visattn_calls
+    call = calls.set(step.start(attn_mask)) if layer == 0 else calls.get()
+    call.token_counts.append(x.shape[1])
+    if call.stock(layer, x.shape[1]):
+        return self._visattn_base.forward(self, x, attn_mask=call.mask(x.dtype), is_causal=is_causal)
     if is_causal:
         raise ShapeError(f"{step.method}: causal attention cannot follow {step.verb}d tokens")
-    captured = self.__dict__.get("_visattn_qk", {})
-    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=step.mask(x.dtype))))
-    x = step.step(layer, x, captured.pop("q", None), captured.pop("k", None), self.attn.scale)
+    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=call.mask(x.dtype))))
+    captured = self._visattn_qk.get() if "_visattn_qk" in self.__dict__ else {}
+    x = call.step(layer, x, captured.pop("q", None), captured.pop("k", None), self.attn.scale)
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-def step_blocks(model: nn.Module, patcher: Patcher, step: BlockStep) -> None:
+def step_blocks(model: nn.Module, patcher: Patcher, step: BlockStep) -> PerThread[StepCall]:
     """:func:`visattn.frameworks.base.step_blocks` for timm: each block's class becomes a subclass running
-    ``step`` between attention and MLP; q and k come from hooks on the attention's ``q_norm``/``k_norm``."""
+    ``step`` between attention and MLP; q and k come from hooks on the attention's ``q_norm``/``k_norm``
+    (kept per thread, like the call's state)."""
+    calls: PerThread[StepCall] = PerThread(lambda: step.start(None))
     for layer, (_, block) in enumerate(vit_blocks(model)):
         patcher.set_attr(block, "_visattn_step", step)
         patcher.set_attr(block, "_visattn_layer", layer)
+        patcher.set_attr(block, "_visattn_calls", calls)
         patcher.swap_class(block, stepped_class(type(block), _stepped_forward))
         if step.captures(layer):
-            captured: dict[str, torch.Tensor] = {}
+            captured: PerThread[dict[str, torch.Tensor]] = PerThread(dict)
             patcher.set_attr(block, "_visattn_qk", captured)
             for name in ("q", "k"):
                 def keep(module: nn.Module, args: tuple, out: torch.Tensor, name: str = name,
-                         captured: dict = captured) -> None:
-                    captured[name] = out
+                         captured: PerThread = captured) -> None:
+                    captured.get()[name] = out
 
                 patcher.add_hook(getattr(block.attn, f"{name}_norm").register_forward_hook(keep))
+    return calls
 
 
 def on_images(model: nn.Module, patcher: Patcher, fn: Callable[[torch.Tensor], None], method: str) -> None:

@@ -1,7 +1,7 @@
 """What ``visual_sink`` and ``head_modulation`` share on transformers vision-language models.
 
-:class:`ImageKeys` follows, forward by forward (``generate()`` included), which query rows and which
-key columns are image tokens: it reads ``input_ids``, ``attention_mask`` and the KV cache of each call
+:class:`ImageKeys` follows, forward by forward (``generate()`` included) and thread by thread, which query
+rows and which key columns are image tokens: it reads ``input_ids``, ``attention_mask`` and the KV cache of each call
 through :func:`visattn.frameworks.transformers.on_call`, finds the image tokens from
 ``config.image_token_id`` (per sample, so left padding and batches work), and keeps the image columns
 of the KV cache from the forward that started it (empty cache) through every cached continuation. A
@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import ShapeError, UnsupportedModelError
-from ..frameworks.base import LazyAdapter
+from ..frameworks.base import LazyAdapter, PerThread
 from ..patching import Patcher
 
 if TYPE_CHECKING:
@@ -42,8 +42,19 @@ def image_token_id(model: nn.Module, method: str) -> int:
     return int(token)
 
 
+class _Forward:
+    """One thread's view of the forward it runs (see :class:`ImageKeys`); ``columns`` and ``num_keys`` carry
+    over from forward to forward of one generation."""
+
+    def __init__(self) -> None:
+        self.columns: Tensor | None = None
+        self.num_keys = 0
+        self.memo: dict[str, Any] = {}
+
+
 class ImageKeys:
-    """Image rows and columns of the current forward of a transformers VLM.
+    """Image rows and columns of the current forward of a transformers VLM, kept per thread (two threads
+    generating with one model each see their own).
 
     Attributes (valid inside a forward):
         fresh: the forward has no past (prefill or a forward without cache).
@@ -59,40 +70,45 @@ class ImageKeys:
     def __init__(self, model: nn.Module, patcher: Patcher, method: str) -> None:
         self.method = method
         self.token = image_token_id(model, method)
-        self.columns: Tensor | None = None
-        self.num_keys = 0
+        self._forwards: PerThread[_Forward] = PerThread(_Forward)
         tfa.on_call(model, patcher, self._start)
+
+    def __getattr__(self, name: str) -> Any:  # the attributes of this thread's forward
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._forwards.get(), name)
 
     def _start(self, call: ModelCall) -> None:
         ids = call.input_ids
         if ids is None:
             raise ShapeError(f"{self.method}: pass input_ids (image positions are read from config.image_token_id "
                              f"= {self.token}); inputs_embeds alone do not show them")
+        now = self._forwards.get()
         past_len = call.past_length
         mask = call.attention_mask
         q = ids.shape[1]
-        self.real = mask[:, -q:].bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-        self.image = (ids == self.token) & self.real
-        self.has_image = bool(self.image.any())
-        self.fresh = past_len == 0
-        if self.fresh:
-            if not self.has_image:
+        now.real = mask[:, -q:].bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        now.image = (ids == self.token) & now.real
+        now.has_image = bool(now.image.any())
+        now.fresh = past_len == 0
+        if now.fresh:
+            if not now.has_image:
                 raise ShapeError(f"{self.method}: the input has no image tokens (config.image_token_id = "
                                  f"{self.token}); the method needs the image in the prompt")
-            self.columns = self.image
-            self.first_real = self.real.int().argmax(1)
-            self.after_image = self.image.cumsum(1) > 0
+            now.columns = now.image
+            now.first_real = now.real.int().argmax(1)
+            now.after_image = now.image.cumsum(1) > 0
         else:
-            if self.columns is None or past_len != self.num_keys:
+            if now.columns is None or past_len != now.num_keys:
                 raise ShapeError(f"{self.method}: this forward continues a KV cache of {past_len} tokens that the "
                                  f"method did not see being built; start from a forward without past_key_values")
-            seen = self.columns.any(1, keepdim=True)
-            self.after_image = seen | (self.image.cumsum(1) > 0)
-            if self.has_image:
-                pad = self.columns.new_zeros(ids.shape[0], past_len - self.columns.shape[1])
-                self.columns = torch.cat([self.columns, pad, self.image], 1)
-        self.num_keys = past_len + q
-        self.memo: dict[str, Any] = {}
+            seen = now.columns.any(1, keepdim=True)
+            now.after_image = seen | (now.image.cumsum(1) > 0)
+            if now.has_image:
+                pad = now.columns.new_zeros(ids.shape[0], past_len - now.columns.shape[1])
+                now.columns = torch.cat([now.columns, pad, now.image], 1)
+        now.num_keys = past_len + q
+        now.memo = {}
 
     def text_rows(self) -> tuple[Tensor, Tensor] | None:
         """:func:`rows_index` of this forward's text rows: real, not image, with an image before them."""
@@ -100,9 +116,10 @@ class ImageKeys:
 
     def once(self, name: str, make: Callable[[], Any]) -> Any:
         """``make()``, computed once per forward (layers share it)."""
-        if name not in self.memo:
-            self.memo[name] = make()
-        return self.memo[name]
+        memo = self._forwards.get().memo
+        if name not in memo:
+            memo[name] = make()
+        return memo[name]
 
 
 def rows_index(rows: Tensor) -> tuple[Tensor, Tensor] | None:

@@ -38,7 +38,7 @@ from torch import Tensor
 from ..core.routing import TileOrder, block_scores, pool_blocks, select_topk, take_tokens, tile_order
 from ..errors import OptionError, ShapeError
 from ..frameworks import Target
-from ..frameworks.base import adapter, select_layers
+from ..frameworks.base import PerThread, adapter, select_layers
 from ..kernels import block_sparse_attention
 from ..options import bool_option, int_option, layers_option, validate_options
 from ..patching import Handle, Patcher
@@ -186,7 +186,8 @@ def timm_layer() -> type:
                 self.lepe = _make_lepe(self.attn_dim, device=self.qkv.weight.device, dtype=self.qkv.weight.dtype)
 
         def _layout(self, n: int) -> tuple[int, tuple[int, int]]:
-            layout = self.__dict__.get("_visattn_layout")  # set per call by visattn.apply's model hook
+            layouts = self.__dict__.get("_visattn_layout")  # set per call (and thread) by visattn.apply's model hook
+            layout = None if layouts is None else layouts.get()
             if layout and layout["num_tokens"] == n:
                 return layout["num_prefix"], layout["grid"]
             p = self.num_prefix_tokens
@@ -266,7 +267,7 @@ class BRA(Method):
         layers = select_layers([n for n, _ in timm_fw.attention_layers(model)], options["layers"], self.name)
         cls = _configured(options["n_win"], options["topk"], options["lepe"], options["strict"],
                           int(getattr(model, "num_prefix_tokens", 0)))
-        layout: dict[str, Any] = {}
+        layouts: PerThread[dict[str, Any]] = PerThread(dict)
         handle = BraHandle(self.name, model, options, patcher)
 
         def configure(idx: int, module: nn.Module) -> dict[str, Any]:
@@ -274,15 +275,15 @@ class BRA(Method):
                 weight = module.qkv.weight
                 patcher.add_module(module, "lepe", _make_lepe(module.attn_dim, device=weight.device,
                                                               dtype=weight.dtype))
-            return {"_visattn_layout": layout, "_visattn_on_routes": partial(handle._routes.__setitem__, idx)}
+            return {"_visattn_layout": layouts, "_visattn_on_routes": partial(handle.record, idx)}
 
         timm_fw.swap_attention(model, patcher, layers, lambda idx, module: _swapped(type(module), cls), configure)
 
         def set_layout(images: Tensor) -> None:
             grid = timm_fw.vit_grid(model, images.shape[-2:])
             check_grid(grid, options["n_win"])
-            layout.update(num_prefix=model.num_prefix_tokens, grid=grid,
-                          num_tokens=model.num_prefix_tokens + grid[0] * grid[1])
+            layouts.set(dict(num_prefix=model.num_prefix_tokens, grid=grid,
+                             num_tokens=model.num_prefix_tokens + grid[0] * grid[1]))
 
         timm_fw.on_images(model, patcher, set_layout, self.name)
         return handle
@@ -292,15 +293,21 @@ class BraHandle(Handle):
     """Handle of ``bra``. ``routes[layer]``: the regions each region of that attention layer attended to in
     the last forward, ``[B, n_win ** 2, topk]`` ascending (as :func:`route_regions` gives them; regions in
     raster order of the ``n_win x n_win`` grid). Layers at the identity setting run dense and record none, and
-    so does a ``torch.compile``d forward."""
+    so does a ``torch.compile``d forward. Each thread records its own forwards: read in a thread that ran none,
+    ``routes`` are another thread's."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._routes: dict[int, Tensor] = {}  # as routing left them; sorted when read, off the forward's path
+        # as routing left them; sorted when read, off the forward's path
+        self._routes: PerThread[dict[int, Tensor]] = PerThread(dict)
+
+    def record(self, layer: int, routed: Tensor) -> None:
+        """Keep ``layer``'s routes of the running forward (this thread's)."""
+        self._routes.get()[layer] = routed
 
     @property
     def routes(self) -> dict[int, Tensor]:
-        return {layer: routed.sort(dim=-1).values for layer, routed in self._routes.items()}
+        return {layer: routed.sort(dim=-1).values for layer, routed in self._routes.latest().items()}
 
 
 @cache

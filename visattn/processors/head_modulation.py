@@ -60,7 +60,7 @@ from ..core.attention import attention_probs
 from ..core.redistribute import amplify_logits, attend_rows, dual_stream_selection, spatial_contrast
 from ..errors import OptionError, ShapeError, UnsupportedModelError
 from ..frameworks import Target
-from ..frameworks.base import LazyAdapter
+from ..frameworks.base import LazyAdapter, PerThread
 from ..kernels import reweighted_decode
 from ..options import bool_option, choice_option, float_option, layers_option
 from ..patching import Handle, Patcher
@@ -79,14 +79,46 @@ class HeadModulationHandle(Handle):
     language-model layer (index into the model's attention layers). ``vhr``: ``vhd[layer]`` ``[B, H]``
     float32 and ``head_gains[layer]`` ``[B, H]`` (``1 + alpha`` for reinforced heads, else 1).
     ``imbalance``: ``selected`` ``[B, N]`` bool (the selected image tokens) and ``sensitivity[layer]``
-    ``[B, H]`` (each head's image share over the layer's largest)."""
+    ``[B, H]`` (each head's image share over the layer's largest). Each thread measures its own forwards; read
+    in a thread that ran none, these are another thread's."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.measured: PerThread[_Measured] = PerThread(_Measured)
+
+    @property
+    def vhd(self) -> dict[int, Tensor]:
+        return self.measured.latest().vhd
+
+    @property
+    def head_gains(self) -> dict[int, Tensor]:
+        return self.measured.latest().head_gains
+
+    @property
+    def selected(self) -> Tensor | None:
+        return self.measured.latest().selected
+
+    @property
+    def sensitivity(self) -> dict[int, Tensor]:
+        return self.measured.latest().sensitivity
+
+
+class _Measured:
+    """What one thread's last forward without a past measured (the handle shows it) and its decode steps reuse."""
+
+    def __init__(self) -> None:
         self.vhd: dict[int, Tensor] = {}
         self.head_gains: dict[int, Tensor] = {}
+        self.gains: dict[int, Tensor] = {}  # vhr: head gains [B, 1, H, 1] in the attention output's dtype
+        self.without: dict[int, Tensor] = {}  # vhr: last-row head outputs of the image-ablated pass
+        self.ablating = False  # vhr: the image-ablated pass is running
         self.selected: Tensor | None = None
         self.sensitivity: dict[int, Tensor] = {}
+        self.weights: dict[int, Tensor] = {}  # imbalance: alpha * w_h on selected columns, [B, H, 1, n]
+        self.cls_attention: Tensor | None = None  # imbalance: the vision tower's [CLS] attention over patches
+        # imbalance: ([CLS] attention, projector output) of the last images; generate() computes the image features
+        # before the model's forward (transformers >= 5.23), so they wait here for the prefill that uses them
+        self.features: tuple[Tensor, Tensor] | None = None
 
 
 def _decoder_layers(strategy: str, chosen: tuple[int, ...] | None, depth: int) -> list[int]:
@@ -189,9 +221,6 @@ def _pai(keys: ImageKeys, alpha: float, strict: bool) -> tfa.RouteFactory:
 
 def _vhr(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModulationHandle, alpha: float,
          top: float) -> tfa.RouteFactory:
-    without: dict[int, Tensor] = {}  # per layer: last-row head outputs of the image-ablated pass
-    gains: dict[int, Tensor] = {}  # per layer: head gains [B, 1, H, 1] in the attention output's dtype
-    ablating = [False]
     takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def calibrate(call: tfa.ModelCall) -> None:
@@ -201,12 +230,13 @@ def _vhr(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModula
         given.pop("labels", None)
         if takes_logits_to_keep:
             given["logits_to_keep"] = 1
-        ablating[0] = True
+        measured = handle.measured.get()
+        measured.ablating = True
         try:
             with torch.no_grad():
                 model.forward(**given)  # the model's own pre-hooks (ours included) do not run again
         finally:
-            ablating[0] = False
+            measured.ablating = False
 
     tfa.on_call(model, patcher, calibrate)
 
@@ -215,7 +245,8 @@ def _vhr(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModula
                   attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
             if alpha == 0.0:
                 return call(module, query, key, value, attention_mask, **kwargs)
-            if ablating[0]:
+            measured = handle.measured.get()
+            if measured.ablating:
                 mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
                 hide = keys.columns[:, None, None, :] & ~keys.image[:, None, :, None]
                 if mask is None:
@@ -225,16 +256,16 @@ def _vhr(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModula
                 else:
                     mask = mask.masked_fill(hide, torch.finfo(mask.dtype).min)
                 out, weights = call(module, query, key, value, mask, **kwargs)
-                without[layer] = out[:, -1]
+                measured.without[layer] = out[:, -1]
                 return out, weights
             out, weights = call(module, query, key, value, attention_mask, **kwargs)
             if keys.fresh:
-                vhd = (out[:, -1].float() - without.pop(layer).float()).norm(dim=-1)
+                vhd = (out[:, -1].float() - measured.without.pop(layer).float()).norm(dim=-1)
                 reinforced = vhd.topk(math.ceil(top * vhd.shape[1]), dim=-1).indices
                 head_gains = torch.ones_like(vhd).scatter_(1, reinforced, 1.0 + alpha)
-                handle.vhd[layer], handle.head_gains[layer] = vhd, head_gains
-                gains[layer] = head_gains[:, None, :, None].to(out.dtype)
-            out[:, -1:] *= gains[layer]
+                measured.vhd[layer], measured.head_gains[layer] = vhd, head_gains
+                measured.gains[layer] = head_gains[:, None, :, None].to(out.dtype)
+            out[:, -1:] *= measured.gains[layer]
             return out, weights
 
         return route
@@ -258,9 +289,6 @@ def _projector(model: nn.Module) -> nn.Module:
 
 def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModulationHandle, alpha: float,
                select: float) -> tfa.RouteFactory:
-    cls_attention: list[Tensor] = []  # the vision tower's first layer: [CLS] attention over patches, per image
-    weights: dict[int, Tensor] = {}  # per layer: alpha * w_h on selected columns, [B, H, 1, n]
-
     def cls_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:
         def route(call: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                   attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
@@ -269,31 +297,30 @@ def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: Head
                 bias = mask if mask is not None and mask.dtype != torch.bool else None
                 mask = mask if bias is None else None
                 scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
-                cls_attention[:] = [attention_probs(query[:, :, :1], key, scale=scale, bias=bias, mask=mask)[:, 0, 1:]]
+                handle.measured.get().cls_attention = attention_probs(query[:, :, :1], key, scale=scale, bias=bias,
+                                                                      mask=mask)[:, 0, 1:]
             return call(module, query, key, value, attention_mask, **kwargs)
 
         return route
 
-    # generate() computes the image features before the model's forward (transformers >= 5.23), so the
-    # vision tower's outputs wait here until the prefill that uses them selects its tokens
-    features: list[tuple[Tensor, Tensor]] = []  # ([CLS] attention, projector output) of the last images
-
     def record_features(call: tfa.ModelCall, output: Tensor) -> None:
         if alpha != 0.0:
-            features[:] = [(cls_attention.pop(), output)]
+            measured = handle.measured.get()
+            measured.features, measured.cls_attention = (measured.cls_attention, output), None
 
     def select_tokens() -> Tensor:
-        if not features:
+        measured = handle.measured.get()
+        if measured.features is None:
             raise ShapeError("head_modulation: strategy 'imbalance' needs the image features of the prompt "
                              "(pass pixel_values)")
-        cls, output = features.pop()
+        (cls, output), measured.features = measured.features, None
         side = math.isqrt(output.shape[1])
         chosen = dual_stream_selection(cls, spatial_contrast(output, (side, side)), select)
         where = keys.image.nonzero()
         if where.shape[0] != chosen.numel():
             raise ShapeError(f"head_modulation: {where.shape[0]} image tokens for {chosen.numel()} image patches")
-        handle.selected = torch.zeros_like(keys.image).index_put_(tuple(where.T), chosen.flatten())
-        return handle.selected
+        measured.selected = torch.zeros_like(keys.image).index_put_(tuple(where.T), chosen.flatten())
+        return measured.selected
 
     tfa.after_call(_projector(model), patcher, record_features)
     tfa.route_attention(model, patcher, [0], cls_route)
@@ -306,6 +333,8 @@ def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: Head
             scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
             mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
             n = keys.columns.shape[1]
+            measured = handle.measured.get()
+            weights = measured.weights
             if not keys.fresh and weights[layer].shape[-1] != n:
                 raise ShapeError("head_modulation: strategy 'imbalance' selects image tokens when the prompt is first "
                                  "run; a cached continuation cannot add images")
@@ -328,7 +357,7 @@ def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: Head
 
                 attend_rows(query, key, value, last, scale=scale, mask=mask, probs_fn=measure)
                 sensitivity = share[0] / share[0].amax(-1, keepdim=True).clamp_min(torch.finfo(share[0].dtype).tiny)
-                handle.sensitivity[layer] = sensitivity
+                measured.sensitivity[layer] = sensitivity
                 selected = keys.once("selected", select_tokens)
                 weights[layer] = alpha * sensitivity[:, :, None, None] * selected[:, None, None, :n].float()
             out, _ = call(module, query, key, value, attention_mask, **kwargs)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..core.attention import attention_probs
 from ..frameworks import Target
-from ..frameworks.base import adapter, select_layers
+from ..frameworks.base import PerThread, adapter, select_layers
 from ..options import bool_option, int_option, layers_option
 from ..patching import Handle, Patcher
 from ..registry import Method, register
@@ -31,16 +31,27 @@ class InspectHandle(Handle):
     """Handle of ``inspect``: ``maps[layer]`` is the list of maps recorded for that layer, one per call.
 
     A map is ``[B, Nq, Nk]`` (head-averaged) or ``[B, H, Nq, Nk]`` (``per_head=True``), float32.
-    ``layer_names[layer]`` is the module's qualified name.
+    ``layer_names[layer]`` is the module's qualified name. Each thread records its own calls: ``maps`` read
+    in a thread holds that thread's calls (in a thread that ran no forward, another thread's), so two threads
+    sharing the model never mix their maps.
     """
 
     def __init__(self, *args: Any, layer_names: dict[int, str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.layer_names = layer_names
-        self.maps: dict[int, list[Tensor]] = {i: [] for i in layer_names}
+        self._records: PerThread[dict[int, list[Tensor]]] = PerThread(lambda: {i: [] for i in layer_names})
+
+    @property
+    def maps(self) -> dict[int, list[Tensor]]:
+        return self._records.latest()
+
+    def record(self, layer: int, probs: Tensor) -> None:
+        """Append the map of a call of ``layer`` to this thread's record."""
+        self._records.get()[layer].append(probs)
 
     def clear(self) -> None:
-        for calls in self.maps.values():
+        """Forget the maps this thread recorded (other threads' records are theirs)."""
+        for calls in self._records.get().values():
             calls.clear()
 
     def last(self, layer: int) -> Tensor:
@@ -92,7 +103,7 @@ class Inspect(Method):
                 bias, mask = mask, None
             probs = attention_probs(q, k, scale=scale, bias=bias, mask=mask, head_mean=not options["per_head"],
                                     query_chunk=options["query_chunk"])
-            handle.maps[layer].append(probs.cpu() if options["to_cpu"] and not probs.is_meta else probs)
+            handle.record(layer, probs.cpu() if options["to_cpu"] and not probs.is_meta else probs)
 
         fw.observe_attention(target.model, patcher, chosen, observer)
         return handle

@@ -44,7 +44,7 @@ from torch import Tensor
 from ..core.regions import as_region, check_in_image, isolation_mask, reposition, subject_map
 from ..errors import OptionError, ShapeError, UnsupportedModelError
 from ..frameworks import Target
-from ..frameworks.base import adapter
+from ..frameworks.base import PerThread, adapter
 from ..options import Option, bool_option, int_option
 from ..patching import Handle, Patcher
 from ..registry import Method, register
@@ -82,7 +82,7 @@ class _Plan:
         self.reposition: bool = options["reposition"]
         self.image_size: tuple[int, int] | None = options["image_size"] or next(
             (r.size for r in self.targets + self.refs if r.size is not None), None)
-        self.grid: tuple[int, int] = (0, 0)
+        self.grids: PerThread[tuple[int, int]] = PerThread(lambda: (0, 0))  # the running call's latent grid
         self._layouts: dict[tuple, tuple[int, int]] = {}
         self._masks: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
@@ -95,8 +95,12 @@ class _Plan:
             for i, region in enumerate(regions):
                 check_in_image(region, image_size, f"isolation: {what} {i}")
 
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.grids.get()
+
     def start(self, grid: tuple[int, int]) -> None:
-        self.grid = grid
+        self.grids.set(grid)
         if self.image_size is None:
             scale = PIXELS_PER_TOKEN[self.family]
             self.image_size = (grid[0] * scale, grid[1] * scale)

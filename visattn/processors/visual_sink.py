@@ -41,7 +41,7 @@ from torch import Tensor
 from ..core.redistribute import attend_rows, find_sinks, redistribute
 from ..errors import UnsupportedModelError
 from ..frameworks import Target
-from ..frameworks.base import LazyAdapter
+from ..frameworks.base import LazyAdapter, PerThread
 from ..kernels import reweighted_decode
 from ..options import bool_option, float_option
 from ..patching import Handle, Patcher
@@ -51,15 +51,33 @@ from ._lvlm import ImageKeys, image_token_id, write_rows
 tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
 
 
+class _Sinks:
+    """What one thread's last forward without a past found, per layer, and its decode steps reuse."""
+
+    def __init__(self) -> None:
+        self.dims: dict[int, Tensor] = {}
+        self.tokens: dict[int, Tensor] = {}
+        self.present: dict[int, bool] = {}
+        self.columns: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # image columns -> (sinks, classes)
+
+
 class VisualSinkHandle(Handle):
     """Handle of ``visual_sink``. Per language-model layer (index into the model's attention layers),
-    from the last forward without a past: ``sink_dims[layer]`` ``[B, C]`` bool (the sink dimensions
-    of each sample) and ``sink_tokens[layer]`` ``[B, N]`` bool (its visual sink tokens)."""
+    from the last forward without a past (this thread's; read in a thread that ran none, another thread's):
+    ``sink_dims[layer]`` ``[B, C]`` bool (the sink dimensions of each sample) and ``sink_tokens[layer]``
+    ``[B, N]`` bool (its visual sink tokens)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.sink_dims: dict[int, Tensor] = {}
-        self.sink_tokens: dict[int, Tensor] = {}
+        self.found: PerThread[_Sinks] = PerThread(_Sinks)
+
+    @property
+    def sink_dims(self) -> dict[int, Tensor]:
+        return self.found.latest().dims
+
+    @property
+    def sink_tokens(self) -> dict[int, Tensor]:
+        return self.found.latest().tokens
 
 
 @register
@@ -92,16 +110,14 @@ class VisualSink(Method):
         decoder = tfa.decoder_layers(model)
         keys = ImageKeys(model, patcher, self.name)
         p, tau, rho, summ, strict = (options[k] for k in ("p", "tau", "rho", "summ", "strict"))
-        has_sinks: dict[int, bool] = {}
-        columns: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # per layer: image columns -> (sinks, classes)
 
-        def sink_columns(layer: int) -> tuple[Tensor, Tensor]:
+        def sink_columns(found: _Sinks, layer: int) -> tuple[Tensor, Tensor]:
             """The layer's sink columns ``[B, n]`` and key classes (0 text, 1 sink, 2 other image) for the
             current image columns ``[B, n]``, recomputed only when those change."""
-            image = keys.columns
+            image, columns = keys.columns, found.columns
             if layer not in columns or columns[layer][0] is not image:
-                found = handle.sink_tokens[layer]
-                sinks = F.pad(found, (0, image.shape[1] - found.shape[1])) & image
+                tokens = found.tokens[layer]
+                sinks = F.pad(tokens, (0, image.shape[1] - tokens.shape[1])) & image
                 columns[layer] = image, sinks, image.to(torch.int8) * 2 - sinks.to(torch.int8)
             return columns[layer][1:]
 
@@ -109,11 +125,11 @@ class VisualSink(Method):
             def hook(call: tfa.ModelCall) -> None:
                 if not keys.fresh:  # a continuation adds no image tokens the sinks could be among
                     return
-                hidden = call.arguments["hidden_states"]
-                dims, tokens = find_sinks(hidden, keys.first_real, tau)
-                handle.sink_dims[layer], handle.sink_tokens[layer] = dims, tokens & keys.image
-                has_sinks[layer] = bool(handle.sink_tokens[layer].any())
-                columns.pop(layer, None)
+                found = handle.found.get()
+                dims, tokens = find_sinks(call.arguments["hidden_states"], keys.first_real, tau)
+                found.dims[layer], found.tokens[layer] = dims, tokens & keys.image
+                found.present[layer] = bool(found.tokens[layer].any())
+                found.columns.pop(layer, None)
 
             return hook
 
@@ -123,13 +139,14 @@ class VisualSink(Method):
         def make_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:
             def route(call: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
-                if p == 1.0 or not has_sinks[layer]:
+                found = handle.found.get()
+                if p == 1.0 or not found.present[layer]:
                     return call(module, query, key, value, attention_mask, **kwargs)
                 scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
                 mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
                 image = keys.columns
                 n = image.shape[1]
-                sinks, classes = sink_columns(layer)
+                sinks, classes = sink_columns(found, layer)
 
                 def probs_fn(probs: Tensor) -> Tensor:
                     probs[..., :n] = redistribute(probs[..., :n], sinks[:, None, None, :], image[:, None, None, :],

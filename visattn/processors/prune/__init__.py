@@ -18,9 +18,9 @@ from ...options import choice_option, float_option, int_option, layers_option
 from ...patching import Handle, Patcher
 from ...registry import Method, register
 from . import vit, vlm
-from .vit import PruneHandle, PruneState
+from .vit import PruneHandle, PruneStep
 
-__all__ = ["Prune", "PruneHandle", "PruneState"]
+__all__ = ["Prune", "PruneHandle", "PruneStep"]
 
 
 @register

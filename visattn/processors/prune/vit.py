@@ -9,7 +9,7 @@ are kept in their order and the rest are fused into one token ``x_fused = sum_{i
 placed after them (:func:`visattn.core.merge.keep_top_and_fuse`). Prefix tokens (class, registers)
 are always kept. Models without a class token are refused.
 
-As for ``tome``, the stock modules keep running: :class:`PruneState` is the block step that the timm
+As for ``tome``, the stock modules keep running: :class:`PruneStep` is the block step that the timm
 and open_clip adapters run between a block's attention and its MLP
 (:func:`visattn.frameworks.base.step_blocks`, which also supplies q and k), and boolean key masks
 (``[B, 1, 1, N]``, True = attend) follow the kept tokens. Works on timm ``VisionTransformer`` models
@@ -30,13 +30,12 @@ from torch import Tensor
 from ...core.merge import cls_attention, keep_top_and_fuse, key_mask, num_kept
 from ...errors import ShapeError
 from ...frameworks import Target
-from ...frameworks.base import step_blocks, vit_blocks
+from ...frameworks.base import PerThread, step_blocks, vit_blocks
 from ...patching import Handle, Patcher
 
 
-class PruneState:
-    """The :class:`~visattn.frameworks.base.BlockStep` of ``prune`` on ViTs, and what one forward carries
-    from block to block: the key mask of the current tokens."""
+class PruneStep:
+    """The :class:`~visattn.frameworks.base.BlockStep` of ``prune`` on ViTs: which blocks prune, how much."""
 
     method, verb = "prune", "prune"
 
@@ -44,31 +43,36 @@ class PruneState:
         self.keep = keep
         self.num_prefix = num_prefix
         self.layers = layers  # the blocks that prune (none at keep=1.0)
-        self.start(None)
 
-    def start(self, attn_mask: Tensor | None) -> None:
-        self.current_mask = attn_mask
-        self.token_counts: list[int] = []
+    def start(self, attn_mask: Tensor | None) -> PruneCall:
+        return PruneCall(self, attn_mask)
 
     def captures(self, layer: int) -> bool:
         return layer in self.layers
-
-    def stock(self, layer: int, num_tokens: int) -> bool:
-        return not (layer in self.layers and self.prunes(num_tokens))
-
-    def mask(self, dtype: torch.dtype) -> Tensor | None:
-        return self.current_mask
-
-    def step(self, layer: int, x: Tensor, q: Tensor | None, k: Tensor | None, scale: float) -> Tensor:
-        return self.prune(x, q, k, scale)
 
     def prunes(self, num_tokens: int) -> bool:
         n_img = num_tokens - self.num_prefix
         return num_kept(self.keep, n_img) < n_img
 
-    def prune(self, x: Tensor, q: Tensor, k: Tensor, scale: float) -> Tensor:
+
+class PruneCall:
+    """What one forward carries from block to block (a :class:`~visattn.frameworks.base.StepCall`): the key
+    mask of the current tokens."""
+
+    def __init__(self, prune: PruneStep, attn_mask: Tensor | None) -> None:
+        self.prune = prune
+        self.current_mask = attn_mask
+        self.token_counts: list[int] = []
+
+    def stock(self, layer: int, num_tokens: int) -> bool:
+        return not (layer in self.prune.layers and self.prune.prunes(num_tokens))
+
+    def mask(self, dtype: torch.dtype) -> Tensor | None:
+        return self.current_mask
+
+    def step(self, layer: int, x: Tensor, q: Tensor | None, k: Tensor | None, scale: float) -> Tensor:
         """Keep the most attended image tokens of ``x`` ``[B, N, C]``, fuse the rest (EViT)."""
-        n = x.shape[1]
+        n, num_prefix = x.shape[1], self.prune.num_prefix
         valid = None
         if self.current_mask is not None:
             try:
@@ -77,33 +81,33 @@ class PruneState:
                 raise ShapeError(f"prune: {exc}") from None
         bias = None if valid is None else torch.zeros(valid.shape, device=x.device).masked_fill(
             ~valid, float("-inf"))[:, None, None, :]
-        importance = cls_attention(q[:, :, :1], k, scale, bias)[:, self.num_prefix:]
-        select = keep_top_and_fuse(importance, num_kept(self.keep, n - self.num_prefix), num_prefix=self.num_prefix)
+        importance = cls_attention(q[:, :, :1], k, scale, bias)[:, num_prefix:]
+        select = keep_top_and_fuse(importance, num_kept(self.prune.keep, n - num_prefix), num_prefix=num_prefix)
         if valid is not None:
             self.current_mask = (select(valid[..., None].float())[..., 0] > 0)[:, None, None, :]
         return select(x)
 
 
 class PruneHandle(Handle):
-    """Handle of ``prune``; ``token_counts`` lists the tokens entering each block in the last call."""
+    """Handle of ``prune``; ``token_counts`` lists the tokens entering each block in the last forward (this
+    thread's, or, read from a thread that ran none, any thread's)."""
 
-    def __init__(self, *args: Any, state: PruneState, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, calls: PerThread[PruneCall], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._state = state
+        self._calls = calls
 
     @property
     def token_counts(self) -> list[int]:
-        return list(self._state.token_counts)
+        return list(self._calls.latest().token_counts)
 
 
 def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> PruneHandle:
-    """``prune`` (EViT) on a timm ViT or open_clip visual tower: :class:`PruneState` in every block."""
+    """``prune`` (EViT) on a timm ViT or open_clip visual tower: :class:`PruneStep` in every block."""
     depth = len(vit_blocks(target))
     chosen = options["layers"]
     if chosen is None:
         chosen = sorted({depth // 4, depth // 2, 3 * depth // 4})
     model = target.model
     layers = set(chosen) if options["keep"] < 1.0 else set()
-    state = PruneState(options["keep"], int(getattr(model, "num_prefix_tokens", 1)), layers)
-    step_blocks(target, patcher, state)
-    return PruneHandle("prune", model, options, patcher, state=state)
+    prune = PruneStep(options["keep"], int(getattr(model, "num_prefix_tokens", 1)), layers)
+    return PruneHandle("prune", model, options, patcher, calls=step_blocks(target, patcher, prune))

@@ -69,7 +69,7 @@ from ...core.importance import (
 from ...core.merge import cls_attention
 from ...errors import OptionError, ShapeError, UnsupportedModelError
 from ...frameworks import Target
-from ...frameworks.base import LazyAdapter
+from ...frameworks.base import LazyAdapter, PerThread
 from ...patching import Handle, Patcher
 
 tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
@@ -83,14 +83,67 @@ CLS_STRATEGIES, CLS_FAMILIES = ("cls", "star"), ("LlavaForConditionalGeneration"
 DEFAULT_LAYER = 2
 
 
+class Selection:
+    """One pruning decision, ToMe's ``merge`` pattern for token removal: the prompt positions each sample
+    keeps, ``kept`` ``[B, n]`` (ascending), applied alike to everything laid out along the sequence."""
+
+    def __init__(self, kept: Tensor) -> None:
+        self.kept = kept
+
+    def tokens(self, x: Tensor, dim: int = 1) -> Tensor:
+        """Hidden states, embeddings or a 2-D mask, at the kept positions along ``dim``."""
+        return _gather_seq(x, self.kept, dim)
+
+    def positions(self, positions: Tensor) -> Tensor:
+        """Position ids ``[B | 1, N]`` or M-RoPE's ``[R, B | 1, N]``."""
+        if positions.dim() == 3:
+            rows = positions.expand(-1, self.kept.shape[0], -1)
+            return rows.gather(2, self.kept[None].expand(rows.shape[0], -1, -1))
+        return _gather_seq(positions, self.kept, -1)
+
+    def rotary(self, table: Tensor) -> Tensor:
+        """Rotary cos/sin ``[B, N, D]``, or ``[R, B, N, D]`` (M-RoPE sections first, as Qwen2-VL's text model
+        passes them in transformers 5.6)."""
+        if table.dim() == 4:
+            return _gather_seq(table.transpose(0, 1), self.kept, 2).transpose(0, 1)
+        return _gather_seq(table, self.kept, 1)
+
+    def mask(self, mask: Tensor) -> Tensor:
+        """A 4-D attention mask ``[B, 1, N, N]``: its kept rows and columns."""
+        return _gather_seq(_gather_seq(mask, self.kept, -2), self.kept, -1)
+
+    def of(self, positions: Tensor) -> Tensor:
+        """The kept ones of ``positions`` ``[B, N]`` (the positions of the current sequence in an earlier one)."""
+        return positions.gather(1, self.kept)
+
+
+class CacheSelection:
+    """PLPHP's decision for one decoder layer: the positions each kv head keeps in the layer's cache,
+    ``kept`` ``[B, Hkv, n]``, non-visual tokens first (in the same order in every head), then the head's own
+    visual tokens."""
+
+    def __init__(self, kept: Tensor) -> None:
+        self.kept = kept
+
+    def apply(self, entry: Any) -> None:
+        """Shorten the keys and values of the cache layer ``entry`` in place."""
+        index = self.kept[..., None].expand(-1, -1, -1, entry.keys.shape[-1])
+        entry.keys, entry.values = entry.keys.gather(2, index), entry.values.gather(2, index)
+
+
 @dataclass
 class Stage:
     """One pruning step: before decoder layer ``layer`` (0 = the language model's input), keep ``keep``
-    of the visual tokens present, ranked by ``score()`` (``[B, N]`` over the current sequence)."""
+    of the visual tokens present, ranked by ``score(generation)`` (``[B, N]`` over the current sequence)."""
 
     layer: int
     keep: float
-    score: Callable[[], Tensor]
+    score: Callable[[Generation], Tensor]
+
+    def decide(self, generation: Generation) -> Selection | None:
+        """This stage's :class:`Selection` in ``generation``'s prefill (``None``: it drops nothing)."""
+        dropped = num_dropped(self.keep, generation.visual.sum(-1))
+        return Selection(kept_indices(self.score(generation), generation.visual, dropped)) if dropped else None
 
 
 def _gather_seq(x: Tensor, index: Tensor, dim: int) -> Tensor:
@@ -105,30 +158,12 @@ def _gather_seq(x: Tensor, index: Tensor, dim: int) -> Tensor:
     return x.gather(dim, index.view(shape).expand(full))
 
 
-def _gather_positions(positions: Tensor, index: Tensor) -> Tensor:
-    """Position ids ``[B | 1, N]`` or M-RoPE's ``[R, B | 1, N]`` at per-sample ``index`` ``[B, n]``."""
-    if positions.dim() == 3:
-        rows = positions.expand(-1, index.shape[0], -1)
-        return rows.gather(2, index[None].expand(rows.shape[0], -1, -1))
-    return _gather_seq(positions, index, -1)
+class Generation:
+    """What one thread's generation carries between the hooks: whether this forward is a prefill, where the
+    visual tokens are, what the hooks captured, and which prefill positions each layer's KV cache holds (for
+    later ``generate()`` steps). One per thread, reset by each prefill."""
 
-
-def _gather_rotary(table: Tensor, index: Tensor) -> Tensor:
-    """Rotary cos/sin ``[B, N, D]``, or ``[R, B, N, D]`` (M-RoPE sections first, as Qwen2-VL's text model
-    passes them in transformers 5.6), at per-sample ``index`` ``[B, n]``."""
-    if table.dim() == 4:
-        return _gather_seq(table.transpose(0, 1), index, 2).transpose(0, 1)
-    return _gather_seq(table, index, 1)
-
-
-class VlmPruner:
-    """The pruning state of one model: the stages, what the hooks captured in the current forward, and
-    which prefill positions each layer's KV cache holds (for later ``generate()`` steps)."""
-
-    def __init__(self, model: nn.Module, keep: float, captured: dict[str, Any]) -> None:
-        self.model, self.keep, self.captured = model, keep, captured
-        self.stages: dict[int, Stage] = {}
-        self.image_token_id = int(model.config.image_token_id)
+    def __init__(self) -> None:
         self.prefill = False
         self.visual: Tensor | None = None  # [B, N] candidates in the current sequence (prefill)
         self.input_kept: Tensor | None = None  # positions of the prompt kept at the input, [B, n]
@@ -140,14 +175,32 @@ class VlmPruner:
         self.decode_masks: dict[int, Tensor | None] = {}
         #: per stage layer, the kept positions of the last prefill, in the prompt's positions
         self.kept: dict[int, Tensor] = {}
+        #: what the attention routes and layer hooks recorded in this forward: "rows" (per layer, the last rows'
+        #: attention per head), "transition" (transprune)
+        self.captured: dict[str, Any] = {}
+        #: the vision tower's [CLS] attention per layer; transformers >= 5.23's generate() runs the vision tower
+        #: before the model's forward, so these live until the input stage reads them
+        self.vision_scores: dict[int, Tensor] = {}
+
+
+class VlmPruner:
+    """``prune`` on one vision-language model: its stages, and each thread's :class:`Generation`."""
+
+    def __init__(self, model: nn.Module, keep: float) -> None:
+        self.model, self.keep = model, keep
+        self.stages: dict[int, Stage] = {}
+        self.image_token_id = int(model.config.image_token_id)
+        self.num_layers = len(tfa.decoder_layers(model))
+        self.generations: PerThread[Generation] = PerThread(Generation)
 
     # -- the model's forward: is this a prefill, where are the image tokens --------------------------
 
     def start(self, call: tfa.ModelCall) -> None:
-        self.prefill = call.prefill
-        self.current, self.decode_masks = None, {}
-        if not self.prefill:
-            if not self.prompt_length:
+        gen = self.generations.get()
+        gen.prefill = call.prefill
+        gen.current, gen.decode_masks, gen.captured = None, {}, {}
+        if not gen.prefill:
+            if not gen.prompt_length:
                 raise ShapeError("prune: a forward with a filled KV cache must follow a prefill of the pruned "
                                  "model (generate() does this)")
             return
@@ -162,14 +215,15 @@ class VlmPruner:
         if missing:
             raise ShapeError(f"prune: sample(s) {missing} of the batch hold no image tokens "
                              f"(config.image_token_id={self.image_token_id}); every sample needs an image")
-        self.visual, self.columns, self.kept = visual, {}, {}
-        self.input_kept, self.prompt_length = None, input_ids.shape[1]
+        gen.visual, gen.columns, gen.kept = visual, {}, {}
+        gen.input_kept, gen.prompt_length = None, input_ids.shape[1]
 
     # -- stage at the language model's input ---------------------------------------------------------
 
     def language_model_inputs(self, call: tfa.ModelCall) -> dict[str, Any]:
         """The language model's keyword arguments for this call: the input stage's short sequence in a
         prefill, the 2-D mask and positions that fit the shortened cache in a later step."""
+        gen = self.generations.get()
         kwargs = call.keywords()
         embeds, mask, positions = call.inputs_embeds, call.attention_mask, call.position_ids
         if embeds is None:
@@ -177,84 +231,78 @@ class VlmPruner:
         if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 2):
             raise ShapeError("prune: the language model must get a 2-D attention mask [batch, tokens] (or none)")
         stage = self.stages.get(0)
-        if self.prefill:
-            if stage is not None:
-                dropped = num_dropped(stage.keep, self.visual.sum(-1))
-                if dropped:
-                    kept = kept_indices(stage.score(), self.visual, dropped)
-                    if positions is None:
-                        positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
-                    kwargs.update(inputs_embeds=_gather_seq(embeds, kept, 1),
-                                  position_ids=_gather_positions(positions, kept))
-                    if mask is not None:
-                        kwargs["attention_mask"] = _gather_seq(mask, kept, 1)
-                    self.visual = _gather_seq(self.visual, kept, 1)
-                    self.input_kept, self.kept[0] = kept, kept
-            self.input_length = kwargs["inputs_embeds"].shape[1]
-        elif self.input_kept is not None:
+        if gen.prefill:
+            selection = None if stage is None else stage.decide(gen)
+            if selection is not None:
+                if positions is None:
+                    positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
+                kwargs.update(inputs_embeds=selection.tokens(embeds), position_ids=selection.positions(positions))
+                if mask is not None:
+                    kwargs["attention_mask"] = selection.tokens(mask)
+                gen.visual = selection.tokens(gen.visual)
+                gen.input_kept = gen.kept[0] = selection.kept
+            gen.input_length = kwargs["inputs_embeds"].shape[1]
+        elif gen.input_kept is not None:
             if mask is not None:
-                prompt = _gather_seq(mask[:, :self.prompt_length], self.input_kept, 1)
-                kwargs["attention_mask"] = torch.cat([prompt, mask[:, self.prompt_length:]], dim=1)
+                prompt = _gather_seq(mask[:, :gen.prompt_length], gen.input_kept, 1)
+                kwargs["attention_mask"] = torch.cat([prompt, mask[:, gen.prompt_length:]], dim=1)
             if positions is None:
-                past = call.past_length + self.prompt_length - self.input_length
+                past = call.past_length + gen.prompt_length - gen.input_length
                 kwargs["position_ids"] = torch.arange(embeds.shape[1], device=embeds.device)[None] + past
         return kwargs
 
     # -- stages inside the decoder ---------------------------------------------------------------------
 
     def decoder_layer_inputs(self, index: int, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
-        if self.prefill:
-            if self.current is not None:
-                kwargs.update(self.current)
+        gen = self.generations.get()
+        if gen.prefill:
+            if gen.current is not None:
+                kwargs.update(gen.current)
             stage = self.stages.get(index)
-            if index and stage is not None:
-                dropped = num_dropped(stage.keep, self.visual.sum(-1))
-                if dropped:
-                    hidden = self._drop(stage, dropped, hidden, kwargs)
-            return hidden
-        columns = self.columns.get(index)
+            selection = None if not index or stage is None else stage.decide(gen)
+            return hidden if selection is None else self._drop(gen, stage, selection, hidden, kwargs)
+        columns = gen.columns.get(index)
         mask = kwargs.get("attention_mask")
         if columns is not None and mask is not None:
-            if id(columns) not in self.decode_masks:
-                extra = torch.arange(self.input_length, mask.shape[-1], device=mask.device)
-                columns = torch.cat([columns, extra.expand(columns.shape[0], -1)], dim=1)
-                self.decode_masks[id(self.columns[index])] = _gather_seq(mask, columns, -1)
-            kwargs["attention_mask"] = self.decode_masks[id(self.columns[index])]
+            if id(columns) not in gen.decode_masks:
+                extra = torch.arange(gen.input_length, mask.shape[-1], device=mask.device)
+                full = torch.cat([columns, extra.expand(columns.shape[0], -1)], dim=1)
+                gen.decode_masks[id(columns)] = _gather_seq(mask, full, -1)
+            kwargs["attention_mask"] = gen.decode_masks[id(columns)]
         return hidden
 
-    def _drop(self, stage: Stage, dropped: int, hidden: Tensor, kwargs: dict[str, Any]) -> Tensor:
-        kept = kept_indices(stage.score(), self.visual, dropped)
+    def _drop(self, gen: Generation, stage: Stage, selection: Selection, hidden: Tensor,
+              kwargs: dict[str, Any]) -> Tensor:
         mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
         cos, sin = kwargs["position_embeddings"]
         if cos.dim() not in (3, 4):
             raise ShapeError(f"prune: expected rotary position embeddings [batch, tokens, dim] (or M-RoPE's "
                              f"[sections, batch, tokens, dim]); got {tuple(cos.shape)}")
         if isinstance(mask, Tensor):
-            mask = _gather_seq(_gather_seq(mask, kept, -2), kept, -1)
+            mask = selection.mask(mask)
         elif mask is not None:
             raise ShapeError(f"prune: decoder layers must get a 4-D attention mask tensor; got {type(mask).__name__}")
-        self.current = {"attention_mask": mask, "position_embeddings": (_gather_rotary(cos, kept),
-                                                                        _gather_rotary(sin, kept)),
-                        "position_ids": None if positions is None else _gather_positions(positions, kept)}
-        kwargs.update(self.current)
-        self.visual = _gather_seq(self.visual, kept, 1)
-        before = self.columns.get(stage.layer)
-        columns = kept if before is None else before.gather(1, kept)
-        num_layers = len(tfa.decoder_layers(self.model))
-        for later in range(stage.layer, num_layers):
-            self.columns[later] = columns
-        self.kept[stage.layer] = columns if self.input_kept is None else self.input_kept.gather(1, columns)
-        return _gather_seq(hidden, kept, 1)
+        gen.current = {"attention_mask": mask, "position_embeddings": (selection.rotary(cos), selection.rotary(sin)),
+                       "position_ids": None if positions is None else selection.positions(positions)}
+        kwargs.update(gen.current)
+        gen.visual = selection.tokens(gen.visual)
+        before = gen.columns.get(stage.layer)
+        columns = selection.kept if before is None else selection.of(before)
+        for later in range(stage.layer, self.num_layers):
+            gen.columns[later] = columns
+        gen.kept[stage.layer] = columns if gen.input_kept is None else gen.input_kept.gather(1, columns)
+        return selection.tokens(hidden)
 
     # -- PLPHP: per-layer, per-head pruning of the KV cache after prefill -------------------------------
 
     def prune_cache(self, cache: Any) -> None:
-        rows: dict[int, Tensor] = self.captured.get("rows", {})
-        if not self.prefill or cache is None or not rows:
+        gen = self.generations.get()
+        rows: dict[int, Tensor] = gen.captured.get("rows", {})
+        if not gen.prefill or cache is None or not rows:
             return
         layers = sorted(rows)
-        counts = self.visual.sum(-1)
-        shares = torch.stack([vision_share(rows[i], self.visual) for i in layers])
+        counts = gen.visual.sum(-1)
+        shares = torch.stack([vision_share(rows[i], gen.visual) for i in layers])
         for i, retention in zip(layers, layer_retention(shares, self.keep).tolist()):
             dropped = num_dropped(retention, counts)
             if not dropped:
@@ -262,21 +310,21 @@ class VlmPruner:
             entry = cache.layers[i]
             batch, kv_heads, n, _ = entry.keys.shape
             per_head = rows[i].view(batch, kv_heads, -1, n).mean(2)  # [B, Hkv, N]
-            candidates = self.visual[:, None, :].expand(batch, kv_heads, n)
+            candidates = gen.visual[:, None, :].expand(batch, kv_heads, n)
             kept = kept_indices(per_head.reshape(-1, n), candidates.reshape(-1, n), dropped).view(batch, kv_heads, -1)
             # non-visual tokens first, in the same order in every head, then each head's own visual tokens
-            order = (self.visual.gather(1, kept.flatten(1)).view_as(kept) * n + kept).argsort(-1)
-            kept = kept.gather(-1, order)
-            index = kept[..., None].expand(-1, -1, -1, entry.keys.shape[-1])
-            entry.keys, entry.values = entry.keys.gather(2, index), entry.values.gather(2, index)
-            self.columns[i] = kept[:, 0]
-            self.kept[i] = kept
+            order = (gen.visual.gather(1, kept.flatten(1)).view_as(kept) * n + kept).argsort(-1)
+            selection = CacheSelection(kept.gather(-1, order))
+            selection.apply(entry)
+            gen.columns[i] = selection.kept[:, 0]
+            gen.kept[i] = selection.kept
 
 
 class PruneVlmHandle(Handle):
     """Handle of ``prune`` on a vision-language model. ``kept`` maps each pruning layer (0 = the language
-    model's input) to the prompt positions kept by the last prefill, ``[B, n]`` (PLPHP: ``[B, Hkv, n]``
-    per layer, the positions each kv head keeps in its cache)."""
+    model's input) to the prompt positions kept by the last prefill (this thread's; read in a thread that ran
+    none, another thread's), ``[B, n]`` (PLPHP: ``[B, Hkv, n]`` per layer, the positions each kv head keeps in
+    its cache)."""
 
     def __init__(self, *args: Any, pruner: VlmPruner, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -284,7 +332,7 @@ class PruneVlmHandle(Handle):
 
     @property
     def kept(self) -> dict[int, Tensor]:
-        return dict(self._pruner.kept)
+        return dict(self._pruner.generations.latest().kept)
 
 
 def _num_vision_layers(model: nn.Module) -> int:
@@ -345,103 +393,119 @@ def check_target(target: Target, options: dict[str, Any]) -> None:
         resolve_layer(target, options)
 
 
+#: ``record(generation, query, key, scale, mask)``: what an observed attention layer keeps of its call.
+Recorder = Callable[[Generation, Tensor, Tensor, float, "Tensor | None"], None]
+
+
+@dataclass
+class Plan:
+    """What a strategy's builder returns: its stages, the attention layers it observes (index in
+    ``attention_layers`` -> recorder; those in ``every_call`` record in every call, the others in prefills),
+    and the hooks it needs (transprune's transition after layer ``transition_after``, PLPHP's cache pruning)."""
+
+    stages: list[Stage]
+    routes: dict[int, Recorder]
+    every_call: frozenset[int] = frozenset()
+    transition_after: int | None = None
+    prunes_cache: bool = False
+
+
+def _cls_plan(model: nn.Module, options: dict[str, Any], keep: float) -> Plan:
+    """VTC-CLS's stage at the language model's input (``cls``, and ``star``'s first stage)."""
+    vision_layers = options["ensemble_layers"] or _feature_layers(model)
+    skip_cls = 1 if model.config.vision_feature_select_strategy == "default" else 0
+
+    def record(index: int) -> Recorder:
+        def run(gen: Generation, query: Tensor, key: Tensor, scale: float, mask: Tensor | None) -> None:
+            gen.vision_scores[index] = cls_attention(query[:, :, :1], key, scale, additive_bias(mask))
+
+        return run
+
+    def score(gen: Generation) -> Tensor:
+        if len(gen.vision_scores) != len(vision_layers):
+            raise ShapeError("prune: strategy 'cls' needs the image features of this call (pixel_values)")
+        per_image = torch.stack(list(gen.vision_scores.values())).mean(0)[:, skip_cls:].flatten()
+        gen.vision_scores.clear()
+        if per_image.numel() != int(gen.visual.sum()):
+            raise ShapeError(f"prune: the vision tower gave {per_image.numel()} image features for "
+                             f"{int(gen.visual.sum())} image tokens")
+        return torch.zeros(gen.visual.shape, device=per_image.device).masked_scatter(gen.visual, per_image)
+
+    return Plan([Stage(0, keep, score)], {i: record(i) for i in vision_layers}, frozenset(vision_layers))
+
+
+def _rows_recorder(index: int, instruction: bool) -> Recorder:
+    """Record, per head, the attention of the last row (``instruction``: the rows of the text after the last
+    image, averaged) of decoder layer ``index``."""
+
+    def run(gen: Generation, query: Tensor, key: Tensor, scale: float, mask: Tensor | None) -> None:
+        span = slice(-_instruction_rows(gen.visual) if instruction else -1, None)
+        bias = additive_bias(None if mask is None else mask[..., span, :])
+        gen.captured.setdefault("rows", {})[index] = row_attention(query[:, :, span], key, scale, bias).mean(2)
+
+    return run
+
+
+def _instruction_rows(visual: Tensor) -> int:
+    """Rows of the text after each sample's last image token (left padding aligns the ends)."""
+    last = visual.shape[1] - 1 - visual.flip(1).int().argmax(1)
+    return max(int((visual.shape[1] - 1 - last).min()), 1)
+
+
+def _last_rows(index: int) -> Callable[[Generation], Tensor]:
+    return lambda gen: gen.captured["rows"][index].mean(1)
+
+
+def plan(model: nn.Module, options: dict[str, Any], layer: int) -> Plan:
+    """The :class:`Plan` of ``options["strategy"]``, dropping tokens before decoder layer ``layer``."""
+    strategy, keep = options["strategy"], options["keep"]
+    language = tfa.language_layers(model)
+    if strategy == "cls":
+        return _cls_plan(model, options, keep)
+    if strategy == "plphp":  # the last row from ``layer`` on; pruning happens in the cache after prefill
+        routes = {language[i]: _rows_recorder(i, False) for i in range(layer, len(language))}
+        return Plan([], routes, prunes_cache=True)
+    observe = {language[layer - 1]: _rows_recorder(layer - 1, strategy == "transprune")}
+    if strategy == "fastv":
+        return Plan([Stage(layer, keep, _last_rows(layer - 1))], observe)
+    if strategy == "star":
+        first = _cls_plan(model, options, math.sqrt(keep))
+        return Plan([*first.stages, Stage(layer, math.sqrt(keep), _last_rows(layer - 1))], {**first.routes, **observe},
+                    first.every_call)
+
+    def transprune_score(gen: Generation) -> Tensor:
+        return (normalized(gen.captured["transition"], gen.visual)
+                + normalized(gen.captured["rows"][layer - 1].mean(1), gen.visual))
+
+    return Plan([Stage(layer, keep, transprune_score)], observe, transition_after=layer - 1)
+
+
 def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> PruneVlmHandle:
+    """Install the strategy's :class:`Plan` on ``target.model`` through the transformers adapter's services."""
     model, strategy, keep = target.model, options["strategy"], options["keep"]
     layer = 0 if strategy == "cls" else resolve_layer(target, options)
-    language = tfa.language_layers(model)
-    decoder = model.get_decoder()
-    captured: dict[str, Any] = {}  # what the decoder's hooks recorded in this forward
-    # the vision tower's [CLS] attention per layer; transformers >= 5.23's generate() runs the vision tower
-    # before the model's forward, so these live until the input stage reads them
-    vision_scores: dict[int, Tensor] = {}
-    pruner = VlmPruner(model, keep, captured)
-
-    def last_row_attention(index: int) -> Callable[[], Tensor]:
-        return lambda: captured["rows"][index].mean(1)
-
-    stages: list[Stage] = []
-    routes: dict[int, Callable[..., None]] = {}  # attention layer -> what its call records
-    vision_routes: set[int] = set()  # layers whose routes record in every call, not only in a prefill
-    if strategy in CLS_STRATEGIES:
-        vision_layers = options["ensemble_layers"] or _feature_layers(model)
-        skip_cls = 1 if model.config.vision_feature_select_strategy == "default" else 0
-
-        def record_cls(index: int) -> Callable[..., None]:
-            def record(query: Tensor, key: Tensor, scale: float, mask: Tensor | None) -> None:
-                vision_scores[index] = cls_attention(query[:, :, :1], key, scale, additive_bias(mask))
-
-            return record
-
-        def cls_score() -> Tensor:
-            if len(vision_scores) != len(vision_layers):
-                raise ShapeError("prune: strategy 'cls' needs the image features of this call (pixel_values)")
-            per_image = torch.stack(list(vision_scores.values())).mean(0)[:, skip_cls:].flatten()
-            vision_scores.clear()
-            visual = pruner.visual
-            if per_image.numel() != int(visual.sum()):
-                raise ShapeError(f"prune: the vision tower gave {per_image.numel()} image features for "
-                                 f"{int(visual.sum())} image tokens")
-            return torch.zeros(visual.shape, device=per_image.device).masked_scatter(visual, per_image)
-
-        for i in vision_layers:
-            routes[i] = record_cls(i)
-        vision_routes.update(vision_layers)
-        stages.append(Stage(0, math.sqrt(keep) if strategy == "star" else keep, cls_score))
-    if strategy in ("fastv", "star", "plphp", "transprune"):
-        def record_rows(index: int) -> Callable[..., None]:
-            """Record, per head, the attention of the last row (transprune: the instruction's rows, averaged)."""
-            def record(query: Tensor, key: Tensor, scale: float, mask: Tensor | None) -> None:
-                span = slice(-instruction_rows() if strategy == "transprune" else -1, None)
-                bias = additive_bias(None if mask is None else mask[..., span, :])
-                probs = row_attention(query[:, :, span], key, scale, bias)
-                captured.setdefault("rows", {})[index] = probs.mean(2)
-
-            return record
-
-        def instruction_rows() -> int:
-            """Rows of the text after each sample's last image token (left padding aligns the ends)."""
-            visual = pruner.visual
-            last = visual.shape[1] - 1 - visual.flip(1).int().argmax(1)
-            return max(int((visual.shape[1] - 1 - last).min()), 1)
-
-        observed = range(layer, len(language)) if strategy == "plphp" else [layer - 1]
-        for i in observed:
-            routes[language[i]] = record_rows(i)
-        if strategy in ("fastv", "star"):
-            stages.append(Stage(layer, math.sqrt(keep) if strategy == "star" else keep, last_row_attention(layer - 1)))
-        if strategy == "transprune":
-            def transprune_score() -> Tensor:
-                visual = pruner.visual
-                return (normalized(captured["transition"], visual)
-                        + normalized(captured["rows"][layer - 1].mean(1), visual))
-
-            stages.append(Stage(layer, keep, transprune_score))
-
-    pruner.stages = {stage.layer: stage for stage in stages}
+    pruner = VlmPruner(model, keep)
+    chosen = plan(model, options, layer)
+    pruner.stages = {stage.layer: stage for stage in chosen.stages}
 
     def make_route(index: int, module: nn.Module, implementation: str) -> tfa.Route:
-        record = routes[index]
+        record = chosen.routes[index]
 
         def route(call: Callable[..., Any], module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                   attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
-            if index in vision_routes or pruner.prefill:
+            gen = pruner.generations.get()
+            if index in chosen.every_call or gen.prefill:
                 scaling = kwargs.get("scaling")
                 mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
-                record(query, key, query.shape[-1] ** -0.5 if scaling is None else scaling, mask)
+                record(gen, query, key, query.shape[-1] ** -0.5 if scaling is None else scaling, mask)
             return call(module, query, key, value, attention_mask, **kwargs)
 
         return route
 
+    tfa.on_call(model, patcher, pruner.start)
     if keep < 1.0:
-        tfa.route_attention(model, patcher, sorted(routes), make_route)
-
-    def model_pre(call: tfa.ModelCall) -> None:
-        captured.clear()
-        pruner.start(call)
-
-    tfa.on_call(model, patcher, model_pre)
-    if keep < 1.0:
-        tfa.on_call(decoder, patcher, pruner.language_model_inputs)
+        tfa.route_attention(model, patcher, sorted(chosen.routes), make_route)
+        tfa.on_call(model.get_decoder(), patcher, pruner.language_model_inputs)
         layers = tfa.decoder_layers(model)
         for index in range(layer if strategy != "cls" else len(layers), len(layers)):
             def layer_inputs(call: tfa.ModelCall, index: int = index) -> dict[str, Any]:
@@ -450,13 +514,15 @@ def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> PruneV
                 return {"hidden_states": hidden, **kwargs}
 
             tfa.on_call(layers[index], patcher, layer_inputs)
-        if strategy == "transprune":
+        if chosen.transition_after is not None:
             def transition(call: tfa.ModelCall, output: Any) -> None:
-                if pruner.prefill:
+                gen = pruner.generations.get()
+                if gen.prefill:
                     after = output[0] if isinstance(output, tuple) else output
-                    captured["transition"] = transition_variation(call.arguments["hidden_states"], after)
+                    gen.captured["transition"] = transition_variation(call.arguments["hidden_states"], after)
 
-            tfa.after_call(layers[layer - 1], patcher, transition)
-        if strategy == "plphp":
-            tfa.after_call(decoder, patcher, lambda call, output: pruner.prune_cache(tfa.output_cache(output)))
+            tfa.after_call(layers[chosen.transition_after], patcher, transition)
+        if chosen.prunes_cache:
+            tfa.after_call(model.get_decoder(), patcher,
+                           lambda call, output: pruner.prune_cache(tfa.output_cache(output)))
     return PruneVlmHandle("prune", model, options, patcher, pruner=pruner)

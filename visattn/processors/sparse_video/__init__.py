@@ -1,11 +1,74 @@
-"""``sparse_video``: block-sparse attention for video and image DiTs in diffusers.
+"""``sparse_video`` — block-sparse self-attention for diffusion transformers (Wan, CogVideoX,
+HunyuanVideo, Flux, SD3).
+
+Every strategy is a routing rule on one token layout and one kernel
+(:mod:`visattn.kernels.block_sparse`). The grid tokens of a layer are permuted from raster order into
+tile order (:func:`visattn.core.routing.tile_order`: ``tile`` = 4x4x4 for video, 8x8 for images;
+grids the tile does not divide get smaller edge tiles, nothing is padded), and a block is a run of
+``prod(tile)`` consecutive tokens in that order — one tile where the tile divides the grid. For each
+query block, a strategy lists the kv blocks it visits:
+
+- ``tile_topk`` — VSA (Zhang et al., "Faster Video Diffusion with Trainable Sparse Attention",
+  2025), coarse stage, used training-free: tile queries and keys are the means of q and k over a
+  block, ``S = scale * Q_t K_t^T`` (the coarse attention logits), and each query block keeps its
+  ``ceil(keep * n_blocks)`` best kv blocks, or with ``top_p`` the fewest whose ``softmax(S)`` mass
+  reaches ``top_p`` (XAttention-style). Its own block is always kept. The fine stage is the kernel.
+- ``rectified`` — Rectified SpaAttn (2025) on top of ``tile_topk``. The pooled map
+  ``P = softmax_j(scale * q_i . k_j + log n_j)`` over pooled kv blocks ``j`` (``n_j`` tokens each)
+  and the text keys is the implicit full-attention reference. Isolated-pooling attention
+  reallocation (IPAR): the sparse output, normalised over the kept keys only, is rescaled by the
+  reference's kept mass ``r_i = sum_{j kept} P_ij``. Gain-aware pooling rectification (GAPR): a
+  dropped block adds its pooled contribution ``P_ij * v_j`` (``v_j`` the mean of v over the block)
+  where the gain beats the pooling error. Pooling replaces ``sum_y exp(logit_y)`` by
+  ``n_j * exp(mean logit)``, off by a factor ``~exp(var / 2)`` for logits of variance ``var`` inside
+  the block; with isotropic keys ``var = scale^2 |q_i|^2 d_j / D`` (``d_j`` = mean squared distance of
+  the block's keys from their mean), so the block is added when the relative error
+  ``exp(var / 2) - 1`` is below the relative gain 1, i.e. ``var / 2 < ln 2``. The paper's exact error
+  estimate differs; this is our reading of its condition.
+- ``sliding_tile`` — STA (sliding tile attention): each query tile attends to the ``window`` of
+  kv tiles around it (in tiles, per axis), shifted inwards at the grid's border so that every tile
+  sees the same number of tiles; one window for all heads or one per head.
+- ``grat`` — GRAT ("Grouping First, Attending Smartly", 2025): the query tokens of a tile (a
+  contiguous group) share one kv set: the ``surrounding`` tiles (Chebyshev distance
+  ``<= grat_radius`` in tiles, not shifted at the border) or ``criss_cross``: the tiles on the
+  three lines through the query tile (tiles that differ from it in at most one tile coordinate;
+  row and column in 2D).
+
+Where a block covers several tiles (ragged edges), it visits the union of their kv tiles' blocks.
+
+Text tokens (Flux and CogVideoX put them first, SD3 and HunyuanVideo last; any token of the joint
+sequence outside the grid) are always attended and always attend: grid queries see them through the
+kernel's always-attended ranges, text queries run dense SDPA over the whole sequence. A key-padding
+mask (HunyuanVideo's text mask, per sample) is honoured exactly: masked text keys are left out of each
+sample's kv sequence. Masks on grid keys are not supported (error). Layers that are not self- or joint
+attention over a grid stay stock: Wan's cross-attention and HunyuanVideo's token refiner.
+
+Schedule: the first ``dense_steps`` denoising steps and the first ``dense_layers`` sparse-eligible
+layers (self/joint attention over a grid, in execution order) run stock attention. A step is a
+distinct timestep: repeated calls at one timestep (classifier-free guidance run as two calls) are one
+step, and a timestep larger than the last one starts a new generation at step 0.
+
+Options and identity values: ``strategy`` ('tile_topk'); ``keep`` (0.25; identity 1.0) and ``top_p``
+(None; identity 1.0) for tile_topk and rectified; ``tile`` (None: 4x4x4 / 8x8); ``window`` (None:
+3 tiles per axis; identity: the tile grid's size) for sliding_tile; ``grat_pattern`` ('surrounding')
+and ``grat_radius`` (1; identity: >= the tile grid's largest side, surrounding) for grat;
+``dense_steps`` (0), ``dense_layers`` (0); ``strict`` (False: the PyTorch reference is used, logged
+once, where the Triton kernel cannot run); ``install`` ('processor'; 'attention_backend' for diffusers'
+context parallelism, see :mod:`visattn.processors.sparse_video.backend`). At an identity setting the
+layer calls stock SDPA itself, so the output is bit-identical to stock.
+
+Installation (diffusers): ``visattn.apply(pipe_or_model, "sparse_video", ...)`` or
+``model.set_attn_processor(visattn.diffusers.SparseVideoAttnProcessor(model, ...))``; see
+:class:`SparseVideoAttnProcessor` for why the processor keeps the stock processors' math.
 
 The method is this package, one module per concern:
 
-- :mod:`.attention`: the options and their schedule (:class:`SparseVideoConfig`, :class:`SparseVideoSchedule`),
-  the tile geometry and the routers of the four strategies, :func:`sparse_video_attention` (a plain function of
-  ``[B, H, N, D]`` tensors and a layout) and :class:`SparseVideoAttnProcessor`, the diffusers attention
-  processor (``install="processor"``); its docstring gives the papers and equations;
+- :mod:`.config`: the options (``OPTIONS``, ``INSTALL``) and their validated form :class:`SparseVideoConfig`;
+- :mod:`.routing`: the tile geometry (:func:`geometry`) and one router per strategy (``ROUTERS``, looked up by
+  :func:`route_blocks`), with the rectified strategy's correction of the sparse output;
+- :mod:`.attention`: :func:`sparse_video_attention`, a plain function of ``[B, H, N, D]`` tensors and a layout;
+- :mod:`.schedule`: :class:`SparseVideoSchedule`, which layers of a diffusers model run sparse in the current call;
+- :mod:`.processor`: :class:`SparseVideoAttnProcessor`, the diffusers attention processor (``install="processor"``);
 - :mod:`.backend`: :class:`SparseVideoAttnBackend`, the same attention as the diffusers attention backend
   ``visattn_sparse`` (``install="attention_backend"``), which context parallelism wraps;
 - here: the :class:`SparseVideo` method that ``visattn.apply(model, "sparse_video", ...)`` runs.
@@ -18,18 +81,12 @@ from typing import Any
 from ...frameworks import Target
 from ...patching import Handle, Patcher
 from ...registry import Method, register
-from .attention import (
-    FAMILIES,
-    INSTALL,
-    OPTIONS,
-    SparseVideoAttnProcessor,
-    SparseVideoConfig,
-    SparseVideoSchedule,
-    geometry,
-    route_blocks,
-    sparse_video_attention,
-)
+from .attention import sparse_video_attention
 from .backend import SparseVideoAttnBackend
+from .config import FAMILIES, INSTALL, OPTIONS, SparseVideoConfig
+from .processor import SparseVideoAttnProcessor
+from .routing import geometry, route_blocks
+from .schedule import SparseVideoSchedule
 
 __all__ = ["SparseVideo", "SparseVideoAttnBackend", "SparseVideoAttnProcessor", "SparseVideoConfig",
            "SparseVideoSchedule", "geometry", "route_blocks", "sparse_video_attention"]

@@ -59,7 +59,9 @@ from torch import Tensor
 
 from ...errors import OptionError, ShapeError, UnsupportedModelError
 from ...patching import Patcher
-from .attention import SparseVideoConfig, SparseVideoSchedule, sparse_video_attention
+from .attention import sparse_video_attention
+from .config import SparseVideoConfig
+from .schedule import SparseVideoSchedule
 
 BACKEND = "visattn_sparse"
 FAMILIES = ("WanTransformer3DModel", "FluxTransformer2DModel", "HunyuanVideoTransformer3DModel")

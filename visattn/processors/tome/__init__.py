@@ -17,9 +17,9 @@ from ...options import Option, bool_option
 from ...patching import Handle, Patcher
 from ...registry import Method, register
 from . import diffusers, vit
-from .vit import TomeHandle, TomeState
+from .vit import TomeHandle, TomeStep
 
-__all__ = ["Tome", "TomeHandle", "TomeState"]
+__all__ = ["Tome", "TomeHandle", "TomeStep"]
 
 
 def _check_r(v: Any) -> int | tuple[int, float] | list[int]:

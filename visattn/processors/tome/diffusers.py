@@ -46,7 +46,7 @@ from torch import Tensor
 from ...core.merge_sd import CellMerge, cell_destinations, match_to_cells
 from ...errors import OptionError, ShapeError
 from ...frameworks import Target
-from ...frameworks.base import adapter
+from ...frameworks.base import PerThread, adapter
 from ...options import Option, choice_option, float_option, int_option
 from ...patching import Handle, Patcher
 
@@ -129,8 +129,9 @@ def check(target: Target, options: dict[str, Any]) -> None:
 class TomeDiffusersHandle(Handle):
     """Handle of ``tome`` on a diffusers model.
 
-    ``token_counts``: for the last denoiser call, one ``(name, tokens in, tokens after merging)``
-    per merge, in execution order (``name`` the merged attention layer or block).
+    ``token_counts``: for the last denoiser call (this thread's; read in a thread that ran none, another
+    thread's), one ``(name, tokens in, tokens after merging)`` per merge, in execution order (``name`` the
+    merged attention layer or block).
     """
 
     def __init__(self, *args: Any, state: _State, **kwargs: Any) -> None:
@@ -139,11 +140,24 @@ class TomeDiffusersHandle(Handle):
 
     @property
     def token_counts(self) -> list[tuple[str, int, int]]:
-        return list(self._state.token_counts)
+        return list(self._state.calls.latest().token_counts)
+
+
+class _Call:
+    """What one denoiser call carries to the hooks: its grid and text length, the merges of each layer
+    (pending until the layer's output is unmerged), the destinations drawn per grid size, the counts."""
+
+    def __init__(self, grid: tuple[int, ...] = (), text_tokens: int = 0) -> None:
+        self.grid = grid
+        self.text_tokens = text_tokens
+        self.token_counts: list[tuple[str, int, int]] = []
+        self.partitions: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.pending: dict[str, list[Any]] = {}
 
 
 class _State:
-    """What a denoiser call carries to the hooks: its grid, its text length, the generator."""
+    """The method on one model: its options, the current call of each thread and each thread's generators
+    (seeded with ``seed`` at the thread's first call, so each thread draws what a lone thread would)."""
 
     def __init__(self, model: nn.Module, options: dict[str, Any]) -> None:
         self.model = model
@@ -151,19 +165,17 @@ class _State:
         self.sx: int = options["sx"]
         self.sy: int = options["sy"]
         self.seed: int = options["seed"]
-        self.grid: tuple[int, ...] = ()
-        self.text_tokens = 0
-        self.token_counts: list[tuple[str, int, int]] = []
-        self.partitions: dict[tuple, tuple[Tensor, Tensor]] = {}
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self.calls: PerThread[_Call] = PerThread(_Call)
+        self._generators: PerThread[dict[torch.device, torch.Generator]] = PerThread(dict)
         self._layouts: dict[tuple, tuple[int, ...]] = {}
 
     def layer_grid(self, layer: int) -> tuple[int, ...]:
         from ...frameworks.diffusers import token_layout
 
-        key = (layer, self.grid)
+        call = self.calls.get()
+        key = (layer, call.grid)
         if key not in self._layouts:
-            self._layouts[key] = token_layout(self.model, layer, self.grid, self.text_tokens).grid
+            self._layouts[key] = token_layout(self.model, layer, call.grid, call.text_tokens).grid
         return self._layouts[key]
 
     def decide(self, name: str, metric: Tensor, grid: tuple[int, ...]) -> CellMerge:
@@ -172,19 +184,25 @@ class _State:
         if n != h * w:
             raise ShapeError(f"tome: {name} got {n} image tokens, expected a {h}x{w} grid")
         r = int(n * self.ratio)
+        call = self.calls.get()
         if r == 0 or h < self.sy or w < self.sx:
             merge = CellMerge(None, n)
         else:
             device = metric.device
-            if (h, w, device) not in self.partitions:  # one draw per denoiser call and grid size
-                if device not in self._generators:
-                    self._generators[device] = torch.Generator(device).manual_seed(self.seed)
-                self.partitions[h, w, device] = cell_destinations(h, w, self.sx, self.sy, device=device,
-                                                                  generator=self._generators[device])
-            dst, src = self.partitions[h, w, device]
+            if (h, w, device) not in call.partitions:  # one draw per denoiser call and grid size
+                generators = self._generators.get()
+                if device not in generators:
+                    generators[device] = torch.Generator(device).manual_seed(self.seed)
+                call.partitions[h, w, device] = cell_destinations(h, w, self.sx, self.sy, device=device,
+                                                                  generator=generators[device])
+            dst, src = call.partitions[h, w, device]
             merge = match_to_cells(metric, dst, src, r)
-        self.token_counts.append((name, n, n - merge.r))
+        call.token_counts.append((name, n, n - merge.r))
         return merge
+
+    def pending(self, name: str) -> list[Any]:
+        """The merges of ``name`` that the running call has not unmerged yet (innermost last)."""
+        return self.calls.get().pending.setdefault(name, [])
 
 
 def _merge_rope(rope: tuple[Tensor, Tensor] | None, merge: CellMerge,
@@ -220,15 +238,14 @@ def _check_no_mask(name: str, kwargs: dict[str, Any]) -> None:
 
 def _hook_attention(patcher: Patcher, state: _State, site: _Site, layer: int, attn: nn.Module, name: str) -> None:
     """``scope="attention"``: merge the self-attention's image tokens, unmerge its output."""
-    pending: list[tuple[CellMerge, int]] = []
 
     def before(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         _check_no_mask(name, kwargs)
         x = _hidden(args, kwargs)
-        start = state.text_tokens if site.kind == "flux_single" else 0  # Flux single stream: text first
+        start = state.calls.get().text_tokens if site.kind == "flux_single" else 0  # Flux single stream: text first
         image = x[:, start:]
         merge = state.decide(name, image, state.layer_grid(layer))
-        pending.append((merge, start))
+        state.pending(name).append((merge, start))
         if merge.r == 0:
             return args, kwargs
         merged = merge.merge(image)
@@ -238,7 +255,7 @@ def _hook_attention(patcher: Patcher, state: _State, site: _Site, layer: int, at
         return args, kwargs
 
     def after(output: Any) -> Any:
-        merge, start = pending.pop()
+        merge, start = state.pending(name).pop()
         if merge.r == 0:
             return output
         first = output[0] if isinstance(output, tuple) else output
@@ -250,7 +267,6 @@ def _hook_attention(patcher: Patcher, state: _State, site: _Site, layer: int, at
 
 def _hook_block(patcher: Patcher, state: _State, site: _Site) -> None:
     """``scope="block"``: the block runs on merged tokens; its residual update is unmerged."""
-    pending: list[tuple[CellMerge, Tensor, Tensor]] = []
     layer = site.attentions[0][0]
 
     def before(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
@@ -258,7 +274,7 @@ def _hook_block(patcher: Patcher, state: _State, site: _Site) -> None:
         x = _hidden(args, kwargs)  # image tokens only, in every supported block
         merge = state.decide(site.name, x, state.layer_grid(layer))
         merged = merge.merge(x)
-        pending.append((merge, x, merged))
+        state.pending(site.name).append((merge, x, merged))
         if merge.r == 0:
             return args, kwargs
         args, kwargs = _with_hidden(args, kwargs, merged)
@@ -267,7 +283,7 @@ def _hook_block(patcher: Patcher, state: _State, site: _Site) -> None:
         return args, kwargs
 
     def after(output: Any) -> Any:
-        merge, x, merged = pending.pop()
+        merge, x, merged = state.pending(site.name).pop()
         if merge.r == 0:
             return output
         if isinstance(output, tuple):  # SD3 and Flux blocks: (encoder_hidden_states, hidden_states)
@@ -320,9 +336,7 @@ def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> TomeDi
     sites = _selected(_sites(model), options["max_downsample"])
 
     def start(inputs: dict[str, Any]) -> None:
-        state.grid, state.text_tokens = call_grid(model, inputs)
-        state.token_counts = []
-        state.partitions = {}
+        state.calls.set(_Call(*call_grid(model, inputs)))
 
     on_call(model, patcher, start)
     for site in sites:

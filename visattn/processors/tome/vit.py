@@ -12,7 +12,7 @@ patched model captures in a CUDA graph. Prefix tokens (class, registers:
 ``num_prefix_tokens``) are never merged, and the token count left for the head stays valid.
 
 Unlike the reference implementation, the stock block and attention modules keep running: the
-timm and open_clip adapters run :class:`TomeState`, the merge step, between each block's attention
+timm and open_clip adapters run :class:`TomeStep`, the merge step, between each block's attention
 and its MLP (:func:`visattn.frameworks.base.step_blocks`, which also supplies the keys), so
 LayerScale, q/k norms, register tokens, dynamic image sizes and boolean key masks (``[B, 1, 1, N]``,
 True = attend; padding tokens are never merged) keep working. Works on timm ``VisionTransformer``
@@ -38,14 +38,13 @@ from torch import Tensor
 from ...core.merge import key_mask, log_size_bias, merge_wavg, parse_r
 from ...errors import ShapeError
 from ...frameworks import Target
-from ...frameworks.base import step_blocks, vit_blocks
+from ...frameworks.base import PerThread, step_blocks, vit_blocks
 from ...kernels.tome import bipartite_soft_matching
 from ...patching import Handle, Patcher
 
 
-class TomeState:
-    """The :class:`~visattn.frameworks.base.BlockStep` of ``tome`` on ViTs, and what one forward carries
-    from block to block: sizes, sources, the key mask."""
+class TomeStep:
+    """The :class:`~visattn.frameworks.base.BlockStep` of ``tome`` on ViTs: the merge schedule and options."""
 
     method, verb = "tome", "merge"
 
@@ -56,23 +55,31 @@ class TomeState:
         self.prop_attn = prop_attn
         self.trace_source = trace_source
         self.strict = strict
-        self.start(None)
 
-    def start(self, attn_mask: Tensor | None) -> None:
+    def start(self, attn_mask: Tensor | None) -> TomeCall:
+        return TomeCall(self, attn_mask)
+
+    def captures(self, layer: int) -> bool:
+        return self.schedule[layer] > 0
+
+
+class TomeCall:
+    """What one forward carries from block to block (a :class:`~visattn.frameworks.base.StepCall`): the
+    tokens' sizes and sources, and the key mask."""
+
+    def __init__(self, tome: TomeStep, attn_mask: Tensor | None) -> None:
+        self.tome = tome
         self.given_mask = attn_mask
         self.valid: Tensor | None = None
         self.size: Tensor | None = None
         self.source: Tensor | None = None
         self.token_counts: list[int] = []
 
-    def captures(self, layer: int) -> bool:
-        return self.schedule[layer] > 0
-
     def stock(self, layer: int, num_tokens: int) -> bool:
-        return self.schedule[layer] == 0 and not self.merged
+        return self.tome.schedule[layer] == 0 and not self.merged
 
     def step(self, layer: int, x: Tensor, q: Tensor | None, k: Tensor | None, scale: float) -> Tensor:
-        r = self.schedule[layer]
+        r = self.tome.schedule[layer]
         return self.merge(x, k, r) if r > 0 else x
 
     @property
@@ -83,7 +90,7 @@ class TomeState:
         """The mask for the next attention: the caller's until tokens merge, then log-size and keys."""
         if not self.merged:
             return self.given_mask
-        if not self.prop_attn:
+        if not self.tome.prop_attn:
             return None if self.valid is None else self.valid[:, None, None, :]
         bias = log_size_bias(self.size, dtype)
         return bias if self.valid is None else bias.masked_fill(~self.valid[:, None, None, :], -math.inf)
@@ -96,9 +103,9 @@ class TomeState:
                 self.valid = key_mask(self.given_mask, x.shape[0], n)
             except ShapeError as exc:
                 raise ShapeError(f"tome: {exc}") from None
-        merge, _ = bipartite_soft_matching(keys.mean(dim=1), r, num_prefix=self.num_prefix, size=self.size,
-                                           mergeable=self.valid, strict=self.strict)
-        if self.trace_source:
+        merge, _ = bipartite_soft_matching(keys.mean(dim=1), r, num_prefix=self.tome.num_prefix, size=self.size,
+                                           mergeable=self.valid, strict=self.tome.strict)
+        if self.tome.trace_source:
             if self.source is None:
                 self.source = torch.eye(n, device=x.device)[None].expand(batch, n, n)
             self.source = merge(self.source, "sum")
@@ -109,7 +116,8 @@ class TomeState:
 
 
 class TomeHandle(Handle):
-    """Handle of ``tome``. After a forward pass:
+    """Handle of ``tome``. After a forward pass (the last one this thread ran, or, read from a thread that
+    ran none, the last one of any thread):
 
     - ``token_counts``: the number of tokens entering each block;
     - ``size``: ``[B, N]`` how many patches each final token holds (``None`` if nothing merged);
@@ -117,29 +125,29 @@ class TomeHandle(Handle):
       token ``i`` (``trace_source=True`` only; ``None`` if nothing merged).
     """
 
-    def __init__(self, *args: Any, state: TomeState, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, calls: PerThread[TomeCall], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._state = state
+        self._calls = calls
 
     @property
     def token_counts(self) -> list[int]:
-        return list(self._state.token_counts)
+        return list(self._calls.latest().token_counts)
 
     @property
     def size(self) -> Tensor | None:
-        return self._state.size
+        return self._calls.latest().size
 
     @property
     def source(self) -> Tensor | None:
-        return None if self._state.source is None else self._state.source > 0
+        source = self._calls.latest().source
+        return None if source is None else source > 0
 
 
 def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> TomeHandle:
-    """``tome`` on a timm ViT or open_clip visual tower: :class:`TomeState` in every block."""
+    """``tome`` on a timm ViT or open_clip visual tower: :class:`TomeStep` in every block."""
     blocks = vit_blocks(target)
     schedule = parse_r(options["r"], len(blocks))
     model = target.model
     num_prefix = int(getattr(model, "num_prefix_tokens", 1))  # open_clip towers: the class token
-    state = TomeState(schedule, num_prefix, options["prop_attn"], options["trace_source"], options["strict"])
-    step_blocks(target, patcher, state)
-    return TomeHandle("tome", model, options, patcher, state=state)
+    tome = TomeStep(schedule, num_prefix, options["prop_attn"], options["trace_source"], options["strict"])
+    return TomeHandle("tome", model, options, patcher, calls=step_blocks(target, patcher, tome))

@@ -1,0 +1,124 @@
+"""The options of ``sparse_video`` and their validated form, :class:`SparseVideoConfig`.
+
+``OPTIONS`` and ``INSTALL`` declare the options (their checks, defaults, identity values and the strategies
+that read them); the constants name the strategies, the GRAT patterns, the supported diffusers families
+and the default tile and window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ...errors import OptionError, ShapeError
+from ...options import Option, bool_option, check_scope, choice_option, float_option, int_option, validate_options
+
+STRATEGIES = ("tile_topk", "rectified", "sliding_tile", "grat")
+GRAT_PATTERNS = ("surrounding", "criss_cross")
+FAMILIES = ("WanTransformer3DModel", "CogVideoXTransformer3DModel", "HunyuanVideoTransformer3DModel",
+            "FluxTransformer2DModel", "SD3Transformer2DModel")
+DEFAULT_TILE = {3: (4, 4, 4), 2: (8, 8)}
+DEFAULT_WINDOW = 3
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_tuple(v: Any) -> tuple[int, ...]:
+    if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
+        raise TypeError
+    t = tuple(v)
+    if len(t) not in (2, 3) or not all(_is_int(i) and i >= 1 for i in t):
+        raise ValueError
+    return t
+
+
+def _check_tile(v: Any) -> tuple[int, ...] | None:
+    return None if v is None else _int_tuple(v)
+
+
+def _check_window(v: Any) -> tuple[int, ...] | tuple[tuple[int, ...], ...] | None:
+    if v is None:
+        return None
+    if isinstance(v, Sequence) and v and all(isinstance(w, Sequence) for w in v):
+        per_head = tuple(_int_tuple(w) for w in v)
+        if len({len(w) for w in per_head}) != 1:
+            raise ValueError
+        return per_head
+    return _int_tuple(v)
+
+
+def _check_top_p(v: Any) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
+        raise ValueError
+    return float(v)
+
+
+_ROUTED = ("tile_topk", "rectified")  # the strategies that score block pairs and keep the best
+OPTIONS: tuple[Option, ...] = (
+    choice_option("strategy", "tile_topk", STRATEGIES, doc="routing rule (see the module doc)"),
+    float_option("keep", 0.25, low=0, high=1, low_open=True, identity=1.0,
+                 doc="tile_topk/rectified: fraction of kv blocks each query block visits").scoped(strategies=_ROUTED),
+    Option("top_p", None, "None or a number in (0, 1]", _check_top_p, identity=1.0, strategies=_ROUTED,
+           doc="tile_topk/rectified: keep the fewest blocks whose coarse softmax mass reaches top_p (replaces keep)"),
+    Option("tile", None, "None (4x4x4 for video, 8x8 for images) or a tuple of 2 or 3 ints >= 1", _check_tile,
+           doc="tile shape in tokens (t, h, w) or (h, w); a block is one tile's worth of tokens"),
+    Option("window", None, "None (3 tiles per axis), a tuple of 2 or 3 ints >= 1, or one such tuple per head",
+           _check_window, strategies=("sliding_tile",),
+           doc="sliding_tile: window in tiles per axis (identity: the tile grid's size)"),
+    choice_option("grat_pattern", "surrounding", GRAT_PATTERNS,
+                  doc="grat: shared kv set of a tile group").scoped(strategies=("grat",)),
+    int_option("grat_radius", 1, low=0,
+               doc="grat surrounding: radius in tiles (identity: the tile grid's side)").scoped(strategies=("grat",)),
+    int_option("dense_steps", 0, low=0, doc="first denoising steps (distinct timesteps) run dense"),
+    int_option("dense_layers", 0, low=0, doc="first sparse-eligible attention layers run dense"),
+    bool_option("strict", False, doc="raise instead of falling back to the PyTorch reference"),
+)
+INSTALLS = ("processor", "attention_backend")
+INSTALL = choice_option("install", "processor", INSTALLS,
+                        doc="'processor': attention processors around the stock ones; 'attention_backend': the "
+                            "diffusers attention backend 'visattn_sparse', which context parallelism (Ulysses) "
+                            "wraps (visattn.processors.sparse_video.backend)")
+
+
+@dataclass(frozen=True)
+class SparseVideoConfig:
+    """The validated options of ``sparse_video`` (see the package doc)."""
+
+    strategy: str = "tile_topk"
+    keep: float = 0.25
+    top_p: float | None = None
+    tile: tuple[int, ...] | None = None
+    window: tuple[int, ...] | tuple[tuple[int, ...], ...] | None = None
+    grat_pattern: str = "surrounding"
+    grat_radius: int = 1
+    dense_steps: int = 0
+    dense_layers: int = 0
+    strict: bool = False
+
+    @classmethod
+    def from_options(cls, **options: Any) -> SparseVideoConfig:
+        """The config of ``options`` as given; an option the chosen strategy does not read is an error."""
+        values = validate_options("sparse_video", OPTIONS, options)
+        check_scope("sparse_video", OPTIONS, options, "diffusers")
+        return cls(**values)
+
+    @classmethod
+    def resolve(cls, config: SparseVideoConfig | None, options: dict[str, Any]) -> SparseVideoConfig:
+        """``config`` (checked already, as ``visattn.apply`` does) or the config of ``options``, not both."""
+        if config is None:
+            return cls.from_options(**options)
+        if options:
+            raise OptionError(f"sparse_video: give a config or options, not both (got config and {sorted(options)})")
+        return config
+
+    def tile_for(self, grid: tuple[int, ...]) -> tuple[int, ...]:
+        tile = self.tile or DEFAULT_TILE[len(grid)]
+        if len(tile) != len(grid):
+            raise ShapeError(f"sparse_video: tile {tile} cannot cover the {'x'.join(map(str, grid))} token grid; "
+                             f"give a tile with {len(grid)} sides")
+        return tile

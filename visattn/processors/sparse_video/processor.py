@@ -1,0 +1,126 @@
+"""``sparse_video`` as a diffusers attention processor (``install="processor"``): :class:`SparseVideoAttnProcessor`
+runs each layer's stock processor and answers its self/joint-attention SDPA call with the sparse attention.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+from torch import Tensor
+
+from ...core.layout import TokenLayout
+from ...errors import UnsupportedModelError
+from ...patching import Patcher
+from .attention import sparse_video_attention
+from .config import SparseVideoConfig
+from .schedule import SparseVideoSchedule
+
+
+def _sparse_sdpa(layout: TokenLayout, config: SparseVideoConfig) -> Any:
+    """An SDPA interception that answers the layer's self/joint-attention call with :func:`sparse_video_attention`."""
+    from ...frameworks.diffusers import SDPAIntercept
+
+    def answer(call: dict[str, Any]) -> Tensor | None:
+        q, k = call["query"], call["key"]
+        if (q.shape[-2] != k.shape[-2] or q.shape[-2] != layout.num_tokens or call.get("is_causal")
+                or call.get("dropout_p")):
+            return None
+        return sparse_video_attention(q, k, call["value"], layout, config, scale=call.get("scale"),
+                                      attn_mask=call.get("attn_mask"))
+
+    return SDPAIntercept(answer)
+
+
+@dataclass
+class _Layer:
+    index: int
+    name: str
+    stock: Any
+    stock_params: frozenset[str]
+
+
+class SparseVideoAttnProcessor:
+    """A diffusers attention processor running ``sparse_video`` (package doc) in the layers of one model.
+
+    ``model.set_attn_processor(SparseVideoAttnProcessor(model, strategy="tile_topk", keep=0.1))`` —
+    or ``visattn.apply(model_or_pipe, "sparse_video", ...)``, which does the same and can be undone with
+    ``visattn.remove``. The processor is made for one model (the denoiser), because a diffusers
+    processor call alone does not carry the token grid, the denoising step or the layer index:
+    construction records each attention layer's current (stock) processor and installs forward
+    hooks on the model that read the grid and text length of each call (:class:`SparseVideoSchedule`).
+    ``stock_processors`` gives the processors back for ``model.set_attn_processor(...)``; ``detach()``
+    removes the hooks.
+
+    Why stock processors are kept rather than re-implemented: each call runs the layer's own
+    stock processor — projections, norms, rotary embeddings, the text/image concatenation, output
+    projections all exactly as stock — inside a ``TorchFunctionMode`` that answers its one
+    self/joint-attention SDPA call (directly or through ``dispatch_attention_fn``'s native backends)
+    with :func:`sparse_video_attention` on the very q, k, v that SDPA would get. ``__call__`` names
+    every keyword any of these stock processors takes (``image_rotary_emb``, ``rotary_emb``, ``temb``),
+    because diffusers drops the keywords a processor's signature does not name. Layers that are not
+    self/joint attention over a grid (Wan's cross-attention, HunyuanVideo's token refiner) run
+    their stock processor untouched; a layer that never reaches SDPA (a non-native attention backend)
+    raises :class:`~visattn.errors.UnsupportedModelError`. The attention itself,
+    :func:`sparse_video_attention`, is a plain function of ``[B, H, N, D]`` tensors and a layout; it also
+    serves as a diffusers attention backend (:mod:`visattn.processors.sparse_video.backend`, the way to
+    run under context parallelism). Eager inference only (not ``torch.compile``).
+    """
+
+    def __init__(self, model: nn.Module, *, patcher: Patcher | None = None, config: SparseVideoConfig | None = None,
+                 **options: Any) -> None:
+        from ...frameworks import diffusers as fw
+
+        self.config = SparseVideoConfig.resolve(config, options)
+        self._model = model
+        self._patcher = patcher or Patcher()
+        self._schedule = SparseVideoSchedule(model, self.config, self._patcher)
+        self._layers: dict[int, _Layer] = {}
+        for index, (name, module) in enumerate(fw.attention_layers(model)):
+            stock = module.processor
+            if isinstance(stock, SparseVideoAttnProcessor):
+                stock = stock._layers[id(module)].stock
+            params = frozenset(inspect.signature(stock.__call__).parameters)
+            self._layers[id(module)] = _Layer(index, name, stock, params)
+
+    @property
+    def stock_processors(self) -> dict[str, Any]:
+        """``{"<layer>.processor": stock processor}``, for ``model.set_attn_processor`` to restore stock."""
+        return {f"{layer.name}.processor": layer.stock for layer in self._layers.values()}
+
+    def sparse_layers(self) -> list[int]:
+        """Indices (in attention-layer order) of the layers whose attention this processor makes sparse."""
+        return sorted(self._schedule.eligible)
+
+    def detach(self) -> None:
+        """Remove the hooks this processor installed on its model."""
+        self._patcher.undo()
+
+    def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, image_rotary_emb: Any = None, rotary_emb: Any = None,
+                 temb: Tensor | None = None) -> Any:
+        layer = self._layers.get(id(attn))
+        if layer is None:
+            raise UnsupportedModelError(f"SparseVideoAttnProcessor: {type(attn).__name__} is not an attention layer "
+                                        f"of the {type(self._model).__name__} this processor was made for")
+        kwargs: dict[str, Any] = {"encoder_hidden_states": encoder_hidden_states, "attention_mask": attention_mask}
+        rotary = image_rotary_emb if image_rotary_emb is not None else rotary_emb
+        for name, value in (("image_rotary_emb", rotary), ("rotary_emb", rotary), ("temb", temb)):
+            if value is not None and name in layer.stock_params:
+                kwargs[name] = value
+        layout = self._schedule.layout(layer.index, hidden_states.device)
+        if layout is None:
+            return layer.stock(attn, hidden_states, **kwargs)
+        mode = _sparse_sdpa(layout, self.config)
+        with mode:
+            out = layer.stock(attn, hidden_states, **kwargs)
+        if mode.answered == 0:
+            backend = getattr(layer.stock, "_attention_backend", None)
+            raise UnsupportedModelError(
+                f"sparse_video: attention layer {layer.index} ({layer.name}) ran without a "
+                f"torch.nn.functional.scaled_dot_product_attention call over its {layout.num_tokens} tokens "
+                f"(processor {type(layer.stock).__name__}, attention backend {backend or 'default'}); use the stock "
+                f"processor with a native attention backend, or install='attention_backend'")
+        return out
