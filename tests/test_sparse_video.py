@@ -4,6 +4,7 @@ schedule, batches and the set_attn_processor entry point work; bad inputs raise 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -16,7 +17,7 @@ from test_diffusers import BUILDERS, _run  # noqa: E402  (the tiny configs of th
 
 import visattn  # noqa: E402
 from visattn.core.layout import TokenLayout  # noqa: E402
-from visattn.errors import OptionError, ShapeError, UnsupportedModelError  # noqa: E402
+from visattn.errors import CopyError, OptionError, ShapeError, UnsupportedModelError  # noqa: E402
 from visattn.processors.sparse_video import (  # noqa: E402
     SparseVideoConfig,
     geometry,
@@ -185,9 +186,12 @@ def test_set_attn_processor_entry_point_matches_apply_and_restores() -> None:
     processor = visattn.diffusers.SparseVideoAttnProcessor(model, keep=0.5, tile=(1, 2))
     model.set_attn_processor(processor)
     assert torch.equal(_run(model, inputs), applied)
+    with pytest.raises(CopyError, match="sparse_video"):  # a copy would share the processor's hooks
+        copy.deepcopy(model)
     model.set_attn_processor(processor.stock_processors)
     processor.detach()
     assert torch.equal(_run(model, inputs), ref)
+    assert torch.equal(_run(copy.deepcopy(model), inputs), ref)
 
 
 def test_bad_inputs_raise_clear_errors() -> None:

@@ -1,7 +1,15 @@
-"""Framework detection: what the user passed, which framework it belongs to, and which module to patch.
+"""The only layer that touches a model: framework detection here, one adapter module per framework beside it.
 
 Detection looks at class names and modules only; it never imports a framework the user has not
-imported already.
+imported already. Where to hook in:
+
+- a new method: a :class:`visattn.registry.Method` in ``visattn/processors/`` (a package with one module
+  per framework when it spans several), whose ``install`` calls the adapters' services, never
+  ``register_forward_hook``, ``set_attn_processor`` or a class swap itself (``tests/test_layers.py``
+  checks), and keeps what a call carries between hooks in a :class:`visattn.frameworks.base.PerThread`;
+- a new model family: the adapter of its framework (``timm.py``, ``open_clip.py``, ``diffusers.py``,
+  ``transformers.py``): its attention layers, token layout, block step or call reader;
+- what every adapter offers: :mod:`visattn.frameworks.base`.
 """
 
 from __future__ import annotations

@@ -76,6 +76,8 @@ class SparseVideoAttnProcessor:
         self.config = SparseVideoConfig.resolve(config, options)
         self._model = model
         self._patcher = patcher or Patcher()
+        if patcher is None:  # made by the user (visattn.apply guards the model itself): refuse copies until detach()
+            self._patcher.refuse_copies(model, "sparse_video")
         self._schedule = SparseVideoSchedule(model, self.config, self._patcher)
         self._layers: dict[int, _Layer] = {}
         for index, (name, module) in enumerate(fw.attention_layers(model)):
