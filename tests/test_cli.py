@@ -12,6 +12,7 @@ from PIL import Image
 from visattn.cli import main
 from visattn.errors import ShapeError
 from visattn.render import attention_heatmap, render_map
+from visattn.testbed.vit import SHIPPED_WEIGHTS
 
 
 def test_info_and_methods(capsys):
@@ -22,16 +23,44 @@ def test_info_and_methods(capsys):
     assert "inspect" in json.loads(capsys.readouterr().out)
 
 
-def test_inspect_writes_png_over_synthetic_and_given_image(tmp_path, capsys):
+def test_inspect_draws_the_testbed_vit_by_default_and_timm_models_on_request(tmp_path, capsys):
     out = tmp_path / "a.png"
-    assert main(["inspect", "--img-size", "64", "--layer", "-1", "--out", str(out)]) == 0
+    assert main(["inspect", "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["map"] == [1, 17, 17] and report["layer"] == 11
-    assert Image.open(out).size == (64, 64)
+    assert report["model"] == "testbed" and "shipped testbed ViT" in report["weights"]
+    assert report["map"] == [1, 65, 65] and report["layer"] == 5 and "test picture" in report["image"]
+    figure = np.asarray(Image.open(out).convert("RGB"))
+    assert figure.shape[1] > 2 * figure.shape[0]  # the image, the map over it and a colour bar, side by side
+    timm_args = ["inspect", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--out", str(out)]
+    assert main([*timm_args, "--layer", "-1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["map"] == [1, 17, 17] and report["layer"] == 11 and report["weights"].startswith("random")
     src = tmp_path / "in.png"
     Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(src)
-    assert main(["inspect", "--img-size", "32", "--image", str(src), "--layer", "0", "--out", str(out)]) == 0
-    assert Image.open(out).size == (32, 32)
+    assert main([*timm_args, "--image", str(src), "--layer", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["image"] == str(src)
+    saved = tmp_path / "tiny.pth"
+    import timm
+
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).state_dict(), saved)
+    assert main([*timm_args, "--checkpoint", str(saved)]) == 0
+    assert json.loads(capsys.readouterr().out)["weights"] == str(saved)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--layer", "40"], "--layer 40 is out of range: this model has 6 attention layers (0..5, or -6..-1"),
+    (["--model", "no_such_vit"], "--model no_such_vit: Unknown model"),
+    (["--image", "missing.png"], "--image missing.png: "),
+    (["--img-size", "32"], "--img-size applies to timm models"),
+    (["--model", "vit_tiny_patch16_224", "--checkpoint", str(SHIPPED_WEIGHTS)],
+     "does not fit the timm model vit_tiny_patch16_224 (72 missing, 0 unexpected and 4 differently shaped weights"),
+])
+def test_inspect_errors_are_one_line_naming_what_is_accepted(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", "--out", str(tmp_path / "x.png"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("visattn inspect: error: ") and message in err
 
 
 @pytest.mark.skipif(shutil.which("visattn") is None, reason="console script not installed (pip install -e .)")

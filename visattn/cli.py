@@ -44,50 +44,106 @@ def info() -> dict[str, object]:
     }
 
 
-def _synthetic_image(size: int):
-    """A deterministic test picture: a bright disc and a square on a striped background."""
-    import torch
+class CommandError(ValueError):
+    """A bad command-line value: printed as one line, with what is accepted."""
 
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    img = 0.25 + 0.1 * torch.sin(xx * 40).expand(3, size, size).clone()
-    disc = ((xx - 0.3) ** 2 + (yy - 0.35) ** 2) < 0.03
-    square = ((xx - 0.7).abs() < 0.12) & ((yy - 0.7).abs() < 0.12)
-    img[0][disc], img[1][square] = 1.0, 1.0
-    return img
+
+def _inspect_model(model_name: str, checkpoint: str | None, img_size: int | None) -> tuple[object, str]:
+    """The model ``visattn inspect`` draws, and a description of its weights."""
+    import timm
+
+    from .testbed.vit import SHIPPED_WEIGHTS, load_vit
+
+    if model_name == "testbed":
+        if img_size is not None:
+            raise CommandError("--img-size applies to timm models (--model NAME); the testbed ViT takes 64 px")
+        try:
+            return load_vit(checkpoint), checkpoint or f"the shipped testbed ViT ({SHIPPED_WEIGHTS.name})"
+        except (FileNotFoundError, RuntimeError, OSError) as exc:
+            raise CommandError(f"--checkpoint {checkpoint} is not a testbed ViT checkpoint ({_first_line(exc)}); "
+                               f"give --model NAME for a timm checkpoint") from None
+    try:
+        model = timm.create_model(model_name, pretrained=False, img_size=img_size or 224)
+    except RuntimeError as exc:
+        raise CommandError(f"--model {model_name}: {_first_line(exc)}; give 'testbed' or a timm model name "
+                           f"(timm.list_models('*vit*') lists them)") from None
+    except TypeError:
+        raise CommandError(f"--model {model_name} is not a ViT that takes img_size; give 'testbed' or a timm "
+                           f"ViT name (timm.list_models('*vit*') lists them)") from None
+    if checkpoint is None:
+        return model, "random (no download)"
+    try:
+        state = timm.models.load_state_dict(checkpoint)
+    except (FileNotFoundError, OSError, RuntimeError) as exc:
+        raise CommandError(f"--checkpoint {checkpoint}: {_first_line(exc)}") from None
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    resized = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or resized:
+        example = (missing or unexpected or resized)[0]
+        raise CommandError(f"--checkpoint {checkpoint} does not fit the timm model {model_name} ({len(missing)} "
+                           f"missing, {len(unexpected)} unexpected and {len(resized)} differently shaped weights, "
+                           f"e.g. {example}); give --model the architecture it was saved from (--model testbed for "
+                           f"visattn's testbed weights)")
+    model.load_state_dict(state)
+    return model, checkpoint
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
 
 
 def run_inspect(model_name: str, image: str | None, layer: int, out: Path, checkpoint: str | None,
-                img_size: int) -> dict[str, object]:
-    """Build a timm ViT (random weights, or a local checkpoint), record one layer's attention, write a PNG."""
+                img_size: int | None = None) -> dict[str, object]:
+    """Record one attention layer of a ViT on an image; write the image, the map over it and a colour bar.
+
+    ``model_name`` ``"testbed"``: the testbed ViT shipped in the package (trained here on generated shapes; or
+    ``checkpoint`` in its layout) on one of its test pictures unless ``image`` is given; otherwise a timm model
+    name built without download, random weights unless ``checkpoint``. Bad values raise :class:`CommandError`.
+    """
     import numpy as np
-    import timm
     import torch
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     import visattn
     from visattn.frameworks.timm import attention_layers
-    from visattn.render import attention_heatmap, render_map
+    from visattn.render import attention_figure, attention_heatmap
 
-    model = timm.create_model(model_name, pretrained=False, img_size=img_size,
-                              checkpoint_path=checkpoint or "").eval()
-    if image:
-        pil = Image.open(image).convert("RGB").resize((img_size, img_size))
-        x = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255
-    else:
-        x = _synthetic_image(img_size)
+    from .testbed.data import SHAPES, classification_scene
+
+    model, weights = _inspect_model(model_name, checkpoint, img_size)
+    size = int(model.patch_embed.img_size[0])
     layers = len(attention_layers(model))
-    layer = layer % layers
+    if not -layers <= layer < layers:
+        raise CommandError(f"--layer {layer} is out of range: this model has {layers} attention layers "
+                           f"(0..{layers - 1}, or -{layers}..-1 counting from the end)")
+    layer %= layers
+    picture = "a testbed test picture"
+    if image:
+        try:
+            rgb = np.array(Image.open(image).convert("RGB").resize((size, size)))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise CommandError(f"--image {image}: {_first_line(exc)}; give a PNG, JPEG or other image file") from None
+        picture = image
+    else:
+        scene = classification_scene(0, "test", 0, size=size)
+        rgb, picture = scene.image, f"a testbed test picture (a {SHAPES[scene.label]})"
+    x = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
     handle = visattn.apply(model, "inspect", layers=[layer])
-    with torch.no_grad():
-        model(x.unsqueeze(0))
-    visattn.remove(model)
+    try:
+        with torch.no_grad():
+            model(x.unsqueeze(0))
+    finally:
+        visattn.remove(model)
+    attn = handle.last(layer)
     prefix = model.num_prefix_tokens
-    heat = attention_heatmap(handle.last(layer), query=0 if prefix else "mean",
-                             key_span=(prefix, handle.last(layer).shape[-1]))
-    render_map(heat, out, image=x)
-    return {"model": model_name, "weights": checkpoint or "random (no download)", "layer": layer,
-            "query": "class token" if prefix else "mean over tokens", "map": list(handle.last(layer).shape),
-            "png": str(out)}
+    query = "class token" if prefix else "mean over queries"
+    heat = attention_heatmap(attn, query=0 if prefix else "mean", key_span=(prefix, attn.shape[-1]))
+    attention_figure(heat, rgb, out, title=f"{model_name}, layer {layer}: attention of the {query} to each patch")
+    return {"model": model_name, "weights": weights, "image": picture, "layer": layer, "query": query,
+            "map": list(attn.shape), "png": str(out)}
 
 
 def load_demo_app() -> ModuleType:
@@ -108,63 +164,109 @@ def load_demo_app() -> ModuleType:
     return module
 
 
+EVAL_TESTBEDS = {
+    "vit": "the shipped testbed ViT classifier (or a local timm checkpoint with --model/--checkpoint) on held-out "
+           "generated shapes (or --images): top-1 of stock and patched, and agreement (the share of images on which "
+           "the patched model predicts what the stock model predicts)",
+    "vlm": "the shipped testbed LLaVA-style VLM (or --checkpoint/--tokenizer, or a Hugging Face checkpoint directory "
+           "with --questions/--images): POPE and QA accuracy of stock and patched, and agreement of their answers",
+    "video": "the shipped testbed video DiT (or --checkpoint): clips sampled stock and patched from the same noise; "
+             "PSNR/SSIM of patched against stock, and class accuracy of both",
+    "image": "the shipped testbed image UNet (or --checkpoint): images sampled stock and patched from the same "
+             "noise; PSNR/SSIM of patched against stock, and class accuracy of both",
+}
+EVAL_DEFAULTS: dict[str, dict[str, object]] = {
+    "vit": dict(supports="timm", n=1000, items="test images", batch=250, seed="seed of the generated test split",
+                checkpoint="local timm checkpoint file (with --model); default: the shipped testbed ViT"),
+    "vlm": dict(supports="transformers", n="200 scenes; with --questions, every question",
+                items="test scenes (with --questions: the first N questions of each file)", batch=250,
+                seed="seed of the generated test split",
+                checkpoint="a vlm.safetensors in the testbed layout, or a Hugging Face checkpoint directory"),
+    "video": dict(supports="diffusers' Wan", n=8, items="clips", batch=8, seed="seed of the noise",
+                  checkpoint="a video_dit.safetensors with its video_dit.json beside it"),
+    "image": dict(supports="diffusers' UNet", n=32, items="generated images", batch=32, seed="seed of the noise",
+                  checkpoint="an image_unet.safetensors with its image_unet.json beside it"),
+}
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> None:
+    """Exit with status 2 and one line: the command, then what was wrong and what is accepted."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="visattn", description="Attention processors for vision models.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, GPU, kernels, methods")
     sub.add_parser("methods", help="every method with its frameworks, paper and options (JSON)")
-    p = sub.add_parser("inspect", help="draw one layer's attention of a timm ViT over an image, as a PNG")
-    p.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name (built without download)")
-    p.add_argument("--checkpoint", default=None, help="local checkpoint file to load (optional)")
-    p.add_argument("--image", default=None, help="image file (default: a built-in synthetic picture)")
-    p.add_argument("--img-size", type=int, default=224)
+    p = sub.add_parser("inspect", help="draw one layer's attention of a ViT over an image, as a PNG",
+                       description="Draw where one attention layer of a ViT looks: the image, the map over it and "
+                                   "a colour bar, in one PNG. By default the testbed ViT shipped in the package "
+                                   "(trained on generated shapes) on one of its test pictures.")
+    p.add_argument("--model", default="testbed",
+                   help="'testbed' (default: the shipped testbed ViT) or a timm model name (built without "
+                        "download; random weights unless --checkpoint)")
+    p.add_argument("--checkpoint", default=None,
+                   help="local weights: a testbed vit.safetensors (--model testbed) or a timm checkpoint of --model")
+    p.add_argument("--image", default=None, help="image file (default: a testbed test picture)")
+    p.add_argument("--img-size", type=int, default=None, help="input size of a timm model (default 224)")
     p.add_argument("--layer", type=int, default=-1, help="attention layer index (negative counts from the end)")
-    p.add_argument("--out", type=Path, default=Path("attention.png"))
+    p.add_argument("--out", type=Path, default=Path("visattn_results/attention.png"), help="the PNG to write")
     e = sub.add_parser("eval", help="stock vs patched model on a held-out set: top-1 or POPE/QA and agreement, "
-                                    "or video / image PSNR/SSIM (JSON + PNG)")
-    e.add_argument("testbed", choices=["vit", "vlm", "video", "image"],
-                   help="vit: the shipped testbed ViT classifier (or --model/--checkpoint); "
-                        "vlm: the shipped testbed LLaVA-style VLM (or --checkpoint/--tokenizer, or a Hugging Face "
-                        "checkpoint directory with --questions/--images); "
-                        "video: the shipped testbed video DiT (or --checkpoint); "
-                        "image: the shipped testbed image UNet (or --checkpoint)")
-    e.add_argument("--method", required=True,
-                   help="a registered method that supports timm (vit), transformers (vlm), diffusers' Wan "
-                        "(video) or diffusers' UNet (image); see visattn methods")
-    e.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                   help="a fixed option of the method, e.g. strategy=cls (repeatable)")
-    e.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...", help="an option swept over values, e.g. r=0,4,8")
-    e.add_argument("--n", type=int, default=None,
-                   help="number of images (vit, default 1000), of scenes (vlm, default 200), of clips (video, "
-                        "default 8) or of generated images (image, default 32)")
-    e.add_argument("--seed", type=int, default=0, help="seed of the generated test split (video, image: of the noise)")
-    e.add_argument("--batch-size", type=int, default=None, help="default 250 (vit, vlm), 8 (video), 32 (image)")
-    e.add_argument("--steps", type=int, default=None,
-                   help="video, image: Euler sampling steps (default: the weights' own)")
-    e.add_argument("--guidance", type=float, default=None,
-                   help="video, image: classifier-free guidance scale (default: the weights' own)")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    e.add_argument("--model", default=None, help="timm model name of a local checkpoint (with --checkpoint)")
-    e.add_argument("--checkpoint", default=None,
-                   help="vit: local timm checkpoint file (with --model); vlm: a vlm.safetensors in the testbed "
-                        "layout; video: a video_dit.safetensors with its video_dit.json beside it; image: an "
-                        "image_unet.safetensors with its image_unet.json beside it")
-    e.add_argument("--tokenizer", default=None, help="vlm: tokenizer file (default: vlm_tokenizer.json beside it)")
-    e.add_argument("--num-classes", type=int, default=None, help="classes of the checkpoint's head (passed to timm)")
-    e.add_argument("--img-size", type=int, default=None, help="input size of the checkpoint (passed to timm)")
-    e.add_argument("--images", default=None, help="vit: local image folder, one subfolder per class (ImageFolder "
-                   "layout); vlm: the folder holding the images of --questions")
-    e.add_argument("--questions", nargs="+", default=None, metavar="FILE",
-                   help="vlm: POPE-format question files (JSON lines: image, text, label), with --images and a "
-                        "Hugging Face --checkpoint DIR; --n then takes the first N questions of each")
-    e.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"), help="where the JSON and PNG go")
-    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+                                    "or video / image PSNR/SSIM (JSON + PNG)",
+                       description="Stock vs patched model on a testbed; each testbed documents its options: "
+                                   "visattn eval vit --help (or vlm, video, image).")
+    testbeds = e.add_subparsers(dest="testbed", required=True, metavar="{vit,vlm,video,image}")
+    evals = {name: testbeds.add_parser(name, help=text, description=text) for name, text in EVAL_TESTBEDS.items()}
+    for name, t in evals.items():
+        defaults = EVAL_DEFAULTS[name]
+        t.add_argument("--method", required=True, help=f"a registered method that supports {defaults['supports']}; "
+                                                       f"see visattn methods")
+        t.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                       help="a fixed option of the method, e.g. strategy=cls (repeatable)")
+        t.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...",
+                       help="an option swept over values, e.g. r=0,4,8")
+        t.add_argument("--n", type=int, default=None if name == "vlm" else defaults["n"],
+                       help=f"{defaults['items']} (default {defaults['n']})")
+        t.add_argument("--seed", type=int, default=0, help=defaults["seed"])
+        t.add_argument("--batch-size", type=int, default=defaults["batch"], help=f"default {defaults['batch']}")
+        t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+        t.add_argument("--checkpoint", default=None, help=defaults["checkpoint"])
+        t.add_argument("--out-dir", type=Path, default=Path("visattn_results"),
+                       help="where the JSON and PNG go (default: visattn_results/ in the working directory)")
+        t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evals["vit"].add_argument("--model", default=None, help="timm model name of a local checkpoint (with --checkpoint)")
+    evals["vit"].add_argument("--num-classes", type=int, default=None,
+                              help="classes of the checkpoint's head (passed to timm)")
+    evals["vit"].add_argument("--img-size", type=int, default=None,
+                              help="input size of the checkpoint (passed to timm)")
+    evals["vit"].add_argument("--images", default=None,
+                              help="local image folder, one subfolder per class (ImageFolder layout)")
+    evals["vlm"].add_argument("--images", default=None, help="the folder holding the images of --questions")
+    evals["vlm"].add_argument("--tokenizer", default=None, help="tokenizer file (default: vlm_tokenizer.json beside "
+                                                                "the checkpoint)")
+    evals["vlm"].add_argument("--questions", nargs="+", default=None, metavar="FILE",
+                              help="POPE-format question files (JSON lines: image, text, label), with --images and a "
+                                   "Hugging Face --checkpoint DIR; --n then takes the first N questions of each")
+    for name in ("video", "image"):
+        evals[name].add_argument("--steps", type=int, default=None,
+                                 help="Euler sampling steps (default: the weights' own)")
+        evals[name].add_argument("--guidance", type=float, default=None,
+                                 help="classifier-free guidance scale (default: the weights' own)")
     d = sub.add_parser("demo", help="the Gradio demo (demos/app.py): ViT, vision-language and diffusion tabs on the "
                                     "testbed models")
     d.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     d.add_argument("--port", type=int, default=7860)
     d.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N: where the models run")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        flags = [a.split("=")[0] for a in extra if a.startswith("--")]
+        owners = {f: [n for n, t in evals.items() if f in t._option_string_actions] for f in flags}
+        if args.command != "eval" or not flags or not all(owners.values()):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        _fail(evals[args.testbed], "; ".join(
+            f"{f} applies to the {' and '.join(owners[f])} testbed{'s' if len(owners[f]) > 1 else ''} only"
+            for f in flags) + f" (visattn eval {args.testbed} --help lists its options)")
 
     if args.command == "info":
         for key, value in info().items():
@@ -174,44 +276,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(json.dumps(visattn.methods(), indent=2, default=str))
     elif args.command == "inspect":
-        result = run_inspect(args.model, args.image, args.layer, args.out, args.checkpoint, args.img_size)
+        try:
+            result = run_inspect(args.model, args.image, args.layer, args.out, args.checkpoint, args.img_size)
+        except CommandError as exc:
+            _fail(p, str(exc))
         print(json.dumps(result, indent=2))
     elif args.command == "eval":
         from visattn.errors import VisattnError
         from visattn.testbed.eval import eval_image, eval_video, eval_vit, eval_vlm, parse_option, parse_sweep, table
 
+        testbed = evals[args.testbed]
         try:
             options = dict(parse_option(o) for o in args.option)
             sweep = parse_sweep(args.sweep) if args.sweep else None
-            only = {"--model": ("vit",), "--num-classes": ("vit",), "--img-size": ("vit",), "--images": ("vit", "vlm"),
-                    "--tokenizer": ("vlm",), "--questions": ("vlm",), "--steps": ("video", "image"),
-                    "--guidance": ("video", "image")}
-            given = [k for k, testbeds in only.items() if args.testbed not in testbeds
-                     and getattr(args, k[2:].replace("-", "_")) is not None]
-            if given:
-                raise ValueError("; ".join(f"{k} applies to the {' and '.join(only[k])} testbed"
-                                           f"{'s' if len(only[k]) > 1 else ''} only" for k in given))
-            batch_size = args.batch_size if args.batch_size is not None else {"video": 8, "image": 32}.get(
-                args.testbed, 250)
+            common = dict(n=args.n, seed=args.seed, batch_size=args.batch_size, device=args.device,
+                          checkpoint=args.checkpoint, out_dir=args.out_dir, progress=not args.no_progress)
             if args.testbed in ("video", "image"):
-                evaluate, default_n = (eval_video, 8) if args.testbed == "video" else (eval_image, 32)
-                result = evaluate(args.method, options, sweep, n=default_n if args.n is None else args.n,
-                                  seed=args.seed, steps=args.steps, guidance=args.guidance, batch_size=batch_size,
-                                  device=args.device, checkpoint=args.checkpoint, out_dir=args.out_dir,
-                                  progress=not args.no_progress)
+                evaluate = eval_video if args.testbed == "video" else eval_image
+                result = evaluate(args.method, options, sweep, steps=args.steps, guidance=args.guidance, **common)
             elif args.testbed == "vlm":
-                n = args.n if args.n is not None else None if args.questions else 200
-                result = eval_vlm(args.method, options, sweep, n=n, seed=args.seed, batch_size=batch_size,
-                                  device=args.device, checkpoint=args.checkpoint, tokenizer=args.tokenizer,
-                                  questions=args.questions, images=args.images, out_dir=args.out_dir,
-                                  progress=not args.no_progress)
+                if args.n is None and not args.questions:
+                    common["n"] = 200
+                result = eval_vlm(args.method, options, sweep, tokenizer=args.tokenizer, questions=args.questions,
+                                  images=args.images, **common)
             else:
-                result = eval_vit(args.method, options, sweep, n=1000 if args.n is None else args.n, seed=args.seed,
-                                  batch_size=batch_size, device=args.device, model_name=args.model,
-                                  checkpoint=args.checkpoint, num_classes=args.num_classes, img_size=args.img_size,
-                                  images=args.images, out_dir=args.out_dir, progress=not args.no_progress)
+                result = eval_vit(args.method, options, sweep, model_name=args.model, num_classes=args.num_classes,
+                                  img_size=args.img_size, images=args.images, **common)
         except (VisattnError, ValueError, OSError) as exc:
-            e.error(str(exc))
+            _fail(testbed, str(exc))
         print(f"{result['model']} on {result['data']}, {result['device']}")
         print(table(result))
         print("wrote " + ", ".join(result["files"]))
@@ -219,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             app = load_demo_app()
         except RuntimeError as exc:
-            d.error(str(exc))
+            _fail(d, str(exc))
         app.launch(args.host, args.port, args.device)
     return 0
 

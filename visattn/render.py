@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .errors import ShapeError
@@ -94,3 +94,34 @@ def tensor_to_image(x: torch.Tensor) -> Image.Image:
         x = x[0]
     x = (x - x.min()) / (x.max() - x.min() + 1e-12)
     return Image.fromarray((x.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+
+
+def attention_figure(heat: np.ndarray | Tensor, image: Any, path: str | Path, *, title: str = "",
+                     size: int = 320) -> Path:
+    """Write a PNG of three panels: ``image``, ``heat`` blended over it, and a colour bar labelled with the map's
+    smallest and largest values (the ramp is stretched between them), under ``title``."""
+    if isinstance(heat, Tensor):
+        heat = heat.detach().float().cpu().numpy()
+    if isinstance(image, Tensor):
+        image = tensor_to_image(image)
+    elif isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    base = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    overlay = heatmap_image(heat, image=base)
+    bar_w, label_w, pad, top = 18, 96, 10, 28 if title else 10
+    ramp = _colorize(np.linspace(1.0, 0.0, size, dtype=np.float32)[:, None].repeat(bar_w, axis=1))
+    fig = Image.new("RGB", (3 * pad + 2 * size + pad + bar_w + label_w, top + size + pad), "white")
+    fig.paste(base, (pad, top))
+    fig.paste(overlay, (2 * pad + size, top))
+    bar_x = 3 * pad + 2 * size
+    fig.paste(Image.fromarray(ramp), (bar_x, top))
+    draw = ImageDraw.Draw(fig)
+    if title:
+        draw.text((pad, 8), title, fill="black")
+    draw.text((bar_x + bar_w + 4, top), f"{float(heat.max()):.3g}", fill="black")
+    draw.text((bar_x + bar_w + 4, top + size - 12), f"{float(heat.min()):.3g}", fill="black")
+    draw.text((bar_x + bar_w + 4, top + size // 2 - 6), "attention", fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.save(path)
+    return path

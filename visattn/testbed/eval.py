@@ -29,6 +29,7 @@ PNG of POPE accuracy, CHAIR_i and agreement across the sweep.
 ``visattn eval video`` (:func:`eval_video`) samples clips with the testbed video DiT (:mod:`.video`, a
 diffusers ``WanTransformer3DModel``) stock and patched from the same noise, for every method that
 supports Wan (``sparse_video``): PSNR and SSIM of the patched clips against the stock ones, and the
+
 class accuracy of both (the fraction of frames the testbed ViT classifies as the conditioned class).
 Results: ``<out_dir>/eval_video_<method>.json`` and a PNG of SSIM and class accuracy across the sweep.
 ``visattn eval image`` (:func:`eval_image`) does the same with the testbed image UNet (:mod:`.image`, a
@@ -61,6 +62,10 @@ from ..options import validate_options
 from ..registry import all_methods, get_method
 from .data import SHAPES, classification_batch
 from .vit import SHIPPED_WEIGHTS, load_vit
+
+#: Where results go unless told otherwise: a folder in the working directory (git-ignored in a visattn clone), never
+#: the committed ``benchmarks/results``.
+RESULTS_DIR = Path("visattn_results")
 
 TESTBEDS: tuple[str, ...] = ("vit", "vlm", "video", "image")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -235,7 +240,7 @@ def eval_vit(method: str, options: Mapping[str, Any] | None = None, sweep: tuple
              *, n: int = 1000, seed: int = 0, batch_size: int = 250, device: str = "auto",
              model_name: str | None = None, checkpoint: str | Path | None = None, num_classes: int | None = None,
              img_size: int | None = None, images: str | Path | None = None,
-             out_dir: str | Path | None = "benchmarks/results", progress: bool = True) -> dict[str, Any]:
+             out_dir: str | Path | None = RESULTS_DIR, progress: bool = True) -> dict[str, Any]:
     """Stock vs ``method`` on a ViT classifier; returns (and writes, unless ``out_dir`` is None) the results.
 
     Args:
@@ -327,7 +332,7 @@ def eval_vlm(method: str, options: Mapping[str, Any] | None = None, sweep: tuple
              *, n: int | None = 200, seed: int = 0, batch_size: int = 200, device: str = "auto",
              checkpoint: str | Path | None = None, tokenizer: str | Path | None = None,
              questions: str | Path | Sequence[str | Path] | None = None, images: str | Path | None = None,
-             out_dir: str | Path | None = "benchmarks/results", progress: bool = True) -> dict[str, Any]:
+             out_dir: str | Path | None = RESULTS_DIR, progress: bool = True) -> dict[str, Any]:
     """Stock vs ``method`` on a VLM; returns (and writes, unless ``out_dir`` is None) the results.
 
     By default the questions are those of scenes ``0 .. n-1`` of the generated ``test`` split
@@ -487,7 +492,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def eval_video(method: str, options: Mapping[str, Any] | None = None, sweep: tuple[str, Sequence[Any]] | None = None,
                *, n: int = 8, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                batch_size: int = 8, device: str = "auto", checkpoint: str | Path | None = None,
-               out_dir: str | Path | None = "benchmarks/results", progress: bool = True) -> dict[str, Any]:
+               out_dir: str | Path | None = RESULTS_DIR, progress: bool = True) -> dict[str, Any]:
     """Stock vs ``method`` on the testbed video DiT; returns (and writes, unless ``out_dir`` is None) the results.
 
     The stock model samples ``n`` clips (classes 0, 1, ..., 7, 0, ... in turn; the noise of clip ``i``
@@ -515,7 +520,7 @@ def eval_video(method: str, options: Mapping[str, Any] | None = None, sweep: tup
 def eval_image(method: str, options: Mapping[str, Any] | None = None, sweep: tuple[str, Sequence[Any]] | None = None,
                *, n: int = 32, seed: int = 0, steps: int | None = None, guidance: float | None = None,
                batch_size: int = 32, device: str = "auto", checkpoint: str | Path | None = None,
-               out_dir: str | Path | None = "benchmarks/results", progress: bool = True) -> dict[str, Any]:
+               out_dir: str | Path | None = RESULTS_DIR, progress: bool = True) -> dict[str, Any]:
     """Stock vs ``method`` on the testbed image UNet; returns (and writes, unless ``out_dir`` is None) the results.
 
     As :func:`eval_video`, on images: the stock UNet (:mod:`.image`, a diffusers ``UNet2DConditionModel``)
