@@ -234,12 +234,12 @@ def video_run(device: str, checkpoint: str, shape: str, seed: int, steps: int, g
 
 
 def video_status(checkpoint: str) -> dict[str, Any]:
-    why = demo.video_missing(checkpoint.strip() or None)
+    why = demo.video_missing(checkpoint.strip() or None) or demo.video_quality(checkpoint.strip() or None)
     return gr.update(value=f"⚠ {why}" if why else "", visible=why is not None)
 
 
 def video_tab(device: gr.State) -> None:
-    why = demo.video_missing()
+    why = demo.video_missing() or demo.video_quality()
     status = gr.Markdown(f"⚠ {why}" if why else "", visible=why is not None, elem_id="video-status")
     with gr.Row():
         shape = gr.Dropdown(list(SHAPES), value=SHAPES[0], label="class (shape)", elem_id="video-shape")

@@ -80,3 +80,24 @@ def test_heatmap_reduction_and_errors(tmp_path):
     path = render_map(heat, tmp_path / "h.png", size=64)
     img = np.asarray(Image.open(path))
     assert img.shape == (64, 64, 3) and not np.array_equal(img[0, 0], img[-1, -1])
+
+
+HELP = "from visattn.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"
+
+
+@pytest.mark.parametrize("code", ["import visattn", HELP], ids=["import", "help"])
+def test_import_and_help_load_no_framework_and_take_under_a_second(code):
+    """``import visattn`` and ``visattn --help`` import neither torch nor a framework (torch alone takes over a
+    second on the CI machine); the quickest of three runs, interpreter start included, is under a second."""
+    import sys
+    import time
+
+    heavy = "{'torch', 'timm', 'diffusers', 'transformers', 'open_clip', 'numpy'}"
+    loaded = "{m.split('.')[0] for m in sys.modules}"
+    check = f"{code}\nimport sys\nheavy = sorted({loaded} & {heavy})\nassert not heavy, heavy"
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", check], check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    assert min(times) < 1.0, times

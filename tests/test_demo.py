@@ -233,3 +233,18 @@ def test_demo_app_builds_its_three_tabs():
     app = load_demo_app().build("cpu")
     ids = {block.elem_id for block in app.blocks.values()}
     assert {"tab-vit", "tab-vlm", "tab-video", "vit-analyse", "vlm-ask", "video-run"} <= ids
+
+
+def test_video_quality_warns_below_the_bar(tmp_path):
+    import json
+
+    from visattn.testbed.video import QUALITY_BAR, SHIPPED_VIDEO_DIT
+
+    shipped = json.loads(SHIPPED_VIDEO_DIT.with_suffix(".json").read_text())["class_accuracy"]
+    assert (demo.video_quality() is None) == (shipped >= QUALITY_BAR)
+    for accuracy, warned in ((0.25, True), (0.9, False)):
+        (tmp_path / "v.json").write_text(json.dumps({"class_accuracy": accuracy}))
+        note = demo.video_quality(str(tmp_path / "v.safetensors"))
+        assert (note is not None) == warned
+        if warned:
+            assert "below its quality bar" in note and "25%" in note

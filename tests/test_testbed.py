@@ -133,8 +133,10 @@ def test_eval_inspect_agrees_fully_and_writes_json_and_png(tmp_path, capsys):
     assert main(["eval", "vit", "--method", "inspect", "--n", "48", "--out-dir", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "| inspect defaults |" in out and "| 1.000 |" in out
+    assert "agreement with stock: the share of images on which the patched model predicts the class" in out
     result = json.loads((tmp_path / "eval_vit_inspect.json").read_text())
     assert result["n"] == 48 and result["rows"][0]["agreement"] == 1.0
+    assert result["rows"][0]["speed"] is None  # CPU timings of small batches are noise: not recorded
     assert result["rows"][0]["top1"] == result["stock_top1"]
     assert Image.open(tmp_path / "eval_vit_inspect.png").size == (640, 400)
 

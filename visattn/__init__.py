@@ -4,13 +4,19 @@
     handle = visattn.apply(model, "inspect", layers=[3])   # timm, open_clip, diffusers, transformers
     visattn.remove(model)                                  # stock behaviour again, bit for bit
     visattn.methods()                                      # name -> frameworks, paper, options
+
+``import visattn`` imports neither torch nor any framework: ``apply``, ``remove``, ``methods``,
+``applied``, ``Handle`` and the entry-point modules ``visattn.timm`` and ``visattn.diffusers`` load on
+first use. timm's factory flag ``attn_layer="visattn_bra"`` is registered when ``visattn.timm`` is first
+used, or at ``import visattn`` if timm is imported already.
 """
 
-import importlib.util
+from __future__ import annotations
 
-from . import diffusers  # noqa: F401  (visattn.diffusers: processors; imports diffusers only when used)
-from . import processors as _processors  # noqa: F401  (registers the methods)
-from .api import applied, apply, methods, remove
+import importlib
+import sys
+from typing import Any
+
 from .errors import (
     CopyError,
     KernelUnavailableError,
@@ -23,12 +29,29 @@ from .errors import (
     UnsupportedTargetError,
     VisattnError,
 )
-from .patching import Handle
-
-if importlib.util.find_spec("timm") is not None:
-    from . import timm  # noqa: F401  (registers visattn's layers in timm's factory flags)
 
 __version__ = "0.1.0"
+
+#: Public names loaded on first use, and the module each lives in.
+_LAZY = {"apply": "api", "remove": "api", "methods": "api", "applied": "api", "Handle": "patching",
+         "timm": "timm", "diffusers": "diffusers"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'visattn' has no attribute {name!r}")
+    module = importlib.import_module(f".{_LAZY[name]}", __name__)
+    value = module if _LAZY[name] == name else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+if sys.modules.get("timm") is not None:  # timm's user may name "visattn_bra" in create_model right away
+    from . import timm  # noqa: F401
 
 __all__ = [
     "CopyError",

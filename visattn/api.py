@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import processors  # noqa: F401  (registers the methods)
 from .errors import MethodConflictError, NotAppliedError
 from .frameworks import detect
 from .options import check_scope, validate_options

@@ -466,6 +466,23 @@ def vlm_answers(model: nn.Module, tokenizer: Any, image: Any, question: str,
 # diffusion tab
 
 
+def video_quality(checkpoint: str | None = None) -> str | None:
+    """A warning when the video DiT's recorded class accuracy (``video_dit.json``) is below the testbed's bar,
+    ``None`` when it reaches it or the weights record none."""
+    import json
+
+    from .testbed.video import QUALITY_BAR, SHIPPED_VIDEO_DIT
+
+    meta = Path(_optional(checkpoint) or SHIPPED_VIDEO_DIT).with_suffix(".json")
+    accuracy = json.loads(meta.read_text()).get("class_accuracy") if meta.is_file() else None
+    if accuracy is None or accuracy >= QUALITY_BAR:
+        return None
+    return (f"This video DiT is below its quality bar: the testbed ViT sees the conditioned shape in "
+            f"{accuracy:.0%} of its frames (bar {QUALITY_BAR:.0%}, chance 12.5%), so its samples are mostly "
+            f"textured backgrounds. Dense and sparse still start from the same noise, so how far sparse_video moves "
+            f"the sample shows; what it keeps of a good model does not.")
+
+
 def video_missing(checkpoint: str | None = None) -> str | None:
     """Why the diffusion tab cannot run with ``checkpoint`` (default: the shipped weights), or ``None`` if it can."""
     from .testbed.video import SHIPPED_VIDEO_DIT

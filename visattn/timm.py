@@ -1,7 +1,7 @@
 """timm entry points: configured layer classes for ``timm.create_model``'s factory flags.
 
-Importing visattn (with timm installed) registers ``attn_layer="visattn_bra"`` in timm's
-``ATTN_LAYERS``. Options go through a configured class::
+Importing this module registers ``attn_layer="visattn_bra"`` in timm's ``ATTN_LAYERS`` (so does
+``import visattn`` when timm is imported already). Options go through a configured class::
 
     import timm, visattn
     model = timm.create_model("vit_base_patch16_224", attn_layer=visattn.timm.bra(n_win=7, topk=4))

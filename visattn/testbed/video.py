@@ -69,6 +69,8 @@ TINY_CONFIG: dict[str, Any] = {
     "attention_head_dim": 16, "ffn_dim": 64, "freq_dim": 16, "text_dim": 16, "class_tokens": 2,
 }
 SHIPPED_VIDEO_DIT = WEIGHTS_DIR / "video_dit.safetensors"
+#: The share of generated frames the testbed ViT must classify as the conditioned class (chance: 1 / 8).
+QUALITY_BAR = 0.8
 
 
 def _config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
