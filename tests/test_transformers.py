@@ -268,3 +268,21 @@ def test_a_model_whose_forward_takes_no_input_ids_is_refused_before_patching() -
 
     with pytest.raises(visattn.UnsupportedModelError, match="input_ids, attention_mask, cache or past_key_values"):
         tfa.check_calling_convention(Odd())
+
+
+def test_set_attn_implementation_entry_points() -> None:
+    """``visattn_sdpa`` is stock attention until visattn.apply routes it; ``visattn_visual_sink`` and
+    ``visattn_head_modulation`` are accepted by transformers and refuse at the first forward, naming visattn.apply."""
+    import visattn.transformers  # noqa: F401  (registers the names; import visattn does when transformers is loaded)
+
+    model = build("llava", "sdpa")
+    batch = vlm_inputs("llava", model)
+    stock = forward_logits(model, batch)
+    model.set_attn_implementation("visattn_sdpa")
+    assert torch.equal(forward_logits(model, batch), stock)
+    for method in ("visual_sink", "head_modulation"):
+        model.set_attn_implementation(f"visattn_{method}")
+        with pytest.raises(visattn.UnsupportedModelError, match=rf"visattn.apply\(model, '{method}'"):
+            forward_logits(model, batch)
+    model.set_attn_implementation("sdpa")
+    assert torch.equal(forward_logits(model, batch), stock)

@@ -6,9 +6,10 @@
     visattn.methods()                                      # name -> frameworks, paper, options
 
 ``import visattn`` imports neither torch nor any framework: ``apply``, ``remove``, ``methods``,
-``applied``, ``Handle`` and the entry-point modules ``visattn.timm`` and ``visattn.diffusers`` load on
-first use. timm's factory flag ``attn_layer="visattn_bra"`` is registered when ``visattn.timm`` is first
-used, or at ``import visattn`` if timm is imported already.
+``applied``, ``Handle`` and the entry-point modules ``visattn.timm``, ``visattn.diffusers`` and
+``visattn.transformers`` load on first use. The names visattn registers in timm (``attn_layer="visattn_bra"``)
+and transformers (``set_attn_implementation("visattn_sdpa")``...) are registered when the entry-point module
+is first used, or at ``import visattn`` if that framework is imported already.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ __version__ = "0.1.0"
 
 #: Public names loaded on first use, and the module each lives in.
 _LAZY = {"apply": "api", "remove": "api", "methods": "api", "applied": "api", "Handle": "patching",
-         "timm": "timm", "diffusers": "diffusers"}
+         "timm": "timm", "diffusers": "diffusers", "transformers": "transformers"}
 
 
 def __getattr__(name: str) -> Any:
@@ -50,8 +51,12 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_LAZY])
 
 
-if sys.modules.get("timm") is not None:  # timm's user may name "visattn_bra" in create_model right away
+# a framework's user may name visattn's layers right away: timm's attn_layer="visattn_bra", transformers'
+# set_attn_implementation("visattn_sdpa")
+if sys.modules.get("timm") is not None:
     from . import timm  # noqa: F401
+if sys.modules.get("transformers") is not None:
+    from . import transformers  # noqa: F401
 
 __all__ = [
     "CopyError",

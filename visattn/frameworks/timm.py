@@ -12,6 +12,7 @@ also be built with the factory flags ``attn_layer=`` (names registered in
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -88,13 +89,19 @@ def _stepped_forward(self: Any, x: torch.Tensor, attn_mask: torch.Tensor | None 
     layer: int = self._visattn_layer
     calls: PerThread[StepCall] = self._visattn_calls
     call = calls.set(step.start(attn_mask)) if layer == 0 else calls.get()
+    captured = self._visattn_qk.get() if "_visattn_qk" in self.__dict__ else {}
+    return _run_step(self, step, call, layer, captured, x, attn_mask, is_causal)
+
+
+def _run_step(self: Any, step: BlockStep, call: StepCall, layer: int, captured: dict[str, torch.Tensor],
+              x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    """Block ``layer`` (``self``) of a forward with ``call``: stock, or attention, the step, then the MLP."""
     call.token_counts.append(x.shape[1])
     if call.stock(layer, x.shape[1]):
         return self._visattn_base.forward(self, x, attn_mask=call.mask(x.dtype), is_causal=is_causal)
     if is_causal:
         raise ShapeError(f"{step.method}: causal attention cannot follow {step.verb}d tokens")
     x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=call.mask(x.dtype))))
-    captured = self._visattn_qk.get() if "_visattn_qk" in self.__dict__ else {}
     x = call.step(layer, x, captured.pop("q", None), captured.pop("k", None), self.attn.scale)
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
@@ -119,6 +126,52 @@ def step_blocks(model: nn.Module, patcher: Patcher, step: BlockStep) -> PerThrea
 
                 patcher.add_hook(getattr(block.attn, f"{name}_norm").register_forward_hook(keep))
     return calls
+
+
+class _Chain:
+    """One thread's forward through blocks built by :func:`block_fn_class`: its call, the next block's index, and
+    (weakly) the tensor the last block returned, which the next block of the same forward receives."""
+
+    def __init__(self, call: StepCall) -> None:
+        self.call = call
+        self.layer = 0
+        self.last: weakref.ref | None = None
+        self.captured: dict[str, torch.Tensor] = {}
+
+
+def block_fn_class(step: BlockStep, name: str) -> type:
+    """A ``timm.models.vision_transformer.Block`` subclass running ``step`` between attention and MLP, for
+    ``timm.create_model(..., block_fn=cls)``: timm's parameter names, so checkpoints load unchanged.
+
+    timm builds the blocks without their index, so a forward is followed instead: a block that receives the
+    tensor the previous block returned in this thread continues that forward (its index is the next one),
+    any other input starts a new forward at block 0. Blocks must run one after another, as
+    ``VisionTransformer`` runs them.
+    """
+    from timm.models.vision_transformer import Block
+
+    chains: PerThread[_Chain] = PerThread(lambda: _Chain(step.start(None)))
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        Block.__init__(self, *args, **kwargs)
+        for part in ("q", "k"):
+            def keep(module: nn.Module, args: tuple, out: torch.Tensor, part: str = part) -> None:
+                chains.get().captured[part] = out
+
+            getattr(self.attn, f"{part}_norm").register_forward_hook(keep)
+
+    def forward(self: Any, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        chain = chains.get()
+        if chain.last is None or chain.last() is not x:
+            chain = chains.set(_Chain(step.start(attn_mask)))
+        layer, chain.layer = chain.layer, chain.layer + 1
+        out = _run_step(self, step, chain.call, layer, chain.captured, x, attn_mask, is_causal)
+        chain.last = weakref.ref(out)
+        return out
+
+    return type(name, (Block,), {"__init__": __init__, "forward": forward, "_visattn_base": Block,
+                                 "_visattn_step": step, "calls": chains, "__module__": "visattn.timm"})
 
 
 def on_images(model: nn.Module, patcher: Patcher, fn: Callable[[torch.Tensor], None], method: str) -> None:

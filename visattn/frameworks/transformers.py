@@ -112,6 +112,22 @@ for _impl in IMPLEMENTATIONS:
     AttentionMaskInterface.register(PREFIX + _impl, AttentionMaskInterface()[_impl])
 
 
+def refuse_implementation(method: str, needs: str) -> None:
+    """Register ``"visattn_<method>"`` so that ``model.set_attn_implementation("visattn_<method>")`` is accepted by
+    transformers and the model's first forward raises :class:`UnsupportedModelError` pointing to ``visattn.apply``:
+    the method also needs ``needs`` (hooks outside the attention function, which that call cannot install)."""
+
+    def refuse(module: nn.Module, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+        raise UnsupportedModelError(
+            f"{method} cannot run as an attention implementation alone: it also needs {needs}, which "
+            f"set_attn_implementation cannot install; call model.set_attn_implementation(\"sdpa\") and "
+            f"visattn.apply(model, {method!r}, ...) instead (visattn.remove(model) undoes it)")
+
+    refuse.__name__ = refuse.__qualname__ = f"{PREFIX}{method}_attention_forward"
+    AttentionInterface.register(PREFIX + method, refuse)
+    AttentionMaskInterface.register(PREFIX + method, AttentionMaskInterface()["sdpa"])
+
+
 def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Attention modules that dispatch through ``AttentionInterface``, in execution order.
 

@@ -49,8 +49,9 @@ class TomeStep:
     method, verb = "tome", "merge"
 
     def __init__(self, schedule: list[int], num_prefix: int, prop_attn: bool, trace_source: bool,
-                 strict: bool = False) -> None:
-        self.schedule = schedule
+                 strict: bool = False, beyond: int = 0) -> None:
+        self.schedule = schedule  # r per block; blocks past its end remove ``beyond``
+        self.beyond = beyond
         self.num_prefix = num_prefix
         self.prop_attn = prop_attn
         self.trace_source = trace_source
@@ -59,8 +60,12 @@ class TomeStep:
     def start(self, attn_mask: Tensor | None) -> TomeCall:
         return TomeCall(self, attn_mask)
 
+    def r(self, layer: int) -> int:
+        """Tokens block ``layer`` removes."""
+        return self.schedule[layer] if layer < len(self.schedule) else self.beyond
+
     def captures(self, layer: int) -> bool:
-        return self.schedule[layer] > 0
+        return self.r(layer) > 0
 
 
 class TomeCall:
@@ -76,10 +81,10 @@ class TomeCall:
         self.token_counts: list[int] = []
 
     def stock(self, layer: int, num_tokens: int) -> bool:
-        return self.tome.schedule[layer] == 0 and not self.merged
+        return self.tome.r(layer) == 0 and not self.merged
 
     def step(self, layer: int, x: Tensor, q: Tensor | None, k: Tensor | None, scale: float) -> Tensor:
-        r = self.tome.schedule[layer]
+        r = self.tome.r(layer)
         return self.merge(x, k, r) if r > 0 else x
 
     @property
