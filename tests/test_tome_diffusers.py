@@ -81,9 +81,9 @@ def test_ratio_zero_reproduces_stock_bit_for_bit(case, scope: str) -> None:
 
 
 def _record_lengths(model: torch.nn.Module, names: list[str]) -> tuple[dict[str, list[int]], list]:
-    """Token counts entering the named modules (hidden_states, image tokens only)."""
+    """Token counts the named attention layers compute queries for (the input of their ``to_q``)."""
     seen: dict[str, list[int]] = {n: [] for n in names}
-    modules = dict(model.named_modules())
+    modules = {n: m.to_q for n, m in model.named_modules() if n in seen}
 
     def hook(name: str):
         def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -100,7 +100,7 @@ def test_merging_leaves_n_minus_r_tokens_where_the_scope_says(case, scope: str) 
     snapshot = _snapshot(model)
     names = [n for n, _ in adapter.attention_layers(model)]
     handle = visattn.apply(model, "tome", ratio=0.5, scope=scope, max_downsample=8)
-    seen, hooks = _record_lengths(model, names)  # after the method's hooks: what the attention itself sees
+    seen, hooks = _record_lengths(model, names)  # what the attention itself computes on
     try:
         out = _run(model, inputs)
     finally:

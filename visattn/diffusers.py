@@ -8,6 +8,12 @@
     transformer.set_attn_processor(processor.stock_processors)   # stock again
     processor.detach()                                            # and its hooks removed
 
+The same for ``TomeAttnProcessor(unet_or_dit, ratio=0.5, scope="attention" or "block")`` (ToMe-SD; UNets, PixArt,
+SD3, Flux), ``IsolationAttnProcessor(unet_or_flux, target_regions=..., reference_regions=...)`` and
+``InspectAttnProcessor(model, layers=[3])`` (its maps in ``processor.handle``). Each takes the method's options,
+gives what ``visattn.apply`` gives (which installs the same processors), and is
+:class:`visattn.frameworks.diffusers_layers.LayerProcessor`.
+
 ``visattn.apply(pipe, "sparse_video", ...)`` installs the same processor and ``visattn.remove(pipe)``
 undoes it exactly. Under diffusers' context parallelism, sparse attention runs as an attention backend:
 
@@ -24,6 +30,10 @@ backend does.
 
 from __future__ import annotations
 
+from .processors.inspect import InspectAttnProcessor
+from .processors.isolation import IsolationAttnProcessor
 from .processors.sparse_video import SparseVideoAttnBackend, SparseVideoAttnProcessor, sparse_video_attention
+from .processors.tome.diffusers import TomeAttnProcessor
 
-__all__ = ["SparseVideoAttnBackend", "SparseVideoAttnProcessor", "sparse_video_attention"]
+__all__ = ["InspectAttnProcessor", "IsolationAttnProcessor", "SparseVideoAttnBackend", "SparseVideoAttnProcessor",
+           "TomeAttnProcessor", "sparse_video_attention"]

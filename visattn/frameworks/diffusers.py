@@ -46,7 +46,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -59,6 +59,9 @@ from ..core.layout import TokenLayout
 from ..errors import UnsupportedModelError
 from ..patching import Patcher
 from .base import CallContext, Observer, PerThread
+
+if TYPE_CHECKING:
+    from .diffusers_layers import StockLayer
 
 SUPPORTED_MODELS = ("UNet2DConditionModel", "FluxTransformer2DModel", "SD3Transformer2DModel",
                     "WanTransformer3DModel", "CogVideoXTransformer3DModel", "HunyuanVideoTransformer3DModel",
@@ -139,16 +142,30 @@ def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int],
             tap = active.get().pop()
             tap.__exit__(None, None, None)
             if output is not None and tap.seen == 0:  # output is None when the forward raised
-                backend = getattr(module.processor, "_attention_backend", None)
-                raise UnsupportedModelError(
-                    f"visattn cannot observe attention layer {idx} ({name}): it ran without "
-                    f"torch.nn.functional.scaled_dot_product_attention (processor "
-                    f"{type(module.processor).__name__}, attention backend {backend or 'default'}); use an "
-                    f"SDPA processor and a native backend (native, _native_cudnn, _native_efficient, "
-                    f"_native_flash, _native_math)")
+                raise _unobservable(idx, name, module.processor)
 
         patcher.add_hook(module.register_forward_pre_hook(enter))
         patcher.add_hook(module.register_forward_hook(leave, always_call=True))
+
+
+def _unobservable(idx: int, name: str, processor: Any) -> UnsupportedModelError:
+    backend = getattr(processor, "_attention_backend", None)
+    return UnsupportedModelError(
+        f"visattn cannot observe attention layer {idx} ({name}): it ran without "
+        f"torch.nn.functional.scaled_dot_product_attention (processor {type(processor).__name__}, attention "
+        f"backend {backend or 'default'}); use an SDPA processor and a native backend (native, _native_cudnn, "
+        f"_native_efficient, _native_flash, _native_math)")
+
+
+def observed(layer: StockLayer, observer: Observer, call: Callable[[], Any]) -> Any:
+    """``call()`` (running ``layer``'s processor) with each of its SDPA calls reported to ``observer`` as
+    :func:`observe_attention` reports them; raises :class:`UnsupportedModelError` if it made none."""
+    tap = _observing(layer.index, observer)
+    with tap:
+        out = call()
+    if tap.seen == 0:
+        raise _unobservable(layer.index, layer.name, layer.stock)
+    return out
 
 
 def flux_joint_qkv(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None

@@ -21,8 +21,9 @@ from torch import Tensor
 
 from ..core.attention import attention_probs
 from ..frameworks import Target
-from ..frameworks.base import PerThread, adapter, select_layers
-from ..options import bool_option, int_option, layers_option
+from ..frameworks.base import Observer, PerThread, adapter, select_layers
+from ..frameworks.diffusers_layers import LayerProcessor, StockLayer
+from ..options import bool_option, int_option, layers_option, validate_options
 from ..patching import Handle, Patcher
 from ..registry import Method, register
 
@@ -95,15 +96,52 @@ class Inspect(Method):
         chosen = select_layers(names, options["layers"], self.name)
         handle = InspectHandle(self.name, target.model, options, patcher,
                                layer_names={i: names[i] for i in chosen})
-
-        @torch.no_grad()
-        def observer(layer: int, q: Tensor, k: Tensor, scale: float, mask: Tensor | None) -> None:
-            bias = None
-            if mask is not None and mask.dtype != torch.bool:
-                bias, mask = mask, None
-            probs = attention_probs(q, k, scale=scale, bias=bias, mask=mask, head_mean=not options["per_head"],
-                                    query_chunk=options["query_chunk"])
-            handle.record(layer, probs.cpu() if options["to_cpu"] and not probs.is_meta else probs)
-
-        fw.observe_attention(target.model, patcher, chosen, observer)
+        fw.observe_attention(target.model, patcher, chosen, _recorder(handle, options))
         return handle
+
+
+def _recorder(handle: InspectHandle, options: dict[str, Any]) -> Observer:
+    """The observer that records each observed call's map into ``handle``."""
+
+    @torch.no_grad()
+    def observer(layer: int, q: Tensor, k: Tensor, scale: float, mask: Tensor | None) -> None:
+        bias = None
+        if mask is not None and mask.dtype != torch.bool:
+            bias, mask = mask, None
+        probs = attention_probs(q, k, scale=scale, bias=bias, mask=mask, head_mean=not options["per_head"],
+                                query_chunk=options["query_chunk"])
+        handle.record(layer, probs.cpu() if options["to_cpu"] and not probs.is_meta else probs)
+
+    return observer
+
+
+class InspectAttnProcessor(LayerProcessor):
+    """``inspect`` as a diffusers attention processor made for ``model`` (a UNet or DiT).
+
+    ``model.set_attn_processor(p := InspectAttnProcessor(model, layers=[3]))`` records the chosen layers' maps in
+    ``p.handle`` (an :class:`InspectHandle`: ``maps``, ``last(layer)``, ``clear()``, ``save_png``) exactly as
+    ``visattn.apply(model, "inspect", layers=[3])`` does (each layer's processor runs inside an SDPA observer);
+    ``model.set_attn_processor(p.stock_processors)`` stops it. Options as for ``visattn.apply``.
+    """
+
+    method = "inspect"
+
+    def __init__(self, model: Any, **options: Any) -> None:
+        from ..frameworks.diffusers import attention_layers
+
+        self.options = validate_options("inspect", Inspect.options, options)
+        self._names = [n for n, _ in attention_layers(model)]
+        self._chosen = select_layers(self._names, self.options["layers"], "inspect")
+        super().__init__(model)
+
+    def setup(self) -> None:
+        self.handle = InspectHandle("inspect", self._model, self.options, self._patcher,
+                                    layer_names={i: self._names[i] for i in self._chosen})
+        self._observer = _recorder(self.handle, self.options)
+
+    def run(self, layer: StockLayer, attn: Any, hidden_states: Tensor, kwargs: dict[str, Any]) -> Any:
+        from ..frameworks.diffusers import observed
+
+        if layer.index not in self.handle.layer_names:
+            return layer.stock(attn, hidden_states, **kwargs)
+        return observed(layer, self._observer, lambda: layer.stock(attn, hidden_states, **kwargs))

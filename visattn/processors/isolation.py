@@ -45,7 +45,8 @@ from ..core.regions import as_region, check_in_image, isolation_mask, reposition
 from ..errors import OptionError, ShapeError, UnsupportedModelError
 from ..frameworks import Target
 from ..frameworks.base import PerThread, adapter
-from ..options import Option, bool_option, int_option
+from ..frameworks.diffusers_layers import LayerProcessor, StockLayer
+from ..options import Option, bool_option, int_option, validate_options
 from ..patching import Handle, Patcher
 from ..registry import Method, register
 
@@ -155,70 +156,89 @@ def _shared(t: Tensor, group: int, sample: Tensor, source: Tensor) -> Tensor:
     return t.unflatten(0, (-1, group))[:, sample, :, source].permute(1, 2, 0, 3)
 
 
-class IsolationAttnProcessor:
+def _unet_attention(plan: _Plan, layer: int, stock: Any, attn: nn.Module, hidden_states: Tensor,
+                    encoder_hidden_states: Tensor | None = None, attention_mask: Tensor | None = None,
+                    temb: Tensor | None = None, **kwargs: Any) -> Tensor:
     """Self-attention of a UNet ``Attention`` (``AttnProcessor2_0``'s steps) with isolation and reposition;
-    with no subjects, the stock processor it replaces."""
-
-    def __init__(self, stock: Any, plan: _Plan, layer: int) -> None:
-        self.stock = stock
-        self.plan = plan
-        self.layer = layer
-
-    def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None, temb: Tensor | None = None, **kwargs: Any) -> Tensor:
-        plan = self.plan
-        if not plan.targets or encoder_hidden_states is not None or attention_mask is not None:
-            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        plan.split(hidden_states.shape[0])
-        heads = attn.heads
-        q, k, v = (proj(hidden_states).unflatten(-1, (heads, -1)).transpose(1, 2)
-                   for proj in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        sample, source, _, mask = plan.layout(plan.layer_grid(self.layer), 0, q.device)
-        out = _attend(plan, q, k, v, _shared(k, plan.group, sample, source), _shared(v, plan.group, sample, source),
-                      mask)
-        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2).to(q.dtype)))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
+    with no subjects, the ``stock`` processor it replaces."""
+    if not plan.targets or encoder_hidden_states is not None or attention_mask is not None:
+        return stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+    plan.split(hidden_states.shape[0])
+    heads = attn.heads
+    q, k, v = (proj(hidden_states).unflatten(-1, (heads, -1)).transpose(1, 2)
+               for proj in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        q, k = attn.norm_q(q), attn.norm_k(k)
+    sample, source, _, mask = plan.layout(plan.layer_grid(layer), 0, q.device)
+    out = _attend(plan, q, k, v, _shared(k, plan.group, sample, source), _shared(v, plan.group, sample, source),
+                  mask)
+    out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2).to(q.dtype)))
+    if attn.residual_connection:
+        out = out + hidden_states
+    return out / attn.rescale_output_factor
 
 
-class IsolationFluxAttnProcessor:
-    """``FluxAttnProcessor``'s steps with isolation and reposition (reference keys rotated for the
-    positions they are moved to); with no subjects, the stock processor it replaces."""
+def _flux_attention(plan: _Plan, layer: int, stock: Any, attn: nn.Module, hidden_states: Tensor,
+                    encoder_hidden_states: Tensor | None = None, attention_mask: Tensor | None = None,
+                    image_rotary_emb: tuple[Tensor, Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """``FluxAttnProcessor``'s steps with isolation and reposition (reference keys rotated for the positions
+    they are moved to); with no subjects, the ``stock`` processor it replaces."""
+    if not plan.targets or attention_mask is not None:
+        return stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+    from diffusers.models.embeddings import apply_rotary_emb
 
-    def __init__(self, stock: Any, plan: _Plan) -> None:
-        self.stock = stock
-        self.plan = plan
+    plan.split(hidden_states.shape[0])
+    q, k, v = adapter("diffusers").flux_joint_qkv(attn, hidden_states, encoder_hidden_states)
+    grid = plan.grid
+    text = q.shape[1] - grid[0] * grid[1]  # text first, then the image grid
+    sample, source, place, mask = plan.layout(grid, text, q.device)
+    q, k_pos, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+    extra_k = _shared(k_pos, plan.group, sample, text + source)  # before rotation: rotated for its place
+    extra_v = _shared(v, plan.group, sample, text + source)
+    if image_rotary_emb is not None:
+        cos, sin = image_rotary_emb
+        q = apply_rotary_emb(q, image_rotary_emb)
+        k_pos = apply_rotary_emb(k_pos, image_rotary_emb)
+        extra_k = apply_rotary_emb(extra_k, (cos[text + place], sin[text + place]))
+    out = _attend(plan, q, k_pos, v, extra_k, extra_v, mask).transpose(1, 2).flatten(2, 3).to(q.dtype)
+    if encoder_hidden_states is None:
+        return out
+    text_out, image = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
+    image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+    return image, attn.to_add_out(text_out.contiguous())
 
-    def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None,
-                 image_rotary_emb: tuple[Tensor, Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        plan = self.plan
-        if not plan.targets or attention_mask is not None:
-            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        from diffusers.models.embeddings import apply_rotary_emb
 
-        plan.split(hidden_states.shape[0])
-        q, k, v = adapter("diffusers").flux_joint_qkv(attn, hidden_states, encoder_hidden_states)
-        grid = plan.grid
-        text = q.shape[1] - grid[0] * grid[1]  # text first, then the image grid
-        sample, source, place, mask = plan.layout(grid, text, q.device)
-        q, k_pos, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
-        extra_k = _shared(k_pos, plan.group, sample, text + source)  # before rotation: rotated for its place
-        extra_v = _shared(v, plan.group, sample, text + source)
-        if image_rotary_emb is not None:
-            cos, sin = image_rotary_emb
-            q = apply_rotary_emb(q, image_rotary_emb)
-            k_pos = apply_rotary_emb(k_pos, image_rotary_emb)
-            extra_k = apply_rotary_emb(extra_k, (cos[text + place], sin[text + place]))
-        out = _attend(plan, q, k_pos, v, extra_k, extra_v, mask).transpose(1, 2).flatten(2, 3).to(q.dtype)
-        if encoder_hidden_states is None:
-            return out
-        text_out, image = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
-        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
-        return image, attn.to_add_out(text_out.contiguous())
+class IsolationAttnProcessor(LayerProcessor):
+    """``isolation`` (module doc) as a diffusers attention processor made for ``model`` (an SDXL-style UNet or
+    Flux): ``model.set_attn_processor(p := IsolationAttnProcessor(model, target_regions=..., reference_regions=...))``
+    runs every self-attention layer as ``visattn.apply(model, "isolation", ...)`` does (which installs this very
+    processor); ``model.set_attn_processor(p.stock_processors)`` gives stock outputs again and ``p.detach()``
+    removes the model hook that reads each call's latent grid. Options: those of ``isolation``."""
+
+    method = "isolation"
+
+    def __init__(self, model: nn.Module, *, patcher: Patcher | None = None, **options: Any) -> None:
+        from ..frameworks import detect
+
+        self.options = validate_options("isolation", Isolation.options, options)
+        self._target = detect(model)
+        Isolation().check_target(self._target, self.options)
+        super().__init__(model, patcher)
+
+    def setup(self) -> None:
+        from ..frameworks.diffusers import call_grid, on_call
+
+        model = self._model
+        self.plan = _Plan(model, self._target.family, self.options)
+        on_call(model, self._patcher, lambda inputs: self.plan.start(call_grid(model, inputs)[0]))
+        index = {id(m): i for i, (_, m) in enumerate(adapter("diffusers").attention_layers(model))}
+        self.layers = {index[id(m)] for _, m in _self_attention(model)}  # the layers this processor serves
+        self._attend = _flux_attention if self._target.family == "FluxTransformer2DModel" else _unet_attention
+
+    def run(self, layer: StockLayer, attn: nn.Module, hidden_states: Tensor, kwargs: dict[str, Any]) -> Any:
+        if layer.index not in self.layers:
+            return layer.stock(attn, hidden_states, **kwargs)
+        return self._attend(self.plan, layer.index, layer.stock, attn, hidden_states, **kwargs)
 
 
 class IsolationHandle(Handle):
@@ -275,16 +295,11 @@ class Isolation(Method):
                                             f"(spatial_norm or group_norm), which isolation does not reproduce")
 
     def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> IsolationHandle:
-        from ..frameworks.diffusers import call_grid, on_call, set_processors
+        from ..frameworks.diffusers import set_processors
 
-        model = target.model
-        plan = _Plan(model, target.family, options)
-        on_call(model, patcher, lambda inputs: plan.start(call_grid(model, inputs)[0]))
-        chosen = {id(m) for _, m in _self_attention(model)}
-        flux = target.family == "FluxTransformer2DModel"
-        set_processors(model, patcher, lambda i, name, m: None if id(m) not in chosen else (
-            IsolationFluxAttnProcessor(m.processor, plan) if flux else IsolationAttnProcessor(m.processor, plan, i)))
-        return IsolationHandle(self.name, model, options, patcher, plan=plan)
+        processor = IsolationAttnProcessor(target.model, patcher=patcher, **options)
+        set_processors(target.model, patcher, lambda i, name, m: processor if i in processor.layers else None)
+        return IsolationHandle(self.name, target.model, options, patcher, plan=processor.plan)
 
 
 def _self_attention(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -112,8 +112,6 @@ class SparseVideoAttnBackend:
             self._check_parallel(parallel.context_parallel_config)
         self._model = model
         self._patcher = patcher or Patcher()
-        if patcher is None:  # made by the user (visattn.apply guards the model itself): refuse copies until detach()
-            self._patcher.refuse_copies(model, "sparse_video")
         self.backend = fw.register_attention_backend(BACKEND, visattn_sparse, context_parallel=True)
         self._dense = fw.dense_backends(model, exclude=self.backend)
         self._schedule = SparseVideoSchedule(model, self.config, self._patcher)
@@ -127,6 +125,8 @@ class SparseVideoAttnBackend:
                 _RUNNING.reset(tokens.pop())
 
         fw.around_call(model, self._patcher, enter, leave, always=True)
+        if patcher is None:  # made by the user (visattn.apply guards the model itself): refuse copies until detach()
+            self._patcher.refuse_copies(model, "sparse_video")
 
     def sparse_layers(self) -> list[int]:
         """Indices (in attention-layer order) of the layers whose attention this backend makes sparse."""

@@ -4,8 +4,6 @@ runs each layer's stock processor and answers its self/joint-attention SDPA call
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
 from typing import Any
 
 import torch.nn as nn
@@ -13,6 +11,7 @@ from torch import Tensor
 
 from ...core.layout import TokenLayout
 from ...errors import UnsupportedModelError
+from ...frameworks.diffusers_layers import LayerProcessor, StockLayer
 from ...patching import Patcher
 from .attention import sparse_video_attention
 from .config import SparseVideoConfig
@@ -34,15 +33,7 @@ def _sparse_sdpa(layout: TokenLayout, config: SparseVideoConfig) -> Any:
     return SDPAIntercept(answer)
 
 
-@dataclass
-class _Layer:
-    index: int
-    name: str
-    stock: Any
-    stock_params: frozenset[str]
-
-
-class SparseVideoAttnProcessor:
+class SparseVideoAttnProcessor(LayerProcessor):
     """A diffusers attention processor running ``sparse_video`` (package doc) in the layers of one model.
 
     ``model.set_attn_processor(SparseVideoAttnProcessor(model, strategy="tile_topk", keep=0.1))`` —
@@ -52,15 +43,13 @@ class SparseVideoAttnProcessor:
     construction records each attention layer's current (stock) processor and installs forward
     hooks on the model that read the grid and text length of each call (:class:`SparseVideoSchedule`).
     ``stock_processors`` gives the processors back for ``model.set_attn_processor(...)``; ``detach()``
-    removes the hooks.
+    removes the hooks (:class:`visattn.frameworks.diffusers.LayerProcessor`).
 
     Why stock processors are kept rather than re-implemented: each call runs the layer's own
     stock processor — projections, norms, rotary embeddings, the text/image concatenation, output
     projections all exactly as stock — inside a ``TorchFunctionMode`` that answers its one
     self/joint-attention SDPA call (directly or through ``dispatch_attention_fn``'s native backends)
-    with :func:`sparse_video_attention` on the very q, k, v that SDPA would get. ``__call__`` names
-    every keyword any of these stock processors takes (``image_rotary_emb``, ``rotary_emb``, ``temb``),
-    because diffusers drops the keywords a processor's signature does not name. Layers that are not
+    with :func:`sparse_video_attention` on the very q, k, v that SDPA would get. Layers that are not
     self/joint attention over a grid (Wan's cross-attention, HunyuanVideo's token refiner) run
     their stock processor untouched; a layer that never reaches SDPA (a non-native attention backend)
     raises :class:`~visattn.errors.UnsupportedModelError`. The attention itself,
@@ -69,49 +58,21 @@ class SparseVideoAttnProcessor:
     run under context parallelism). Eager inference only (not ``torch.compile``).
     """
 
+    method = "sparse_video"
+
     def __init__(self, model: nn.Module, *, patcher: Patcher | None = None, config: SparseVideoConfig | None = None,
                  **options: Any) -> None:
-        from ...frameworks import diffusers as fw
-
         self.config = SparseVideoConfig.resolve(config, options)
-        self._model = model
-        self._patcher = patcher or Patcher()
-        if patcher is None:  # made by the user (visattn.apply guards the model itself): refuse copies until detach()
-            self._patcher.refuse_copies(model, "sparse_video")
-        self._schedule = SparseVideoSchedule(model, self.config, self._patcher)
-        self._layers: dict[int, _Layer] = {}
-        for index, (name, module) in enumerate(fw.attention_layers(model)):
-            stock = module.processor
-            if isinstance(stock, SparseVideoAttnProcessor):
-                stock = stock._layers[id(module)].stock
-            params = frozenset(inspect.signature(stock.__call__).parameters)
-            self._layers[id(module)] = _Layer(index, name, stock, params)
+        super().__init__(model, patcher)
 
-    @property
-    def stock_processors(self) -> dict[str, Any]:
-        """``{"<layer>.processor": stock processor}``, for ``model.set_attn_processor`` to restore stock."""
-        return {f"{layer.name}.processor": layer.stock for layer in self._layers.values()}
+    def setup(self) -> None:
+        self._schedule = SparseVideoSchedule(self._model, self.config, self._patcher)
 
     def sparse_layers(self) -> list[int]:
         """Indices (in attention-layer order) of the layers whose attention this processor makes sparse."""
         return sorted(self._schedule.eligible)
 
-    def detach(self) -> None:
-        """Remove the hooks this processor installed on its model."""
-        self._patcher.undo()
-
-    def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None, image_rotary_emb: Any = None, rotary_emb: Any = None,
-                 temb: Tensor | None = None) -> Any:
-        layer = self._layers.get(id(attn))
-        if layer is None:
-            raise UnsupportedModelError(f"SparseVideoAttnProcessor: {type(attn).__name__} is not an attention layer "
-                                        f"of the {type(self._model).__name__} this processor was made for")
-        kwargs: dict[str, Any] = {"encoder_hidden_states": encoder_hidden_states, "attention_mask": attention_mask}
-        rotary = image_rotary_emb if image_rotary_emb is not None else rotary_emb
-        for name, value in (("image_rotary_emb", rotary), ("rotary_emb", rotary), ("temb", temb)):
-            if value is not None and name in layer.stock_params:
-                kwargs[name] = value
+    def run(self, layer: StockLayer, attn: nn.Module, hidden_states: Tensor, kwargs: dict[str, Any]) -> Any:
         layout = self._schedule.layout(layer.index, hidden_states.device)
         if layout is None:
             return layer.stock(attn, hidden_states, **kwargs)

@@ -44,10 +44,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from ...core.merge_sd import CellMerge, cell_destinations, match_to_cells
-from ...errors import OptionError, ShapeError
+from ...errors import OptionError, ShapeError, UnsupportedModelError
 from ...frameworks import Target
 from ...frameworks.base import PerThread, adapter
-from ...options import Option, choice_option, float_option, int_option
+from ...frameworks.diffusers_layers import LayerProcessor, StockLayer
+from ...options import Option, choice_option, float_option, int_option, validate_options
 from ...patching import Handle, Patcher
 
 FAMILIES = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
@@ -236,8 +237,9 @@ def _check_no_mask(name: str, kwargs: dict[str, Any]) -> None:
                          f"cannot follow; call it without attention_mask or use ratio=0")
 
 
-def _hook_attention(patcher: Patcher, state: _State, site: _Site, layer: int, attn: nn.Module, name: str) -> None:
-    """``scope="attention"``: merge the self-attention's image tokens, unmerge its output."""
+def _attention_merge(state: _State, site: _Site, layer: int, name: str) -> tuple[Callable, Callable]:
+    """``scope="attention"``: ``before(args, kwargs)`` merges the self-attention's image tokens (and Flux's rotary
+    tables) in its call, ``after(output)`` unmerges its output."""
 
     def before(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         _check_no_mask(name, kwargs)
@@ -262,14 +264,17 @@ def _hook_attention(patcher: Patcher, state: _State, site: _Site, layer: int, at
         first = merge.unmerge(first) if not start else torch.cat([first[:, :start], merge.unmerge(first[:, start:])], 1)
         return (first, *output[1:]) if isinstance(output, tuple) else first
 
-    adapter("diffusers").around_call(attn, patcher, before, after)
+    return before, after
 
 
-def _hook_block(patcher: Patcher, state: _State, site: _Site) -> None:
-    """``scope="block"``: the block runs on merged tokens; its residual update is unmerged."""
+def _hook_block(patcher: Patcher, state: _State, site: _Site, active: Callable[[], bool]) -> None:
+    """``scope="block"``: the block runs on merged tokens; its residual update is unmerged (while ``active()``:
+    the block's attention runs the processor that installed this)."""
     layer = site.attentions[0][0]
 
-    def before(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    def before(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        if not active():
+            return None
         _check_no_mask(site.name, kwargs)
         x = _hidden(args, kwargs)  # image tokens only, in every supported block
         merge = state.decide(site.name, x, state.layer_grid(layer))
@@ -283,7 +288,10 @@ def _hook_block(patcher: Patcher, state: _State, site: _Site) -> None:
         return args, kwargs
 
     def after(output: Any) -> Any:
-        merge, x, merged = state.pending(site.name).pop()
+        pending = state.pending(site.name)
+        if not pending:  # the block ran while inactive
+            return output
+        merge, x, merged = pending.pop()
         if merge.r == 0:
             return output
         if isinstance(output, tuple):  # SD3 and Flux blocks: (encoder_hidden_states, hidden_states)
@@ -327,29 +335,74 @@ class PerSampleRopeFluxAttnProcessor:
         return image, attn.to_add_out(text.contiguous())
 
 
+class TomeAttnProcessor(LayerProcessor):
+    """ToMe-SD (module doc) as a diffusers attention processor made for ``model`` (one of :data:`FAMILIES`).
+
+    ``model.set_attn_processor(p := TomeAttnProcessor(model, ratio=0.5, scope="block"))`` merges as
+    ``visattn.apply(model, "tome", ratio=0.5, scope="block")`` does (which installs this very processor);
+    ``p.token_counts`` is the handle's. ``model.set_attn_processor(p.stock_processors)`` gives stock outputs
+    again (block scope merges only around blocks whose attention runs ``p``) and ``p.detach()`` removes the
+    hooks: the model's, which read each call's grid, and the blocks'. Options: those of ``tome`` on diffusers.
+    """
+
+    method = "tome"
+
+    def __init__(self, model: nn.Module, *, patcher: Patcher | None = None, **options: Any) -> None:
+        from ...frameworks import detect
+
+        self.options = validate_options("tome", OPTIONS, options)
+        target = detect(model)
+        if target.family not in FAMILIES:
+            raise UnsupportedModelError(f"tome does not support the diffusers model {target.family}; supported: "
+                                        f"{', '.join(FAMILIES)}")
+        check(target, self.options)
+        super().__init__(model, patcher)
+
+    def setup(self) -> None:
+        from ...frameworks.diffusers import call_grid, on_call
+
+        model, options = self._model, self.options
+        self.state = _State(model, options)
+        on_call(model, self._patcher, lambda inputs: self.state.calls.set(_Call(*call_grid(model, inputs))))
+        self._merges: dict[int, tuple[Callable, Callable]] = {}
+        self.layers: set[int] = set()  # the attention layers this processor serves
+        for site in _selected(_sites(model), options["max_downsample"]):
+            self.layers.update(layer for layer, _ in site.attentions)
+            if options["scope"] == "block":
+                first = site.attentions[0][1]
+                _hook_block(self._patcher, self.state, site, lambda first=first: first.processor is self)
+            else:
+                for layer, attn in site.attentions:
+                    name = f"{site.name}.{_child_name(site.block, attn)}"
+                    self._merges[layer] = _attention_merge(self.state, site, layer, name)
+        self._per_sample_rope = type(model).__name__ == "FluxTransformer2DModel" and options["ratio"] > 0
+
+    @property
+    def token_counts(self) -> list[tuple[str, int, int]]:
+        """As :attr:`TomeDiffusersHandle.token_counts`."""
+        return list(self.state.calls.latest().token_counts)
+
+    def run(self, layer: StockLayer, attn: nn.Module, hidden_states: Tensor, kwargs: dict[str, Any]) -> Any:
+        stock = layer.stock
+        if layer.index not in self.layers:
+            return stock(attn, hidden_states, **kwargs)
+        if self._per_sample_rope:  # merged Flux sequences take their rotary tables per sample
+            stock = PerSampleRopeFluxAttnProcessor(stock)
+        merge = self._merges.get(layer.index)
+        if merge is None:  # block scope: the block's hooks merged already
+            return stock(attn, hidden_states, **kwargs)
+        before, after = merge
+        args, kwargs = before((hidden_states,), kwargs)
+        return after(stock(attn, *args, **kwargs))
+
+
 def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> TomeDiffusersHandle:
-    """Patch ``target.model`` (one of :data:`FAMILIES`) as the module docstring says."""
-    from ...frameworks.diffusers import call_grid, on_call, set_processors
+    """Patch ``target.model`` (one of :data:`FAMILIES`): :class:`TomeAttnProcessor` on the layers it serves."""
+    from ...frameworks.diffusers import set_processors
 
-    model = target.model
-    state = _State(model, options)
-    sites = _selected(_sites(model), options["max_downsample"])
-
-    def start(inputs: dict[str, Any]) -> None:
-        state.calls.set(_Call(*call_grid(model, inputs)))
-
-    on_call(model, patcher, start)
-    for site in sites:
-        if options["scope"] == "block":
-            _hook_block(patcher, state, site)
-        else:
-            for layer, attn in site.attentions:
-                _hook_attention(patcher, state, site, layer, attn, f"{site.name}.{_child_name(site.block, attn)}")
-    if target.family == "FluxTransformer2DModel" and options["ratio"] > 0:
-        flux_attns = {id(a) for s in sites for _, a in s.attentions}
-        set_processors(model, patcher, lambda i, name, m: PerSampleRopeFluxAttnProcessor(m.processor)
-                       if id(m) in flux_attns else None)
-    return TomeDiffusersHandle("tome", model, options, patcher, state=state)
+    processor = TomeAttnProcessor(target.model, patcher=patcher, **{o.name: options[o.name] for o in OPTIONS})
+    set_processors(target.model, patcher, lambda i, name, m: processor if i in processor.layers else None)
+    return TomeDiffusersHandle("tome", target.model, options, patcher, state=processor.state)
 
 
 def _child_name(parent: nn.Module, child: nn.Module) -> str:
