@@ -46,7 +46,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -59,9 +59,6 @@ from ..core.layout import TokenLayout
 from ..errors import UnsupportedModelError
 from ..patching import Patcher
 from .base import CallContext, Observer, PerThread
-
-if TYPE_CHECKING:
-    from .diffusers_layers import StockLayer
 
 SUPPORTED_MODELS = ("UNet2DConditionModel", "FluxTransformer2DModel", "SD3Transformer2DModel",
                     "WanTransformer3DModel", "CogVideoXTransformer3DModel", "HunyuanVideoTransformer3DModel",
@@ -157,14 +154,15 @@ def _unobservable(idx: int, name: str, processor: Any) -> UnsupportedModelError:
         f"_native_efficient, _native_flash, _native_math)")
 
 
-def observed(layer: StockLayer, observer: Observer, call: Callable[[], Any]) -> Any:
-    """``call()`` (running ``layer``'s processor) with each of its SDPA calls reported to ``observer`` as
-    :func:`observe_attention` reports them; raises :class:`UnsupportedModelError` if it made none."""
-    tap = _observing(layer.index, observer)
+def observed(index: int, name: str, processor: Any, observer: Observer, call: Callable[[], Any]) -> Any:
+    """``call()`` (attention layer ``index``, ``name``, running ``processor``) with each of its SDPA calls reported
+    to ``observer`` as :func:`observe_attention` reports them; raises :class:`UnsupportedModelError` if it made
+    none."""
+    tap = _observing(index, observer)
     with tap:
         out = call()
     if tap.seen == 0:
-        raise _unobservable(layer.index, layer.name, layer.stock)
+        raise _unobservable(index, name, processor)
     return out
 
 

@@ -144,4 +144,5 @@ class InspectAttnProcessor(LayerProcessor):
 
         if layer.index not in self.handle.layer_names:
             return layer.stock(attn, hidden_states, **kwargs)
-        return observed(layer, self._observer, lambda: layer.stock(attn, hidden_states, **kwargs))
+        return observed(layer.index, layer.name, layer.stock, self._observer,
+                        lambda: layer.stock(attn, hidden_states, **kwargs))
