@@ -101,3 +101,16 @@ def test_import_and_help_load_no_framework_and_take_under_a_second(code):
         subprocess.run([sys.executable, "-c", check], check=True, capture_output=True)
         times.append(time.perf_counter() - start)
     assert min(times) < 1.0, times
+
+
+@pytest.mark.parametrize("args,message", [
+    (["bogus"], "visattn: error: argument command: invalid choice: 'bogus'"),
+    (["eval", "dit", "--method", "tome"], "visattn eval: error: argument {vit,vlm,video,image}: invalid choice"),
+    (["eval", "vit"], "visattn eval vit: error: the following arguments are required: --method"),
+    (["inspect", "--layer", "x"], "visattn inspect: error: argument --layer: invalid int value: 'x'"),
+])
+def test_argument_errors_are_one_line(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith(message) and "--help lists" in err

@@ -189,13 +189,20 @@ EVAL_DEFAULTS: dict[str, dict[str, object]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with errors on one line (``visattn eval: error: ...``), without the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        _fail(self, f"{message} ({self.prog} --help lists the options)")
+
+
 def _fail(parser: argparse.ArgumentParser, message: str) -> None:
     """Exit with status 2 and one line: the command, then what was wrong and what is accepted."""
     parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="visattn", description="Attention processors for vision models.")
+    parser = _Parser(prog="visattn", description="Attention processors for vision models.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, GPU, kernels, methods")
     sub.add_parser("methods", help="every method with its frameworks, paper and options (JSON)")

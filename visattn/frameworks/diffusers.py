@@ -183,6 +183,16 @@ def flux_joint_qkv(attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_
     return q, k, v
 
 
+def flux_joint_output(attn: nn.Module, out: torch.Tensor, hidden_states: torch.Tensor,
+                      encoder_hidden_states: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """What Flux's stock processor returns for the joint attention output ``out`` ``[B, S, H * D]`` (text first):
+    the sequence as is in single-stream blocks, else the projected image and text parts."""
+    if encoder_hidden_states is None:
+        return out
+    text, image = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
+    return attn.to_out[1](attn.to_out[0](image.contiguous())), attn.to_add_out(text.contiguous())
+
+
 def set_processors(model: nn.Module, patcher: Patcher, make: Callable[[int, str, nn.Module], Any]) -> None:
     """Give attention layer ``idx`` (named ``name``) the processor ``make(idx, name, module)``; ``None`` keeps it.
 

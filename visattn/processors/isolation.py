@@ -201,11 +201,7 @@ def _flux_attention(plan: _Plan, layer: int, stock: Any, attn: nn.Module, hidden
         k_pos = apply_rotary_emb(k_pos, image_rotary_emb)
         extra_k = apply_rotary_emb(extra_k, (cos[text + place], sin[text + place]))
     out = _attend(plan, q, k_pos, v, extra_k, extra_v, mask).transpose(1, 2).flatten(2, 3).to(q.dtype)
-    if encoder_hidden_states is None:
-        return out
-    text_out, image = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
-    image = attn.to_out[1](attn.to_out[0](image.contiguous()))
-    return image, attn.to_add_out(text_out.contiguous())
+    return adapter("diffusers").flux_joint_output(attn, out, hidden_states, encoder_hidden_states)
 
 
 class IsolationAttnProcessor(LayerProcessor):

@@ -327,12 +327,8 @@ class PerSampleRopeFluxAttnProcessor:
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask,
                                     backend=getattr(self.stock, "_attention_backend", None))
-        out = out.flatten(2, 3).to(q.dtype)
-        if encoder_hidden_states is None:
-            return out
-        text, image = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
-        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
-        return image, attn.to_add_out(text.contiguous())
+        return adapter("diffusers").flux_joint_output(attn, out.flatten(2, 3).to(q.dtype), hidden_states,
+                                                      encoder_hidden_states)
 
 
 class TomeAttnProcessor(LayerProcessor):
