@@ -8,8 +8,8 @@ output copied back to every token afterwards. Text tokens are never merged: a UN
 blocks see image tokens only, SD3's joint blocks keep the text in ``encoder_hidden_states``, and
 Flux's single-stream attention gets its text first (the image tokens after it are merged).
 
-Two scopes, both undone exactly by ``remove()`` (forward hooks on the stock modules; the stock
-processors keep running):
+Two scopes, both run by :class:`TomeAttnProcessor` (the stock processors keep running inside it; block scope
+adds forward hooks on the blocks) and undone exactly by ``remove()``:
 
 - ``scope="attention"`` (what tomesd does): the input of each self-attention (UNet and PixArt
   ``attn1``; SD3 ``attn`` and ``attn2``; Flux ``attn``) is merged, the attention runs on ``N - r``
