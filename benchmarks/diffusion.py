@@ -76,9 +76,12 @@ def graphed(fn: Callable[[], Any], model: torch.nn.Module | None, device: torch.
         return fn
 
     def all_generators() -> tuple[torch.Generator, ...]:
-        made = [getattr(getattr(h, "_state", None), "_generators", {}).values()
-                for h in (visattn.applied(model) if model is not None else [])]
-        return generators + tuple(g for group in made for g in group)
+        made: list[torch.Generator] = []
+        for h in visattn.applied(model) if model is not None else []:
+            per_thread = getattr(getattr(h, "_state", None), "_generators", None)  # tome's, per thread
+            if per_thread is not None:
+                made.extend(per_thread.get().values())  # this thread's: the one that warmed up and captures
+        return generators + tuple(made)
 
     return timing_graphed(fn, all_generators)
 
