@@ -32,7 +32,7 @@ class Prune(Method):
              "Transformers via Token Reorganizations' (EViT, ICLR 2022); on transformers vision-language models "
              "FastV, VTC-CLS, STAR, PLPHP and TransPrune (visattn.processors.prune.vlm)")
     frameworks = ("timm", "open_clip", "transformers")
-    families = {"timm": ("VisionTransformer",), "open_clip": ("VisionTransformer",)}
+    families = {"timm": ("VisionTransformer", "VisionTransformerDistilled"), "open_clip": ("VisionTransformer",)}
     options = (
         choice_option("strategy", "cls", ("cls", "fastv", "star", "plphp", "transprune"),
                       doc="how tokens are ranked: 'cls' = [CLS] attention (EViT; VTC-CLS on LLaVA); the others "

@@ -13,7 +13,7 @@ As for ``tome``, the stock modules keep running: :class:`PruneStep` is the block
 and open_clip adapters run between a block's attention and its MLP
 (:func:`visattn.frameworks.base.step_blocks`, which also supplies q and k), and boolean key masks
 (``[B, 1, 1, N]``, True = attend) follow the kept tokens. Works on timm ``VisionTransformer`` models
-and open_clip visual towers.
+(DeiT distilled too: its class and distillation tokens are both kept) and open_clip visual towers.
 
 Options: ``strategy`` ("cls"), ``keep`` (fraction of image tokens kept at each chosen block, in
 (0, 1]; identity 1.0), ``layers`` (None = EViT's schedule: blocks depth/4, depth/2 and 3*depth/4,

@@ -42,7 +42,7 @@ class Tome(Method):
     summary = "merge similar tokens between attention and MLP (bipartite soft matching, proportional attention)"
     paper = "Bolya et al., 2023, 'Token Merging: Your ViT But Faster' (ICLR 2023)"
     frameworks = ("timm", "open_clip", "diffusers")
-    families = {"timm": ("VisionTransformer",), "open_clip": ("VisionTransformer",),
+    families = {"timm": ("VisionTransformer", "VisionTransformerDistilled"), "open_clip": ("VisionTransformer",),
                 "diffusers": diffusers.FAMILIES}
     options = tuple(o.scoped(frameworks=("timm", "open_clip")) for o in (
         Option("r", 8, "an int >= 0, an (r, inflect) pair with inflect in [-1, 1], or a list of ints >= 0",

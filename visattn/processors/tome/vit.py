@@ -16,7 +16,7 @@ timm and open_clip adapters run :class:`TomeStep`, the merge step, between each 
 and its MLP (:func:`visattn.frameworks.base.step_blocks`, which also supplies the keys), so
 LayerScale, q/k norms, register tokens, dynamic image sizes and boolean key masks (``[B, 1, 1, N]``,
 True = attend; padding tokens are never merged) keep working. Works on timm ``VisionTransformer``
-models (ViT, DeiT3, DINOv2-style with registers) and open_clip visual towers
+models (ViT, DeiT3, DeiT distilled, DINOv2-style with registers) and open_clip visual towers
 (``nn.MultiheadAttention``, replaced in merging blocks by the same projections through fused SDPA).
 EVA-style timm models (``timm.models.eva``) are refused: their rotary position embeddings are laid
 out per patch position, which a merged token no longer has.
