@@ -164,6 +164,11 @@ def load_demo_app() -> ModuleType:
     return module
 
 
+#: Where the commands write unless told otherwise (``visattn.testbed.eval.RESULTS_DIR``, named here too so that
+#: ``visattn --help`` does not import the harness).
+RESULTS_DIR = Path("visattn_results")
+#: ``visattn eval vlm``'s scenes without --questions.
+VLM_SCENES = 200
 EVAL_TESTBEDS = {
     "vit": "the shipped testbed ViT classifier (or a local timm checkpoint with --model/--checkpoint) on held-out "
            "generated shapes (or --images): top-1 of stock and patched, and agreement (the share of images on which "
@@ -178,7 +183,7 @@ EVAL_TESTBEDS = {
 EVAL_DEFAULTS: dict[str, dict[str, object]] = {
     "vit": dict(supports="timm", n=1000, items="test images", batch=250, seed="seed of the generated test split",
                 checkpoint="local timm checkpoint file (with --model); default: the shipped testbed ViT"),
-    "vlm": dict(supports="transformers", n="200 scenes; with --questions, every question",
+    "vlm": dict(supports="transformers", n=f"{VLM_SCENES} scenes; with --questions, every question",
                 items="test scenes (with --questions: the first N questions of each file)", batch=250,
                 seed="seed of the generated test split",
                 checkpoint="a vlm.safetensors in the testbed layout, or a Hugging Face checkpoint directory"),
@@ -218,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image", default=None, help="image file (default: a testbed test picture)")
     p.add_argument("--img-size", type=int, default=None, help="input size of a timm model (default 224)")
     p.add_argument("--layer", type=int, default=-1, help="attention layer index (negative counts from the end)")
-    p.add_argument("--out", type=Path, default=Path("visattn_results/attention.png"), help="the PNG to write")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "attention.png", help="the PNG to write")
     e = sub.add_parser("eval", help="stock vs patched model on a held-out set: top-1 or POPE/QA and agreement, "
                                     "or video / image PSNR/SSIM (JSON + PNG)",
                        description="Stock vs patched model on a testbed; each testbed documents its options: "
@@ -239,8 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         t.add_argument("--batch-size", type=int, default=defaults["batch"], help=f"default {defaults['batch']}")
         t.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
         t.add_argument("--checkpoint", default=None, help=defaults["checkpoint"])
-        t.add_argument("--out-dir", type=Path, default=Path("visattn_results"),
-                       help="where the JSON and PNG go (default: visattn_results/ in the working directory)")
+        t.add_argument("--out-dir", type=Path, default=RESULTS_DIR,
+                       help=f"where the JSON and PNG go (default: {RESULTS_DIR}/ in the working directory)")
         t.add_argument("--no-progress", action="store_true", help="no progress bar")
     evals["vit"].add_argument("--model", default=None, help="timm model name of a local checkpoint (with --checkpoint)")
     evals["vit"].add_argument("--num-classes", type=int, default=None,
@@ -303,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = evaluate(args.method, options, sweep, steps=args.steps, guidance=args.guidance, **common)
             elif args.testbed == "vlm":
                 if args.n is None and not args.questions:
-                    common["n"] = 200
+                    common["n"] = VLM_SCENES
                 result = eval_vlm(args.method, options, sweep, tokenizer=args.tokenizer, questions=args.questions,
                                   images=args.images, **common)
             else:

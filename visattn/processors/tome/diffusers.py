@@ -115,8 +115,8 @@ def _selected(sites: list[_Site], max_downsample: int | None) -> list[_Site]:
     return [s for s in sites if s.downsample <= limit]
 
 
-def check(target: Target, options: dict[str, Any]) -> None:
-    """Errors that depend on the model: a ``max_downsample`` that selects no layer."""
+def check(target: Target, options: dict[str, Any]) -> list[_Site]:
+    """Errors that depend on the model: a ``max_downsample`` that selects no layer; returns the selected sites."""
     sites = _sites(target.model)
     if not sites:
         raise OptionError(f"tome: this {target.family} has no transformer block with self-attention to merge in")
@@ -125,6 +125,7 @@ def check(target: Target, options: dict[str, Any]) -> None:
         raise OptionError(f"tome: max_downsample={options['max_downsample']} selects no layer of this "
                           f"{target.family}: its self-attention runs at downsampling {levels}; choose "
                           f"max_downsample >= {min(s.downsample for s in sites)} or None")
+    return _selected(sites, options["max_downsample"])
 
 
 class TomeDiffusersHandle(Handle):
@@ -351,7 +352,7 @@ class TomeAttnProcessor(LayerProcessor):
         if target.family not in FAMILIES:
             raise UnsupportedModelError(f"tome does not support the diffusers model {target.family}; supported: "
                                         f"{', '.join(FAMILIES)}")
-        check(target, self.options)
+        self._sites = check(target, self.options)
         super().__init__(model, patcher)
 
     def setup(self) -> None:
@@ -362,7 +363,7 @@ class TomeAttnProcessor(LayerProcessor):
         on_call(model, self._patcher, lambda inputs: self.state.calls.set(_Call(*call_grid(model, inputs))))
         self._merges: dict[int, tuple[Callable, Callable]] = {}
         self.layers: set[int] = set()  # the attention layers this processor serves
-        for site in _selected(_sites(model), options["max_downsample"]):
+        for site in self._sites:
             self.layers.update(layer for layer, _ in site.attentions)
             if options["scope"] == "block":
                 first = site.attentions[0][1]
@@ -371,7 +372,10 @@ class TomeAttnProcessor(LayerProcessor):
                 for layer, attn in site.attentions:
                     name = f"{site.name}.{_child_name(site.block, attn)}"
                     self._merges[layer] = _attention_merge(self.state, site, layer, name)
-        self._per_sample_rope = type(model).__name__ == "FluxTransformer2DModel" and options["ratio"] > 0
+        # merged Flux sequences take their rotary tables per sample
+        per_sample_rope = type(model).__name__ == "FluxTransformer2DModel" and options["ratio"] > 0
+        self._served = {layer.index: PerSampleRopeFluxAttnProcessor(layer.stock) if per_sample_rope else layer.stock
+                        for layer in self._layers.values() if layer.index in self.layers}
 
     @property
     def token_counts(self) -> list[tuple[str, int, int]]:
@@ -379,11 +383,9 @@ class TomeAttnProcessor(LayerProcessor):
         return list(self.state.calls.latest().token_counts)
 
     def run(self, layer: StockLayer, attn: nn.Module, hidden_states: Tensor, kwargs: dict[str, Any]) -> Any:
-        stock = layer.stock
-        if layer.index not in self.layers:
-            return stock(attn, hidden_states, **kwargs)
-        if self._per_sample_rope:  # merged Flux sequences take their rotary tables per sample
-            stock = PerSampleRopeFluxAttnProcessor(stock)
+        stock = self._served.get(layer.index)
+        if stock is None:
+            return layer.stock(attn, hidden_states, **kwargs)
         merge = self._merges.get(layer.index)
         if merge is None:  # block scope: the block's hooks merged already
             return stock(attn, hidden_states, **kwargs)
