@@ -68,22 +68,10 @@ def peak_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def graphed(fn: Callable[[], Any], model: torch.nn.Module | None, device: torch.device,
-            generators: tuple[torch.Generator, ...] = ()) -> Callable[[], Any]:
-    """:func:`benchmarks.timing.graphed`, with the destination generators of an applied ``tome``
-    registered too, so every replay draws fresh destinations as an eager call would."""
-    if device.type != "cuda":
-        return fn
-
-    def all_generators() -> tuple[torch.Generator, ...]:
-        made: list[torch.Generator] = []
-        for h in visattn.applied(model) if model is not None else []:
-            per_thread = getattr(getattr(h, "_state", None), "_generators", None)  # tome's, per thread
-            if per_thread is not None:
-                made.extend(per_thread.get().values())  # this thread's: the one that warmed up and captures
-        return generators + tuple(made)
-
-    return timing_graphed(fn, all_generators)
+def graphed(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
+    """:func:`benchmarks.timing.graphed` on a GPU (``tome``'s destinations are hashed on the device from the
+    call's timestep, so a replay computes them as an eager call does); ``fn`` itself elsewhere."""
+    return timing_graphed(fn) if device.type == "cuda" else fn
 
 
 def half_tokens(model: torch.nn.Module, scope: str, ratio: float, max_downsample: int) -> list:
@@ -163,14 +151,13 @@ def merge_cost(batch: int, tokens: int, channels: int, ratio: float, device: tor
     """Milliseconds of one decision (partition + matching) plus merge and unmerge of ``[B, N, C]``."""
     side = int(tokens ** 0.5)
     x = torch.randn(batch, tokens, channels, device=device, dtype=dtype)
-    gen = torch.Generator(device).manual_seed(0)
 
     def once() -> torch.Tensor:
-        dst, src = cell_destinations(side, side, 2, 2, generator=gen, device=device)
+        dst, src = cell_destinations(side, side, 2, 2, device=device)
         merge = match_to_cells(x, dst, src, int(tokens * ratio))
         return merge.unmerge(merge.merge(x))
 
-    return median_ms(graphed(once, None, device, (gen,)), 20, warmup=3)
+    return median_ms(graphed(once, device), 20, warmup=3)
 
 
 def bench_sdxl(device: torch.device, dtype: torch.dtype, batch: int, tiny: bool, iters: int,
@@ -198,17 +185,17 @@ def bench_sdxl(device: torch.device, dtype: torch.dtype, batch: int, tiny: bool,
     # at batch 8 already; every figure below is therefore also taken from a CUDA graph replay.
     res["stock_eager_ms"] = median_ms(step, iters, warmup=3)
     res["stock_peak_mib"] = peak_mib(step, device)
-    res["stock_ms"] = median_ms(graphed(step, unet, device), iters, warmup=3)
+    res["stock_ms"] = median_ms(graphed(step, device), iters, warmup=3)
     variants = {}
     for max_downsample in (4,) if light else (4, 2):
         for scope in ("attention", "block"):
             key = f"{scope}_md{max_downsample}"
             hooks = half_tokens(unet, scope, 0.5, max_downsample)
-            bound = median_ms(graphed(step, unet, device), iters, warmup=3)
+            bound = median_ms(graphed(step, device), iters, warmup=3)
             for h in hooks:
                 h.remove()
             visattn.apply(unet, "tome", ratio=0.5, scope=scope, max_downsample=max_downsample)
-            ms = median_ms(graphed(step, unet, device), iters, warmup=3)
+            ms = median_ms(graphed(step, device), iters, warmup=3)
             eager = median_ms(step, iters, warmup=3)
             peak = peak_mib(step, device)
             out = step()
@@ -226,9 +213,9 @@ def bench_sdxl(device: torch.device, dtype: torch.dtype, batch: int, tiny: bool,
         res["stock_where"] = module_times(unet, step, device)
         return res
     visattn.apply(unet, "tome", ratio=0.0, scope="block", max_downsample=4)
-    res["ratio0_ms"] = median_ms(graphed(step, unet, device), iters, warmup=3)
+    res["ratio0_ms"] = median_ms(graphed(step, device), iters, warmup=3)
     visattn.remove(unet)
-    res["stock_ms_again"] = median_ms(graphed(step, unet, device), iters, warmup=3)
+    res["stock_ms_again"] = median_ms(graphed(step, device), iters, warmup=3)
     levels = [(side // 2) ** 2, (side // 4) ** 2]
     chans = (16, 16) if tiny else (640, 1280)
     res["merge_cost_ms"] = {f"{n} tokens x {c}": merge_cost(batch, n, c, 0.5, device, dtype)
@@ -312,7 +299,7 @@ def bench_isolation(model: torch.nn.Module, step: Callable[[], Any], stock_ms: f
     regions = dict(target_regions=[box(64, 256, 448, 960), box(576, 256, 960, 960)],
                    reference_regions=[box(100, 300, 400, 900), box(500, 100, 1000, 1000)])
     visattn.apply(model, "isolation", **regions)
-    run = graphed(step, model, device) if graph else step
+    run = graphed(step, device) if graph else step
     ms = median_ms(run, 10, warmup=3)
     peak = peak_mib(step, device)
     visattn.remove(model)

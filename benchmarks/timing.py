@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,12 +31,9 @@ def median_ms(fn: Callable[[], Any], iters: int = 1, warmup: int = 0) -> float:
     return statistics.median(times)
 
 
-def graphed(fn: Callable[[], Any],
-            generators: Callable[[], Iterable[torch.Generator]] = tuple) -> Callable[[], Any]:
+def graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
     """``fn`` captured in a CUDA graph, so the CPU's launch cost drops out; returns the graph's replay.
-    ``fn`` runs twice on a side stream first (warm-up, autotuning); the generators that
-    ``generators()`` returns after the warm-up (some are made by the first call) are registered with
-    the graph, so that each replay draws fresh random numbers as an eager call would."""
+    ``fn`` runs twice on a side stream first (warm-up, autotuning)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -44,8 +41,6 @@ def graphed(fn: Callable[[], Any],
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    for gen in generators():
-        graph.register_generator_state(gen)
     with torch.cuda.graph(graph):
         fn()
     return graph.replay

@@ -38,7 +38,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_against_reference(b: int, h: int, hkv: int, n: int, d: int, block_q: int, block_k: int,
                             dtype: torch.dtype, *, always=None, broadcast: bool = False, lse_grad: bool = False,
-                            device: str = "cpu", max_kv: int = 3, seed: int = 0) -> None:
+                            device: str = "cpu", max_kv: int = 3, seed: int = 0, compiled: bool = False) -> None:
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, n, d, generator=gen).to(device, dtype).requires_grad_()
     k = torch.randn(b, hkv, n, d, generator=gen).to(device, dtype).requires_grad_()
@@ -52,8 +52,13 @@ def check_against_reference(b: int, h: int, hkv: int, n: int, d: int, block_q: i
         value = (out.float() * do.float()).sum()
         return value + (lse * w).sum() if lse_grad else value
 
-    out, lse = block_sparse_attention(q, k, v, idx, cnt, block_q=block_q, block_k=block_k, always_kv=always,
-                                      return_lse=True, strict=True)
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return block_sparse_attention(q, k, v, idx, cnt, block_q=block_q, block_k=block_k, always_kv=always,
+                                      return_lse=True, strict=True, check_values=not compiled)
+
+    if compiled:  # the registered ops, traced whole (no graph break) forward and backward
+        attend = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    out, lse = attend(q, k, v)
     loss(out, lse).backward()
     grads = [t.grad.clone() for t in (q, k, v)]
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
@@ -83,6 +88,9 @@ CASES = {
                               always=[(0, 7)]),
     "bf16-d64-broadcast-lists": dict(b=2, h=2, hkv=2, n=96, d=64, block_q=32, block_k=32, dtype=torch.bfloat16,
                                      broadcast=True, always=[(90, 96)]),
+    "compiled-always-lse-grad": dict(b=2, h=2, hkv=1, n=50, d=20, block_q=16, block_k=16, dtype=torch.float16,
+                                     always=[(0, 5), (30, 34)], lse_grad=True, compiled=True),
+    "compiled": dict(b=1, h=2, hkv=2, n=64, d=16, block_q=16, block_k=16, dtype=torch.bfloat16, compiled=True),
 }
 
 

@@ -153,6 +153,21 @@ def test_size_weighted_average_by_hand():
     torch.testing.assert_close(bias[0, 0, 0], torch.tensor([0.0, math.log(5.0), 0.0, 0.0]))
 
 
+def test_merge_gradient_is_the_transposed_weighted_average():
+    """Several sources joining one destination: each token's gradient is s_i / s_G times its group's."""
+    torch.manual_seed(0)
+    metric = torch.randn(2, 21, 8)
+    metric[:, 2::2] = metric[:, 1:2]  # every token of A is closest to token 1 of B: one large group
+    size = torch.randint(1, 5, (2, 21)).float()
+    merge, unmerge = bipartite_soft_matching(metric, 6, num_prefix=1, size=size)
+    x = torch.randn(2, 21, 4, requires_grad=True)
+    grad = torch.randn(2, 15, 4)
+    (got,) = torch.autograd.grad(merge(x), x, grad)
+    group_size = unmerge(merge.size[..., None])[..., 0]  # s_G of the group each input token joined
+    torch.testing.assert_close(got, unmerge(grad) * (size / group_size)[..., None])
+    assert (group_size > size).sum() > 6  # destinations shared by several sources were tested
+
+
 def test_prefix_tokens_are_never_merged_and_r_is_clamped():
     metric = torch.ones(2, 9, 4)  # everything identical: the most tempting case
     merge, _ = bipartite_soft_matching(metric, 50, num_prefix=3)
@@ -209,6 +224,14 @@ def kernel_cases() -> bool:
         fused, _ = kernels.bipartite_soft_matching(metric, r, num_prefix=prefix, size=size, strict=True)
         eager, _ = cm.bipartite_soft_matching(metric, r, num_prefix=prefix, size=size)
         torch.testing.assert_close(fused(x), eager(x))
+        x.requires_grad_()  # the fused average is differentiable: its gradient is the PyTorch path's
+        grad = torch.randn(batch, n - r, 24)
+        torch.testing.assert_close(torch.autograd.grad(fused(x), x, grad)[0], torch.autograd.grad(eager(x), x, grad)[0])
+    # a ViT merging through the kernels compiles whole (the kernels are custom ops) and equals its eager forward
+    model, images = _vit(), torch.randn(2, 3, 32, 32)
+    visattn.apply(model, "tome", r=2, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="aot_eager", fullgraph=True)(images), model(images))
     return True
 
 
@@ -241,7 +264,8 @@ def test_merge_kernel_fallback_is_logged_once_and_strict_refuses_it(caplog: pyte
 
 
 def test_triton_kernels_match_the_pytorch_path():
-    """The Triton decision and merge, run in Triton's interpreter, equal the PyTorch path."""
+    """The Triton decision and merge, run in Triton's interpreter, equal the PyTorch path (the merge's gradient
+    too), and a ViT merging through them compiles without a graph break."""
     pytest.importorskip("triton")
     assert run_interpreted(__file__, "kernel_cases") is True
 

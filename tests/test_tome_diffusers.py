@@ -179,18 +179,34 @@ def test_seed_fixes_the_destinations() -> None:
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
 
 
+def test_each_timestep_draws_its_destinations_and_a_repeated_call_the_same() -> None:
+    from visattn.processors.tome.diffusers import destination_key
+
+    model, inputs, _ = _build("unet")
+    visattn.apply(model, "tome", ratio=0.5)
+    try:
+        first, again = _run(model, inputs), _run(model, inputs)
+    finally:
+        visattn.remove(model)
+    assert torch.equal(first, again)  # no state carried from call to call: a generation run again is the same
+    keys = [destination_key(0, {"timestep": torch.tensor([t, t])}) for t in (10, 9, 10)]
+    partitions = [cell_destinations(8, 8, 2, 2, key)[0] for key in keys]
+    assert torch.equal(partitions[0], partitions[2]) and not torch.equal(partitions[0], partitions[1])
+    assert destination_key(3, {}) == 3  # a model called without a timestep: the seed alone
+
+
 # --- the math (visattn.core.merge_sd) ------------------------------------------------------------------
 
 
 def test_one_destination_per_full_cell_and_the_rest_are_sources() -> None:
     h, w, sx, sy = 7, 9, 2, 3
-    dst, src = cell_destinations(h, w, sx, sy, generator=torch.Generator().manual_seed(0))
+    dst, src = cell_destinations(h, w, sx, sy, 0)
     assert dst.numel() == (h // sy) * (w // sx) and sorted(torch.cat([dst, src]).tolist()) == list(range(h * w))
     assert torch.equal(dst, dst.sort().values) and torch.equal(src, src.sort().values)
     cells = sorted(((int(i) // w) // sy, (int(i) % w) // sx) for i in dst)
     assert cells == [(r, c) for r in range(h // sy) for c in range(w // sx)]
-    again, _ = cell_destinations(h, w, sx, sy, generator=torch.Generator().manual_seed(0))
-    other, _ = cell_destinations(h, w, sx, sy, generator=torch.Generator().manual_seed(1))
+    again, _ = cell_destinations(h, w, sx, sy, 0)
+    other, _ = cell_destinations(h, w, sx, sy, 1)
     assert torch.equal(dst, again) and not torch.equal(dst, other)
     with pytest.raises(ValueError, match="no full 3x2 cell"):
         cell_destinations(2, 9, sx, sy)
@@ -200,7 +216,7 @@ def test_matching_merges_the_most_similar_sources_into_their_destination_average
     torch.manual_seed(0)
     h = w = 4
     x = torch.randn(2, h * w, 8)
-    dst, src = cell_destinations(h, w, 2, 2, generator=torch.Generator().manual_seed(0))
+    dst, src = cell_destinations(h, w, 2, 2, 0)
     r = 5
     merge = match_to_cells(x, dst, src, r)
     y = merge.merge(x)

@@ -1,8 +1,16 @@
-"""One logger for visattn, and fallbacks that are logged once or, under ``strict``, raised."""
+"""One logger for visattn, and fallbacks that are logged once or, under ``strict``, raised.
+
+A fallback may be met inside a forward that ``torch.compile`` traces: there it is logged through the
+custom op ``visattn::log_once``, an ordered side effect of the graph (:func:`effect_op`), so the graph does
+not break and the message is logged when the compiled code first runs.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+
+import torch
 
 from .errors import KernelUnavailableError
 
@@ -21,4 +29,23 @@ def fallback(key: str, message: str, strict: bool) -> None:
     """Report a fallback (e.g. Triton kernel -> PyTorch reference): raise if ``strict``, else log once."""
     if strict:
         raise KernelUnavailableError(f"{message} (strict=True forbids the fallback)")
-    log_once(key, f"{message}; falling back (logged once; pass strict=True to make this an error)")
+    report = _log_once_op if torch.compiler.is_compiling() else log_once
+    report(key, f"{message}; falling back (logged once; pass strict=True to make this an error)")
+
+
+def effect_op(name: str, fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` (which returns nothing) as the custom op ``visattn::<name>``, registered as an ordered side effect:
+    a compiled graph keeps the call, in its place, and makes it when the graph runs (no graph break)."""
+    from torch._higher_order_ops import effects
+
+    op = torch.library.custom_op(f"visattn::{name}", fn, mutates_args=())
+    op.register_fake(lambda *args: None)
+    effects._register_effectful_op(f"visattn::{name}", effects._EffectType.ORDERED)
+    return op
+
+
+def _log_warning_once(key: str, message: str) -> None:
+    log_once(key, message)
+
+
+_log_once_op = effect_op("log_once", _log_warning_once)  # registered at import: never inside a traced forward

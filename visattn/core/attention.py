@@ -141,17 +141,19 @@ def block_mask(kv_indices: Tensor, kv_counts: Tensor, *, num_q: int, num_kv: int
 def block_sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, *,
                                      block_q: int, block_k: int, scale: float | None = None,
                                      always_kv: Sequence[tuple[int, int]] | None = None,
-                                     return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                                     return_lse: bool = False, check_values: bool = True
+                                     ) -> Tensor | tuple[Tensor, Tensor]:
     """Block-sparse attention computed densely with the mask of :func:`block_mask`: the kernels' oracle.
 
     Query block ``i`` (tokens ``[i*block_q, (i+1)*block_q)``) attends to the kv blocks listed in
     ``kv_indices[b, h, i, :kv_counts[b, h, i]]`` and to every token in the ``always_kv`` ranges.
+    ``check_values=False`` skips the checks of the lists' values (host reads; the caller checked them).
     """
     _check_qkv(q, k, v)
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     check_block_lists(kv_indices, kv_counts, batch=b, heads=h, num_q_blocks=-(-nq // block_q),
-                      num_kv_blocks=-(-nk // block_k))
+                      num_kv_blocks=-(-nk // block_k), check_values=check_values)
     for start, end in always_kv or ():
         if not 0 <= start <= end <= nk:
             raise ShapeError(f"always_kv range ({start}, {end}) must lie within [0, {nk}]")

@@ -89,22 +89,20 @@ def merge_functions(m: Match, tokens: tuple[int, int], size: Tensor | None,
                     mean: Callable[[Tensor], Tensor] | None = None) -> tuple[MergeFn, MergeFn]:
     """``merge`` and ``unmerge`` (see :func:`bipartite_soft_matching`) of the decision ``m`` over ``tokens``
     ``(B, N)`` tokens; ``mean``, when given, computes ``merge(x, "mean")`` (a fused kernel does)."""
-    r = m.src.shape[1]
 
     def merge(x: Tensor, mode: str = "mean") -> Tensor:
         if mode == "mean" and mean is not None:
             return mean(x)
         rows = lambda idx: idx[:, :, None].expand(-1, -1, x.shape[-1])  # noqa: E731
-        out = x.gather(1, rows(m.kept))  # every group's kept member, in order
+        out, merged = x.gather(1, rows(m.kept)), x.gather(1, rows(m.src))  # every group's kept member, in order
         if mode == "sum":
-            return out.scatter_add_(1, rows(m.dst_out), x.gather(1, rows(m.src)))
-        if mode == "mean":  # x_G = (s_dst x_dst + sum_src s_src x_src) / s_G at the destinations
-            members = torch.cat([m.kept.gather(1, m.dst_out), m.src], 1)  # [B, 2r]: destinations, sources
+            return out.scatter_add_(1, rows(m.dst_out), merged)
+        if mode == "mean":  # x_G = (s_kept x_kept + sum_src s_src x_src) / s_G (a lone token's weight is 1)
             s = m.size.new_ones(tokens) if size is None else size.float()
-            weight = s.gather(1, members) / m.size.gather(1, m.dst_out).repeat(1, 2)
-            members = x.gather(1, rows(members)) * weight.to(x.dtype)[..., None]
-            out.scatter_(1, rows(m.dst_out), members[:, :r])  # a destination shared by sources: same value
-            return out.scatter_add_(1, rows(m.dst_out), members[:, r:])
+            kept_weight = s.gather(1, m.kept) / m.size
+            src_weight = s.gather(1, m.src) / m.size.gather(1, m.dst_out)
+            out = out * kept_weight.to(x.dtype)[..., None]
+            return out.scatter_add_(1, rows(m.dst_out), merged * src_weight.to(x.dtype)[..., None])
         raise ValueError(f"merge mode must be 'mean' or 'sum' (got {mode!r})")
 
     merge.size = m.size  # type: ignore[attr-defined]
@@ -191,7 +189,7 @@ def log_size_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
     """
     batch, n = size.shape
     bias = torch.empty(batch, 1, 1, -(-n // 16) * 16, dtype=dtype, device=size.device)[..., :n]
-    return torch.log(size[:, None, None, :], out=bias)
+    return bias.copy_(size.log()[:, None, None, :])
 
 
 def parse_r(r: int | tuple[int, float] | list[int], num_layers: int) -> list[int]:

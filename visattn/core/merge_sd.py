@@ -6,7 +6,9 @@ every token gets an output again:
 
 1. destinations: the grid is cut into ``sy x sx`` cells and one token per full cell, at a random
    position within it, is a destination (a random strided partition); every other token
-   (the rest of each cell, and the rows and columns beyond the last full cell) is a source;
+   (the rest of each cell, and the rows and columns beyond the last full cell) is a source. The
+   positions are hashed from a key and the cell index on the device (:func:`cell_destinations`), not
+   drawn from a generator: a compiled graph or a CUDA graph computes them like any other tensor;
 2. matching: every source finds its most similar destination by cosine similarity of a metric
    (the hidden states), ``e_s = max_d cos(x_s, x_d)``;
 3. the ``r`` sources with the highest ``e_s`` merge into their destination: a destination with its
@@ -33,26 +35,38 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def cell_destinations(h: int, w: int, sx: int, sy: int, *, generator: torch.Generator | None = None,
+def cell_destinations(h: int, w: int, sx: int, sy: int, key: Tensor | int = 0, *,
                       device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-    """ToMe-SD's partition of an ``h x w`` raster grid: one random destination per full ``sy x sx`` cell.
+    """ToMe-SD's partition of an ``h x w`` raster grid: one pseudo-random destination per full ``sy x sx`` cell.
 
     Returns ``(dst, src)``: the raster indices of the destinations (in raster order, one per cell:
     ``(h // sy) * (w // sx)`` of them) and of the sources (every other token, in raster order).
-    Drawn from ``generator`` on ``device``; no device-to-host read.
+    ``key`` (an integer, or an int64 scalar tensor on ``device``) picks the positions: each cell's is a hash
+    of the key and the cell's index, so one key always gives one partition and another key another; no
+    generator and no device-to-host read.
     """
     if h < 1 or w < 1 or sx < 1 or sy < 1:
         raise ValueError(f"grid {h}x{w} and cell {sy}x{sx} must be positive")
     rows, cols = h // sy, w // sx
     if rows == 0 or cols == 0:
         raise ValueError(f"a {h}x{w} grid holds no full {sy}x{sx} cell")
-    pick = torch.randint(sx * sy, (rows, cols), generator=generator, device=device)
+    cells = torch.arange(rows * cols, device=device).view(rows, cols)
+    pick = torch.div(_hash(_hash(torch.as_tensor(key, dtype=torch.long, device=device)) + cells), 16,
+                     rounding_mode="floor") % (sx * sy)
     row = torch.arange(rows, device=device)[:, None] * sy + torch.div(pick, sx, rounding_mode="floor")
     col = torch.arange(cols, device=device)[None, :] * sx + pick % sx
     is_dst = torch.zeros(h * w, dtype=torch.int8, device=device)
     is_dst.index_fill_(0, (row * w + col).flatten(), -1)
     order = torch.argsort(is_dst, stable=True)  # destinations (-1) first, each part in raster order
     return order[:rows * cols], order[rows * cols:]
+
+
+def _hash(x: Tensor) -> Tensor:
+    """Two rounds of a 31-bit multiplicative hash with xor-shift mixing, on int64 tensors (no overflow)."""
+    for _ in range(2):
+        x = ((x & 0x7FFFFFFF) * 1103515245 + 12345) & 0x7FFFFFFF
+        x = x ^ (x >> 15)
+    return x
 
 
 class CellMerge:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,46 @@ class PerThread(Generic[T]):
         if value is None:
             value = self._latest
         return self._factory() if value is None else value
+
+
+_SINKS: dict[int, Callable[[int, Tensor], None]] = {}
+_SINK_KEYS = itertools.count()
+
+
+def deliver(key: int, index: int, value: Tensor) -> None:
+    """Hand ``value`` (of layer ``index``) to the :class:`Sink` registered under ``key``, if it is still open."""
+    sink = _SINKS.get(key)
+    if sink is not None:
+        sink(index, value)
+
+
+@functools.cache
+def _deliver_op() -> Callable[[int, int, Tensor], None]:
+    """:func:`deliver` as the custom op ``visattn::deliver``, an ordered side effect of a compiled graph."""
+    from .._logging import effect_op
+
+    return effect_op("deliver", deliver)
+
+
+class Sink:
+    """Where a forward hands a tensor to Python for a handle to show (``inspect``'s maps): ``sink(index, value)``
+    calls ``record(index, value)``, in eager and compiled forwards alike.
+
+    Under ``torch.compile`` the call goes through the custom op ``visattn::deliver``, an ordered side effect of
+    the graph: no graph break, and no Python state that dynamo guards is touched inside the graph. (A CUDA
+    graph replays kernels only: replays record nothing.) ``close()`` drops ``record``.
+    """
+
+    def __init__(self, record: Callable[[int, Tensor], None]) -> None:
+        self._op = _deliver_op()
+        self.key = next(_SINK_KEYS)
+        _SINKS[self.key] = record
+
+    def __call__(self, index: int, value: Tensor) -> None:
+        (self._op if torch.compiler.is_compiling() else deliver)(self.key, index, value)
+
+    def close(self) -> None:
+        _SINKS.pop(self.key, None)
 
 
 @dataclass

@@ -285,8 +285,8 @@ def call_grid(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[tuple[int, .
     family, cfg = _family(model), model.config
     text_tokens = int(inputs["encoder_hidden_states"].shape[1])
     if family == "FluxTransformer2DModel":
-        ids = inputs["img_ids"].reshape(-1, 3)
-        return (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1), text_tokens
+        h, w = (inputs["img_ids"].reshape(-1, 3)[:, 1:].amax(0) + 1).tolist()  # one host read (a graph break)
+        return (int(h), int(w)), text_tokens
     if family == "UNet2DConditionModel":
         return tuple(inputs["sample"].shape[-2:]), text_tokens
     shape = inputs["hidden_states"].shape

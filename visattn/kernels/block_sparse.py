@@ -35,7 +35,7 @@ from torch import Tensor
 from .._logging import fallback
 from ..core.attention import block_sparse_attention_reference, check_block_lists
 from ..errors import ShapeError
-from ._runtime import interpreting, runtime_unavailable
+from ._runtime import interpreting, launch, runtime_unavailable
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -88,15 +88,17 @@ def _make_plan(kv_indices: Tensor, kv_counts: Tensor, always_kv: Sequence[tuple[
     tokens = torch.zeros(nkb * block_k, dtype=torch.int8, device=device)
     for start, end in ranges:
         tokens[start:end] = 1
-    holds = tokens.view(nkb, block_k).any(dim=1)
-    blocks = holds.nonzero().flatten()
+    held = [j for j in range(nkb) if any(s < (j + 1) * block_k and e > j * block_k for s, e in ranges)]
+    holds = torch.zeros(nkb, dtype=torch.bool, device=device)
+    holds[held] = True
+    blocks = torch.tensor(held, dtype=torch.long, device=device)  # known on the host: no sync, no dynamic shape
     slot = torch.full((nkb + 1,), -1, dtype=torch.long, device=device)
-    slot[blocks] = torch.arange(blocks.numel(), device=device)
+    slot[blocks] = torch.arange(len(held), device=device)
     valid = torch.arange(idx.shape[-1], device=device) < cnt.unsqueeze(-1)
     safe = torch.where(valid, idx.long(), nkb)  # unused slots may hold anything
     in_always = valid & holds[safe.clamp(max=nkb - 1)] & (safe < nkb)
-    listed = torch.zeros(*idx.shape[:3], blocks.numel() + 1, dtype=torch.int8, device=device)
-    listed.scatter_(-1, torch.where(in_always, slot[safe], blocks.numel()), 1)
+    listed = torch.zeros(*idx.shape[:3], len(held) + 1, dtype=torch.int8, device=device)
+    listed.scatter_(-1, torch.where(in_always, slot[safe], len(held)), 1)
     keep = valid & ~in_always
     order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
     return _Plan(idx.gather(-1, order).contiguous(), keep.sum(-1).to(torch.int32), nkb,
@@ -230,25 +232,61 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     return dq, dk, dv
 
 
-class _BlockSparseFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: _Plan, block_q: int, block_k: int,
-                scale: float) -> tuple[Tensor, Tensor]:
-        o, lse2 = _forward(q, k, v, plan, block_q=block_q, block_k=block_k, scale=scale)
-        ctx.save_for_backward(q, k, v, o, lse2)
-        ctx.plan, ctx.block_q, ctx.block_k, ctx.scale = plan, block_q, block_k, scale
-        ctx.set_materialize_grads(False)  # an unused lse (or output) gets no zero-filled gradient
-        return o, lse2 * _LN2
+def _plan_of(kv_indices: Tensor, kv_counts: Tensor, num_kv_blocks: int, always_blocks: Tensor | None,
+             always_tokens: Tensor | None, always_listed: Tensor | None) -> _Plan:
+    return _Plan(kv_indices, kv_counts, num_kv_blocks, always_blocks, always_tokens, always_listed)
 
-    @staticmethod
-    def backward(ctx, do: Tensor, dlse: Tensor | None):
-        q, k, v, o, lse2 = ctx.saved_tensors
-        do = torch.zeros_like(o) if do is None else do.contiguous()
-        if dlse is not None:  # d lse / d logits = p, so dlse folds into delta = rowsum(o * do)
-            dlse = dlse.float().contiguous()
-        dq, dk, dv = _backward(do, q, k, v, o, lse2, dlse, ctx.plan, block_q=ctx.block_q,
-                               block_k=ctx.block_k, scale=ctx.scale)
-        return dq, dk, dv, None, None, None, None
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, num_kv_blocks: int,
+            always_blocks: Tensor | None, always_tokens: Tensor | None, always_listed: Tensor | None,
+            block_q: int, block_k: int, scale: float) -> tuple[Tensor, Tensor]:
+    """The forward launch over a plan's tensors: ``(o, lse2)``, ``lse2`` the log-sum-exp in base 2 (float32)."""
+    plan = _plan_of(kv_indices, kv_counts, num_kv_blocks, always_blocks, always_tokens, always_listed)
+    return _forward(q, k, v, plan, block_q=block_q, block_k=block_k, scale=scale)
+
+
+def _attend_fake(q: Tensor, k: Tensor, v: Tensor, *args) -> tuple[Tensor, Tensor]:
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(q.shape[:3], dtype=torch.float32))
+
+
+def _attend_grad(do: Tensor, dlse2: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse2: Tensor,
+                 kv_indices: Tensor, kv_counts: Tensor, num_kv_blocks: int, always_blocks: Tensor | None,
+                 always_tokens: Tensor | None, always_listed: Tensor | None, block_q: int, block_k: int,
+                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward launches: ``(dq, dk, dv)`` (``dlse2``: the gradient of ``lse2``, or ``None``)."""
+    plan = _plan_of(kv_indices, kv_counts, num_kv_blocks, always_blocks, always_tokens, always_listed)
+    dlse = None  # the kernels take the gradient of the natural lse: d lse / d logits = p folds into delta
+    if dlse2 is not None:
+        dlse = (dlse2.float() * _LOG2E).contiguous()
+    return _backward(do.contiguous(), q, k, v, o, lse2, dlse, plan, block_q=block_q, block_k=block_k, scale=scale)
+
+
+_attend_op = torch.library.custom_op("visattn::block_sparse_attention", _attend, mutates_args=())
+_attend_op.register_fake(_attend_fake)
+_attend_grad_op = torch.library.custom_op("visattn::block_sparse_attention_backward", _attend_grad,
+                                          mutates_args=())
+_attend_grad_op.register_fake(lambda do, dlse, q, k, v, *args: (torch.empty_like(q), torch.empty_like(k),
+                                                                torch.empty_like(v)))
+
+
+def _attend_setup(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    q, k, v, kv_indices, kv_counts, num_kv_blocks, alw_blk, alw_tok, alw_lst, block_q, block_k, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, kv_indices, kv_counts, alw_blk, alw_tok, alw_lst)
+    ctx.options = num_kv_blocks, block_q, block_k, scale
+    ctx.set_materialize_grads(False)  # an unused lse (or output) gets no zero-filled gradient
+
+
+def _attend_backward(ctx, do: Tensor | None, dlse2: Tensor | None) -> tuple:
+    q, k, v, o, lse2, kv_indices, kv_counts, alw_blk, alw_tok, alw_lst = ctx.saved_tensors
+    num_kv_blocks, block_q, block_k, scale = ctx.options
+    do = torch.zeros_like(o) if do is None else do
+    dq, dk, dv = _attend_grad_op(do, dlse2, q, k, v, o, lse2, kv_indices, kv_counts, num_kv_blocks, alw_blk,
+                                 alw_tok, alw_lst, block_q, block_k, scale)
+    return (dq, dk, dv) + (None,) * 9
+
+
+_attend_op.register_autograd(_attend_backward, setup_context=_attend_setup)
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int,
@@ -305,8 +343,9 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, 
                  "PyTorch reference", strict)
         return block_sparse_attention_reference(q, k, v, kv_indices, kv_counts, block_q=block_q,
                                                 block_k=block_k, scale=scale, always_kv=always_kv,
-                                                return_lse=return_lse)
+                                                return_lse=return_lse, check_values=False)
     plan = _make_plan(kv_indices, kv_counts, always_kv, num_kv=k.shape[2], block_k=block_k)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, lse = _BlockSparseFunction.apply(q, k, v, plan, block_q, block_k, scale)
-    return (out, lse) if return_lse else out
+    out, lse2 = launch(_attend_op, _attend, q, k, v, plan.kv_indices, plan.kv_counts, plan.num_kv_blocks,
+                       plan.always_blocks, plan.always_tokens, plan.always_listed, block_q, block_k, scale)
+    return (out, lse2 * _LN2) if return_lse else out

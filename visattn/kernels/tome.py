@@ -7,6 +7,10 @@ merge and three more to apply it; at ViT-B sizes that costs more than the merged
 compute exactly what :func:`visattn.core.merge.bipartite_soft_matching` computes (their oracle; ties
 may pair differently).
 
+Both are torch custom ops, ``visattn::tome_match`` and ``visattn::tome_merge_mean`` (the average with its
+gradient, :func:`_merge_mean_backward`), so ``torch.compile`` captures a merging block without a graph
+break and CUDA graphs record it (:func:`visattn.kernels._runtime.launch`).
+
 Dispatch (:func:`bipartite_soft_matching`, as for every kernel of this package): CUDA tensors (or any
 tensors under ``TRITON_INTERPRET=1``) with Triton importable, at most ``2 * MAX_SET`` image tokens
 and no key mask run the kernels; anything else falls back to the core path, logged once, or raises
@@ -22,7 +26,7 @@ from torch import Tensor
 
 from .._logging import fallback
 from ..core import merge as core
-from ._runtime import runtime_unavailable
+from ._runtime import launch, runtime_unavailable
 
 MAX_SET = 128  # tokens of each set A and B held by one program
 
@@ -65,16 +69,24 @@ def _pow2(v: int, low: int) -> int:
 
 def match(metric: Tensor, r: int, num_prefix: int, size: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The decision for ``metric`` ``[B, N, D]``: ``(kept [B, N - r], src [B, r], dst_out [B, r],
-    size [B, N - r])`` as in :class:`visattn.core.merge._Match`."""
+    size [B, N - r])`` as in :class:`visattn.core.merge.Match`."""
+    return launch(_match_op, _match, metric, r, num_prefix, size)
+
+
+def _match_outputs(metric: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    batch, n, _ = metric.shape
+    longs = dict(dtype=torch.long, device=metric.device)
+    return (torch.empty(batch, n - r, **longs), torch.empty(batch, r, **longs), torch.empty(batch, r, **longs),
+            torch.empty(batch, n - r, dtype=torch.float32, device=metric.device))
+
+
+def _match(metric: Tensor, r: int, num_prefix: int, size: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     batch, n, d = metric.shape
     n_img = n - num_prefix
     a_off = num_prefix % 2
     na, nb = (n_img - a_off + 1) // 2, (n_img - (1 - a_off) + 1) // 2
     metric = metric.contiguous()
-    kept = torch.empty(batch, n - r, dtype=torch.long, device=metric.device)
-    src = torch.empty(batch, r, dtype=torch.long, device=metric.device)
-    dst = torch.empty(batch, r, dtype=torch.long, device=metric.device)
-    new_size = torch.empty(batch, n - r, dtype=torch.float32, device=metric.device)
+    kept, src, dst, new_size = _match_outputs(metric, r)
     size_in = new_size if size is None else size.float().contiguous()
     _kernels()._match_kernel[(batch,)](
         metric, size_in, kept, src, dst, new_size, n, d, num_prefix, r, n - r, na, nb,
@@ -84,8 +96,16 @@ def match(metric: Tensor, r: int, num_prefix: int, size: Tensor | None) -> tuple
     return kept, src, dst, new_size
 
 
+_match_op = torch.library.custom_op("visattn::tome_match", _match, mutates_args=())
+_match_op.register_fake(lambda metric, r, num_prefix, size: _match_outputs(metric, r))
+
+
 def merge_mean(x: Tensor, kept: Tensor, src: Tensor, dst: Tensor, size: Tensor | None, new_size: Tensor) -> Tensor:
-    """``[B, N, C] -> [B, N - r, C]``: every group's size-weighted average."""
+    """``[B, N, C] -> [B, N - r, C]``: every group's size-weighted average (differentiable in ``x``)."""
+    return launch(_merge_mean_op, _merge_mean, x, kept, src, dst, size, new_size)
+
+
+def _merge_mean(x: Tensor, kept: Tensor, src: Tensor, dst: Tensor, size: Tensor | None, new_size: Tensor) -> Tensor:
     batch, n, c = x.shape
     n_out = kept.shape[1]
     x = x.contiguous()
@@ -97,3 +117,26 @@ def merge_mean(x: Tensor, kept: Tensor, src: Tensor, dst: Tensor, size: Tensor |
         HAS_SIZE=size is not None, BLOCK_C=block_c, BLOCK_R=_pow2(src.shape[1], 2),
         num_warps=max(1, min(8, block_c // 256)))
     return out
+
+
+_merge_mean_op = torch.library.custom_op("visattn::tome_merge_mean", _merge_mean, mutates_args=())
+_merge_mean_op.register_fake(lambda x, kept, src, dst, size, new_size: x.new_empty(x.shape[0], kept.shape[1],
+                                                                                    x.shape[2]))
+
+
+def _merge_mean_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    x, kept, src, dst, size, new_size = inputs
+    ctx.save_for_backward(kept, src, dst, size, new_size)
+    ctx.tokens = x.shape[:2]
+
+
+def _merge_mean_backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
+    """``d x_i = s_i / s_G * d x_G`` for the group ``G`` that token ``i`` joined."""
+    kept, src, dst, size, new_size = ctx.saved_tensors
+    _, unmerge = core.merge_functions(core.Match(kept, src, dst, new_size), ctx.tokens, size)
+    s = new_size.new_ones(ctx.tokens) if size is None else size.float()
+    weight = s / unmerge(new_size[..., None])[..., 0]
+    return unmerge(grad) * weight.to(grad.dtype)[..., None], None, None, None, None, None
+
+
+_merge_mean_op.register_autograd(_merge_mean_backward, setup_context=_merge_mean_setup)

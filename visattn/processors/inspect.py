@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..core.attention import attention_probs
 from ..frameworks import Target
-from ..frameworks.base import Observer, PerThread, adapter, select_layers
+from ..frameworks.base import Observer, PerThread, Sink, adapter, select_layers
 from ..frameworks.diffusers_layers import LayerProcessor, StockLayer
 from ..options import bool_option, int_option, layers_option, validate_options
 from ..patching import Handle, Patcher
@@ -47,8 +47,8 @@ class InspectHandle(Handle):
         return self._records.latest()
 
     def record(self, layer: int, probs: Tensor) -> None:
-        """Append the map of a call of ``layer`` to this thread's record."""
-        self._records.get()[layer].append(probs)
+        """Append the map of a call of ``layer`` to this thread's record (on the CPU if ``to_cpu``)."""
+        self._records.get()[layer].append(probs.cpu() if self.options["to_cpu"] and not probs.is_meta else probs)
 
     def clear(self) -> None:
         """Forget the maps this thread recorded (other threads' records are theirs)."""
@@ -96,12 +96,15 @@ class Inspect(Method):
         chosen = select_layers(names, options["layers"], self.name)
         handle = InspectHandle(self.name, target.model, options, patcher,
                                layer_names={i: names[i] for i in chosen})
-        fw.observe_attention(target.model, patcher, chosen, _recorder(handle, options))
+        fw.observe_attention(target.model, patcher, chosen, _recorder(handle, options, patcher))
         return handle
 
 
-def _recorder(handle: InspectHandle, options: dict[str, Any]) -> Observer:
-    """The observer that records each observed call's map into ``handle``."""
+def _recorder(handle: InspectHandle, options: dict[str, Any], patcher: Patcher) -> Observer:
+    """The observer that records each observed call's map into ``handle`` (through a :class:`Sink`, so a compiled
+    forward records too, without a graph break), until ``patcher`` is undone."""
+    sink = Sink(handle.record)
+    patcher.on_undo(sink.close)
 
     @torch.no_grad()
     def observer(layer: int, q: Tensor, k: Tensor, scale: float, mask: Tensor | None) -> None:
@@ -110,7 +113,7 @@ def _recorder(handle: InspectHandle, options: dict[str, Any]) -> Observer:
             bias, mask = mask, None
         probs = attention_probs(q, k, scale=scale, bias=bias, mask=mask, head_mean=not options["per_head"],
                                 query_chunk=options["query_chunk"])
-        handle.record(layer, probs.cpu() if options["to_cpu"] and not probs.is_meta else probs)
+        sink(layer, probs)
 
     return observer
 
@@ -137,7 +140,7 @@ class InspectAttnProcessor(LayerProcessor):
     def setup(self) -> None:
         self.handle = InspectHandle("inspect", self._model, self.options, self._patcher,
                                     layer_names={i: self._names[i] for i in self._chosen})
-        self._observer = _recorder(self.handle, self.options)
+        self._observer = _recorder(self.handle, self.options, self._patcher)
 
     def run(self, layer: StockLayer, attn: Any, hidden_states: Tensor, kwargs: dict[str, Any]) -> Any:
         from ..frameworks.diffusers import observed

@@ -187,8 +187,10 @@ def _flux_attention(plan: _Plan, layer: int, stock: Any, attn: nn.Module, hidden
         return stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
     from diffusers.models.embeddings import apply_rotary_emb
 
+    from ..frameworks.diffusers import flux_joint_output, flux_joint_qkv
+
     plan.split(hidden_states.shape[0])
-    q, k, v = adapter("diffusers").flux_joint_qkv(attn, hidden_states, encoder_hidden_states)
+    q, k, v = flux_joint_qkv(attn, hidden_states, encoder_hidden_states)
     grid = plan.grid
     text = q.shape[1] - grid[0] * grid[1]  # text first, then the image grid
     sample, source, place, mask = plan.layout(grid, text, q.device)
@@ -201,7 +203,7 @@ def _flux_attention(plan: _Plan, layer: int, stock: Any, attn: nn.Module, hidden
         k_pos = apply_rotary_emb(k_pos, image_rotary_emb)
         extra_k = apply_rotary_emb(extra_k, (cos[text + place], sin[text + place]))
     out = _attend(plan, q, k_pos, v, extra_k, extra_v, mask).transpose(1, 2).flatten(2, 3).to(q.dtype)
-    return adapter("diffusers").flux_joint_output(attn, out, hidden_states, encoder_hidden_states)
+    return flux_joint_output(attn, out, hidden_states, encoder_hidden_states)
 
 
 class IsolationAttnProcessor(LayerProcessor):

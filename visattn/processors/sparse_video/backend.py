@@ -21,7 +21,7 @@ the processors at the backend itself and is undone exactly by ``visattn.remove``
 previous ``_attention_backend`` restored; diffusers' process-wide active backend is never changed).
 
 The backend is a function of q, k, v only, so :class:`SparseVideoAttnBackend` gives it the rest: hooks
-on the model make it the backend's current model for the duration of each forward (a ``ContextVar``)
+on the model make it the backend's current model for the duration of each forward (a per-thread stack)
 and read the token grid, text length, timestep and running layer of each call
 (:class:`~visattn.processors.sparse_video.SparseVideoSchedule`, the same schedule the processor uses).
 Calls that the schedule leaves dense — cross-attention, dense layers and steps, identity settings —
@@ -51,13 +51,13 @@ What works and what does not (diffusers 0.42.1):
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from typing import Any
 
 import torch.nn as nn
 from torch import Tensor
 
 from ...errors import OptionError, ShapeError, UnsupportedModelError
+from ...frameworks.base import PerThread
 from ...patching import Patcher
 from .attention import sparse_video_attention
 from .config import SparseVideoConfig
@@ -67,7 +67,7 @@ BACKEND = "visattn_sparse"
 FAMILIES = ("WanTransformer3DModel", "FluxTransformer2DModel", "HunyuanVideoTransformer3DModel")
 CONTEXT_PARALLEL_FAMILIES = ("WanTransformer3DModel",)
 
-_RUNNING: ContextVar[SparseVideoAttnBackend | None] = ContextVar("visattn_sparse_model", default=None)
+_RUNNING: PerThread[list[SparseVideoAttnBackend]] = PerThread(list)  # this thread's running models, innermost last
 
 
 def visattn_sparse(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
@@ -76,12 +76,12 @@ def visattn_sparse(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor 
     """The function registered as diffusers attention backend ``visattn_sparse`` (``[B, S, H, D]`` tensors):
     hands the call to the :class:`SparseVideoAttnBackend` of the model running now."""
     running = _RUNNING.get()
-    if running is None:
+    if not running:
         raise UnsupportedModelError(
             f"the attention backend {BACKEND!r} ran outside a model prepared for it: make "
             f"visattn.diffusers.SparseVideoAttnBackend(model, ...) before model.set_attention_backend({BACKEND!r}), "
             f"or use visattn.apply(model, 'sparse_video', install='attention_backend')")
-    return running.attend(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+    return running[-1].attend(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                           scale=scale, enable_gqa=enable_gqa, parallel_config=_parallel_config)
 
 
@@ -115,14 +115,14 @@ class SparseVideoAttnBackend:
         self.backend = fw.register_attention_backend(BACKEND, visattn_sparse, context_parallel=True)
         self._dense = fw.dense_backends(model, exclude=self.backend)
         self._schedule = SparseVideoSchedule(model, self.config, self._patcher)
-        tokens: list = []
 
         def enter(args: tuple, kwargs: dict[str, Any]) -> None:
-            tokens.append(_RUNNING.set(self))
+            _RUNNING.get().append(self)
 
         def leave(output: Any) -> None:
-            if tokens:
-                _RUNNING.reset(tokens.pop())
+            running = _RUNNING.get()
+            if running:
+                running.pop()
 
         fw.around_call(model, self._patcher, enter, leave, always=True)
         if patcher is None:  # made by the user (visattn.apply guards the model itself): refuse copies until detach()

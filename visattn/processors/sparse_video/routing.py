@@ -58,7 +58,8 @@ def geometry(grid: tuple[int, ...], grid_start: int, num_tokens: int, tile: tupl
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(num_tokens, device=device)
     block = math.prod(tile)
-    tile_of = torch.repeat_interleave(torch.arange(order.tile_sizes.numel(), device=device), order.tile_sizes)
+    tile_of = torch.repeat_interleave(torch.arange(order.tile_sizes.numel(), device=device), order.tile_sizes,
+                                      output_size=n_grid)
     block_tiles = torch.zeros(-(-n_grid // block), order.tile_sizes.numel(), device=device)
     block_tiles[torch.arange(n_grid, device=device) // block, tile_of] = 1.0
     tiles_per_dim = tuple(-(-g // t) for g, t in zip(grid, tile))

@@ -27,9 +27,10 @@ Options and identity values: ``ratio`` (0.5; identity 0: nothing is merged and t
 bit-identical to stock), ``max_downsample`` (None: the finest resolution that has self-attention,
 tomesd's default of 1 on SD 1.x/2.x, 2 on SDXL, whose attention runs at 1/2 and 1/4 of the latent
 size; 1, 2, 4 or 8: merge at every UNet level downsampled at most that much; DiTs have one level,
-1), ``sx`` and ``sy`` (2: the cell size), ``seed`` (0: destinations are drawn from a generator
-seeded with it when the method is applied; each denoiser call draws fresh ones, as tomesd does,
-once per grid size: the layers of one call at one resolution share them), ``scope``
+1), ``sx`` and ``sy`` (2: the cell size), ``seed`` (0: with the call's timestep, the key of the
+destinations' pseudo-random positions: each denoising step gets fresh ones, as in tomesd, the layers of
+one call at one resolution share them, and a generation run again gets the same; they are hashed on the
+device, so compiled and CUDA-graph runs draw them too), ``scope``
 ("attention"). ``tome`` declares these beside its timm/open_clip options, each scoped to its
 frameworks: an option of the other frameworks, given, is an error (:func:`visattn.options.check_scope`).
 """
@@ -146,29 +147,28 @@ class TomeDiffusersHandle(Handle):
 
 
 class _Call:
-    """What one denoiser call carries to the hooks: its grid and text length, the merges of each layer
-    (pending until the layer's output is unmerged), the destinations drawn per grid size, the counts."""
+    """What one denoiser call carries to the hooks: its grid and text length, the key of its destinations,
+    the merges of each layer (pending until the layer's output is unmerged), the destinations per grid size,
+    the counts."""
 
-    def __init__(self, grid: tuple[int, ...] = (), text_tokens: int = 0) -> None:
+    def __init__(self, grid: tuple[int, ...] = (), text_tokens: int = 0, key: Tensor | int = 0) -> None:
         self.grid = grid
         self.text_tokens = text_tokens
+        self.key = key
         self.token_counts: list[tuple[str, int, int]] = []
         self.partitions: dict[tuple, tuple[Tensor, Tensor]] = {}
         self.pending: dict[str, list[Any]] = {}
 
 
 class _State:
-    """The method on one model: its options, the current call of each thread and each thread's generators
-    (seeded with ``seed`` at the thread's first call, so each thread draws what a lone thread would)."""
+    """The method on one model: its options and the current call of each thread."""
 
     def __init__(self, model: nn.Module, options: dict[str, Any]) -> None:
         self.model = model
         self.ratio: float = options["ratio"]
         self.sx: int = options["sx"]
         self.sy: int = options["sy"]
-        self.seed: int = options["seed"]
         self.calls: PerThread[_Call] = PerThread(_Call)
-        self._generators: PerThread[dict[torch.device, torch.Generator]] = PerThread(dict)
         self._layouts: dict[tuple, tuple[int, ...]] = {}
 
     def layer_grid(self, layer: int) -> tuple[int, ...]:
@@ -191,12 +191,8 @@ class _State:
             merge = CellMerge(None, n)
         else:
             device = metric.device
-            if (h, w, device) not in call.partitions:  # one draw per denoiser call and grid size
-                generators = self._generators.get()
-                if device not in generators:
-                    generators[device] = torch.Generator(device).manual_seed(self.seed)
-                call.partitions[h, w, device] = cell_destinations(h, w, self.sx, self.sy, device=device,
-                                                                  generator=generators[device])
+            if (h, w, device) not in call.partitions:  # one partition per denoiser call and grid size
+                call.partitions[h, w, device] = cell_destinations(h, w, self.sx, self.sy, call.key, device=device)
             dst, src = call.partitions[h, w, device]
             merge = match_to_cells(metric, dst, src, r)
         call.token_counts.append((name, n, n - merge.r))
@@ -205,6 +201,16 @@ class _State:
     def pending(self, name: str) -> list[Any]:
         """The merges of ``name`` that the running call has not unmerged yet (innermost last)."""
         return self.calls.get().pending.setdefault(name, [])
+
+
+def destination_key(seed: int, inputs: dict[str, Any]) -> Tensor | int:
+    """The key of a denoiser call's destinations (:func:`~visattn.core.merge_sd.cell_destinations`): ``seed``
+    and the call's timestep (its first, in thousandths), on the timestep's device; ``seed`` alone without one."""
+    timestep = inputs.get("timestep")
+    if timestep is None:
+        return seed
+    t = torch.as_tensor(timestep).flatten()[0].float()
+    return (t * 1000).round().long() + seed * 1_000_003
 
 
 def _merge_rope(rope: tuple[Tensor, Tensor] | None, merge: CellMerge,
@@ -323,13 +329,14 @@ class PerSampleRopeFluxAttnProcessor:
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-        q, k, v = adapter("diffusers").flux_joint_qkv(attn, hidden_states, encoder_hidden_states)
+        from ...frameworks.diffusers import flux_joint_output, flux_joint_qkv
+
+        q, k, v = flux_joint_qkv(attn, hidden_states, encoder_hidden_states)
         cos, sin = image_rotary_emb
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask,
                                     backend=getattr(self.stock, "_attention_backend", None))
-        return adapter("diffusers").flux_joint_output(attn, out.flatten(2, 3).to(q.dtype), hidden_states,
-                                                      encoder_hidden_states)
+        return flux_joint_output(attn, out.flatten(2, 3).to(q.dtype), hidden_states, encoder_hidden_states)
 
 
 class TomeAttnProcessor(LayerProcessor):
@@ -360,7 +367,10 @@ class TomeAttnProcessor(LayerProcessor):
 
         model, options = self._model, self.options
         self.state = _State(model, options)
-        on_call(model, self._patcher, lambda inputs: self.state.calls.set(_Call(*call_grid(model, inputs))))
+        def start(inputs: dict[str, Any]) -> None:
+            self.state.calls.set(_Call(*call_grid(model, inputs), destination_key(options["seed"], inputs)))
+
+        on_call(model, self._patcher, start)
         self._merges: dict[int, tuple[Callable, Callable]] = {}
         self.layers: set[int] = set()  # the attention layers this processor serves
         for site in self._sites:

@@ -1,0 +1,309 @@
+"""Speed in the three execution modes users run (issue 17): eager, ``torch.compile`` and CUDA graphs.
+
+Every workload is timed in one process, each variant against the stock model **in the same mode**:
+
+- ``eager``: calls issued from Python (the GPU machine's slow CPU makes small eager steps launch-bound);
+- ``compiled``: ``torch.compile(model)`` (default mode, Inductor), after its warm-up calls; the graph
+  breaks and the graphs compiled over the warm-up and timed calls are recorded (``recompiles`` > 0 means a
+  call of the same shapes compiled again);
+- ``graph``: the eager model captured in one CUDA graph and replayed (GPU time alone).
+
+Next to each speedup, its bound: the same model doing only the work the method leaves (``bound`` rows):
+
+- ``vit``: ToMe on ViT-B/16 r=13 and ViT-L/16 r=7, batch 256 fp16; bound: the same blocks with merging
+  replaced by dropping the last r tokens (same token counts, no decision, no averaging); EViT keep 0.7 (eager
+  and CUDA graphs);
+- ``kernel``: the block-sparse kernel at N=4096 (B=1, H=24, D=128, block 128, 1, 2, 3 and 16 of 32 kv blocks kept, bf16)
+  against FlexAttention given the same lists (always compiled, as Flex must be) and dense SDPA; ours is timed
+  eager, inside a compiled function, and replayed from a CUDA graph; bound: dense SDPA over the kept keys alone;
+- ``wan``: one Wan 2.1 1.3B forward at 81x480x832 (32,760 tokens, bf16, random weights), ``sparse_video``
+  tile_topk keep 0.1; bound: every self-attention over the first 10% of its keys (SDPA);
+- ``sdxl``: one SDXL UNet step at 1024 px, batch 8 fp16, ``tome`` scope="block" ratio 0.5 at both attention
+  levels (``max_downsample=4``); bound: the
+  merged layers run on the first N - r tokens (``benchmarks.diffusion.half_tokens``).
+
+    PYTHONPATH=. python3 -m benchmarks.modes --parts vit,kernel --out benchmarks/results/modes.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import visattn
+from benchmarks.timing import graphed, median_ms
+
+MODES = ("eager", "compiled", "graph")
+
+
+def compile_stats() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
+def in_modes(model: torch.nn.Module, run: Callable[[torch.nn.Module], Any], iters: int,
+             modes: tuple[str, ...] = MODES) -> dict[str, Any]:
+    """Milliseconds of ``run(model)`` in each mode (see the module doc), and the compile statistics."""
+    out: dict[str, Any] = {}
+    if "eager" in modes:
+        out["eager"] = median_ms(lambda: run(model), iters, warmup=3)
+    if "graph" in modes:
+        out["graph"] = median_ms(graphed(lambda: run(model)), iters, warmup=3)
+    if "compiled" in modes:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compiled = torch.compile(model)
+        for _ in range(3):
+            run(compiled)
+        warm = compile_stats()
+        out["compiled"] = median_ms(lambda: run(compiled), iters)
+        done = compile_stats()
+        out["compile"] = {**warm, "recompiles": done["graphs"] - warm["graphs"]}
+        del compiled
+        torch._dynamo.reset()
+    return out
+
+
+def ratios(stock: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
+    return {m: stock[m] / other[m] for m in MODES if m in stock and m in other}
+
+
+@contextlib.contextmanager
+def applied(model: torch.nn.Module, method: str, **options: Any) -> Iterator[Any]:
+    handle = visattn.apply(model, method, **options)
+    try:
+        yield handle
+    finally:
+        visattn.remove(model)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def drop_last_merges() -> Iterator[None]:
+    """ToMe's bound: the merge step keeps the first N - r tokens (no decision, no average)."""
+    from visattn.processors.tome import vit as tome_vit
+
+    real = tome_vit.bipartite_soft_matching
+
+    def drop_last(metric: torch.Tensor, r: int, *, num_prefix: int = 0, size: torch.Tensor | None = None,
+                  **_: object) -> tuple:
+        keep = metric.shape[1] - min(r, (metric.shape[1] - num_prefix) // 2)
+
+        def merge(t: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+            return t[:, :keep]
+
+        merge.size = (torch.ones(metric.shape[:2], device=metric.device) if size is None else size)[:, :keep]
+        return merge, None
+
+    tome_vit.bipartite_soft_matching = drop_last
+    try:
+        yield
+    finally:
+        tome_vit.bipartite_soft_matching = real
+
+
+def part_vit(args: argparse.Namespace) -> list[dict]:
+    import timm
+
+    rows = []
+    for name, r in (("vit_base_patch16_224", 13), ("vit_large_patch16_224", 7)):
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False).cuda().half().eval()
+        x = torch.randn(args.batch, 3, 224, 224, device="cuda", dtype=torch.float16)
+        run = lambda m, x=x: m(x)  # noqa: E731
+        with torch.inference_mode():
+            row: dict[str, Any] = {"model": name, "r": r, "batch": args.batch,
+                                   "stock": in_modes(model, run, args.iters)}
+            with applied(model, "tome", r=r):
+                row["tome"] = in_modes(model, run, args.iters)
+                with drop_last_merges():
+                    row["bound"] = in_modes(model, run, args.iters)
+            with applied(model, "prune", keep=0.7):  # adds no graph break (tests/test_compile.py); not compiled here
+                row["evit"] = in_modes(model, run, args.iters, ("eager", "graph"))
+        for k in ("tome", "bound", "evit"):
+            row[f"{k}_speedup"] = ratios(row["stock"], row[k])
+        log(f"{name} r={r}: tome {fmt(row['tome_speedup'])}; bound {fmt(row['bound_speedup'])}; "
+            f"EViT {fmt(row['evit_speedup'])}; compile stats tome {row['tome'].get('compile')}")
+        rows.append(row)
+        del model
+        torch.cuda.empty_cache()
+    return rows
+
+
+def fmt(speedups: dict[str, float]) -> str:
+    return ", ".join(f"{m} {v:.3f}x" for m, v in speedups.items())
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def part_kernel(args: argparse.Namespace) -> list[dict]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from benchmarks.kernels import flex_block_mask, random_lists
+    from visattn.kernels.block_sparse import block_sparse_attention
+
+    b, h, n, d, block = 1, 24, 4096, 128, 128
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    nb = n // block
+    flex = torch.compile(flex_attention)
+    rows = []
+    with torch.inference_mode():
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+        sdpa_ms = {"eager": median_ms(sdpa, args.iters * 5, warmup=5),
+                   "graph": median_ms(graphed(sdpa), args.iters * 5, warmup=5)}
+        for kept in (1, 2, 3, 16):
+            idx, cnt = random_lists(b, h, nb, nb, kept, q.device)
+
+            def ours(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                return block_sparse_attention(q, k, v, idx, cnt, block_q=block, block_k=block,  # noqa: B023
+                                              check_values=False)
+
+            ours_compiled = torch.compile(ours)
+            mask = flex_block_mask(idx, cnt, n, block)
+            flex_run = lambda: flex(q, k, v, block_mask=mask)  # noqa: E731,B023
+            kq, kk = q, k[:, :, :kept * block]
+            kv = v[:, :, :kept * block]
+            bound = lambda: F.scaled_dot_product_attention(kq, kk, kv)  # noqa: E731,B023
+            row = {"B": b, "H": h, "N": n, "D": d, "block": block, "kept_blocks": kept, "of_blocks": nb,
+                   "sdpa_ms": sdpa_ms,
+                   "ours_ms": {"eager": median_ms(lambda: ours(q, k, v), args.iters * 5, warmup=5),  # noqa: B023
+                               "compiled": median_ms(lambda: ours_compiled(q, k, v), args.iters * 5, warmup=5),  # noqa: B023
+                               "graph": median_ms(graphed(lambda: ours(q, k, v)), args.iters * 5, warmup=5)},  # noqa: B023
+                   "flex_ms": {"compiled": median_ms(flex_run, args.iters * 5, warmup=5),
+                               "graph": median_ms(graphed(flex_run), args.iters * 5, warmup=5)},
+                   "bound_ms": {"eager": median_ms(bound, args.iters * 5, warmup=5),
+                                "graph": median_ms(graphed(bound), args.iters * 5, warmup=5)}}
+            o, o_flex = ours(q, k, v).float(), flex_run().float()
+            row["ours_vs_flex_rel_diff"] = ((o - o_flex).norm() / o_flex.norm()).item()
+            log(f"kernel N={n} kept {kept}/{nb}: ours {fmt_ms(row['ours_ms'])}; flex {fmt_ms(row['flex_ms'])}; "
+                f"SDPA dense {fmt_ms(sdpa_ms)}; bound {fmt_ms(row['bound_ms'])}")
+            rows.append(row)
+    return rows
+
+
+def fmt_ms(times: dict[str, float]) -> str:
+    return ", ".join(f"{m} {v:.3f} ms" for m, v in times.items())
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def keys_kept(fraction: float, min_tokens: int) -> Iterator[None]:
+    """Sparse attention's bound: every self-attention call (``Nq == Nk >= min_tokens``) attends to the first
+    ``fraction`` of its keys only (SDPA, so the attention costs ``fraction`` of stock's)."""
+    real = F.scaled_dot_product_attention
+
+    def truncated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *a: Any, **kw: Any) -> torch.Tensor:
+        n = k.shape[-2]
+        if q.shape[-2] == n >= min_tokens:
+            keep = math.ceil(fraction * n)
+            k, v = k[..., :keep, :], v[..., :keep, :]
+        return real(q, k, v, *a, **kw)
+
+    F.scaled_dot_product_attention = truncated
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
+def part_wan(args: argparse.Namespace) -> list[dict]:
+    from benchmarks.video import WAN_1_3B, wan_model
+
+    model, inputs = wan_model(WAN_1_3B, (21, 60, 104), 512, torch.device("cuda"), torch.bfloat16)
+    run = lambda m: m(**inputs, return_dict=False)[0]  # noqa: E731
+    iters = max(3, args.iters // 4)
+    modes = ("eager", "compiled")  # a CUDA graph of the eager forward adds nothing at 0.3-0.5 s per call
+    with torch.no_grad():
+        row: dict[str, Any] = {"model": "Wan 2.1 T2V 1.3B", "latent": [21, 60, 104], "keep": 0.1,
+                               "stock": in_modes(model, run, iters, modes)}
+        log(f"wan stock {fmt_ms(row['stock'])}")
+        with applied(model, "sparse_video", keep=0.1):
+            row["sparse"] = in_modes(model, run, iters, modes)
+        with keys_kept(0.1, 4096):
+            row["bound"] = in_modes(model, run, iters, modes)
+    for k in ("sparse", "bound"):
+        row[f"{k}_speedup"] = ratios(row["stock"], row[k])
+    log(f"wan sparse_video keep 0.1: {fmt(row['sparse_speedup'])}; bound {fmt(row['bound_speedup'])}; "
+        f"compile stats {row['sparse'].get('compile')}")
+    return [row]
+
+
+def part_sdxl(args: argparse.Namespace) -> list[dict]:
+    import diffusers
+
+    from benchmarks.diffusion import SDXL, half_tokens
+
+    torch.manual_seed(0)
+    device, dtype, batch = torch.device("cuda"), torch.float16, args.sdxl_batch
+    with torch.device(device):
+        unet = diffusers.UNet2DConditionModel(**SDXL).to(dtype).eval()
+    inputs = dict(sample=torch.randn(batch, 4, 128, 128, device=device, dtype=dtype),
+                  timestep=torch.full((batch,), 500, device=device),
+                  encoder_hidden_states=torch.randn(batch, 77, 2048, device=device, dtype=dtype),
+                  added_cond_kwargs={"text_embeds": torch.randn(batch, 1280, device=device, dtype=dtype),
+                                     "time_ids": torch.randn(batch, 6, device=device, dtype=dtype)})
+    run = lambda m: m(**inputs, return_dict=False)[0]  # noqa: E731
+    with torch.no_grad():
+        row: dict[str, Any] = {"model": "SDXL UNet 1024px", "batch": batch, "ratio": 0.5, "max_downsample": 4,
+                               "stock": in_modes(unet, run, args.iters)}
+        log(f"sdxl stock {fmt_ms(row['stock'])}")
+        with applied(unet, "tome", ratio=0.5, scope="block", max_downsample=4):
+            row["tome_block"] = in_modes(unet, run, args.iters)
+        hooks = half_tokens(unet, "block", 0.5, 4)
+        try:
+            row["bound"] = in_modes(unet, run, args.iters)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    for k in ("tome_block", "bound"):
+        row[f"{k}_speedup"] = ratios(row["stock"], row[k])
+    log(f"sdxl tome block 0.5: {fmt(row['tome_block_speedup'])}; bound {fmt(row['bound_speedup'])}; "
+        f"compile stats {row['tome_block'].get('compile')}")
+    return [row]
+
+
+PARTS = {"vit": part_vit, "kernel": part_kernel, "wan": part_wan, "sdxl": part_sdxl}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of: {', '.join(PARTS)}")
+    parser.add_argument("--out", default="visattn_results/modes.json")
+    parser.add_argument("--batch", type=int, default=256, help="ViT batch")
+    parser.add_argument("--sdxl-batch", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown parts {unknown}; known: {', '.join(PARTS)}")
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                               "visattn": visattn.__version__}
+    for part in parts:
+        results[part] = PARTS[part](args)
+        torch.cuda.empty_cache()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))  # each part as it finishes
+
+
+if __name__ == "__main__":
+    main()
