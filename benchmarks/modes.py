@@ -17,7 +17,8 @@ Next to each speedup, its bound: the same model doing only the work the method l
   against FlexAttention given the same lists (always compiled, as Flex must be) and dense SDPA; ours is timed
   eager, inside a compiled function, and replayed from a CUDA graph; bound: dense SDPA over the kept keys alone;
 - ``wan``: one Wan 2.1 1.3B forward at 81x480x832 (32,760 tokens, bf16, random weights), ``sparse_video``
-  tile_topk keep 0.1; bound: every self-attention over the first 10% of its keys (SDPA);
+  tile_topk keep 0.1 installed as processors and as the attention backend (``--wan-variants``); bound: every
+  self-attention over the first 10% of its keys (SDPA);
 - ``sdxl``: one SDXL UNet step at 1024 px, batch 8 fp16, ``tome`` scope="block" ratio 0.5 at both attention
   levels (``max_downsample=4``); bound: the
   merged layers run on the first N - r tokens (``benchmarks.diffusion.half_tokens``).
@@ -199,7 +200,7 @@ def part_kernel(args: argparse.Namespace) -> list[dict]:
 
 
 def fmt_ms(times: dict[str, float]) -> str:
-    return ", ".join(f"{m} {v:.3f} ms" for m, v in times.items())
+    return ", ".join(f"{m} {times[m]:.3f} ms" for m in MODES if m in times)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,12 +212,14 @@ def keys_kept(fraction: float, min_tokens: int) -> Iterator[None]:
     ``fraction`` of its keys only (SDPA, so the attention costs ``fraction`` of stock's)."""
     real = F.scaled_dot_product_attention
 
-    def truncated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *a: Any, **kw: Any) -> torch.Tensor:
+    def truncated(*args: Any, **kwargs: Any) -> torch.Tensor:
+        names = ("query", "key", "value")
+        q, k, v = (args[i] if i < len(args) else kwargs.pop(name) for i, name in enumerate(names))
         n = k.shape[-2]
         if q.shape[-2] == n >= min_tokens:
             keep = math.ceil(fraction * n)
             k, v = k[..., :keep, :], v[..., :keep, :]
-        return real(q, k, v, *a, **kw)
+        return real(q, k, v, *args[3:], **kwargs)
 
     F.scaled_dot_product_attention = truncated
     try:
@@ -232,18 +235,19 @@ def part_wan(args: argparse.Namespace) -> list[dict]:
     run = lambda m: m(**inputs, return_dict=False)[0]  # noqa: E731
     iters = max(3, args.iters // 4)
     modes = ("eager", "compiled")  # a CUDA graph of the eager forward adds nothing at 0.3-0.5 s per call
+    variants = {"processor": lambda: applied(model, "sparse_video", keep=0.1),
+                "backend": lambda: applied(model, "sparse_video", keep=0.1, install="attention_backend"),
+                "bound": lambda: keys_kept(0.1, 4096)}
     with torch.no_grad():
         row: dict[str, Any] = {"model": "Wan 2.1 T2V 1.3B", "latent": [21, 60, 104], "keep": 0.1,
                                "stock": in_modes(model, run, iters, modes)}
         log(f"wan stock {fmt_ms(row['stock'])}")
-        with applied(model, "sparse_video", keep=0.1):
-            row["sparse"] = in_modes(model, run, iters, modes)
-        with keys_kept(0.1, 4096):
-            row["bound"] = in_modes(model, run, iters, modes)
-    for k in ("sparse", "bound"):
-        row[f"{k}_speedup"] = ratios(row["stock"], row[k])
-    log(f"wan sparse_video keep 0.1: {fmt(row['sparse_speedup'])}; bound {fmt(row['bound_speedup'])}; "
-        f"compile stats {row['sparse'].get('compile')}")
+        for name in args.wan_variants.split(","):
+            with variants[name]():
+                row[name] = in_modes(model, run, iters, modes)
+            row[f"{name}_speedup"] = ratios(row["stock"], row[name])
+            log(f"wan {name} (sparse_video keep 0.1 or its bound): {fmt(row[f'{name}_speedup'])}; "
+                f"compile stats {row[name].get('compile')}")
     return [row]
 
 
@@ -290,6 +294,7 @@ def main() -> None:
     parser.add_argument("--out", default="visattn_results/modes.json")
     parser.add_argument("--batch", type=int, default=256, help="ViT batch")
     parser.add_argument("--sdxl-batch", type=int, default=8)
+    parser.add_argument("--wan-variants", default="processor,backend,bound", help="of: processor, backend, bound")
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
     parts = [p for p in args.parts.split(",") if p]
