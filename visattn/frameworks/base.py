@@ -108,6 +108,28 @@ class Sink:
         _SINKS.pop(self.key, None)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+K = TypeVar("K")
+
+
+def constant(fn: F) -> F:
+    """``fn``, a pure function of hashable arguments that builds index tensors (a permutation, block lists),
+    memoised (``functools.lru_cache``) and marked for ``torch.compile`` as having a constant result: dynamo calls
+    it while tracing and puts what it returns in the graph as constants, so its host reads break no graph and a
+    compiled call does not recompute it."""
+    return torch.compiler.assume_constant_result(functools.lru_cache(maxsize=64)(fn))
+
+
+def memo(cache: dict[K, T], key: K, make: Callable[[], T]) -> T:
+    """``cache[key]``, made by ``make()`` on first use; a call traced by ``torch.compile`` just returns ``make()``
+    (dynamo guards on a dict it sees filled while tracing, and the next call would compile again)."""
+    if torch.compiler.is_compiling():
+        return make()
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
 @dataclass
 class CallContext:
     """Per-call state a method may need inside an attention layer.

@@ -245,12 +245,11 @@ def install_context(model: nn.Module, patcher: Patcher) -> PerThread[CallContext
     family = type(model).__name__
 
     def start(inputs: dict[str, Any]) -> None:
-        ctx = contexts.get()
+        extra = dict(zip(("grid", "text_tokens"), call_grid(model, inputs))) if family in SUPPORTED_MODELS else None
+        ctx = contexts.get()  # after the grid: Flux's host read breaks a compiled graph before the state changes
         ctx.step += 1
         ctx.timestep = inputs.get("timestep")
-        if family in SUPPORTED_MODELS:
-            grid, text_tokens = call_grid(model, inputs)
-            ctx.extra = {"grid": grid, "text_tokens": text_tokens}
+        ctx.extra = extra
 
     on_call(model, patcher, start)
     for idx, (_, module) in enumerate(attention_layers(model)):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import cache, lru_cache, partial
+from functools import cache, partial
 from typing import Any, ClassVar
 
 import torch
@@ -38,7 +38,7 @@ from torch import Tensor
 from ..core.routing import TileOrder, block_scores, pool_blocks, select_topk, take_tokens, tile_order
 from ..errors import OptionError, ShapeError
 from ..frameworks import Target
-from ..frameworks.base import PerThread, adapter, select_layers
+from ..frameworks.base import PerThread, adapter, constant, select_layers
 from ..kernels import block_sparse_attention
 from ..options import bool_option, int_option, layers_option, validate_options
 from ..patching import Handle, Patcher
@@ -48,12 +48,12 @@ from ..registry import Method, register
 KERNEL_MIN_REGION = 64
 
 
-@lru_cache(maxsize=64)
+@constant
 def _region_order(grid: tuple[int, int], n_win: int, device: str) -> TileOrder:
     return tile_order(grid, (grid[0] // n_win, grid[1] // n_win), device=device)
 
 
-@lru_cache(maxsize=64)
+@constant
 def _token_order(grid: tuple[int, int], n_win: int, num_prefix: int, device: str) -> tuple[Tensor, Tensor]:
     """The permutation of ``[prefix, grid in raster order]`` tokens into region order with the prefix last
     (region ``r`` is token block ``r``, the prefix the last block(s)), and its inverse. One

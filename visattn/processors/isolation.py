@@ -44,7 +44,7 @@ from torch import Tensor
 from ..core.regions import as_region, check_in_image, isolation_mask, reposition, subject_map
 from ..errors import OptionError, ShapeError, UnsupportedModelError
 from ..frameworks import Target
-from ..frameworks.base import PerThread, adapter
+from ..frameworks.base import PerThread, adapter, memo
 from ..frameworks.diffusers_layers import LayerProcessor, StockLayer
 from ..options import Option, bool_option, int_option, validate_options
 from ..patching import Handle, Patcher
@@ -110,16 +110,12 @@ class _Plan:
     def layer_grid(self, layer: int) -> tuple[int, int]:
         from ..frameworks.diffusers import token_layout
 
-        key = (layer, self.grid)
-        if key not in self._layouts:
-            self._layouts[key] = token_layout(self.model, layer, self.grid, 0).grid
-        return self._layouts[key]
+        return memo(self._layouts, (layer, self.grid), lambda: token_layout(self.model, layer, self.grid, 0).grid)
 
     def layout(self, grid: tuple[int, int], text_tokens: int, device: torch.device
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(reference sample per extra key, its source token, its place, mask [S, S + M])`` at ``grid``."""
-        key = (grid, text_tokens, device)
-        if key not in self._masks:
+        def build() -> tuple[Tensor, Tensor, Tensor, Tensor]:
             size = self.image_size
             sample, source, place, owner = [], [], [], []
             for i, (ref, tgt) in enumerate(zip(self.refs, self.targets)):
@@ -129,9 +125,9 @@ class _Plan:
                 place.append(plc)
                 owner.append(torch.full_like(src, i))
             mask = isolation_mask(subject_map(self.targets, size, grid), torch.cat(owner), text_tokens)
-            self._masks[key] = tuple(t.to(device) for t in (torch.cat(sample), torch.cat(source), torch.cat(place),
-                                                            mask))
-        return self._masks[key]
+            return tuple(t.to(device) for t in (torch.cat(sample), torch.cat(source), torch.cat(place), mask))
+
+        return memo(self._masks, (grid, text_tokens, device), build)
 
     def split(self, batch: int) -> int:
         if batch % self.group:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import Tensor
 
 from ...core.routing import block_scores, diagonal_blocks, pool_blocks, select_topk, select_topp, tile_order
 from ...errors import ShapeError
+from ...frameworks.base import constant
 from .config import DEFAULT_WINDOW, SparseVideoConfig
 
 # ----------------------------------------------------------------------------------------------------------
@@ -47,7 +47,7 @@ class Geometry:
         return -(-self.num_grid // self.block)
 
 
-@lru_cache(maxsize=64)
+@constant
 def geometry(grid: tuple[int, ...], grid_start: int, num_tokens: int, tile: tuple[int, ...],
              device: torch.device) -> Geometry:
     order = tile_order(grid, tile, device=device)
@@ -104,7 +104,7 @@ def _lists_from_mask(mask: Tensor) -> tuple[Tensor, Tensor]:
     return order.to(torch.int32).contiguous(), counts.to(torch.int32)
 
 
-@lru_cache(maxsize=64)
+@constant
 def static_lists(strategy: str, config: SparseVideoConfig, geo: Geometry) -> tuple[Tensor, Tensor, bool]:
     """sliding_tile / grat block lists ``[1, W, nb, max]``, ``[1, W, nb]`` and whether every block is listed."""
     device = geo.perm.device

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from ...core.layout import TokenLayout
 from ...errors import ShapeError, UnsupportedModelError
+from ...frameworks.base import memo
 from ...patching import Patcher
 from .config import FAMILIES, SparseVideoConfig
 from .routing import geometry, is_dense
@@ -72,10 +73,8 @@ class SparseVideoSchedule:
         if (eligible is None or extra is None or eligible < self.config.dense_layers
                 or (self.config.dense_steps and ctx.denoising_step() < self.config.dense_steps)):
             return None
-        key = (index, tuple(extra["grid"]), extra["text_tokens"])
-        if key not in self._layouts:
-            self._layouts[key] = self._fw.token_layout(self._model, index, extra["grid"], extra["text_tokens"])
-        layout = self._layouts[key]
+        layout = memo(self._layouts, (index, tuple(extra["grid"]), extra["text_tokens"]),
+                      lambda: self._fw.token_layout(self._model, index, extra["grid"], extra["text_tokens"]))
         geo = geometry(tuple(layout.grid), layout.grid_start, layout.num_tokens, self.config.tile_for(layout.grid),
                        device)
         return None if is_dense(self.config, geo) else layout

@@ -47,7 +47,7 @@ from torch import Tensor
 from ...core.merge_sd import CellMerge, cell_destinations, match_to_cells
 from ...errors import OptionError, ShapeError, UnsupportedModelError
 from ...frameworks import Target
-from ...frameworks.base import PerThread, adapter
+from ...frameworks.base import PerThread, adapter, memo
 from ...frameworks.diffusers_layers import LayerProcessor, StockLayer
 from ...options import Option, choice_option, float_option, int_option, validate_options
 from ...patching import Handle, Patcher
@@ -175,10 +175,8 @@ class _State:
         from ...frameworks.diffusers import token_layout
 
         call = self.calls.get()
-        key = (layer, call.grid)
-        if key not in self._layouts:
-            self._layouts[key] = token_layout(self.model, layer, call.grid, call.text_tokens).grid
-        return self._layouts[key]
+        return memo(self._layouts, (layer, call.grid),
+                    lambda: token_layout(self.model, layer, call.grid, call.text_tokens).grid)
 
     def decide(self, name: str, metric: Tensor, grid: tuple[int, ...]) -> CellMerge:
         h, w = grid
