@@ -55,7 +55,9 @@ class SparseVideoAttnProcessor(LayerProcessor):
     raises :class:`~visattn.errors.UnsupportedModelError`. The attention itself,
     :func:`sparse_video_attention`, is a plain function of ``[B, H, N, D]`` tensors and a layout; it also
     serves as a diffusers attention backend (:mod:`visattn.processors.sparse_video.backend`, the way to
-    run under context parallelism). Eager inference only (not ``torch.compile``).
+    run under context parallelism). Under ``torch.compile`` it adds no graph break from torch 2.14 on; dynamo
+    before 2.14 (tested: 2.11) breaks on Tensor methods called inside the ``TorchFunctionMode``, where the
+    attention backend compiles whole (README, "Fast paths").
     """
 
     method = "sparse_video"
