@@ -96,11 +96,19 @@ def log(msg: str) -> None:
 
 
 @contextlib.contextmanager
-def drop_last_merges() -> Iterator[None]:
+def patched(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name`` is ``value`` inside the block."""
+    real = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, real)
+
+
+def drop_last_merges() -> contextlib.AbstractContextManager:
     """ToMe's bound: the merge step keeps the first N - r tokens (no decision, no average)."""
     from visattn.processors.tome import vit as tome_vit
-
-    real = tome_vit.bipartite_soft_matching
 
     def drop_last(metric: torch.Tensor, r: int, *, num_prefix: int = 0, size: torch.Tensor | None = None,
                   **_: object) -> tuple:
@@ -112,11 +120,7 @@ def drop_last_merges() -> Iterator[None]:
         merge.size = (torch.ones(metric.shape[:2], device=metric.device) if size is None else size)[:, :keep]
         return merge, None
 
-    tome_vit.bipartite_soft_matching = drop_last
-    try:
-        yield
-    finally:
-        tome_vit.bipartite_soft_matching = real
+    return patched(tome_vit, "bipartite_soft_matching", drop_last)
 
 
 def part_vit(args: argparse.Namespace) -> list[dict]:
@@ -206,8 +210,7 @@ def fmt_ms(times: dict[str, float]) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def keys_kept(fraction: float, min_tokens: int) -> Iterator[None]:
+def keys_kept(fraction: float, min_tokens: int) -> contextlib.AbstractContextManager:
     """Sparse attention's bound: every self-attention call (``Nq == Nk >= min_tokens``) attends to the first
     ``fraction`` of its keys only (SDPA, so the attention costs ``fraction`` of stock's)."""
     real = F.scaled_dot_product_attention
@@ -221,11 +224,7 @@ def keys_kept(fraction: float, min_tokens: int) -> Iterator[None]:
             k, v = k[..., :keep, :], v[..., :keep, :]
         return real(q, k, v, *args[3:], **kwargs)
 
-    F.scaled_dot_product_attention = truncated
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = real
+    return patched(F, "scaled_dot_product_attention", truncated)
 
 
 def part_wan(args: argparse.Namespace) -> list[dict]:

@@ -31,6 +31,7 @@ import timm
 import torch
 
 import visattn
+from benchmarks.modes import drop_last_merges, patched
 from benchmarks.timing import graphed, median_ms
 
 MODELS = {"vit_base_patch16_224": 13, "vit_large_patch16_224": 7}
@@ -97,30 +98,15 @@ def bench_model(name: str, r: int, args: argparse.Namespace, tome: object) -> di
             write_profile(args.profile, f"{name}: stock", fwd)
             visattn.apply(model, "tome", r=r)
         # diagnostic: the same block path and token counts, merging replaced by dropping the last r tokens
-        from visattn.processors.tome import vit as tome_processor
-
-        real = tome_processor.bipartite_soft_matching
-
-        def drop_last(metric: torch.Tensor, r: int, *, num_prefix: int = 0, size: torch.Tensor | None = None,
-                      **_: object) -> tuple:
-            keep = metric.shape[1] - min(r, (metric.shape[1] - num_prefix) // 2)
-
-            def merge(t: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-                return t[:, :keep]
-
-            merge.size = (torch.ones(metric.shape[:2], device=metric.device) if size is None else size)[:, :keep]
-            return merge, None
-
-        tome_processor.bipartite_soft_matching = drop_last
-        row["tome_drop_last_ms"] = median_ms(fwd, args.iters, warmup=3)
-        tome_processor.bipartite_soft_matching = real
+        with drop_last_merges():
+            row["tome_drop_last_ms"] = median_ms(fwd, args.iters, warmup=3)
         # diagnostic: the same merges through the PyTorch path of visattn.core.merge (no Triton kernels)
         import visattn.core.merge as core_merge
+        from visattn.processors.tome import vit as tome_processor
 
-        tome_processor.bipartite_soft_matching = lambda *a, strict=False, **k: core_merge.bipartite_soft_matching(
-            *a, **k)
-        row["tome_torch_path_ms"] = median_ms(fwd, args.iters, warmup=3)
-        tome_processor.bipartite_soft_matching = real
+        with patched(tome_processor, "bipartite_soft_matching",
+                     lambda *a, strict=False, **k: core_merge.bipartite_soft_matching(*a, **k)):
+            row["tome_torch_path_ms"] = median_ms(fwd, args.iters, warmup=3)
         visattn.remove(model)
         after = counts[1:] + [counts[-1] - min(r, (counts[-1] - model.num_prefix_tokens) // 2)]
         limit = macs(model, [counts[0]] * len(counts), [counts[0]] * len(counts)) / macs(model, counts, after)
