@@ -36,11 +36,16 @@ def fallback(key: str, message: str, strict: bool) -> None:
 def effect_op(name: str, fn: Callable[..., None]) -> Callable[..., None]:
     """``fn`` (which returns nothing) as the custom op ``visattn::<name>``, registered as an ordered side effect:
     a compiled graph keeps the call, in its place, and makes it when the graph runs (no graph break)."""
-    from torch._higher_order_ops import effects
-
     op = torch.library.custom_op(f"visattn::{name}", fn, mutates_args=())
     op.register_fake(lambda *args: None)
-    effects._register_effectful_op(f"visattn::{name}", effects._EffectType.ORDERED)
+    try:  # torch's registry of effectful ops is private (torch 2.11 to 2.14 have it as used here)
+        from torch._higher_order_ops import effects
+
+        effects._register_effectful_op(f"visattn::{name}", effects._EffectType.ORDERED)
+    except (ImportError, AttributeError) as exc:
+        logger.warning("visattn: this torch %s cannot mark visattn::%s as a side effect (%s): compiled graphs may "
+                       "drop it (inspect's maps, fallback messages); eager forwards are unaffected",
+                       torch.__version__, name, exc)
     return op
 
 

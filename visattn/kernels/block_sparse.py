@@ -232,16 +232,11 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     return dq, dk, dv
 
 
-def _plan_of(kv_indices: Tensor, kv_counts: Tensor, num_kv_blocks: int, always_blocks: Tensor | None,
-             always_tokens: Tensor | None, always_listed: Tensor | None) -> _Plan:
-    return _Plan(kv_indices, kv_counts, num_kv_blocks, always_blocks, always_tokens, always_listed)
-
-
 def _attend(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, num_kv_blocks: int,
             always_blocks: Tensor | None, always_tokens: Tensor | None, always_listed: Tensor | None,
             block_q: int, block_k: int, scale: float) -> tuple[Tensor, Tensor]:
     """The forward launch over a plan's tensors: ``(o, lse2)``, ``lse2`` the log-sum-exp in base 2 (float32)."""
-    plan = _plan_of(kv_indices, kv_counts, num_kv_blocks, always_blocks, always_tokens, always_listed)
+    plan = _Plan(kv_indices, kv_counts, num_kv_blocks, always_blocks, always_tokens, always_listed)
     return _forward(q, k, v, plan, block_q=block_q, block_k=block_k, scale=scale)
 
 
@@ -255,7 +250,7 @@ def _attend_grad(do: Tensor, dlse2: Tensor | None, q: Tensor, k: Tensor, v: Tens
                  always_tokens: Tensor | None, always_listed: Tensor | None, block_q: int, block_k: int,
                  scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """The backward launches: ``(dq, dk, dv)`` (``dlse2``: the gradient of ``lse2``, or ``None``)."""
-    plan = _plan_of(kv_indices, kv_counts, num_kv_blocks, always_blocks, always_tokens, always_listed)
+    plan = _Plan(kv_indices, kv_counts, num_kv_blocks, always_blocks, always_tokens, always_listed)
     dlse = None  # the kernels take the gradient of the natural lse: d lse / d logits = p folds into delta
     if dlse2 is not None:
         dlse = (dlse2.float() * _LOG2E).contiguous()
