@@ -110,6 +110,40 @@ def test_method_compiles_like_the_stock_model(family: str, method: str, options:
             torch._dynamo.reset()
 
 
+def test_inspect_on_a_vision_language_model_compiles_and_records() -> None:
+    """transformers: inspect on LLaVA adds no graph break to stock's (which has some of its own), the compiled
+    model equals the eager one, compiles once and records every call. (prune, visual_sink and head_modulation
+    read image-token positions on the host: eager-only for now, see the README's fast paths.)"""
+    from tiny_vlms import build, vlm_inputs
+
+    model = build("llava", "sdpa")
+    batch = vlm_inputs("llava", model)
+
+    def call(m: torch.nn.Module) -> torch.Tensor:
+        return m(**batch).logits
+
+    with torch.no_grad():
+        stock = graph_breaks(lambda: call(model))
+        handle = visattn.apply(model, "inspect", layers=[0])
+        try:
+            assert graph_breaks(lambda: call(model)) <= stock
+            eager = call(model)
+            handle.clear()
+            torch._dynamo.reset()
+            counter = CompileCounterWithBackend("aot_eager")
+            compiled = torch.compile(model, backend=counter)
+            outputs = [call(compiled)]
+            frames = counter.frame_count
+            outputs += [call(compiled) for _ in range(2)]
+            assert counter.frame_count == frames
+            for out in outputs:
+                torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+            assert len(handle.maps[0]) == 3
+        finally:
+            visattn.remove(model)
+            torch._dynamo.reset()
+
+
 def test_compiled_inspect_records_every_call() -> None:
     """inspect's maps reach the handle from compiled forwards too (through an effectful custom op)."""
     model, call = _vit()
