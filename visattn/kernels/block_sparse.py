@@ -89,9 +89,9 @@ def _make_plan(kv_indices: Tensor, kv_counts: Tensor, always_kv: Sequence[tuple[
     for start, end in ranges:
         tokens[start:end] = 1
     held = [j for j in range(nkb) if any(s < (j + 1) * block_k and e > j * block_k for s, e in ranges)]
-    holds = torch.zeros(nkb, dtype=torch.bool, device=device)
-    holds[held] = True
     blocks = torch.tensor(held, dtype=torch.long, device=device)  # known on the host: no sync, no dynamic shape
+    holds = torch.zeros(nkb, dtype=torch.bool, device=device)
+    holds[blocks] = True
     slot = torch.full((nkb + 1,), -1, dtype=torch.long, device=device)
     slot[blocks] = torch.arange(len(held), device=device)
     valid = torch.arange(idx.shape[-1], device=device) < cnt.unsqueeze(-1)

@@ -82,7 +82,7 @@ def visattn_sparse(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor 
             f"visattn.diffusers.SparseVideoAttnBackend(model, ...) before model.set_attention_backend({BACKEND!r}), "
             f"or use visattn.apply(model, 'sparse_video', install='attention_backend')")
     return running[-1].attend(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                          scale=scale, enable_gqa=enable_gqa, parallel_config=_parallel_config)
+                              scale=scale, enable_gqa=enable_gqa, parallel_config=_parallel_config)
 
 
 class SparseVideoAttnBackend:
