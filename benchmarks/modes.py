@@ -19,6 +19,11 @@ Next to each speedup, its bound: the same model doing only the work the method l
 - ``wan``: one Wan 2.1 1.3B forward at 81x480x832 (32,760 tokens, bf16, random weights), ``sparse_video``
   tile_topk keep 0.1 installed as processors and as the attention backend (``--wan-variants``); bound: every
   self-attention over the first 10% of its keys (SDPA);
+- ``bra``: bi-level routing attention as a whole layer (qkv and output projections, with and without LePE
+  5x5: BiFormer's ``side_dwconv``), 64x64 tokens, dim 768, 12 heads, n_win 8, batch 8, bf16, topk 4 and 16,
+  against BiFormer's own ``ops/bra_nchw.py``
+  (``--biformer``: a copy of rayleizhu/BiFormer) on its NCHW channels-last input; peak memory of one call;
+  bound: the layer without token mixing (projections and LePE; ``no_token_mixing``);
 - ``sdxl``: one SDXL UNet step at 1024 px, batch 8 fp16, ``tome`` scope="block" ratio 0.5 at both attention
   levels (``max_downsample=4``); bound: the
   merged layers run on the first N - r tokens (``benchmarks.diffusion.half_tokens``).
@@ -53,11 +58,14 @@ def compile_stats() -> dict[str, int]:
 
 
 def in_modes(model: torch.nn.Module, run: Callable[[torch.nn.Module], Any], iters: int,
-             modes: tuple[str, ...] = MODES) -> dict[str, Any]:
-    """Milliseconds of ``run(model)`` in each mode (see the module doc), and the compile statistics."""
+             modes: tuple[str, ...] = MODES, memory: bool = False) -> dict[str, Any]:
+    """Milliseconds of ``run(model)`` in each mode (see the module doc), and the compile statistics; with
+    ``memory``, also the MiB one eager and one compiled call allocate (``peak_mib``)."""
     out: dict[str, Any] = {}
     if "eager" in modes:
         out["eager"] = median_ms(lambda: run(model), iters, warmup=3)
+        if memory:
+            out["eager_mib"] = peak_mib(lambda: run(model))
     if "graph" in modes:
         out["graph"] = median_ms(graphed(lambda: run(model)), iters, warmup=3)
     if "compiled" in modes:
@@ -70,9 +78,21 @@ def in_modes(model: torch.nn.Module, run: Callable[[torch.nn.Module], Any], iter
         out["compiled"] = median_ms(lambda: run(compiled), iters)
         done = compile_stats()
         out["compile"] = {**warm, "recompiles": done["graphs"] - warm["graphs"]}
+        if memory:
+            out["compiled_mib"] = peak_mib(lambda: run(compiled))
         del compiled
         torch._dynamo.reset()
     return out
+
+
+def peak_mib(fn: Callable[[], Any]) -> float:
+    """MiB that one call of ``fn`` allocates above what is allocated before it (its outputs included)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
 def ratios(stock: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
@@ -284,7 +304,58 @@ def part_sdxl(args: argparse.Namespace) -> list[dict]:
     return [row]
 
 
-PARTS = {"vit": part_vit, "kernel": part_kernel, "wan": part_wan, "sdxl": part_sdxl}
+def no_token_mixing() -> contextlib.AbstractContextManager:
+    """BRA's bound: the layer with its attention (routing included) replaced by an output that costs nothing
+    (allocated, laid out as the kernel's), so that only the projections and LePE remain."""
+    from visattn.processors import bra
+
+    def nothing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> torch.Tensor:
+        b, h, n, d = q.shape
+        return q.new_empty(b, n, h, d).transpose(1, 2)
+
+    return patched(bra, "bi_level_routing_attention", nothing)
+
+
+def part_bra(args: argparse.Namespace) -> list[dict]:
+    """BRA as a whole layer (qkv and output projections, LePE) against BiFormer's ``ops/bra_nchw.py``."""
+    import sys
+
+    from visattn.timm import bra
+
+    sys.path.insert(0, args.biformer)
+    from ops.bra_nchw import nchwBRA  # BiFormer's own layer (a git-ignored copy of rayleizhu/BiFormer)
+
+    batch, side, dim, heads, n_win = 8, 64, 768, 12, 8
+    dd = dict(device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for topk, lepe in ((4, True), (4, False), (16, True)):
+        torch.manual_seed(0)
+        ours = bra(n_win=n_win, topk=topk, lepe=lepe, num_prefix_tokens=0)(dim, num_heads=heads, qkv_bias=True)
+        ours = ours.to(**dd).eval()
+        peer = nchwBRA(dim, num_heads=heads, n_win=n_win, topk=topk, side_dwconv=5 if lepe else 0).to(**dd).eval()
+        x_ours = torch.randn(batch, side * side, dim, **dd)
+        x_peer = x_ours.transpose(1, 2).reshape(batch, dim, side, side).contiguous(memory_format=torch.channels_last)
+
+        with torch.inference_mode():
+            row: dict[str, Any] = {"batch": batch, "tokens": side * side, "dim": dim, "heads": heads,
+                                   "n_win": n_win, "topk": topk, "lepe": "5x5 depthwise on v" if lepe else "none",
+                                   "visattn": in_modes(ours, lambda m, x=x_ours: m(x), args.iters, memory=True),
+                                   "biformer": in_modes(peer, lambda m, x=x_peer: m(x), args.iters, memory=True)}
+            with no_token_mixing():
+                row["bound"] = in_modes(ours, lambda m, x=x_ours: m(x), args.iters, memory=True)
+        row["speedup_vs_biformer"] = ratios(row["biformer"], row["visattn"])
+        row["bound_vs_biformer"] = ratios(row["biformer"], row["bound"])
+        row["memory_vs_biformer"] = {m: row["biformer"][f"{m}_mib"] / row["visattn"][f"{m}_mib"]
+                                     for m in ("eager", "compiled")}
+        log(f"bra layer topk {topk} lepe {lepe}: visattn {fmt_ms(row['visattn'])}; BiFormer {fmt_ms(row['biformer'])}; "
+            f"speedup {fmt(row['speedup_vs_biformer'])} (bound {fmt(row['bound_vs_biformer'])}); memory "
+            f"{row['visattn']['eager_mib']:.0f} / {row['biformer']['eager_mib']:.0f} MiB eager, "
+            f"{row['memory_vs_biformer']} x less; compile stats {row['visattn'].get('compile')}")
+        rows.append(row)
+    return rows
+
+
+PARTS = {"vit": part_vit, "kernel": part_kernel, "wan": part_wan, "sdxl": part_sdxl, "bra": part_bra}
 
 
 def main() -> None:
@@ -295,6 +366,7 @@ def main() -> None:
     parser.add_argument("--sdxl-batch", type=int, default=8)
     parser.add_argument("--wan-variants", default="processor,backend,bound", help="of: processor, backend, bound")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--biformer", default=".peer/biformer", help="a copy of rayleizhu/BiFormer (part bra)")
     args = parser.parse_args()
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))

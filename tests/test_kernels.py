@@ -16,7 +16,7 @@ import torch
 from interpreter import run_interpreted
 
 from visattn import _logging
-from visattn.core.attention import attention, block_sparse_attention_reference
+from visattn.core.attention import attention, block_mask, block_sparse_attention_reference
 from visattn.errors import KernelUnavailableError, ShapeError
 from visattn.kernels.block_sparse import block_sparse_attention
 
@@ -38,7 +38,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_against_reference(b: int, h: int, hkv: int, n: int, d: int, block_q: int, block_k: int,
                             dtype: torch.dtype, *, always=None, broadcast: bool = False, lse_grad: bool = False,
-                            device: str = "cpu", max_kv: int = 3, seed: int = 0, compiled: bool = False) -> None:
+                            device: str = "cpu", max_kv: int = 3, seed: int = 0, compiled: bool | str = False,
+                            ordered: bool = False, strided: bool = False) -> None:
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, n, d, generator=gen).to(device, dtype).requires_grad_()
     k = torch.randn(b, hkv, n, d, generator=gen).to(device, dtype).requires_grad_()
@@ -47,23 +48,26 @@ def check_against_reference(b: int, h: int, hkv: int, n: int, d: int, block_q: i
     idx, cnt = random_lists(1 if broadcast else b, 1 if broadcast else h, nqb, nkb, min(max_kv, nkb), gen, device)
     do = torch.randn(b, h, n, d, generator=gen).to(device, dtype)
     w = torch.randn(b, h, n, generator=gen).to(device)
+    order = torch.randperm(n, generator=gen).to(device) if ordered else None
 
     def loss(out, lse):
         value = (out.float() * do.float()).sum()
         return value + (lse * w).sum() if lse_grad else value
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if strided:  # [B, N, H, D] in memory, as a projection's output viewed per head
+            q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
         return block_sparse_attention(q, k, v, idx, cnt, block_q=block_q, block_k=block_k, always_kv=always,
-                                      return_lse=True, strict=True, check_values=not compiled)
+                                      order=order, return_lse=True, strict=True, check_values=not compiled)
 
     if compiled:  # the registered ops, traced whole (no graph break) forward and backward
-        attend = torch.compile(attend, backend="aot_eager", fullgraph=True)
+        attend = torch.compile(attend, backend="aot_eager" if compiled is True else compiled, fullgraph=True)
     out, lse = attend(q, k, v)
     loss(out, lse).backward()
     grads = [t.grad.clone() for t in (q, k, v)]
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref_out, ref_lse = block_sparse_attention_reference(qf, kf, vf, idx, cnt, block_q=block_q, block_k=block_k,
-                                                        always_kv=always, return_lse=True)
+                                                        always_kv=always, order=order, return_lse=True)
     loss(ref_out, ref_lse).backward()
 
     tol = TOL[dtype]
@@ -73,7 +77,8 @@ def check_against_reference(b: int, h: int, hkv: int, n: int, d: int, block_q: i
     assert torch.equal(torch.isfinite(lse), finite)
     assert (lse[finite] - ref_lse[finite]).abs().max() < 1e-2
     if not always:  # query block 0 lists nothing and nothing is always attended: zero output
-        assert not finite[..., :block_q].any() and not out[..., :block_q, :].any()
+        first = order[:block_q] if ordered else torch.arange(block_q)
+        assert not finite[..., first].any() and not out[..., first, :].any()
     for name, got, want in zip("qkv", grads, (qf.grad, kf.grad, vf.grad)):
         assert torch.isfinite(got).all(), f"d{name} has non-finite values"
         assert rel(got, want) < tol, f"d{name}: relative error {rel(got, want):.2e}"
@@ -91,6 +96,12 @@ CASES = {
     "compiled-always-lse-grad": dict(b=2, h=2, hkv=1, n=50, d=20, block_q=16, block_k=16, dtype=torch.float16,
                                      always=[(0, 5), (30, 34)], lse_grad=True, compiled=True),
     "compiled": dict(b=1, h=2, hkv=2, n=64, d=16, block_q=16, block_k=16, dtype=torch.bfloat16, compiled=True),
+    "ordered-strided": dict(b=2, h=2, hkv=2, n=64, d=16, block_q=16, block_k=16, dtype=torch.float16,
+                            ordered=True, strided=True),
+    "ordered-always-ragged-gqa": dict(b=1, h=2, hkv=1, n=70, d=20, block_q=16, block_k=32, dtype=torch.bfloat16,
+                                      ordered=True, always=[(64, 70)], lse_grad=True),
+    "compiled-ordered-strided": dict(b=1, h=2, hkv=2, n=48, d=16, block_q=16, block_k=16, dtype=torch.float16,
+                                     ordered=True, strided=True, always=[(0, 3)], compiled=True),
 }
 
 
@@ -168,6 +179,41 @@ def test_bad_blocks_and_ranges_raise_shape_error():
                                block_q=16, block_k=16)
 
 
+def test_order_routes_blocks_over_the_permuted_tokens():
+    """The reference's ``order``: dense attention under the block mask moved back to the tokens' own rows
+    (``mask[order[i], order[j]] = routed[i, j]``), without taking the tokens into that order."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 48, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    idx, cnt = random_lists(2, 2, 3, 3, 2, gen)
+    order = torch.randperm(48, generator=gen)
+    routed = block_mask(idx, cnt, num_q=48, num_kv=48, block_q=16, block_k=16, always_kv=[(40, 48)])
+    mask = torch.zeros_like(routed)
+    mask[:, :, order[:, None], order[None, :]] = routed
+    out, lse = block_sparse_attention_reference(q, k, v, idx, cnt, block_q=16, block_k=16, always_kv=[(40, 48)],
+                                                order=order, return_lse=True)
+    want, want_lse = attention(q, k, v, mask=mask, return_lse=True)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(lse, want_lse)
+    # the CPU entry point falls back to the same reference
+    assert torch.equal(block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=16, always_kv=[(40, 48)],
+                                              order=order), out)
+
+
+@pytest.mark.parametrize("order, message", [
+    (torch.arange(47), "permutation of the 48"),
+    (torch.arange(48).float(), "int32 or int64"),
+    (torch.zeros(48, dtype=torch.long), "permutation of the 48"),
+])
+def test_bad_order_raises_shape_error(order, message):
+    q = k = v = torch.randn(1, 2, 48, 16)
+    idx, cnt = torch.zeros(1, 1, 3, 1, dtype=torch.int32), torch.ones(1, 1, 3, dtype=torch.int32)
+    with pytest.raises(ShapeError, match=message):
+        block_sparse_attention(q, k, v, idx, cnt, block_q=16, block_k=16, order=order)
+    with pytest.raises(ShapeError, match="Nq == Nk"):
+        block_sparse_attention(q[:, :, :32], k, v, idx[:, :, :2], cnt[:, :, :2], block_q=16, block_k=16,
+                               order=torch.arange(32))
+
+
 def test_cpu_dispatch_falls_back_once_and_strict_raises(monkeypatch, caplog):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(_logging, "_seen", set())
@@ -197,4 +243,9 @@ def test_gpu_kernel_matches_reference_at_full_shapes(compiled, d, block, dtype):
     check_against_reference(1, 4, 4, 4096, d, block, block, dtype, device="cuda", max_kv=8)
     check_against_reference(2, 4, 2, 4000, d, block, block, dtype, device="cuda", max_kv=8,
                             always=[(0, 77), (2000, 2100)], seed=1)
+    check_against_reference(2, 4, 4, 4096, d, block, block, dtype, device="cuda", max_kv=8, ordered=True,
+                            strided=True, always=[(4000, 4096)], seed=2)
+    # inside torch.compile with Inductor: the kernels launched from Inductor's own code (torch.library.triton_op)
+    check_against_reference(1, 4, 2, 4000, d, block, block, dtype, device="cuda", max_kv=8, ordered=True,
+                            always=[(0, 77)], lse_grad=True, seed=3, compiled="inductor")
 

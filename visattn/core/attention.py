@@ -138,16 +138,25 @@ def block_mask(kv_indices: Tensor, kv_counts: Tensor, *, num_q: int, num_kv: int
     return mask
 
 
+def check_order(order: Tensor, num_tokens: int) -> None:
+    """Raise :class:`ShapeError` unless ``order`` is a permutation of ``range(num_tokens)`` (reads the host)."""
+    if order.shape != (num_tokens,) or not torch.equal(order.sort().values.long(),
+                                                       torch.arange(num_tokens, device=order.device)):
+        raise ShapeError(f"order must be a permutation of the {num_tokens} token positions")
+
+
 def block_sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, *,
                                      block_q: int, block_k: int, scale: float | None = None,
                                      always_kv: Sequence[tuple[int, int]] | None = None,
-                                     return_lse: bool = False, check_values: bool = True
-                                     ) -> Tensor | tuple[Tensor, Tensor]:
+                                     order: Tensor | None = None, return_lse: bool = False,
+                                     check_values: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """Block-sparse attention computed densely with the mask of :func:`block_mask`: the kernels' oracle.
 
     Query block ``i`` (tokens ``[i*block_q, (i+1)*block_q)``) attends to the kv blocks listed in
-    ``kv_indices[b, h, i, :kv_counts[b, h, i]]`` and to every token in the ``always_kv`` ranges.
-    ``check_values=False`` skips the checks of the lists' values (host reads; the caller checked them).
+    ``kv_indices[b, h, i, :kv_counts[b, h, i]]`` and to every token in the ``always_kv`` ranges. With an
+    ``order`` (self-attention), the tokens are taken in that order first (token ``i`` is row ``order[i]``)
+    and the output is put back in the input's rows. ``check_values=False`` skips the checks of the lists'
+    values (host reads; the caller checked them).
     """
     _check_qkv(q, k, v)
     b, h, nq, _ = q.shape
@@ -157,6 +166,15 @@ def block_sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, kv_indices
     for start, end in always_kv or ():
         if not 0 <= start <= end <= nk:
             raise ShapeError(f"always_kv range ({start}, {end}) must lie within [0, {nk}]")
+    if order is not None:
+        if nq != nk:
+            raise ShapeError(f"order is for self-attention (Nq == Nk); got Nq={nq}, Nk={nk}")
+        if check_values:
+            check_order(order, nq)
+        q, k, v = (t.index_select(2, order) for t in (q, k, v))
     mask = block_mask(kv_indices, kv_counts, num_q=nq, num_kv=nk, block_q=block_q, block_k=block_k,
                       always_kv=always_kv)
-    return attention(q, k, v, scale=scale, mask=mask, return_lse=return_lse)
+    out = attention(q, k, v, scale=scale, mask=mask, return_lse=True)
+    if order is not None:
+        out = tuple(torch.empty_like(t).index_copy_(2, order.long(), t) for t in out)
+    return out if return_lse else out[0]

@@ -16,6 +16,9 @@ Conventions shared by the three kernels (all the host-side preparation lives in 
   removed from those lists on the host and visited by every query block in a second, masked loop:
   a token of always block ``a`` is attended where ``ALW_TOK[token]`` is set or query block ``i``
   listed that block (``ALW_LIST[b, h, i, a]``).
+- ``ORDERED`` (forward only): blocks are formed over the tokens in the order ``ORDER`` gives (token ``i``
+  of that order lies at row ``ORDER[i]`` of q, k, v, o and LSE); the backward kernels take tensors
+  already in that order.
 - Logits are kept in base 2: ``qk_scale = scale * log2(e)``; ``LSE`` holds ``m + log2(l)``.
 """
 
@@ -25,8 +28,6 @@ import triton
 import triton.language as tl
 
 from ._runtime import interpreting
-
-INTERPRET = interpreting()
 
 
 @triton.jit
@@ -38,16 +39,25 @@ def _dot(a, b, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _at(ORDER, tokens, n, ORDERED: tl.constexpr):
+    # Where tokens (positions in the routed order) lie in memory: ORDER[tokens] when ORDERED.
+    if ORDERED:
+        tokens = tl.load(ORDER + tokens, mask=tokens < n, other=0)
+    return tokens
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
-    KV_IDX, KV_CNT, ALW_BLK, ALW_TOK, ALW_LIST,
+    KV_IDX, KV_CNT, ALW_BLK, ALW_TOK, ALW_LIST, ORDER,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     sib, sih, siq, scb, sch, slb, slh, slq,
     H, N_Q, N_KV, D, N_ALW, qk_scale,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
     MASK_Q: tl.constexpr, MASK_KV: tl.constexpr, MASK_D: tl.constexpr, HAS_ALW: tl.constexpr,
-    DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ORDERED: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as float64
     SUB_M: tl.constexpr = (BLOCK_Q + BLOCK_M - 1) // BLOCK_M
     SUB_N: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
     ROWS_MASKED: tl.constexpr = MASK_Q or (BLOCK_Q % BLOCK_M != 0)
@@ -65,7 +75,8 @@ def _fwd_kernel(
     d_ok = offs_d < D
     offs_n = tl.arange(0, BLOCK_N)
 
-    q_ptrs = Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :]
+    rows_at = _at(ORDER, rows, N_Q, ORDERED)
+    q_ptrs = Q + b * sqb + h * sqh + rows_at[:, None] * sqn + offs_d[None, :]
     if ROWS_MASKED or MASK_D:
         q = tl.load(q_ptrs, mask=(rows < N_Q)[:, None] & d_ok[None, :], other=0.0)
     else:
@@ -89,13 +100,14 @@ def _fwd_kernel(
         nxt = tl.load(idx_base + (it + 1) // SUB_N, mask=it + 1 < n_iter, other=0)
         c_in = (it % SUB_N) * BLOCK_N + offs_n
         cols = blk * BLOCK_K + c_in
+        cols_at = _at(ORDER, cols, N_KV, ORDERED)
         if COLS_MASKED or MASK_D:
             kv_mask = (cols < N_KV)[:, None] & d_ok[None, :]
-            k = tl.load(k_base + cols[:, None] * skn, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + cols[:, None] * svn, mask=kv_mask, other=0.0)
+            k = tl.load(k_base + cols_at[:, None] * skn, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + cols_at[:, None] * svn, mask=kv_mask, other=0.0)
         else:
-            k = tl.load(k_base + cols[:, None] * skn)
-            v = tl.load(v_base + cols[:, None] * svn)
+            k = tl.load(k_base + cols_at[:, None] * skn)
+            v = tl.load(v_base + cols_at[:, None] * svn)
         s = _dot(q, tl.trans(k), DOT_F32)
         if COLS_MASKED:
             s = tl.where(((c_in < BLOCK_K) & (cols < N_KV))[None, :], s, float("-inf"))
@@ -118,8 +130,9 @@ def _fwd_kernel(
             tok = tl.load(ALW_TOK + cols, mask=in_seq, other=0) != 0
             ok = (c_in < BLOCK_K) & in_seq & (tok | listed)
             kv_mask = in_seq[:, None] & d_ok[None, :]
-            k = tl.load(k_base + cols[:, None] * skn, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + cols[:, None] * svn, mask=kv_mask, other=0.0)
+            cols_at = _at(ORDER, cols, N_KV, ORDERED)
+            k = tl.load(k_base + cols_at[:, None] * skn, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + cols_at[:, None] * svn, mask=kv_mask, other=0.0)
             s = tl.where(ok[None, :], _dot(q, tl.trans(k), DOT_F32), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
@@ -131,8 +144,8 @@ def _fwd_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows that attend nothing: output 0, lse -inf
     out = acc / l_safe[:, None]
-    o_ptrs = O + b * sob + h * soh + rows[:, None] * son + offs_d[None, :]
-    lse_ptrs = LSE + bh * N_Q + rows
+    o_ptrs = O + b * sob + h * soh + rows_at[:, None] * son + offs_d[None, :]
+    lse_ptrs = LSE + bh * N_Q + rows_at
     if ROWS_MASKED or MASK_D:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     else:
@@ -156,6 +169,7 @@ def _dq_kernel(
 ):
     # o, do and dq share one layout (strides so*). Besides dq, this kernel computes and stores
     # DELTA = rowsum(o * do) - dlse for the dk/dv kernel, which runs after it.
+    qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)  # as in _fwd_kernel
     SUB_M: tl.constexpr = (BLOCK_Q + BLOCK_M - 1) // BLOCK_M
     SUB_N: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
     ROWS_MASKED: tl.constexpr = MASK_Q or (BLOCK_Q % BLOCK_M != 0)
@@ -261,6 +275,7 @@ def _dkdv_kernel(
     # One program owns one column tile of one kv block of one kv head, and visits the query blocks
     # of every head in its group that listed this kv block (Q_IDX / Q_CNT, the transposed lists).
     # do has strides so*; dk and dv share one layout (strides sd*).
+    qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)  # as in _fwd_kernel
     SUB_M: tl.constexpr = (BLOCK_Q + BLOCK_M - 1) // BLOCK_M
     SUB_N: tl.constexpr = (BLOCK_K + BLOCK_N - 1) // BLOCK_N
     ROWS_MASKED: tl.constexpr = MASK_Q or (BLOCK_Q % BLOCK_M != 0)
@@ -379,7 +394,7 @@ FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64
 DQ_CONFIGS = _configs([(128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4), (128, 32, 4, 3), (64, 128, 8, 2)])
 DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (32, 64, 4, 3)])
 
-if INTERPRET:
+if interpreting():
     fwd_tuned = dq_tuned = dkdv_tuned = None
 else:
     fwd_tuned = triton.autotune(FWD_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)

@@ -1,17 +1,23 @@
-"""What every kernel module asks before it launches: can Triton run here, on these tensors; and how a
-launch reaches ``torch.compile``.
+"""What every kernel module asks before it launches: can Triton run here, on these tensors; how a launch
+reaches ``torch.compile``; and how an eager launch costs the host as little as Triton allows.
 
-Each kernel is registered as a torch custom op (``visattn::...``, with a fake implementation and, where it
-is differentiable, its autograd), which dynamo and Inductor capture as one node and CUDA graphs record.
-:func:`launch` calls the op when the call is traced or needs gradients, and the launcher directly in eager
-inference, where the op's dispatch would add its host cost (some microseconds) to every launch.
+Each kernel is registered as a torch op (``visattn::...``, with a fake implementation and, where it is
+differentiable, its autograd), which dynamo captures as one node and CUDA graphs record. :func:`op`
+registers a ``torch.library.triton_op`` where Triton compiles for a GPU, so that Inductor sees the Triton
+kernels inside it and launches them from its own generated code, and a plain custom op under Triton's
+interpreter (whose kernels Inductor cannot take). :func:`launch` calls the op when the call is traced or
+needs gradients, and the launcher directly in eager inference, where the op's dispatch would add its host
+cost to every launch. :class:`Kernel` is that direct launch.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import threading
 from collections.abc import Callable
+from functools import cached_property
 from typing import Any, TypeVar
 
 import torch
@@ -36,10 +42,88 @@ def runtime_unavailable(*tensors: Tensor) -> str | None:
     return None
 
 
+def needs_op(*args: Any) -> bool:
+    """Whether a kernel call must go through its op: under ``torch.compile``, or when a tensor argument
+    needs a gradient (eager inference calls the launcher directly)."""
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+        isinstance(a, Tensor) and a.requires_grad for a in args))
+
+
 def launch(op: Callable[..., R], launcher: Callable[..., R], *args: Any) -> R:
-    """``op(*args)`` (the registered custom op) under ``torch.compile`` or when a tensor argument needs a
-    gradient, else ``launcher(*args)``, the function the op runs."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-            isinstance(a, Tensor) and a.requires_grad for a in args)):
-        return op(*args)
-    return launcher(*args)
+    """``op(*args)`` (the registered op) where :func:`needs_op`, else ``launcher(*args)``, the function the op
+    runs."""
+    return op(*args) if needs_op(*args) else launcher(*args)
+
+
+def op(name: str, fn: Callable[..., Any], fake: Callable[..., Any]) -> Any:
+    """Register ``fn`` as the torch op ``name`` (``"visattn::..."``) with the fake implementation ``fake``.
+
+    A ``triton_op`` where Triton compiles (``fn`` launches through :meth:`Kernel.__call__` with
+    ``traced=True``, so Inductor sees each Triton kernel); a ``custom_op`` where Triton is missing or
+    interprets (chosen once, at import, as Triton reads ``TRITON_INTERPRET`` once)."""
+    if TRITON and not interpreting():
+        return torch.library.triton_op(name, fn, mutates_args=())
+    registered = torch.library.custom_op(name, fn, mutates_args=())
+    registered.register_fake(fake)
+    return registered
+
+
+class Kernel:
+    """One Triton kernel of a kernel module, autotuned or not, and its launches.
+
+    ``kernel(grid, *args, traced=False, **meta)`` launches it: ``args`` the kernel's runtime arguments in
+    order, ``meta`` its ``tl.constexpr`` ones, ``grid(meta) -> (x, y[, z])``. With ``traced=True`` (inside a
+    :func:`op` body) it goes through ``torch.library.wrap_triton``, so that Inductor launches the kernel
+    itself. Otherwise the first launch of each signature goes through Triton (and its autotuner), and
+    later ones call the compiled kernel directly: Triton's argument binding, specialisation and cache
+    lookup cost some 50 us of a slow host's time per launch, more than a small kernel runs.
+
+    The signature is what Triton may specialise a compilation on, or more: the device, every ``meta``
+    value, every int and float argument's value, and every tensor argument's dtype and address modulo 16.
+    Kernels whose int arguments change from call to call (sequence lengths that grow) fill the table; it
+    keeps the last :attr:`CACHED` signatures.
+    """
+
+    CACHED = 256
+
+    def __init__(self, module: str, name: str, tuned: str | None = None) -> None:
+        self._module, self._name, self._tuned_name = module, name, tuned
+        self._compiled: dict[tuple, tuple[Callable[..., None], tuple]] = {}
+        self._lock = threading.Lock()
+
+    @cached_property
+    def jit(self) -> Any:
+        """The ``triton.jit`` function (imported on first use, so ``TRITON_INTERPRET`` is read then)."""
+        return getattr(importlib.import_module(self._module), self._name)
+
+    @cached_property
+    def tuned(self) -> Any:
+        """Its ``triton.autotune`` wrapper, or ``None`` (no autotuning, or the interpreter)."""
+        if self._tuned_name is None:
+            return None
+        return getattr(importlib.import_module(self._module), self._tuned_name)
+
+    def __call__(self, grid: Callable[[dict], tuple[int, ...]], *args: Any, traced: bool = False,
+                 **meta: Any) -> None:
+        kernel = self.tuned or self.jit
+        if interpreting():
+            kernel[grid](*args, **meta)
+            return
+        if traced:
+            torch.library.wrap_triton(kernel)[grid](*args, **meta)
+            return
+        key = (torch.cuda.current_device(), *meta.values(),
+               *((a.dtype, a.data_ptr() & 15) if isinstance(a, Tensor) else a for a in args))
+        hit = self._compiled.get(key)
+        if hit is not None:
+            runner, constants = hit
+            runner(*args, *constants)
+            return
+        with self._lock:
+            compiled = kernel[grid](*args, **meta)
+            config = {**meta, **(self.tuned.best_config.kwargs if self.tuned is not None else {})}
+            size = tuple(grid(config))
+            names = self.jit.arg_names[len(args):]  # the constexpr parameters, declared last
+            if len(self._compiled) >= self.CACHED:
+                del self._compiled[next(iter(self._compiled))]
+            self._compiled[key] = (compiled[size + (1,) * (3 - len(size))], tuple(config[n] for n in names))

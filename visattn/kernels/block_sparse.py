@@ -23,8 +23,6 @@ logged once, or raises :class:`~visattn.errors.KernelUnavailableError` under ``s
 
 from __future__ import annotations
 
-import functools
-import importlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,19 +31,14 @@ import torch
 from torch import Tensor
 
 from .._logging import fallback
-from ..core.attention import block_sparse_attention_reference, check_block_lists
+from ..core.attention import block_sparse_attention_reference, check_block_lists, check_order
 from ..errors import ShapeError
-from ._runtime import interpreting, launch, runtime_unavailable
+from ._runtime import Kernel, interpreting, needs_op, op, runtime_unavailable
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
-
-
-def _triton_module():
-    """The Triton kernels, imported on first use (so ``TRITON_INTERPRET`` is read then)."""
-    return importlib.import_module("visattn.kernels._block_sparse_triton")
 
 
 def kernel_unavailable_reason(q: Tensor, k: Tensor, v: Tensor) -> str | None:
@@ -70,6 +63,7 @@ class _Plan:
     always_blocks: Tensor | None = None   # [nA] int32: kv blocks holding always-attended tokens
     always_tokens: Tensor | None = None   # [N_kv] int8: 1 on always-attended tokens
     always_listed: Tensor | None = None   # [Bi, Hi, nqb, nA] int8: query block listed always block a
+    order: Tensor | None = None           # [N] int32: the routed order's tokens' positions in memory
 
     @property
     def num_always(self) -> int:
@@ -77,13 +71,14 @@ class _Plan:
 
 
 def _make_plan(kv_indices: Tensor, kv_counts: Tensor, always_kv: Sequence[tuple[int, int]] | None,
-               *, num_kv: int, block_k: int) -> _Plan:
+               order: Tensor | None, *, num_kv: int, block_k: int) -> _Plan:
     nkb = -(-num_kv // block_k)
     idx = kv_indices.to(torch.int32).contiguous()
     cnt = kv_counts.to(torch.int32).contiguous()
+    order = None if order is None else order.to(torch.int32).contiguous()
     ranges = [(int(s), int(e)) for s, e in (always_kv or ()) if int(e) > int(s)]
     if not ranges:
-        return _Plan(idx, cnt, nkb)
+        return _Plan(idx, cnt, nkb, order=order)
     device = idx.device
     tokens = torch.zeros(nkb * block_k, dtype=torch.int8, device=device)
     for start, end in ranges:
@@ -100,9 +95,9 @@ def _make_plan(kv_indices: Tensor, kv_counts: Tensor, always_kv: Sequence[tuple[
     listed = torch.zeros(*idx.shape[:3], len(held) + 1, dtype=torch.int8, device=device)
     listed.scatter_(-1, torch.where(in_always, slot[safe], len(held)), 1)
     keep = valid & ~in_always
-    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
-    return _Plan(idx.gather(-1, order).contiguous(), keep.sum(-1).to(torch.int32), nkb,
-                 blocks.to(torch.int32), tokens[:num_kv].contiguous(), listed[..., :-1].contiguous())
+    listing = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
+    return _Plan(idx.gather(-1, listing).contiguous(), keep.sum(-1).to(torch.int32), nkb,
+                 blocks.to(torch.int32), tokens[:num_kv].contiguous(), listed[..., :-1].contiguous(), order)
 
 
 def _transpose_lists(plan: _Plan) -> tuple[Tensor, Tensor]:
@@ -137,23 +132,18 @@ def _interp_tile(block: int) -> int:
     return min(32, max(16, _next_pow2(block)))
 
 
-def _meta(q: Tensor, k: Tensor, plan: _Plan, block_q: int, block_k: int, tuned) -> dict:
+def _meta(q: Tensor, k: Tensor, plan: _Plan, block_q: int, block_k: int) -> dict:
     """Compile-time flags; under the interpreter (no autotuner) also fixed small tiles."""
     head_dim = q.shape[-1]
     padded = max(16, _next_pow2(head_dim))
+    interpreted = interpreting()
     meta = dict(GROUP=q.shape[1] // k.shape[1], BLOCK_Q=block_q, BLOCK_K=block_k, HEAD_DIM=padded,
                 MASK_Q=q.shape[2] % block_q != 0, MASK_KV=k.shape[2] % block_k != 0,
-                MASK_D=head_dim != padded, HAS_ALW=plan.num_always > 0,
-                DOT_F32=interpreting() and q.dtype == torch.bfloat16)
-    if tuned is None:
+                MASK_D=head_dim != padded, HAS_ALW=plan.always_blocks is not None,
+                DOT_F32=interpreted and q.dtype == torch.bfloat16)
+    if interpreted:
         meta.update(BLOCK_M=_interp_tile(block_q), BLOCK_N=_interp_tile(block_k))
     return meta
-
-
-@functools.cache
-def _dummy(device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A one-element placeholder for pointer arguments a kernel variant does not read."""
-    return torch.zeros(1, dtype=dtype, device=device)
 
 
 def _bcast_stride(t: Tensor, dim: int) -> int:
@@ -165,127 +155,140 @@ def _list_strides(idx: Tensor, cnt: Tensor) -> tuple[int, ...]:
             _bcast_stride(cnt, 1))
 
 
-def _always_args(plan: _Plan, device: torch.device) -> tuple[Tensor, Tensor, Tensor, tuple[int, int, int]]:
-    if plan.num_always == 0:
-        flags = _dummy(device, torch.int8)
-        return _dummy(device, torch.int32), flags, flags, (0, 0, 0)
+def _always_args(plan: _Plan) -> tuple[Tensor, Tensor, Tensor, tuple[int, int, int]]:
+    """The always-attended blocks' tensors and strides; without them the counts stand in for the pointers
+    (the kernels do not read them), as any placeholder made here would be a fake tensor when traced."""
     lst = plan.always_listed
+    if lst is None:
+        return plan.kv_counts, plan.kv_counts, plan.kv_counts, (0, 0, 0)
     return (plan.always_blocks, plan.always_tokens, lst,
             (_bcast_stride(lst, 0), _bcast_stride(lst, 1), lst.stride(2)))
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _Plan, *, block_q: int, block_k: int,
-             scale: float) -> tuple[Tensor, Tensor]:
-    tk = _triton_module()
+_TRITON_MODULE = "visattn.kernels._block_sparse_triton"
+_FWD = Kernel(_TRITON_MODULE, "fwd_kernel", "fwd_tuned")
+_DQ = Kernel(_TRITON_MODULE, "dq_kernel", "dq_tuned")
+_DKDV = Kernel(_TRITON_MODULE, "dkdv_kernel", "dkdv_tuned")
+
+
+def _empty_out(q: Tensor) -> Tensor:
+    """The output ``[B, H, N, D]``, laid out as ``[B, N, H, D]`` in memory (as SDPA's), so that the usual
+    ``out.transpose(1, 2).reshape(B, N, H * D)`` copies nothing."""
+    b, h, n, d = q.shape
+    return q.new_empty(b, n, h, d).transpose(1, 2)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _Plan, *, block_q: int, block_k: int, scale: float,
+             traced: bool = False) -> tuple[Tensor, Tensor]:
+    """``(o, lse2)``, ``lse2`` the log-sum-exp in base 2 (float32); ``traced``: inside the op's body."""
     b, h, nq, d = q.shape
     nqb = -(-nq // block_q)
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    o = _empty_out(q)
     lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
-    alw_blk, alw_tok, alw_lst, lst_strides = _always_args(plan, q.device)
-    meta = _meta(q, k, plan, block_q, block_k, tk.fwd_tuned)
-    kernel = tk.fwd_kernel if tk.fwd_tuned is None else tk.fwd_tuned
-
-    def grid(m: dict) -> tuple[int, int]:
-        return (nqb * -(-block_q // m["BLOCK_M"]), b * h)
-
-    kernel[grid](q, k, v, o, lse, plan.kv_indices, plan.kv_counts, alw_blk, alw_tok, alw_lst,
-                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-                 *_list_strides(plan.kv_indices, plan.kv_counts), *lst_strides,
-                 h, nq, k.shape[2], d, plan.num_always, scale * _LOG2E, **meta)
+    alw_blk, alw_tok, alw_lst, lst_strides = _always_args(plan)
+    _FWD(lambda m: (nqb * -(-block_q // m["BLOCK_M"]), b * h),
+         q, k, v, o, lse, plan.kv_indices, plan.kv_counts, alw_blk, alw_tok, alw_lst,
+         plan.kv_counts if plan.order is None else plan.order,
+         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+         *_list_strides(plan.kv_indices, plan.kv_counts), *lst_strides,
+         h, nq, k.shape[2], d, plan.num_always, scale * _LOG2E, traced=traced,
+         ORDERED=plan.order is not None, **_meta(q, k, plan, block_q, block_k))
     return o, lse
 
 
 def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dlse: Tensor | None,
               plan: _Plan, *, block_q: int, block_k: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    tk = _triton_module()
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     nqb, nkb = -(-nq // block_q), plan.num_kv_blocks
-    dq = torch.empty_like(o)  # o, do and dq share o's contiguous layout
+    dq = torch.empty_like(o)  # o, do and dq share o's layout (dense)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
-    alw_blk, alw_tok, alw_lst, lst_strides = _always_args(plan, q.device)
-
-    meta = _meta(q, k, plan, block_q, block_k, tk.dq_tuned)
-    kernel = tk.dq_kernel if tk.dq_tuned is None else tk.dq_tuned
-    kernel[lambda m: (nqb * -(-block_q // m["BLOCK_M"]), b * h)](
+    alw_blk, alw_tok, alw_lst, lst_strides = _always_args(plan)
+    meta = _meta(q, k, plan, block_q, block_k)
+    _DQ(lambda m: (nqb * -(-block_q // m["BLOCK_M"]), b * h),
         q, k, v, o, do, dq, lse, delta, lse if dlse is None else dlse,
         plan.kv_indices, plan.kv_counts, alw_blk, alw_tok, alw_lst,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         *_list_strides(plan.kv_indices, plan.kv_counts), *lst_strides,
-        h, nq, nk, d, plan.num_always, scale * _LOG2E, scale, HAS_DLSE=dlse is not None, **meta)
+        h, nq, nk, d, plan.num_always, scale * _LOG2E, scale, traced=True, HAS_DLSE=dlse is not None, **meta)
 
     q_idx, q_cnt = _transpose_lists(plan)
     if plan.num_always:
         slot = torch.full((nkb,), -1, dtype=torch.int32, device=q.device)
         slot[plan.always_blocks.long()] = torch.arange(plan.num_always, dtype=torch.int32, device=q.device)
     else:
-        slot = _dummy(q.device, torch.int32)
-    meta = _meta(q, k, plan, block_q, block_k, tk.dkdv_tuned)
-    kernel = tk.dkdv_kernel if tk.dkdv_tuned is None else tk.dkdv_tuned
-    kernel[lambda m: (nkb * -(-block_k // m["BLOCK_N"]), b * hkv)](
-        q, k, v, do, dk, dv, lse, delta, q_idx, q_cnt, slot, alw_tok, alw_lst,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *dk.stride()[:3],
-        *_list_strides(q_idx, q_cnt), *lst_strides,
-        hkv, nq, nk, d, nqb, scale * _LOG2E, scale, **meta)
+        slot = q_cnt  # not read
+    _DKDV(lambda m: (nkb * -(-block_k // m["BLOCK_N"]), b * hkv),
+          q, k, v, do, dk, dv, lse, delta, q_idx, q_cnt, slot, alw_tok, alw_lst,
+          *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *dk.stride()[:3],
+          *_list_strides(q_idx, q_cnt), *lst_strides,
+          hkv, nq, nk, d, nqb, scale * _LOG2E, scale, traced=True, **meta)
     return dq, dk, dv
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, num_kv_blocks: int,
             always_blocks: Tensor | None, always_tokens: Tensor | None, always_listed: Tensor | None,
-            block_q: int, block_k: int, scale: float) -> tuple[Tensor, Tensor]:
-    """The forward launch over a plan's tensors: ``(o, lse2)``, ``lse2`` the log-sum-exp in base 2 (float32)."""
-    plan = _Plan(kv_indices, kv_counts, num_kv_blocks, always_blocks, always_tokens, always_listed)
-    return _forward(q, k, v, plan, block_q=block_q, block_k=block_k, scale=scale)
+            order: Tensor | None, block_q: int, block_k: int, scale: float) -> tuple[Tensor, Tensor]:
+    """The forward op over a plan's tensors: ``(o, lse2)`` as :func:`_forward` returns them."""
+    plan = _Plan(kv_indices, kv_counts, num_kv_blocks, always_blocks, always_tokens, always_listed, order)
+    return _forward(q, k, v, plan, block_q=block_q, block_k=block_k, scale=scale, traced=True)
 
 
 def _attend_fake(q: Tensor, k: Tensor, v: Tensor, *args) -> tuple[Tensor, Tensor]:
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty(q.shape[:3], dtype=torch.float32))
+    return _empty_out(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _attend_grad(do: Tensor, dlse2: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse2: Tensor,
                  kv_indices: Tensor, kv_counts: Tensor, num_kv_blocks: int, always_blocks: Tensor | None,
-                 always_tokens: Tensor | None, always_listed: Tensor | None, block_q: int, block_k: int,
-                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward launches: ``(dq, dk, dv)`` (``dlse2``: the gradient of ``lse2``, or ``None``)."""
+                 always_tokens: Tensor | None, always_listed: Tensor | None, order: Tensor | None, block_q: int,
+                 block_k: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward op: ``(dq, dk, dv)`` (``dlse2``: the gradient of ``lse2``, or ``None``).
+
+    With an ``order``, every tensor is taken into the routed order first (the backward kernels read
+    tokens in place) and the gradients are put back."""
     plan = _Plan(kv_indices, kv_counts, num_kv_blocks, always_blocks, always_tokens, always_listed)
+    if order is not None:
+        do, q, k, v, o = (t.index_select(2, order) for t in (do, q, k, v, o))
+        lse2, dlse2 = (None if t is None else t.index_select(2, order) for t in (lse2, dlse2))
     dlse = None  # the kernels take the gradient of the natural lse: d lse / d logits = p folds into delta
     if dlse2 is not None:
         dlse = (dlse2.float() * _LOG2E).contiguous()
-    return _backward(do.contiguous(), q, k, v, o, lse2, dlse, plan, block_q=block_q, block_k=block_k, scale=scale)
+    if do.stride() != o.stride():
+        do = torch.empty_like(o).copy_(do)
+    grads = _backward(do, q, k, v, o, lse2, dlse, plan, block_q=block_q, block_k=block_k, scale=scale)
+    if order is None:
+        return grads
+    return tuple(torch.empty_like(g).index_copy_(2, order.long(), g) for g in grads)
 
 
-_attend_op = torch.library.custom_op("visattn::block_sparse_attention", _attend, mutates_args=())
-_attend_op.register_fake(_attend_fake)
-_attend_grad_op = torch.library.custom_op("visattn::block_sparse_attention_backward", _attend_grad,
-                                          mutates_args=())
-_attend_grad_op.register_fake(lambda do, dlse, q, k, v, *args: (torch.empty_like(q), torch.empty_like(k),
-                                                                torch.empty_like(v)))
+_attend_op = op("visattn::block_sparse_attention", _attend, _attend_fake)
+_attend_grad_op = op("visattn::block_sparse_attention_backward", _attend_grad,
+                     lambda do, dlse, q, k, v, *args: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
 
 
 def _attend_setup(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
-    q, k, v, kv_indices, kv_counts, num_kv_blocks, alw_blk, alw_tok, alw_lst, block_q, block_k, scale = inputs
-    ctx.save_for_backward(q, k, v, *output, kv_indices, kv_counts, alw_blk, alw_tok, alw_lst)
+    q, k, v, kv_indices, kv_counts, num_kv_blocks, alw_blk, alw_tok, alw_lst, order, block_q, block_k, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, kv_indices, kv_counts, alw_blk, alw_tok, alw_lst, order)
     ctx.options = num_kv_blocks, block_q, block_k, scale
     ctx.set_materialize_grads(False)  # an unused lse (or output) gets no zero-filled gradient
 
 
 def _attend_backward(ctx, do: Tensor | None, dlse2: Tensor | None) -> tuple:
-    q, k, v, o, lse2, kv_indices, kv_counts, alw_blk, alw_tok, alw_lst = ctx.saved_tensors
+    q, k, v, o, lse2, kv_indices, kv_counts, alw_blk, alw_tok, alw_lst, order = ctx.saved_tensors
     num_kv_blocks, block_q, block_k, scale = ctx.options
     do = torch.zeros_like(o) if do is None else do
     dq, dk, dv = _attend_grad_op(do, dlse2, q, k, v, o, lse2, kv_indices, kv_counts, num_kv_blocks, alw_blk,
-                                 alw_tok, alw_lst, block_q, block_k, scale)
-    return (dq, dk, dv) + (None,) * 9
+                                 alw_tok, alw_lst, order, block_q, block_k, scale)
+    return (dq, dk, dv) + (None,) * 10
 
 
 _attend_op.register_autograd(_attend_backward, setup_context=_attend_setup)
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int,
-                  always_kv: Sequence[tuple[int, int]] | None) -> None:
+                  always_kv: Sequence[tuple[int, int]] | None, order: Tensor | None) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ShapeError(f"block_sparse_attention: q, k, v must be [B, H, N, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -305,12 +308,18 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int,
         if len(rng) != 2 or not 0 <= int(rng[0]) <= int(rng[1]) <= k.shape[2]:
             raise ShapeError(f"block_sparse_attention: always_kv ranges must be (start, end) with "
                              f"0 <= start <= end <= {k.shape[2]}; got {tuple(rng)}")
+    if order is not None and (q.shape[2] != k.shape[2] or order.shape != (q.shape[2],)
+                              or order.dtype not in (torch.int32, torch.int64)):
+        raise ShapeError(f"block_sparse_attention: order must be an int32 or int64 permutation of the "
+                         f"{q.shape[2]} tokens, for self-attention (Nq == Nk); got {order.dtype} "
+                         f"{tuple(order.shape)} with Nq={q.shape[2]}, Nk={k.shape[2]}")
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, *,
                            block_q: int, block_k: int, scale: float | None = None,
-                           always_kv: Sequence[tuple[int, int]] | None = None, return_lse: bool = False,
-                           strict: bool = False, check_values: bool = True) -> Tensor | tuple[Tensor, Tensor]:
+                           always_kv: Sequence[tuple[int, int]] | None = None, order: Tensor | None = None,
+                           return_lse: bool = False, strict: bool = False,
+                           check_values: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of each query block to its listed kv blocks (and ``always_kv`` tokens); see the module doc.
 
     Args:
@@ -322,25 +331,35 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, 
         block_q, block_k: query and kv block sizes in tokens (any positive size; 64 or 128 run best).
         scale: logit scale, ``D ** -0.5`` when ``None``.
         always_kv: ``(start, end)`` kv token ranges every query attends to (prefix or text tokens).
+        order: for self-attention (``Nq == Nk``), a permutation of the token positions, int ``[N]``: blocks
+            (and ``always_kv``) are taken over the tokens in this order, token ``i`` of it being row
+            ``order[i]`` of q, k and v; the output stays in the rows of the input. The kernel reads the
+            tokens in place (BiFormer's regions, tiles of a video grid), so nothing is copied into that
+            order and back. ``None``: the tokens' own order.
         return_lse: also return the float32 natural log-sum-exp ``[B, H, Nq]`` (differentiable).
         strict: raise :class:`~visattn.errors.KernelUnavailableError` instead of falling back.
         check_values: check list values (range, duplicates, counts); this syncs with the host, so hot
             loops whose router is trusted may pass ``False`` (a bad index then reads wrong memory).
     """
-    _check_inputs(q, k, v, block_q, block_k, always_kv)
+    _check_inputs(q, k, v, block_q, block_k, always_kv, order)
     b, h, nq, d = q.shape
     check_block_lists(kv_indices, kv_counts, batch=b, heads=h, num_q_blocks=-(-nq // block_q),
                       num_kv_blocks=-(-k.shape[2] // block_k), check_values=check_values)
+    if check_values and order is not None:
+        check_order(order, nq)
     scale = d ** -0.5 if scale is None else float(scale)
     reason = kernel_unavailable_reason(q, k, v)
     if reason is not None:
         fallback(f"block_sparse_attention:{reason}", f"visattn block_sparse_attention: {reason}; using the "
                  "PyTorch reference", strict)
         return block_sparse_attention_reference(q, k, v, kv_indices, kv_counts, block_q=block_q,
-                                                block_k=block_k, scale=scale, always_kv=always_kv,
+                                                block_k=block_k, scale=scale, always_kv=always_kv, order=order,
                                                 return_lse=return_lse, check_values=False)
-    plan = _make_plan(kv_indices, kv_counts, always_kv, num_kv=k.shape[2], block_k=block_k)
+    plan = _make_plan(kv_indices, kv_counts, always_kv, order, num_kv=k.shape[2], block_k=block_k)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, lse2 = launch(_attend_op, _attend, q, k, v, plan.kv_indices, plan.kv_counts, plan.num_kv_blocks,
-                       plan.always_blocks, plan.always_tokens, plan.always_listed, block_q, block_k, scale)
+    if needs_op(q, k, v):
+        out, lse2 = _attend_op(q, k, v, plan.kv_indices, plan.kv_counts, plan.num_kv_blocks, plan.always_blocks,
+                               plan.always_tokens, plan.always_listed, plan.order, block_q, block_k, scale)
+    else:
+        out, lse2 = _forward(q, k, v, plan, block_q=block_q, block_k=block_k, scale=scale)
     return (out, lse2 * _LN2) if return_lse else out

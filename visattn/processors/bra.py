@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core.routing import TileOrder, block_scores, pool_blocks, select_topk, take_tokens, tile_order
+from ..core.routing import TileOrder, block_scores, select_topk, take_tokens, tile_order
 from ..errors import OptionError, ShapeError
 from ..frameworks import Target
 from ..frameworks.base import PerThread, adapter, constant, select_layers
@@ -56,13 +56,14 @@ def _region_order(grid: tuple[int, int], n_win: int, device: str) -> TileOrder:
 @constant
 def _token_order(grid: tuple[int, int], n_win: int, num_prefix: int, device: str) -> tuple[Tensor, Tensor]:
     """The permutation of ``[prefix, grid in raster order]`` tokens into region order with the prefix last
-    (region ``r`` is token block ``r``, the prefix the last block(s)), and its inverse. One
-    :func:`~visattn.core.routing.take_tokens` each way moves the tokens."""
+    (region ``r`` is token block ``r``, the prefix the last block(s)), and its inverse. The kernel reads the
+    tokens in that order in place; the gather path moves them (one
+    :func:`~visattn.core.routing.take_tokens` each way)."""
     order = _region_order(grid, n_win, device)
     perm = torch.cat([order.perm + num_prefix, torch.arange(num_prefix, device=device)])
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=device)
-    return perm, inverse
+    return perm.to(torch.int32), inverse.to(torch.int32)  # int32: as the kernel reads it
 
 
 def check_grid(grid: tuple[int, int], n_win: int) -> None:
@@ -92,26 +93,27 @@ def bi_level_routing_attention(q: Tensor, k: Tensor, v: Tensor, *, num_prefix: i
     check_grid(grid, n_win)
     if path not in ("auto", "kernel", "gather"):
         raise OptionError(f"bra: path must be one of 'auto', 'kernel', 'gather' (got {path!r})")
-    p, regions = num_prefix, n_win * n_win
+    p = num_prefix
     size = (grid[0] // n_win) * (grid[1] // n_win)
     perm, inverse = _token_order(grid, n_win, p, str(q.device))
-    qs, ks, vs = (take_tokens(t, perm) for t in (q, k, v))
-    routed = _route(qs, ks, regions, size, topk)
+    routed = _route(q, k, p, grid, n_win, topk)
     if on_routes is not None:
         on_routes(routed[:, 0])
-    if path == "kernel" or (path == "auto" and size >= KERNEL_MIN_REGION):
-        out = _routed_kernel(qs, ks, vs, routed, p=p, size=size, scale=scale, strict=strict)
-    else:
-        out = _routed_gather(qs, ks, vs, routed, p=p, size=size, scale=scale)
-    return take_tokens(out, inverse)
+    if path == "kernel" or (path == "auto" and size >= KERNEL_MIN_REGION):  # reads the tokens in region order
+        return _routed_kernel(q, k, v, routed, perm, p=p, size=size, scale=scale, strict=strict)
+    qs, ks, vs = (take_tokens(t, perm) for t in (q, k, v))
+    return take_tokens(_routed_gather(qs, ks, vs, routed, p=p, size=size, scale=scale), inverse)
 
 
 @torch.no_grad()
-def _route(qs: Tensor, ks: Tensor, regions: int, size: int, topk: int) -> Tensor:
-    """Eqs. 3-5, shared by all heads, on region-ordered q and k: ``[B, 1, R, topk]`` routed regions."""
-    b, h, _, d = qs.shape
-    q_r, k_r = (pool_blocks(t[:, :, :regions * size], size).transpose(1, 2).reshape(b, 1, regions, h * d)
-                for t in (qs, ks))
+def _route(q: Tensor, k: Tensor, num_prefix: int, grid: tuple[int, int], n_win: int, topk: int) -> Tensor:
+    """Eqs. 3-5, shared by all heads, on ``[B, H, P + h*w, D]`` q and k: ``[B, 1, R, topk]`` routed regions.
+
+    The region means are taken where the tokens lie (the grid viewed as ``n_win x S_h x n_win x S_w``)."""
+    b, h, _, d = q.shape
+    rh, rw = grid[0] // n_win, grid[1] // n_win
+    q_r, k_r = (t[:, :, num_prefix:].unflatten(2, (n_win, rh, n_win, rw)).mean(dim=(3, 5))
+                .permute(0, 2, 3, 1, 4).reshape(b, 1, n_win * n_win, h * d) for t in (q, k))
     return select_topk(block_scores(q_r, k_r), topk)[0]
 
 
@@ -123,24 +125,22 @@ def route_regions(q: Tensor, k: Tensor, *, num_prefix: int, grid: tuple[int, int
     """
     check_grid(grid, n_win)
     check_topk(n_win, topk)
-    size = (grid[0] // n_win) * (grid[1] // n_win)
-    order = _region_order(grid, n_win, str(q.device))
-    qs, ks = (order.to_tiles(t[:, :, num_prefix:]) for t in (q, k))
-    return _route(qs, ks, n_win * n_win, size, topk)[:, 0].sort(dim=-1).values
+    return _route(q, k, num_prefix, grid, n_win, topk)[:, 0].sort(dim=-1).values
 
 
-def _routed_kernel(qs: Tensor, ks: Tensor, vs: Tensor, routed: Tensor, *, p: int, size: int, scale: float,
-                   strict: bool) -> Tensor:
-    b, regions, topk = qs.shape[0], routed.shape[2], routed.shape[3]
+def _routed_kernel(q: Tensor, k: Tensor, v: Tensor, routed: Tensor, order: Tensor, *, p: int, size: int,
+                   scale: float, strict: bool) -> Tensor:
+    """The kernel over the tokens taken in region ``order`` (region ``r`` is block ``r``, the prefix last)."""
+    b, regions, topk = q.shape[0], routed.shape[2], routed.shape[3]
     n_blocks = regions + -(-p // size)  # the prefix tokens' (partial) blocks follow the regions
-    every = torch.arange(n_blocks, device=qs.device, dtype=torch.int32)
+    every = torch.arange(n_blocks, device=q.device, dtype=torch.int32)
     kv_indices = every.expand(b, 1, n_blocks, n_blocks).clone()  # prefix query blocks visit every block
     kv_indices[:, :, :regions, :topk] = routed  # a region visits its routed regions and the prefix blocks
     kv_indices[:, :, :regions, topk:topk + n_blocks - regions] = every[regions:]
-    kv_counts = torch.full((b, 1, n_blocks), n_blocks, dtype=torch.int32, device=qs.device)
+    kv_counts = torch.full((b, 1, n_blocks), n_blocks, dtype=torch.int32, device=q.device)
     kv_counts[:, :, :regions] = topk + n_blocks - regions
-    return block_sparse_attention(qs, ks, vs, kv_indices, kv_counts, block_q=size, block_k=size, scale=scale,
-                                  strict=strict, check_values=False)
+    return block_sparse_attention(q, k, v, kv_indices, kv_counts, block_q=size, block_k=size, scale=scale,
+                                  order=order, strict=strict, check_values=False)
 
 
 def _routed_gather(qs: Tensor, ks: Tensor, vs: Tensor, routed: Tensor, *, p: int, size: int, scale: float) -> Tensor:
@@ -213,11 +213,11 @@ def timm_layer() -> type:
                                              scale=self.scale, strict=self.strict,
                                              on_routes=None if torch.compiler.is_compiling()  # no graph break
                                              else self.__dict__.get("_visattn_on_routes"))
-            if self.use_lepe:
-                v_img = v[:, :, prefix:].transpose(2, 3).reshape(b, self.attn_dim, *grid)
-                lce = self.lepe(v_img).reshape(b, self.num_heads, self.head_dim, -1).transpose(2, 3)
-                out = torch.cat([out[:, :, :prefix], out[:, :, prefix:] + lce], dim=2)
-            x = out.transpose(1, 2).reshape(b, n, self.attn_dim)
+            x = out.transpose(1, 2).reshape(b, n, self.attn_dim)  # the kernel's output is laid out so: no copy
+            if self.use_lepe:  # v's grid as [B, C, h, w] in place (channels last), the LCE back as [B, h * w, C]
+                v_img = v[:, :, prefix:].transpose(1, 2).reshape(b, *grid, self.attn_dim).permute(0, 3, 1, 2)
+                lce = self.lepe(v_img).permute(0, 2, 3, 1).reshape(b, -1, self.attn_dim)
+                x = x + lce if prefix == 0 else torch.cat([x[:, :prefix], x[:, prefix:] + lce], dim=1)
             x = self.norm(x)
             if gate is not None:
                 x = x * gate
