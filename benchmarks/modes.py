@@ -305,13 +305,13 @@ def part_sdxl(args: argparse.Namespace) -> list[dict]:
 
 
 def no_token_mixing() -> contextlib.AbstractContextManager:
-    """BRA's bound: the layer with its attention (routing included) replaced by an output that costs nothing
-    (allocated, laid out as the kernel's), so that only the projections and LePE remain."""
+    """BRA's bound: the layer with its attention (routing included) replaced by passing v through, so that only
+    the projections and LePE remain (and one copy of v; an output that did not depend on v would let Inductor
+    drop the qkv projection)."""
     from visattn.processors import bra
 
     def nothing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> torch.Tensor:
-        b, h, n, d = q.shape
-        return q.new_empty(b, n, h, d).transpose(1, 2)
+        return v
 
     return patched(bra, "bi_level_routing_attention", nothing)
 

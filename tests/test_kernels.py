@@ -249,3 +249,22 @@ def test_gpu_kernel_matches_reference_at_full_shapes(compiled, d, block, dtype):
     check_against_reference(1, 4, 2, 4000, d, block, block, dtype, device="cuda", max_kv=8, ordered=True,
                             always=[(0, 77)], lse_grad=True, seed=3, compiled="inductor")
 
+
+
+@pytest.mark.gpu
+def test_gpu_eager_launches_from_the_compiled_kernel_cache(compiled):
+    """Eager inference: the first launch of a signature goes through Triton, later ones call the compiled
+    kernel directly (``_runtime.Kernel``); new data of the same shapes, and another alignment, stay exact."""
+    from visattn.kernels.block_sparse import _FWD
+
+    gen = torch.Generator().manual_seed(4)
+    idx, cnt = random_lists(2, 4, 16, 16, 4, gen, "cuda")
+    with torch.inference_mode():
+        for offset in (0, 0, 0, 4, 4):  # 4 halves (8 bytes) change the pointers' alignment modulo 16 bytes
+            q, k, v = (torch.randn(2, 4, 2048 * 64 + offset, generator=gen).cuda().half()[..., offset:]
+                       .view(2, 4, 2048, 64) for _ in range(3))
+            out = block_sparse_attention(q, k, v, idx, cnt, block_q=128, block_k=128, strict=True)
+            ref = block_sparse_attention_reference(q.float(), k.float(), v.float(), idx, cnt, block_q=128,
+                                                   block_k=128)
+            assert rel(out, ref) < TOL[torch.float16]
+    assert len(_FWD._compiled) >= 2  # one signature per alignment

@@ -105,15 +105,27 @@ def bi_level_routing_attention(q: Tensor, k: Tensor, v: Tensor, *, num_prefix: i
     return take_tokens(_routed_gather(qs, ks, vs, routed, p=p, size=size, scale=scale), inverse)
 
 
+@constant
+def _region_members(grid: tuple[int, int], n_win: int, device: str, dtype: torch.dtype) -> Tensor:
+    """``[R, h * w]``: 1 where a grid token (raster order) lies in region ``r`` (regions in raster order)."""
+    order = _region_order(grid, n_win, device)
+    regions, size = n_win * n_win, order.perm.numel() // (n_win * n_win)
+    members = torch.zeros(regions, order.perm.numel(), dtype=dtype, device=device)
+    members[torch.arange(regions, device=device).repeat_interleave(size), order.perm] = 1
+    return members
+
+
 @torch.no_grad()
 def _route(q: Tensor, k: Tensor, num_prefix: int, grid: tuple[int, int], n_win: int, topk: int) -> Tensor:
     """Eqs. 3-5, shared by all heads, on ``[B, H, P + h*w, D]`` q and k: ``[B, 1, R, topk]`` routed regions.
 
-    The region means are taken where the tokens lie (the grid viewed as ``n_win x S_h x n_win x S_w``)."""
+    The region means come from one product with the membership matrix, over the tokens where they lie
+    (a strided view of the projection's output needs no copy)."""
     b, h, _, d = q.shape
-    rh, rw = grid[0] // n_win, grid[1] // n_win
-    q_r, k_r = (t[:, :, num_prefix:].unflatten(2, (n_win, rh, n_win, rw)).mean(dim=(3, 5))
-                .permute(0, 2, 3, 1, 4).reshape(b, 1, n_win * n_win, h * d) for t in (q, k))
+    members = _region_members(grid, n_win, str(q.device), q.dtype)
+    size = members.shape[1] // members.shape[0]
+    q_r, k_r = (torch.matmul(members, t[:, :, num_prefix:].transpose(1, 2).flatten(2)).div_(size).unsqueeze(1)
+                for t in (q, k))
     return select_topk(block_scores(q_r, k_r), topk)[0]
 
 
@@ -128,10 +140,19 @@ def route_regions(q: Tensor, k: Tensor, *, num_prefix: int, grid: tuple[int, int
     return _route(q, k, num_prefix, grid, n_win, topk)[:, 0].sort(dim=-1).values
 
 
+@constant
+def _counts(batch: int, regions: int, topk: int, device: str) -> Tensor:
+    return torch.full((batch, 1, regions), topk, dtype=torch.int32, device=device)
+
+
 def _routed_kernel(q: Tensor, k: Tensor, v: Tensor, routed: Tensor, order: Tensor, *, p: int, size: int,
                    scale: float, strict: bool) -> Tensor:
     """The kernel over the tokens taken in region ``order`` (region ``r`` is block ``r``, the prefix last)."""
     b, regions, topk = q.shape[0], routed.shape[2], routed.shape[3]
+    if p == 0:  # the routed regions are the lists, all of one length
+        counts = _counts(b, regions, topk, str(q.device))
+        return block_sparse_attention(q, k, v, routed, counts, block_q=size, block_k=size, scale=scale,
+                                      order=order, strict=strict, check_values=False)
     n_blocks = regions + -(-p // size)  # the prefix tokens' (partial) blocks follow the regions
     every = torch.arange(n_blocks, device=q.device, dtype=torch.int32)
     kv_indices = every.expand(b, 1, n_blocks, n_blocks).clone()  # prefix query blocks visit every block
