@@ -109,8 +109,9 @@ class Kernel:
         if interpreting():
             kernel[grid](*args, **meta)
             return
-        if traced:
-            torch.library.wrap_triton(kernel)[grid](*args, **meta)
+        if traced:  # eager (an op called with gradients) it runs the autotuner: under the lock, as below
+            with self._lock:
+                torch.library.wrap_triton(kernel)[grid](*args, **meta)
             return
         key = (torch.cuda.current_device(), *meta.values(),
                *((a.dtype, a.data_ptr() & 15) if isinstance(a, Tensor) else a for a in args))
@@ -119,7 +120,7 @@ class Kernel:
             runner, constants = hit
             runner(*args, *constants)
             return
-        with self._lock:
+        with self._lock:  # the autotuner's best_config is read right after its launch
             compiled = kernel[grid](*args, **meta)
             config = {**meta, **(self.tuned.best_config.kwargs if self.tuned is not None else {})}
             size = tuple(grid(config))
