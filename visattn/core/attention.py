@@ -145,6 +145,11 @@ def check_order(order: Tensor, num_tokens: int) -> None:
         raise ShapeError(f"order must be a permutation of the {num_tokens} token positions")
 
 
+def to_rows(t: Tensor, order: Tensor) -> Tensor:
+    """The inverse of ``t.index_select(2, order)``: token ``i`` of ``t`` (in ``order``) put back at row ``order[i]``."""
+    return torch.empty_like(t).index_copy_(2, order.long(), t)
+
+
 def block_sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, *,
                                      block_q: int, block_k: int, scale: float | None = None,
                                      always_kv: Sequence[tuple[int, int]] | None = None,
@@ -176,5 +181,5 @@ def block_sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, kv_indices
                       always_kv=always_kv)
     out = attention(q, k, v, scale=scale, mask=mask, return_lse=True)
     if order is not None:
-        out = tuple(torch.empty_like(t).index_copy_(2, order.long(), t) for t in out)
+        out = tuple(to_rows(t, order) for t in out)
     return out if return_lse else out[0]

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .._logging import fallback
-from ..core.attention import block_sparse_attention_reference, check_block_lists, check_order
+from ..core.attention import block_sparse_attention_reference, check_block_lists, check_order, to_rows
 from ..errors import ShapeError
 from ._runtime import Kernel, interpreting, needs_op, op, runtime_unavailable
 
@@ -260,7 +260,7 @@ def _attend_grad(do: Tensor, dlse2: Tensor | None, q: Tensor, k: Tensor, v: Tens
     grads = _backward(do, q, k, v, o, lse2, dlse, plan, block_q=block_q, block_k=block_k, scale=scale)
     if order is None:
         return grads
-    return tuple(torch.empty_like(g).index_copy_(2, order.long(), g) for g in grads)
+    return tuple(to_rows(g, order) for g in grads)
 
 
 _attend_op = op("visattn::block_sparse_attention", _attend, _attend_fake)
