@@ -78,8 +78,11 @@ CASES = [
 
 
 def graph_breaks(run: Callable[[], Any]) -> int:
+    """The graphs that ``run`` traces and that end at a graph break. (Graphs minus one would also count the frames
+    that dynamo traces apart by design: the forward hooks of the compiled module itself run outside its forward's
+    frame, each compiled on its own, whole.)"""
     torch._dynamo.reset()
-    return torch._dynamo.explain(run)().graph_break_count
+    return len(torch._dynamo.explain(run)().break_reasons)
 
 
 @pytest.mark.parametrize("family,method,options,extra,why", CASES,
@@ -110,10 +113,125 @@ def test_method_compiles_like_the_stock_model(family: str, method: str, options:
             torch._dynamo.reset()
 
 
+# transformers: (family, method, options, graph breaks beyond stock's allowed ("stock": once more stock's), why)
+COUNTS = "prune reads the image-token counts of a prompt on the host (how many tokens each stage drops)"
+RETENTION = COUNTS + ", and PLPHP its per-layer retention after the prefill (cache lengths follow attention)"
+CALIBRATION = "vhr runs the stock forward twice per prompt (calibration without the image): stock's breaks twice"
+SINKS = dict(tau=1.0, rho=1.0, summ=0.0)  # sinks found and redistributed in the tiny random models
+VLM_CASES = [
+    *[(f, "prune", dict(strategy=s, layer=1), 1, COUNTS)
+      for f in ("llava", "qwen2_vl") for s in ("fastv", "transprune")],
+    ("llava", "prune", dict(strategy="cls"), 1, COUNTS),
+    ("llava", "prune", dict(strategy="star", layer=1, keep=0.25), 1, COUNTS),
+    ("llava_next", "prune", dict(strategy="fastv", layer=1), 1, COUNTS),
+    ("qwen2_5_vl", "prune", dict(strategy="fastv", layer=1), 1, COUNTS),
+    ("llava", "prune", dict(strategy="plphp", layer=1), 3, RETENTION),
+    *[(f, "visual_sink", SINKS, 0, "") for f in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")],
+    *[(f, "head_modulation", dict(strategy="pai", decoder_layers=[0, 1]), 0, "")
+      for f in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")],
+    ("llava", "head_modulation", dict(strategy="vhr"), "stock", CALIBRATION),
+    ("qwen2_vl", "head_modulation", dict(strategy="vhr"), "stock", CALIBRATION),
+    ("llava", "head_modulation", dict(strategy="imbalance"), 0, ""),
+]
+
+
+@pytest.mark.parametrize("family,method,options,extra,why", VLM_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{'-'.join(f'{k}={v}' for k, v in c[2].items())}" for c in VLM_CASES])
+def test_vision_language_method_compiles_like_the_stock_model(family: str, method: str, options: dict,
+                                                              extra: int | str, why: str) -> None:
+    """prune, visual_sink and head_modulation on the transformers families: graph breaks no more than stock's
+    (with the known exceptions above), the compiled model (``aot_eager``) equals the eager patched one, and calls
+    of the same shapes after the first compile nothing more."""
+    from tiny_vlms import build, vlm_inputs
+
+    from visattn.frameworks.transformers import output_cache
+
+    model = build(family, "sdpa")
+    batch = vlm_inputs(family, model)
+
+    def call(m: torch.nn.Module) -> torch.Tensor:  # the logits and the KV cache (what plphp prunes)
+        out = m(**batch)
+        return torch.cat([out.logits.flatten(), *(layer.keys.flatten() for layer in output_cache(out).layers)])
+
+    with torch.no_grad():
+        reference = call(model)  # transformers installs hooks of its own at a model's first call (under a lock)
+        stock = graph_breaks(lambda: call(model))
+        visattn.apply(model, method, **options)
+        try:
+            breaks = graph_breaks(lambda: call(model))
+            allowed = 2 * stock if extra == "stock" else stock + extra
+            assert breaks <= allowed, f"{breaks} graph breaks, stock has {stock} ({why or 'none allowed'})"
+            eager = call(model)
+            assert not torch.equal(eager, reference), "the method changes nothing in this case"
+            torch._dynamo.reset()
+            counter = CompileCounterWithBackend("aot_eager")
+            compiled = torch.compile(model, backend=counter)
+            outputs = [call(compiled)]
+            frames = counter.frame_count
+            outputs += [call(compiled) for _ in range(2)]
+            assert counter.frame_count == frames, "a call of the same shapes compiled again"
+            for out in outputs:
+                torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+        finally:
+            visattn.remove(model)
+            torch._dynamo.reset()
+
+
+DECODE_CASES = [("prune", dict(strategy="fastv", layer=1)), ("prune", dict(strategy="plphp", layer=1)),
+                ("visual_sink", SINKS), ("head_modulation", dict(strategy="pai", decoder_layers=[0, 1])),
+                ("head_modulation", dict(strategy="vhr")), ("head_modulation", dict(strategy="imbalance"))]
+
+
+@pytest.mark.parametrize("method,options", DECODE_CASES,
+                         ids=[f"{c[0]}-{'-'.join(f'{k}={v}' for k, v in c[1].items())}" for c in DECODE_CASES])
+def test_vision_language_decode_step_compiles_like_the_stock_model(method: str, options: dict) -> None:
+    """A decode step (one new token on the KV cache of an eager prefill) on LLaVA: no more graph breaks than the
+    stock step, equal to the eager step, and steps of the same shapes compile once (the PAI and VAR decode
+    kernel's op is tested in ``test_visual_sink.py``; here the CPU takes the PyTorch path)."""
+    from tiny_vlms import build, vlm_inputs
+
+    from visattn.frameworks.transformers import output_cache
+
+    model = build("llava", "sdpa")
+    batch = vlm_inputs("llava", model)
+
+    def prefill() -> dict[str, Any]:  # eager, with the method if applied; the inputs of the next step
+        out = model(**batch)
+        ids = out.logits[:, -1:].argmax(-1)
+        return dict(input_ids=ids, attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(ids)], 1),
+                    past_key_values=output_cache(out))
+
+    def step(m: torch.nn.Module) -> torch.Tensor:
+        inputs = prefill()
+        return m(**inputs).logits
+
+    with torch.no_grad():
+        step(model)
+        inputs = prefill()
+        stock = graph_breaks(lambda: model(**inputs))
+        visattn.apply(model, method, **options)
+        try:
+            inputs = prefill()
+            breaks = graph_breaks(lambda: model(**inputs))
+            assert breaks <= stock, f"{breaks} graph breaks in a decode step, stock has {stock}"
+            eager = step(model)
+            torch._dynamo.reset()
+            counter = CompileCounterWithBackend("aot_eager")
+            compiled = torch.compile(model, backend=counter)
+            outputs = [step(compiled)]
+            frames = counter.frame_count
+            outputs += [step(compiled) for _ in range(2)]
+            assert counter.frame_count == frames, "a step of the same shapes compiled again"
+            for out in outputs:
+                torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+        finally:
+            visattn.remove(model)
+            torch._dynamo.reset()
+
+
 def test_inspect_on_a_vision_language_model_compiles_and_records() -> None:
     """transformers: inspect on LLaVA adds no graph break to stock's (which has some of its own), the compiled
-    model equals the eager one, compiles once and records every call. (prune, visual_sink and head_modulation
-    read image-token positions on the host: eager-only for now, see the README's fast paths.)"""
+    model equals the eager one, compiles once and records every call."""
     from tiny_vlms import build, vlm_inputs
 
     model = build("llava", "sdpa")
@@ -123,6 +241,7 @@ def test_inspect_on_a_vision_language_model_compiles_and_records() -> None:
         return m(**batch).logits
 
     with torch.no_grad():
+        call(model)  # transformers' hooks of a first call, as above
         stock = graph_breaks(lambda: call(model))
         handle = visattn.apply(model, "inspect", layers=[0])
         try:
@@ -158,6 +277,23 @@ def test_compiled_inspect_records_every_call() -> None:
         torch.testing.assert_close(handle.maps[1][-1], eager)
     finally:
         visattn.remove(model)
+        torch._dynamo.reset()
+
+
+def test_bra_kernel_path_compiles_whole() -> None:
+    """BRA with regions of 64 tokens takes the block-sparse kernel's path (its PyTorch reference on the CPU): dynamo
+    traces its routing, lists and checks whole (the GPU runs the same Python with the kernel's op)."""
+    from visattn.timm import bra
+
+    layer = bra(n_win=2, topk=1, lepe=True, num_prefix_tokens=0)(64, num_heads=2, qkv_bias=True).eval()
+    torch.nn.init.normal_(layer.lepe.weight)
+    x = torch.randn(2, 256, 64)
+    try:
+        with torch.no_grad():
+            assert graph_breaks(lambda: layer(x)) == 0
+            compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+            torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+    finally:
         torch._dynamo.reset()
 
 

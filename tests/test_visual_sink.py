@@ -269,3 +269,65 @@ def kernel_cases() -> dict[str, str | None]:
 def test_decode_kernel_matches_the_pytorch_path_in_the_interpreter() -> None:
     results = run_interpreted(__file__, "kernel_cases", timeout=300)
     assert len(results) == 4 and all(r is None for r in results.values()), results
+
+
+def compiled_kernel_case() -> str | None:
+    """In a child with TRITON_INTERPRET=1: the decode kernel inside ``torch.compile`` (its op, one graph) equals
+    the eager launch, for both modes, with and without a mask."""
+    from visattn.kernels.reweighted_decode import decode_row
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, x, m, 32, generator=gen).half() for x, m in ((4, 1), (2, 40), (2, 40)))
+    classes = (torch.rand(2, 30, generator=gen) * 3).to(torch.int8)
+    mask = torch.rand(2, 1, 1, 40, generator=gen) > 0.2
+    try:
+        for mode in ("var", "pai"):
+            for m in (mask, None):
+                def step(q, k, v, m=m, mode=mode):
+                    return decode_row(q, k, v, m, classes, scale=0.2, mode=mode, alpha=0.5, p=0.3, rho=0.9,
+                                      summ=0.1, strict=True)
+
+                torch._dynamo.reset()
+                compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v)
+                torch.testing.assert_close(compiled, step(q, k, v), rtol=0, atol=0)
+        return None
+    except Exception as exc:  # reported by the test
+        return f"{type(exc).__name__}: {exc}"
+
+
+def test_decode_kernel_compiles_as_one_op_in_the_interpreter() -> None:
+    assert run_interpreted(__file__, "compiled_kernel_case", timeout=300) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_decode_kernel_eager_and_under_inductor_match_the_pytorch_path() -> None:
+    """LLaVA-7B-sized decode rows (16 samples, 32 heads of 128, 700 keys, left padding): the eager launch and the
+    op compiled by Inductor (``triton_op``: Inductor launches the kernel) against the PyTorch path, both modes."""
+    from visattn.core.redistribute import amplify_logits, attend_rows
+    from visattn.kernels.reweighted_decode import decode_row
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    b, h, nk, d, n = 16, 32, 700, 128, 650
+    q, k, v = (torch.randn(b, h, m, d, generator=gen, device="cuda", dtype=torch.float16) for m in (1, nk, nk))
+    image = torch.zeros(b, n, dtype=torch.bool, device="cuda")
+    image[:, 40:616] = True
+    sink = (torch.rand(b, n, generator=gen, device="cuda") < 0.02) & image
+    mask = torch.ones(b, 1, 1, nk, dtype=torch.bool, device="cuda")
+    mask[::2, ..., :7] = False
+    cols = [torch.nn.functional.pad(x, (0, nk - n))[:, None, None] for x in (sink, image)]
+    hooks = {"var": dict(probs_fn=functools.partial(redistribute, sink=cols[0], image=cols[1], p=0.3, rho=0.9,
+                                                    summ=0.1)),
+             "pai": dict(logits_fn=functools.partial(amplify_logits, weight=0.5 * cols[1].float()))}
+    classes = {"var": image.to(torch.int8) * 2 - sink.to(torch.int8), "pai": image.to(torch.int8) * 2}
+    with torch.inference_mode():
+        for mode in ("var", "pai"):
+            def row(q, k, v, mode=mode):
+                return decode_row(q, k, v, mask, classes[mode], scale=d ** -0.5, mode=mode, alpha=0.5, p=0.3, rho=0.9,
+                                  summ=0.1, strict=True)
+
+            ref = attend_rows(q.float(), k.float(), v.float(), None, scale=d ** -0.5, mask=mask, **hooks[mode])
+            torch._dynamo.reset()
+            for got in (row(q, k, v), torch.compile(row, fullgraph=True)(q, k, v)):
+                err = float((got.transpose(1, 2).float() - ref).norm() / ref.norm())
+                assert err < 2e-3, f"{mode}: relative error {err:.2e}"

@@ -30,6 +30,7 @@ sequences stay rectangular and each sample keeps at least its own ``ceil(keep * 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -92,16 +93,16 @@ def normalized(scores: Tensor, candidates: Tensor) -> Tensor:
     return torch.where(candidates, (scores - low) / (high - low).clamp_min(1e-12), 0.0)
 
 
-def num_dropped(keep: float, counts: Tensor) -> int:
+def num_dropped(keep: float, counts: Sequence[int]) -> int:
     """Candidates every sample drops: ``min_b (n_b - ceil(keep * n_b))`` for candidate counts ``n_b``."""
-    return min(n - math.ceil(keep * n) for n in counts.tolist())
+    return min(n - math.ceil(keep * n) for n in counts)
 
 
 def kept_indices(scores: Tensor, candidates: Tensor, dropped: int) -> Tensor:
     """Positions kept, ``[B, N - dropped]`` in increasing order: every non-candidate and, per sample,
-    all but the ``dropped`` candidates of lowest score."""
+    all but the ``dropped`` candidates of lowest score (shapes known without reading a tensor on the host)."""
     batch, n = scores.shape
     order_key = torch.where(candidates, scores.float(), float("inf"))
     lowest = order_key.topk(dropped, dim=-1, largest=False, sorted=False).indices
-    keep = torch.ones(batch, n, dtype=torch.bool, device=scores.device).scatter(1, lowest, False)
-    return keep.nonzero()[:, 1].view(batch, n - dropped)
+    gone = torch.zeros(batch, n, dtype=torch.int8, device=scores.device).scatter(1, lowest, 1)
+    return gone.sort(dim=1, stable=True).indices[:, :n - dropped]  # the kept first, in increasing order

@@ -114,9 +114,10 @@ K = TypeVar("K")
 
 def constant(fn: F) -> F:
     """``fn``, a pure function of hashable arguments that builds index tensors (a permutation, block lists),
-    memoised (``functools.lru_cache``) and marked for ``torch.compile`` as having a constant result: dynamo calls
-    it while tracing and puts what it returns in the graph as constants, so its host reads break no graph and a
-    compiled call does not recompute it."""
+    memoised (``functools.lru_cache``) for eager calls. ``torch.compile`` sees through the cache and traces ``fn``
+    (it warns so once): a compiled graph rebuilds the tensors in each call, so ``fn`` must not read tensors on the
+    host. (Marked as a constant result on a plain wrapper, dynamo would hold the tensors as graph constants, but
+    then fails to read their shapes: tried on torch 2.11 and 2.14.)"""
     return torch.compiler.assume_constant_result(functools.lru_cache(maxsize=64)(fn))
 
 
@@ -175,9 +176,12 @@ class LazyAdapter:
 
     def __init__(self, framework: str) -> None:
         self._framework = framework
+        self._module: ModuleType | None = None
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(adapter(self._framework), name)
+        if self._module is None:  # imported once: torch.compile cannot trace importlib (a graph break per use)
+            self._module = adapter(self._framework)
+        return getattr(self._module, name)
 
 
 def select_layers(names: Sequence[str], layers: Sequence[int] | None, method: str) -> list[int]:

@@ -321,8 +321,8 @@ def read_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> ModelCa
     positional, keyword, any_keyword = _parameters(type(module))
     bound = dict(zip(positional, args))
     wrong = ([f"{len(args)} positional arguments for {len(positional)}"] if len(args) > len(positional) else []) + [
-        f"{name!r} given twice" for name in bound.keys() & kwargs.keys()] + (
-        [] if any_keyword else [f"unexpected {name!r}" for name in kwargs.keys() - keyword])
+        f"{name!r} given twice" for name in kwargs if name in bound] + (
+        [] if any_keyword else [f"unexpected {name!r}" for name in kwargs if name not in keyword])
     if wrong:
         raise UnsupportedModelError(
             f"cannot read the call of {type(module).__name__} under transformers {_transformers_version()}: "

@@ -26,6 +26,8 @@ def reweighted_decode_kernel(Q, K, V, OUT, CLS, MASK,
                              MODE: tl.constexpr, HAS_MASK: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    scale, alpha = tl.cast(scale, tl.float32), tl.cast(alpha, tl.float32)  # Inductor passes Python floats as
+    p, rho, summ = tl.cast(p, tl.float32), tl.cast(rho, tl.float32), tl.cast(summ, tl.float32)  # float64
     hk = h // group
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_D

@@ -10,6 +10,10 @@ of "See What You Are Told") or PAI's ``l + alpha * |l|`` on image keys (``mode="
 Triton, not CUDA unless ``TRITON_INTERPRET=1``, float32, an additive float mask, head dim > 256) it
 logs that once, or raises :class:`~visattn.errors.KernelUnavailableError` under ``strict=True``, and
 returns ``None``; callers then take the PyTorch path, which is the kernel's oracle in the tests.
+
+The launch is the torch op ``visattn::reweighted_decode`` (a ``triton_op`` on GPUs, see
+:mod:`visattn.kernels._runtime`), so a compiled decode step captures it as one node; eager inference
+launches the kernel directly. The kernel has no backward: a call that needs gradients takes the PyTorch path.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import Tensor
 
 from .._logging import fallback
 from ..errors import ShapeError
-from ._runtime import runtime_unavailable
+from ._runtime import interpreting, launch, op, runtime_unavailable
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 MODES = {"var": 1, "pai": 2}
@@ -32,6 +36,8 @@ def unavailable_reason(q: Tensor, mask: Tensor | None) -> str | None:
     reason = runtime_unavailable(q)
     if reason is not None:
         return reason
+    if torch.is_grad_enabled() and q.requires_grad:
+        return "gradients (the kernel has no backward)"
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} (the kernel takes float16 or bfloat16)"
     if q.shape[-1] > 256:
@@ -55,18 +61,41 @@ def decode_row(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, classes: Te
         fallback(f"reweighted_decode:{mode}:{reason}", f"visattn {mode} decode kernel: {reason}; using the "
                  f"PyTorch path", strict)
         return None
+    flags = None
+    if mask is not None:  # uint8, 1 = attend: a view in eager; compiled, a cast (Inductor cannot bitcast bool)
+        row = mask[:, 0, 0, :]
+        flags = row.to(torch.uint8) if torch.compiler.is_compiling() else row.view(torch.uint8)
+    return launch(_row_op, _row, q, k, v, flags, classes, scale, MODES[mode], alpha, p, rho, summ)
+
+
+def _row(q: Tensor, k: Tensor, v: Tensor, flags: Tensor | None, classes: Tensor, scale: float, mode: int,
+         alpha: float, p: float, rho: float, summ: float, traced: bool = False) -> Tensor:
+    """The launch (``flags``: the mask as uint8 ``[B|1, Nk]``); ``traced``: inside the op's body."""
     kernel = importlib.import_module("visattn.kernels._reweighted_decode_triton").reweighted_decode_kernel
+    if traced and not interpreting():
+        kernel = torch.library.wrap_triton(kernel)
     b, h, _, d = q.shape
-    nk = k.shape[2]
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty(b, 1, h, d, dtype=q.dtype, device=q.device)
-    flags = mask[:, 0, 0, :].view(torch.uint8) if mask is not None else classes
-    mask_b = flags.stride(0) if mask is not None and mask.shape[0] > 1 else 0
-    kernel[(b, h)](q, k, v, out, classes, flags,
+    out = _empty_row(q)
+    mask_b = flags.stride(0) if flags is not None and flags.shape[0] > 1 else 0
+    kernel[(b, h)](q, k, v, out, classes, classes if flags is None else flags,
                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-                   v.stride(2), out.stride(0), out.stride(2), classes.stride(0), mask_b, flags.stride(-1),
-                   nk, classes.shape[1], h // k.shape[1], scale, alpha, p, rho, summ,
-                   HEAD_D=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), BLOCK_N=64, MODE=MODES[mode],
-                   HAS_MASK=mask is not None, num_warps=4)
+                   v.stride(2), out.stride(0), out.stride(2), classes.stride(0), mask_b,
+                   1 if flags is None else flags.stride(-1), k.shape[2], classes.shape[1], h // k.shape[1], scale,
+                   alpha, p, rho, summ, HEAD_D=d, BLOCK_D=max(16, 1 << (d - 1).bit_length()), BLOCK_N=64,
+                   MODE=mode, HAS_MASK=flags is not None, num_warps=4)
     return out
+
+
+def _empty_row(q: Tensor) -> Tensor:
+    b, h, _, d = q.shape
+    return torch.empty(b, 1, h, d, dtype=q.dtype, device=q.device)
+
+
+def _row_traced(q: Tensor, k: Tensor, v: Tensor, flags: Tensor | None, classes: Tensor, scale: float, mode: int,
+                alpha: float, p: float, rho: float, summ: float) -> Tensor:
+    return _row(q, k, v, flags, classes, scale, mode, alpha, p, rho, summ, traced=True)
+
+
+_row_op = op("visattn::reweighted_decode", _row_traced, lambda q, *args: _empty_row(q))

@@ -8,6 +8,10 @@ of the KV cache from the forward that started it (empty cache) through every cac
 forward with an empty cache must show image tokens; a continuation must continue the cache the
 previous forward left.
 
+Under ``torch.compile`` nothing here reads a tensor on the host (a read is a graph break): the columns grow by
+each forward's tokens whatever they are, and the check that a prompt holds image tokens is made in eager
+forwards only (a compiled one without them leaves the attention as it is: there is no image to act on).
+
 :func:`rows_index` turns a per-sample row mask into the ``[B, R]`` index that
 :func:`visattn.core.redistribute.attend_rows` takes, and :func:`write_rows` puts rows computed that way
 back into the stock attention output.
@@ -58,19 +62,22 @@ class ImageKeys:
 
     Attributes (valid inside a forward):
         fresh: the forward has no past (prefill or a forward without cache).
-        has_image: the forward's own tokens include image tokens.
         real: ``[B, q]`` bool, the forward's tokens that the attention mask keeps.
         image: ``[B, q]`` bool, the forward's image tokens.
         after_image: ``[B, q]`` bool, tokens with an image token at or before them (cache included).
-        columns: ``[B, n]`` bool, image key columns from the start of the cache, ``n`` <= the key count
-            (columns past ``n`` are no image).
+        columns: ``[B, n]`` bool, image key columns from the start of the cache (``n``: the key count).
         first_real: ``[B]`` int, the first real token of each sample (of the fresh forward).
     """
 
-    def __init__(self, model: nn.Module, patcher: Patcher, method: str) -> None:
+    def __init__(self, model: nn.Module, patcher: Patcher, method: str,
+                 then: Callable[[ModelCall], None] | None = None) -> None:
+        """Follow ``model``'s forwards; ``then(call)`` runs after each forward's start has been read, in the same
+        hook (one hook of the model: ``torch.compile`` traces the hooks of a compiled module each in a frame of
+        its own, and a hook frame that does nothing in some call is skipped in later ones)."""
         self.method = method
         self.token = image_token_id(model, method)
         self._forwards: PerThread[_Forward] = PerThread(_Forward)
+        self._then = then
         tfa.on_call(model, patcher, self._start)
 
     def __getattr__(self, name: str) -> Any:  # the attributes of this thread's forward
@@ -89,10 +96,9 @@ class ImageKeys:
         q = ids.shape[1]
         now.real = mask[:, -q:].bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         now.image = (ids == self.token) & now.real
-        now.has_image = bool(now.image.any())
         now.fresh = past_len == 0
         if now.fresh:
-            if not now.has_image:
+            if not torch.compiler.is_compiling() and not bool(now.image.any()):
                 raise ShapeError(f"{self.method}: the input has no image tokens (config.image_token_id = "
                                  f"{self.token}); the method needs the image in the prompt")
             now.columns = now.image
@@ -104,11 +110,11 @@ class ImageKeys:
                                  f"method did not see being built; start from a forward without past_key_values")
             seen = now.columns.any(1, keepdim=True)
             now.after_image = seen | (now.image.cumsum(1) > 0)
-            if now.has_image:
-                pad = now.columns.new_zeros(ids.shape[0], past_len - now.columns.shape[1])
-                now.columns = torch.cat([now.columns, pad, now.image], 1)
+            now.columns = torch.cat([now.columns, now.image], 1)
         now.num_keys = past_len + q
         now.memo = {}
+        if self._then is not None:
+            self._then(call)
 
     def text_rows(self) -> tuple[Tensor, Tensor] | None:
         """:func:`rows_index` of this forward's text rows: real, not image, with an image before them."""
@@ -124,9 +130,10 @@ class ImageKeys:
 
 def rows_index(rows: Tensor) -> tuple[Tensor, Tensor] | None:
     """``[B, q]`` bool -> (``index`` ``[B, R]`` of the True rows, first in order, ``valid`` ``[B, R]``), or
-    ``None`` when no row is True. ``R`` is the largest count; a sample's slots past its count are not valid."""
+    ``None`` when no row is True. ``R`` is the largest count (read on the host), or under ``torch.compile`` ``q``
+    (a shape known when tracing); a sample's slots past its count are not valid."""
     counts = rows.sum(1)
-    r = int(counts.max())
+    r = rows.shape[1] if torch.compiler.is_compiling() else int(counts.max())
     if r == 0:
         return None
     order = torch.sort((~rows).int(), dim=1, stable=True).indices[:, :r]

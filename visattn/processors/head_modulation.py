@@ -172,13 +172,14 @@ class HeadModulation(Method):
         handle = HeadModulationHandle(self.name, model, options, patcher)
         language = tfa.language_layers(model)
         layers = [language[i] for i in _decoder_layers(options["strategy"], options["decoder_layers"], len(language))]
-        keys = ImageKeys(model, patcher, self.name)
         alpha = options["alpha"]
         if options["strategy"] == "pai":
+            keys = ImageKeys(model, patcher, self.name)
             make_route = _pai(keys, alpha, options["strict"])
         elif options["strategy"] == "vhr":
-            make_route = _vhr(model, patcher, keys, handle, alpha, options["top"])
+            keys, make_route = _vhr(model, patcher, handle, alpha, options["top"])
         else:
+            keys = ImageKeys(model, patcher, self.name)
             make_route = _imbalance(model, patcher, keys, handle, alpha, options["select"])
         tfa.route_attention(model, patcher, layers, make_route)
         return handle
@@ -219,8 +220,8 @@ def _pai(keys: ImageKeys, alpha: float, strict: bool) -> tfa.RouteFactory:
     return make_route
 
 
-def _vhr(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModulationHandle, alpha: float,
-         top: float) -> tfa.RouteFactory:
+def _vhr(model: nn.Module, patcher: Patcher, handle: HeadModulationHandle, alpha: float,
+         top: float) -> tuple[ImageKeys, tfa.RouteFactory]:
     takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def calibrate(call: tfa.ModelCall) -> None:
@@ -238,7 +239,7 @@ def _vhr(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModula
         finally:
             measured.ablating = False
 
-    tfa.on_call(model, patcher, calibrate)
+    keys = ImageKeys(model, patcher, "head_modulation", then=calibrate)
 
     def make_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:
         def route(call: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -263,6 +264,7 @@ def _vhr(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModula
                 vhd = (out[:, -1].float() - measured.without.pop(layer).float()).norm(dim=-1)
                 reinforced = vhd.topk(math.ceil(top * vhd.shape[1]), dim=-1).indices
                 head_gains = torch.ones_like(vhd).scatter_(1, reinforced, 1.0 + alpha)
+                head_gains = torch.where(keys.columns.any(1, keepdim=True), head_gains, 1.0)  # no image: no VHD
                 measured.vhd[layer], measured.head_gains[layer] = vhd, head_gains
                 measured.gains[layer] = head_gains[:, None, :, None].to(out.dtype)
             out[:, -1:] *= measured.gains[layer]
@@ -270,7 +272,7 @@ def _vhr(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModula
 
         return route
 
-    return make_route
+    return keys, make_route
 
 
 def _projector(model: nn.Module) -> nn.Module:
@@ -316,10 +318,11 @@ def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: Head
         (cls, output), measured.features = measured.features, None
         side = math.isqrt(output.shape[1])
         chosen = dual_stream_selection(cls, spatial_contrast(output, (side, side)), select)
-        where = keys.image.nonzero()
-        if where.shape[0] != chosen.numel():
-            raise ShapeError(f"head_modulation: {where.shape[0]} image tokens for {chosen.numel()} image patches")
-        measured.selected = torch.zeros_like(keys.image).index_put_(tuple(where.T), chosen.flatten())
+        if not torch.compiler.is_compiling():  # a host read; compiled, the stock model's own check stands
+            count = int(keys.image.sum())
+            if count != chosen.numel():
+                raise ShapeError(f"head_modulation: {count} image tokens for {chosen.numel()} image patches")
+        measured.selected = torch.zeros_like(keys.image).masked_scatter(keys.image, chosen.flatten())
         return measured.selected
 
     tfa.after_call(_projector(model), patcher, record_features)
@@ -332,10 +335,10 @@ def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: Head
                 return call(module, query, key, value, attention_mask, **kwargs)
             scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
             mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
-            n = keys.columns.shape[1]
             measured = handle.measured.get()
             weights = measured.weights
-            if not keys.fresh and weights[layer].shape[-1] != n:
+            n = keys.columns.shape[1] if keys.fresh else weights[layer].shape[-1]  # the prompt's columns
+            if not keys.fresh and query.shape[2] > 1 and not torch.compiler.is_compiling() and keys.image.any():
                 raise ShapeError("head_modulation: strategy 'imbalance' selects image tokens when the prompt is first "
                                  "run; a cached continuation cannot add images")
 

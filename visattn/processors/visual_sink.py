@@ -57,8 +57,7 @@ class _Sinks:
     def __init__(self) -> None:
         self.dims: dict[int, Tensor] = {}
         self.tokens: dict[int, Tensor] = {}
-        self.present: dict[int, bool] = {}
-        self.columns: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # image columns -> (sinks, classes)
+        self.present: dict[int, bool] = {}  # the layer has sinks (always True when found in a compiled forward)
 
 
 class VisualSinkHandle(Handle):
@@ -111,16 +110,6 @@ class VisualSink(Method):
         keys = ImageKeys(model, patcher, self.name)
         p, tau, rho, summ, strict = (options[k] for k in ("p", "tau", "rho", "summ", "strict"))
 
-        def sink_columns(found: _Sinks, layer: int) -> tuple[Tensor, Tensor]:
-            """The layer's sink columns ``[B, n]`` and key classes (0 text, 1 sink, 2 other image) for the
-            current image columns ``[B, n]``, recomputed only when those change."""
-            image, columns = keys.columns, found.columns
-            if layer not in columns or columns[layer][0] is not image:
-                tokens = found.tokens[layer]
-                sinks = F.pad(tokens, (0, image.shape[1] - tokens.shape[1])) & image
-                columns[layer] = image, sinks, image.to(torch.int8) * 2 - sinks.to(torch.int8)
-            return columns[layer][1:]
-
         def detect(layer: int) -> Callable[[tfa.ModelCall], None]:
             def hook(call: tfa.ModelCall) -> None:
                 if not keys.fresh:  # a continuation adds no image tokens the sinks could be among
@@ -128,8 +117,8 @@ class VisualSink(Method):
                 found = handle.found.get()
                 dims, tokens = find_sinks(call.arguments["hidden_states"], keys.first_real, tau)
                 found.dims[layer], found.tokens[layer] = dims, tokens & keys.image
-                found.present[layer] = bool(found.tokens[layer].any())
-                found.columns.pop(layer, None)
+                # which layers have sinks is read on the host in eager forwards only (a read breaks a graph)
+                found.present[layer] = torch.compiler.is_compiling() or bool(found.tokens[layer].any())
 
             return hook
 
@@ -144,16 +133,17 @@ class VisualSink(Method):
                     return call(module, query, key, value, attention_mask, **kwargs)
                 scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
                 mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
-                image = keys.columns
+                image = keys.columns  # every key column; the sinks are among the prompt's
                 n = image.shape[1]
-                sinks, classes = sink_columns(found, layer)
+                sinks = F.pad(found.tokens[layer], (0, n - found.tokens[layer].shape[1]))
 
                 def probs_fn(probs: Tensor) -> Tensor:
                     probs[..., :n] = redistribute(probs[..., :n], sinks[:, None, None, :], image[:, None, None, :],
                                                   p=p, rho=rho, summ=summ)
                     return probs
 
-                if query.shape[2] == 1 and not keys.has_image:  # a decode step: one generated text row
+                if query.shape[2] == 1 and not keys.fresh:  # a decode step: one generated text row
+                    classes = keys.once("classes", lambda: image.to(torch.int8) * 2) - sinks.to(torch.int8)
                     out = reweighted_decode.decode_row(query, key, value, mask, classes, scale=scale, mode="var",
                                                        p=p, rho=rho, summ=summ, strict=strict)
                     if out is not None:

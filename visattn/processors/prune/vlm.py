@@ -85,10 +85,11 @@ DEFAULT_LAYER = 2
 
 class Selection:
     """One pruning decision, ToMe's ``merge`` pattern for token removal: the prompt positions each sample
-    keeps, ``kept`` ``[B, n]`` (ascending), applied alike to everything laid out along the sequence."""
+    keeps, ``kept`` ``[B, n]`` (ascending), applied alike to everything laid out along the sequence; each sample
+    drops ``dropped`` visual tokens."""
 
-    def __init__(self, kept: Tensor) -> None:
-        self.kept = kept
+    def __init__(self, kept: Tensor, dropped: int) -> None:
+        self.kept, self.dropped = kept, dropped
 
     def tokens(self, x: Tensor, dim: int = 1) -> Tensor:
         """Hidden states, embeddings or a 2-D mask, at the kept positions along ``dim``."""
@@ -142,8 +143,8 @@ class Stage:
 
     def decide(self, generation: Generation) -> Selection | None:
         """This stage's :class:`Selection` in ``generation``'s prefill (``None``: it drops nothing)."""
-        dropped = num_dropped(self.keep, generation.visual.sum(-1))
-        return Selection(kept_indices(self.score(generation), generation.visual, dropped)) if dropped else None
+        dropped = num_dropped(self.keep, generation.counts)
+        return Selection(kept_indices(self.score(generation), generation.visual, dropped), dropped) if dropped else None
 
 
 def _gather_seq(x: Tensor, index: Tensor, dim: int) -> Tensor:
@@ -166,13 +167,16 @@ class Generation:
     def __init__(self) -> None:
         self.prefill = False
         self.visual: Tensor | None = None  # [B, N] candidates in the current sequence (prefill)
+        self.counts: list[int] = []  # candidates per sample in the current sequence (prefill)
+        self.instruction = 1  # the rows of text after the last image token of every sample (at least 1)
         self.input_kept: Tensor | None = None  # positions of the prompt kept at the input, [B, n]
         self.prompt_length = 0  # the prompt's length before / after the input stage
         self.input_length = 0
-        #: per decoder layer, the positions of the language model's input its cache holds (None: all)
-        self.columns: dict[int, Tensor] = {}
+        #: per decoder layer, the positions of the language model's input its cache holds (absent: all), with the
+        #: layer whose pruning decided them (layers sharing a decision share one decode mask, keyed by that layer)
+        self.columns: dict[int, tuple[int, Tensor]] = {}
         self.current: dict[str, Any] | None = None  # short decoder kwargs of this forward
-        self.decode_masks: dict[int, Tensor | None] = {}
+        self.decode_masks: dict[int, Tensor] = {}
         #: per stage layer, the kept positions of the last prefill, in the prompt's positions
         self.kept: dict[int, Tensor] = {}
         #: what the attention routes and layer hooks recorded in this forward: "rows" (per layer, the last rows'
@@ -181,6 +185,11 @@ class Generation:
         #: the vision tower's [CLS] attention per layer; transformers >= 5.23's generate() runs the vision tower
         #: before the model's forward, so these live until the input stage reads them
         self.vision_scores: dict[int, Tensor] = {}
+
+    def select(self, selection: Selection) -> None:
+        """The candidates after ``selection`` drops its tokens from the current sequence."""
+        self.visual = selection.tokens(self.visual)
+        self.counts = [n - selection.dropped for n in self.counts]
 
 
 class VlmPruner:
@@ -211,11 +220,15 @@ class VlmPruner:
         visual = input_ids == self.image_token_id
         if attention_mask is not None and attention_mask.dim() == 2:
             visual &= attention_mask.bool()
-        missing = (visual.sum(-1) == 0).nonzero()[:, 0].tolist()
+        after = visual.flip(1).int().argmax(1)  # tokens after each sample's last image token (left padded: the text)
+        # How many tokens each stage drops depends on these counts: the one host read of a prompt (under
+        # torch.compile, the one graph break prune adds)
+        counts, after = torch.stack([visual.sum(-1), after]).tolist()
+        missing = [b for b, n in enumerate(counts) if not n]
         if missing:
             raise ShapeError(f"prune: sample(s) {missing} of the batch hold no image tokens "
                              f"(config.image_token_id={self.image_token_id}); every sample needs an image")
-        gen.visual, gen.columns, gen.kept = visual, {}, {}
+        gen.visual, gen.counts, gen.instruction, gen.columns, gen.kept = visual, counts, max(min(after), 1), {}, {}
         gen.input_kept, gen.prompt_length = None, input_ids.shape[1]
 
     # -- stage at the language model's input ---------------------------------------------------------
@@ -239,7 +252,7 @@ class VlmPruner:
                 kwargs.update(inputs_embeds=selection.tokens(embeds), position_ids=selection.positions(positions))
                 if mask is not None:
                     kwargs["attention_mask"] = selection.tokens(mask)
-                gen.visual = selection.tokens(gen.visual)
+                gen.select(selection)
                 gen.input_kept = gen.kept[0] = selection.kept
             gen.input_length = kwargs["inputs_embeds"].shape[1]
         elif gen.input_kept is not None:
@@ -261,14 +274,15 @@ class VlmPruner:
             stage = self.stages.get(index)
             selection = None if not index or stage is None else stage.decide(gen)
             return hidden if selection is None else self._drop(gen, stage, selection, hidden, kwargs)
-        columns = gen.columns.get(index)
+        decided = gen.columns.get(index)
         mask = kwargs.get("attention_mask")
-        if columns is not None and mask is not None:
-            if id(columns) not in gen.decode_masks:
+        if decided is not None and mask is not None:
+            source, columns = decided
+            if source not in gen.decode_masks:
                 extra = torch.arange(gen.input_length, mask.shape[-1], device=mask.device)
                 full = torch.cat([columns, extra.expand(columns.shape[0], -1)], dim=1)
-                gen.decode_masks[id(columns)] = _gather_seq(mask, full, -1)
-            kwargs["attention_mask"] = gen.decode_masks[id(columns)]
+                gen.decode_masks[source] = _gather_seq(mask, full, -1)
+            kwargs["attention_mask"] = gen.decode_masks[source]
         return hidden
 
     def _drop(self, gen: Generation, stage: Stage, selection: Selection, hidden: Tensor,
@@ -285,11 +299,11 @@ class VlmPruner:
         gen.current = {"attention_mask": mask, "position_embeddings": (selection.rotary(cos), selection.rotary(sin)),
                        "position_ids": None if positions is None else selection.positions(positions)}
         kwargs.update(gen.current)
-        gen.visual = selection.tokens(gen.visual)
+        gen.select(selection)
         before = gen.columns.get(stage.layer)
-        columns = selection.kept if before is None else selection.of(before)
+        columns = selection.kept if before is None else selection.of(before[1])
         for later in range(stage.layer, self.num_layers):
-            gen.columns[later] = columns
+            gen.columns[later] = stage.layer, columns
         gen.kept[stage.layer] = columns if gen.input_kept is None else gen.input_kept.gather(1, columns)
         return selection.tokens(hidden)
 
@@ -301,10 +315,10 @@ class VlmPruner:
         if not gen.prefill or cache is None or not rows:
             return
         layers = sorted(rows)
-        counts = gen.visual.sum(-1)
         shares = torch.stack([vision_share(rows[i], gen.visual) for i in layers])
+        # each layer's cache length follows from its attention: a host read (under torch.compile a graph break)
         for i, retention in zip(layers, layer_retention(shares, self.keep).tolist()):
-            dropped = num_dropped(retention, counts)
+            dropped = num_dropped(retention, gen.counts)
             if not dropped:
                 continue
             entry = cache.layers[i]
@@ -316,7 +330,7 @@ class VlmPruner:
             order = (gen.visual.gather(1, kept.flatten(1)).view_as(kept) * n + kept).argsort(-1)
             selection = CacheSelection(kept.gather(-1, order))
             selection.apply(entry)
-            gen.columns[i] = selection.kept[:, 0]
+            gen.columns[i] = i, selection.kept[:, 0]
             gen.kept[i] = selection.kept
 
 
@@ -426,9 +440,9 @@ def _cls_plan(model: nn.Module, options: dict[str, Any], keep: float) -> Plan:
             raise ShapeError("prune: strategy 'cls' needs the image features of this call (pixel_values)")
         per_image = torch.stack(list(gen.vision_scores.values())).mean(0)[:, skip_cls:].flatten()
         gen.vision_scores.clear()
-        if per_image.numel() != int(gen.visual.sum()):
+        if per_image.numel() != sum(gen.counts):
             raise ShapeError(f"prune: the vision tower gave {per_image.numel()} image features for "
-                             f"{int(gen.visual.sum())} image tokens")
+                             f"{sum(gen.counts)} image tokens")
         return torch.zeros(gen.visual.shape, device=per_image.device).masked_scatter(gen.visual, per_image)
 
     return Plan([Stage(0, keep, score)], {i: record(i) for i in vision_layers}, frozenset(vision_layers))
@@ -439,17 +453,11 @@ def _rows_recorder(index: int, instruction: bool) -> Recorder:
     image, averaged) of decoder layer ``index``."""
 
     def run(gen: Generation, query: Tensor, key: Tensor, scale: float, mask: Tensor | None) -> None:
-        span = slice(-_instruction_rows(gen.visual) if instruction else -1, None)
+        span = slice(-gen.instruction if instruction else -1, None)
         bias = additive_bias(None if mask is None else mask[..., span, :])
         gen.captured.setdefault("rows", {})[index] = row_attention(query[:, :, span], key, scale, bias).mean(2)
 
     return run
-
-
-def _instruction_rows(visual: Tensor) -> int:
-    """Rows of the text after each sample's last image token (left padding aligns the ends)."""
-    last = visual.shape[1] - 1 - visual.flip(1).int().argmax(1)
-    return max(int((visual.shape[1] - 1 - last).min()), 1)
 
 
 def _last_rows(index: int) -> Callable[[Generation], Tensor]:
