@@ -85,6 +85,21 @@ def graph_breaks(run: Callable[[], Any]) -> int:
     return len(torch._dynamo.explain(run)().break_reasons)
 
 
+def assert_compiles_once(model: torch.nn.Module, call: Callable[[torch.nn.Module], torch.Tensor], eager: torch.Tensor,
+                         rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    """``call(torch.compile(model))`` (backend ``aot_eager``) three times: each equals ``eager``, and the second and
+    third calls compile nothing."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    outputs = [call(compiled)]
+    frames = counter.frame_count
+    outputs += [call(compiled) for _ in range(2)]
+    assert counter.frame_count == frames, "a call of the same shapes compiled again"
+    for out in outputs:
+        torch.testing.assert_close(out, eager, rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("family,method,options,extra,why", CASES,
                          ids=[f"{c[0]}-{c[1]}-{'-'.join(f'{k}={v}' for k, v in c[2].items())}" for c in CASES])
 def test_method_compiles_like_the_stock_model(family: str, method: str, options: dict, extra: int | None,
@@ -98,16 +113,7 @@ def test_method_compiles_like_the_stock_model(family: str, method: str, options:
             breaks = graph_breaks(lambda: call(model))
             if extra is not None:
                 assert breaks <= stock + extra, f"{breaks} graph breaks, stock has {stock} ({why or 'none allowed'})"
-            eager = call(model)
-            torch._dynamo.reset()
-            counter = CompileCounterWithBackend("aot_eager")
-            compiled = torch.compile(model, backend=counter)
-            first = call(compiled)
-            frames = counter.frame_count
-            outputs = [first] + [call(compiled) for _ in range(2)]
-            assert counter.frame_count == frames, "a call of the same shapes compiled again"
-            for out in outputs:
-                torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+            assert_compiles_once(model, call, call(model))
         finally:
             visattn.remove(model)
             torch._dynamo.reset()
@@ -163,15 +169,7 @@ def test_vision_language_method_compiles_like_the_stock_model(family: str, metho
             assert breaks <= allowed, f"{breaks} graph breaks, stock has {stock} ({why or 'none allowed'})"
             eager = call(model)
             assert not torch.equal(eager, reference), "the method changes nothing in this case"
-            torch._dynamo.reset()
-            counter = CompileCounterWithBackend("aot_eager")
-            compiled = torch.compile(model, backend=counter)
-            outputs = [call(compiled)]
-            frames = counter.frame_count
-            outputs += [call(compiled) for _ in range(2)]
-            assert counter.frame_count == frames, "a call of the same shapes compiled again"
-            for out in outputs:
-                torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+            assert_compiles_once(model, call, eager, rtol=1e-4)
         finally:
             visattn.remove(model)
             torch._dynamo.reset()
@@ -214,16 +212,7 @@ def test_vision_language_decode_step_compiles_like_the_stock_model(method: str, 
             inputs = prefill()
             breaks = graph_breaks(lambda: model(**inputs))
             assert breaks <= stock, f"{breaks} graph breaks in a decode step, stock has {stock}"
-            eager = step(model)
-            torch._dynamo.reset()
-            counter = CompileCounterWithBackend("aot_eager")
-            compiled = torch.compile(model, backend=counter)
-            outputs = [step(compiled)]
-            frames = counter.frame_count
-            outputs += [step(compiled) for _ in range(2)]
-            assert counter.frame_count == frames, "a step of the same shapes compiled again"
-            for out in outputs:
-                torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+            assert_compiles_once(model, step, step(model), rtol=1e-4)
         finally:
             visattn.remove(model)
             torch._dynamo.reset()
@@ -248,15 +237,7 @@ def test_inspect_on_a_vision_language_model_compiles_and_records() -> None:
             assert graph_breaks(lambda: call(model)) <= stock
             eager = call(model)
             handle.clear()
-            torch._dynamo.reset()
-            counter = CompileCounterWithBackend("aot_eager")
-            compiled = torch.compile(model, backend=counter)
-            outputs = [call(compiled)]
-            frames = counter.frame_count
-            outputs += [call(compiled) for _ in range(2)]
-            assert counter.frame_count == frames
-            for out in outputs:
-                torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+            assert_compiles_once(model, call, eager)
             assert len(handle.maps[0]) == 3
         finally:
             visattn.remove(model)

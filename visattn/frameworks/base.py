@@ -112,13 +112,33 @@ F = TypeVar("F", bound=Callable[..., Any])
 K = TypeVar("K")
 
 
+_CONSTANTS: dict[tuple, Any] = {}
+_CONSTANTS_KEPT = 256
+
+
 def constant(fn: F) -> F:
     """``fn``, a pure function of hashable arguments that builds index tensors (a permutation, block lists),
-    memoised (``functools.lru_cache``) for eager calls. ``torch.compile`` sees through the cache and traces ``fn``
-    (it warns so once): a compiled graph rebuilds the tensors in each call, so ``fn`` must not read tensors on the
-    host. (Marked as a constant result on a plain wrapper, dynamo would hold the tensors as graph constants, but
-    then fails to read their shapes: tried on torch 2.11 and 2.14.)"""
-    return torch.compiler.assume_constant_result(functools.lru_cache(maxsize=64)(fn))
+    memoised: each result is built once by an eager call and kept (the last 256). A call traced by
+    ``torch.compile`` takes a kept result as an input of the graph, so the compiled graph does not rebuild it;
+    one not yet built is built inside the graph, in every call, and not kept (a dict filled while tracing would
+    make the next call compile again). ``fn`` must not read tensors on the host. (Results marked as constants
+    through ``torch.compiler.assume_constant_result`` would be graph constants, but dynamo then fails to read
+    their shapes: tried on torch 2.11 and 2.14.)"""
+    name = f"{fn.__module__}.{fn.__qualname__}"
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        key = (name, *args)
+        value = _CONSTANTS.get(key)
+        if value is None:
+            value = fn(*args)
+            if not torch.compiler.is_compiling():
+                if len(_CONSTANTS) >= _CONSTANTS_KEPT:
+                    del _CONSTANTS[next(iter(_CONSTANTS))]
+                _CONSTANTS[key] = value
+        return value
+
+    return call  # type: ignore[return-value]
 
 
 def memo(cache: dict[K, T], key: K, make: Callable[[], T]) -> T:
