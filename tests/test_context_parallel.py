@@ -97,7 +97,8 @@ def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(OptionError, match="install must be one of 'processor', 'attention_backend'"):
         visattn.apply(_model()[0], "sparse_video", install="backend")
     cogvideox, _ = _model("cogvideox")
-    with pytest.raises(UnsupportedModelError, match="dispatch_attention_fn: WanTransformer3DModel, Flux.*"
+    with pytest.raises(UnsupportedModelError, match=r"dispatch_attention_fn; the processors of CogVideoX.*"
+                                                    r"\(transformer_blocks.0.attn1\) call SDPA directly: use "
                                                     "install='processor'"):
         visattn.apply(cogvideox, "sparse_video", install="attention_backend")
     assert not visattn.applied(cogvideox)

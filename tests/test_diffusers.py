@@ -176,7 +176,7 @@ def test_call_grid_and_token_layout_per_family(case: Case) -> None:
     grid, text_tokens = adapter.call_grid(case.model, case.inputs)
     assert grid == case.grid and text_tokens == T
     for layer, (num_tokens, layer_grid, grid_start, text) in enumerate(case.layouts):
-        layout = adapter.token_layout(case.model, layer, grid, text_tokens)
+        layout = adapter.token_layout(case.model, layer, grid, case.maps[layer][0])
         assert (layout.num_tokens, layout.grid, layout.grid_start, layout.text) == (
             num_tokens, layer_grid, grid_start, text), layer
         assert layout.num_tokens == case.maps[layer][0]  # the query length inspect recorded
@@ -201,7 +201,7 @@ def test_install_context_tracks_timestep_step_and_layer(case: Case) -> None:
     torch.testing.assert_close(ctx.timestep, case.inputs["timestep"] * 0.5)
     n = len(case.maps)
     assert seen == list(range(n)) * 3 and ctx.layer is None
-    assert ctx.extra == {"grid": case.grid, "text_tokens": T}
+    assert ctx.extra == {"grid": case.grid}
     assert torch.equal(_run(model, case.inputs), case.out)
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
@@ -368,7 +368,7 @@ def test_install_context_counts_pipeline_steps(dit_pipe: diffusers.DiTPipeline) 
     ctx = contexts.get()
     assert ctx.step == 2
     assert int(ctx.timestep.flatten()[0]) == int(dit_pipe.scheduler.timesteps[-1])
-    assert ctx.extra is None  # DiT is not a family with a known token layout
+    assert ctx.extra == {"grid": (4, 4)}  # DiT: a family with a known token layout
 
 
 def test_pipeline_without_denoiser_is_rejected() -> None:

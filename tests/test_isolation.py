@@ -90,7 +90,7 @@ def test_imposed_pattern_seen_through_inspect(case, inspect_first: bool) -> None
         module = dict(model.named_modules())[name]
         if getattr(module, "is_cross_attention", False):
             continue
-        layer_grid = adapter.token_layout(model, layer, grid, text).grid
+        layer_grid = adapter.layer_grid(model, layer, grid)
         prefix = text if family == "flux" else 0
         ref_map, target_map = handle.maps[layer]  # the references' call, then the target's
         n = layer_grid[0] * layer_grid[1]

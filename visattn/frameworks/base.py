@@ -26,7 +26,7 @@ import functools
 import importlib
 import itertools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Generic, Protocol, TypeVar
@@ -204,16 +204,23 @@ class LazyAdapter:
         return getattr(self._module, name)
 
 
-def select_layers(names: Sequence[str], layers: Sequence[int] | None, method: str) -> list[int]:
-    """Indices of the chosen layers, checked against the model's attention layers."""
+def select_layers(names: Sequence[str], layers: Sequence[int] | None, method: str,
+                  without: Mapping[int, str] | None = None) -> list[int]:
+    """Indices of the chosen layers, checked against the model's attention layers; ``without`` maps the layers the
+    method cannot serve to the reason (left out of ``layers=None``, an error when chosen)."""
     from ..errors import OptionError
 
+    without = without or {}
     if layers is None:
-        return list(range(len(names)))
+        return [i for i in range(len(names)) if i not in without]
     bad = [i for i in layers if i >= len(names)]
     if bad:
         raise OptionError(f"{method}: layers {bad} out of range; this model has {len(names)} attention layers "
                           f"(0..{len(names) - 1})")
+    refused = [i for i in layers if i in without]
+    if refused:
+        raise OptionError(f"{method}: cannot serve attention layer {refused[0]} ({names[refused[0]]}): "
+                          f"{without[refused[0]]}")
     return sorted(layers)
 
 

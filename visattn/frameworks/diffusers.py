@@ -1,14 +1,16 @@
 """diffusers: finding attention layers, observing them, swapping their processors, per-call context
 and token layouts.
 
-Checked against diffusers 0.42.1 (torch 2.14) on UNet2DConditionModel, FluxTransformer2DModel,
-SD3Transformer2DModel, WanTransformer3DModel, CogVideoXTransformer3DModel,
-HunyuanVideoTransformer3DModel and PixArtTransformer2DModel.
+Checked against diffusers 0.42.1 and 0.37.0 on the families of :data:`FAMILIES` (tiny random configs):
+the UNet, the image DiTs (PixArt, DiT, Sana, SD3 / 3.5, AuraFlow, CogView4, Lumina2, Flux, Chroma, Flux2,
+Qwen-Image) and the video DiTs (Wan with its image-to-video and VACE variants, SkyReels-V2, LTX, CogVideoX,
+HunyuanVideo and 1.5, Mochi). A family is one :class:`Family` entry: where a call's token grid is read and where
+self-attention puts the tokens that are not the grid.
 
 Attention layers are the modules diffusers gives an attention processor: instances of
 ``diffusers.models.attention_processor.Attention`` and of the ``AttentionModuleMixin`` classes
-(``FluxAttention``, ``WanAttention``...). Their order is execution order: module order, except that
-a UNet's ``mid_block`` (registered after ``up_blocks``) runs between the down and up blocks.
+(``FluxAttention``, ``WanAttention``...), and Mochi's look-alike. Their order is execution order (module
+order, except for the children :attr:`Family.order` names).
 
 Observation. Every stock processor of these models ends in
 ``torch.nn.functional.scaled_dot_product_attention`` (SDPA): directly (``AttnProcessor2_0``,
@@ -46,41 +48,96 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
-from diffusers.models import attention_dispatch
+from diffusers.models import attention_dispatch, attention_processor
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
 from torch.overrides import TorchFunctionMode
 
 from ..core.layout import TokenLayout
-from ..errors import UnsupportedModelError
+from ..errors import ShapeError, UnsupportedModelError
 from ..patching import Patcher
 from .base import CallContext, Observer, PerThread
 
-SUPPORTED_MODELS = ("UNet2DConditionModel", "FluxTransformer2DModel", "SD3Transformer2DModel",
-                    "WanTransformer3DModel", "CogVideoXTransformer3DModel", "HunyuanVideoTransformer3DModel",
-                    "PixArtTransformer2DModel")
-_TEXT_FIRST = ("FluxTransformer2DModel", "CogVideoXTransformer3DModel")
+
+@dataclass(frozen=True)
+class Family:
+    """How a diffusers denoiser class lays out its tokens: the one table entry a family needs.
+
+    ``grid``: where a call's token grid is read (:func:`call_grid`): ``"latent"`` (the latent ``[B, C, H, W]``
+    or ``[B, C, F, H, W]`` over the config's patch sizes), ``"frames_first"`` (``[B, F, C, H, W]``), ``"ids"``
+    (packed latents, the extent of ``img_ids``), ``"img_shapes"`` (packed, Qwen-Image's ``img_shapes``),
+    ``"sizes"`` (packed, LTX's ``num_frames``, ``height``, ``width``). ``text``: where self-attention that
+    holds more than the grid puts the other tokens (text, registers, image embeddings): ``"before"`` or
+    ``"after"`` the grid, ``""`` where self-attention holds the grid alone. ``text_only``: name prefixes of
+    attention layers over the text alone (refiners). ``cross``: attribute names of cross-attention layers
+    where the module does not say ``is_cross_attention``. ``order``: children whose attention layers run
+    in this order rather than in module order.
+    """
+
+    rank: int
+    grid: str = "latent"
+    text: str = ""
+    text_only: tuple[str, ...] = ()
+    cross: tuple[str, ...] = ()
+    order: tuple[str, ...] = ()
+
+
+FAMILIES: dict[str, Family] = {
+    "UNet2DConditionModel": Family(2, order=("down_blocks", "mid_block", "up_blocks")),
+    "PixArtTransformer2DModel": Family(2),
+    "DiTTransformer2DModel": Family(2),
+    "SanaTransformer2DModel": Family(2),
+    "SD3Transformer2DModel": Family(2, text="after"),
+    "AuraFlowTransformer2DModel": Family(2, text="before"),  # 8 registers, then the text, then the image
+    "CogView4Transformer2DModel": Family(2, text="before"),
+    "Lumina2Transformer2DModel": Family(2, text="before", text_only=("context_refiner.",),
+                                        order=("context_refiner", "noise_refiner", "layers")),
+    "FluxTransformer2DModel": Family(2, grid="ids", text="before"),
+    "ChromaTransformer2DModel": Family(2, grid="ids", text="before"),
+    "Flux2Transformer2DModel": Family(2, grid="ids", text="before"),
+    "QwenImageTransformer2DModel": Family(2, grid="img_shapes", text="before"),
+    "WanTransformer3DModel": Family(3),
+    "WanVACETransformer3DModel": Family(3, order=("vace_blocks", "blocks")),
+    "SkyReelsV2Transformer3DModel": Family(3),
+    "LTXVideoTransformer3DModel": Family(3, grid="sizes", cross=("attn2",)),
+    "CogVideoXTransformer3DModel": Family(3, grid="frames_first", text="before"),
+    "HunyuanVideoTransformer3DModel": Family(3, text="after", text_only=("context_embedder.",)),
+    "HunyuanVideo15Transformer3DModel": Family(3, text="after", text_only=("context_embedder.",)),
+    "MochiTransformer3DModel": Family(3, text="after"),
+}
+SUPPORTED_MODELS = tuple(FAMILIES)
 NATIVE_BACKEND = attention_dispatch.AttentionBackendName.NATIVE  # torch SDPA, diffusers' default
 _SDPA = torch._C._nn.scaled_dot_product_attention  # what F.scaled_dot_product_attention is
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
+# diffusers' attention modules: Attention, the AttentionModuleMixin classes, and Mochi's look-alike (a plain module
+# with a processor); the processors that run linear attention (no softmax), Sana's
+ATTENTION_CLASSES = (Attention, AttentionModuleMixin, attention_processor.MochiAttention)
+LINEAR_PROCESSORS = tuple(getattr(attention_processor, name) for name in dir(attention_processor)
+                          if "LinearAttnProcessor" in name)
+
+
 def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """diffusers attention modules (self-, cross- and joint attention) in execution order."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (Attention, AttentionModuleMixin))]
+    """diffusers attention modules (self-, cross- and joint attention) in execution order: module order, except
+    for the children a family runs in another order (:attr:`Family.order`: a UNet's ``mid_block``, registered after
+    ``up_blocks``, runs before it; WanVACE runs its ``vace_blocks`` first, Lumina2 its text refiner)."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ATTENTION_CLASSES)]
     if not layers:
         raise UnsupportedModelError(
             f"the diffusers model {type(model).__name__} has no attention layers (diffusers Attention or "
             f"AttentionModuleMixin modules); supported: {', '.join(SUPPORTED_MODELS)} and other models "
             f"built from them")
     children = list(model._modules)
-    if "mid_block" in children and "up_blocks" in children:  # UNet: down, mid, up
-        children.remove("mid_block")
-        children.insert(children.index("up_blocks"), "mid_block")
+    family = FAMILIES.get(type(model).__name__)
+    order = [c for c in (family.order if family else ()) if c in children]
+    for slot, child in zip(sorted(children.index(c) for c in order), order):
+        children[slot] = child
     rank = {name: i for i, name in enumerate(children)}
     return sorted(layers, key=lambda item: rank.get(item[0].split(".")[0], -1))  # stable: module order within
 
@@ -235,9 +292,9 @@ def install_context(model: nn.Module, patcher: Patcher) -> PerThread[CallContext
     ``patcher``).
 
     At each call of ``model`` in a thread: that thread's ``step`` goes up by one, ``timestep`` is the call's
-    ``timestep`` argument, and for the families of :data:`SUPPORTED_MODELS` ``extra`` is ``{"grid": ...,
-    "text_tokens": ...}`` (see :func:`call_grid`), so ``token_layout(model, ctx.layer, **ctx.extra)``
-    is the current layer's layout. While an attention layer runs, ``layer`` is its index in
+    ``timestep`` argument, and for the families of :data:`FAMILIES` ``extra`` is ``{"grid": ...}`` (see
+    :func:`call_grid`), so ``token_layout(model, ctx.layer, ctx.extra["grid"], n)`` is the layout of the
+    current layer's sequence of ``n`` tokens. While an attention layer runs, ``layer`` is its index in
     :func:`attention_layers` (``None`` otherwise). Hooks rather than attention kwargs, because Wan
     and HunyuanVideo do not pass attention kwargs down to their blocks.
     """
@@ -245,7 +302,7 @@ def install_context(model: nn.Module, patcher: Patcher) -> PerThread[CallContext
     family = type(model).__name__
 
     def start(inputs: dict[str, Any]) -> None:
-        extra = dict(zip(("grid", "text_tokens"), call_grid(model, inputs))) if family in SUPPORTED_MODELS else None
+        extra = {"grid": call_grid(model, inputs)[0]} if family in SUPPORTED_MODELS else None
         ctx = contexts.get()  # after the grid: Flux's host read breaks a compiled graph before the state changes
         ctx.step += 1
         ctx.timestep = inputs.get("timestep")
@@ -264,42 +321,87 @@ def install_context(model: nn.Module, patcher: Patcher) -> PerThread[CallContext
     return contexts
 
 
-def _family(model: nn.Module) -> str:
-    family = type(model).__name__
-    if family not in SUPPORTED_MODELS:
-        raise UnsupportedModelError(f"visattn does not know the token layout of the diffusers model {family}; "
-                                    f"known: {', '.join(SUPPORTED_MODELS)}")
+def family_of(model: nn.Module) -> Family:
+    """The :class:`Family` entry of ``model``'s class; :class:`UnsupportedModelError` for a class not in the table."""
+    family = FAMILIES.get(type(model).__name__)
+    if family is None:
+        raise UnsupportedModelError(f"visattn does not know the token layout of the diffusers model "
+                                    f"{type(model).__name__}; known: {', '.join(SUPPORTED_MODELS)}")
     return family
+
+
+def _patch_sizes(cfg: Any, rank: int) -> tuple[int, ...]:
+    """The config's patch size per grid axis (1 where it names none: a UNet's latent is its grid)."""
+    patch = cfg.get("patch_size") or 1
+    if isinstance(patch, (tuple, list)):
+        return tuple(patch)[-rank:]
+    return (cfg.get("patch_size_t") or 1, patch, patch)[-rank:]
+
+
+def _packed_grid(ids: torch.Tensor) -> tuple[int, int]:
+    """``(h, w)`` of packed latents from their position ids (``[N, A]`` or ``[B, N, A]``, axis 1 = row, 2 = column)."""
+    h, w = (ids.reshape(-1, ids.shape[-1])[:, 1:3].amax(0) + 1).tolist()  # one host read (a graph break)
+    return int(h), int(w)
 
 
 def call_grid(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[tuple[int, ...], int]:
     """The token grid at the model's input and the number of text tokens of one denoiser call.
 
-    ``inputs`` maps the names of ``model.forward``'s arguments to the call's values (only the
-    latent, ``encoder_hidden_states`` and, for Flux, ``img_ids`` are read). The grid is ``(h, w)``
-    or ``(t, h, w)`` in tokens (latent size divided by the patch size; a UNet's latent size; for Flux,
-    whose latents come packed, the extent of ``img_ids``). The text length is that of
-    ``encoder_hidden_states``.
+    ``inputs`` maps the names of ``model.forward``'s arguments to the call's values; :attr:`Family.grid` says which
+    are read. The grid is ``(h, w)`` or ``(t, h, w)`` in tokens (latent size divided by the patch size; for packed
+    latents, the extent of their position ids or the sizes passed beside them). The text length is that of
+    ``encoder_hidden_states`` (0 without). Packed latents that hold more tokens than their grid (reference images
+    of editing models) raise :class:`ShapeError`.
     """
-    family, cfg = _family(model), model.config
-    text_tokens = int(inputs["encoder_hidden_states"].shape[1])
-    if family == "FluxTransformer2DModel":
-        h, w = (inputs["img_ids"].reshape(-1, 3)[:, 1:].amax(0) + 1).tolist()  # one host read (a graph break)
-        return (int(h), int(w)), text_tokens
-    if family == "UNet2DConditionModel":
-        return tuple(inputs["sample"].shape[-2:]), text_tokens
-    shape = inputs["hidden_states"].shape
-    if family in ("SD3Transformer2DModel", "PixArtTransformer2DModel"):
-        p = cfg.patch_size
-        return (shape[-2] // p, shape[-1] // p), text_tokens
-    if family == "CogVideoXTransformer3DModel":  # [B, F, C, H, W]
-        p, p_t = cfg.patch_size, cfg.patch_size_t or 1
-        return (shape[1] // p_t, shape[-2] // p, shape[-1] // p), text_tokens
-    if family == "WanTransformer3DModel":
-        p_t, p_h, p_w = cfg.patch_size
-    else:  # HunyuanVideoTransformer3DModel
-        p_t, p_h, p_w = cfg.patch_size_t, cfg.patch_size, cfg.patch_size
-    return (shape[-3] // p_t, shape[-2] // p_h, shape[-1] // p_w), text_tokens
+    family, cfg = family_of(model), model.config
+    text = inputs.get("encoder_hidden_states")
+    text_tokens = 0 if text is None else int(text.shape[1])
+    latent = inputs["sample"] if "sample" in inputs else inputs["hidden_states"]
+    if family.grid == "latent":
+        patch = _patch_sizes(cfg, family.rank)
+        return tuple(s // p for s, p in zip(latent.shape[-family.rank:], patch)), text_tokens
+    if family.grid == "frames_first":  # [B, F, C, H, W]
+        pt, p, _ = _patch_sizes(cfg, 3)
+        return (latent.shape[1] // pt, latent.shape[-2] // p, latent.shape[-1] // p), text_tokens
+    if family.grid == "sizes":
+        patch = _patch_sizes(cfg, 3)
+        grid = tuple(int(inputs[k]) // p for k, p in zip(("num_frames", "height", "width"), patch))
+    elif family.grid == "img_shapes":
+        shapes = inputs["img_shapes"][0]
+        shapes = [shapes] if isinstance(shapes[0], int) else list(shapes)
+        frames, h, w = shapes[0]
+        grid = (int(h), int(w)) if frames == 1 and len(shapes) == 1 else (-1,)
+    else:
+        grid = _packed_grid(inputs["img_ids"])
+    if math.prod(grid) != latent.shape[1] or min(grid) < 1:
+        raise ShapeError(f"visattn: the {latent.shape[1]} packed latent tokens of this {type(model).__name__} call "
+                         f"are not one image grid (reference or condition images packed beside it are not "
+                         f"supported)")
+    return grid, text_tokens
+
+
+def layer_kind(model: nn.Module, layer: int) -> str:
+    """What attention layer ``layer`` attends over: ``"self"`` (its own sequence: the grid, with the text and other
+    tokens where the family joins them), ``"cross"`` (grid queries, text keys), ``"text"`` (the text alone) or
+    ``"linear"`` (linear attention, no softmax: Sana's self-attention)."""
+    family = family_of(model)
+    name, module = attention_layers(model)[layer]
+    if name.startswith(family.text_only):
+        return "text"
+    if getattr(module, "is_cross_attention", False) or name.rsplit(".", 1)[-1] in family.cross:
+        return "cross"
+    if isinstance(module.processor, LINEAR_PROCESSORS):
+        return "linear"
+    return "self"
+
+
+def linear_attention(model: nn.Module) -> dict[int, str]:
+    """The attention layers of ``model`` that run linear attention (no softmax map to observe or make sparse), each
+    with the reason, for :func:`visattn.frameworks.base.select_layers`."""
+    if type(model).__name__ not in FAMILIES:
+        return {}
+    return {i: f"it runs linear attention ({type(m.processor).__name__}), which has no softmax attention map"
+            for i, (_, m) in enumerate(attention_layers(model)) if layer_kind(model, i) == "linear"}
 
 
 def _unet_level(model: nn.Module, name: str) -> int:
@@ -313,36 +415,44 @@ def _unet_level(model: nn.Module, name: str) -> int:
     return total  # mid_block
 
 
-def token_layout(model: nn.Module, layer: int, grid: tuple[int, ...], text_tokens: int) -> TokenLayout:
-    """The layout of the query sequence of attention layer ``layer`` in a call with ``grid`` and ``text_tokens``
-    (as :func:`call_grid` returns them).
-
-    Self- and joint attention attend within this sequence; in cross-attention (UNet, PixArt and Wan
-    ``attn2``) the queries are the grid and the keys are the text (for Wan image-to-video, image
-    tokens then text). Per family: Flux and CogVideoX put the text before the image tokens
-    (``text=((0, T),)``, grid from ``T``); SD3 joint layers (``attn``) and HunyuanVideo blocks put it
-    after (SD3's dual ``attn2`` sees image tokens only), and HunyuanVideo's token refiner sees the
-    text alone (no grid); Wan, PixArt and UNet self-attention see the grid only, a UNet's at the
-    resolution of its block (``h`` and ``w`` halved, rounding up, per downsampler above it).
-    """
-    family = _family(model)
-    name, module = attention_layers(model)[layer]
+def layer_grid(model: nn.Module, layer: int, grid: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The grid of attention layer ``layer``'s queries in a call with input grid ``grid`` (:func:`call_grid`);
+    ``None`` for layers over the text alone. A UNet's layers see it at the resolution of their block (``h`` and
+    ``w`` halved, rounding up, per downsampler above them)."""
+    if layer_kind(model, layer) == "text":
+        return None
     grid = tuple(int(g) for g in grid)
-    if family == "UNet2DConditionModel":
-        for _ in range(_unet_level(model, name)):
+    if type(model).__name__ == "UNet2DConditionModel":
+        for _ in range(_unet_level(model, attention_layers(model)[layer][0])):
             grid = tuple(-(-g // 2) for g in grid)
-    n = math.prod(grid)
-    if getattr(module, "is_cross_attention", False):
-        return TokenLayout(num_tokens=n, grid=grid)
-    if family in _TEXT_FIRST:
-        return TokenLayout(num_tokens=text_tokens + n, grid=grid, grid_start=text_tokens,
-                           text=((0, text_tokens),))
-    if family == "HunyuanVideoTransformer3DModel" and name.startswith("context_embedder."):
-        return TokenLayout(num_tokens=text_tokens, text=((0, text_tokens),))
-    if family == "HunyuanVideoTransformer3DModel" or (
-            family == "SD3Transformer2DModel" and getattr(module, "added_kv_proj_dim", None) is not None):
-        return TokenLayout(num_tokens=n + text_tokens, grid=grid, text=((n, n + text_tokens),))
-    return TokenLayout(num_tokens=n, grid=grid)
+    return grid
+
+
+def token_layout(model: nn.Module, layer: int, grid: tuple[int, ...], num_tokens: int) -> TokenLayout:
+    """The layout of the query sequence of attention layer ``layer``, ``num_tokens`` long, in a call with input
+    grid ``grid`` (:func:`call_grid`).
+
+    Cross-attention queries are the grid. Self-attention holds the grid and, where it is longer, the family's
+    other tokens (text, registers, image embeddings) :attr:`Family.text` it (Flux, Chroma, Flux2, Qwen-Image,
+    CogView4, Lumina2, AuraFlow and CogVideoX put them first; SD3, HunyuanVideo (1.5) and Mochi last); so the
+    text length is read from the sequence itself (it is per sample in Mochi, and includes AuraFlow's registers
+    and HunyuanVideo 1.5's image and glyph tokens). Layers over the text alone have no grid. A sequence that
+    cannot hold the layer's grid so raises :class:`ShapeError`.
+    """
+    layer_g = layer_grid(model, layer, grid)
+    if layer_g is None:
+        return TokenLayout(num_tokens=num_tokens, text=((0, num_tokens),))
+    n = math.prod(layer_g)
+    kind, side = layer_kind(model, layer), family_of(model).text
+    if num_tokens == n or kind == "cross":
+        return TokenLayout(num_tokens=n, grid=layer_g)
+    if num_tokens < n or not side:
+        raise ShapeError(f"visattn: attention layer {layer} of this {type(model).__name__} got {num_tokens} tokens "
+                         f"for a {'x'.join(map(str, layer_g))} grid")
+    if side == "before":
+        return TokenLayout(num_tokens=num_tokens, grid=layer_g, grid_start=num_tokens - n,
+                           text=((0, num_tokens - n),))
+    return TokenLayout(num_tokens=num_tokens, grid=layer_g, text=((n, num_tokens),))
 
 
 def register_attention_backend(name: str, fn: Callable[..., torch.Tensor], *, context_parallel: bool) -> Any:

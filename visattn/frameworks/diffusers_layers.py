@@ -17,12 +17,33 @@ from ..patching import Patcher
 @dataclass
 class StockLayer:
     """An attention layer as a :class:`LayerProcessor` found it: its index in :func:`attention_layers`, its name,
-    the processor it had and the keywords that processor takes."""
+    the processor it had, the names of that processor's arguments after ``hidden_states`` in order
+    (``positional``), and whether it takes any keyword (``**kwargs``)."""
 
     index: int
     name: str
     stock: Any
-    params: frozenset[str]
+    positional: tuple[str, ...]
+    any_keyword: bool
+
+    @classmethod
+    def of(cls, index: int, name: str, stock: Any) -> StockLayer:
+        params = list(inspect.signature(stock.__call__).parameters.values())[2:]  # after attn, hidden_states
+        named = tuple(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        return cls(index, name, stock, named, any(p.kind is p.VAR_KEYWORD for p in params))
+
+    def keywords(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A call's arguments after ``hidden_states`` as keywords of this processor (those it does not take left
+        out, as diffusers leaves them out)."""
+        kwargs = {**dict(zip(self.positional, args)), **kwargs}
+        return kwargs if self.any_keyword else {k: v for k, v in kwargs.items() if k in self.positional}
+
+
+#: the arguments after ``hidden_states`` that the stock processors of the supported families take (diffusers passes
+#: a processor only the keywords its ``__call__`` signature names; ``tests/test_diffusers_families.py`` checks this
+#: list against every family's processors)
+KEYWORDS = ("encoder_hidden_states", "attention_mask", "image_rotary_emb", "rotary_emb", "temb",
+            "encoder_hidden_states_mask", "base_sequence_length")
 
 
 class LayerProcessor:
@@ -32,9 +53,9 @@ class LayerProcessor:
     puts the stock processors back and ``p.detach()`` removes the hooks the processor installed on the model
     (until then the model refuses to be copied). Construction records each attention layer's current processor;
     a call runs :meth:`run` for the layer it serves, which by default calls that stock processor.
-    ``__call__`` names every keyword a stock processor of the supported families takes
-    (``image_rotary_emb``, ``rotary_emb``, ``temb``), because diffusers drops the keywords a processor's signature
-    does not name, and hands each stock processor the ones it takes. ``visattn.apply`` installs the same
+    The processor's ``__call__`` signature names every argument of :data:`KEYWORDS` (diffusers passes a processor
+    only the keywords its signature names), and each call hands each stock processor its own arguments, positional
+    ones by the stock processor's names. ``visattn.apply`` installs the same
     processors through its own ``patcher`` (then ``visattn.remove`` undoes everything).
     """
 
@@ -50,8 +71,7 @@ class LayerProcessor:
             stock = module.processor
             if isinstance(stock, LayerProcessor):  # made over one of ours: the processor that one replaced
                 stock = stock._layers[id(module)].stock
-            self._layers[id(module)] = StockLayer(index, name, stock,
-                                                  frozenset(inspect.signature(stock.__call__).parameters))
+            self._layers[id(module)] = StockLayer.of(index, name, stock)
         try:
             self.setup()
             if patcher is None:  # made by the user (visattn.apply guards the model itself): no copies until detach()
@@ -73,20 +93,19 @@ class LayerProcessor:
         """Remove the hooks this processor installed on its model."""
         self._patcher.undo()
 
-    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None, rotary_emb: Any = None,
-                 temb: torch.Tensor | None = None) -> Any:
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         layer = self._layers.get(id(attn))
         if layer is None:
             raise UnsupportedModelError(f"{type(self).__name__}: {type(attn).__name__} is not an attention layer of "
                                         f"the {type(self._model).__name__} this processor was made for")
-        kwargs: dict[str, Any] = {"encoder_hidden_states": encoder_hidden_states, "attention_mask": attention_mask}
-        rotary = image_rotary_emb if image_rotary_emb is not None else rotary_emb
-        for name, value in (("image_rotary_emb", rotary), ("rotary_emb", rotary), ("temb", temb)):
-            if value is not None and name in layer.params:
-                kwargs[name] = value
-        return self.run(layer, attn, hidden_states, kwargs)
+        return self.run(layer, attn, hidden_states, layer.keywords(args, kwargs))
 
     def run(self, layer: StockLayer, attn: nn.Module, hidden_states: torch.Tensor, kwargs: dict[str, Any]) -> Any:
         """The layer's call; the stock processor here."""
         return layer.stock(attn, hidden_states, **kwargs)
+
+
+_CALL = inspect.Parameter.POSITIONAL_OR_KEYWORD
+LayerProcessor.__call__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.Parameter(n, _CALL) for n in ("self", "attn", "hidden_states")]
+    + [inspect.Parameter(n, _CALL, default=None) for n in KEYWORDS])

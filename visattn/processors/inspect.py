@@ -87,17 +87,24 @@ class Inspect(Method):
 
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
         super().check_target(target, options)
-        names = [n for n, _ in adapter(target.framework).attention_layers(target.model)]
-        select_layers(names, options["layers"], self.name)
+        _chosen(target.framework, target.model, options)
 
     def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> InspectHandle:
         fw = adapter(target.framework)
-        names = [n for n, _ in fw.attention_layers(target.model)]
-        chosen = select_layers(names, options["layers"], self.name)
+        names, chosen = _chosen(target.framework, target.model, options)
         handle = InspectHandle(self.name, target.model, options, patcher,
                                layer_names={i: names[i] for i in chosen})
         fw.observe_attention(target.model, patcher, chosen, _recorder(handle, options, patcher))
         return handle
+
+
+def _chosen(framework: str, model: Any, options: dict[str, Any]) -> tuple[list[str], list[int]]:
+    """The names of ``model``'s attention layers and the indices of those ``options["layers"]`` chooses (by default
+    every layer with a softmax map: a diffusers model's linear-attention layers are left out)."""
+    fw = adapter(framework)
+    names = [n for n, _ in fw.attention_layers(model)]
+    without = fw.linear_attention(model) if framework == "diffusers" else None
+    return names, select_layers(names, options["layers"], "inspect", without)
 
 
 def _recorder(handle: InspectHandle, options: dict[str, Any], patcher: Patcher) -> Observer:
@@ -130,11 +137,8 @@ class InspectAttnProcessor(LayerProcessor):
     method = "inspect"
 
     def __init__(self, model: Any, **options: Any) -> None:
-        from ..frameworks.diffusers import attention_layers
-
         self.options = validate_options("inspect", Inspect.options, options)
-        self._names = [n for n, _ in attention_layers(model)]
-        self._chosen = select_layers(self._names, self.options["layers"], "inspect")
+        self._names, self._chosen = _chosen("diffusers", model, self.options)
         super().__init__(model)
 
     def setup(self) -> None:

@@ -108,9 +108,9 @@ class _Plan:
             self.check(self.image_size)
 
     def layer_grid(self, layer: int) -> tuple[int, int]:
-        from ..frameworks.diffusers import token_layout
+        from ..frameworks.diffusers import layer_grid
 
-        return memo(self._layouts, (layer, self.grid), lambda: token_layout(self.model, layer, self.grid, 0).grid)
+        return memo(self._layouts, (layer, self.grid), lambda: layer_grid(self.model, layer, self.grid))
 
     def layout(self, grid: tuple[int, int], text_tokens: int, device: torch.device
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -29,25 +29,33 @@ def _attend_grid(qg: Tensor, k: Tensor, v: Tensor, config: SparseVideoConfig, ge
     return out
 
 
-def key_padding(mask: Tensor | None, batch: int, num_kv: int) -> Tensor | None:
-    """An SDPA mask that only masks keys, as boolean ``[B, N]`` (True = attend); ``None`` if it masks nothing.
+def _mask4(mask: Tensor) -> Tensor:
+    """An SDPA mask as ``[B | 1, H | 1, Nq | 1, Nk]``."""
+    return mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
 
-    Raises :class:`ShapeError` for masks that depend on the query or the head, or float masks that are
-    not 0 / -inf.
+
+def grid_keys(mask: Tensor, batch: int, rows: Tensor) -> Tensor | None:
+    """The keys that the query ``rows`` (the grid queries) attend under the SDPA ``mask``, as boolean ``[B, Nk]``
+    (True = attend); ``None`` if they attend every key.
+
+    Every grid query of a sample must see the same keys (a key-padding mask, or a query mask times a key mask
+    as Chroma and HunyuanVideo 1.5 build them): a mask that differs between grid queries or heads, or a float
+    mask other than 0 / -inf over them, raises :class:`ShapeError`.
     """
-    if mask is None:
-        return None
-    if mask.dtype != torch.bool:
-        if not bool(((mask == 0) | (mask == float("-inf"))).all()):
-            raise ShapeError("sparse_video: float attention masks must hold only 0 and -inf")
-        mask = mask == 0
-    m = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+    m = _mask4(mask)
+    if m.shape[2] != 1:
+        m = m[:, :, rows]
+    if m.dtype != torch.bool:
+        if not bool(((m == 0) | (m == float("-inf"))).all()):
+            raise ShapeError("sparse_video: a float attention mask over grid queries must hold only 0 and -inf "
+                             "(an additive bias cannot be routed)")
+        m = m == 0
     if m.shape[1] != 1 or m.shape[2] != 1:
         if not bool((m == m[:, :1, :1]).all()):
-            raise ShapeError(f"sparse_video: only key-padding attention masks are supported (got a mask of shape "
-                             f"{tuple(mask.shape)} that varies over heads or queries)")
+            raise ShapeError(f"sparse_video: grid queries must share one key mask (got a mask of shape "
+                             f"{tuple(mask.shape)} that varies over heads or grid queries)")
         m = m[:, :1, :1]
-    m = m[:, 0, 0].expand(batch, num_kv)
+    m = m[:, 0, 0].expand(batch, m.shape[-1])
     return None if bool(m.all()) else m
 
 
@@ -63,7 +71,8 @@ def sparse_video_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout,
     """Sparse self-attention of a ``[B, H, N, D]`` sequence laid out as ``layout`` (grid plus text tokens).
 
     Grid queries follow ``config.strategy``; non-grid (text) tokens are always attended and attend
-    densely. ``attn_mask`` may mask keys only (per sample); grid keys must not be masked.
+    densely. ``attn_mask`` (an SDPA mask) may mask text keys per sample; every grid query of a sample must see the
+    same keys (:func:`grid_keys`), and text queries attend under their own rows of it, as in stock.
     """
     if layout.grid is None:
         raise ShapeError("sparse_video: the layer's token layout has no grid")
@@ -75,10 +84,13 @@ def sparse_video_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout,
     geo = geometry(tuple(layout.grid), layout.grid_start, n, config.tile_for(layout.grid), q.device)
     ng = geo.num_grid
     qp, kp, vp = (take_tokens(t, geo.perm) for t in (q, k, v))
-    keys = key_padding(attn_mask, q.shape[0], n)
+    keys = text_mask = None
+    if attn_mask is not None:
+        keys = grid_keys(attn_mask, q.shape[0], geo.perm[:ng])
+        text_mask = _mask4(attn_mask)
+        text_mask = (text_mask if text_mask.shape[2] == 1 else text_mask[:, :, geo.perm[ng:]])[..., geo.perm]
     if keys is None:
         out_grid = _attend_grid(qp[:, :, :ng], kp, vp, config, geo, scale)
-        out_text = _attend_text(qp[:, :, ng:], kp, vp, None, scale)
     else:
         keys = keys[:, geo.perm]
         if not bool(keys[:, :ng].all()):
@@ -91,7 +103,7 @@ def sparse_video_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout,
             sel, cols = torch.tensor(samples, device=q.device), torch.tensor(kept_keys, device=q.device)
             out_grid[sel] = _attend_grid(qp[sel, :, :ng], kp[sel][:, :, cols], vp[sel][:, :, cols], config, geo,
                                          scale)
-        out_text = _attend_text(qp[:, :, ng:], kp, vp, keys[:, None, None, :], scale)
+    out_text = _attend_text(qp[:, :, ng:], kp, vp, text_mask, scale)
     if ng == n:
         return take_tokens(out_grid, geo.inverse)
     out = out_grid.new_empty(*out_grid.shape[:2], n, out_grid.shape[3])

@@ -30,9 +30,11 @@ config, so they are exactly stock.
 
 What works and what does not (diffusers 0.42.1):
 
-- No parallelism: Wan, Flux and HunyuanVideo, whose processors call ``dispatch_attention_fn``; the
-  output equals the processor installation's. CogVideoX and SD3 processors call SDPA directly and
-  never reach a backend: use ``install="processor"`` there.
+- No parallelism: the families whose self-attention processors call ``dispatch_attention_fn`` (Wan and its
+  VACE variant, SkyReels-V2, LTX, HunyuanVideo and 1.5, Flux, Chroma, Flux2, Qwen-Image); the output equals
+  the processor installation's. The others (CogVideoX, Mochi, SD3, AuraFlow, CogView4, Lumina2, PixArt, DiT)
+  call SDPA directly and never reach a backend: ``install="attention_backend"`` is refused there, use
+  ``install="processor"``.
 - Ulysses (``ulysses_degree > 1``, ``ring_degree == 1``, also ``ulysses_anything``): Wan. After the
   all-to-all each rank has every token of its heads, and every strategy routes each head on its own
   q and k, so routing and kernel are unchanged and the output equals the single-GPU output up to
@@ -64,7 +66,6 @@ from .config import SparseVideoConfig
 from .schedule import SparseVideoSchedule
 
 BACKEND = "visattn_sparse"
-FAMILIES = ("WanTransformer3DModel", "FluxTransformer2DModel", "HunyuanVideoTransformer3DModel")
 CONTEXT_PARALLEL_FAMILIES = ("WanTransformer3DModel",)
 
 _RUNNING: PerThread[list[SparseVideoAttnBackend]] = PerThread(list)  # this thread's running models, innermost last
@@ -98,15 +99,16 @@ class SparseVideoAttnBackend:
                  **options: Any) -> None:
         from ...frameworks import diffusers as fw
 
-        family = type(model).__name__
-        if family not in FAMILIES:
-            raise UnsupportedModelError(
-                f"sparse_video's attention backend serves the diffusers models whose processors call "
-                f"dispatch_attention_fn: {', '.join(FAMILIES)} (got {family}); use install='processor' "
-                f"(visattn.diffusers.SparseVideoAttnProcessor) for it")
         self.config = SparseVideoConfig.resolve(config, options)
         self._fw = fw
-        self._family = family
+        self._family = type(model).__name__
+        direct = [name for index, (name, module) in enumerate(fw.attention_layers(model))
+                  if fw.layer_kind(model, index) == "self" and not hasattr(module.processor, "_attention_backend")]
+        if direct:
+            raise UnsupportedModelError(
+                f"sparse_video's attention backend serves layers whose processors call dispatch_attention_fn; the "
+                f"processors of {self._family} ({', '.join(direct[:3])}{', ...' if len(direct) > 3 else ''}) call "
+                f"SDPA directly: use install='processor' (visattn.diffusers.SparseVideoAttnProcessor) for it")
         parallel = getattr(model, "_parallel_config", None)
         if parallel is not None and parallel.context_parallel_config is not None:
             self._check_parallel(parallel.context_parallel_config)
@@ -170,9 +172,7 @@ class SparseVideoAttnBackend:
         cp = None if parallel_config is None else parallel_config.context_parallel_config
         layout = None
         if index is not None and not dropout_p and not is_causal and key.shape[1] == query.shape[1]:
-            layout = self._schedule.layout(index, query.device)
-        if layout is not None and cp is None and query.shape[1] != layout.num_tokens:
-            layout = None  # not the layer's self-attention sequence: stock, as the processor does
+            layout = self._schedule.layout(index, query.shape[1] if cp is None else None, query.device)
         if layout is None:
             return self._fw.dispatch_attention(
                 self._dense.get(index, self._fw.NATIVE_BACKEND), query, key, value, parallel_config,

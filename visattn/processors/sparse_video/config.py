@@ -16,8 +16,13 @@ from ...options import Option, bool_option, check_scope, choice_option, float_op
 
 STRATEGIES = ("tile_topk", "rectified", "sliding_tile", "grat")
 GRAT_PATTERNS = ("surrounding", "criss_cross")
-FAMILIES = ("WanTransformer3DModel", "CogVideoXTransformer3DModel", "HunyuanVideoTransformer3DModel",
-            "FluxTransformer2DModel", "SD3Transformer2DModel")
+FAMILIES = ("WanTransformer3DModel", "WanVACETransformer3DModel", "SkyReelsV2Transformer3DModel",
+            "LTXVideoTransformer3DModel", "CogVideoXTransformer3DModel", "HunyuanVideoTransformer3DModel",
+            "HunyuanVideo15Transformer3DModel", "MochiTransformer3DModel", "FluxTransformer2DModel",
+            "ChromaTransformer2DModel", "Flux2Transformer2DModel", "QwenImageTransformer2DModel",
+            "SD3Transformer2DModel", "AuraFlowTransformer2DModel", "CogView4Transformer2DModel",
+            "Lumina2Transformer2DModel", "PixArtTransformer2DModel", "DiTTransformer2DModel")
+# not SanaTransformer2DModel: its self-attention is linear attention (no softmax to make sparse)
 DEFAULT_TILE = {3: (4, 4, 4), 2: (8, 8)}
 DEFAULT_WINDOW = 3
 

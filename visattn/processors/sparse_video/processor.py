@@ -4,6 +4,7 @@ runs each layer's stock processor and answers its self/joint-attention SDPA call
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch.nn as nn
@@ -18,16 +19,19 @@ from .config import SparseVideoConfig
 from .schedule import SparseVideoSchedule
 
 
-def _sparse_sdpa(layout: TokenLayout, config: SparseVideoConfig) -> Any:
-    """An SDPA interception that answers the layer's self/joint-attention call with :func:`sparse_video_attention`."""
+def _sparse_sdpa(layout: Callable[[int], TokenLayout | None], config: SparseVideoConfig) -> Any:
+    """An SDPA interception that answers the layer's self/joint-attention call with :func:`sparse_video_attention`
+    (``layout(n)``: the layout of a sequence of ``n`` tokens, ``None`` to leave the call stock)."""
     from ...frameworks.diffusers import SDPAIntercept
 
     def answer(call: dict[str, Any]) -> Tensor | None:
         q, k = call["query"], call["key"]
-        if (q.shape[-2] != k.shape[-2] or q.shape[-2] != layout.num_tokens or call.get("is_causal")
-                or call.get("dropout_p")):
+        if q.shape[-2] != k.shape[-2] or call.get("is_causal") or call.get("dropout_p"):
             return None
-        return sparse_video_attention(q, k, call["value"], layout, config, scale=call.get("scale"),
+        chosen = layout(q.shape[-2])
+        if chosen is None:
+            return None
+        return sparse_video_attention(q, k, call["value"], chosen, config, scale=call.get("scale"),
                                       attn_mask=call.get("attn_mask"))
 
     return SDPAIntercept(answer)
@@ -75,17 +79,16 @@ class SparseVideoAttnProcessor(LayerProcessor):
         return sorted(self._schedule.eligible)
 
     def run(self, layer: StockLayer, attn: nn.Module, hidden_states: Tensor, kwargs: dict[str, Any]) -> Any:
-        layout = self._schedule.layout(layer.index, hidden_states.device)
-        if layout is None:
+        if self._schedule.layout(layer.index, None, hidden_states.device) is None:
             return layer.stock(attn, hidden_states, **kwargs)
-        mode = _sparse_sdpa(layout, self.config)
+        mode = _sparse_sdpa(lambda n: self._schedule.layout(layer.index, n, hidden_states.device), self.config)
         with mode:
             out = layer.stock(attn, hidden_states, **kwargs)
         if mode.answered == 0:
             backend = getattr(layer.stock, "_attention_backend", None)
             raise UnsupportedModelError(
                 f"sparse_video: attention layer {layer.index} ({layer.name}) ran without a "
-                f"torch.nn.functional.scaled_dot_product_attention call over its {layout.num_tokens} tokens "
+                f"torch.nn.functional.scaled_dot_product_attention call over its own sequence "
                 f"(processor {type(layer.stock).__name__}, attention backend {backend or 'default'}); use the stock "
                 f"processor with a native attention backend, or install='attention_backend'")
         return out

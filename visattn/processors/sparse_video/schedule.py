@@ -4,6 +4,8 @@ which both installations (processor and attention backend) ask.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -32,7 +34,7 @@ class SparseVideoSchedule:
         if family not in FAMILIES:
             raise UnsupportedModelError(f"sparse_video does not support the diffusers model {family}; supported: "
                                         f"{', '.join(FAMILIES)}")
-        rank = 3 if family in FAMILIES[:3] else 2
+        rank = fw.family_of(model).rank
         if config.tile is not None and len(config.tile) != rank:
             raise ShapeError(f"sparse_video: tile {config.tile} cannot cover the {rank}D token grid of "
                              f"{family}; give a tile with {rank} sides")
@@ -47,8 +49,7 @@ class SparseVideoSchedule:
         self._layouts: dict[tuple, TokenLayout] = {}
         self.eligible: dict[int, int] = {}  # layer index -> position among the layers sparse attention may replace
         for index, (name, module) in enumerate(fw.attention_layers(model)):
-            layout = fw.token_layout(model, index, (1,) * rank, 1)
-            if layout.grid is not None and not getattr(module, "is_cross_attention", False):
+            if fw.layer_kind(model, index) == "self":
                 self.eligible[index] = len(self.eligible)
                 heads = getattr(module, "heads", None)
                 if len(windows) > 1 and heads is not None and len(windows) != heads:
@@ -61,8 +62,9 @@ class SparseVideoSchedule:
         """Index of the attention layer running now in this thread (``None`` outside attention layers)."""
         return self._contexts.get().layer
 
-    def layout(self, index: int, device: torch.device) -> TokenLayout | None:
-        """The token layout of layer ``index`` in the current call if it runs sparse now, else ``None``.
+    def layout(self, index: int, num_tokens: int | None, device: torch.device) -> TokenLayout | None:
+        """The token layout of layer ``index``'s sequence of ``num_tokens`` tokens (``None``: the grid alone) in the
+        current call if it runs sparse now, else ``None``.
 
         ``None``: not self/joint attention over a grid, no denoiser call seen, a dense layer or step of the
         schedule, or an identity setting on this call's geometry (so that stock attention runs bit for bit).
@@ -73,8 +75,10 @@ class SparseVideoSchedule:
         if (eligible is None or extra is None or eligible < self.config.dense_layers
                 or (self.config.dense_steps and ctx.denoising_step() < self.config.dense_steps)):
             return None
-        layout = memo(self._layouts, (index, tuple(extra["grid"]), extra["text_tokens"]),
-                      lambda: self._fw.token_layout(self._model, index, extra["grid"], extra["text_tokens"]))
+        grid = tuple(extra["grid"])
+        layout = memo(self._layouts, (index, grid, num_tokens),
+                      lambda: self._fw.token_layout(self._model, index, grid, num_tokens or math.prod(
+                          self._fw.layer_grid(self._model, index, grid))))
         geo = geometry(tuple(layout.grid), layout.grid_start, layout.num_tokens, self.config.tile_for(layout.grid),
                        device)
         return None if is_dense(self.config, geo) else layout

@@ -93,7 +93,7 @@ def _sites(model: nn.Module) -> list[_Site]:
     from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
-    from ...frameworks.diffusers import attention_layers, token_layout
+    from ...frameworks.diffusers import attention_layers, layer_grid
 
     index = {id(m): i for i, (_, m) in enumerate(attention_layers(model))}
     kinds = ((BasicTransformerBlock, "basic", ("attn1",)), (JointTransformerBlock, "joint", ("attn", "attn2")),
@@ -106,7 +106,7 @@ def _sites(model: nn.Module) -> list[_Site]:
                 attns = [(index[id(a)], a) for a in (getattr(block, x, None) for x in attrs)
                          if a is not None and not getattr(a, "is_cross_attention", False)]
                 if attns:
-                    grid = token_layout(model, attns[0][0], probe, 0).grid
+                    grid = layer_grid(model, attns[0][0], probe)
                     sites.append(_Site(name, block, kind, attns, probe[0] // grid[0]))
     return sites
 
@@ -173,11 +173,10 @@ class _State:
         self._layouts: dict[tuple, tuple[int, ...]] = {}
 
     def layer_grid(self, layer: int) -> tuple[int, ...]:
-        from ...frameworks.diffusers import token_layout
+        from ...frameworks.diffusers import layer_grid
 
         call = self.calls.get()
-        return memo(self._layouts, (layer, call.grid),
-                    lambda: token_layout(self.model, layer, call.grid, call.text_tokens).grid)
+        return memo(self._layouts, (layer, call.grid), lambda: layer_grid(self.model, layer, call.grid))
 
     def decide(self, name: str, metric: Tensor, grid: tuple[int, ...]) -> CellMerge:
         h, w = grid

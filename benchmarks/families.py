@@ -1,0 +1,116 @@
+"""``sparse_video`` on diffusers families added by issue 19, at their real width and token count (random weights).
+
+- ``hunyuanvideo15``: HunyuanVideo-1.5 (the diffusers class's default config: 16 heads x 128, 2048 wide) at 121
+  frames of 480x848 (latent 31x30x53: 49,290 video tokens; 256 MLLM text tokens, 64 byT5 tokens, 729 image-embed
+  tokens, which text-to-video masks), ``--blocks`` of its 54 transformer blocks;
+- ``qwenimage``: Qwen-Image (24 heads x 128, 3072 wide) at 1024x1024 (64x64 = 4096 image tokens, 256 text tokens),
+  ``--blocks`` of its 60 blocks.
+
+Both batch 1, bf16, one forward, eager and ``torch.compile`` (default mode), each variant against stock in the same
+mode: ``sparse_video`` tile_topk keep 0.1 installed as processors and as the attention backend (both families'
+processors call ``dispatch_attention_fn``); bound: every self-attention over the first 10% of its keys
+(``benchmarks.modes.keys_kept``; text included in the cut, so it is the cost of attention over 10% of the sequence).
+Every block of a family is the same, so the ratio of the first ``--blocks`` blocks is the full model's up to the
+embeddings and the output layer (which cost next to nothing beside the blocks).
+
+    PYTHONPATH=. python3 -m benchmarks.families --out benchmarks/results/families.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import visattn
+from benchmarks.modes import applied, fmt, fmt_ms, in_modes, keys_kept, log, ratios
+
+
+def _build(cls: type, config: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """``cls(**config)`` on the GPU with random weights (seed 0), in ``dtype`` except what diffusers keeps in fp32."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = cls(**config).to(dtype).eval()
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if any(k in name for k in keep):
+            tensor.data = tensor.data.float()
+    return model
+
+
+def hunyuanvideo15(blocks: int, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[str, Any], str]:
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    model = _build(HunyuanVideo15Transformer3DModel, dict(num_layers=blocks, task_type="t2v"), dtype)
+    cfg, latent, text, glyph = model.config, (31, 30, 53), 256, 64
+    g = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype)  # noqa: E731
+    inputs = dict(hidden_states=g(1, cfg.in_channels, *latent), timestep=torch.tensor([500.0], device="cuda"),
+                  encoder_hidden_states=g(1, text, cfg.text_embed_dim),
+                  encoder_attention_mask=torch.ones(1, text, device="cuda"),
+                  encoder_hidden_states_2=g(1, glyph, cfg.text_embed_2_dim),
+                  encoder_attention_mask_2=torch.ones(1, glyph, device="cuda"),
+                  image_embeds=torch.zeros(1, 729, cfg.image_embed_dim, device="cuda", dtype=dtype))
+    return model, inputs, f"HunyuanVideo-1.5, 121x480x848 (latent {latent}), {blocks} of 54 blocks"
+
+
+def qwenimage(blocks: int, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[str, Any], str]:
+    from diffusers import QwenImageTransformer2DModel
+
+    model = _build(QwenImageTransformer2DModel, dict(num_layers=blocks), dtype)
+    cfg, side, text = model.config, 64, 256
+    inputs = dict(hidden_states=torch.randn(1, side * side, cfg.in_channels, device="cuda", dtype=dtype),
+                  encoder_hidden_states=torch.randn(1, text, cfg.joint_attention_dim, device="cuda", dtype=dtype),
+                  encoder_hidden_states_mask=torch.ones(1, text, device="cuda", dtype=torch.long),
+                  timestep=torch.tensor([0.5], device="cuda"), img_shapes=[(1, side, side)])
+    return model, inputs, f"Qwen-Image, 1024x1024 ({side}x{side} tokens), {blocks} of 60 blocks"
+
+
+FAMILIES: dict[str, Callable[[int, torch.dtype], tuple[torch.nn.Module, dict[str, Any], str]]] = {
+    "hunyuanvideo15": hunyuanvideo15, "qwenimage": qwenimage}
+
+
+def part(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    model, inputs, what = FAMILIES[name](args.blocks, torch.bfloat16)
+    run = lambda m: m(**inputs, return_dict=False)[0]  # noqa: E731
+    modes = ("eager", "compiled")
+    variants = {"processor": lambda: applied(model, "sparse_video", keep=0.1),
+                "backend": lambda: applied(model, "sparse_video", keep=0.1, install="attention_backend"),
+                "bound": lambda: keys_kept(0.1, 1024)}
+    row: dict[str, Any] = {"model": what, "keep": 0.1}
+    with torch.no_grad():
+        row["stock"] = in_modes(model, run, args.iters, modes)
+        log(f"{name} stock {fmt_ms(row['stock'])}")
+        for variant, enter in variants.items():
+            with enter():
+                row[variant] = in_modes(model, run, args.iters, modes)
+            row[f"{variant}_speedup"] = ratios(row["stock"], row[variant])
+            log(f"{name} {variant}: {fmt(row[f'{variant}_speedup'])}; compile stats {row[variant].get('compile')}")
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, of: {', '.join(FAMILIES)}")
+    parser.add_argument("--blocks", type=int, default=8, help="transformer blocks built (every block is the same)")
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--out", default="visattn_results/families.json")
+    args = parser.parse_args()
+    names = [f for f in args.families.split(",") if f]
+    unknown = sorted(set(names) - set(FAMILIES))
+    if unknown:
+        parser.error(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                               "visattn": visattn.__version__, "blocks": args.blocks}
+    for name in names:
+        results[name] = part(name, args)
+        torch.cuda.empty_cache()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))  # each family as it finishes
+
+
+if __name__ == "__main__":
+    main()
