@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import diffusers  # noqa: E402
+import tiny_dits  # noqa: E402
 from test_diffusers import B, T, _flux, _pixart, _run, _sd3, _unet, _wan  # noqa: E402
 
 import visattn  # noqa: E402
@@ -37,7 +38,8 @@ def _sdxl() -> tuple:
     return model, inputs
 
 
-FAMILIES = {"unet": _unet, "sdxl": _sdxl, "pixart": _pixart, "sd3": _sd3, "flux": _flux}
+FAMILIES = {"unet": _unet, "sdxl": _sdxl, "pixart": _pixart, "dit": tiny_dits.BUILDERS["dit"], "sd3": _sd3,
+            "flux": _flux}
 
 
 def _build(family: str) -> tuple[torch.nn.Module, dict[str, Any], torch.Tensor]:

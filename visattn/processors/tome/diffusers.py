@@ -52,7 +52,8 @@ from ...frameworks.diffusers_layers import LayerProcessor, StockLayer
 from ...options import Option, choice_option, float_option, int_option, validate_options
 from ...patching import Handle, Patcher
 
-FAMILIES = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+FAMILIES = ("UNet2DConditionModel", "PixArtTransformer2DModel", "DiTTransformer2DModel", "SD3Transformer2DModel",
+            "FluxTransformer2DModel")
 DOWNSAMPLES = (1, 2, 4, 8)
 
 
