@@ -48,7 +48,8 @@ def hunyuanvideo15(blocks: int, dtype: torch.dtype) -> tuple[torch.nn.Module, di
     model = _build(HunyuanVideo15Transformer3DModel, dict(num_layers=blocks, task_type="t2v"), dtype)
     cfg, latent, text, glyph = model.config, (31, 30, 53), 256, 64
     g = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype)  # noqa: E731
-    inputs = dict(hidden_states=g(1, cfg.in_channels, *latent), timestep=torch.tensor([500.0], device="cuda"),
+    inputs = dict(hidden_states=g(1, cfg.in_channels, *latent),
+                  timestep=torch.tensor([500.0], device="cuda", dtype=dtype),  # HunyuanVideo-1.5: in the model dtype
                   encoder_hidden_states=g(1, text, cfg.text_embed_dim),
                   encoder_attention_mask=torch.ones(1, text, device="cuda"),
                   encoder_hidden_states_2=g(1, glyph, cfg.text_embed_2_dim),

@@ -24,6 +24,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 pytest.importorskip("diffusers")
 
 import test_diffusers as td  # noqa: E402  (the tiny configs of the diffusers families)
+import tiny_dits  # noqa: E402
 from test_tome_diffusers import _sdxl  # noqa: E402
 from tiny_models import tiny_clip, tiny_vit  # noqa: E402
 
@@ -50,9 +51,16 @@ def _diffusers(build: Callable[[], tuple]) -> Callable[[], tuple]:
     return make
 
 
+def _qwenimage_unpadded() -> tuple:
+    """Qwen-Image with a text mask that pads nothing (as a pipeline passes for prompts of one length)."""
+    model, inputs = tiny_dits.BUILDERS["qwenimage"]()
+    return model, {**inputs, "encoder_hidden_states_mask": torch.ones_like(inputs["encoder_hidden_states_mask"])}
+
+
 MODELS = {"vit": _vit, "clip": _clip, "unet": _diffusers(td._unet), "sdxl": _diffusers(_sdxl),
           "pixart": _diffusers(td._pixart), "sd3": _diffusers(td._sd3), "flux": _diffusers(td._flux),
-          "wan": _diffusers(td._wan)}
+          "wan": _diffusers(td._wan), "ltx": _diffusers(tiny_dits.BUILDERS["ltx"]),
+          "flux2": _diffusers(tiny_dits.BUILDERS["flux2"]), "qwenimage": _diffusers(_qwenimage_unpadded)}
 
 # (model, method, options, graph breaks beyond stock's allowed, why)
 FLUX_GRID = "Flux's grid is read from img_ids on the host"
@@ -74,6 +82,11 @@ CASES = [
     ("wan", "sparse_video", dict(keep=0.5, tile=(1, 2, 2)), None if OLD_DYNAMO else 0, MODE_BREAKS),
     ("wan", "inspect", {}, None if OLD_DYNAMO else 0, MODE_BREAKS),
     ("flux", "inspect", {}, None if OLD_DYNAMO else 0, MODE_BREAKS),
+    ("ltx", "sparse_video", dict(keep=0.5, tile=(1, 2, 2), install="attention_backend"), 0, ""),
+    ("flux2", "sparse_video", dict(keep=0.5, tile=(1, 2), install="attention_backend"), 1,
+     "Flux.2's grid is read from img_ids on the host"),
+    ("qwenimage", "sparse_video", dict(keep=0.5, tile=(1, 2), install="attention_backend"), None,
+     "each sparse layer reads the text mask on the host (whether it masks any key), a break per layer and call"),
 ]
 
 

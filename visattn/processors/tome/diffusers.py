@@ -1,5 +1,5 @@
 """diffusers adapter of ``tome``: ToMe for Stable Diffusion (Bolya & Hoffman, 2023, "Token Merging for
-Fast Stable Diffusion") on UNets, SDXL's included, and DiTs (PixArt, SD3, Flux).
+Fast Stable Diffusion") on UNets, SDXL's included, and DiTs (PixArt, DiT, SD3, Flux).
 
 The math is :mod:`visattn.core.merge_sd`: one random destination per ``sy x sx`` cell of the image
 grid, every source matched to its most similar destination (cosine similarity of the hidden
