@@ -331,3 +331,15 @@ def test_gpu_decode_kernel_eager_and_under_inductor_match_the_pytorch_path() -> 
             for got in (row(q, k, v), torch.compile(row, fullgraph=True)(q, k, v)):
                 err = float((got.transpose(1, 2).float() - ref).norm() / ref.norm())
                 assert err < 2e-3, f"{mode}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("method", ["visual_sink", "head_modulation"])
+def test_sliding_window_language_models_are_refused_at_apply(method: str) -> None:
+    """Gemma 3's sliding-window layers keep only the last keys in their cache: refused before anything changes."""
+    from tiny_vlms import gemma3
+
+    model = gemma3()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(visattn.UnsupportedModelError, match="1 sliding-window decoder layers .window 4.: their KV"):
+        visattn.apply(model, method)
+    assert not visattn.applied(model) and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

@@ -131,3 +131,17 @@ def assert_identity(model: torch.nn.Module, batch: dict[str, torch.Tensor], meth
     finally:
         visattn.remove(model)
     assert torch.equal(forward_logits(model, batch), stock)
+
+
+def gemma3() -> torch.nn.Module:
+    """A tiny Gemma 3: one sliding-window decoder layer (window 4), one full-attention layer."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    text = Gemma3TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=8, sliding_window=4,
+                            layer_types=["sliding_attention", "full_attention"])
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=8, patch_size=2)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=60,
+                       boi_token_index=61, eoi_token_index=62)
+    return Gemma3ForConditionalGeneration(cfg).eval()

@@ -46,6 +46,19 @@ def image_token_id(model: nn.Module, method: str) -> int:
     return int(token)
 
 
+def check_full_cache(model: nn.Module, method: str) -> None:
+    """Refuse language models with sliding-window layers (Gemma 3's): their KV cache keeps only the last keys, so
+    the image tokens' key columns that ``method`` reweights in decoding are gone from it."""
+    text = model.config.get_text_config()
+    sliding = [i for i, kind in enumerate(getattr(text, "layer_types", None) or ()) if kind == "sliding_attention"]
+    if sliding and getattr(text, "sliding_window", None):
+        raise UnsupportedModelError(
+            f"{method}: {type(model).__name__} has {len(sliding)} sliding-window decoder layers (window "
+            f"{text.sliding_window}): their KV cache keeps only the last keys, so the image tokens' columns that "
+            f"{method} reweights while decoding are not there; supported: language models whose layers attend to "
+            f"the whole sequence ({tfa.SUPPORTED})")
+
+
 class _Forward:
     """One thread's view of the forward it runs (see :class:`ImageKeys`); ``columns`` and ``num_keys`` carry
     over from forward to forward of one generation."""

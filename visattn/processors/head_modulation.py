@@ -65,7 +65,7 @@ from ..kernels import reweighted_decode
 from ..options import bool_option, choice_option, float_option, layers_option
 from ..patching import Handle, Patcher
 from ..registry import Method, register
-from ._lvlm import ImageKeys, image_token_id, write_rows
+from ._lvlm import ImageKeys, check_full_cache, image_token_id, write_rows
 
 tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
 
@@ -163,6 +163,7 @@ class HeadModulation(Method):
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
         super().check_target(target, options)
         image_token_id(target.model, self.name)
+        check_full_cache(target.model, self.name)
         _decoder_layers(options["strategy"], options["decoder_layers"], len(tfa.language_layers(target.model)))
         if options["strategy"] == "imbalance":
             _projector(target.model)

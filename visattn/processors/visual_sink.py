@@ -46,7 +46,7 @@ from ..kernels import reweighted_decode
 from ..options import bool_option, float_option
 from ..patching import Handle, Patcher
 from ..registry import Method, register
-from ._lvlm import ImageKeys, image_token_id, write_rows
+from ._lvlm import ImageKeys, check_full_cache, image_token_id, write_rows
 
 tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
 
@@ -98,6 +98,7 @@ class VisualSink(Method):
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
         super().check_target(target, options)
         image_token_id(target.model, self.name)
+        check_full_cache(target.model, self.name)
         if len(tfa.language_layers(target.model)) < 2:
             raise UnsupportedModelError(f"{self.name}: {target.family} needs at least 2 decoder layers "
                                         f"(VAR changes every layer but the last)")
