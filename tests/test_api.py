@@ -48,7 +48,7 @@ def test_unsupported_target_names_frameworks():
 
 def test_unsupported_model_family():
     cnn = timm.create_model("resnet10t", pretrained=False, num_classes=2)
-    with pytest.raises(UnsupportedModelError, match="no timm.layers.Attention"):
+    with pytest.raises(UnsupportedModelError, match=r"has no attention layer visattn reads \(timm.layers.Attention, "):
         visattn.apply(cnn, "inspect")
     assert "_visattn_handles" not in cnn.__dict__
 

@@ -33,6 +33,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 Observer = Callable[[int, Tensor, Tensor, float, "Tensor | None"], None]
 T = TypeVar("T")
@@ -70,6 +71,69 @@ class PerThread(Generic[T]):
 
 _SINKS: dict[int, Callable[[int, Tensor], None]] = {}
 _SINK_KEYS = itertools.count()
+
+
+_SDPA = torch._C._nn.scaled_dot_product_attention  # what F.scaled_dot_product_attention is
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class SDPAIntercept(TorchFunctionMode):
+    """While active, hands each SDPA call's arguments, by name, to ``handler``.
+
+    A result other than ``None`` replaces the call's output; ``None`` lets SDPA run as called.
+    ``seen`` counts the SDPA calls, ``answered`` those the handler replaced. The mode is
+    thread-local and patches nothing global.
+    """
+
+    def __init__(self, handler: Callable[[dict[str, Any]], Any]) -> None:
+        super().__init__()
+        self.handler = handler
+        self.seen = self.answered = 0
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            self.seen += 1
+            out = self.handler(dict(zip(SDPA_ARGS, args), **kwargs))
+            if out is not None:
+                self.answered += 1
+                return out
+        return func(*args, **kwargs)
+
+
+def sdpa_observer(layer: int, observer: Observer) -> SDPAIntercept:
+    """An :class:`SDPAIntercept` that reports each call's q, k, scale and mask to ``observer`` as layer ``layer``."""
+
+    def report(call: dict[str, Any]) -> None:
+        q, k, mask = call["query"], call["key"], call.get("attn_mask")
+        if call.get("is_causal"):
+            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scale = call.get("scale")
+        observer(layer, q, k, q.shape[-1] ** -0.5 if scale is None else scale, mask)
+
+    return SDPAIntercept(report)
+
+
+def observe_sdpa(module: torch.nn.Module, patcher: Any, layer: int, observer: Observer,
+                 unobservable: Callable[[], Exception]) -> None:
+    """Report every SDPA call that ``module``'s forward makes to ``observer`` as layer ``layer`` (hooks undone by
+    ``patcher``): a pre-hook enters a thread-local :func:`sdpa_observer`, a hook leaves it and raises
+    ``unobservable()`` if the forward made no SDPA call. The forward runs as stock."""
+    active: PerThread[list[SDPAIntercept]] = PerThread(list)  # this thread's calls of the module, innermost last
+
+    def enter(module: torch.nn.Module, args: tuple) -> None:
+        tap = sdpa_observer(layer, observer)
+        tap.__enter__()
+        active.get().append(tap)
+
+    def leave(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        tap = active.get().pop()
+        tap.__exit__(None, None, None)
+        if output is not None and tap.seen == 0:  # output is None when the forward raised
+            raise unobservable()
+
+    patcher.add_hook(module.register_forward_pre_hook(enter))
+    patcher.add_hook(module.register_forward_hook(leave, always_call=True))
 
 
 def deliver(key: int, index: int, value: Tensor) -> None:

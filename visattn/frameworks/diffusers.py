@@ -56,12 +56,11 @@ import torch.nn as nn
 from diffusers.models import attention_dispatch, attention_processor
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
-from torch.overrides import TorchFunctionMode
 
 from ..core.layout import TokenLayout
 from ..errors import ShapeError, UnsupportedModelError
 from ..patching import Patcher
-from .base import CallContext, Observer, PerThread
+from .base import CallContext, Observer, PerThread, observe_sdpa, sdpa_observer
 
 
 @dataclass(frozen=True)
@@ -112,8 +111,6 @@ FAMILIES: dict[str, Family] = {
 }
 SUPPORTED_MODELS = tuple(FAMILIES)
 NATIVE_BACKEND = attention_dispatch.AttentionBackendName.NATIVE  # torch SDPA, diffusers' default
-_SDPA = torch._C._nn.scaled_dot_product_attention  # what F.scaled_dot_product_attention is
-SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 # diffusers' attention modules: Attention, the AttentionModuleMixin classes, and Mochi's look-alike (a plain module
@@ -142,64 +139,13 @@ def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return sorted(layers, key=lambda item: rank.get(item[0].split(".")[0], -1))  # stable: module order within
 
 
-class SDPAIntercept(TorchFunctionMode):
-    """While active, hands each SDPA call's arguments, by name, to ``handler``.
-
-    A result other than ``None`` replaces the call's output; ``None`` lets SDPA run as called.
-    ``seen`` counts the SDPA calls, ``answered`` those the handler replaced. The mode is
-    thread-local and patches nothing global.
-    """
-
-    def __init__(self, handler: Callable[[dict[str, Any]], Any]) -> None:
-        super().__init__()
-        self.handler = handler
-        self.seen = self.answered = 0
-
-    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if func is _SDPA:
-            self.seen += 1
-            out = self.handler(dict(zip(SDPA_ARGS, args), **kwargs))
-            if out is not None:
-                self.answered += 1
-                return out
-        return func(*args, **kwargs)
-
-
-def _observing(layer: int, observer: Observer) -> SDPAIntercept:
-    """An :class:`SDPAIntercept` that reports each call's q, k, scale and mask to ``observer``."""
-
-    def report(call: dict[str, Any]) -> None:
-        q, k, mask = call["query"], call["key"], call.get("attn_mask")
-        if call.get("is_causal"):
-            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        scale = call.get("scale")
-        observer(layer, q, k, q.shape[-1] ** -0.5 if scale is None else scale, mask)
-
-    return SDPAIntercept(report)
-
-
 def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int], observer: Observer) -> None:
     """Call ``observer(layer, q, k, scale, mask)`` for each SDPA call of each selected layer (see module doc)."""
     modules = attention_layers(model)
     for idx in layers:
         name, module = modules[idx]
-        active: PerThread[list[SDPAIntercept]] = PerThread(list)  # this thread's calls of the layer, innermost last
-
-        def enter(module: nn.Module, args: tuple, idx: int = idx, active: PerThread = active) -> None:
-            tap = _observing(idx, observer)
-            tap.__enter__()
-            active.get().append(tap)
-
-        def leave(module: nn.Module, args: tuple, output: Any, idx: int = idx, name: str = name,
-                  active: PerThread = active) -> None:
-            tap = active.get().pop()
-            tap.__exit__(None, None, None)
-            if output is not None and tap.seen == 0:  # output is None when the forward raised
-                raise _unobservable(idx, name, module.processor)
-
-        patcher.add_hook(module.register_forward_pre_hook(enter))
-        patcher.add_hook(module.register_forward_hook(leave, always_call=True))
+        observe_sdpa(module, patcher, idx, observer, lambda idx=idx, name=name, module=module: _unobservable(
+            idx, name, module.processor))
 
 
 def _unobservable(idx: int, name: str, processor: Any) -> UnsupportedModelError:
@@ -215,7 +161,7 @@ def observed(index: int, name: str, processor: Any, observer: Observer, call: Ca
     """``call()`` (attention layer ``index``, ``name``, running ``processor``) with each of its SDPA calls reported
     to ``observer`` as :func:`observe_attention` reports them; raises :class:`UnsupportedModelError` if it made
     none."""
-    tap = _observing(index, observer)
+    tap = sdpa_observer(index, observer)
     with tap:
         out = call()
     if tap.seen == 0:

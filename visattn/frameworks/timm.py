@@ -16,24 +16,44 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import timm.layers
 import torch
 import torch.nn as nn
 from timm.layers import Attention
+from timm.models.beit import Attention as BeitAttention
+from timm.models.eva import EvaAttention
 
 from ..core.layout import TokenLayout
 from ..errors import ShapeError, UnsupportedModelError
 from ..patching import Patcher
-from .base import BlockStep, Observer, PerThread, StepCall, stepped_class
+from .base import BlockStep, Observer, PerThread, StepCall, observe_sdpa, stepped_class
+
+# attention modules observed at their SDPA call: rotary (EVA02, DINOv3, PE, the RoPE ViTs) or a relative position
+# bias (BEiT) is applied inside the module, after any submodule a hook could read
+SDPA_OBSERVED = tuple(cls for cls in (EvaAttention, BeitAttention, getattr(timm.layers, "AttentionRope", None)) if cls)
 
 
 def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """timm ``Attention`` modules in execution order; raises if the model has none."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention)]
+    """timm's attention modules in execution order: ``timm.layers.Attention`` and :data:`SDPA_OBSERVED`; raises
+    if the model has none."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (Attention, *SDPA_OBSERVED))]
     if not layers:
         raise UnsupportedModelError(
-            f"the timm model {type(model).__name__} has no timm.layers.Attention layers; supported: "
-            f"VisionTransformer and other models built from timm.layers.Attention")
+            f"the timm model {type(model).__name__} has no attention layer visattn reads (timm.layers.Attention, "
+            f"{', '.join(c.__name__ for c in SDPA_OBSERVED)}); supported: VisionTransformer, EVA-style (EVA02, "
+            f"DINOv3, PE, RoPE ViTs), BEiT and other models built from these")
     return layers
+
+
+def plain_attention(model: nn.Module, method: str) -> None:
+    """Raise :class:`UnsupportedModelError` unless every attention layer of ``model`` is ``timm.layers.Attention``
+    (the class ``method`` replaces or reads q and k from)."""
+    others = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for _, m in attention_layers(model)
+                     if not isinstance(m, Attention)})
+    if others:
+        raise UnsupportedModelError(
+            f"{method} works on timm.layers.Attention; this {type(model).__name__} attends with {', '.join(others)} "
+            f"(rotary embeddings or a relative position bias inside the layer, which {method} does not carry)")
 
 
 def vit_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -57,9 +77,17 @@ def vit_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int], observer: Observer) -> None:
+    """``timm.layers.Attention``: hooks on ``q_norm`` and ``k_norm`` (the stock forward untouched); the modules of
+    :data:`SDPA_OBSERVED`: their SDPA call (:func:`visattn.frameworks.base.observe_sdpa`)."""
     modules = attention_layers(model)
     for idx in layers:
-        attn = modules[idx][1]
+        name, attn = modules[idx]
+        if not isinstance(attn, Attention):
+            observe_sdpa(attn, patcher, idx, observer, lambda idx=idx, name=name, attn=attn: UnsupportedModelError(
+                f"visattn cannot observe attention layer {idx} ({name}, {type(attn).__name__}): it ran without "
+                f"torch.nn.functional.scaled_dot_product_attention (fused_attn={getattr(attn, 'fused_attn', None)}; "
+                f"timm uses SDPA unless TIMM_FUSED_ATTN=0 or timm.layers.set_fused_attn(False))"))
+            continue
         calls: PerThread[dict[str, Any]] = PerThread(dict)  # this layer's call: its mask, then its q
 
         def pre(module: nn.Module, args: tuple, kwargs: dict, calls: PerThread = calls) -> None:

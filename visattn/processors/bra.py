@@ -279,6 +279,7 @@ class BRA(Method):
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
         super().check_target(target, options)
         check_topk(options["n_win"], options["topk"])
+        adapter("timm").plain_attention(target.model, self.name)
         select_layers([n for n, _ in adapter("timm").attention_layers(target.model)], options["layers"], self.name)
         if not getattr(target.model, "dynamic_img_size", False):
             check_grid(adapter("timm").vit_grid(target.model), options["n_win"])

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ...core.layout import TokenLayout
 from ...errors import UnsupportedModelError
+from ...frameworks.base import SDPAIntercept
 from ...frameworks.diffusers_layers import LayerProcessor, StockLayer
 from ...patching import Patcher
 from .attention import sparse_video_attention
@@ -19,10 +20,9 @@ from .config import SparseVideoConfig
 from .schedule import SparseVideoSchedule
 
 
-def _sparse_sdpa(layout: Callable[[int], TokenLayout | None], config: SparseVideoConfig) -> Any:
+def _sparse_sdpa(layout: Callable[[int], TokenLayout | None], config: SparseVideoConfig) -> SDPAIntercept:
     """An SDPA interception that answers the layer's self/joint-attention call with :func:`sparse_video_attention`
     (``layout(n)``: the layout of a sequence of ``n`` tokens, ``None`` to leave the call stock)."""
-    from ...frameworks.diffusers import SDPAIntercept
 
     def answer(call: dict[str, Any]) -> Tensor | None:
         q, k = call["query"], call["key"]
