@@ -85,7 +85,8 @@ def part(name: str, args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():
         row["stock"] = in_modes(model, run, args.iters, modes)
         log(f"{name} stock {fmt_ms(row['stock'])}")
-        for variant, enter in variants.items():
+        for variant in args.variants.split(","):
+            enter = variants[variant]
             with enter():
                 row[variant] = in_modes(model, run, args.iters, modes)
             row[f"{variant}_speedup"] = ratios(row["stock"], row[variant])
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, of: {', '.join(FAMILIES)}")
     parser.add_argument("--blocks", type=int, default=8, help="transformer blocks built (every block is the same)")
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--variants", default="processor,backend,bound", help="of: processor, backend, bound")
     parser.add_argument("--out", default="visattn_results/families.json")
     args = parser.parse_args()
     names = [f for f in args.families.split(",") if f]

@@ -242,6 +242,12 @@ def keys_kept(fraction: float, min_tokens: int) -> contextlib.AbstractContextMan
         if q.shape[-2] == n >= min_tokens:
             keep = math.ceil(fraction * n)
             k, v = k[..., :keep, :], v[..., :keep, :]
+            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+            if mask is not None and mask.shape[-1] == n:  # a key mask: its kept columns
+                if len(args) > 3:
+                    args = (*args[:3], mask[..., :keep], *args[4:])
+                else:
+                    kwargs["attn_mask"] = mask[..., :keep]
         return real(q, k, v, *args[3:], **kwargs)
 
     return patched(F, "scaled_dot_product_attention", truncated)
