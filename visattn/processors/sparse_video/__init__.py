@@ -1,5 +1,6 @@
-"""``sparse_video`` — block-sparse self-attention for diffusion transformers (Wan, CogVideoX,
-HunyuanVideo, Flux, SD3).
+"""``sparse_video`` — block-sparse self-attention for diffusion transformers (the video and image
+DiTs of ``config.FAMILIES``: Wan and its VACE variant, SkyReels-V2, LTX, CogVideoX, HunyuanVideo and 1.5, Mochi,
+Flux, Chroma, Flux.2, Qwen-Image, SD3, AuraFlow, CogView4, Lumina 2, PixArt, DiT).
 
 Every strategy is a routing rule on one token layout and one kernel
 (:mod:`visattn.kernels.block_sparse`). The grid tokens of a layer are permuted from raster order into
@@ -36,12 +37,15 @@ query block, a strategy lists the kv blocks it visits:
 
 Where a block covers several tiles (ragged edges), it visits the union of their kv tiles' blocks.
 
-Text tokens (Flux and CogVideoX put them first, SD3 and HunyuanVideo last; any token of the joint
-sequence outside the grid) are always attended and always attend: grid queries see them through the
-kernel's always-attended ranges, text queries run dense SDPA over the whole sequence. A key-padding
-mask (HunyuanVideo's text mask, per sample) is honoured exactly: masked text keys are left out of each
-sample's kv sequence. Masks on grid keys are not supported (error). Layers that are not self- or joint
-attention over a grid stay stock: Wan's cross-attention and HunyuanVideo's token refiner.
+Text tokens (any token of a joint sequence outside the grid: text, registers, image embeddings; the family
+table of :mod:`visattn.frameworks.diffusers` says whether they come before or after the grid) are always
+attended and always attend: grid queries see them through the kernel's always-attended ranges, text queries
+run dense SDPA over the whole sequence under their own rows of the mask. A text mask (per sample; a key-padding
+mask, or the product of a query and a key mask as Chroma and HunyuanVideo 1.5 build them) is honoured exactly:
+masked text keys are left out of each sample's kv sequence. A mask on grid keys, one that differs between grid
+queries (SkyReels-V2's diffusion-forcing causal mask), or an additive float mask raises ``ShapeError``.
+Layers that are not self- or joint attention over a grid stay stock: cross-attention, text refiners
+(HunyuanVideo's, Lumina 2's).
 
 Schedule: the first ``dense_steps`` denoising steps and the first ``dense_layers`` sparse-eligible
 layers (self/joint attention over a grid, in execution order) run stock attention. A step is a
