@@ -19,15 +19,13 @@ embeddings and the output layer (which cost next to nothing beside the blocks).
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
 
-import visattn
-from benchmarks.modes import applied, fmt, fmt_ms, in_modes, keys_kept, log, ratios
+from benchmarks.modes import applied, fmt, fmt_ms, in_modes, keys_kept, log, ratios, run_parts
 
 
 def _build(cls: type, config: dict, dtype: torch.dtype) -> torch.nn.Module:
@@ -102,17 +100,8 @@ def main() -> None:
     parser.add_argument("--variants", default="processor,backend,bound", help="of: processor, backend, bound")
     parser.add_argument("--out", default="visattn_results/families.json")
     args = parser.parse_args()
-    names = [f for f in args.families.split(",") if f]
-    unknown = sorted(set(names) - set(FAMILIES))
-    if unknown:
-        parser.error(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                               "visattn": visattn.__version__, "blocks": args.blocks}
-    for name in names:
-        results[name] = part(name, args)
-        torch.cuda.empty_cache()
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))  # each family as it finishes
+    run_parts(parser, args.families, {name: partial(part, name, args) for name in FAMILIES}, args.out,
+              blocks=args.blocks)
 
 
 if __name__ == "__main__":

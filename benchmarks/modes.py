@@ -38,6 +38,7 @@ import contextlib
 import json
 import math
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -374,17 +375,24 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--biformer", default=".peer/biformer", help="a copy of rayleizhu/BiFormer (part bra)")
     args = parser.parse_args()
-    parts = [p for p in args.parts.split(",") if p]
-    unknown = sorted(set(parts) - set(PARTS))
+    run_parts(parser, args.parts, {name: partial(part, args) for name, part in PARTS.items()}, args.out)
+
+
+def run_parts(parser: argparse.ArgumentParser, names: str, parts: dict[str, Callable[[], Any]], out: str,
+              **header: Any) -> None:
+    """Run the comma-separated ``names`` of ``parts`` in order, writing the results (under the device, torch and
+    visattn versions and ``header``) to ``out`` as JSON as each part finishes."""
+    chosen = [n for n in names.split(",") if n]
+    unknown = sorted(set(chosen) - set(parts))
     if unknown:
-        parser.error(f"unknown parts {unknown}; known: {', '.join(PARTS)}")
+        parser.error(f"unknown parts {unknown}; known: {', '.join(parts)}")
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                               "visattn": visattn.__version__}
-    for part in parts:
-        results[part] = PARTS[part](args)
+                               "visattn": visattn.__version__, **header}
+    for name in chosen:
+        results[name] = parts[name]()
         torch.cuda.empty_cache()
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))  # each part as it finishes
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
