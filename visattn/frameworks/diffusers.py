@@ -86,8 +86,9 @@ class Family:
     order: tuple[str, ...] = ()
 
 
+_UNET_ORDER = ("down_blocks", "mid_block", "up_blocks")
 FAMILIES: dict[str, Family] = {
-    "UNet2DConditionModel": Family(2, order=("down_blocks", "mid_block", "up_blocks")),
+    "UNet2DConditionModel": Family(2, order=_UNET_ORDER),
     "PixArtTransformer2DModel": Family(2),
     "DiTTransformer2DModel": Family(2),
     "SanaTransformer2DModel": Family(2),
@@ -132,7 +133,7 @@ def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             f"built from them")
     children = list(model._modules)
     family = FAMILIES.get(type(model).__name__)
-    order = [c for c in (family.order if family else ()) if c in children]
+    order = [c for c in (family.order if family else _UNET_ORDER) if c in children]  # other UNets run as the UNet
     for slot, child in zip(sorted(children.index(c) for c in order), order):
         children[slot] = child
     rank = {name: i for i, name in enumerate(children)}
@@ -379,11 +380,11 @@ def token_layout(model: nn.Module, layer: int, grid: tuple[int, ...], num_tokens
     grid ``grid`` (:func:`call_grid`).
 
     Cross-attention queries are the grid. Self-attention holds the grid and, where it is longer, the family's
-    other tokens (text, registers, image embeddings) :attr:`Family.text` it (Flux, Chroma, Flux2, Qwen-Image,
-    CogView4, Lumina2, AuraFlow and CogVideoX put them first; SD3, HunyuanVideo (1.5) and Mochi last); so the
-    text length is read from the sequence itself (it is per sample in Mochi, and includes AuraFlow's registers
-    and HunyuanVideo 1.5's image and glyph tokens). Layers over the text alone have no grid. A sequence that
-    cannot hold the layer's grid so raises :class:`ShapeError`.
+    other tokens (text, registers, image embeddings) on the side :attr:`Family.text` names (Flux, Chroma, Flux2,
+    Qwen-Image, CogView4, Lumina2, AuraFlow and CogVideoX put them first; SD3, HunyuanVideo (1.5) and Mochi last),
+    so the text length is read from the sequence itself (it is per sample in Mochi, and includes AuraFlow's
+    registers and HunyuanVideo 1.5's image and glyph tokens). Layers over the text alone have no grid. A sequence
+    that cannot hold the layer's grid raises :class:`ShapeError`.
     """
     layer_g = layer_grid(model, layer, grid)
     if layer_g is None:
