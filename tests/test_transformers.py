@@ -28,10 +28,12 @@ class Case:
 
 
 #: Per vision layer, the maps of one forward: one call per batch of crops (LLaVA: [CLS] + 2x2 patches;
-#: LLaVA-NeXT: 2 + 3 crops), per image (Qwen2-VL's SDPA path splits at cu_seqlens) or per window (Qwen2.5-VL).
+#: LLaVA-NeXT and -OneVision: 2 + 3 crops), per image (Qwen2-VL's SDPA path splits at cu_seqlens) or per window
+#: (Qwen2.5-VL).
 VISION_MAPS = {
     "llava": [[(2, 5, 5)]] * 2,
     "llava_next": [[(5, 5, 5)]] * 2,
+    "llava_onevision": [[(5, 4, 4)]] * 2,  # SigLIP: no [CLS], 2x2 patches per crop
     "qwen2_vl": [[(1, 16, 16)] * 2] * 2,
     "qwen2_5_vl": [[(1, 4, 4)] * 8, [(1, 16, 16)] * 2],  # layer 0 windowed, layer 1 full attention
 }

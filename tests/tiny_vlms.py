@@ -1,6 +1,6 @@
 """Tiny random-weight vision-language models shared by the transformers tests (built from configs).
 
-LLaVA, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL, with :func:`vlm_inputs` giving each a batch of two
+LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL, with :func:`vlm_inputs` giving each a batch of two
 left-padded prompts of different lengths holding image tokens.
 """
 
@@ -16,10 +16,14 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    SiglipVisionConfig,
 )
 
 PAD, IMAGE, START, END, VIDEO = 0, 90, 91, 92, 93
@@ -58,6 +62,14 @@ def llava_next(impl: str) -> torch.nn.Module:
     return LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation=impl)
 
 
+def llava_onevision(impl: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**CLIP), text_config=Qwen2Config(**TEXT),
+                               image_token_id=IMAGE, pad_token_id=PAD, image_grid_pinpoints=[[28, 28], [28, 56]],
+                               vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9")
+    return LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation=impl)
+
+
 def _qwen_vision(**extra: Any) -> dict[str, Any]:
     return dict(depth=2, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                 **extra)
@@ -82,11 +94,12 @@ def vlm_inputs(family: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if family == "llava":
         ids, mask = prompts([4, 4])  # 28px, patch 14, [CLS] dropped: 4 tokens per image
         return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28))
-    if family == "llava_next":  # anyres: a 28x28 image (1 crop) and a 28x56 one (2 crops)
+    if family in ("llava_next", "llava_onevision"):  # anyres: a 28x28 image (1 crop) and a 28x56 one (2 crops)
         pixels, sizes = torch.randn(2, 3, 3, 28, 28), torch.tensor([[28, 28], [28, 56]])
+        cfg = model.config
         with torch.no_grad():
-            feats = model.model.get_image_features(pixels, sizes, vision_feature_layer=-2,
-                                                   vision_feature_select_strategy="default")
+            feats = model.model.get_image_features(pixels, sizes, vision_feature_layer=cfg.vision_feature_layer,
+                                                   vision_feature_select_strategy=cfg.vision_feature_select_strategy)
         ids, mask = prompts([len(f) for f in getattr(feats, "pooler_output", feats)])
         return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
     # Qwen2-VL / Qwen2.5-VL: flattened 14px patches, grid (1, 4, 4) per 56px image, merged 2x2 -> 4 tokens
@@ -96,7 +109,8 @@ def vlm_inputs(family: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
                 pixel_values=torch.randn(32, 3 * 2 * 14 * 14), image_grid_thw=grid)
 
 
-BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}
+BUILDERS = {"llava": llava, "llava_next": llava_next, "llava_onevision": llava_onevision, "qwen2_vl": qwen2_vl,
+            "qwen2_5_vl": qwen2_5_vl}
 
 
 def build(family: str, impl: str) -> torch.nn.Module:

@@ -75,7 +75,8 @@ from ...patching import Handle, Patcher
 tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
 
 STRATEGIES = ("cls", "fastv", "star", "plphp", "transprune")
-FAMILIES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+FAMILIES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+            "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
             "Qwen2_5_VLForConditionalGeneration")
 #: Strategies that read the vision tower's [CLS] attention, and the models that have it.
 CLS_STRATEGIES, CLS_FAMILIES = ("cls", "star"), ("LlavaForConditionalGeneration",)
