@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
+import test_diffusers as td  # noqa: E402
 from tiny_dits import BUILDERS, ragged_mask  # noqa: E402
 
 import visattn  # noqa: E402
@@ -21,7 +22,7 @@ from visattn.frameworks import diffusers as adapter  # noqa: E402
 from visattn.patching import Patcher  # noqa: E402
 from visattn.processors.sparse_video.config import FAMILIES as SPARSE_FAMILIES  # noqa: E402
 
-GRIDS = {"dit": (4, 4), "skyreels_v2": (4, 2, 3)}  # the others: (3, 4) for images, (2, 3, 4) for video
+GRIDS = {"dit": (4, 4), "pixart": (4, 4), "skyreels_v2": (4, 2, 3)}  # the others: (3, 4) for images, (2, 3, 4) for video
 TEXT_INPUT = {"dit": None}  # the input perturbed to move the text rows: encoder_hidden_states elsewhere
 BACKEND_FAMILIES = {"ltx", "qwenimage", "skyreels_v2", "wan_vace", "hunyuanvideo15", "flux2", "chroma", "wan_i2v"}
 
@@ -31,10 +32,14 @@ def _run(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         return model(**inputs, return_dict=False)[0]
 
 
-@pytest.fixture(scope="module", params=list(BUILDERS))
+FAMILIES = {**BUILDERS, "pixart": lambda: td._pixart()[:2]}  # PixArt: sparse_video since the family table
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
 def case(request: pytest.FixtureRequest) -> tuple[str, torch.nn.Module, dict[str, Any], torch.Tensor]:
     torch.manual_seed(0)
-    model, inputs = BUILDERS[request.param]()
+    model, inputs = FAMILIES[request.param]()
+    model.eval()
     return request.param, model, inputs, _run(model, inputs)
 
 
