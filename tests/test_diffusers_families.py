@@ -22,7 +22,7 @@ from visattn.frameworks import diffusers as adapter  # noqa: E402
 from visattn.patching import Patcher  # noqa: E402
 from visattn.processors.sparse_video.config import FAMILIES as SPARSE_FAMILIES  # noqa: E402
 
-GRIDS = {"dit": (4, 4), "pixart": (4, 4), "skyreels_v2": (4, 2, 3)}  # the others: (3, 4) for images, (2, 3, 4) for video
+GRIDS = {"dit": (4, 4), "pixart": (4, 4), "skyreels_v2": (4, 2, 3)}  # others: (3, 4) images, (2, 3, 4) video
 TEXT_INPUT = {"dit": None}  # the input perturbed to move the text rows: encoder_hidden_states elsewhere
 BACKEND_FAMILIES = {"ltx", "qwenimage", "skyreels_v2", "wan_vace", "hunyuanvideo15", "flux2", "chroma", "wan_i2v"}
 
