@@ -34,29 +34,30 @@ def _mask4(mask: Tensor) -> Tensor:
     return mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
 
 
-def grid_keys(mask: Tensor, batch: int, rows: Tensor) -> Tensor | None:
-    """The keys that the query ``rows`` (the grid queries) attend under the SDPA ``mask``, as boolean ``[B, Nk]``
-    (True = attend); ``None`` if they attend every key.
+def grid_keys(mask: Tensor, batch: int, rows: tuple[int, int]) -> Tensor | None:
+    """The keys that the queries in ``[start, end) = rows`` (the grid queries) attend under the SDPA ``mask``, as
+    boolean ``[B, Nk]`` (True = attend); ``None`` if they attend every key.
 
     Every grid query of a sample must see the same keys (a key-padding mask, or a query mask times a key mask
     as Chroma and HunyuanVideo 1.5 build them): a mask that differs between grid queries or heads, or a float
-    mask other than 0 / -inf over them, raises :class:`ShapeError`.
+    mask other than 0 / -inf over them, raises :class:`ShapeError`. The grid rows are read as a view (a
+    ``[B, 1, N, N]`` mask is gigabytes at video lengths), and compared by reducing them: the rows agree where
+    every one and any one attend alike.
     """
     m = _mask4(mask)
     if m.shape[2] != 1:
-        m = m[:, :, rows]
+        m = m[:, :, rows[0]:rows[1]]
     if m.dtype != torch.bool:
         if not bool(((m == 0) | (m == float("-inf"))).all()):
             raise ShapeError("sparse_video: a float attention mask over grid queries must hold only 0 and -inf "
                              "(an additive bias cannot be routed)")
         m = m == 0
-    if m.shape[1] != 1 or m.shape[2] != 1:
-        if not bool((m == m[:, :1, :1]).all()):
-            raise ShapeError(f"sparse_video: grid queries must share one key mask (got a mask of shape "
-                             f"{tuple(mask.shape)} that varies over heads or grid queries)")
-        m = m[:, :1, :1]
-    m = m[:, 0, 0].expand(batch, m.shape[-1])
-    return None if bool(m.all()) else m
+    keys = m.all(dim=2).all(dim=1)
+    if not torch.equal(keys, m.any(dim=2).any(dim=1)):
+        raise ShapeError(f"sparse_video: grid queries must share one key mask (got a mask of shape "
+                         f"{tuple(mask.shape)} that varies over heads or grid queries)")
+    keys = keys.expand(batch, m.shape[-1])
+    return None if bool(keys.all()) else keys
 
 
 def _attend_text(qt: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
@@ -86,7 +87,7 @@ def sparse_video_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout,
     qp, kp, vp = (take_tokens(t, geo.perm) for t in (q, k, v))
     keys = text_mask = None
     if attn_mask is not None:
-        keys = grid_keys(attn_mask, q.shape[0], geo.perm[:ng])
+        keys = grid_keys(attn_mask, q.shape[0], layout.grid_span)
         text_mask = _mask4(attn_mask)
         text_mask = (text_mask if text_mask.shape[2] == 1 else text_mask[:, :, geo.perm[ng:]])[..., geo.perm]
     if keys is None:
