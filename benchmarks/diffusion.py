@@ -153,7 +153,7 @@ def merge_cost(batch: int, tokens: int, channels: int, ratio: float, device: tor
     x = torch.randn(batch, tokens, channels, device=device, dtype=dtype)
 
     def once() -> torch.Tensor:
-        dst, src = cell_destinations(side, side, 2, 2, device=device)
+        dst, src = cell_destinations((side, side), (2, 2), device=device)
         merge = match_to_cells(x, dst, src, int(tokens * ratio))
         return merge.unmerge(merge.merge(x))
 

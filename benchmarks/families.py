@@ -1,4 +1,5 @@
-"""``sparse_video`` on diffusers families added by issue 19, at their real width and token count (random weights).
+"""``sparse_video`` and ``tome`` on diffusers families added by issue 19, at their real width and token count (random
+weights).
 
 - ``hunyuanvideo15``: HunyuanVideo-1.5 (the diffusers class's default config: 16 heads x 128, 2048 wide) at 121
   frames of 480x848 (latent 31x30x53: 49,290 video tokens; 256 MLLM text tokens, 64 byT5 tokens, 729 image-embed
@@ -10,6 +11,9 @@ Both batch 1, bf16, one forward, eager and ``torch.compile`` (default mode), eac
 mode: ``sparse_video`` tile_topk keep 0.1 installed as processors and as the attention backend (both families'
 processors call ``dispatch_attention_fn``); bound: every self-attention over the first 10% of its keys
 (``benchmarks.modes.keys_kept``; text included in the cut, so it is the cost of attention over 10% of the sequence).
+``tome`` ratio 0.5 (2x2 cells; ``tome75``: ratio 0.75 in 2x2x2 cells, video only), merged at the attention call;
+its bound (``tome_bound``, ``tome75_bound``): every self-attention over as many tokens as the merge leaves
+(``benchmarks.modes.tokens_cut``), nothing else changed.
 Every block of a family is the same, so the ratio of the first ``--blocks`` blocks is the full model's up to the
 embeddings and the output layer (which cost next to nothing beside the blocks).
 
@@ -19,13 +23,14 @@ embeddings and the output layer (which cost next to nothing beside the blocks).
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
 
-from benchmarks.modes import applied, fmt, fmt_ms, in_modes, keys_kept, log, ratios, run_parts
+from benchmarks.modes import applied, fmt, fmt_ms, in_modes, keys_kept, log, ratios, run_parts, tokens_cut
 
 
 def _build(cls: type, config: dict, dtype: torch.dtype) -> torch.nn.Module:
@@ -53,7 +58,7 @@ def hunyuanvideo15(blocks: int, dtype: torch.dtype) -> tuple[torch.nn.Module, di
                   encoder_hidden_states_2=g(1, glyph, cfg.text_embed_2_dim),
                   encoder_attention_mask_2=torch.ones(1, glyph, device="cuda"),
                   image_embeds=torch.zeros(1, 729, cfg.image_embed_dim, device="cuda", dtype=dtype))
-    return model, inputs, f"HunyuanVideo-1.5, 121x480x848 (latent {latent}), {blocks} of 54 blocks"
+    return model, inputs, f"HunyuanVideo-1.5, 121x480x848 (latent {latent}), {blocks} of 54 blocks", latent
 
 
 def qwenimage(blocks: int, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[str, Any], str]:
@@ -65,20 +70,25 @@ def qwenimage(blocks: int, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[st
                   encoder_hidden_states=torch.randn(1, text, cfg.joint_attention_dim, device="cuda", dtype=dtype),
                   encoder_hidden_states_mask=torch.ones(1, text, device="cuda", dtype=torch.long),
                   timestep=torch.tensor([0.5], device="cuda"), img_shapes=[(1, side, side)])
-    return model, inputs, f"Qwen-Image, 1024x1024 ({side}x{side} tokens), {blocks} of 60 blocks"
+    return model, inputs, f"Qwen-Image, 1024x1024 ({side}x{side} tokens), {blocks} of 60 blocks", (side, side)
 
 
-FAMILIES: dict[str, Callable[[int, torch.dtype], tuple[torch.nn.Module, dict[str, Any], str]]] = {
+FAMILIES: dict[str, Callable[[int, torch.dtype], tuple[torch.nn.Module, dict[str, Any], str, tuple[int, ...]]]] = {
     "hunyuanvideo15": hunyuanvideo15, "qwenimage": qwenimage}
 
 
 def part(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    model, inputs, what = FAMILIES[name](args.blocks, torch.bfloat16)
+    model, inputs, what, grid = FAMILIES[name](args.blocks, torch.bfloat16)
     run = lambda m: m(**inputs, return_dict=False)[0]  # noqa: E731
     modes = ("eager", "compiled")
+    tokens = math.prod(grid)
     variants = {"processor": lambda: applied(model, "sparse_video", keep=0.1),
                 "backend": lambda: applied(model, "sparse_video", keep=0.1, install="attention_backend"),
-                "bound": lambda: keys_kept(0.1, 1024)}
+                "bound": lambda: keys_kept(0.1, 1024),
+                "tome": lambda: applied(model, "tome", ratio=0.5),
+                "tome_bound": lambda: tokens_cut(int(tokens * 0.5), 1024),
+                "tome75": lambda: applied(model, "tome", ratio=0.75, st=2),
+                "tome75_bound": lambda: tokens_cut(int(tokens * 0.75), 1024)}
     row: dict[str, Any] = {"model": what, "keep": 0.1}
     with torch.no_grad():
         row["stock"] = in_modes(model, run, args.iters, modes)
@@ -97,7 +107,8 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, of: {', '.join(FAMILIES)}")
     parser.add_argument("--blocks", type=int, default=8, help="transformer blocks built (every block is the same)")
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--variants", default="processor,backend,bound", help="of: processor, backend, bound")
+    parser.add_argument("--variants", default="processor,backend,bound,tome,tome_bound",
+                        help="of: processor, backend, bound, tome, tome_bound, tome75 and tome75_bound (video)")
     parser.add_argument("--out", default="visattn_results/families.json")
     args = parser.parse_args()
     run_parts(parser, args.families, {name: partial(part, name, args) for name in FAMILIES}, args.out,

@@ -254,6 +254,26 @@ def keys_kept(fraction: float, min_tokens: int) -> contextlib.AbstractContextMan
     return patched(F, "scaled_dot_product_attention", truncated)
 
 
+def tokens_cut(count: int, min_tokens: int) -> contextlib.AbstractContextManager:
+    """Token merging's bound at the attention call: every self-attention call (``Nq == Nk >= min_tokens``) runs over
+    its first ``N - count`` tokens only (queries, keys and values; a mask cut alike), its output padded back to ``N``
+    with the remaining queries (a copy, as cheap as an unmerge)."""
+    real = F.scaled_dot_product_attention
+
+    def truncated(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                  **kwargs: Any) -> torch.Tensor:
+        n = query.shape[-2]
+        if not key.shape[-2] == n >= min_tokens:
+            return real(query, key, value, attn_mask=attn_mask, **kwargs)
+        keep = n - count
+        if attn_mask is not None:
+            attn_mask = attn_mask[..., :keep] if attn_mask.shape[-2] == 1 else attn_mask[..., :keep, :keep]
+        out = real(query[..., :keep, :], key[..., :keep, :], value[..., :keep, :], attn_mask=attn_mask, **kwargs)
+        return torch.cat([out, query[..., keep:, :]], dim=-2)
+
+    return patched(F, "scaled_dot_product_attention", truncated)
+
+
 def part_wan(args: argparse.Namespace) -> list[dict]:
     from benchmarks.video import WAN_1_3B, wan_model
 

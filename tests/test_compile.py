@@ -83,6 +83,8 @@ CASES = [
     ("wan", "inspect", {}, None if OLD_DYNAMO else 0, MODE_BREAKS),
     ("flux", "inspect", {}, None if OLD_DYNAMO else 0, MODE_BREAKS),
     ("ltx", "sparse_video", dict(keep=0.5, tile=(1, 2, 2), install="attention_backend"), 0, ""),
+    ("wan", "tome", dict(ratio=0.5, st=2), None if OLD_DYNAMO else 0, MODE_BREAKS),
+    ("flux2", "tome", dict(ratio=0.5), None if OLD_DYNAMO else 1, "Flux.2's grid is read from img_ids on the host"),
     ("flux2", "sparse_video", dict(keep=0.5, tile=(1, 2), install="attention_backend"), 1,
      "Flux.2's grid is read from img_ids on the host"),
     ("qwenimage", "sparse_video", dict(keep=0.5, tile=(1, 2), install="attention_backend"), None,

@@ -1,7 +1,8 @@
 """The diffusers families of the adapter's table beyond the first seven (tiny random configs, ``tiny_dits``): attention
 layers in execution order, each call's token grid, token layouts checked against what attention sees (which query
-rows move with the latent and which with the text), ``inspect`` and ``sparse_video`` bit-identical at their identity
-settings, sparse attention changing the output where it should, ``remove()`` exact, and refusals at ``apply``."""
+rows move with the latent and which with the text), ``inspect``, ``sparse_video`` and ``tome`` bit-identical at their
+identity settings, sparse and merged attention changing the output where they should (merged attention shorter by
+the tokens merged, text masks followed), ``remove()`` exact, and refusals at ``apply``."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from visattn.errors import OptionError, ShapeError, UnsupportedModelError  # noq
 from visattn.frameworks import diffusers as adapter  # noqa: E402
 from visattn.patching import Patcher  # noqa: E402
 from visattn.processors.sparse_video.config import FAMILIES as SPARSE_FAMILIES  # noqa: E402
+from visattn.processors.tome import diffusers as tome_diffusers  # noqa: E402
+from visattn.processors.tome.diffusers import FAMILIES as TOME_FAMILIES  # noqa: E402
 
 GRIDS = {"dit": (4, 4), "pixart": (4, 4), "skyreels_v2": (4, 2, 3)}  # others: (3, 4) images, (2, 3, 4) video
 TEXT_INPUT = {"dit": None}  # the input perturbed to move the text rows: encoder_hidden_states elsewhere
@@ -166,6 +169,83 @@ def test_sparse_video_identity_sparse_and_remove(case: tuple) -> None:
     assert torch.equal(_run(model, inputs), out)
 
 
+class _AttentionLengths(torch.overrides.TorchFunctionMode):
+    """Records ``(query tokens, key tokens)`` of every SDPA call that reaches torch (outside visattn's own modes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q, k = (args[i] if len(args) > i else kwargs[n] for i, n in ((0, "query"), (1, "key")))
+            self.calls.append((q.shape[-2], k.shape[-2]))
+        return func(*args, **kwargs)
+
+
+def _lengths(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    with _AttentionLengths() as seen:
+        out = _run(model, inputs)
+    return out, seen.calls
+
+
+def _tome_options(model: torch.nn.Module, **options: Any) -> dict[str, Any]:
+    """Cells 2 frames deep on video, so that the tiny grids merge across frames too."""
+    return {"st": 2 if adapter.family_of(model).rank == 3 else 1, **options}
+
+
+def test_tome_identity_merging_and_remove(case: tuple) -> None:
+    name, model, inputs, out = case
+    if type(model).__name__ not in TOME_FAMILIES:
+        pytest.skip("not a tome family (test_refusals)")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    processors = {n: m.processor for n, m in adapter.attention_layers(model)}
+    handle = visattn.apply(model, "tome", **_tome_options(model, ratio=0.0))
+    identity = _run(model, inputs)
+    assert all(n == kept for _, n, kept in handle.token_counts) and handle.token_counts
+    visattn.remove(model)
+    assert torch.equal(identity, out)
+    if name == "skyreels_v2":
+        return  # its diffusion-forcing mask differs between grid tokens (test_refusals)
+    _, stock_lengths = _lengths(model, inputs)
+    handle = visattn.apply(model, "tome", **_tome_options(model, ratio=0.5))
+    merged, lengths = _lengths(model, inputs)
+    counts = handle.token_counts
+    visattn.remove(model)
+    assert torch.isfinite(merged).all() and not torch.equal(merged, out)
+    assert all(kept == n - int(n * 0.5) for _, n, kept in counts)
+    # every merge shortened its attention call by the tokens merged, queries and keys alike; nothing else changed
+    shortened = [(a - b, c - d) for (a, c), (b, d) in zip(stock_lengths, lengths) if (a, c) != (b, d)]
+    assert len(lengths) == len(stock_lengths) and shortened == [(n - kept, n - kept) for _, n, kept in counts]
+    if type(model).__name__ in tome_diffusers.CALL_FAMILIES:
+        self_layers = {n for (n, _), kind in zip(adapter.attention_layers(model), adapter.layer_kinds(model))
+                       if kind == "self"}
+        assert {layer for layer, _, _ in counts} == self_layers
+    assert torch.equal(_run(model, inputs), out)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert all(m.processor is processors[n] for n, m in adapter.attention_layers(model))
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["qwenimage", "hunyuanvideo15", "chroma", "mochi"])
+def test_tome_follows_text_masks(name: str) -> None:
+    """Masked text tokens of sample 1 (their contents changed) leave its output unchanged, as in stock."""
+    torch.manual_seed(0)
+    model, inputs = FAMILIES[name]()
+    model.eval()
+    text = inputs["encoder_hidden_states"].clone()
+    text[1, 4:] += torch.randn_like(text[1, 4:])
+    changed = {**inputs, "encoder_hidden_states": text}
+    assert torch.equal(_run(model, inputs)[1], _run(model, changed)[1])  # stock: the masked text is unseen
+    visattn.apply(model, "tome", **_tome_options(model, ratio=0.5))
+    try:
+        merged = _run(model, inputs)
+        assert torch.equal(merged[1], _run(model, changed)[1])
+    finally:
+        visattn.remove(model)
+
+
 CALL_REFUSALS = {  # inputs sparse attention cannot serve, refused at the call (the family is supported)
     "skyreels_v2": (lambda inputs: {}, "grid queries must share one key mask"),  # diffusion forcing: block-causal
     "lumina2": (lambda inputs: {"encoder_attention_mask": ragged_mask()}, "masks grid tokens"),  # image moves
@@ -196,6 +276,35 @@ def test_refusals(case: tuple) -> None:
     else:
         pytest.skip("nothing this family refuses")
     assert not visattn.applied(model)
+    assert torch.equal(_run(model, inputs), out)
+
+
+TOME_CALL_REFUSALS = {  # masks that differ between grid tokens, refused at the call
+    "skyreels_v2": lambda inputs: {},  # diffusion forcing: block-causal over frames
+    "lumina2": lambda inputs: {"encoder_attention_mask": ragged_mask()},  # each sample's image starts elsewhere
+}
+
+
+def test_tome_refusals(case: tuple) -> None:
+    name, model, inputs, out = case
+    family = type(model).__name__
+    if family not in TOME_FAMILIES:
+        with pytest.raises(UnsupportedModelError, match=f"tome does not support the diffusers model {family}"):
+            visattn.apply(model, "tome")
+    if family in tome_diffusers.CALL_FAMILIES:
+        with pytest.raises(OptionError, match="merges at its attention calls only: use scope='attention'"):
+            visattn.apply(model, "tome", scope="block")
+    if family in TOME_FAMILIES and adapter.family_of(model).rank == 2:
+        with pytest.raises(OptionError, match="st=2 is the cell depth in frames"):
+            visattn.apply(model, "tome", st=2)
+    assert not visattn.applied(model)
+    if name in TOME_CALL_REFUSALS:
+        visattn.apply(model, "tome", **_tome_options(model, ratio=0.5))
+        try:
+            with pytest.raises(ShapeError, match="differs between grid tokens, which merged tokens cannot follow"):
+                _run(model, {**inputs, **TOME_CALL_REFUSALS[name](inputs)})
+        finally:
+            visattn.remove(model)
     assert torch.equal(_run(model, inputs), out)
 
 

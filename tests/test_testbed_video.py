@@ -150,7 +150,7 @@ def test_video_bad_inputs_are_named(tiny, tmp_path, capsys):
     with pytest.raises(UnsupportedModelError, match="does not support diffusers models"):
         eval_video("bra", checkpoint=tiny[0], out_dir=None)
     with pytest.raises(UnsupportedModelError, match="WanTransformer3DModel"):
-        eval_video("tome", checkpoint=tiny[0], out_dir=None)
+        eval_video("isolation", checkpoint=tiny[0], out_dir=None)
     with pytest.raises(OptionError, match="keep"):
         eval_video("sparse_video", {"keep": 2.0}, checkpoint=tiny[0], out_dir=None)
     with pytest.raises(ValueError, match="n must be >= 1"):

@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 
 import diffusers  # noqa: E402
 import tiny_dits  # noqa: E402
-from test_diffusers import B, T, _flux, _pixart, _run, _sd3, _unet, _wan  # noqa: E402
+from test_diffusers import B, T, _flux, _pixart, _run, _sd3, _unet  # noqa: E402
 
 import visattn  # noqa: E402
 from visattn.core.merge_sd import cell_destinations, match_to_cells  # noqa: E402
@@ -192,7 +192,7 @@ def test_each_timestep_draws_its_destinations_and_a_repeated_call_the_same() -> 
         visattn.remove(model)
     assert torch.equal(first, again)  # no state carried from call to call: a generation run again is the same
     keys = [destination_key(0, {"timestep": torch.tensor([t, t])}) for t in (10, 9, 10)]
-    partitions = [cell_destinations(8, 8, 2, 2, key)[0] for key in keys]
+    partitions = [cell_destinations((8, 8), (2, 2), key)[0] for key in keys]
     assert torch.equal(partitions[0], partitions[2]) and not torch.equal(partitions[0], partitions[1])
     assert destination_key(3, {}) == 3  # a model called without a timestep: the seed alone
 
@@ -202,23 +202,35 @@ def test_each_timestep_draws_its_destinations_and_a_repeated_call_the_same() -> 
 
 def test_one_destination_per_full_cell_and_the_rest_are_sources() -> None:
     h, w, sx, sy = 7, 9, 2, 3
-    dst, src = cell_destinations(h, w, sx, sy, 0)
+    dst, src = cell_destinations((h, w), (sy, sx), 0)
     assert dst.numel() == (h // sy) * (w // sx) and sorted(torch.cat([dst, src]).tolist()) == list(range(h * w))
     assert torch.equal(dst, dst.sort().values) and torch.equal(src, src.sort().values)
     cells = sorted(((int(i) // w) // sy, (int(i) % w) // sx) for i in dst)
     assert cells == [(r, c) for r in range(h // sy) for c in range(w // sx)]
-    again, _ = cell_destinations(h, w, sx, sy, 0)
-    other, _ = cell_destinations(h, w, sx, sy, 1)
+    again, _ = cell_destinations((h, w), (sy, sx), 0)
+    other, _ = cell_destinations((h, w), (sy, sx), 1)
     assert torch.equal(dst, again) and not torch.equal(dst, other)
     with pytest.raises(ValueError, match="no full 3x2 cell"):
-        cell_destinations(2, 9, sx, sy)
+        cell_destinations((2, 9), (sy, sx))
+
+
+def test_video_cells_hold_one_destination_each() -> None:
+    t, h, w, st, sy, sx = 5, 4, 7, 2, 2, 3
+    dst, src = cell_destinations((t, h, w), (st, sy, sx), 3)
+    assert sorted(torch.cat([dst, src]).tolist()) == list(range(t * h * w)) and torch.equal(dst, dst.sort().values)
+    cells = sorted(((i // (h * w)) // st, (i // w % h) // sy, (i % w) // sx) for i in dst.tolist())
+    assert cells == [(a, b, c) for a in range(t // st) for b in range(h // sy) for c in range(w // sx)]
+    frames = {i // (h * w) % st for i in dst.tolist()}
+    assert frames == {0, 1}  # the destinations' frames within their cells vary (key 3)
+    planes = cell_destinations((1, h, w), (1, sy, sx), 0)[0]
+    assert torch.equal(planes, cell_destinations((h, w), (sy, sx), 0)[0])  # a one-frame cell is the image cell
 
 
 def test_matching_merges_the_most_similar_sources_into_their_destination_average() -> None:
     torch.manual_seed(0)
     h = w = 4
     x = torch.randn(2, h * w, 8)
-    dst, src = cell_destinations(h, w, 2, 2, 0)
+    dst, src = cell_destinations((h, w), (2, 2), 0)
     r = 5
     merge = match_to_cells(x, dst, src, r)
     y = merge.merge(x)
@@ -275,7 +287,7 @@ def test_per_sample_rope_processor_matches_the_stock_processor() -> None:
     ({"scope": "mlp"}, "scope must be one of 'attention', 'block'"),
     ({"max_downsample": 3}, "max_downsample must be None or one of 1, 2, 4, 8"),
     ({"max_downsample": True}, "max_downsample must be"),
-    ({"sx": 0}, r"sx must be an int >= 1"),
+    ({"sx": 0}, r"sx must be an int >= 1"), ({"st": 0}, r"st must be an int >= 1"),
     ({"r": 8}, "r is an option for timm and open_clip models"),  # r=8 is its default: given all the same
 ])
 def test_bad_options_raise_before_touching(opts: dict, msg: str) -> None:
@@ -287,9 +299,9 @@ def test_bad_options_raise_before_touching(opts: dict, msg: str) -> None:
 
 def test_unsupported_family_and_masked_attention_are_refused() -> None:
     torch.manual_seed(0)
-    wan = _wan()[0]
+    sana = tiny_dits.BUILDERS["sana"]()[0]
     with pytest.raises(visattn.UnsupportedModelError, match="supported diffusers models: UNet2DConditionModel"):
-        visattn.apply(wan, "tome")
+        visattn.apply(sana, "tome")
     model, inputs, _ = _build("pixart")
     visattn.apply(model, "tome", ratio=0.5)
     try:

@@ -28,37 +28,43 @@ and one scaling (merge) or one gather (unmerge) over the hidden states.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def cell_destinations(h: int, w: int, sx: int, sy: int, key: Tensor | int = 0, *,
+def cell_destinations(grid: Sequence[int], cell: Sequence[int], key: Tensor | int = 0, *,
                       device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-    """ToMe-SD's partition of an ``h x w`` raster grid: one pseudo-random destination per full ``sy x sx`` cell.
+    """ToMe-SD's partition of a raster grid, ``(h, w)`` or ``(t, h, w)``: one pseudo-random destination per full cell.
 
-    Returns ``(dst, src)``: the raster indices of the destinations (in raster order, one per cell:
-    ``(h // sy) * (w // sx)`` of them) and of the sources (every other token, in raster order).
-    ``key`` (an integer, or an int64 scalar tensor on ``device``) picks the positions: each cell's is a hash
-    of the key and the cell's index, so one key always gives one partition and another key another; no
-    generator and no device-to-host read.
+    ``cell`` gives the cell's sides in the grid's axis order (``(sy, sx)``, or ``(st, sy, sx)`` for video: a cell
+    spans ``st`` frames). Returns ``(dst, src)``: the raster indices of the destinations (in raster order, one per
+    full cell) and of the sources (every other token, in raster order: the rest of each cell and the rows, columns
+    or frames beyond the last full cell). ``key`` (an integer, or an int64 scalar tensor on ``device``) picks the
+    positions: each cell's is a hash of the key and the cell's raster index, so one key always gives one partition
+    and another key another; no generator and no device-to-host read.
     """
-    if h < 1 or w < 1 or sx < 1 or sy < 1:
-        raise ValueError(f"grid {h}x{w} and cell {sy}x{sx} must be positive")
-    rows, cols = h // sy, w // sx
-    if rows == 0 or cols == 0:
-        raise ValueError(f"a {h}x{w} grid holds no full {sy}x{sx} cell")
-    cells = torch.arange(rows * cols, device=device).view(rows, cols)
+    grid, cell = tuple(grid), tuple(cell)
+    if len(grid) != len(cell) or min(grid) < 1 or min(cell) < 1:
+        raise ValueError(f"grid {grid} and cell {cell} must be positive and of one rank")
+    counts = [g // c for g, c in zip(grid, cell)]
+    if min(counts) == 0:
+        raise ValueError(f"a {'x'.join(map(str, grid))} grid holds no full {'x'.join(map(str, cell))} cell")
+    cells = torch.arange(math.prod(counts), device=device)
     pick = torch.div(_hash(_hash(torch.as_tensor(key, dtype=torch.long, device=device)) + cells), 16,
-                     rounding_mode="floor") % (sx * sy)
-    row = torch.arange(rows, device=device)[:, None] * sy + torch.div(pick, sx, rounding_mode="floor")
-    col = torch.arange(cols, device=device)[None, :] * sx + pick % sx
-    is_dst = torch.zeros(h * w, dtype=torch.int8, device=device)
-    is_dst.index_fill_(0, (row * w + col).flatten(), -1)
+                     rounding_mode="floor") % math.prod(cell)  # the destination's raster position in its cell
+    flat, stride = torch.zeros_like(cells), 1
+    for size, side, count in reversed(list(zip(grid, cell, counts))):  # last axis first
+        flat = flat + ((cells % count) * side + pick % side) * stride
+        cells, pick, stride = torch.div(cells, count, rounding_mode="floor"), torch.div(
+            pick, side, rounding_mode="floor"), stride * size
+    is_dst = torch.zeros(math.prod(grid), dtype=torch.int8, device=device)
+    is_dst.index_fill_(0, flat, -1)
     order = torch.argsort(is_dst, stable=True)  # destinations (-1) first, each part in raster order
-    return order[:rows * cols], order[rows * cols:]
+    return order[:flat.numel()], order[flat.numel():]
 
 
 def _hash(x: Tensor) -> Tensor:
@@ -73,7 +79,8 @@ class CellMerge:
     """One merge decision over ``[B, N, C]`` tensors (see the module docstring).
 
     ``merge(x)``: ``[B, N, C] -> [B, N - r, C]``, destinations averaged with their merged sources;
-    ``unmerge(y)``: ``[B, N - r, C] -> [B, N, C]``, every token takes its group's output;
+    ``unmerge(y)``: ``[B, N - r, C] -> [B, N, C]``, every token takes its group's output (both take the token axis
+    as ``dim``: 2 for ``[B, H, N, D]`` attention inputs);
     ``select(x)``: ``[B, N, C] -> [B, N - r, C]``, every output slot the value of its own token
     (``own[b, j]``, the input token standing at slot ``j``: computed on first use).
     With ``r == 0`` all three return their input unchanged.
@@ -82,10 +89,10 @@ class CellMerge:
     def __init__(self, slot: Tensor | None, num_out: int, own: Callable[[], Tensor] | None = None) -> None:
         self.slot = slot  # [B, N] output position of every input token
         self.num_out = num_out
-        if slot is not None:  # 1 / |G| of every output slot, [B, N - r, 1]
+        if slot is not None:  # 1 / |G| of every output slot, [B, N - r]
             count = torch.zeros(slot.shape[0], num_out, device=slot.device).scatter_add_(
                 1, slot, torch.ones(slot.shape, device=slot.device))
-            self.inv_size = count.reciprocal_()[:, :, None]
+            self.inv_size = count.reciprocal_()
         self._own = own
         self._own_index: Tensor | None = None
 
@@ -100,17 +107,28 @@ class CellMerge:
     def r(self) -> int:
         return 0 if self.slot is None else self.slot.shape[1] - self.num_out
 
-    def merge(self, x: Tensor) -> Tensor:
+    def _index(self, x: Tensor, dim: int) -> Tensor:
+        """``slot`` shaped to index ``x``'s token axis ``dim`` (the batch is axis 0)."""
+        view = [x.shape[0]] + [1] * (x.ndim - 1)
+        view[dim] = self.slot.shape[1]
+        shape = list(x.shape)
+        shape[dim] = self.slot.shape[1]
+        return self.slot.view(view).expand(shape)
+
+    def merge(self, x: Tensor, dim: int = 1) -> Tensor:
         if self.slot is None:
             return x
-        index = self.slot[:, :, None].expand(-1, -1, x.shape[-1])
-        total = x.new_zeros(x.shape[0], self.num_out, x.shape[-1]).scatter_add_(1, index, x)
-        return total * self.inv_size.to(x.dtype)
+        shape = list(x.shape)
+        shape[dim] = self.num_out
+        total = x.new_zeros(shape).scatter_add_(dim, self._index(x, dim), x)
+        scale = [x.shape[0]] + [1] * (x.ndim - 1)
+        scale[dim] = self.num_out
+        return total * self.inv_size.view(scale).to(x.dtype)
 
-    def unmerge(self, y: Tensor) -> Tensor:
+    def unmerge(self, y: Tensor, dim: int = 1) -> Tensor:
         if self.slot is None:
             return y
-        return y.gather(1, self.slot[:, :, None].expand(-1, -1, y.shape[-1]))
+        return y.gather(dim, self._index(y, dim))
 
     def select(self, x: Tensor) -> Tensor:
         own = self.own

@@ -330,9 +330,17 @@ def call_grid(model: nn.Module, inputs: Mapping[str, Any]) -> tuple[tuple[int, .
 def layer_kind(model: nn.Module, layer: int) -> str:
     """What attention layer ``layer`` attends over: ``"self"`` (its own sequence: the grid, with the text and other
     tokens where the family joins them), ``"cross"`` (grid queries, text keys), ``"text"`` (the text alone) or
-    ``"linear"`` (linear attention, no softmax: Sana's self-attention)."""
+    ``"linear"`` (linear attention, no softmax: Sana's self-attention). :func:`layer_kinds` gives every layer's."""
+    return _kind(family_of(model), *attention_layers(model)[layer])
+
+
+def layer_kinds(model: nn.Module) -> list[str]:
+    """:func:`layer_kind` of every attention layer, in :func:`attention_layers` order (one walk of the model)."""
     family = family_of(model)
-    name, module = attention_layers(model)[layer]
+    return [_kind(family, name, module) for name, module in attention_layers(model)]
+
+
+def _kind(family: Family, name: str, module: nn.Module) -> str:
     if name.startswith(family.text_only):
         return "text"
     if getattr(module, "is_cross_attention", False) or name.rsplit(".", 1)[-1] in family.cross:
@@ -347,8 +355,9 @@ def linear_attention(model: nn.Module) -> dict[int, str]:
     with the reason, for :func:`visattn.frameworks.base.select_layers`."""
     if type(model).__name__ not in FAMILIES:
         return {}
-    return {i: f"it runs linear attention ({type(m.processor).__name__}), which has no softmax attention map"
-            for i, (_, m) in enumerate(attention_layers(model)) if layer_kind(model, i) == "linear"}
+    layers = attention_layers(model)
+    return {i: f"it runs linear attention ({type(layers[i][1].processor).__name__}), which has no softmax attention "
+               f"map" for i, kind in enumerate(layer_kinds(model)) if kind == "linear"}
 
 
 def _unet_level(model: nn.Module, name: str) -> int:

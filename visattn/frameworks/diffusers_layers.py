@@ -60,6 +60,7 @@ class LayerProcessor:
     """
 
     method = ""  # the visattn method, for errors
+    other_ways = ""  # other ways to run the method where a layer's processor never reaches SDPA (errors)
 
     def __init__(self, model: nn.Module, patcher: Patcher | None = None) -> None:
         self._model = model
@@ -103,6 +104,22 @@ class LayerProcessor:
     def run(self, layer: StockLayer, attn: nn.Module, hidden_states: torch.Tensor, kwargs: dict[str, Any]) -> Any:
         """The layer's call; the stock processor here."""
         return layer.stock(attn, hidden_states, **kwargs)
+
+    def run_answered(self, layer: StockLayer, attn: nn.Module, hidden_states: torch.Tensor, kwargs: dict[str, Any],
+                     mode: Any) -> Any:
+        """The layer's stock processor run inside ``mode`` (a :class:`~visattn.frameworks.base.SDPAIntercept` that
+        answers its attention call); :class:`UnsupportedModelError` if ``mode`` answered no SDPA call (the processor
+        never reached SDPA: a non-native attention backend)."""
+        with mode:
+            out = layer.stock(attn, hidden_states, **kwargs)
+        if mode.answered == 0:
+            backend = getattr(layer.stock, "_attention_backend", None)
+            raise UnsupportedModelError(
+                f"{self.method}: attention layer {layer.index} ({layer.name}) ran without a "
+                f"torch.nn.functional.scaled_dot_product_attention call over its own sequence "
+                f"(processor {type(layer.stock).__name__}, attention backend {backend or 'default'}); use the stock "
+                f"processor with a native attention backend{self.other_ways}")
+        return out
 
 
 _CALL = inspect.Parameter.POSITIONAL_OR_KEYWORD

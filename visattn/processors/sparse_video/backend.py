@@ -102,8 +102,8 @@ class SparseVideoAttnBackend:
         self.config = SparseVideoConfig.resolve(config, options)
         self._fw = fw
         self._family = type(model).__name__
-        direct = [name for index, (name, module) in enumerate(fw.attention_layers(model))
-                  if fw.layer_kind(model, index) == "self" and not hasattr(module.processor, "_attention_backend")]
+        direct = [name for (name, module), kind in zip(fw.attention_layers(model), fw.layer_kinds(model))
+                  if kind == "self" and not hasattr(module.processor, "_attention_backend")]
         if direct:
             raise UnsupportedModelError(
                 f"sparse_video's attention backend serves layers whose processors call dispatch_attention_fn; the "

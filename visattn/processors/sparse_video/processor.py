@@ -11,7 +11,6 @@ import torch.nn as nn
 from torch import Tensor
 
 from ...core.layout import TokenLayout
-from ...errors import UnsupportedModelError
 from ...frameworks.base import SDPAIntercept
 from ...frameworks.diffusers_layers import LayerProcessor, StockLayer
 from ...patching import Patcher
@@ -65,6 +64,7 @@ class SparseVideoAttnProcessor(LayerProcessor):
     """
 
     method = "sparse_video"
+    other_ways = ", or install='attention_backend'"
 
     def __init__(self, model: nn.Module, *, patcher: Patcher | None = None, config: SparseVideoConfig | None = None,
                  **options: Any) -> None:
@@ -82,13 +82,4 @@ class SparseVideoAttnProcessor(LayerProcessor):
         if self._schedule.layout(layer.index, None, hidden_states.device) is None:
             return layer.stock(attn, hidden_states, **kwargs)
         mode = _sparse_sdpa(lambda n: self._schedule.layout(layer.index, n, hidden_states.device), self.config)
-        with mode:
-            out = layer.stock(attn, hidden_states, **kwargs)
-        if mode.answered == 0:
-            backend = getattr(layer.stock, "_attention_backend", None)
-            raise UnsupportedModelError(
-                f"sparse_video: attention layer {layer.index} ({layer.name}) ran without a "
-                f"torch.nn.functional.scaled_dot_product_attention call over its own sequence "
-                f"(processor {type(layer.stock).__name__}, attention backend {backend or 'default'}); use the stock "
-                f"processor with a native attention backend, or install='attention_backend'")
-        return out
+        return self.run_answered(layer, attn, hidden_states, kwargs, mode)

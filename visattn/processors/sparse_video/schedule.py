@@ -48,8 +48,8 @@ class SparseVideoSchedule:
         self._model = model
         self._layouts: dict[tuple, TokenLayout] = {}
         self.eligible: dict[int, int] = {}  # layer index -> position among the layers sparse attention may replace
-        for index, (name, module) in enumerate(fw.attention_layers(model)):
-            if fw.layer_kind(model, index) == "self":
+        for index, ((name, module), kind) in enumerate(zip(fw.attention_layers(model), fw.layer_kinds(model))):
+            if kind == "self":
                 self.eligible[index] = len(self.eligible)
                 heads = getattr(module, "heads", None)
                 if len(windows) > 1 and heads is not None and len(windows) != heads:

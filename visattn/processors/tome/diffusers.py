@@ -1,5 +1,5 @@
 """diffusers adapter of ``tome``: ToMe for Stable Diffusion (Bolya & Hoffman, 2023, "Token Merging for
-Fast Stable Diffusion") on UNets, SDXL's included, and DiTs (PixArt, DiT, SD3, Flux).
+Fast Stable Diffusion") on UNets, SDXL's included, image DiTs and video DiTs.
 
 The math is :mod:`visattn.core.merge_sd`: one random destination per ``sy x sx`` cell of the image
 grid, every source matched to its most similar destination (cosine similarity of the hidden
@@ -7,6 +7,22 @@ states), the ``r = ratio * N`` most similar sources averaged into their destinat
 output copied back to every token afterwards. Text tokens are never merged: a UNet's and PixArt's
 blocks see image tokens only, SD3's joint blocks keep the text in ``encoder_hidden_states``, and
 Flux's single-stream attention gets its text first (the image tokens after it are merged).
+
+Where the merge happens depends on the family:
+
+- UNets, PixArt, DiT, SD3 and Flux (:data:`BLOCK_FAMILIES`) merge a layer's input hidden states, as tomesd does,
+  with the two scopes below;
+- the families on diffusers' attention dispatcher (:data:`CALL_FAMILIES`: Wan, WanVACE, SkyReels-V2, LTX,
+  CogVideoX, HunyuanVideo (1.5), Mochi, Flux.2, Chroma, Qwen-Image, AuraFlow, CogView4, Lumina 2) merge at the
+  attention call: each self-attention's stock processor runs (projections, norms, rotary embeddings exactly as
+  stock) and its SDPA call gets the grid tokens' ``q``, ``k`` and ``v`` averaged in their groups (the metric: the
+  keys averaged over heads); the attention runs on ``N - r`` grid tokens plus the text, and its output is
+  unmerged before the output projection. As the projections are linear, this is the layer-input merge but for
+  the per-token steps between them (q/k normalisation, the rotary embedding), which here act before the
+  average. Only the attention gets cheaper (the projections and MLPs run on every token), which is where video
+  DiTs spend their time. Video grids are cut into ``st x sy x sx`` cells (``st`` frames deep; ``st=1``: a
+  destination in every frame). An attention mask is followed exactly where merged tokens share their mask rows
+  and columns (a text mask); a mask that differs between grid tokens raises :class:`ShapeError` at the call.
 
 Two scopes, both run by :class:`TomeAttnProcessor` (the stock processors keep running inside it; block scope
 adds forward hooks on the blocks) and undone exactly by ``remove()``:
@@ -24,36 +40,48 @@ differs per sample, so merged Flux attention layers get :class:`PerSampleRopeFlu
 diffusers' Flux processor with per-sample tables (it defers to the stock processor otherwise).
 
 Options and identity values: ``ratio`` (0.5; identity 0: nothing is merged and the output is
-bit-identical to stock), ``max_downsample`` (None: the finest resolution that has self-attention,
+bit-identical to stock), ``st`` (1: the cell depth in frames, video families only), ``max_downsample`` (None: the
+finest resolution that has self-attention,
 tomesd's default of 1 on SD 1.x/2.x, 2 on SDXL, whose attention runs at 1/2 and 1/4 of the latent
 size; 1, 2, 4 or 8: merge at every UNet level downsampled at most that much; DiTs have one level,
 1), ``sx`` and ``sy`` (2: the cell size), ``seed`` (0: with the call's timestep, the key of the
 destinations' pseudo-random positions: each denoising step gets fresh ones, as in tomesd, the layers of
 one call at one resolution share them, and a generation run again gets the same; they are hashed on the
 device, so compiled and CUDA-graph runs draw them too), ``scope``
-("attention"). ``tome`` declares these beside its timm/open_clip options, each scoped to its
-frameworks: an option of the other frameworks, given, is an error (:func:`visattn.options.check_scope`).
+("attention"; "block" on :data:`BLOCK_FAMILIES` only). ``tome`` declares these beside its timm/open_clip
+options, each scoped to its frameworks: an option of the other frameworks, given, is an error
+(:func:`visattn.options.check_scope`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
+from ...core.layout import TokenLayout
 from ...core.merge_sd import CellMerge, cell_destinations, match_to_cells
 from ...errors import OptionError, ShapeError, UnsupportedModelError
 from ...frameworks import Target
-from ...frameworks.base import PerThread, adapter, memo
+from ...frameworks.base import PerThread, SDPAIntercept, adapter, memo
 from ...frameworks.diffusers_layers import LayerProcessor, StockLayer
 from ...options import Option, choice_option, float_option, int_option, validate_options
 from ...patching import Handle, Patcher
 
-FAMILIES = ("UNet2DConditionModel", "PixArtTransformer2DModel", "DiTTransformer2DModel", "SD3Transformer2DModel",
-            "FluxTransformer2DModel")
+BLOCK_FAMILIES = ("UNet2DConditionModel", "PixArtTransformer2DModel", "DiTTransformer2DModel",
+                  "SD3Transformer2DModel", "FluxTransformer2DModel")
+CALL_FAMILIES = ("WanTransformer3DModel", "WanVACETransformer3DModel", "SkyReelsV2Transformer3DModel",
+                 "LTXVideoTransformer3DModel", "CogVideoXTransformer3DModel", "HunyuanVideoTransformer3DModel",
+                 "HunyuanVideo15Transformer3DModel", "MochiTransformer3DModel", "Flux2Transformer2DModel",
+                 "ChromaTransformer2DModel", "QwenImageTransformer2DModel", "AuraFlowTransformer2DModel",
+                 "CogView4Transformer2DModel", "Lumina2Transformer2DModel")
+FAMILIES = BLOCK_FAMILIES + CALL_FAMILIES
+# not SanaTransformer2DModel: its self-attention is linear attention (no attention call over tokens to shorten)
 DOWNSAMPLES = (1, 2, 4, 8)
 
 
@@ -69,6 +97,8 @@ OPTIONS = tuple(o.scoped(frameworks=_DIFFUSERS) for o in (
                  doc="diffusers: share of a layer's image tokens merged away (r = ratio * N)"),
     int_option("sx", 2, low=1, doc="diffusers: cell width, one destination per sy x sx cell"),
     int_option("sy", 2, low=1, doc="diffusers: cell height, one destination per sy x sx cell"),
+    int_option("st", 1, low=1, doc="diffusers: cell depth in frames (video families), one destination per "
+                                   "st x sy x sx cell"),
     int_option("seed", 0, low=0,
                doc="diffusers: with each call's timestep, the key of the destinations' positions in their cells"),
     choice_option("scope", "attention", ("attention", "block"),
@@ -85,7 +115,7 @@ class _Site:
                  downsample: int) -> None:
         self.name = name
         self.block = block
-        self.kind = kind  # "basic" (UNet, PixArt), "joint" (SD3), "flux", "flux_single"
+        self.kind = kind  # "basic" (UNet, PixArt, DiT), "joint" (SD3), "flux", "flux_single", "call" (CALL_FAMILIES)
         self.attentions = attentions  # (index in attention_layers, module)
         self.downsample = downsample
 
@@ -94,8 +124,12 @@ def _sites(model: nn.Module) -> list[_Site]:
     from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
-    from ...frameworks.diffusers import attention_layers, layer_grid
+    from ...frameworks.diffusers import attention_layers, layer_grid, layer_kinds
 
+    if type(model).__name__ in CALL_FAMILIES:  # every self-attention layer, merged at its attention call
+        return [_Site(name, module, "call", [(i, module)], 1)
+                for i, ((name, module), kind) in enumerate(zip(attention_layers(model), layer_kinds(model)))
+                if kind == "self"]
     index = {id(m): i for i, (_, m) in enumerate(attention_layers(model))}
     kinds = ((BasicTransformerBlock, "basic", ("attn1",)), (JointTransformerBlock, "joint", ("attn", "attn2")),
              (FluxTransformerBlock, "flux", ("attn",)), (FluxSingleTransformerBlock, "flux_single", ("attn",)))
@@ -119,7 +153,16 @@ def _selected(sites: list[_Site], max_downsample: int | None) -> list[_Site]:
 
 
 def check(target: Target, options: dict[str, Any]) -> list[_Site]:
-    """Errors that depend on the model: a ``max_downsample`` that selects no layer; returns the selected sites."""
+    """Errors that depend on the model: a ``max_downsample`` that selects no layer, block scope where merging happens
+    at the attention call, a cell depth on an image family; returns the selected sites."""
+    from ...frameworks.diffusers import family_of
+
+    if options["scope"] == "block" and target.family in CALL_FAMILIES:
+        raise OptionError(f"tome: scope='block' serves {', '.join(BLOCK_FAMILIES)}; {target.family} merges at its "
+                          f"attention calls only: use scope='attention'")
+    if options["st"] != 1 and family_of(target.model).rank == 2:
+        raise OptionError(f"tome: st={options['st']} is the cell depth in frames, and {target.family} has an image "
+                          f"grid; use st=1")
     sites = _sites(target.model)
     if not sites:
         raise OptionError(f"tome: this {target.family} has no transformer block with self-attention to merge in")
@@ -168,10 +211,9 @@ class _State:
     def __init__(self, model: nn.Module, options: dict[str, Any]) -> None:
         self.model = model
         self.ratio: float = options["ratio"]
-        self.sx: int = options["sx"]
-        self.sy: int = options["sy"]
+        self.cell = (options["st"], options["sy"], options["sx"])
         self.calls: PerThread[_Call] = PerThread(_Call)
-        self._layouts: dict[tuple, tuple[int, ...]] = {}
+        self._layouts: dict[tuple, Any] = {}
 
     def layer_grid(self, layer: int) -> tuple[int, ...]:
         from ...frameworks.diffusers import layer_grid
@@ -179,21 +221,32 @@ class _State:
         call = self.calls.get()
         return memo(self._layouts, (layer, call.grid), lambda: layer_grid(self.model, layer, call.grid))
 
-    def decide(self, name: str, metric: Tensor, grid: tuple[int, ...]) -> CellMerge:
-        h, w = grid
-        n = metric.shape[1]
-        if n != h * w:
-            raise ShapeError(f"tome: {name} got {n} image tokens, expected a {h}x{w} grid")
+    def layout(self, layer: int, num_tokens: int) -> TokenLayout | None:
+        """The layout of layer ``layer``'s sequence of ``num_tokens`` tokens in the running call (``None`` before a
+        denoiser call)."""
+        from ...frameworks.diffusers import token_layout
+
+        grid = self.calls.get().grid
+        if not grid:
+            return None
+        return memo(self._layouts, (layer, grid, num_tokens),
+                    lambda: token_layout(self.model, layer, grid, num_tokens))
+
+    def decide(self, name: str, n: int, grid: tuple[int, ...], metric: Callable[[], Tensor]) -> CellMerge:
+        """The merge of ``n`` tokens on ``grid`` (raster order) by the similarity of ``metric()`` ``[B, n, C]``."""
+        if n != math.prod(grid):
+            raise ShapeError(f"tome: {name} got {n} image tokens, expected a {'x'.join(map(str, grid))} grid")
         r = int(n * self.ratio)
+        cell = self.cell[-len(grid):]
         call = self.calls.get()
-        if r == 0 or h < self.sy or w < self.sx:
+        if r == 0 or any(g < c for g, c in zip(grid, cell)):
             merge = CellMerge(None, n)
         else:
-            device = metric.device
-            if (h, w, device) not in call.partitions:  # one partition per denoiser call and grid size
-                call.partitions[h, w, device] = cell_destinations(h, w, self.sx, self.sy, call.key, device=device)
-            dst, src = call.partitions[h, w, device]
-            merge = match_to_cells(metric, dst, src, r)
+            x = metric()
+            if (grid, x.device) not in call.partitions:  # one partition per denoiser call and grid size
+                call.partitions[grid, x.device] = cell_destinations(grid, cell, call.key, device=x.device)
+            dst, src = call.partitions[grid, x.device]
+            merge = match_to_cells(x, dst, src, r)
         call.token_counts.append((name, n, n - merge.r))
         return merge
 
@@ -252,7 +305,7 @@ def _attention_merge(state: _State, site: _Site, layer: int, name: str) -> tuple
         x = _hidden(args, kwargs)
         start = state.calls.get().text_tokens if site.kind == "flux_single" else 0  # Flux single stream: text first
         image = x[:, start:]
-        merge = state.decide(name, image, state.layer_grid(layer))
+        merge = state.decide(name, image.shape[1], state.layer_grid(layer), lambda: image)
         state.pending(name).append((merge, start))
         if merge.r == 0:
             return args, kwargs
@@ -283,7 +336,7 @@ def _hook_block(patcher: Patcher, state: _State, site: _Site, active: Callable[[
             return None
         _check_no_mask(site.name, kwargs)
         x = _hidden(args, kwargs)  # image tokens only, in every supported block
-        merge = state.decide(site.name, x, state.layer_grid(layer))
+        merge = state.decide(site.name, x.shape[1], state.layer_grid(layer), lambda: x)
         merged = merge.merge(x)
         state.pending(site.name).append((merge, x, merged))
         if merge.r == 0:
@@ -305,6 +358,59 @@ def _hook_block(patcher: Patcher, state: _State, site: _Site, active: Callable[[
         return x + merge.unmerge(output - merged)
 
     adapter("diffusers").around_call(site.block, patcher, before, after)
+
+
+def _splice(t: Tensor, start: int, end: int, middle: Tensor) -> Tensor:
+    """``t`` with its tokens ``[start, end)`` (axis 2) replaced by ``middle``."""
+    if start == 0 and end == t.shape[2]:
+        return middle
+    return torch.cat([t[:, :, :start], middle, t[:, :, end:]], dim=2)
+
+
+def _merged_mask(mask: Tensor, start: int, end: int, num_out: int) -> Tensor:
+    """An SDPA ``mask`` for the merged sequence, the grid rows and columns ``[start, end)`` cut to ``num_out``.
+
+    Merged tokens must share their mask: every grid row alike (where the mask has rows) and every row alike over
+    the grid columns, as a text mask is; otherwise :class:`ShapeError`."""
+    m = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))  # [B | 1, H | 1, Nq | 1, Nk]
+    for dim in (2, 3):
+        size = m.shape[dim]
+        if size == 1:
+            continue
+        grid = m.narrow(dim, start, end - start)
+        low, high = (grid.all(dim), grid.any(dim)) if grid.dtype == torch.bool else (grid.amin(dim), grid.amax(dim))
+        if not torch.equal(low, high):
+            raise ShapeError(f"tome: the attention mask (shape {tuple(mask.shape)}) differs between grid tokens, "
+                             f"which merged tokens cannot follow; only text tokens may be masked (or use ratio=0)")
+        first = m.narrow(dim, start, 1)
+        m = torch.cat([m.narrow(dim, 0, start), first.expand(*first.shape[:dim], num_out, *first.shape[dim + 1:]),
+                       m.narrow(dim, end, size - end)], dim=dim)
+    return m
+
+
+def _call_merge(state: _State, layer: int, name: str) -> SDPAIntercept:
+    """Merging at the attention call (:data:`CALL_FAMILIES`, module doc): an SDPA interception that answers layer
+    ``layer``'s self-attention call with attention over its merged grid tokens, unmerged."""
+
+    def answer(call: dict[str, Any]) -> Tensor | None:
+        q, k, v = call["query"], call["key"], call["value"]
+        n = q.shape[2]
+        layout = None if k.shape[2] != n or call.get("is_causal") else state.layout(layer, n)
+        if layout is None or layout.grid is None:
+            return None
+        start, end = layout.grid_span
+        merge = state.decide(name, end - start, layout.grid, lambda: k[:, :, start:end].mean(1))
+        if merge.r == 0:
+            return F.scaled_dot_product_attention(**call)
+        shortened = {**call, **{arg: _splice(t, start, end, merge.merge(t[:, :, start:end], dim=2))
+                                for arg, t in (("query", q), ("key", k), ("value", v))}}
+        if call.get("attn_mask") is not None:
+            shortened["attn_mask"] = _merged_mask(call["attn_mask"], start, end, merge.num_out)
+        out = F.scaled_dot_product_attention(**shortened)
+        stop = start + merge.num_out
+        return _splice(out, start, stop, merge.unmerge(out[:, :, start:stop], dim=2))
+
+    return SDPAIntercept(answer)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -371,10 +477,13 @@ class TomeAttnProcessor(LayerProcessor):
 
         on_call(model, self._patcher, start)
         self._merges: dict[int, tuple[Callable, Callable]] = {}
+        self._calls: dict[int, str] = {}  # layers merged at their attention call: their names
         self.layers: set[int] = set()  # the attention layers this processor serves
         for site in self._sites:
             self.layers.update(layer for layer, _ in site.attentions)
-            if options["scope"] == "block":
+            if site.kind == "call":
+                self._calls[site.attentions[0][0]] = site.name
+            elif options["scope"] == "block":
                 first = site.attentions[0][1]
                 _hook_block(self._patcher, self.state, site, lambda first=first: first.processor is self)
             else:
@@ -395,6 +504,11 @@ class TomeAttnProcessor(LayerProcessor):
         stock = self._served.get(layer.index)
         if stock is None:
             return layer.stock(attn, hidden_states, **kwargs)
+        if layer.index in self._calls:
+            if not self.state.calls.get().grid:  # called outside a denoiser call: no grid to merge on
+                return stock(attn, hidden_states, **kwargs)
+            return self.run_answered(layer, attn, hidden_states, kwargs,
+                                     _call_merge(self.state, layer.index, self._calls[layer.index]))
         merge = self._merges.get(layer.index)
         if merge is None:  # block scope: the block's hooks merged already
             return stock(attn, hidden_states, **kwargs)
