@@ -395,7 +395,9 @@ def _call_merge(state: _State, layer: int, name: str) -> SDPAIntercept:
     def answer(call: dict[str, Any]) -> Tensor | None:
         q, k, v = call["query"], call["key"], call["value"]
         n = q.shape[2]
-        layout = None if k.shape[2] != n or call.get("is_causal") else state.layout(layer, n)
+        if k.shape[2] != n or call.get("is_causal") or n < math.prod(state.layer_grid(layer)):
+            return None  # not the layer's self-attention; shorter: the merged call below (dynamo < 2.14 re-enters)
+        layout = state.layout(layer, n)
         if layout is None or layout.grid is None:
             return None
         start, end = layout.grid_span
