@@ -15,6 +15,7 @@ from tiny_vlms import (
     TEXT,
     assert_identity,
     build,
+    causal_prompt,
     forward_logits,
     generate,
     vlm_inputs,
@@ -84,9 +85,10 @@ def test_pai_matches_the_dense_reference_and_leaves_earlier_rows_bit_identical(
         expected = forward_logits(model, inputs)
     finally:
         reference.undo()
-    assert torch.equal(logits[:, :-1], stock[:, :-1])
-    torch.testing.assert_close(logits[:, -1], expected[:, -1], atol=1e-5, rtol=0)
-    assert (logits[:, -1] - stock[:, -1]).abs().max() > 1e-4
+    if causal_prompt(model):
+        assert torch.equal(logits[:, :-1], stock[:, :-1])
+    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=0)
+    assert (logits[:, -1] - stock[:, -1]).abs().max() > 1e-5  # ten times the tolerance above
 
 
 def test_pai_generate_with_cache_matches_full_forwards(case: tuple[torch.nn.Module, dict[str, torch.Tensor]]) -> None:
@@ -162,6 +164,7 @@ def test_vhr_divergence_is_measured_against_an_image_ablated_pass(
 
 
 def test_vhr_changes_the_generating_row_only(case: tuple[torch.nn.Module, dict[str, torch.Tensor]]) -> None:
+    """(Only the generating row's attention: on a prefix that attends both ways the earlier rows see it.)"""
     model, inputs = case
     stock = forward_logits(model, inputs)
     visattn.apply(model, "head_modulation", strategy="vhr", alpha=ALPHA)
@@ -169,7 +172,8 @@ def test_vhr_changes_the_generating_row_only(case: tuple[torch.nn.Module, dict[s
         logits = forward_logits(model, inputs)
     finally:
         visattn.remove(model)
-    assert torch.equal(logits[:, :-1], stock[:, :-1])
+    if causal_prompt(model):
+        assert torch.equal(logits[:, :-1], stock[:, :-1])
     assert (logits[:, -1] - stock[:, -1]).abs().max() > 1e-4
 
 
@@ -262,8 +266,8 @@ def test_imbalance_selects_both_streams_and_matches_the_dense_reference() -> Non
     finally:
         reference.undo()
     assert torch.equal(logits[:, :-1], stock[:, :-1])
-    torch.testing.assert_close(logits[:, -1], expected[:, -1], atol=1e-5, rtol=0)
-    assert (logits[:, -1] - stock[:, -1]).abs().max() > 1e-4
+    torch.testing.assert_close(logits[:, -1], expected[:, -1], atol=1e-6, rtol=0)
+    assert (logits[:, -1] - stock[:, -1]).abs().max() > 1e-5  # ten times the tolerance above
 
 
 def test_imbalance_needs_a_cls_token_model() -> None:

@@ -24,7 +24,10 @@ from visattn.patching import Patcher
 NEW_TOKENS = 5
 
 
-@pytest.fixture(scope="module", params=list(BUILDERS))
+PRUNED = [f for f in BUILDERS if f != "paligemma"]  # PaliGemma: refused (test_paligemma_is_refused_with_the_reason)
+
+
+@pytest.fixture(scope="module", params=PRUNED)
 def case(request: pytest.FixtureRequest) -> tuple[str, dict[str, torch.nn.Module], dict[str, torch.Tensor]]:
     models = {impl: build(request.param, impl) for impl in ("sdpa", "eager")}
     models["eager"].load_state_dict(models["sdpa"].state_dict())
@@ -298,3 +301,10 @@ def test_vision_language_options_are_refused_on_timm() -> None:
         with pytest.raises(visattn.OptionError, match="only strategy 'cls' with options keep and layers"):
             visattn.apply(vit, "prune", **options)
     assert not visattn.applied(vit)
+
+
+def test_paligemma_is_refused_with_the_reason() -> None:
+    model = build("paligemma", "sdpa")
+    with pytest.raises(visattn.UnsupportedModelError, match="PaliGemma.*4-D mask before its language model"):
+        visattn.apply(model, "prune", strategy="fastv", layer=1)
+    assert not visattn.applied(model)

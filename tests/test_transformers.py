@@ -34,6 +34,7 @@ VISION_MAPS = {
     "llava": [[(2, 5, 5)]] * 2,
     "llava_next": [[(5, 5, 5)]] * 2,
     "llava_onevision": [[(5, 4, 4)]] * 2,  # SigLIP: no [CLS], 2x2 patches per crop
+    "paligemma": [[(2, 4, 4)]] * 2,  # SigLIP, one 28px image per sample
     "qwen2_vl": [[(1, 16, 16)] * 2] * 2,
     "qwen2_5_vl": [[(1, 4, 4)] * 8, [(1, 16, 16)] * 2],  # layer 0 windowed, layer 1 full attention
 }

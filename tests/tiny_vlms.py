@@ -1,7 +1,7 @@
 """Tiny random-weight vision-language models shared by the transformers tests (built from configs).
 
-LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL, with :func:`vlm_inputs` giving each a batch of two
-left-padded prompts of different lengths holding image tokens.
+LLaVA, LLaVA-NeXT, LLaVA-OneVision, PaliGemma, Qwen2-VL and Qwen2.5-VL, with :func:`vlm_inputs` giving each a batch
+of two left-padded prompts of different lengths holding image tokens.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import (
     CLIPVisionConfig,
+    GemmaConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -18,6 +19,8 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
@@ -70,6 +73,14 @@ def llava_onevision(impl: str) -> torch.nn.Module:
     return LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation=impl)
 
 
+def paligemma(impl: str) -> torch.nn.Module:
+    """PaliGemma: SigLIP, a linear projector, Gemma; image and prefix tokens attend to each other both ways."""
+    torch.manual_seed(0)
+    cfg = PaliGemmaConfig(vision_config=SiglipVisionConfig(**CLIP), text_config=GemmaConfig(**TEXT, head_dim=8),
+                          image_token_id=IMAGE, pad_token_id=PAD, projection_dim=32)
+    return PaliGemmaForConditionalGeneration._from_config(cfg, attn_implementation=impl)
+
+
 def _qwen_vision(**extra: Any) -> dict[str, Any]:
     return dict(depth=2, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                 **extra)
@@ -91,9 +102,12 @@ def qwen2_5_vl(impl: str) -> torch.nn.Module:
 
 def vlm_inputs(family: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     torch.manual_seed(1)
-    if family == "llava":
-        ids, mask = prompts([4, 4])  # 28px, patch 14, [CLS] dropped: 4 tokens per image
-        return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28))
+    if family in ("llava", "paligemma"):
+        ids, mask = prompts([4, 4])  # 28px, patch 14 ([CLS] dropped by LLaVA; SigLIP has none): 4 tokens per image
+        batch = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28))
+        if family == "paligemma":  # the whole prompt is PaliGemma's prefix, as its processor marks it
+            batch["token_type_ids"] = torch.zeros_like(ids)
+        return batch
     if family in ("llava_next", "llava_onevision"):  # anyres: a 28x28 image (1 crop) and a 28x56 one (2 crops)
         pixels, sizes = torch.randn(2, 3, 3, 28, 28), torch.tensor([[28, 28], [28, 56]])
         cfg = model.config
@@ -109,8 +123,14 @@ def vlm_inputs(family: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
                 pixel_values=torch.randn(32, 3 * 2 * 14 * 14), image_grid_thw=grid)
 
 
-BUILDERS = {"llava": llava, "llava_next": llava_next, "llava_onevision": llava_onevision, "qwen2_vl": qwen2_vl,
-            "qwen2_5_vl": qwen2_5_vl}
+BUILDERS = {"llava": llava, "llava_next": llava_next, "llava_onevision": llava_onevision, "paligemma": paligemma,
+            "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}
+
+
+def causal_prompt(model: torch.nn.Module) -> bool:
+    """Whether the prompt's tokens attend causally (PaliGemma's prefix attends both ways: a change in the last
+    prompt token's attention reaches the earlier tokens in the next layer)."""
+    return not isinstance(model, PaliGemmaForConditionalGeneration)
 
 
 def build(family: str, impl: str) -> torch.nn.Module:

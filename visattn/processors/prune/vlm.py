@@ -78,6 +78,12 @@ STRATEGIES = ("cls", "fastv", "star", "plphp", "transprune")
 FAMILIES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
             "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
             "Qwen2_5_VLForConditionalGeneration")
+#: Families refused with a reason of their own.
+REFUSED = {
+    "PaliGemmaForConditionalGeneration": "it builds its prefix-LM attention mask (image and prompt tokens attend to "
+                                         "each other both ways) as a 4-D mask before its language model, and prune "
+                                         "drops tokens from the language model's 2-D padding mask",
+}
 #: Strategies that read the vision tower's [CLS] attention, and the models that have it.
 CLS_STRATEGIES, CLS_FAMILIES = ("cls", "star"), ("LlavaForConditionalGeneration",)
 #: FastV's K; STAR's second stage sits at L // 2.
@@ -376,6 +382,9 @@ def resolve_layer(target: Target, options: dict[str, Any]) -> int:
 def check_target(target: Target, options: dict[str, Any]) -> None:
     """Every check of ``prune`` on a transformers model, before anything is touched."""
     strategy, model = options["strategy"], target.model
+    if target.family in REFUSED:
+        raise UnsupportedModelError(f"prune does not support {target.family}: {REFUSED[target.family]}; "
+                                    f"supported: {', '.join(FAMILIES)}")
     if target.family not in FAMILIES:
         raise UnsupportedModelError(f"prune does not support the transformers model {target.family}; "
                                     f"supported: {', '.join(FAMILIES)}")
