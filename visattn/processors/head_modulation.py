@@ -36,9 +36,9 @@ every row, and only the generating row is recomputed explicitly where logits cha
 on CUDA (:mod:`visattn.kernels.reweighted_decode`). With ``pai`` a cached ``generate()`` computes what
 a forward over the same tokens computes for its last row; ``vhr`` and ``imbalance`` measure their
 head weights once per prompt (at the forward without a past) and keep them for its decode steps.
-Batches with left padding, the KV cache and the four families of
-:mod:`visattn.frameworks.transformers` work (``imbalance``: LLaVA only); image positions come from
-``config.image_token_id``.
+Batches with left padding and the KV cache work on LLaVA (1.5, NeXT, OneVision), Qwen2-VL, Qwen2.5-VL and
+PaliGemma (tested; ``imbalance``: LLaVA only); image positions come from ``config.image_token_id``. Language models
+with sliding-window layers (Gemma 3) are refused at ``apply``.
 
 Options: ``strategy`` ("pai"), ``alpha`` (0.2; identity 0), ``decoder_layers`` (None = the strategy's
 layers: pai 2..31, vhr and imbalance all; indices of the language model's decoder layers, from 0),

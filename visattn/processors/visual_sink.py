@@ -20,8 +20,9 @@ tokens computes. Models run with ``attn_implementation="sdpa"`` (or ``"eager"``)
 runs for every row, and only text rows of layers with sinks are recomputed explicitly
 (:func:`~visattn.core.redistribute.attend_rows`); a decode step (one generated row) replaces the stock
 attention by one fused launch per layer on CUDA (:mod:`visattn.kernels.reweighted_decode`), or by the
-explicit computation elsewhere. Batches, left padding, the KV cache and the four families of
-:mod:`visattn.frameworks.transformers` work; image positions come from ``config.image_token_id``.
+explicit computation elsewhere. Batches, left padding and the KV cache work on LLaVA (1.5, NeXT, OneVision),
+Qwen2-VL, Qwen2.5-VL and PaliGemma (tested); image positions come from ``config.image_token_id``. Language models
+with sliding-window layers (Gemma 3) are refused at ``apply``.
 
 Options: ``p`` (0.6; identity 1.0: the stock attention runs untouched), ``tau`` (20), ``rho`` (0.5),
 ``summ`` (0.2). ``tau`` is the paper's value for 4096-wide models; an RMS-normalised value cannot
