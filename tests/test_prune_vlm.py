@@ -308,3 +308,27 @@ def test_paligemma_is_refused_with_the_reason() -> None:
     with pytest.raises(visattn.UnsupportedModelError, match="PaliGemma.*4-D mask before its language model"):
         visattn.apply(model, "prune", strategy="fastv", layer=1)
     assert not visattn.applied(model)
+
+
+def test_qwen3_vl_drops_tokens_after_its_deepstack_layers_only() -> None:
+    """Qwen3-VL adds vision features to the image tokens in its first decoder layers (DeepStack): pruning before the
+    last of them is refused at apply; from it on, pruning runs."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    config = build("qwen3_vl", "sdpa").config
+    config.vision_config.deepstack_visual_indexes = [0, 1]
+    config.text_config.num_hidden_layers = 3
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    with pytest.raises(visattn.OptionError, match=r"DeepStack .* layers 0\.\.1, so tokens can be dropped from layer 2 "
+                                                  r"on \(got 1\); pass layer >= 2"):
+        visattn.apply(model, "prune", strategy="fastv", layer=1)
+    assert not visattn.applied(model)
+    inputs = vlm_inputs("qwen3_vl", model)
+    handle = visattn.apply(model, "prune", strategy="fastv", keep=0.5, layer=2)
+    try:
+        logits = _run(model, inputs).logits
+    finally:
+        visattn.remove(model)
+    assert logits.shape[1] < inputs["input_ids"].shape[1] and torch.isfinite(logits).all()  # visual tokens dropped
+    assert handle.kept

@@ -35,8 +35,11 @@ VISION_MAPS = {
     "llava_next": [[(5, 5, 5)]] * 2,
     "llava_onevision": [[(5, 4, 4)]] * 2,  # SigLIP: no [CLS], 2x2 patches per crop
     "paligemma": [[(2, 4, 4)]] * 2,  # SigLIP, one 28px image per sample
+    "idefics3": [[(2, 4, 4)]] * 2,
+    "internvl": [[(2, 5, 5)]] * 2,  # InternViT keeps a [CLS] token
     "qwen2_vl": [[(1, 16, 16)] * 2] * 2,
     "qwen2_5_vl": [[(1, 4, 4)] * 8, [(1, 16, 16)] * 2],  # layer 0 windowed, layer 1 full attention
+    "qwen3_vl": [[(1, 16, 16)] * 2] * 2,
 }
 
 
@@ -205,7 +208,7 @@ def test_model_without_attention_interface_layers_is_unsupported() -> None:
     from transformers import ResNetConfig, ResNetModel
 
     model = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1]))
-    with pytest.raises(visattn.UnsupportedModelError, match="LlavaForConditionalGeneration"):
+    with pytest.raises(visattn.UnsupportedModelError, match="supported: LLaVA \\(1.5, NeXT, OneVision\\), PaliGemma"):
         visattn.apply(model, "inspect")
 
 

@@ -1,7 +1,7 @@
 """Tiny random-weight vision-language models shared by the transformers tests (built from configs).
 
-LLaVA, LLaVA-NeXT, LLaVA-OneVision, PaliGemma, Qwen2-VL and Qwen2.5-VL, with :func:`vlm_inputs` giving each a batch
-of two left-padded prompts of different lengths holding image tokens.
+LLaVA, LLaVA-NeXT, LLaVA-OneVision, PaliGemma, Idefics3 (SmolVLM), InternVL, Qwen2-VL, Qwen2.5-VL and Qwen3-VL, with
+:func:`vlm_inputs` giving each a batch of two left-padded prompts of different lengths holding image tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ import torch
 from transformers import (
     CLIPVisionConfig,
     GemmaConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -26,6 +30,8 @@ from transformers import (
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
 )
 
@@ -81,6 +87,23 @@ def paligemma(impl: str) -> torch.nn.Module:
     return PaliGemmaForConditionalGeneration._from_config(cfg, attn_implementation=impl)
 
 
+def idefics3(impl: str) -> torch.nn.Module:
+    """Idefics3 / SmolVLM: a SigLIP-style tower, pixel shuffle (``scale_factor`` 1: 4 tokens per 28px image), Llama."""
+    torch.manual_seed(0)
+    cfg = Idefics3Config(vision_config=CLIP, text_config=dict(TEXT, model_type="llama"), image_token_id=IMAGE,
+                         scale_factor=1, pad_token_id=PAD)
+    return Idefics3ForConditionalGeneration._from_config(cfg, attn_implementation=impl)
+
+
+def internvl(impl: str) -> torch.nn.Module:
+    """InternVL: InternViT, pixel shuffle (``downsample_ratio`` 1 here: 4 tokens per 28px image), Qwen2."""
+    torch.manual_seed(0)
+    vision = dict(CLIP, image_size=[28, 28], patch_size=[14, 14])
+    cfg = InternVLConfig(vision_config=vision, text_config=dict(TEXT, model_type="qwen2"), image_token_id=IMAGE,
+                         downsample_ratio=1.0, pad_token_id=PAD)
+    return InternVLForConditionalGeneration._from_config(cfg, attn_implementation=impl)
+
+
 def _qwen_vision(**extra: Any) -> dict[str, Any]:
     return dict(depth=2, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                 **extra)
@@ -100,9 +123,24 @@ def qwen2_5_vl(impl: str) -> torch.nn.Module:
     return Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation=impl)
 
 
+def qwen3_vl(impl: str) -> torch.nn.Module:
+    """Qwen3-VL: its vision tower's layer 0 features also added to the image tokens' hidden states in the first
+    decoder layer (DeepStack)."""
+    torch.manual_seed(0)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2], "mrope_interleaved": True}
+    vision = _qwen_vision(intermediate_size=64, out_hidden_size=32, num_position_embeddings=16,
+                          deepstack_visual_indexes=[0])
+    cfg = Qwen3VLConfig(text_config=dict(QWEN_TEXT, head_dim=8, rope_parameters=rope), vision_config=vision,
+                        **QWEN_IDS)
+    return Qwen3VLForConditionalGeneration._from_config(cfg, attn_implementation=impl)
+
+
 def vlm_inputs(family: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     torch.manual_seed(1)
-    if family in ("llava", "paligemma"):
+    if family == "idefics3":  # images per sample: [B, 1, 3, 28, 28]
+        ids, mask = prompts([4, 4])
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 1, 3, 28, 28))
+    if family in ("llava", "paligemma", "internvl"):
         ids, mask = prompts([4, 4])  # 28px, patch 14 ([CLS] dropped by LLaVA; SigLIP has none): 4 tokens per image
         batch = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 28, 28))
         if family == "paligemma":  # the whole prompt is PaliGemma's prefix, as its processor marks it
@@ -116,7 +154,7 @@ def vlm_inputs(family: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
                                                    vision_feature_select_strategy=cfg.vision_feature_select_strategy)
         ids, mask = prompts([len(f) for f in getattr(feats, "pooler_output", feats)])
         return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
-    # Qwen2-VL / Qwen2.5-VL: flattened 14px patches, grid (1, 4, 4) per 56px image, merged 2x2 -> 4 tokens
+    # Qwen2-VL / Qwen2.5-VL / Qwen3-VL: flattened 14px patches, grid (1, 4, 4) per 56px image, merged 2x2 -> 4 tokens
     grid = torch.tensor([[1, 4, 4], [1, 4, 4]])
     ids, mask = prompts([4, 4], wrap=(START, END))
     return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMAGE).int(),
@@ -124,7 +162,8 @@ def vlm_inputs(family: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 BUILDERS = {"llava": llava, "llava_next": llava_next, "llava_onevision": llava_onevision, "paligemma": paligemma,
-            "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}
+            "idefics3": idefics3, "internvl": internvl, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl,
+            "qwen3_vl": qwen3_vl}
 
 
 def causal_prompt(model: torch.nn.Module) -> bool:

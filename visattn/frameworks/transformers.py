@@ -35,10 +35,11 @@ whether image features come with the call (``pixel_values``, or the ``mm_encoder
 
 Tested on transformers 5.6 (the floor, ``.ci/floor-constraints.txt``) and 5.24 (``sdpa_attention_forward``,
 ``AttentionInterface``, ``AttentionMaskInterface``, ``get_decoder``, both cache argument names) with
-LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration and
-Qwen2_5_VLForConditionalGeneration. Models loaded with ``attn_implementation="sdpa"`` or
-``"eager"`` are supported; flash and flex attention take masks in other forms (sequence lengths,
-block masks) and are refused with an error.
+LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration,
+PaliGemmaForConditionalGeneration, Idefics3ForConditionalGeneration, InternVLForConditionalGeneration,
+Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration and Qwen3VLForConditionalGeneration. Models
+loaded with ``attn_implementation="sdpa"`` or ``"eager"`` are supported; flash and flex attention take masks in
+other forms (sequence lengths, block masks) and are refused with an error.
 """
 
 from __future__ import annotations
@@ -65,9 +66,8 @@ IMPLEMENTATIONS = ("sdpa", "eager")
 PREFIX = "visattn_"
 #: Module attribute holding the routes installed on an attention module (a tuple, oldest first).
 ROUTES_ATTR = "_visattn_routes"
-SUPPORTED = ("LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration, "
-             "Qwen2_5_VLForConditionalGeneration, and other models whose attention modules dispatch through "
-             "transformers' AttentionInterface")
+SUPPORTED = ("LLaVA (1.5, NeXT, OneVision), PaliGemma, Idefics3 / SmolVLM, InternVL, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, "
+             "and other models whose attention modules dispatch through transformers' AttentionInterface")
 
 #: ``route(call, module, query, key, value, attention_mask, **kwargs) -> (output, weights)``: runs in place
 #: of the attention function; ``call`` (same signature, minus ``call``) is the next route or the stock one.

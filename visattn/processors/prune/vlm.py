@@ -76,8 +76,9 @@ tfa = LazyAdapter("transformers")  # imported on first use: visattn imports with
 
 STRATEGIES = ("cls", "fastv", "star", "plphp", "transprune")
 FAMILIES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-            "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-            "Qwen2_5_VLForConditionalGeneration")
+            "LlavaOnevisionForConditionalGeneration", "Idefics3ForConditionalGeneration",
+            "InternVLForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+            "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
 #: Families refused with a reason of their own.
 REFUSED = {
     "PaliGemmaForConditionalGeneration": "it builds its prefix-LM attention mask (image and prompt tokens attend to "
@@ -86,6 +87,11 @@ REFUSED = {
 }
 #: Strategies that read the vision tower's [CLS] attention, and the models that have it.
 CLS_STRATEGIES, CLS_FAMILIES = ("cls", "star"), ("LlavaForConditionalGeneration",)
+_ANYRES = "its anyres features are rearranged (unpadded, newline tokens) after the vision tower"
+#: Why a family with a [CLS] token cannot rank by it (the others' vision towers have none).
+NO_CLS = {"LlavaNextForConditionalGeneration": _ANYRES, "LlavaOnevisionForConditionalGeneration": _ANYRES,
+          "InternVLForConditionalGeneration": "its projector merges neighbouring patches (pixel shuffle) after the "
+                                              "vision tower"}
 #: FastV's K; STAR's second stage sits at L // 2.
 DEFAULT_LAYER = 2
 
@@ -373,9 +379,15 @@ def resolve_layer(target: Target, options: dict[str, Any]) -> int:
     layer = options["layer"]
     if layer is None:
         layer = num_layers // 2 if options["strategy"] == "star" else DEFAULT_LAYER
+    given = f"{layer}{' by default' if options['layer'] is None else ''}"
     if not 1 <= layer < num_layers:
         raise OptionError(f"prune: layer must be a decoder layer in 1..{num_layers - 1} for this "
-                          f"{target.family} (got {layer}{' by default' if options['layer'] is None else ''})")
+                          f"{target.family} (got {given})")
+    stacked = len(getattr(getattr(target.model.config, "vision_config", None), "deepstack_visual_indexes", None) or ())
+    if options["strategy"] != "plphp" and layer < stacked:  # PLPHP drops from the cache after the prefill
+        raise OptionError(f"prune: {target.family} adds DeepStack vision features to the image tokens' hidden states "
+                          f"in decoder layers 0..{stacked - 1}, so tokens can be dropped from layer {stacked} on "
+                          f"(got {given}); pass layer >= {stacked}")
     return layer
 
 
@@ -395,8 +407,7 @@ def check_target(target: Target, options: dict[str, Any]) -> None:
         raise OptionError("prune: option 'layers' applies to timm and open_clip models; on transformers models "
                           "'layer' says where tokens are dropped")
     if strategy in CLS_STRATEGIES and target.family not in CLS_FAMILIES:
-        why = ("its vision tower has no [CLS] token" if target.family.startswith("Qwen") else
-               "its anyres features are rearranged (unpadded, newline tokens) after the vision tower")
+        why = NO_CLS.get(target.family, "its vision tower has no [CLS] token")
         raise UnsupportedModelError(f"prune: strategy {strategy!r} ranks image tokens by the vision tower's [CLS] "
                                     f"attention and supports {', '.join(CLS_FAMILIES)}; {target.family} is refused "
                                     f"because {why}; use strategy 'fastv' or 'transprune'")
