@@ -24,7 +24,7 @@ from visattn.patching import Patcher
 NEW_TOKENS = 5
 
 
-PRUNED = [f for f in BUILDERS if f != "paligemma"]  # PaliGemma: refused (test_paligemma_is_refused_with_the_reason)
+PRUNED = [f for f in BUILDERS if f != "paligemma"]  # refused (test_paligemma_and_gemma3_are_refused_with_the_reason)
 
 
 @pytest.fixture(scope="module", params=PRUNED)
@@ -303,11 +303,13 @@ def test_vision_language_options_are_refused_on_timm() -> None:
     assert not visattn.applied(vit)
 
 
-def test_paligemma_is_refused_with_the_reason() -> None:
-    model = build("paligemma", "sdpa")
-    with pytest.raises(visattn.UnsupportedModelError, match="PaliGemma.*4-D mask before its language model"):
-        visattn.apply(model, "prune", strategy="fastv", layer=1)
-    assert not visattn.applied(model)
+def test_paligemma_and_gemma3_are_refused_with_the_reason() -> None:
+    from tiny_vlms import gemma3
+
+    for model in (build("paligemma", "sdpa"), gemma3()):
+        with pytest.raises(visattn.UnsupportedModelError, match="Gemma.*4-D masks? before its language model"):
+            visattn.apply(model, "prune", strategy="fastv", layer=1)
+        assert not visattn.applied(model)
 
 
 def test_qwen3_vl_drops_tokens_after_its_deepstack_layers_only() -> None:

@@ -333,13 +333,36 @@ def test_gpu_decode_kernel_eager_and_under_inductor_match_the_pytorch_path() -> 
                 assert err < 2e-3, f"{mode}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("method", ["visual_sink", "head_modulation"])
-def test_sliding_window_language_models_are_refused_at_apply(method: str) -> None:
-    """Gemma 3's sliding-window layers keep only the last keys in their cache: refused before anything changes."""
-    from tiny_vlms import gemma3
+@pytest.mark.parametrize("method,options,identity", [
+    ("visual_sink", dict(tau=1.0, rho=1.0, summ=0.0), dict(p=1.0)),
+    ("head_modulation", dict(strategy="pai", alpha=0.5), dict(alpha=0.0)),
+    ("head_modulation", dict(strategy="vhr", alpha=0.5), dict(strategy="vhr", alpha=0.0)),
+])
+def test_sliding_window_layers_run_stock_and_the_full_ones_the_method(method: str, options: dict,
+                                                                      identity: dict) -> None:
+    """Gemma 3: its sliding-window layer keeps only the last keys in its cache, so it runs stock; the full-attention
+    layers run the method, in forward and generate(), and the identity setting changes nothing."""
+    from tiny_vlms import gemma3, gemma3_inputs
 
-    model = gemma3()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(visattn.UnsupportedModelError, match="1 sliding-window decoder layers .window 4.: their KV"):
-        visattn.apply(model, method)
-    assert not visattn.applied(model) and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    model, batch = gemma3(), gemma3_inputs()
+    language = [tfa.attention_layers(model)[i][1] for i in tfa.language_layers(model)]
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return model(**batch).logits, model.generate(**batch, max_new_tokens=4, do_sample=False)
+
+    stock = run()
+    for opts, same in ((identity, True), (options, False)):
+        visattn.apply(model, method, **opts)
+        try:
+            routed = [tfa.ROUTES_ATTR in m.__dict__ for m in language]
+            got = run()
+        finally:
+            visattn.remove(model)
+        assert not routed[0] and any(routed[1:])  # the sliding-window layer is left alone
+        assert torch.equal(got[0], stock[0]) == same and (not same or torch.equal(got[1], stock[1]))
+    assert torch.equal(run()[0], stock[0])
+    if method == "head_modulation":
+        with pytest.raises(visattn.OptionError, match=r"decoder_layers \[0\] are sliding-window layers"):
+            visattn.apply(model, method, decoder_layers=[0, 1])
+        assert not visattn.applied(model)

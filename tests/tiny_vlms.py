@@ -207,14 +207,32 @@ def assert_identity(model: torch.nn.Module, batch: dict[str, torch.Tensor], meth
 
 
 def gemma3() -> torch.nn.Module:
-    """A tiny Gemma 3: one sliding-window decoder layer (window 4), one full-attention layer."""
+    """A tiny Gemma 3: a sliding-window decoder layer (window 4), then two full-attention layers."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
 
-    text = Gemma3TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    torch.manual_seed(0)
+    text = Gemma3TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
                             num_attention_heads=2, num_key_value_heads=1, head_dim=8, sliding_window=4,
-                            layer_types=["sliding_attention", "full_attention"])
+                            layer_types=["sliding_attention", "full_attention", "full_attention"], pad_token_id=PAD)
     vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                 image_size=8, patch_size=2)
-    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=60,
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=GEMMA3_IMAGE,
                        boi_token_index=61, eoi_token_index=62)
-    return Gemma3ForConditionalGeneration(cfg).eval()
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model
+
+
+GEMMA3_IMAGE = 60
+
+
+def gemma3_inputs() -> dict[str, torch.Tensor]:
+    """Two left-padded prompts of different lengths, each with one 8px image (4 image tokens between its markers)."""
+    torch.manual_seed(1)
+    rows = [[5, 6, 61, *[GEMMA3_IMAGE] * 4, 62, 7, 8], [5, 6, 61, *[GEMMA3_IMAGE] * 4, 62, 7, 8, 9, 10]]
+    ids = torch.full((2, 13), PAD)
+    for b, row in enumerate(rows):
+        ids[b, 13 - len(row):] = torch.tensor(row)
+    return dict(input_ids=ids, attention_mask=(ids != PAD).long(), pixel_values=torch.randn(2, 3, 8, 8),
+                token_type_ids=(ids == GEMMA3_IMAGE).long())

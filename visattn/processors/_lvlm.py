@@ -46,17 +46,15 @@ def image_token_id(model: nn.Module, method: str) -> int:
     return int(token)
 
 
-def check_full_cache(model: nn.Module, method: str) -> None:
-    """Refuse language models with sliding-window layers (Gemma 3's): their KV cache keeps only the last keys, so
-    the image tokens' key columns that ``method`` reweights in decoding are gone from it."""
+def full_layers(model: nn.Module) -> list[int]:
+    """Positions among the language model's decoder layers of those that attend to the whole sequence: every layer but
+    the sliding-window ones (Gemma 3's), whose KV cache keeps only the last keys, so that the image tokens' key columns
+    a method reweights while decoding are not there. Those run stock."""
     text = model.config.get_text_config()
-    sliding = [i for i, kind in enumerate(getattr(text, "layer_types", None) or ()) if kind == "sliding_attention"]
-    if sliding and getattr(text, "sliding_window", None):
-        raise UnsupportedModelError(
-            f"{method}: {type(model).__name__} has {len(sliding)} sliding-window decoder layers (window "
-            f"{text.sliding_window}): their KV cache keeps only the last keys, so the image tokens' columns that "
-            f"{method} reweights while decoding are not there; supported: language models whose layers attend to "
-            f"the whole sequence ({tfa.SUPPORTED})")
+    kinds = getattr(text, "layer_types", None) or ()
+    sliding = {i for i, kind in enumerate(kinds) if kind == "sliding_attention"} if getattr(
+        text, "sliding_window", None) else set()
+    return [i for i in range(len(tfa.decoder_layers(model))) if i not in sliding]
 
 
 class _Forward:

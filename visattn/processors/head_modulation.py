@@ -37,8 +37,9 @@ on CUDA (:mod:`visattn.kernels.reweighted_decode`). With ``pai`` a cached ``gene
 a forward over the same tokens computes for its last row; ``vhr`` and ``imbalance`` measure their
 head weights once per prompt (at the forward without a past) and keep them for its decode steps.
 Batches with left padding and the KV cache work on LLaVA (1.5, NeXT, OneVision), Qwen2-VL, Qwen2.5-VL and
-PaliGemma (tested; ``imbalance``: LLaVA only); image positions come from ``config.image_token_id``. Language models
-with sliding-window layers (Gemma 3) are refused at ``apply``.
+PaliGemma, Idefics3, InternVL and Qwen3-VL (tested; ``imbalance``: LLaVA only); image positions come from
+``config.image_token_id``. Sliding-window layers (Gemma 3's) keep only the last keys in their cache: they are left
+out of the default ``decoder_layers`` and refused in a given one.
 
 Options: ``strategy`` ("pai"), ``alpha`` (0.2; identity 0), ``decoder_layers`` (None = the strategy's
 layers: pai 2..31, vhr and imbalance all; indices of the language model's decoder layers, from 0),
@@ -65,7 +66,7 @@ from ..kernels import reweighted_decode
 from ..options import bool_option, choice_option, float_option, layers_option
 from ..patching import Handle, Patcher
 from ..registry import Method, register
-from ._lvlm import ImageKeys, check_full_cache, image_token_id, write_rows
+from ._lvlm import ImageKeys, full_layers, image_token_id, write_rows
 
 tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
 
@@ -121,14 +122,22 @@ class _Measured:
         self.features: tuple[Tensor, Tensor] | None = None
 
 
-def _decoder_layers(strategy: str, chosen: tuple[int, ...] | None, depth: int) -> list[int]:
+def _decoder_layers(strategy: str, chosen: tuple[int, ...] | None, depth: int, full: list[int]) -> list[int]:
+    """The decoder layers (positions) to modulate: ``chosen``, or the strategy's default among the ``full`` ones
+    (those attending to the whole sequence)."""
     if chosen is not None:
         bad = [i for i in chosen if i >= depth]
         if bad:
             raise OptionError(f"head_modulation: decoder_layers {bad} out of range; the model has {depth} decoder "
                               f"layers (0..{depth - 1})")
+        sliding = [i for i in chosen if i not in full]
+        if sliding:
+            raise OptionError(f"head_modulation: decoder_layers {sliding} are sliding-window layers, whose KV cache "
+                              f"keeps only the last keys (the image tokens' columns are not there while decoding); "
+                              f"layers that attend to the whole sequence: {full}")
         return sorted(chosen)
     layers = [i for i in PAI_LAYERS if i < depth] if strategy == "pai" else list(range(depth))  # vhr, imbalance
+    layers = [i for i in layers if i in full]
     if not layers:
         raise OptionError(f"head_modulation: strategy {strategy!r} modulates decoder layers "
                           f"{PAI_LAYERS.start}..{PAI_LAYERS.stop - 1}, and the model has only {depth}; "
@@ -163,8 +172,9 @@ class HeadModulation(Method):
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
         super().check_target(target, options)
         image_token_id(target.model, self.name)
-        check_full_cache(target.model, self.name)
-        _decoder_layers(options["strategy"], options["decoder_layers"], len(tfa.language_layers(target.model)))
+        model = target.model
+        _decoder_layers(options["strategy"], options["decoder_layers"], len(tfa.language_layers(model)),
+                        full_layers(model))
         if options["strategy"] == "imbalance":
             _projector(target.model)
 
@@ -172,7 +182,8 @@ class HeadModulation(Method):
         model = target.model
         handle = HeadModulationHandle(self.name, model, options, patcher)
         language = tfa.language_layers(model)
-        layers = [language[i] for i in _decoder_layers(options["strategy"], options["decoder_layers"], len(language))]
+        layers = [language[i] for i in _decoder_layers(options["strategy"], options["decoder_layers"], len(language),
+                                                       full_layers(model))]
         alpha = options["alpha"]
         if options["strategy"] == "pai":
             keys = ImageKeys(model, patcher, self.name)

@@ -21,8 +21,9 @@ runs for every row, and only text rows of layers with sinks are recomputed expli
 (:func:`~visattn.core.redistribute.attend_rows`); a decode step (one generated row) replaces the stock
 attention by one fused launch per layer on CUDA (:mod:`visattn.kernels.reweighted_decode`), or by the
 explicit computation elsewhere. Batches, left padding and the KV cache work on LLaVA (1.5, NeXT, OneVision),
-Qwen2-VL, Qwen2.5-VL and PaliGemma (tested); image positions come from ``config.image_token_id``. Language models
-with sliding-window layers (Gemma 3) are refused at ``apply``.
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL, PaliGemma, Idefics3 and InternVL (tested); image positions come from
+``config.image_token_id``. Sliding-window layers (Gemma 3's) keep only the last keys in their cache: they run stock,
+the full-attention layers run VAR.
 
 Options: ``p`` (0.6; identity 1.0: the stock attention runs untouched), ``tau`` (20), ``rho`` (0.5),
 ``summ`` (0.2). ``tau`` is the paper's value for 4096-wide models; an RMS-normalised value cannot
@@ -47,7 +48,7 @@ from ..kernels import reweighted_decode
 from ..options import bool_option, float_option
 from ..patching import Handle, Patcher
 from ..registry import Method, register
-from ._lvlm import ImageKeys, check_full_cache, image_token_id, write_rows
+from ._lvlm import ImageKeys, full_layers, image_token_id, write_rows
 
 tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
 
@@ -99,16 +100,17 @@ class VisualSink(Method):
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
         super().check_target(target, options)
         image_token_id(target.model, self.name)
-        check_full_cache(target.model, self.name)
-        if len(tfa.language_layers(target.model)) < 2:
-            raise UnsupportedModelError(f"{self.name}: {target.family} needs at least 2 decoder layers "
-                                        f"(VAR changes every layer but the last)")
+        if not _layers(target.model):
+            raise UnsupportedModelError(f"{self.name}: {target.family} has no decoder layer VAR can change: it "
+                                        f"changes every layer but the last that attends to the whole sequence "
+                                        f"(sliding-window layers run stock)")
 
     def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> VisualSinkHandle:
         model = target.model
         handle = VisualSinkHandle(self.name, model, options, patcher)
-        layers = tfa.language_layers(model)[:-1]
-        decoder = tfa.decoder_layers(model)
+        chosen = _layers(model)
+        language, decoder = tfa.language_layers(model), tfa.decoder_layers(model)
+        layers = [language[i] for i in chosen]
         keys = ImageKeys(model, patcher, self.name)
         p, tau, rho, summ, strict = (options[k] for k in ("p", "tau", "rho", "summ", "strict"))
 
@@ -124,8 +126,8 @@ class VisualSink(Method):
 
             return hook
 
-        for i, layer in enumerate(layers):
-            tfa.on_call(decoder[i], patcher, detect(layer))
+        for i in chosen:
+            tfa.on_call(decoder[i], patcher, detect(language[i]))
 
         def make_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:
             def route(call: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -164,3 +166,8 @@ class VisualSink(Method):
 
         tfa.route_attention(model, patcher, layers, make_route)
         return handle
+
+
+def _layers(model: nn.Module) -> list[int]:
+    """The decoder layers VAR changes (positions): every layer but the last, sliding-window layers left out."""
+    return [i for i in full_layers(model) if i < len(tfa.decoder_layers(model)) - 1]

@@ -84,6 +84,9 @@ REFUSED = {
     "PaliGemmaForConditionalGeneration": "it builds its prefix-LM attention mask (image and prompt tokens attend to "
                                          "each other both ways) as a 4-D mask before its language model, and prune "
                                          "drops tokens from the language model's 2-D padding mask",
+    "Gemma3ForConditionalGeneration": "it builds its attention masks (image tokens attending to each other both "
+                                      "ways, sliding windows) as 4-D masks before its language model, and prune "
+                                      "drops tokens from the language model's 2-D padding mask",
 }
 #: Strategies that read the vision tower's [CLS] attention, and the models that have it.
 CLS_STRATEGIES, CLS_FAMILIES = ("cls", "star"), ("LlavaForConditionalGeneration",)
