@@ -36,7 +36,7 @@ every row, and only the generating row is recomputed explicitly where logits cha
 on CUDA (:mod:`visattn.kernels.reweighted_decode`). With ``pai`` a cached ``generate()`` computes what
 a forward over the same tokens computes for its last row; ``vhr`` and ``imbalance`` measure their
 head weights once per prompt (at the forward without a past) and keep them for its decode steps.
-Batches with left padding and the KV cache work on LLaVA (1.5, NeXT, OneVision), Qwen2-VL, Qwen2.5-VL and
+Batches with left padding and the KV cache work on LLaVA (1.5, NeXT, OneVision), Qwen2-VL, Qwen2.5-VL,
 PaliGemma, Idefics3, InternVL and Qwen3-VL (tested; ``imbalance``: LLaVA only); image positions come from
 ``config.image_token_id``. Sliding-window layers (Gemma 3's) keep only the last keys in their cache: they are left
 out of the default ``decoder_layers`` and refused in a given one.
