@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_vlms import BUILDERS, IMAGE, PAD, TEXT, build, forward_logits, llava, prompts, vlm_inputs
+from tiny_vlms import BUILDERS, IMAGE, PAD, TEXT, build, forward_logits, generate, llava, prompts, vlm_inputs
 
 import visattn
 from visattn.frameworks import transformers as tfa
@@ -197,7 +197,7 @@ def test_bad_inputs_raise_documented_errors(case: Case) -> None:
 def test_unsupported_attention_implementation_is_refused_untouched() -> None:
     model = llava("sdpa").eval()
     text = model.config.text_config
-    object.__setattr__(text, "_attn_implementation_internal", "flex_attention")
+    object.__setattr__(text, "_attn_implementation_internal", "flash_attention_2")
     before = _implementations(model)
     with pytest.raises(visattn.UnsupportedModelError, match="attn_implementation=\"sdpa\""):
         visattn.apply(model, "inspect", layers=tfa.language_layers(model))
@@ -292,3 +292,58 @@ def test_set_attn_implementation_entry_points() -> None:
             forward_logits(model, batch)
     model.set_attn_implementation("sdpa")
     assert torch.equal(forward_logits(model, batch), stock)
+
+
+@pytest.fixture
+def eager_flex(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers compiles flex attention on first use, which Inductor's CPU backend fails to build here (torch
+    2.14: a C++ compile error); the tests run flex attention's eager implementation (same math, same masks)."""
+    import transformers.integrations.flex_attention as fa
+    from torch.nn.attention.flex_attention import flex_attention
+
+    wrapped = fa.WrappedFlexAttention(False)
+    monkeypatch.setattr(wrapped, "_compiled_flex_attention", flex_attention)
+
+
+FLEX_CASES = [("inspect", {}, None), ("visual_sink", dict(p=1.0), dict(tau=1.0, rho=1.0, summ=0.0)),
+              ("head_modulation", dict(alpha=0.0, decoder_layers=[0, 1]), dict(alpha=0.5, decoder_layers=[0, 1])),
+              ("prune", dict(strategy="cls", keep=1.0), dict(strategy="cls", keep=0.5))]
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3"])
+@pytest.mark.parametrize("method,identity,options", FLEX_CASES, ids=[c[0] for c in FLEX_CASES])
+def test_flex_attention_models(eager_flex: None, family: str, method: str, identity: dict,
+                               options: dict | None) -> None:
+    """Loaded with flex attention: identity bit-exact in forward and generate(), the method's output that of the same
+    model loaded with sdpa (flex attention's BlockMask read as the dense mask it stands for), remove() exact."""
+    if method == "prune" and family != "llava":
+        pytest.skip("prune's cls strategy needs a vision [CLS] token (LLaVA)")
+    model, sdpa = build(family, "flex_attention"), build(family, "sdpa")
+    batch = vlm_inputs(family, model)
+    implementations = _implementations(model)
+    stock, tokens = forward_logits(model, batch), generate(model, batch)
+    visattn.apply(model, method, **identity)
+    try:
+        assert torch.equal(forward_logits(model, batch), stock) and torch.equal(generate(model, batch), tokens)
+    finally:
+        visattn.remove(model)
+    if options is not None:
+        outputs = []
+        for m in (model, sdpa):
+            visattn.apply(m, method, **options)
+            try:
+                outputs.append((forward_logits(m, batch), generate(m, batch)))
+            finally:
+                visattn.remove(m)
+        torch.testing.assert_close(outputs[0][0], outputs[1][0], atol=1e-6, rtol=0)
+        assert torch.equal(outputs[0][1], outputs[1][1])
+    assert _implementations(model) == implementations and torch.equal(forward_logits(model, batch), stock)
+
+
+def test_prune_inside_the_language_model_refuses_flex_attention(eager_flex: None) -> None:
+    model = build("llava", "flex_attention")
+    for strategy in ("fastv", "transprune", "plphp", "star"):
+        with pytest.raises(visattn.UnsupportedModelError, match=f"strategy '{strategy}' drops tokens inside the "
+                                                                f"language model.*flex attention passes a BlockMask"):
+            visattn.apply(model, "prune", strategy=strategy, layer=1)
+    assert not visattn.applied(model)

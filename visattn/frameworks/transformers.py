@@ -4,17 +4,17 @@ Every attention module of a current transformers model (``CLIPAttention``, ``Sig
 ``LlamaAttention``, ``Qwen2VLAttention``, Qwen2-VL's ``VisionAttention``...) computes its q, k, v,
 applies norms and rotary embeddings (M-RoPE included) and then calls
 ``ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)``.
-visattn registers two functions there, ``"visattn_sdpa"`` and ``"visattn_eager"``, each with the
-mask format of the implementation it wraps in ``AttentionMaskInterface`` (without that entry
-transformers would build no mask at all). Each one runs the routes visattn installed on the
-module it serves (an observer, or a method's own attention), newest first, each handing on to the
-next and the oldest to the stock implementation: ``ALL_ATTENTION_FUNCTIONS["sdpa"]`` or the
-modeling file's own ``eager_attention_forward``, both looked up in the namespace of the module's
-``forward``. A module without routes calls the stock implementation straight away.
+visattn registers three functions there, ``"visattn_sdpa"``, ``"visattn_eager"`` and
+``"visattn_flex_attention"``, each with the mask format of the implementation it wraps in
+``AttentionMaskInterface`` (without that entry transformers would build no mask at all). Each one runs the routes
+visattn installed on the module it serves (an observer, or a method's own attention), newest first, each handing on
+to the next and the oldest to the stock implementation: ``ALL_ATTENTION_FUNCTIONS["sdpa"]`` (or
+``["flex_attention"]``) or the modeling file's own ``eager_attention_forward``, all looked up in the namespace of the
+module's ``forward``. A module without routes calls the stock implementation straight away.
 
 Switching a model over sets ``_attn_implementation_internal`` — the value behind
 ``config._attn_implementation`` — of the configs of the routed modules only (for LLaVA the vision
-config, the text config or both) from ``"sdpa"``/``"eager"`` to ``"visattn_sdpa"``/``"visattn_eager"``,
+config, the text config or both) from ``"sdpa"``/``"eager"``/``"flex_attention"`` to ``"visattn_"`` + the same,
 through the :class:`~visattn.patching.Patcher`, so ``remove()`` puts back every config exactly.
 That is what ``model.set_attn_implementation`` changes too, minus its recursion into configs whose
 modules visattn leaves alone. Users can also call ``model.set_attn_implementation("visattn_sdpa")``
@@ -38,8 +38,9 @@ Tested on transformers 5.6 (the floor, ``.ci/floor-constraints.txt``) and 5.24 (
 LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration,
 PaliGemmaForConditionalGeneration, Idefics3ForConditionalGeneration, InternVLForConditionalGeneration,
 Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration and Qwen3VLForConditionalGeneration. Models
-loaded with ``attn_implementation="sdpa"`` or ``"eager"`` are supported; flash and flex attention take masks in
-other forms (sequence lengths, block masks) and are refused with an error.
+loaded with ``attn_implementation="sdpa"``, ``"eager"`` or ``"flex_attention"`` are supported (a method that
+computes attention itself reads flex attention's ``BlockMask`` as a dense mask, :func:`stock_mask`); flash attention
+takes its mask as sequence lengths and is refused with an error.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from ..patching import Patcher
 from .base import Observer
 
 #: The stock implementations visattn can wrap, and the prefix of the names it registers for them.
-IMPLEMENTATIONS = ("sdpa", "eager")
+IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 PREFIX = "visattn_"
 #: Module attribute holding the routes installed on an attention module (a tuple, oldest first).
 ROUTES_ATTR = "_visattn_routes"
@@ -73,7 +74,7 @@ SUPPORTED = ("LLaVA (1.5, NeXT, OneVision), PaliGemma, Idefics3 / SmolVLM, Inter
 #: of the attention function; ``call`` (same signature, minus ``call``) is the next route or the stock one.
 Route = Callable[..., tuple[Tensor, "Tensor | None"]]
 #: ``make_route(layer_index, module, implementation) -> Route``, where ``implementation`` is the wrapped
-#: stock implementation (``"sdpa"`` or ``"eager"``).
+#: stock implementation (one of :data:`IMPLEMENTATIONS`).
 RouteFactory = Callable[[int, nn.Module, str], Route]
 
 
@@ -142,7 +143,7 @@ def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _implementation(module: nn.Module) -> str:
-    """The stock implementation behind ``module``'s config (``"sdpa"`` or ``"eager"``); raises otherwise."""
+    """The stock implementation behind ``module``'s config (one of :data:`IMPLEMENTATIONS`); raises otherwise."""
     name = str(module.config._attn_implementation)
     base = name.removeprefix(PREFIX)
     if base not in IMPLEMENTATIONS:
@@ -176,9 +177,15 @@ def route_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int], m
 def stock_mask(implementation: str, module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None,
                is_causal: bool | None = None) -> Tensor | None:
     """The mask the stock ``implementation`` applies to ``query``/``key``: boolean (True = attend) or
-    additive float as given, or, for SDPA called without a mask on a causal module, the top-left
-    aligned causal mask that ``is_causal`` stands for (``sdpa_attention_forward``'s rule); ``None``
-    when every key is attended."""
+    additive float as given; flex attention's ``BlockMask`` as the boolean ``[B, 1, Nq, Nk]`` its ``mask_mod``
+    gives (transformers builds it with the padding and the cache offsets inside); for SDPA called without a mask
+    on a causal module, the top-left aligned causal mask that ``is_causal`` stands for
+    (``sdpa_attention_forward``'s rule); ``None`` when every key is attended."""
+    if implementation == "flex_attention" and attention_mask is not None:
+        from torch.nn.attention.flex_attention import create_mask
+
+        return create_mask(attention_mask.mask_mod, query.shape[0], None, query.shape[-2], key.shape[-2],
+                           device=query.device)
     if attention_mask is not None or implementation != "sdpa":
         return attention_mask
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)

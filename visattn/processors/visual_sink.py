@@ -16,8 +16,8 @@ In every decoder layer but the last:
    weight. Rows still sum to one.
 
 The decision is per row, so a cached ``generate()`` computes what a full forward over the same
-tokens computes. Models run with ``attn_implementation="sdpa"`` (or ``"eager"``): the stock attention
-runs for every row, and only text rows of layers with sinks are recomputed explicitly
+tokens computes. Models run with ``attn_implementation="sdpa"`` (or ``"eager"``, ``"flex_attention"``): the stock
+attention runs for every row, and only text rows of layers with sinks are recomputed explicitly
 (:func:`~visattn.core.redistribute.attend_rows`); a decode step (one generated row) replaces the stock
 attention by one fused launch per layer on CUDA (:mod:`visattn.kernels.reweighted_decode`), or by the
 explicit computation elsewhere. Batches, left padding and the KV cache work on LLaVA (1.5, NeXT, OneVision),

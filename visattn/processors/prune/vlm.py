@@ -414,6 +414,12 @@ def check_target(target: Target, options: dict[str, Any]) -> None:
         raise UnsupportedModelError(f"prune: strategy {strategy!r} ranks image tokens by the vision tower's [CLS] "
                                     f"attention and supports {', '.join(CLS_FAMILIES)}; {target.family} is refused "
                                     f"because {why}; use strategy 'fastv' or 'transprune'")
+    implementation = str(model.config.get_text_config()._attn_implementation).removeprefix(tfa.PREFIX)
+    if strategy != "cls" and implementation == "flex_attention":
+        raise UnsupportedModelError(f"prune: strategy {strategy!r} drops tokens inside the language model, gathering "
+                                    f"the rows and columns of its 4-D attention mask, and flex attention passes a "
+                                    f"BlockMask, which cannot be gathered; load the model with "
+                                    f"attn_implementation=\"sdpa\" or \"eager\", or use strategy 'cls' (LLaVA)")
     if options["ensemble_layers"] is not None:
         if strategy not in CLS_STRATEGIES:
             raise OptionError(f"prune: option 'ensemble_layers' applies to strategies 'cls' and 'star' "
