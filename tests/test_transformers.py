@@ -347,3 +347,36 @@ def test_prune_inside_the_language_model_refuses_flex_attention(eager_flex: None
                                                                 f"language model.*flex attention passes a BlockMask"):
             visattn.apply(model, "prune", strategy=strategy, layer=1)
     assert not visattn.applied(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (transformers compiles flex attention)")
+@pytest.mark.parametrize("implementation", ["flex_attention", "flash_attention_2"])
+def test_compiled_flex_and_flash_attention_on_the_gpu(implementation: str) -> None:
+    """On the GPU transformers runs flex attention compiled: the methods still give what the sdpa model gives.
+    flash_attention_2 where flash-attn is installed: refused at apply, untouched."""
+    if implementation == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    model = build("llava", implementation).cuda()
+    sdpa = build("llava", "sdpa").cuda()
+    batch = {k: v.cuda() for k, v in vlm_inputs("llava", model).items()}
+    if implementation == "flash_attention_2":
+        with pytest.raises(visattn.UnsupportedModelError, match="attn_implementation=\"sdpa\""):
+            visattn.apply(model, "inspect")
+        assert not visattn.applied(model)
+        return
+    stock, tokens = forward_logits(model, batch), generate(model, batch)
+    for method, identity, options in FLEX_CASES:
+        visattn.apply(model, method, **identity)
+        try:
+            assert torch.equal(forward_logits(model, batch), stock) and torch.equal(generate(model, batch), tokens)
+        finally:
+            visattn.remove(model)
+        if options is not None:
+            outputs = []
+            for m in (model, sdpa):
+                visattn.apply(m, method, **options)
+                try:
+                    outputs.append(forward_logits(m, batch))
+                finally:
+                    visattn.remove(m)
+            torch.testing.assert_close(outputs[0], outputs[1], atol=1e-4, rtol=1e-4)
