@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_vlms import BUILDERS, IMAGE, PAD, TEXT, build, forward_logits, generate, llava, prompts, vlm_inputs
+from tiny_vlms import BUILDERS, CLIP, IMAGE, PAD, TEXT, build, forward_logits, generate, llava, prompts, vlm_inputs
 
 import visattn
 from visattn.frameworks import transformers as tfa
@@ -354,10 +354,21 @@ def test_prune_inside_the_language_model_refuses_flex_attention(eager_flex: None
 def test_compiled_flex_and_flash_attention_on_the_gpu(implementation: str) -> None:
     """On the GPU transformers runs flex attention compiled: the methods still give what the sdpa model gives.
     flash_attention_2 where flash-attn is installed: refused at apply, untouched."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
     if implementation == "flash_attention_2":
         pytest.importorskip("flash_attn")
-    model = build("llava", implementation).cuda()
-    sdpa = build("llava", "sdpa").cuda()
+    # compiled flex attention needs heads of at least 16 dimensions: a wider tiny LLaVA (16 per head everywhere)
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**CLIP), image_token_id=IMAGE, pad_token_id=PAD,
+                         text_config=LlamaConfig(**{**TEXT, "hidden_size": 64, "intermediate_size": 128}))
+
+    def make(impl: str) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration._from_config(config, attn_implementation=impl).eval().cuda()
+        model.generation_config.pad_token_id, model.generation_config.eos_token_id = PAD, None
+        return model
+
+    model, sdpa = make(implementation), make("sdpa")
     batch = {k: v.cuda() for k, v in vlm_inputs("llava", model).items()}
     if implementation == "flash_attention_2":
         with pytest.raises(visattn.UnsupportedModelError, match="attn_implementation=\"sdpa\""):
