@@ -366,3 +366,16 @@ def test_sliding_window_layers_run_stock_and_the_full_ones_the_method(method: st
         with pytest.raises(visattn.OptionError, match=r"decoder_layers \[0\] are sliding-window layers"):
             visattn.apply(model, method, decoder_layers=[0, 1])
         assert not visattn.applied(model)
+
+
+def test_a_model_with_no_layer_to_change_is_refused_at_apply() -> None:
+    from tiny_vlms import CLIP, PAD, TEXT
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**CLIP), text_config=LlamaConfig(**{**TEXT,
+                         "num_hidden_layers": 1}), image_token_id=IMAGE, pad_token_id=PAD)
+    model = LlavaForConditionalGeneration(config).eval()
+    with pytest.raises(visattn.UnsupportedModelError, match="no decoder layer VAR can change: it changes every "
+                                                            "decoder layer but the last"):
+        visattn.apply(model, "visual_sink")
+    assert not visattn.applied(model)

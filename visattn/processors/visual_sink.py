@@ -102,8 +102,7 @@ class VisualSink(Method):
         image_token_id(target.model, self.name)
         if not _layers(target.model):
             raise UnsupportedModelError(f"{self.name}: {target.family} has no decoder layer VAR can change: it "
-                                        f"changes every layer but the last that attends to the whole sequence "
-                                        f"(sliding-window layers run stock)")
+                                        f"changes every decoder layer but the last, sliding-window layers left out")
 
     def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> VisualSinkHandle:
         model = target.model
