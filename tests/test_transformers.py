@@ -310,6 +310,26 @@ FLEX_CASES = [("inspect", {}, None), ("visual_sink", dict(p=1.0), dict(tau=1.0, 
               ("prune", dict(strategy="cls", keep=1.0), dict(strategy="cls", keep=0.5))]
 
 
+def _flex_against_sdpa(model: torch.nn.Module, sdpa: torch.nn.Module, batch: dict[str, torch.Tensor], method: str,
+                       identity: dict, options: dict | None, tokens: bool) -> list[tuple[Any, ...]]:
+    """``method`` at ``identity`` on the flex ``model``: logits and generate() bit-exact; then at ``options`` on
+    ``model`` and on ``sdpa``: their logits (and generated tokens, with ``tokens``), for the caller to compare."""
+    stock, generated = forward_logits(model, batch), generate(model, batch)
+    visattn.apply(model, method, **identity)
+    try:
+        assert torch.equal(forward_logits(model, batch), stock) and torch.equal(generate(model, batch), generated)
+    finally:
+        visattn.remove(model)
+    outputs = []
+    for m in (model, sdpa) if options is not None else ():
+        visattn.apply(m, method, **options)
+        try:
+            outputs.append((forward_logits(m, batch), *((generate(m, batch),) if tokens else ())))
+        finally:
+            visattn.remove(m)
+    return outputs
+
+
 @pytest.mark.parametrize("family", ["llava", "idefics3"])
 @pytest.mark.parametrize("method,identity,options", FLEX_CASES, ids=[c[0] for c in FLEX_CASES])
 def test_flex_attention_models(eager_flex: None, family: str, method: str, identity: dict,
@@ -321,20 +341,9 @@ def test_flex_attention_models(eager_flex: None, family: str, method: str, ident
     model, sdpa = build(family, "flex_attention"), build(family, "sdpa")
     batch = vlm_inputs(family, model)
     implementations = _implementations(model)
-    stock, tokens = forward_logits(model, batch), generate(model, batch)
-    visattn.apply(model, method, **identity)
-    try:
-        assert torch.equal(forward_logits(model, batch), stock) and torch.equal(generate(model, batch), tokens)
-    finally:
-        visattn.remove(model)
-    if options is not None:
-        outputs = []
-        for m in (model, sdpa):
-            visattn.apply(m, method, **options)
-            try:
-                outputs.append((forward_logits(m, batch), generate(m, batch)))
-            finally:
-                visattn.remove(m)
+    stock = forward_logits(model, batch)
+    outputs = _flex_against_sdpa(model, sdpa, batch, method, identity, options, tokens=True)
+    if outputs:
         torch.testing.assert_close(outputs[0][0], outputs[1][0], atol=1e-6, rtol=0)
         assert torch.equal(outputs[0][1], outputs[1][1])
     assert _implementations(model) == implementations and torch.equal(forward_logits(model, batch), stock)
@@ -375,19 +384,7 @@ def test_compiled_flex_and_flash_attention_on_the_gpu(implementation: str) -> No
             visattn.apply(model, "inspect")
         assert not visattn.applied(model)
         return
-    stock, tokens = forward_logits(model, batch), generate(model, batch)
     for method, identity, options in FLEX_CASES:
-        visattn.apply(model, method, **identity)
-        try:
-            assert torch.equal(forward_logits(model, batch), stock) and torch.equal(generate(model, batch), tokens)
-        finally:
-            visattn.remove(model)
-        if options is not None:
-            outputs = []
-            for m in (model, sdpa):
-                visattn.apply(m, method, **options)
-                try:
-                    outputs.append(forward_logits(m, batch))
-                finally:
-                    visattn.remove(m)
-            torch.testing.assert_close(outputs[0], outputs[1], atol=1e-4, rtol=1e-4)
+        outputs = _flex_against_sdpa(model, sdpa, batch, method, identity, options, tokens=False)
+        if outputs:
+            torch.testing.assert_close(outputs[0][0], outputs[1][0], atol=1e-4, rtol=1e-4)

@@ -109,21 +109,14 @@ class CellMerge:
 
     def _index(self, x: Tensor, dim: int) -> Tensor:
         """``slot`` shaped to index ``x``'s token axis ``dim`` (the batch is axis 0)."""
-        view = [x.shape[0]] + [1] * (x.ndim - 1)
-        view[dim] = self.slot.shape[1]
-        shape = list(x.shape)
-        shape[dim] = self.slot.shape[1]
-        return self.slot.view(view).expand(shape)
+        n = self.slot.shape[1]
+        return self.slot.view(_with_tokens(x, dim, n, broadcast=True)).expand(_with_tokens(x, dim, n))
 
     def merge(self, x: Tensor, dim: int = 1) -> Tensor:
         if self.slot is None:
             return x
-        shape = list(x.shape)
-        shape[dim] = self.num_out
-        total = x.new_zeros(shape).scatter_add_(dim, self._index(x, dim), x)
-        scale = [x.shape[0]] + [1] * (x.ndim - 1)
-        scale[dim] = self.num_out
-        return total * self.inv_size.view(scale).to(x.dtype)
+        total = x.new_zeros(_with_tokens(x, dim, self.num_out)).scatter_add_(dim, self._index(x, dim), x)
+        return total * self.inv_size.view(_with_tokens(x, dim, self.num_out, broadcast=True)).to(x.dtype)
 
     def unmerge(self, y: Tensor, dim: int = 1) -> Tensor:
         if self.slot is None:
@@ -135,6 +128,13 @@ class CellMerge:
         if own is None:
             return x
         return x.gather(1, own[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+def _with_tokens(x: Tensor, dim: int, n: int, *, broadcast: bool = False) -> list[int]:
+    """``x``'s shape with ``n`` tokens on axis ``dim`` (``broadcast``: 1 on every axis but the batch and ``dim``)."""
+    shape = [x.shape[0]] + [1] * (x.ndim - 1) if broadcast else list(x.shape)
+    shape[dim] = n
+    return shape
 
 
 def match_to_cells(metric: Tensor, dst: Tensor, src: Tensor, r: int) -> CellMerge:
