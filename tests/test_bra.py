@@ -167,3 +167,42 @@ def test_handle_routes_are_the_regions_each_layer_routed_to():
     finally:
         visattn.remove(model)
     assert identity.routes == {}  # the identity setting runs timm's dense attention
+
+
+@pytest.mark.parametrize("arch, size", [("eva02_tiny_patch14_224", 56), ("vit_small_patch16_dinov3", 64),
+                                        ("vit_base_patch16_rope_mixed_224", 64)])
+def test_rotary_models_route_at_their_sdpa_call(arch, size):
+    """EVA-style attention (rotary embeddings inside the layer): the SDPA call is answered by routed attention over
+    the rotated q and k, equal to dense attention under BiFormer's region mask; identity and remove() exact."""
+    from visattn.frameworks.base import SDPAIntercept
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=0, depth=2, embed_dim=64, num_heads=2,
+                              img_size=size, init_values=1.0).eval()  # layer scale 1: the attention shows
+    x = torch.randn(2, 3, size, size)
+    grid, npt = tuple(model.patch_embed.grid_size), model.num_prefix_tokens
+    with torch.no_grad():
+        stock = model(x)
+
+    def masked(call):
+        q, k, v = call["query"], call["key"], call["value"]
+        return attention(q, k, v, mask=_expected_mask(q, k, npt, grid, 2, 1))
+
+    with torch.no_grad(), SDPAIntercept(masked):
+        expected = model(x)
+    visattn.apply(model, "bra", n_win=2, topk=4)
+    with torch.no_grad():
+        assert torch.equal(model(x), stock)
+    visattn.remove(model)
+    handle = visattn.apply(model, "bra", n_win=2, topk=1)
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(out, stock) and sorted(handle.routes) == [0, 1]
+    assert handle.routes[0].shape == (2, 4, 1)
+    visattn.remove(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), stock)
+    with pytest.raises(OptionError, match="lepe=True needs timm.layers.Attention"):
+        visattn.apply(model, "bra", n_win=2, topk=1, lepe=True)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())

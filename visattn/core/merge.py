@@ -68,7 +68,8 @@ def bipartite_soft_matching(metric: Tensor, r: int, *, num_prefix: int = 0, size
     Returns:
         ``merge(x, mode="mean")``: ``[B, N, C] -> [B, N - r, C]``; ``"mean"`` is the size-weighted
         average of each group, ``"sum"`` its plain sum (use it for source maps, ``[B, N, N0]``);
-        ``merge.size`` ``[B, N - r]`` holds the group sizes (float32). ``unmerge(x)``:
+        ``merge.size`` ``[B, N - r]`` holds the group sizes (float32), ``merge.kept`` ``[B, N - r]``
+        the input token each output token starts from (a group's destination). ``unmerge(x)``:
         ``[B, N - r, C] -> [B, N, C]``, every input token gets the value of the group it joined.
     """
     r = merge_count(metric, r, num_prefix, mergeable)
@@ -106,6 +107,7 @@ def merge_functions(m: Match, tokens: tuple[int, int], size: Tensor | None,
         raise ValueError(f"merge mode must be 'mean' or 'sum' (got {mode!r})")
 
     merge.size = m.size  # type: ignore[attr-defined]
+    merge.kept = m.kept  # type: ignore[attr-defined]  # the input token each output token starts from
 
     def unmerge(x: Tensor) -> Tensor:
         out_index = torch.arange(m.kept.shape[1], device=x.device).expand_as(m.kept)
@@ -229,7 +231,8 @@ def keep_top_and_fuse(importance: Tensor, keep: int, *, num_prefix: int = 0) -> 
 
     Returns:
         ``prune(x)``: ``[B, num_prefix + N_img, C] -> [B, num_prefix + keep + 1, C]``: the prefix,
-        the kept tokens in their original order, then ``sum_{i not kept} a_i x_i``.
+        the kept tokens in their original order, then ``sum_{i not kept} a_i x_i``. ``prune.kept``
+        ``[B, keep]``: the image tokens kept (indices among the image tokens, ascending).
     """
     n_img = importance.shape[1]
     if keep >= n_img:
@@ -244,7 +247,16 @@ def keep_top_and_fuse(importance: Tensor, keep: int, *, num_prefix: int = 0) -> 
         kept_x = img.gather(1, kept[:, :, None].expand(-1, -1, x.shape[-1]))
         return torch.cat([x[:, :num_prefix], kept_x, fused], dim=1)
 
+    prune.kept = kept  # type: ignore[attr-defined]
     return prune
+
+
+def follow_origin(origin: Tensor | None, index: Tensor, num_tokens: int) -> Tensor:
+    """The origins (see :class:`visattn.frameworks.base.StepCall`) of the tokens ``index`` ``[B, M]`` takes from a
+    sequence of ``num_tokens`` tokens whose origins are ``origin`` (``None``: their own positions)."""
+    if origin is None:
+        origin = torch.arange(num_tokens, device=index.device).expand(index.shape[0], -1)
+    return origin.gather(1, index)
 
 
 def num_kept(keep_ratio: float, n_img: int) -> int:

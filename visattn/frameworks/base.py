@@ -117,12 +117,18 @@ def sdpa_observer(layer: int, observer: Observer) -> SDPAIntercept:
 def observe_sdpa(module: torch.nn.Module, patcher: Any, layer: int, observer: Observer,
                  unobservable: Callable[[], Exception]) -> None:
     """Report every SDPA call that ``module``'s forward makes to ``observer`` as layer ``layer`` (hooks undone by
-    ``patcher``): a pre-hook enters a thread-local :func:`sdpa_observer`, a hook leaves it and raises
-    ``unobservable()`` if the forward made no SDPA call. The forward runs as stock."""
+    ``patcher``; :func:`intercept_sdpa` with a :func:`sdpa_observer`). The forward runs as stock."""
+    intercept_sdpa(module, patcher, lambda: sdpa_observer(layer, observer), unobservable)
+
+
+def intercept_sdpa(module: torch.nn.Module, patcher: Any, make: Callable[[], SDPAIntercept],
+                   unreached: Callable[[], Exception]) -> None:
+    """Run every forward of ``module`` inside a fresh ``make()`` (hooks undone by ``patcher``): a pre-hook enters
+    it (thread-local), a hook leaves it and raises ``unreached()`` if the forward made no SDPA call."""
     active: PerThread[list[SDPAIntercept]] = PerThread(list)  # this thread's calls of the module, innermost last
 
     def enter(module: torch.nn.Module, args: tuple) -> None:
-        tap = sdpa_observer(layer, observer)
+        tap = make()
         tap.__enter__()
         active.get().append(tap)
 
@@ -130,7 +136,7 @@ def observe_sdpa(module: torch.nn.Module, patcher: Any, layer: int, observer: Ob
         tap = active.get().pop()
         tap.__exit__(None, None, None)
         if output is not None and tap.seen == 0:  # output is None when the forward raised
-            raise unobservable()
+            raise unreached()
 
     patcher.add_hook(module.register_forward_pre_hook(enter))
     patcher.add_hook(module.register_forward_hook(leave, always_call=True))
@@ -298,9 +304,13 @@ class StepCall(Protocol):
 
     Attributes:
         token_counts: the adapter appends the tokens entering each block.
+        origin: ``[B, N]`` for each current token, the index of the token of the first block's sequence it
+            keeps the position of (-1: a token fused from many, which has none); ``None`` while the tokens
+            are the caller's. Adapters of models with rotary or relative position embeddings follow it.
     """
 
     token_counts: list[int]
+    origin: Tensor | None
 
     def stock(self, layer: int, num_tokens: int) -> bool:
         """Whether block ``layer``, entered by ``num_tokens`` tokens, runs its stock forward in this call."""

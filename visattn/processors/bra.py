@@ -15,6 +15,10 @@ model's attention layers in place; ``timm.create_model(name, attn_layer="visattn
 ``import visattn``) or ``attn_layer=visattn.timm.bra(n_win=8, topk=4)`` builds it. Either way the
 parameter names are timm's, so checkpoints load unchanged (``lepe=True`` adds ``attn.lepe.*``).
 
+EVA-style attention (rotary embeddings inside the layer: EVA02, DINOv3, PE, the RoPE ViTs) keeps
+its class: its SDPA call, made with the rotated q and k, is answered with routed attention
+(``lepe=True`` is refused there). BEiT's relative position bias is refused.
+
 Regions of >= 64 tokens run on the block-sparse kernel (:mod:`visattn.kernels.block_sparse`, one
 kv block per region, nothing gathered); smaller ones gather their routed regions' keys and values
 and run fused SDPA. Options: ``n_win`` (7), ``topk`` (4; identity: ``n_win ** 2``, which runs timm's
@@ -279,14 +283,20 @@ class BRA(Method):
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
         super().check_target(target, options)
         check_topk(options["n_win"], options["topk"])
-        adapter("timm").plain_attention(target.model, self.name)
-        select_layers([n for n, _ in adapter("timm").attention_layers(target.model)], options["layers"], self.name)
-        if not getattr(target.model, "dynamic_img_size", False):
-            check_grid(adapter("timm").vit_grid(target.model), options["n_win"])
+        timm_fw = adapter("timm")
+        timm_fw.projected_attention(target.model, self.name)
+        layers = timm_fw.attention_layers(target.model)
+        chosen = select_layers([n for n, _ in layers], options["layers"], self.name)
+        if options["lepe"] and any(isinstance(layers[i][1], timm_fw.ROTARY) for i in chosen):
+            raise OptionError("bra: lepe=True needs timm.layers.Attention layers (it adds a convolution on v inside "
+                              "the layer); on the rotary attention of EVA-style models only lepe=False routes")
+        if not getattr(target.model, "dynamic_img_size", False) and not timm_fw.naflex(target.model):
+            check_grid(timm_fw.vit_grid(target.model), options["n_win"])
 
     def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> Handle:
         model, timm_fw = target.model, adapter("timm")
-        layers = select_layers([n for n, _ in timm_fw.attention_layers(model)], options["layers"], self.name)
+        modules = timm_fw.attention_layers(model)
+        layers = select_layers([n for n, _ in modules], options["layers"], self.name)
         cls = _configured(options["n_win"], options["topk"], options["lepe"], options["strict"],
                           int(getattr(model, "num_prefix_tokens", 0)))
         layouts: PerThread[dict[str, Any]] = PerThread(dict)
@@ -299,7 +309,11 @@ class BRA(Method):
                                                               dtype=weight.dtype))
             return {"_visattn_layout": layouts, "_visattn_on_routes": partial(handle.record, idx)}
 
-        timm_fw.swap_attention(model, patcher, layers, lambda idx, module: _swapped(type(module), cls), configure)
+        rotary = [i for i in layers if isinstance(modules[i][1], timm_fw.ROTARY)]
+        plain = [i for i in layers if i not in rotary]
+        timm_fw.swap_attention(model, patcher, plain, lambda idx, module: _swapped(type(module), cls), configure)
+        if rotary and options["topk"] < options["n_win"] ** 2:  # identity: timm's own attention
+            timm_fw.answer_sdpa(model, patcher, rotary, partial(_routed_sdpa, options, layouts, handle), "route")
 
         def set_layout(images: Tensor) -> None:
             grid = timm_fw.vit_grid(model, images.shape[-2:])
@@ -309,6 +323,26 @@ class BRA(Method):
 
         timm_fw.on_images(model, patcher, set_layout, self.name)
         return handle
+
+
+def _routed_sdpa(options: dict[str, Any], layouts: PerThread[dict[str, Any]], handle: BraHandle, layer: int,
+                 call: dict[str, Any]) -> Tensor:
+    """The SDPA call of a rotary (EVA-style) attention layer answered by routed attention: q and k arrive rotated,
+    k and v with as many heads as q (timm repeats grouped keys first)."""
+    q, k, v = call["query"], call["key"], call["value"]
+    if call.get("attn_mask") is not None or call.get("is_causal") or call.get("dropout_p", 0.0) > 0:
+        raise ShapeError("bra: attention masks, causal attention and attention dropout are not supported with "
+                         "routing (call model.eval() for inference)")
+    layout = layouts.get()
+    if layout.get("num_tokens") != q.shape[-2]:
+        raise ShapeError(f"bra: attention layer {layer} got {q.shape[-2]} tokens, the image gives "
+                         f"{layout.get('num_tokens')}")
+    scale = call.get("scale")
+    return bi_level_routing_attention(q, k, v, num_prefix=layout["num_prefix"], grid=layout["grid"],
+                                      n_win=options["n_win"], topk=options["topk"],
+                                      scale=q.shape[-1] ** -0.5 if scale is None else scale, strict=options["strict"],
+                                      on_routes=None if torch.compiler.is_compiling() else partial(handle.record,
+                                                                                                   layer))
 
 
 class BraHandle(Handle):

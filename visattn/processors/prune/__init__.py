@@ -32,7 +32,8 @@ class Prune(Method):
              "Transformers via Token Reorganizations' (EViT, ICLR 2022); on transformers vision-language models "
              "FastV, VTC-CLS, STAR, PLPHP and TransPrune (visattn.processors.prune.vlm)")
     frameworks = ("timm", "open_clip", "transformers")
-    families = {"timm": ("VisionTransformer", "VisionTransformerDistilled"), "open_clip": ("VisionTransformer",)}
+    families = {"timm": ("VisionTransformer", "VisionTransformerDistilled", "Eva", "NaFlexVit"),
+                "open_clip": ("VisionTransformer",)}
     options = (
         choice_option("strategy", "cls", ("cls", "fastv", "star", "plphp", "transprune"),
                       doc="how tokens are ranked: 'cls' = [CLS] attention (EViT; VTC-CLS on LLaVA); the others "
@@ -48,6 +49,8 @@ class Prune(Method):
     )
 
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
+        if target.framework == "timm":
+            vit_blocks(target)  # BEiT and other blocks: refused with the reason, before the family list
         super().check_target(target, options)
         if target.framework == "transformers":
             return vlm.check_target(target, options)
@@ -57,7 +60,8 @@ class Prune(Method):
                               f"transformers vision-language models")
         blocks = vit_blocks(target)
         select_layers([str(i) for i in range(len(blocks))], options["layers"], self.name)
-        if target.framework == "timm" and getattr(target.model, "cls_token", None) is None:
+        model = target.model  # NaFlexVit keeps its class token in its embeds
+        if target.framework == "timm" and getattr(getattr(model, "embeds", model), "cls_token", None) is None:
             raise UnsupportedModelError(
                 f"prune: strategy 'cls' ranks tokens by [CLS] attention, and this {target.family} has no class "
                 f"token (class_token=False)")

@@ -13,7 +13,9 @@ As for ``tome``, the stock modules keep running: :class:`PruneStep` is the block
 and open_clip adapters run between a block's attention and its MLP
 (:func:`visattn.frameworks.base.step_blocks`, which also supplies q and k), and boolean key masks
 (``[B, 1, 1, N]``, True = attend) follow the kept tokens. Works on timm ``VisionTransformer`` models
-(DeiT distilled too: its class and distillation tokens are both kept) and open_clip visual towers.
+(DeiT distilled too: its class and distillation tokens are both kept), EVA-style timm models (rotary
+embeddings: the keys are ranked rotated, as attention used them; kept tokens keep their rotary entries,
+the fused token, which has no position, gets none) and open_clip visual towers.
 
 Options: ``strategy`` ("cls"), ``keep`` (fraction of image tokens kept at each chosen block, in
 (0, 1]; identity 1.0), ``layers`` (None = EViT's schedule: blocks depth/4, depth/2 and 3*depth/4,
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...core.merge import cls_attention, keep_top_and_fuse, key_mask, num_kept
+from ...core.merge import cls_attention, follow_origin, keep_top_and_fuse, key_mask, num_kept
 from ...errors import ShapeError
 from ...frameworks import Target
 from ...frameworks.base import PerThread, step_blocks, vit_blocks
@@ -62,6 +64,7 @@ class PruneCall:
     def __init__(self, prune: PruneStep, attn_mask: Tensor | None) -> None:
         self.prune = prune
         self.current_mask = attn_mask
+        self.origin: Tensor | None = None
         self.token_counts: list[int] = []
 
     def stock(self, layer: int, num_tokens: int) -> bool:
@@ -85,6 +88,10 @@ class PruneCall:
         select = keep_top_and_fuse(importance, num_kept(self.prune.keep, n - num_prefix), num_prefix=num_prefix)
         if valid is not None:
             self.current_mask = (select(valid[..., None].float())[..., 0] > 0)[:, None, None, :]
+        if hasattr(select, "kept"):  # the fused token has no position: origin -1
+            prefix = torch.arange(num_prefix, device=x.device).expand(x.shape[0], -1)
+            origin = follow_origin(self.origin, torch.cat([prefix, select.kept + num_prefix], dim=1), n)
+            self.origin = torch.cat([origin, origin.new_full((x.shape[0], 1), -1)], dim=1)
         return select(x)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...errors import OptionError, UnsupportedModelError
+from ...errors import OptionError
 from ...frameworks import Target
 from ...frameworks.base import vit_blocks
 from ...options import Option, bool_option
@@ -42,7 +42,8 @@ class Tome(Method):
     summary = "merge similar tokens between attention and MLP (bipartite soft matching, proportional attention)"
     paper = "Bolya et al., 2023, 'Token Merging: Your ViT But Faster' (ICLR 2023)"
     frameworks = ("timm", "open_clip", "diffusers")
-    families = {"timm": ("VisionTransformer", "VisionTransformerDistilled"), "open_clip": ("VisionTransformer",),
+    families = {"timm": ("VisionTransformer", "VisionTransformerDistilled", "Eva", "NaFlexVit"),
+                "open_clip": ("VisionTransformer",),
                 "diffusers": diffusers.FAMILIES}
     options = tuple(o.scoped(frameworks=("timm", "open_clip")) for o in (
         Option("r", 8, "an int >= 0, an (r, inflect) pair with inflect in [-1, 1], or a list of ints >= 0",
@@ -56,11 +57,8 @@ class Tome(Method):
         if target.framework == "diffusers":
             super().check_target(target, options)
             return diffusers.check(target, options)
-        if target.framework == "timm" and target.family == "Eva":
-            raise UnsupportedModelError(
-                "tome does not support EVA-style timm models (timm.models.eva.Eva): their rotary position "
-                "embeddings are laid out per patch position, which merged tokens no longer have; supported "
-                "timm models: VisionTransformer (ViT, DeiT3, DINOv2-style with registers)")
+        if target.framework == "timm":
+            vit_blocks(target)  # BEiT and other blocks: refused with the reason, before the family list
         super().check_target(target, options)
         depth = len(vit_blocks(target))
         if isinstance(options["r"], list) and len(options["r"]) > depth:

@@ -16,10 +16,10 @@ timm and open_clip adapters run :class:`TomeStep`, the merge step, between each 
 and its MLP (:func:`visattn.frameworks.base.step_blocks`, which also supplies the keys), so
 LayerScale, q/k norms, register tokens, dynamic image sizes and boolean key masks (``[B, 1, 1, N]``,
 True = attend; padding tokens are never merged) keep working. Works on timm ``VisionTransformer``
-models (ViT, DeiT3, DeiT distilled, DINOv2-style with registers) and open_clip visual towers
+models (ViT, DeiT3, DeiT distilled, DINOv2-style with registers), EVA-style timm models (EVA02,
+DINOv3, PE, the RoPE ViTs: a group keeps the rotary entry of its destination, the token it merges
+into, and the merge metric is the keys as attention used them, rotated) and open_clip visual towers
 (``nn.MultiheadAttention``, replaced in merging blocks by the same projections through fused SDPA).
-EVA-style timm models (``timm.models.eva``) are refused: their rotary position embeddings are laid
-out per patch position, which a merged token no longer has.
 
 Options: ``r`` (tokens removed per layer: an int, an ``(r, inflect)`` pair or a per-layer list;
 identity 0), ``prop_attn`` (True), ``trace_source`` (False: record which patches each token holds,
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...core.merge import key_mask, log_size_bias, merge_wavg, parse_r
+from ...core.merge import follow_origin, key_mask, log_size_bias, merge_wavg, parse_r
 from ...errors import ShapeError
 from ...frameworks import Target
 from ...frameworks.base import PerThread, step_blocks, vit_blocks
@@ -78,6 +78,7 @@ class TomeCall:
         self.valid: Tensor | None = None
         self.size: Tensor | None = None
         self.source: Tensor | None = None
+        self.origin: Tensor | None = None
         self.token_counts: list[int] = []
 
     def stock(self, layer: int, num_tokens: int) -> bool:
@@ -116,6 +117,8 @@ class TomeCall:
             self.source = merge(self.source, "sum")
         if self.valid is not None:
             self.valid = merge(self.valid[..., None].float(), "sum")[..., 0] > 0
+        if hasattr(merge, "kept"):  # a group keeps its destination's position
+            self.origin = follow_origin(self.origin, merge.kept, n)
         x, self.size = merge_wavg(merge, x, self.size)
         return x
 
