@@ -24,6 +24,9 @@ Next to each speedup, its bound: the same model doing only the work the method l
   against BiFormer's own ``ops/bra_nchw.py``
   (``--biformer``: a copy of rayleizhu/BiFormer) on its NCHW channels-last input; peak memory of one call;
   bound: the layer without token mixing (projections and LePE; ``no_token_mixing``);
+- ``timm``: ToMe r=13 on timm models with positions inside attention (``--timm-models``: DINOv3-B/16 and
+  EVA02-B/14 with rotary embeddings, BEiT-B/16 with a relative position bias; their own image sizes), batch 256
+  fp16; bound as in ``vit``;
 - ``sdxl``: one SDXL UNet step at 1024 px, batch 8 fp16, ``tome`` scope="block" ratio 0.5 at both attention
   levels (``max_downsample=4``); bound: the
   merged layers run on the first N - r tokens (``benchmarks.diffusion.half_tokens``).
@@ -139,6 +142,7 @@ def drop_last_merges() -> contextlib.AbstractContextManager:
             return t[:, :keep]
 
         merge.size = (torch.ones(metric.shape[:2], device=metric.device) if size is None else size)[:, :keep]
+        merge.kept = torch.arange(keep, device=metric.device).expand(metric.shape[0], -1)  # positions follow
         return merge, None
 
     return patched(tome_vit, "bipartite_soft_matching", drop_last)
@@ -166,6 +170,40 @@ def part_vit(args: argparse.Namespace) -> list[dict]:
             row[f"{k}_speedup"] = ratios(row["stock"], row[k])
         log(f"{name} r={r}: tome {fmt(row['tome_speedup'])}; bound {fmt(row['bound_speedup'])}; "
             f"EViT {fmt(row['evit_speedup'])}; compile stats tome {row['tome'].get('compile')}")
+        rows.append(row)
+        del model
+        torch.cuda.empty_cache()
+    return rows
+
+
+TIMM_MODES = ("eager", "compiled")  # stock EVA-style models build their rotary tables from host tensors per call:
+# no CUDA graph captures them
+
+
+def part_timm(args: argparse.Namespace) -> list[dict]:
+    """ToMe r=13 on timm families with positions inside attention: EVA02-B/14 and DINOv3-B/16 (rotary
+    embeddings), BEiT-B/16 (relative position bias), at their own image sizes, against stock in each mode; bound
+    as in ``vit``."""
+    import timm
+
+    rows = []
+    for name in args.timm_models.split(","):
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False).cuda().half().eval()
+        x = torch.randn(args.batch, 3, *model.patch_embed.img_size, device="cuda", dtype=torch.float16)
+        run = lambda m, x=x: m(x)  # noqa: E731
+        with torch.inference_mode():
+            row: dict[str, Any] = {"model": name, "r": 13, "batch": args.batch,
+                                   "stock": in_modes(model, run, args.iters, TIMM_MODES)}
+            with applied(model, "tome", r=13) as handle:
+                row["tome"] = in_modes(model, run, args.iters, TIMM_MODES)
+                row["token_counts"] = handle.token_counts
+                with drop_last_merges():
+                    row["bound"] = in_modes(model, run, args.iters, TIMM_MODES)
+        for k in ("tome", "bound"):
+            row[f"{k}_speedup"] = ratios(row["stock"], row[k])
+        log(f"{name} r=13: tome {fmt(row['tome_speedup'])}; bound {fmt(row['bound_speedup'])}; "
+            f"compile stats tome {row['tome'].get('compile')}")
         rows.append(row)
         del model
         torch.cuda.empty_cache()
@@ -382,7 +420,8 @@ def part_bra(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-PARTS = {"vit": part_vit, "kernel": part_kernel, "wan": part_wan, "sdxl": part_sdxl, "bra": part_bra}
+PARTS = {"vit": part_vit, "kernel": part_kernel, "wan": part_wan, "sdxl": part_sdxl, "bra": part_bra,
+         "timm": part_timm}
 
 
 def main() -> None:
@@ -390,6 +429,8 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of: {', '.join(PARTS)}")
     parser.add_argument("--out", default="visattn_results/modes.json")
     parser.add_argument("--batch", type=int, default=256, help="ViT batch")
+    parser.add_argument("--timm-models", default="vit_base_patch16_dinov3,eva02_base_patch14_224,beit_base_patch16_224",
+                        help="part timm: timm models (12 blocks) for ToMe r=13")
     parser.add_argument("--sdxl-batch", type=int, default=8)
     parser.add_argument("--wan-variants", default="processor,backend,bound", help="of: processor, backend, bound")
     parser.add_argument("--iters", type=int, default=20)

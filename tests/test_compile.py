@@ -48,6 +48,16 @@ def _dinov3() -> tuple[torch.nn.Module, Callable[[torch.nn.Module], torch.Tensor
     return model, lambda m: m(x)
 
 
+def _beit() -> tuple[torch.nn.Module, Callable[[torch.nn.Module], torch.Tensor]]:
+    """BEiT: a relative position bias inside each attention layer."""
+    import timm
+
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=0, depth=3, embed_dim=64,
+                              num_heads=2, img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    return model, lambda m: m(x)
+
+
 def _clip() -> tuple[torch.nn.Module, Callable[[torch.nn.Module], torch.Tensor]]:
     model, x = tiny_clip(layers=4), torch.randn(2, 3, 32, 32)
     return model.visual, lambda m: m(x)
@@ -67,7 +77,8 @@ def _qwenimage_unpadded() -> tuple:
     return model, {**inputs, "encoder_hidden_states_mask": torch.ones_like(inputs["encoder_hidden_states_mask"])}
 
 
-MODELS = {"vit": _vit, "dinov3": _dinov3, "clip": _clip, "unet": _diffusers(td._unet), "sdxl": _diffusers(_sdxl),
+MODELS = {"vit": _vit, "dinov3": _dinov3, "beit": _beit, "clip": _clip, "unet": _diffusers(td._unet),
+          "sdxl": _diffusers(_sdxl),
           "pixart": _diffusers(td._pixart), "sd3": _diffusers(td._sd3), "flux": _diffusers(td._flux),
           "wan": _diffusers(td._wan), "ltx": _diffusers(tiny_dits.BUILDERS["ltx"]),
           "flux2": _diffusers(tiny_dits.BUILDERS["flux2"]), "qwenimage": _diffusers(_qwenimage_unpadded)}
@@ -81,6 +92,8 @@ CASES = [
     ("vit", "inspect", {}, 0, ""),
     ("dinov3", "tome", dict(r=3), 0, ""), ("dinov3", "prune", dict(keep=0.5, layers=[1]), 0, ""),
     ("dinov3", "bra", dict(n_win=2, topk=1), None if OLD_DYNAMO else 0, MODE_BREAKS),
+    ("beit", "tome", dict(r=3), None if OLD_DYNAMO else 0, MODE_BREAKS),
+    ("beit", "prune", dict(keep=0.5, layers=[1]), None if OLD_DYNAMO else 0, MODE_BREAKS),
     ("clip", "tome", dict(r=3), 0, ""), ("clip", "prune", dict(keep=0.5), 0, ""), ("clip", "inspect", {}, 0, ""),
     ("unet", "tome", dict(ratio=0.5), 0, ""), ("unet", "tome", dict(ratio=0.5, scope="block"), 0, ""),
     ("unet", "inspect", {}, 0, ""),

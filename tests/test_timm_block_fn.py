@@ -65,3 +65,30 @@ def test_block_fn_refuses_what_it_cannot_take():
         visattn.timm.prune_block(keep=0.0, layers=(1,))
     with pytest.raises(OptionError, match="num_prefix_tokens"):
         visattn.timm.tome_block(num_prefix_tokens=-1)
+
+
+@pytest.mark.parametrize("name, flag, says", [
+    ("vit_base_patch16_xp_224", "bra", r"ParallelScalingBlock blocks never build the attn_layer they are given"),
+    ("vit_pwee_patch16_reg1_gap_256", "bra", r"ParallelScalingBlock blocks never build the attn_layer"),
+    ("vit_dpwee_patch16_reg1_gap_256", "bra", r"DiffParallelScalingBlock blocks never build the attn_layer"),
+    ("vit_dwee_patch16_reg1_gap_256", "bra", r"changes the model's parameter names \(\d+ of the stock model's "
+                                             r"missing, e.g. blocks.0.attn.lambda_k1\): it replaces the stock "
+                                             r"model's Block blocks with DiffAttention"),
+    ("vit_base_patch16_xp_224", "tome", r"changes the model's parameter names .* replaces the stock model's "
+                                        r"ParallelScalingBlock blocks"),
+])
+def test_a_flag_the_model_would_ignore_or_rename_is_refused(name, flag, says):
+    """timm builds parallel-block ViTs without the attn_layer it is given, and lets attn_layer replace a model's own
+    DiffAttention: create_model refuses visattn's flags there instead of a silent stock or renamed model."""
+    value = dict(attn_layer="visattn_bra") if flag == "bra" else dict(block_fn=visattn.timm.tome_block(r=2))
+    with pytest.raises(OptionError, match=says):
+        timm.create_model(name, pretrained=False, depth=2, **value)
+    timm.create_model(name, pretrained=False, depth=2)  # without the flag: timm's own function, unchanged
+
+
+def test_flags_on_models_that_take_them_build_as_before():
+    lepe = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2,
+                             attn_layer=visattn.timm.bra(n_win=2, topk=1, lepe=True))
+    assert any(".attn.lepe." in k for k in lepe.state_dict())
+    naflex = timm.create_model("naflexvit_base_patch16_gap", pretrained=False, depth=2, attn_layer="visattn_bra")
+    assert all(isinstance(b.attn, visattn.processors.bra.timm_layer()) for b in naflex.blocks)

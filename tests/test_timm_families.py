@@ -7,6 +7,8 @@ tokens masked out)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import timm
 import torch
@@ -14,6 +16,7 @@ import torch
 import visattn
 from visattn.errors import ShapeError, UnsupportedModelError
 from visattn.frameworks import timm as adapter
+from visattn.frameworks.base import SDPAIntercept
 
 # tiny versions of each family (random weights): two blocks, 64-wide, 2 heads
 MODELS = {
@@ -24,6 +27,7 @@ MODELS = {
     "beit": ("beit_base_patch16_224", dict(img_size=64)),
 }
 ROTARY = ["eva02", "dinov3", "pe_core", "rope_vit", "rope_mixed"]
+POSITIONED = [*ROTARY, "beit"]  # position embeddings inside the attention: rotary, or BEiT's relative bias
 MODELS["rope_mixed"] = ("vit_base_patch16_rope_mixed_224", dict(img_size=64))  # rotary tables per layer and head
 
 
@@ -133,10 +137,11 @@ def test_a_fused_token_is_not_rotated() -> None:
     assert torch.equal(rotated[:, :, 1], q[:, :, 1]) and not torch.equal(rotated[:, :, 0], q[:, :, 0])
 
 
-@pytest.mark.parametrize("arch", ROTARY)
+@pytest.mark.parametrize("arch", POSITIONED)
 @pytest.mark.parametrize("method, identity, options", [("tome", dict(r=0), dict(r=3)),
                                                        ("prune", dict(keep=1.0), dict(keep=0.5, layers=[1, 2]))])
-def test_tome_and_prune_on_rotary_models(arch: str, method: str, identity: dict, options: dict) -> None:
+def test_tome_and_prune_on_models_with_positions_inside_attention(arch: str, method: str, identity: dict,
+                                                                  options: dict) -> None:
     model = _model(arch, depth=3)
     x = _image(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -165,10 +170,11 @@ def test_tome_and_prune_on_rotary_models(arch: str, method: str, identity: dict,
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("arch", ["eva02", "pe_core"])
+@pytest.mark.parametrize("arch", ["eva02", "pe_core", "beit"])
 def test_prune_ranks_tokens_by_the_attention_the_layer_computed(arch: str) -> None:
-    """EViT's importance on a rotary model uses the keys as attention used them (rotated): the tokens kept at the
-    first pruning block are the most attended by the class token in the stock model's map (inspect)."""
+    """EViT's importance on a rotary model uses the keys as attention used them (rotated), on BEiT the relative
+    position bias too: the tokens kept at the first pruning block are the most attended by the class token in the
+    stock model's map (inspect)."""
     model = _model(arch, depth=3)
     x = _image(model)
     npt, n_img = model.num_prefix_tokens, model.patch_embed.num_patches
@@ -186,13 +192,40 @@ def test_prune_ranks_tokens_by_the_attention_the_layer_computed(arch: str) -> No
     assert torch.equal(origin[:, npt:-1] - npt, expected) and (origin[:, -1] == -1).all()
 
 
-@pytest.mark.parametrize("method", ["tome", "prune"])
-def test_tome_and_prune_refuse_a_relative_position_bias(method: str) -> None:
+def test_a_token_subset_attends_under_beit_bias_as_the_full_sequence_with_the_rest_masked() -> None:
+    """The oracle for follow_bias: BEiT attention over some tokens, under the relative position bias of their
+    origins, equals attention over all tokens with the others masked out as keys, at the kept rows."""
     model = _model("beit")
-    with pytest.raises(UnsupportedModelError, match=r"\(BEiT\) adds a relative position bias inside each attention "
-                                                    r"layer, a table over every pair of the full grid's tokens"):
-        visattn.apply(model, method)
-    assert not visattn.applied(model)
+    block = model.blocks[1]
+    x = torch.randn(2, model.patch_embed.num_patches + 1, 64)
+    torch.manual_seed(2)
+    origin = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(16)[:7].sort().values])
+                          for _ in range(2)])
+    keys = torch.zeros(2, 17).scatter_(1, origin, 1.0).log()[:, None, None, :]  # 0 where kept, -inf elsewhere
+
+    def masked(call: dict) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(call["query"], call["key"], call["value"],
+                                                                attn_mask=call["attn_mask"] + keys)
+
+    with torch.no_grad():
+        with SDPAIntercept(masked):
+            full = block.attn(x)
+        with adapter._biased_sdpa(block, SimpleNamespace(origin=origin, mask=lambda dtype: None), None):
+            sub = block.attn(x.gather(1, origin[..., None].expand(-1, -1, 64)))
+    torch.testing.assert_close(sub, full.gather(1, origin[..., None].expand(-1, -1, 64)), atol=1e-5, rtol=1e-4)
+
+
+def test_beit_without_sdpa_is_refused_once_tokens_change() -> None:
+    model = _model("beit")
+    for _, m in adapter.attention_layers(model):
+        m.fused_attn = False
+    visattn.apply(model, "tome", r=2)
+    try:
+        with pytest.raises(UnsupportedModelError, match="BEiT attention computed without torch.nn.functional"):
+            with torch.no_grad():
+                model(_image(model))
+    finally:
+        visattn.remove(model)
 
 
 def test_bra_refuses_a_relative_position_bias() -> None:
@@ -203,9 +236,11 @@ def test_bra_refuses_a_relative_position_bias() -> None:
     assert not visattn.applied(model)
 
 
-def _naflex(arch: str = "naflexvit_base_patch16_radio_v3") -> torch.nn.Module:
+def _naflex(class_token: bool = True) -> torch.nn.Module:
+    """A NaFlexVit with a class token and seven registers (as RADIO's), or with neither."""
     torch.manual_seed(0)
-    return timm.create_model(arch, pretrained=False, num_classes=0, depth=3, embed_dim=64, num_heads=2).eval()
+    return timm.create_model("naflexvit_base_patch16_gap", pretrained=False, num_classes=0, depth=3, embed_dim=64,
+                             num_heads=2, class_token=class_token, reg_tokens=7 if class_token else 0).eval()
 
 
 @pytest.mark.parametrize("method, identity, options, counts", [
@@ -214,7 +249,7 @@ def _naflex(arch: str = "naflexvit_base_patch16_radio_v3") -> torch.nn.Module:
 ])
 def test_tome_and_prune_on_naflexvit_image_batches(method: str, identity: dict, options: dict,
                                                    counts: list[int]) -> None:
-    """NaFlexVit (radio_v3: a class token and seven registers) called with an image batch of any size: identity
+    """NaFlexVit (a class token and seven registers) called with an image batch of any size: identity
     bit-exact, tokens merged or pruned as on a ViT, remove() exact; its patch dictionaries are refused."""
     model = _naflex()
     x = torch.randn(2, 3, 64, 96)  # a 4 x 6 grid
@@ -240,14 +275,13 @@ def test_tome_and_prune_on_naflexvit_image_batches(method: str, identity: dict, 
 
 def test_prune_refuses_a_naflexvit_without_class_token() -> None:
     with pytest.raises(UnsupportedModelError, match="has no class token"):
-        visattn.apply(_naflex("naflexvit_base_patch16_gap"), "prune")
+        visattn.apply(_naflex(class_token=False), "prune")
 
 
 def test_bra_on_naflexvit_routes_the_grid_of_each_image_batch() -> None:
     from test_bra import _expected_mask
 
     from visattn.core import attention
-    from visattn.frameworks.base import SDPAIntercept
 
     model = _naflex()
     x = torch.randn(2, 3, 64, 128)  # a 4 x 8 grid

@@ -10,7 +10,11 @@ Importing this module registers ``attn_layer="visattn_bra"`` in timm's ``ATTN_LA
 
 The layers and blocks keep timm's parameter names, so ``pretrained=True`` checkpoints load unchanged, and
 give what ``visattn.apply`` gives with the same options; building the model without the flag builds the
-stock model.
+stock model. A model that would not use a flag (parallel blocks build their own attention), or whose parameter
+names the flag would change (``attn_layer`` over a model's own ``"diff"`` attention, ``block_fn`` over parallel
+blocks), is refused by ``timm.create_model`` with an :class:`~visattn.errors.OptionError`: importing this module
+wraps ``timm.create_model`` so that calls passing one of visattn's flags are checked (other calls run timm's
+function unchanged).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import OptionError
-from .frameworks.timm import block_fn_class, register_attn_layer
+from .frameworks.timm import block_fn_class, guard_factory, register_attn_layer
 from .options import validate_options
 from .processors.bra import bra, timm_layer
 from .processors.prune import Prune
@@ -29,6 +33,7 @@ from .processors.tome.vit import TomeStep
 __all__ = ["bra", "prune_block", "tome_block"]
 
 register_attn_layer("visattn_bra", timm_layer())
+guard_factory()
 
 
 def tome_block(r: int | list[int] = 8, *, prop_attn: bool = True, strict: bool = False,

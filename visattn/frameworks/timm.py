@@ -8,25 +8,34 @@ so checkpoints keep loading) through :func:`swap_attention`; methods that act be
 attention and its MLP (merging, pruning) get the block step of :func:`step_blocks`. Models can
 also be built with the factory flags ``attn_layer=`` (names registered in
 ``timm.models.vision_transformer.ATTN_LAYERS`` by :func:`register_attn_layer`).
+
+EVA-style attention (EVA02, DINOv3, PE, the RoPE ViTs) applies rotary embeddings and BEiT a relative
+position bias inside the layer: both are observed, and answered, at the layer's SDPA call
+(:func:`answer_sdpa`). Once a block step has merged or pruned tokens, each token keeps the position
+of its ``origin``: its rotary entry (:func:`follow_rope`) or its bias rows and columns
+(:func:`follow_bias`).
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import timm.layers
 import torch
 import torch.nn as nn
 from timm.layers import Attention, apply_rot_embed_cat
 from timm.models.beit import Attention as BeitAttention
+from timm.models.beit import Block as BeitBlock
 from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
 from timm.models.vision_transformer import Block
 
 from ..core.layout import TokenLayout
-from ..errors import ShapeError, UnsupportedModelError
+from ..errors import OptionError, ShapeError, UnsupportedModelError
 from ..patching import Patcher
 from .base import BlockStep, Observer, PerThread, SDPAIntercept, StepCall, intercept_sdpa, observe_sdpa, stepped_class
 
@@ -65,42 +74,54 @@ def _scaled(gamma: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return x if gamma is None else gamma * x
 
 
-# each block class whose forward the block step replaces: its attention half (with its residual) and its MLP half,
-# as its stock forward computes them; EVA-style blocks take the rotary embedding (rope) of the current tokens
-_HALVES: dict[type, tuple[Callable[..., torch.Tensor], Callable[[Any, torch.Tensor], torch.Tensor]]] = {
-    Block: (lambda b, x, mask, rope: x + b.drop_path1(b.ls1(b.attn(b.norm1(x), attn_mask=mask))),
-            lambda b, x: x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))),
-    EvaBlock: (lambda b, x, mask, rope: x + b.drop_path1(_scaled(b.gamma_1, b.attn(b.norm1(x), rope=rope,
-                                                                                     attn_mask=mask))),
-               lambda b, x: x + b.drop_path2(_scaled(b.gamma_2, b.mlp(b.norm2(x))))),
-    EvaBlockPostNorm: (lambda b, x, mask, rope: x + b.drop_path1(b.norm1(b.attn(x, rope=rope, attn_mask=mask))),
-                       lambda b, x: x + b.drop_path2(b.norm2(b.mlp(x)))),
+class _Kind(NamedTuple):
+    """A block class whose forward the block step replaces: its stock forward, its attention half (with the
+    residual) and its MLP half, as its forward computes them. ``extra`` is the rotary embedding of the current
+    tokens (EVA-style blocks) or BEiT's shared relative position bias."""
+
+    stock: Callable[[Any, torch.Tensor, torch.Tensor | None, bool, Any], torch.Tensor]
+    attend: Callable[[Any, torch.Tensor, torch.Tensor | None, Any], torch.Tensor]
+    feed: Callable[[Any, torch.Tensor], torch.Tensor]
+
+
+_KINDS: dict[type, _Kind] = {
+    Block: _Kind(lambda b, x, mask, causal, extra: Block.forward(b, x, attn_mask=mask, is_causal=causal),
+                 lambda b, x, mask, extra: x + b.drop_path1(b.ls1(b.attn(b.norm1(x), attn_mask=mask))),
+                 lambda b, x: x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))),
+    EvaBlock: _Kind(lambda b, x, mask, causal, rope: EvaBlock.forward(b, x, rope=rope, attn_mask=mask,
+                                                                        is_causal=causal),
+                    lambda b, x, mask, rope: x + b.drop_path1(_scaled(b.gamma_1, b.attn(b.norm1(x), rope=rope,
+                                                                                          attn_mask=mask))),
+                    lambda b, x: x + b.drop_path2(_scaled(b.gamma_2, b.mlp(b.norm2(x))))),
+    EvaBlockPostNorm: _Kind(lambda b, x, mask, causal, rope: EvaBlockPostNorm.forward(b, x, rope=rope, attn_mask=mask,
+                                                                                        is_causal=causal),
+                            lambda b, x, mask, rope: x + b.drop_path1(b.norm1(b.attn(x, rope=rope, attn_mask=mask))),
+                            lambda b, x: x + b.drop_path2(b.norm2(b.mlp(x)))),
+    BeitBlock: _Kind(lambda b, x, mask, causal, shared: BeitBlock.forward(b, x, shared_rel_pos_bias=shared),
+                     lambda b, x, mask, shared: x + b.drop_path1(_scaled(b.gamma_1, b.attn(
+                         b.norm1(x), shared_rel_pos_bias=shared))),
+                     lambda b, x: x + b.drop_path2(_scaled(b.gamma_2, b.mlp(b.norm2(x))))),
 }
 
 
 def vit_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The transformer blocks of a timm ``VisionTransformer``-style or EVA-style model, in execution order.
+    """The transformer blocks of a timm ``VisionTransformer``-style, EVA-style or BEiT model, in execution order.
 
     Only modules whose class is exactly ``timm.models.vision_transformer.Block`` (pre-norm, a timm ``Attention``,
-    optional LayerScale), ``EvaBlock`` or ``EvaBlockPostNorm`` (an ``EvaAttention``, rotary embeddings) count,
-    since methods that work between a block's attention and its MLP replace that block's ``forward``; raises if
-    there are none, or if some blocks are of another kind (``block_fn=`` variants).
+    optional LayerScale), ``EvaBlock`` or ``EvaBlockPostNorm`` (rotary embeddings) or BEiT's ``Block`` (a relative
+    position bias) count, since methods that work between a block's attention and its MLP replace that block's
+    ``forward``; raises if there are none, or if some blocks are of another kind (``block_fn=`` variants).
     """
     blocks = [(n, m) for n, m in model.named_modules()
-              if type(m) in _HALVES and isinstance(m.attn, (Attention, *ROTARY))]
+              if type(m) in _KINDS and isinstance(m.attn, (Attention, BeitAttention, *ROTARY))]
     others = sorted({type(m).__name__ for m in model.modules()
-                     if isinstance(m, (Block, EvaBlock, EvaBlockPostNorm)) and type(m) not in _HALVES})
-    if any(isinstance(m, BeitAttention) for m in model.modules()):
-        raise UnsupportedModelError(
-            f"the timm model {type(model).__name__} (BEiT) adds a relative position bias inside each attention "
-            f"layer, a table over every pair of the full grid's tokens, which merged or pruned tokens no longer "
-            f"form; supported: VisionTransformer models and EVA-style models (rotary embeddings)")
+                     if isinstance(m, tuple(_KINDS)) and type(m) not in _KINDS})
     if not blocks or others:
         found = f" (it has {', '.join(others)} blocks)" if others else ""
         raise UnsupportedModelError(
-            f"the timm model {type(model).__name__} is not built from timm.models.vision_transformer.Block or "
-            f"timm.models.eva.EvaBlock blocks{found}; supported: VisionTransformer models (ViT, DeiT, DeiT3, "
-            f"DINOv2-style with registers) and EVA-style models (EVA02, DINOv3, PE, the RoPE ViTs)")
+            f"the timm model {type(model).__name__} is not built from the blocks of timm's VisionTransformer, "
+            f"EVA-style models or BEiT{found}; supported: VisionTransformer models (ViT, DeiT, DeiT3, DINOv2-style "
+            f"with registers), EVA-style models (EVA02, DINOv3, PE, the RoPE ViTs) and BEiT")
     return blocks
 
 
@@ -118,6 +139,46 @@ def follow_rope(rope: torch.Tensor, origin: torch.Tensor, num_prefix: int) -> to
     index = torch.where(index < 0, emb.shape[2] - 1, index)
     emb = emb.expand(index.shape[0], -1, -1, -1)
     return emb.gather(2, index[:, None, :, None].expand(-1, emb.shape[1], -1, emb.shape[-1]))
+
+
+def follow_bias(bias: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+    """BEiT's relative position bias ``[b, H, N0, N0]`` of the first block's tokens taken at the current tokens,
+    ``[B, H, N, N]``: the row and column of each token's ``origin``; a token fused from many (origin -1) gets no
+    bias (0), as it has no position."""
+    batch, n = origin.shape
+    index = origin.clamp_min(0)
+    bias = bias.expand(batch, -1, -1, -1)
+    heads, n0 = bias.shape[1], bias.shape[-1]
+    rows = bias.gather(2, index[:, None, :, None].expand(-1, heads, -1, n0))
+    out = rows.gather(3, index[:, None, None, :].expand(-1, heads, n, -1))
+    fused = origin < 0
+    return out.masked_fill(fused[:, None, :, None] | fused[:, None, None, :], 0.0)
+
+
+def _biased_sdpa(block: nn.Module, call: StepCall, captured: dict[str, torch.Tensor] | None) -> SDPAIntercept:
+    """BEiT's attention once tokens have changed, or where the step reads it: the relative position bias it passes
+    SDPA taken at the current tokens (:func:`follow_bias`), plus the step's mask (ToMe's log sizes); q, k and that
+    bias kept in ``captured`` for the step."""
+    if not block.attn.fused_attn:
+        raise UnsupportedModelError(
+            "BEiT attention computed without torch.nn.functional.scaled_dot_product_attention (fused_attn=False; "
+            "TIMM_FUSED_ATTN=0 or timm.layers.set_fused_attn(False)) builds its relative position bias for the "
+            "full grid, which visattn takes at the current tokens only at the SDPA call")
+
+    def answer(args: dict[str, Any]) -> torch.Tensor:
+        q, k = args["query"], args["key"]
+        bias = args.get("attn_mask")
+        if bias is not None and call.origin is not None:
+            bias = follow_bias(bias, call.origin)
+        if captured is not None:
+            captured.update(q=q, k=k, bias=bias)
+        mask = call.mask(q.dtype)
+        if mask is not None:
+            bias = mask if bias is None else bias + mask
+        return torch.nn.functional.scaled_dot_product_attention(q, k, args["value"], attn_mask=bias,
+                                                                dropout_p=args.get("dropout_p", 0.0))
+
+    return SDPAIntercept(answer)
 
 
 def _no_sdpa(verb: str, idx: int, name: str, attn: nn.Module) -> UnsupportedModelError:
@@ -172,45 +233,63 @@ def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int],
 
 def _stepped_forward(self: Any, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                      is_causal: bool = False) -> torch.Tensor:
-    return _stepped_eva_forward(self, x, None, attn_mask, is_causal)
+    return _step_block(self, x, attn_mask, is_causal, None)
 
 
 def _stepped_eva_forward(self: Any, x: torch.Tensor, rope: torch.Tensor | None = None,
                          attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    return _step_block(self, x, attn_mask, is_causal, rope)
+
+
+def _stepped_beit_forward(self: Any, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+    return _step_block(self, x, None, False, shared_rel_pos_bias)
+
+
+_STEPPED = {Block: _stepped_forward, EvaBlock: _stepped_eva_forward, EvaBlockPostNorm: _stepped_eva_forward,
+            BeitBlock: _stepped_beit_forward}
+
+
+def _step_block(self: Any, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, extra: Any
+                ) -> torch.Tensor:
     step: BlockStep = self._visattn_step
     layer: int = self._visattn_layer
     calls: PerThread[StepCall] = self._visattn_calls
     call = calls.set(step.start(attn_mask)) if layer == 0 else calls.get()
     captured = self._visattn_qk.get() if "_visattn_qk" in self.__dict__ else {}
-    return _run_step(self, step, call, layer, captured, x, attn_mask, is_causal, rope)
+    return _run_step(self, step, call, layer, captured, x, attn_mask, is_causal, extra)
 
 
 def _run_step(self: Any, step: BlockStep, call: StepCall, layer: int, captured: dict[str, torch.Tensor],
-              x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-              rope: torch.Tensor | None = None) -> torch.Tensor:
-    """Block ``layer`` (``self``) of a forward with ``call``: stock, or attention, the step, then the MLP. An
-    EVA-style block gets the rotary embedding ``rope`` of the first block's tokens, and runs on the entries of its
-    current tokens (:func:`follow_rope`)."""
-    base = self._visattn_base
+              x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool, extra: Any = None) -> torch.Tensor:
+    """Block ``layer`` (``self``) of a forward with ``call``: stock, or attention, the step, then the MLP. Once
+    tokens have changed, an EVA-style block's rotary embedding (``extra``, of the first block's tokens) is taken at
+    the current tokens (:func:`follow_rope`), and a BEiT block's relative position bias at its SDPA call
+    (:func:`_biased_sdpa`)."""
+    kind = _KINDS[self._visattn_base]
     call.token_counts.append(x.shape[1])
+    stock = call.stock(layer, x.shape[1])
     npt = getattr(self.attn, "num_prefix_tokens", 0)
-    if rope is not None and call.origin is not None:
-        rope = follow_rope(rope, call.origin, npt)
-    extra = {} if base is Block else {"rope": rope}
-    if call.stock(layer, x.shape[1]):
-        return base.forward(self, x, attn_mask=call.mask(x.dtype), is_causal=is_causal, **extra)
-    if is_causal:
-        raise ShapeError(f"{step.method}: causal attention cannot follow {step.verb}d tokens")
-    attend, feed = _HALVES[base]
-    x = attend(self, x, call.mask(x.dtype), rope)
-    q, k = captured.pop("q", None), captured.pop("k", None)
-    if k is not None and rope is not None:  # the keys as attention used them: rotated (the prefix is not)
+    rotary = isinstance(self.attn, ROTARY)
+    if rotary and extra is not None and call.origin is not None:
+        extra = follow_rope(extra, call.origin, npt)
+    context, mask = nullcontext(), call.mask(x.dtype)
+    if isinstance(self.attn, BeitAttention) and (call.origin is not None or not stock):
+        context, mask = _biased_sdpa(self, call, None if stock else captured), None
+    with context:
+        if stock:
+            return kind.stock(self, x, mask, is_causal, extra)
+        if is_causal:
+            raise ShapeError(f"{step.method}: causal attention cannot follow {step.verb}d tokens")
+        x = kind.attend(self, x, mask, extra)
+    q, k, bias = captured.pop("q", None), captured.pop("k", None), captured.pop("bias", None)
+    if k is not None and rotary and extra is not None:  # the keys as attention used them: rotated (not the prefix)
         half = getattr(self.attn, "rotate_half", False)
-        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half).type_as(k)], dim=2)
+        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], extra, half=half).type_as(k)], dim=2)
     if q is not None and k is not None and k.shape[1] != q.shape[1]:  # grouped-query attention: a key per head
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    x = call.step(layer, x, q, k, self.attn.scale)
-    return feed(self, x)
+    x = call.step(layer, x, q, k, self.attn.scale, bias)
+    return kind.feed(self, x)
 
 
 def step_blocks(model: nn.Module, patcher: Patcher, step: BlockStep) -> PerThread[StepCall]:
@@ -224,11 +303,12 @@ def step_blocks(model: nn.Module, patcher: Patcher, step: BlockStep) -> PerThrea
         patcher.set_attr(block, "_visattn_step", step)
         patcher.set_attr(block, "_visattn_layer", layer)
         patcher.set_attr(block, "_visattn_calls", calls)
-        patcher.swap_class(block, stepped_class(type(block), _stepped_forward if type(block) is Block
-                                                else _stepped_eva_forward))
+        patcher.swap_class(block, stepped_class(type(block), _STEPPED[type(block)]))
         if step.captures(layer):
             captured: PerThread[dict[str, torch.Tensor]] = PerThread(dict)
             patcher.set_attr(block, "_visattn_qk", captured)
+            if isinstance(block.attn, BeitAttention):
+                continue  # read at its SDPA call (_biased_sdpa)
             for name in ("q", "k"):
                 def keep(module: nn.Module, args: tuple, out: torch.Tensor, name: str = name,
                          captured: PerThread = captured) -> None:
@@ -324,6 +404,81 @@ def register_attn_layer(name: str, cls: type) -> None:
     if not issubclass(cls, Attention):
         raise TypeError(f"{cls.__name__} must subclass timm.layers.Attention to keep timm's parameter names")
     vision_transformer.ATTN_LAYERS[name] = cls
+
+
+FLAGS = ("attn_layer", "block_fn")
+
+
+def _visattn_flag(value: Any) -> bool:
+    """Whether a factory flag's value is visattn's (a registered name, or a class visattn configured)."""
+    return (isinstance(value, str) and value.startswith("visattn_")) or \
+        (isinstance(value, type) and value.__module__.split(".")[0] == "visattn")
+
+
+def check_factory_flags(model_name: str, model: nn.Module, flags: dict[str, Any], build: Callable[..., nn.Module],
+                        kwargs: dict[str, Any]) -> None:
+    """Raise :class:`OptionError` unless ``model``, built by ``timm.create_model(model_name, **flags, **kwargs)``,
+    holds what each of visattn's ``flags`` names, and has the stock model's parameter names (the stock model is
+    built with ``build``, on the meta device where it can be; LePE's ``attn.lepe.*`` may be added). Some timm
+    models ignore ``attn_layer`` (parallel blocks build their own attention) or set their own
+    (``attn_layer="diff"``), and ``block_fn`` replaces whatever blocks a model has: both would be silent without
+    this check."""
+    from timm.models import vision_transformer
+
+    shown = ", ".join(f"{k}={v if isinstance(v, str) else v.__name__}" for k, v in flags.items())
+    for flag, value in flags.items():
+        cls = vision_transformer.ATTN_LAYERS.get(value) if isinstance(value, str) else value
+        if cls is None or not any(isinstance(m, cls) for m in model.modules()):
+            raise OptionError(
+                f"timm.create_model({model_name!r}, {shown}): this {type(model).__name__}'s {_built(model)} never "
+                f"build the {flag} they are given, so the model would be the stock one; use "
+                f"visattn.apply(model, ...) on the stock model, which serves it or says why not")
+    stock_kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained", "checkpoint_path")}
+    try:
+        with torch.device("meta"):  # no memory, no initialisation
+            stock = build(model_name, pretrained=False, **stock_kwargs)
+    except Exception:  # a model whose construction reads values (meta tensors have none): built on the CPU
+        stock = build(model_name, pretrained=False, **stock_kwargs)
+    names, stock_names = set(model.state_dict()), set(stock.state_dict())
+    missing, added = sorted(stock_names - names), sorted(n for n in names - stock_names if ".attn.lepe." not in n)
+    if missing or added:
+        changes = "; ".join(f"{len(found)} {what}, e.g. {found[0]}" for what, found in
+                            (("of the stock model's missing", missing), ("added", added)) if found)
+        raise OptionError(
+            f"timm.create_model({model_name!r}, {shown}) changes the model's parameter names ({changes}): it "
+            f"replaces the stock model's {_built(stock)}, so its checkpoints would not load; use "
+            f"visattn.apply(model, ...) on the stock model instead")
+
+
+def _built(model: nn.Module) -> str:
+    """What a timm model's blocks are, in words: their classes and their attention's."""
+    blocks = list(getattr(model, "blocks", ()))
+    attention = sorted({type(b.attn).__name__ for b in blocks if hasattr(b, "attn")})
+    return f"{', '.join(sorted({type(b).__name__ for b in blocks}))} blocks" + \
+        (f" with {', '.join(attention)}" if attention else "")
+
+
+def guard_factory() -> None:
+    """Make ``timm.create_model`` check visattn's factory flags (:func:`check_factory_flags`) whenever one is
+    passed; calls without them run timm's function unchanged. Done once, when ``visattn.timm`` is imported."""
+    import timm.models
+    import timm.models._factory as factory
+
+    stock = factory.create_model
+    if getattr(stock, "_visattn_checked", False):
+        return
+
+    @functools.wraps(stock)
+    def create_model(model_name: str, *args: Any, **kwargs: Any) -> nn.Module:
+        flags = {k: kwargs[k] for k in FLAGS if _visattn_flag(kwargs.get(k))}
+        model = stock(model_name, *args, **kwargs)
+        if flags:
+            check_factory_flags(model_name, model, flags, stock, {k: v for k, v in kwargs.items() if k not in flags})
+        return model
+
+    create_model._visattn_checked = True  # type: ignore[attr-defined]
+    for module in (timm, timm.models, factory):
+        module.create_model = create_model
 
 
 def vit_grid(model: nn.Module, image_size: tuple[int, int] | None = None) -> tuple[int, int]:

@@ -32,7 +32,7 @@ class Prune(Method):
              "Transformers via Token Reorganizations' (EViT, ICLR 2022); on transformers vision-language models "
              "FastV, VTC-CLS, STAR, PLPHP and TransPrune (visattn.processors.prune.vlm)")
     frameworks = ("timm", "open_clip", "transformers")
-    families = {"timm": ("VisionTransformer", "VisionTransformerDistilled", "Eva", "NaFlexVit"),
+    families = {"timm": ("VisionTransformer", "VisionTransformerDistilled", "Eva", "Beit", "NaFlexVit"),
                 "open_clip": ("VisionTransformer",)}
     options = (
         choice_option("strategy", "cls", ("cls", "fastv", "star", "plphp", "transprune"),
@@ -49,8 +49,6 @@ class Prune(Method):
     )
 
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
-        if target.framework == "timm":
-            vit_blocks(target)  # BEiT and other blocks: refused with the reason, before the family list
         super().check_target(target, options)
         if target.framework == "transformers":
             return vlm.check_target(target, options)

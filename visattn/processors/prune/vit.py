@@ -15,7 +15,9 @@ and open_clip adapters run between a block's attention and its MLP
 (``[B, 1, 1, N]``, True = attend) follow the kept tokens. Works on timm ``VisionTransformer`` models
 (DeiT distilled too: its class and distillation tokens are both kept), EVA-style timm models (rotary
 embeddings: the keys are ranked rotated, as attention used them; kept tokens keep their rotary entries,
-the fused token, which has no position, gets none) and open_clip visual towers.
+the fused token, which has no position, gets none), BEiT (the ranking includes its relative position
+bias, which follows the kept tokens), NaFlexVit image batches with a class token and open_clip visual
+towers.
 
 Options: ``strategy`` ("cls"), ``keep`` (fraction of image tokens kept at each chosen block, in
 (0, 1]; identity 1.0), ``layers`` (None = EViT's schedule: blocks depth/4, depth/2 and 3*depth/4,
@@ -73,8 +75,10 @@ class PruneCall:
     def mask(self, dtype: torch.dtype) -> Tensor | None:
         return self.current_mask
 
-    def step(self, layer: int, x: Tensor, q: Tensor | None, k: Tensor | None, scale: float) -> Tensor:
-        """Keep the most attended image tokens of ``x`` ``[B, N, C]``, fuse the rest (EViT)."""
+    def step(self, layer: int, x: Tensor, q: Tensor | None, k: Tensor | None, scale: float,
+             bias: Tensor | None = None) -> Tensor:
+        """Keep the most attended image tokens of ``x`` ``[B, N, C]``, fuse the rest (EViT); the class token's
+        attention includes the layer's ``bias``."""
         n, num_prefix = x.shape[1], self.prune.num_prefix
         valid = None
         if self.current_mask is not None:
@@ -82,15 +86,18 @@ class PruneCall:
                 valid = key_mask(self.current_mask, x.shape[0], n)
             except ShapeError as exc:
                 raise ShapeError(f"prune: {exc}") from None
-        bias = None if valid is None else torch.zeros(valid.shape, device=x.device).masked_fill(
-            ~valid, float("-inf"))[:, None, None, :]
+        bias = None if bias is None else bias[:, :, :1]
+        if valid is not None:
+            padding = torch.zeros(valid.shape, device=x.device).masked_fill(~valid, float("-inf"))[:, None, None, :]
+            bias = padding if bias is None else bias + padding
         importance = cls_attention(q[:, :, :1], k, scale, bias)[:, num_prefix:]
         select = keep_top_and_fuse(importance, num_kept(self.prune.keep, n - num_prefix), num_prefix=num_prefix)
         if valid is not None:
             self.current_mask = (select(valid[..., None].float())[..., 0] > 0)[:, None, None, :]
-        if hasattr(select, "kept"):  # the fused token has no position: origin -1
+        kept = getattr(select, "kept", None)  # (not hasattr: dynamo before torch 2.14 answers it False)
+        if kept is not None:  # the fused token has no position: origin -1
             prefix = torch.arange(num_prefix, device=x.device).expand(x.shape[0], -1)
-            origin = follow_origin(self.origin, torch.cat([prefix, select.kept + num_prefix], dim=1), n)
+            origin = follow_origin(self.origin, torch.cat([prefix, kept + num_prefix], dim=1), n)
             self.origin = torch.cat([origin, origin.new_full((x.shape[0], 1), -1)], dim=1)
         return select(x)
 

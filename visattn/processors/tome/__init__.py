@@ -42,7 +42,7 @@ class Tome(Method):
     summary = "merge similar tokens between attention and MLP (bipartite soft matching, proportional attention)"
     paper = "Bolya et al., 2023, 'Token Merging: Your ViT But Faster' (ICLR 2023)"
     frameworks = ("timm", "open_clip", "diffusers")
-    families = {"timm": ("VisionTransformer", "VisionTransformerDistilled", "Eva", "NaFlexVit"),
+    families = {"timm": ("VisionTransformer", "VisionTransformerDistilled", "Eva", "Beit", "NaFlexVit"),
                 "open_clip": ("VisionTransformer",),
                 "diffusers": diffusers.FAMILIES}
     options = tuple(o.scoped(frameworks=("timm", "open_clip")) for o in (
@@ -57,8 +57,6 @@ class Tome(Method):
         if target.framework == "diffusers":
             super().check_target(target, options)
             return diffusers.check(target, options)
-        if target.framework == "timm":
-            vit_blocks(target)  # BEiT and other blocks: refused with the reason, before the family list
         super().check_target(target, options)
         depth = len(vit_blocks(target))
         if isinstance(options["r"], list) and len(options["r"]) > depth:

@@ -18,7 +18,8 @@ LayerScale, q/k norms, register tokens, dynamic image sizes and boolean key mask
 True = attend; padding tokens are never merged) keep working. Works on timm ``VisionTransformer``
 models (ViT, DeiT3, DeiT distilled, DINOv2-style with registers), EVA-style timm models (EVA02,
 DINOv3, PE, the RoPE ViTs: a group keeps the rotary entry of its destination, the token it merges
-into, and the merge metric is the keys as attention used them, rotated) and open_clip visual towers
+into, and the merge metric is the keys as attention used them, rotated), BEiT (its relative position
+bias taken at the destinations, at the SDPA call), NaFlexVit image batches and open_clip visual towers
 (``nn.MultiheadAttention``, replaced in merging blocks by the same projections through fused SDPA).
 
 Options: ``r`` (tokens removed per layer: an int, an ``(r, inflect)`` pair or a per-layer list;
@@ -84,7 +85,8 @@ class TomeCall:
     def stock(self, layer: int, num_tokens: int) -> bool:
         return self.tome.r(layer) == 0 and not self.merged
 
-    def step(self, layer: int, x: Tensor, q: Tensor | None, k: Tensor | None, scale: float) -> Tensor:
+    def step(self, layer: int, x: Tensor, q: Tensor | None, k: Tensor | None, scale: float,
+             bias: Tensor | None = None) -> Tensor:
         r = self.tome.r(layer)
         return self.merge(x, k, r) if r > 0 else x
 
@@ -117,8 +119,9 @@ class TomeCall:
             self.source = merge(self.source, "sum")
         if self.valid is not None:
             self.valid = merge(self.valid[..., None].float(), "sum")[..., 0] > 0
-        if hasattr(merge, "kept"):  # a group keeps its destination's position
-            self.origin = follow_origin(self.origin, merge.kept, n)
+        kept = getattr(merge, "kept", None)  # (not hasattr: dynamo before torch 2.14 answers it False)
+        if kept is not None:  # a group keeps its destination's position
+            self.origin = follow_origin(self.origin, kept, n)
         x, self.size = merge_wavg(merge, x, self.size)
         return x
 
