@@ -148,66 +148,49 @@ def drop_last_merges() -> contextlib.AbstractContextManager:
     return patched(tome_vit, "bipartite_soft_matching", drop_last)
 
 
-def part_vit(args: argparse.Namespace) -> list[dict]:
+def tome_rows(args: argparse.Namespace, models: list[tuple[str, int]], modes: tuple[str, ...] = MODES,
+              evit: bool = False) -> list[dict]:
+    """ToMe at ``r`` on each timm model (random weights, fp16, batch ``args.batch``, its own image size) against
+    stock in each of ``modes``, with its bound (:func:`drop_last_merges`) and, with ``evit``, EViT keep 0.7."""
     import timm
 
     rows = []
-    for name, r in (("vit_base_patch16_224", 13), ("vit_large_patch16_224", 7)):
-        torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False).cuda().half().eval()
-        x = torch.randn(args.batch, 3, 224, 224, device="cuda", dtype=torch.float16)
-        run = lambda m, x=x: m(x)  # noqa: E731
-        with torch.inference_mode():
-            row: dict[str, Any] = {"model": name, "r": r, "batch": args.batch,
-                                   "stock": in_modes(model, run, args.iters)}
-            with applied(model, "tome", r=r):
-                row["tome"] = in_modes(model, run, args.iters)
-                with drop_last_merges():
-                    row["bound"] = in_modes(model, run, args.iters)
-            with applied(model, "prune", keep=0.7):  # adds no graph break (tests/test_compile.py); not compiled here
-                row["evit"] = in_modes(model, run, args.iters, ("eager", "graph"))
-        for k in ("tome", "bound", "evit"):
-            row[f"{k}_speedup"] = ratios(row["stock"], row[k])
-        log(f"{name} r={r}: tome {fmt(row['tome_speedup'])}; bound {fmt(row['bound_speedup'])}; "
-            f"EViT {fmt(row['evit_speedup'])}; compile stats tome {row['tome'].get('compile')}")
-        rows.append(row)
-        del model
-        torch.cuda.empty_cache()
-    return rows
-
-
-TIMM_MODES = ("eager", "compiled")  # stock EVA-style models build their rotary tables from host tensors per call:
-# no CUDA graph captures them
-
-
-def part_timm(args: argparse.Namespace) -> list[dict]:
-    """ToMe r=13 on timm families with positions inside attention: EVA02-B/14 and DINOv3-B/16 (rotary
-    embeddings), BEiT-B/16 (relative position bias), at their own image sizes, against stock in each mode; bound
-    as in ``vit``."""
-    import timm
-
-    rows = []
-    for name in args.timm_models.split(","):
+    for name, r in models:
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False).cuda().half().eval()
         x = torch.randn(args.batch, 3, *model.patch_embed.img_size, device="cuda", dtype=torch.float16)
         run = lambda m, x=x: m(x)  # noqa: E731
         with torch.inference_mode():
-            row: dict[str, Any] = {"model": name, "r": 13, "batch": args.batch,
-                                   "stock": in_modes(model, run, args.iters, TIMM_MODES)}
-            with applied(model, "tome", r=13) as handle:
-                row["tome"] = in_modes(model, run, args.iters, TIMM_MODES)
+            row: dict[str, Any] = {"model": name, "r": r, "batch": args.batch,
+                                   "stock": in_modes(model, run, args.iters, modes)}
+            with applied(model, "tome", r=r) as handle:
+                row["tome"] = in_modes(model, run, args.iters, modes)
                 row["token_counts"] = handle.token_counts
                 with drop_last_merges():
-                    row["bound"] = in_modes(model, run, args.iters, TIMM_MODES)
-        for k in ("tome", "bound"):
+                    row["bound"] = in_modes(model, run, args.iters, modes)
+            if evit:
+                with applied(model, "prune", keep=0.7):  # adds no graph break (tests/test_compile.py); not compiled
+                    row["evit"] = in_modes(model, run, args.iters, ("eager", "graph"))
+        for k in ("tome", "bound") + (("evit",) if evit else ()):
             row[f"{k}_speedup"] = ratios(row["stock"], row[k])
-        log(f"{name} r=13: tome {fmt(row['tome_speedup'])}; bound {fmt(row['bound_speedup'])}; "
+        evit_text = f"; EViT {fmt(row['evit_speedup'])}" if evit else ""
+        log(f"{name} r={r}: tome {fmt(row['tome_speedup'])}; bound {fmt(row['bound_speedup'])}{evit_text}; "
             f"compile stats tome {row['tome'].get('compile')}")
         rows.append(row)
         del model
         torch.cuda.empty_cache()
     return rows
+
+
+def part_vit(args: argparse.Namespace) -> list[dict]:
+    return tome_rows(args, [("vit_base_patch16_224", 13), ("vit_large_patch16_224", 7)], evit=True)
+
+
+def part_timm(args: argparse.Namespace) -> list[dict]:
+    """ToMe r=13 on timm families with positions inside attention: EVA02-B/14 and DINOv3-B/16 (rotary
+    embeddings), BEiT-B/16 (relative position bias), at their own image sizes, against stock in each mode; bound
+    as in ``vit``. No CUDA graphs: stock EVA-style models build their rotary tables from host tensors per call."""
+    return tome_rows(args, [(name, 13) for name in args.timm_models.split(",")], ("eager", "compiled"))
 
 
 def fmt(speedups: dict[str, float]) -> str:

@@ -137,14 +137,10 @@ def test_a_fused_token_is_not_rotated() -> None:
     assert torch.equal(rotated[:, :, 1], q[:, :, 1]) and not torch.equal(rotated[:, :, 0], q[:, :, 0])
 
 
-@pytest.mark.parametrize("arch", POSITIONED)
-@pytest.mark.parametrize("method, identity, options", [("tome", dict(r=0), dict(r=3)),
-                                                       ("prune", dict(keep=1.0), dict(keep=0.5, layers=[1, 2]))])
-def test_tome_and_prune_on_models_with_positions_inside_attention(arch: str, method: str, identity: dict,
-                                                                  options: dict) -> None:
-    model = _model(arch, depth=3)
-    x = _image(model)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+def _identity_then_run(model: torch.nn.Module, x: torch.Tensor, method: str, identity: dict,
+                       options: dict) -> tuple[torch.Tensor, torch.Tensor, visattn.Handle]:
+    """The stock output; ``method`` at its ``identity`` options checked bit-exact and removed; then applied with
+    ``options`` (left applied): its output and handle."""
     with torch.no_grad():
         stock = model(x)
     visattn.apply(model, method, **identity)
@@ -153,7 +149,18 @@ def test_tome_and_prune_on_models_with_positions_inside_attention(arch: str, met
     visattn.remove(model)
     handle = visattn.apply(model, method, **options)
     with torch.no_grad():
-        out = model(x)
+        return stock, model(x), handle
+
+
+@pytest.mark.parametrize("arch", POSITIONED)
+@pytest.mark.parametrize("method, identity, options", [("tome", dict(r=0), dict(r=3)),
+                                                       ("prune", dict(keep=1.0), dict(keep=0.5, layers=[1, 2]))])
+def test_tome_and_prune_on_models_with_positions_inside_attention(arch: str, method: str, identity: dict,
+                                                                  options: dict) -> None:
+    model = _model(arch, depth=3)
+    x = _image(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    stock, out, handle = _identity_then_run(model, x, method, identity, options)
     n = model.num_prefix_tokens + model.patch_embed.num_patches
     n_img = model.patch_embed.num_patches
     if method == "tome":
@@ -253,15 +260,7 @@ def test_tome_and_prune_on_naflexvit_image_batches(method: str, identity: dict, 
     bit-exact, tokens merged or pruned as on a ViT, remove() exact; its patch dictionaries are refused."""
     model = _naflex()
     x = torch.randn(2, 3, 64, 96)  # a 4 x 6 grid
-    with torch.no_grad():
-        stock = model(x)
-    visattn.apply(model, method, **identity)
-    with torch.no_grad():
-        assert torch.equal(model(x), stock)
-    visattn.remove(model)
-    handle = visattn.apply(model, method, **options)
-    with torch.no_grad():
-        out = model(x)
+    stock, out, handle = _identity_then_run(model, x, method, identity, options)
     assert handle.token_counts == counts and out.shape == stock.shape and not torch.equal(out, stock)
     patches = {"patches": torch.randn(2, 24, 16 * 16 * 3), "patch_coord": torch.zeros(2, 24, 2, dtype=torch.long),
                "patch_valid": torch.ones(2, 24, dtype=torch.bool)}
