@@ -111,6 +111,8 @@ def test_errors():
         visattn.apply(model, "bra", topk=0)
     with pytest.raises(UnsupportedModelError):
         visattn.apply(timm.create_model("resnet10t", pretrained=False), "bra")
+    with pytest.raises(UnsupportedModelError, match="bra does not support the timm model PoolingVisionTransformer"):
+        visattn.apply(timm.create_model("pit_ti_224", pretrained=False), "bra", n_win=3, topk=2)  # grids pooled
     with pytest.raises(OptionError, match="topk must be"):
         visattn.timm.bra(n_win=2, topk=9)
     assert visattn.applied(model) == []

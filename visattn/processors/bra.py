@@ -272,6 +272,8 @@ class BRA(Method):
     summary = "bi-level routing attention: each region attends to its top-k regions"
     paper = "Zhu et al., BiFormer: Vision Transformer with Bi-Level Routing Attention, CVPR 2023 (Eqs. 3-7)"
     frameworks = ("timm",)
+    # models whose attention layers all see one patch grid (PiT's stages pool it, so one n_win cannot fit them all)
+    families = {"timm": ("VisionTransformer", "VisionTransformerDistilled", "Eva", "NaFlexVit")}
     options = (
         int_option("n_win", 7, low=1, doc="regions per side of the patch grid"),
         int_option("topk", 4, low=1, doc="regions each region attends to (identity: n_win ** 2)"),
@@ -281,10 +283,11 @@ class BRA(Method):
     )
 
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
+        if target.framework == "timm":  # BEiT: refused with the reason, before the family list
+            adapter("timm").projected_attention(target.model, self.name)
         super().check_target(target, options)
         check_topk(options["n_win"], options["topk"])
         timm_fw = adapter("timm")
-        timm_fw.projected_attention(target.model, self.name)
         layers = timm_fw.attention_layers(target.model)
         chosen = select_layers([n for n, _ in layers], options["layers"], self.name)
         if options["lepe"] and any(isinstance(layers[i][1], timm_fw.ROTARY) for i in chosen):
