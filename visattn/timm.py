@@ -14,7 +14,8 @@ stock model. A model that would not use a flag (parallel blocks build their own 
 names the flag would change (``attn_layer`` over a model's own ``"diff"`` attention, ``block_fn`` over parallel
 blocks), is refused by ``timm.create_model`` with an :class:`~visattn.errors.OptionError`: importing this module
 wraps ``timm.create_model`` so that calls passing one of visattn's flags are checked (other calls run timm's
-function unchanged).
+function unchanged). A ``create_model`` bound before visattn was imported (``from timm import create_model``) is
+timm's own, and unchecked.
 """
 
 from __future__ import annotations
