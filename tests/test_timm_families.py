@@ -26,9 +26,11 @@ MODELS = {
     "rope_vit": ("vit_base_patch16_rope_224", dict(img_size=64)),
     "beit": ("beit_base_patch16_224", dict(img_size=64)),
 }
-ROTARY = ["eva02", "dinov3", "pe_core", "rope_vit", "rope_mixed"]
+ROTARY = ["eva02", "dinov3", "pe_core", "rope_vit", "rope_mixed", "naflex_rope"]
 POSITIONED = [*ROTARY, "beit"]  # position embeddings inside the attention: rotary, or BEiT's relative bias
 MODELS["rope_mixed"] = ("vit_base_patch16_rope_mixed_224", dict(img_size=64))  # rotary tables per layer and head
+MODELS["naflex_rope"] = ("naflexvit_base_patch16_gap",  # NaFlexVit with EVA-style blocks and mixed rotary tables
+                         dict(class_token=True, reg_tokens=3, rope_type="mixed", pos_embed="none"))
 
 
 def _model(name: str, depth: int = 2) -> torch.nn.Module:
@@ -40,10 +42,11 @@ def _model(name: str, depth: int = 2) -> torch.nn.Module:
 
 def _image(model: torch.nn.Module) -> torch.Tensor:
     torch.manual_seed(1)
-    return torch.randn(2, 3, *model.patch_embed.img_size)
+    size = model.patch_embed.img_size if hasattr(model, "patch_embed") else (64, 96)  # NaFlexVit: any size
+    return torch.randn(2, 3, *size)
 
 
-@pytest.fixture(params=[n for n in MODELS if n != "rope_mixed"])
+@pytest.fixture(params=[n for n in MODELS if n not in ("rope_mixed", "naflex_rope")])
 def name(request: pytest.FixtureRequest) -> str:
     return request.param
 
@@ -125,6 +128,11 @@ def test_a_token_subset_attends_as_the_full_sequence_with_the_rest_masked(arch: 
                          rope=adapter.follow_rope(rope, origin, npt))
     torch.testing.assert_close(sub, full.gather(1, origin[..., None].expand(-1, -1, full.shape[-1])),
                                atol=1e-5, rtol=1e-4)
+    per_sample = rope.reshape((1,) * (4 - rope.dim()) + tuple(rope.shape)).expand(2, -1, -1, -1)  # patch dropout's
+    with torch.no_grad():
+        sub_per_sample = block.attn(block.norm1(x.gather(1, origin[..., None].expand(-1, -1, x.shape[-1]))),
+                                    rope=adapter.follow_rope(per_sample, origin, npt))
+    torch.testing.assert_close(sub_per_sample, sub)
 
 
 def test_a_fused_token_is_not_rotated() -> None:
@@ -161,8 +169,8 @@ def test_tome_and_prune_on_models_with_positions_inside_attention(arch: str, met
     x = _image(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     stock, out, handle = _identity_then_run(model, x, method, identity, options)
-    n = model.num_prefix_tokens + model.patch_embed.num_patches
-    n_img = model.patch_embed.num_patches
+    n = handle.token_counts[0]
+    n_img = n - model.num_prefix_tokens
     if method == "tome":
         expected = [n, n - 3, n - 6]
     else:
