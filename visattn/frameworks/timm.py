@@ -18,11 +18,10 @@ of its ``origin``: its rotary entry (:func:`follow_rope`) or its bias rows and c
 
 from __future__ import annotations
 
-import functools
 import weakref
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from functools import partial
+from functools import partial, wraps
 from typing import Any, NamedTuple
 
 import timm.layers
@@ -468,7 +467,7 @@ def guard_factory() -> None:
     if getattr(stock, "_visattn_checked", False):
         return
 
-    @functools.wraps(stock)
+    @wraps(stock)
     def create_model(model_name: str, *args: Any, **kwargs: Any) -> nn.Module:
         flags = {k: kwargs[k] for k in FLAGS if _visattn_flag(kwargs.get(k))}
         model = stock(model_name, *args, **kwargs)
