@@ -16,6 +16,13 @@ the call the stock diffusers processors make) measured in the same run:
 
     PYTHONPATH=. python3 -m benchmarks.video --out benchmarks/results/video.json
     PYTHONPATH=. python3 -m benchmarks.video --smoke   # tiny shapes on the CPU (reference path)
+
+``--rules`` runs only the attention rows of the routing rules of issue 21 (``RULE_CASES``: XAttention's
+antidiagonal scores, the token permutations, GNA's strided and dilated windows, beside plain tile_topk and
+sliding_tile) at Wan's shape, 10 repetitions, eager. For tile_topk rows ``route_ms`` is the rule's routing
+alone (antidiagonal scoring included) and ``overhead_ms`` all but the kernel (a permutation included):
+
+    PYTHONPATH=. python3 -m benchmarks.video --rules --out benchmarks/results/video_routing.json
 """
 
 from __future__ import annotations
@@ -64,6 +71,19 @@ ATTENTION_CASES = [
         "sliding_tile 3x5x9": dict(strategy="sliding_tile", window=(3, 5, 9)),
         "grat criss_cross": dict(strategy="grat", grat_pattern="criss_cross")}),
 ]
+RULES = {
+    "tile_topk keep=0.10": dict(keep=0.1),
+    "tile_topk keep=0.10 antidiagonal": dict(keep=0.1, score="antidiagonal"),
+    "tile_topk keep=0.10 permute=importance": dict(keep=0.1, permute="importance"),
+    "tile_topk keep=0.10 permute=cluster": dict(keep=0.1, permute="cluster"),
+    "sliding_tile 3x3x7": dict(strategy="sliding_tile", window=(3, 3, 7)),
+    "sliding_tile 3x3x7 stride 1x3x7 (blocked w)": dict(strategy="sliding_tile", window=(3, 3, 7),
+                                                        window_stride=(1, 3, 7)),
+    "sliding_tile 3x3x7 dilation 1x1x2": dict(strategy="sliding_tile", window=(3, 3, 7), window_dilation=(1, 1, 2)),
+}
+RULE_CASES = [("wan_1.3b_480p", 12, (21, 30, 52), 0, RULES)]
+SMOKE_RULE_CASES = [("tiny_video", 2, (4, 8, 8), 0, {name: dict(options, tile=(2, 4, 4)) for name, options
+                                                      in RULES.items() if options.get("strategy") != "sliding_tile"})]
 SMOKE_ATTENTION_CASES = [("tiny_video", 2, (5, 6, 10), 7, {"tile_topk keep=0.25": dict(keep=0.25, tile=(2, 4, 4)),
                                                            "rectified keep=0.25": dict(strategy="rectified", keep=0.25,
                                                                                        tile=(2, 4, 4))})]
@@ -238,12 +258,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    parser.add_argument("--rules", action="store_true", help="only the attention rows of issue 21's routing rules")
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     reps = 2 if args.smoke else 20
     results: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                                "torch": torch.__version__, "dtype": str(dtype)}
+    if args.rules:
+        results["rows"] = attention_rows(SMOKE_RULE_CASES if args.smoke else RULE_CASES, device, dtype,
+                                         2 if args.smoke else 10)
+        write(results, args.out)
+        return
     results["kernel_check"] = kernel_check(device)
     results["attention"] = attention_rows(SMOKE_ATTENTION_CASES if args.smoke else ATTENTION_CASES, device, dtype,
                                           reps)
@@ -262,10 +288,15 @@ def main() -> None:
                 row["fraction_of_bound"] = row["speedup"] / row["bound"]
                 row["fraction_of_possible_gain"] = (row["speedup"] - 1.0) / (row["bound"] - 1.0)
     results["wan_forward"] = fwd
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1))
-        print(f"wrote {args.out}")
+    write(results, args.out)
+
+
+def write(results: dict[str, Any], out: Path | None) -> None:
+    """``results`` as JSON at ``out`` (if given)."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

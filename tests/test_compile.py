@@ -85,6 +85,8 @@ MODELS = {"vit": _vit, "dinov3": _dinov3, "beit": _beit, "clip": _clip, "unet": 
 
 # (model, method, options, graph breaks beyond stock's allowed, why)
 FLUX_GRID = "Flux's grid is read from img_ids on the host"
+STATIC_LISTS = ("sliding_tile's block lists are built on the host the first time a grid is seen (their width and "
+                "whether they list every block), three breaks per layer while none is kept; GNA options add none")
 MODE_BREAKS = "dynamo < 2.14 breaks on Tensor methods inside the SDPA-intercepting TorchFunctionMode"
 CASES = [
     ("vit", "tome", dict(r=3), 0, ""), ("vit", "tome", dict(r=3, trace_source=True), 0, ""),
@@ -104,6 +106,12 @@ CASES = [
     ("flux", "isolation", {}, 2, FLUX_GRID),
     ("flux", "sparse_video", dict(keep=0.5, tile=(1, 2), install="attention_backend"), 2, FLUX_GRID),
     ("wan", "sparse_video", dict(keep=0.5, tile=(1, 2, 2), install="attention_backend"), 0, ""),
+    ("wan", "sparse_video", dict(keep=0.5, tile=(1, 2, 2), score="antidiagonal", stride=2, permute="cluster",
+                                 install="attention_backend"), 0, ""),
+    ("wan", "sparse_video", dict(keep=0.5, tile=(1, 2, 2), permute="importance", install="attention_backend"), 0, ""),
+    *[("wan", "sparse_video", dict(strategy="sliding_tile", tile=(1, 2, 2), window=(1, 2, 2), **gna,
+                                   install="attention_backend"), 6, STATIC_LISTS)
+      for gna in ({}, dict(window_stride=(1, 2, 1), window_dilation=(1, 1, 2)))],
     ("wan", "sparse_video", dict(keep=0.5, tile=(1, 2, 2)), None if OLD_DYNAMO else 0, MODE_BREAKS),
     ("wan", "inspect", {}, None if OLD_DYNAMO else 0, MODE_BREAKS),
     ("flux", "inspect", {}, None if OLD_DYNAMO else 0, MODE_BREAKS),

@@ -7,6 +7,7 @@ import torch
 
 from visattn.core.attention import check_block_lists
 from visattn.core.routing import (
+    antidiagonal_scores,
     block_scores,
     diagonal_blocks,
     pool_blocks,
@@ -37,6 +38,44 @@ def test_block_scores_match_the_pooled_affinity_and_share_grouped_kv_heads():
     torch.testing.assert_close(scores[:, 3], q[:, 3] @ k[:, 1].transpose(-1, -2) * 0.5)
     with pytest.raises(ShapeError, match="multiple of kv heads"):
         block_scores(q, torch.randn(1, 3, 5, 16))
+
+
+def _antidiagonal_mass(q: torch.Tensor, k: torch.Tensor, block: int, stride: int, scale: float) -> torch.Tensor:
+    """XAttention's block mass by its definition, one S x S square at a time (zeros past the ends)."""
+    n, nk = q.shape[2], k.shape[2]
+    groups_q, groups_k = -(-n // stride), -(-nk // stride)
+    qp = torch.cat([q, q.new_zeros(*q.shape[:2], groups_q * stride - n, q.shape[3])], dim=2)
+    kp = torch.cat([k, k.new_zeros(*k.shape[:2], groups_k * stride - nk, k.shape[3])], dim=2)
+    sums = torch.zeros(*q.shape[:2], groups_q, groups_k)
+    for r in range(groups_q):
+        for c in range(groups_k):
+            for s in range(stride):  # lower left to upper right
+                sums[:, :, r, c] += (qp[:, :, r * stride + stride - 1 - s] * kp[:, :, c * stride + s]).sum(-1)
+    p = (sums * scale / stride).softmax(-1)
+    mass = torch.zeros(*q.shape[:2], -(-n // block), -(-nk // block))
+    for r in range(groups_q):
+        for c in range(groups_k):
+            mass[:, :, r * stride // block, c * stride // block] += p[:, :, r, c]
+    return mass
+
+
+@pytest.mark.parametrize("n, nk, block, stride", [(64, 64, 16, 4), (70, 53, 16, 8), (37, 37, 8, 8)])
+def test_antidiagonal_scores_are_the_log_mass_of_strided_antidiagonals(n, nk, block, stride):
+    q, k = torch.randn(2, 3, n, 8), torch.randn(2, 3, nk, 8)
+    scores = antidiagonal_scores(q, k, block, stride, scale=0.5)
+    torch.testing.assert_close(scores.exp(), _antidiagonal_mass(q, k, block, stride, 0.5), rtol=1e-5, atol=1e-6)
+    chunked = antidiagonal_scores(q, k, block, stride, scale=0.5, max_elements=64)  # one query block at a time
+    torch.testing.assert_close(chunked, scores, rtol=1e-5, atol=1e-5)
+    # each query block's mass sums to its number of query groups
+    torch.testing.assert_close(scores.exp().sum(-1)[0, 0, 0], torch.tensor(block / stride))
+
+
+def test_antidiagonal_scores_share_grouped_kv_heads_and_check_the_stride():
+    q, k = torch.randn(1, 4, 32, 8), torch.randn(1, 2, 32, 8)
+    grouped, alone = antidiagonal_scores(q, k, 8, 4), antidiagonal_scores(q[:, 3:], k[:, 1:], 8, 4)
+    torch.testing.assert_close(grouped[:, 3], alone[:, 0])
+    with pytest.raises(ShapeError, match=r"the stride \(3\) must divide the block \(8 tokens\)"):
+        antidiagonal_scores(q, k, 8, 3)
 
 
 def test_select_topk_picks_the_highest_scores_and_forced_blocks():

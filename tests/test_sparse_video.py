@@ -24,6 +24,9 @@ from visattn.processors.sparse_video import (  # noqa: E402
     route_blocks,
     sparse_video_attention,
 )
+from visattn.processors.sparse_video.permutation import token_orders  # noqa: E402
+from visattn.processors.sparse_video.recall import RecallMeter, attention_recall  # noqa: E402
+from visattn.processors.sparse_video.routing import tile_relation  # noqa: E402
 
 FAMILIES = ["wan", "cogvideox", "hunyuanvideo", "flux", "sd3"]
 
@@ -41,7 +44,9 @@ def _small_tile(grid: tuple[int, ...]) -> tuple[int, ...]:
 
 IDENTITY = [dict(strategy="tile_topk", keep=1.0), dict(strategy="tile_topk", top_p=1.0),
             dict(strategy="rectified", keep=1.0), dict(strategy="sliding_tile", window=(9, 9, 9)),
-            dict(strategy="grat", grat_radius=9)]
+            dict(strategy="grat", grat_radius=9), dict(keep=1.0, score="antidiagonal", permute="cluster"),
+            dict(top_p=1.0, score="antidiagonal", stride=4, permute="importance"),
+            dict(strategy="sliding_tile", window=(9, 9, 9), window_stride=2)]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -83,24 +88,33 @@ def test_sparse_strategies_run_on_every_family_and_change_only_self_attention(fa
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
                config: SparseVideoConfig, scale: float) -> torch.Tensor:
-    """Dense attention in raster order under the token mask of the routing decision (independent of the kernel)."""
+    """Dense attention in raster order under the token mask of the routing decision (independent of the kernel).
+
+    With ``permute``, routing sees each head's tokens in the orders of ``token_orders`` (block ``p // block`` holds
+    the token at position ``p`` of that order); the mask maps them back to raster tokens."""
     geo = geometry(layout.grid, layout.grid_start, layout.num_tokens, config.tile_for(layout.grid), q.device)
     ng = geo.num_grid
-    qp, kp = (t.index_select(2, geo.perm) for t in (q, k))
-    idx, cnt = route_blocks(qp[:, :, :ng], kp[:, :, :ng], config, geo, scale)
     b, h, n, _ = q.shape
+    qp, kp = (t.index_select(2, geo.perm) for t in (q, k))
+    qg, kg = qp[:, :, :ng], kp[:, :, :ng]
+    q_order = k_order = torch.arange(ng).expand(b, h, ng)
+    if config.permute != "none":
+        orders = token_orders(config.permute, qg, kg, geo.block, scale)
+        q_order = q_order if orders[0] is None else orders[0]
+        k_order = orders[1]
+        qg, kg = (t.gather(2, o[..., None].expand_as(t)) for t, o in ((qg, q_order), (kg, k_order)))
+    idx, cnt = route_blocks(qg, kg, config, geo, scale)
     idx, cnt = idx.expand(b, h, *idx.shape[2:]), cnt.expand(b, h, cnt.shape[-1])
-    blocks = torch.zeros(b, h, geo.num_blocks, geo.num_blocks, dtype=torch.bool)
+    mask = torch.ones(b, h, n, n, dtype=torch.bool)
+    grid_raster = geo.perm[:ng]  # tile position -> raster token
     for bi in range(b):
         for hi in range(h):
+            blocks = torch.zeros(geo.num_blocks, geo.num_blocks, dtype=torch.bool)
             for qb in range(geo.num_blocks):
-                blocks[bi, hi, qb, idx[bi, hi, qb, :cnt[bi, hi, qb]].long()] = True
-    block_of = torch.full((n,), -1)  # raster token -> its block (-1: text)
-    block_of[geo.perm[:ng]] = torch.arange(ng) // geo.block
-    grid_tok = block_of >= 0
-    mask = torch.ones(b, h, n, n, dtype=torch.bool)
-    gq, gk = grid_tok.nonzero().flatten(), grid_tok.nonzero().flatten()
-    mask[:, :, gq[:, None], gk[None, :]] = blocks[:, :, block_of[gq][:, None], block_of[gk][None, :]]
+                blocks[qb, idx[bi, hi, qb, :cnt[bi, hi, qb]].long()] = True
+            q_tok, k_tok = grid_raster[q_order[bi, hi]], grid_raster[k_order[bi, hi]]  # position p -> raster token
+            block_of = torch.arange(ng) // geo.block
+            mask[bi, hi, q_tok[:, None], k_tok[None, :]] = blocks[block_of[:, None], block_of[None, :]]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
@@ -112,13 +126,100 @@ JOINT = TokenLayout(num_tokens=7 + 3 * 6 * 10, grid=(3, 6, 10), grid_start=7, te
 @pytest.mark.parametrize("options", [dict(keep=0.1), dict(keep=0.3), dict(top_p=0.5),
                                      dict(strategy="sliding_tile", window=(1, 3, 1)),
                                      dict(strategy="sliding_tile", window=((1, 1, 1), (3, 1, 3))),
-                                     dict(strategy="grat", grat_pattern="criss_cross")],
-                         ids=["keep0.1", "keep0.3", "top_p0.5", "sliding", "sliding_per_head", "grat_cross"])
+                                     dict(strategy="grat", grat_pattern="criss_cross"),
+                                     dict(keep=0.3, score="antidiagonal"),
+                                     dict(top_p=0.5, score="antidiagonal", stride=4),
+                                     dict(keep=0.3, permute="importance"), dict(keep=0.3, permute="cluster"),
+                                     dict(keep=0.3, permute="cluster", score="antidiagonal"),
+                                     dict(strategy="sliding_tile", window=(1, 2, 2), window_stride=(1, 2, 1),
+                                          window_dilation=(1, 1, 2))],
+                         ids=["keep0.1", "keep0.3", "top_p0.5", "sliding", "sliding_per_head", "grat_cross",
+                              "antidiagonal", "antidiagonal_top_p", "permute_importance", "permute_cluster",
+                              "antidiagonal_permuted", "sliding_gna"])
 def test_routed_path_equals_dense_masked_reference(layout: TokenLayout, options: dict) -> None:
     config = SparseVideoConfig.from_options(tile=(2, 4, 4), **options)
     q, k, v = (torch.randn(2, 2, layout.num_tokens, 16) for _ in range(3))
     out = sparse_video_attention(q, k, v, layout, config, scale=0.3)
     torch.testing.assert_close(out, _reference(q, k, v, layout, config, 0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_gna_windows_stride_groups_share_a_window_and_dilation_keeps_residues() -> None:
+    cpu = torch.device("cpu")
+    sliding = dict(strategy="sliding_tile")
+    plain = tile_relation("sliding_tile", (1, 9), SparseVideoConfig.from_options(**sliding, window=(1, 3)), cpu)[0]
+    strided = tile_relation("sliding_tile", (1, 9), SparseVideoConfig.from_options(
+        **sliding, window=(1, 3), window_stride=(1, 2)), cpu)[0]
+    blocked = tile_relation("sliding_tile", (1, 9), SparseVideoConfig.from_options(
+        **sliding, window=(1, 3), window_stride=(1, 3)), cpu)[0]
+    dilated = tile_relation("sliding_tile", (1, 8), SparseVideoConfig.from_options(
+        **sliding, window=(1, 3), window_dilation=(1, 2)), cpu)[0]
+    for rel in (plain, strided, blocked, dilated):
+        assert rel.diagonal().all() and (rel.sum(-1) == 3).all()  # every tile sees itself and a full window
+    assert torch.equal(plain[4].nonzero().flatten(), torch.tensor([3, 4, 5]))
+    assert torch.equal(strided[2], strided[3]) and torch.equal(strided[2].nonzero().flatten(), torch.tensor([1, 2, 3]))
+    assert [r.nonzero().flatten().tolist() for r in blocked[::3]] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert torch.equal(blocked[3], blocked[5])  # blocked attention: non-overlapping windows
+    assert dilated[3].nonzero().flatten().tolist() == [1, 3, 5] and dilated[0].nonzero().flatten().tolist() == [0, 2, 4]
+    three = tile_relation("sliding_tile", (3, 4, 6), SparseVideoConfig.from_options(
+        **sliding, window=(2, 2, 3), window_stride=(1, 2, 1), window_dilation=(1, 1, 2)), cpu)[0]
+    assert three.diagonal().all() and (three.sum(-1) == 2 * 2 * 3).all()
+
+
+def test_permutation_gathers_scattered_semantic_keys_into_fewer_blocks() -> None:
+    torch.manual_seed(0)
+    layout = TokenLayout(num_tokens=128, grid=(2, 8, 8))
+    kind = torch.randint(0, 4, (128,))  # four token classes scattered over the grid; attention stays in a class
+    centre = 3 * torch.randn(4, 16)
+    q, k = ((centre[kind] + 0.3 * torch.randn(128, 16)).expand(1, 2, 128, 16).contiguous() for _ in range(2))
+    recall = {p: float(attention_recall(q, k, layout, SparseVideoConfig.from_options(keep=0.25, tile=(1, 4, 4),
+                                                                                    permute=p)).mean())
+              for p in ("none", "importance", "cluster")}
+    assert recall["none"] < 0.35 and recall["cluster"] > 2 * recall["none"], recall
+    assert float(attention_recall(q, k, layout, SparseVideoConfig.from_options(keep=1.0, tile=(1, 4, 4))).min()) == 1.0
+
+
+def test_attention_recall_is_the_dense_mass_on_the_routed_blocks() -> None:
+    q, k = torch.randn(2, 2, JOINT.num_tokens, 16), torch.randn(2, 2, JOINT.num_tokens, 16)
+    config = SparseVideoConfig.from_options(keep=0.3, tile=(2, 4, 4))
+    geo = geometry(JOINT.grid, JOINT.grid_start, JOINT.num_tokens, (2, 4, 4), torch.device("cpu"))
+    attn = (q @ k.transpose(-1, -2) * 0.3).softmax(-1)
+    # the reference's mask, read back from its output on one-hot values: v = identity picks each key's weight
+    v = torch.eye(JOINT.num_tokens).expand(2, 2, -1, -1)
+    masked = _reference(q, k, v, JOINT, config, 0.3)  # rows: the sparse attention weights
+    kept = masked > 0
+    grid_rows = geo.perm[:geo.num_grid]
+    expected = (attn * kept)[:, :, grid_rows].sum(-1).mean(-1)
+    torch.testing.assert_close(attention_recall(q, k, JOINT, config, scale=0.3), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_recall_meter_averages_the_recall_of_every_self_attention_call() -> None:
+    from visattn.frameworks import diffusers as fw
+    from visattn.patching import Patcher
+
+    model, inputs, grid, ref = _model("wan")
+    configs = {"dense": SparseVideoConfig.from_options(keep=1.0),
+               "keep": SparseVideoConfig.from_options(keep=0.3, tile=(1, 2, 2)),
+               "cluster": SparseVideoConfig.from_options(keep=0.3, tile=(1, 2, 2), permute="cluster"),
+               "dense_layer": SparseVideoConfig.from_options(keep=0.3, tile=(1, 2, 2), dense_layers=1)}
+    processors = dict(model.attn_processors)
+    with RecallMeter(model, configs, samples=2) as meter:
+        out = _run(model, inputs)
+    assert torch.equal(out, ref) and model.attn_processors == processors  # it only observed
+    seen, patcher = [], Patcher()  # the same calls captured independently
+    selfs = [i for i, kind in enumerate(fw.layer_kinds(model)) if kind == "self"]
+    fw.observe_attention(model, patcher, selfs, lambda layer, q, k, scale, mask: seen.append((q, k, scale)))
+    _run(model, inputs)
+    patcher.undo()
+    layout = TokenLayout(num_tokens=math.prod(grid), grid=grid)
+    per_call = {label: [attention_recall(q[:2], k[:2], layout, c, scale=s) for q, k, s in seen]
+                for label, c in configs.items()}
+    per_call["dense_layer"][0] = torch.ones_like(per_call["dense_layer"][0])  # the first self-attention runs dense
+    expected = {label: float(torch.cat(calls).mean()) for label, calls in per_call.items()}
+    means = meter.means()
+    assert len(seen) == len(selfs) > 1 and means["dense"] == pytest.approx(1.0)
+    assert means == pytest.approx(expected) and 0 < means["keep"] < means["dense_layer"] < 1
+    with pytest.raises(UnsupportedModelError, match="RecallMeter: UNet2DConditionModel is not a family"):
+        RecallMeter(BUILDERS["unet"]()[0], configs)
 
 
 def test_keep_fraction_and_own_block() -> None:
@@ -210,6 +311,21 @@ def test_bad_inputs_raise_clear_errors() -> None:
         visattn.diffusers.SparseVideoAttnProcessor(model, window=(3, 3))  # the native entry point checks too
     with pytest.raises(OptionError, match="tile must be None"):
         visattn.apply(model, "sparse_video", tile=(0, 4))
+    with pytest.raises(OptionError, match=r"stride is read only with score='antidiagonal' \(got score='mean'\)"):
+        visattn.apply(model, "sparse_video", stride=4)
+    with pytest.raises(OptionError, match="score must be one of 'mean', 'antidiagonal'"):
+        visattn.apply(model, "sparse_video", score="max")
+    with pytest.raises(OptionError, match="permute must be one of 'none', 'importance', 'cluster'"):
+        visattn.apply(model, "sparse_video", permute=True)
+    with pytest.raises(OptionError, match="strategy 'sliding_tile' does not use permute"):
+        visattn.apply(model, "sparse_video", strategy="sliding_tile", permute="cluster")
+    with pytest.raises(OptionError, match=r"window_stride \(1, 3\) must have one value per axis of the window "
+                                          r"\(2, 2\), each <= the window"):
+        visattn.apply(model, "sparse_video", strategy="sliding_tile", window=(2, 2), window_stride=(1, 3))
+    with pytest.raises(OptionError, match=r"window_dilation must be None \(1\), an int >= 1 or a tuple"):
+        visattn.apply(model, "sparse_video", strategy="sliding_tile", window_dilation=0)
+    with pytest.raises(OptionError, match=r"antidiagonal stride \(8\) must divide the block \(4 tokens, a tile's\)"):
+        visattn.apply(model, "sparse_video", score="antidiagonal", tile=(2, 2))
     with pytest.raises(ShapeError, match=r"tile \(4, 4, 4\) cannot cover the 2D token grid of FluxTransformer2DModel"):
         visattn.apply(model, "sparse_video", tile=(4, 4, 4))
     assert not visattn.applied(model)

@@ -113,6 +113,7 @@ def test_eval_video_identity_is_exact_and_sparsity_costs_fidelity(tiny, tmp_path
     assert identity["psnr"] == math.inf and identity["ssim"] == 1.0
     assert identity["accuracy"] == result["stock_accuracy"]
     assert math.isfinite(sparse["psnr"]) and sparse["ssim"] < 1.0
+    assert identity["attention_recall"] == pytest.approx(1.0) and 0 < sparse["attention_recall"] < 1
     stored = json.loads((tmp_path / "eval_video_video_dit_sparse_video.json").read_text())
     assert stored["rows"][0]["psnr"] == math.inf and stored["testbed"] == "video"
     assert (tmp_path / "eval_video_video_dit_sparse_video.png").stat().st_size > 0
@@ -123,7 +124,9 @@ def test_eval_video_command_prints_the_table(tiny, tmp_path, capsys):
           "--n", "1", "--steps", "2", "--checkpoint", str(tiny[0]), "--device", "cpu", "--out-dir", str(tmp_path),
           "--no-progress"])
     out = capsys.readouterr().out
-    assert "| sparse_video keep=0.25, dense_steps=2 | inf | 1.0000 |" in out  # every step dense: stock
+    dense = next(line for line in out.splitlines() if line.startswith("| sparse_video keep=0.25, dense_steps=2 |"))
+    assert dense.startswith("| sparse_video keep=0.25, dense_steps=2 | inf | 1.0000 |")  # every step dense: stock
+    assert dense.endswith("| 1.0000 |")  # attention recall: all of it kept
     assert "| sparse_video keep=0.25, dense_steps=0 |" in out and "dense_steps=0 | inf |" not in out
 
 

@@ -7,6 +7,8 @@ This is step 1 of the block-sparse methods (step 2 is :mod:`visattn.kernels.bloc
   regions of highest affinity.
 - VSA (video sparse attention) and XAttention-style selection: the same coarse scores over
   (t, h, w) tiles, kept by top-k or by cumulative softmax mass (top-p).
+- XAttention (Xu et al., 2025), antidiagonal scoring (:func:`antidiagonal_scores`): a block pair's
+  importance is the attention mass estimated from strided antidiagonal sums of ``q . k`` inside it.
 
 Blocks are runs of consecutive tokens, so a method first reorders a grid's tokens tile by tile
 (:func:`tile_order`) and back afterwards. Everything here is plain PyTorch, framework-free, and
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import OptionError, ShapeError
@@ -55,13 +58,60 @@ def block_scores(q_blocks: Tensor, k_blocks: Tensor, *, scale: float | None = No
     if q_blocks.ndim != 4 or k_blocks.ndim != 4 or q_blocks.shape[-1] != k_blocks.shape[-1]:
         raise ShapeError(f"block_scores: expected [B, H, nqb, D] and [B, Hkv, nkb, D]; got "
                          f"{tuple(q_blocks.shape)} and {tuple(k_blocks.shape)}")
-    h, hkv = q_blocks.shape[1], k_blocks.shape[1]
-    if h % hkv:
-        raise ShapeError(f"block_scores: query heads ({h}) must be a multiple of kv heads ({hkv})")
-    if hkv != h:
-        k_blocks = k_blocks.repeat_interleave(h // hkv, dim=1)
+    k_blocks = _per_query_head(k_blocks, q_blocks.shape[1], "block_scores")
     scale = q_blocks.shape[-1] ** -0.5 if scale is None else scale
     return torch.matmul(q_blocks * scale, k_blocks.transpose(-1, -2))
+
+
+def _per_query_head(k: Tensor, heads: int, who: str) -> Tensor:
+    """Keys ``[B, Hkv, ...]`` repeated so each of the ``heads`` query heads has its own (grouped kv heads)."""
+    hkv = k.shape[1]
+    if heads % hkv:
+        raise ShapeError(f"{who}: query heads ({heads}) must be a multiple of kv heads ({hkv})")
+    return k if hkv == heads else k.repeat_interleave(heads // hkv, dim=1)
+
+
+def antidiagonal_scores(q: Tensor, k: Tensor, block: int, stride: int, *, scale: float | None = None,
+                        max_elements: int = 1 << 26) -> Tensor:
+    """XAttention's block importance: ``log`` of the attention mass of each (query block, kv block) pair,
+    estimated from strided antidiagonals, ``[B, H, nqb, nkb]`` float32.
+
+    Queries and keys are cut into groups of ``stride`` consecutive tokens. For query group ``r`` and key
+    group ``c`` the antidiagonal sum is ``a_rc = sum_s q[r S + S - 1 - s] . k[c S + s]`` (``S = stride``; lower
+    left to upper right inside the ``S x S`` square), computed for all pairs as one matrix product of the
+    reshaped ``[N / S, S D]`` queries (offsets reversed) and keys. Each query group's row of
+    ``softmax_c(scale * a_rc / S)`` estimates its attention over the key groups; a block pair's importance
+    is the sum of that mass over the pair's groups (XAttention's antidiagonal scoring). Returned as ``log`` mass, so
+    :func:`select_topk` ranks blocks by mass and :func:`select_topp`'s softmax is the mass normalised over
+    each query block's row (XAttention's cumulative threshold).
+
+    ``block`` must be a multiple of ``stride``. A ragged end (``N`` not a multiple of ``stride``) is padded
+    with zeros inside its last group; key groups of padding alone are left out. ``k`` may have fewer heads
+    (grouped kv heads). Rows are processed in chunks of at most ``max_elements`` scores.
+    """
+    if q.ndim != 4 or k.ndim != 4 or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
+        raise ShapeError(f"antidiagonal_scores: expected [B, H, N, D] and [B, Hkv, Nk, D]; got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
+    if stride < 1 or block < 1 or block % stride:
+        raise ShapeError(f"antidiagonal_scores: the stride ({stride}) must divide the block ({block} tokens)")
+    h = q.shape[1]
+    k = _per_query_head(k, h, "antidiagonal_scores")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    n, nk = q.shape[2], k.shape[2]
+    nqb, nkb, per = -(-n // block), -(-nk // block), block // stride
+    qs = F.pad(q, (0, 0, 0, nqb * block - n)).unflatten(2, (-1, stride)).flip(3).flatten(3)  # [B, H, nqb*per, S*D]
+    ks = F.pad(k, (0, 0, 0, nkb * block - nk)).unflatten(2, (-1, stride)).flatten(3)         # [B, H, nkb*per, S*D]
+    empty = torch.arange(ks.shape[2], device=k.device) * stride >= nk                      # key groups of padding
+    real_rows = -(-n // stride)
+    rows_per_chunk = max(per, max_elements // max(1, q.shape[0] * h * ks.shape[2]) // per * per)
+    out = []
+    for r0 in range(0, qs.shape[2], rows_per_chunk):
+        logits = torch.matmul(qs[:, :, r0:r0 + rows_per_chunk], ks.transpose(-1, -2)).float() * (scale / stride)
+        mass = logits.masked_fill(empty, float("-inf")).softmax(-1)
+        rows = torch.arange(r0, r0 + mass.shape[2], device=q.device)
+        mass = mass.masked_fill((rows >= real_rows)[:, None], 0.0)
+        out.append(mass.unflatten(-1, (nkb, per)).sum(-1).unflatten(-2, (-1, per)).sum(-2))
+    return torch.cat(out, dim=2).clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
 def diagonal_blocks(num_q: int, num_kv: int, block_q: int, block_k: int,

@@ -502,7 +502,10 @@ def eval_video(method: str, options: Mapping[str, Any] | None = None, sweep: tup
     (dB, from the mean squared error over all clips; ``inf`` when identical) and SSIM (:func:`ssim`, per
     frame, averaged) of the patched clips against the stock ones, and the class accuracy of both: the
     fraction of frames (and of middle frames) that the shipped testbed ViT classifies as the
-    conditioned class. At a method's identity setting PSNR is ``inf`` and SSIM 1.
+    conditioned class. At a method's identity setting PSNR is ``inf`` and SSIM 1. For ``sparse_video``
+    also the attention recall of each point: the share of the stock run's own self-attention mass that
+    the point's routing keeps, averaged over every layer, step and head of the first clip of each batch
+    (:class:`~visattn.processors.sparse_video.recall.RecallMeter`; 1 at an identity setting).
 
     Args:
         method: a registered method that supports diffusers and Wan (``visattn.methods()``), e.g. sparse_video.
@@ -593,7 +596,18 @@ def _eval_generator(testbed: str, method: str, options: Mapping[str, Any] | None
     sample(model, labels[:1], seed=seed, steps=1, guidance=guidance, device=dev)  # warm-up (one-off costs)
     bar = tqdm(total=steps * math.ceil(n / batch_size) * (1 + len(points)), desc=f"eval {testbed} {method}",
                unit="step", disable=not progress)
-    stock, stock_s = run(bar.update)
+    recall = None
+    if method == "sparse_video":  # what each point's routing keeps of the stock run's own attention
+        from ..processors.sparse_video import SparseVideoConfig
+        from ..processors.sparse_video.recall import RecallMeter
+
+        configs = {str(i): SparseVideoConfig.from_options(**{k: v for k, v in given.items() if k != "install"})
+                   for i, given in enumerate(points)}
+        with RecallMeter(target, configs) as meter:
+            stock, stock_s = run(bar.update)
+        recall = meter.means()
+    else:
+        stock, stock_s = run(bar.update)
     rows = []
     for given in points:
         bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in given.items()) or "defaults")
@@ -611,7 +625,8 @@ def _eval_generator(testbed: str, method: str, options: Mapping[str, Any] | None
             visattn.remove(target)
         rows.append({"options": given, "value": given.get(sweep[0]) if sweep else None,
                      "psnr": psnr(found, stock), "ssim": round(float(ssim(found, stock).mean()), 6),
-                     **accuracy(found), "speed": _speed(dev, stock_s, seconds)})
+                     **accuracy(found), "speed": _speed(dev, stock_s, seconds),
+                     **({"attention_recall": round(recall[str(len(rows))], 6)} if recall is not None else {})})
     bar.close()
 
     result = {
@@ -687,11 +702,14 @@ def _vlm_table(result: Mapping[str, Any]) -> str:
 
 
 def _generator_table(result: Mapping[str, Any]) -> str:
-    lines = ["| setting | PSNR (dB) | SSIM | class accuracy stock | class accuracy patched |", "|---|---|---|---|---|"]
+    recall = all("attention_recall" in row for row in result["rows"])
+    lines = ["| setting | PSNR (dB) | SSIM | class accuracy stock | class accuracy patched |"
+             + (" attention recall |" if recall else ""), "|---|---|---|---|---|" + ("---|" if recall else "")]
     for row in result["rows"]:
         setting = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "defaults"
         lines.append(f"| {result['method']} {setting} | {row['psnr']:.2f} | {row['ssim']:.4f} | "
-                     f"{result['stock_accuracy']:.3f} | {row['accuracy']:.3f} |")
+                     f"{result['stock_accuracy']:.3f} | {row['accuracy']:.3f} |"
+                     + (f" {row['attention_recall']:.4f} |" if recall else ""))
     return "\n".join(lines)
 
 

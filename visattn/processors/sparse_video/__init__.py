@@ -14,6 +14,13 @@ query block, a strategy lists the kv blocks it visits:
   block, ``S = scale * Q_t K_t^T`` (the coarse attention logits), and each query block keeps its
   ``ceil(keep * n_blocks)`` best kv blocks, or with ``top_p`` the fewest whose ``softmax(S)`` mass
   reaches ``top_p`` (XAttention-style). Its own block is always kept. The fine stage is the kernel.
+  With ``score='antidiagonal'`` (XAttention, Xu et al., 2025) a block pair is scored instead by the
+  attention mass its strided antidiagonals estimate: with ``S = stride`` (8 by default; it must divide the
+  block), query group ``r`` and key group ``c`` of ``S`` tokens each give ``a_rc = sum_s q_{rS+S-1-s} . k_{cS+s}``,
+  each query group's ``softmax_c(scale * a_rc / S)`` is summed over the groups of a block pair, and blocks are
+  kept by that mass (top-k, or top-p over each row's normalised mass: XAttention's threshold).
+  (:func:`visattn.core.routing.antidiagonal_scores`.) Every key enters the estimate, where the mean-pooled
+  score sees only the block's average key.
 - ``rectified`` — Rectified SpaAttn (2025) on top of ``tile_topk``. The pooled map
   ``P = softmax_j(scale * q_i . k_j + log n_j)`` over pooled kv blocks ``j`` (``n_j`` tokens each)
   and the text keys is the implicit full-attention reference. Isolated-pooling attention
@@ -28,7 +35,15 @@ query block, a strategy lists the kv blocks it visits:
   estimate differs; this is our reading of its condition.
 - ``sliding_tile`` — STA (sliding tile attention): each query tile attends to the ``window`` of
   kv tiles around it (in tiles, per axis), shifted inwards at the grid's border so that every tile
-  sees the same number of tiles; one window for all heads or one per head.
+  sees the same number of tiles; one window for all heads or one per head. ``window_stride`` and
+  ``window_dilation`` (per axis, in tiles; 1 by default) make it Generalized Neighborhood Attention (GNA,
+  Hassani et al., 2025): the tiles of an axis are split into ``dilation`` interleaved sub-grids (same
+  coordinate modulo the dilation), a query tile attends within its own sub-grid, and ``stride`` consecutive
+  query tiles of a sub-grid share the window centred on their group (``stride = window``: blocked
+  attention, non-overlapping windows). GNA states window, stride and dilation in tokens; stated in whole
+  tiles, as here, every configuration is one of its "perfectly block-sparse" ones where the tile divides the
+  grid: a query block's kv set is whole kv blocks, and the kernel never visits a partly used block (on a
+  ragged grid a block may span two tiles and visits the union of their windows).
 - ``grat`` — GRAT ("Grouping First, Attending Smartly", 2025): the query tokens of a tile (a
   contiguous group) share one kv set: the ``surrounding`` tiles (Chebyshev distance
   ``<= grat_radius`` in tiles, not shifted at the border) or ``criss_cross``: the tiles on the
@@ -36,6 +51,14 @@ query block, a strategy lists the kv blocks it visits:
   row and column in 2D).
 
 Where a block covers several tiles (ragged edges), it visits the union of their kv tiles' blocks.
+
+``permute`` (tile_topk and rectified; :mod:`.permutation`): before routing, each head's grid tokens are
+reordered so that the keys a query block needs share fewer kv blocks (PBS-Attn, "Sparser Block-Sparse
+Attention via Token Permutation", 2025): ``'importance'`` sorts the keys by the attention mass the pooled
+queries give them, ``'cluster'`` sorts queries and keys by k-means cluster (semantic clustering). The
+output is put back in the layer's order; ``'none'`` (default) keeps the tile order.
+:func:`~.recall.attention_recall` measures what a routing keeps: the share of dense attention mass on the
+blocks it lists.
 
 Text tokens (any token of a joint sequence outside the grid: text, registers, image embeddings; the family
 table of :mod:`visattn.frameworks.diffusers` says whether they come before or after the grid) are always
@@ -52,9 +75,11 @@ layers (self/joint attention over a grid, in execution order) run stock attentio
 distinct timestep: repeated calls at one timestep (classifier-free guidance run as two calls) are one
 step, and a timestep larger than the last one starts a new generation at step 0.
 
-Options and identity values: ``strategy`` ('tile_topk'); ``keep`` (0.25; identity 1.0) and ``top_p``
-(None; identity 1.0) for tile_topk and rectified; ``tile`` (None: 4x4x4 / 8x8); ``window`` (None:
-3 tiles per axis; identity: the tile grid's size) for sliding_tile; ``grat_pattern`` ('surrounding')
+Options and identity values: ``strategy`` ('tile_topk'); ``keep`` (0.25; identity 1.0), ``top_p``
+(None; identity 1.0), ``score`` ('mean'), ``stride`` (None: 8, with score='antidiagonal' only) and
+``permute`` ('none') for tile_topk and rectified; ``tile`` (None: 4x4x4 / 8x8); ``window`` (None:
+3 tiles per axis; identity: the tile grid's size), ``window_stride`` and ``window_dilation`` (None: 1 per
+axis; a stride must not exceed the window) for sliding_tile; ``grat_pattern`` ('surrounding')
 and ``grat_radius`` (1; identity: >= the tile grid's largest side, surrounding) for grat;
 ``dense_steps`` (0), ``dense_layers`` (0); ``strict`` (False: the PyTorch reference is used, logged
 once, where the Triton kernel cannot run); ``install`` ('processor'; 'attention_backend' for diffusers'
@@ -70,6 +95,9 @@ The method is this package, one module per concern:
 - :mod:`.config`: the options (``OPTIONS``, ``INSTALL``) and their validated form :class:`SparseVideoConfig`;
 - :mod:`.routing`: the tile geometry (:func:`geometry`) and one router per strategy (``ROUTERS``, looked up by
   :func:`route_blocks`), with the rectified strategy's correction of the sparse output;
+- :mod:`.permutation`: the per-head token orders of ``permute``;
+- :mod:`.recall`: :func:`attention_recall`, the dense attention mass a routing keeps, and :class:`RecallMeter`,
+  which measures it on a stock model's own calls;
 - :mod:`.attention`: :func:`sparse_video_attention`, a plain function of ``[B, H, N, D]`` tensors and a layout;
 - :mod:`.schedule`: :class:`SparseVideoSchedule`, which layers of a diffusers model run sparse in the current call;
 - :mod:`.processor`: :class:`SparseVideoAttnProcessor`, the diffusers attention processor (``install="processor"``);
@@ -89,22 +117,29 @@ from .attention import sparse_video_attention
 from .backend import SparseVideoAttnBackend
 from .config import FAMILIES, INSTALL, OPTIONS, SparseVideoConfig
 from .processor import SparseVideoAttnProcessor
+from .recall import RecallMeter, attention_recall
 from .routing import geometry, route_blocks
 from .schedule import SparseVideoSchedule
 
-__all__ = ["SparseVideo", "SparseVideoAttnBackend", "SparseVideoAttnProcessor", "SparseVideoConfig",
-           "SparseVideoSchedule", "geometry", "route_blocks", "sparse_video_attention"]
+__all__ = ["RecallMeter", "SparseVideo", "SparseVideoAttnBackend", "SparseVideoAttnProcessor", "SparseVideoConfig",
+           "SparseVideoSchedule", "attention_recall", "geometry", "route_blocks", "sparse_video_attention"]
 
 
 @register
 class SparseVideo(Method):
     name = "sparse_video"
-    summary = "block-sparse video/image DiT attention: tile top-k (VSA), Rectified SpaAttn, sliding tiles (STA), GRAT"
+    summary = ("block-sparse video/image DiT attention: tile top-k (VSA), Rectified SpaAttn, sliding tiles (STA, GNA), "
+               "GRAT")
     paper = ("VSA (Zhang et al., 2025); Rectified SpaAttn (2025); STA, sliding tile attention (2025); "
-             "GRAT (2025); XAttention-style top-p selection")
+             "GRAT (2025); XAttention (antidiagonal scoring, top-p selection; 2025); GNA, generalized neighborhood "
+             "attention (2025); PBS-Attn, token permutation (2025)")
     frameworks = ("diffusers",)
     families = {"diffusers": FAMILIES}
     options = (*OPTIONS, INSTALL)
+
+    def check_target(self, target: Target, options: dict[str, Any]) -> None:
+        super().check_target(target, options)
+        SparseVideoConfig(**{k: v for k, v in options.items() if k != "install"})  # the checks across options
 
     def install(self, target: Target, patcher: Patcher, options: dict[str, Any]) -> Handle:
         from ...frameworks import diffusers as fw

@@ -13,20 +13,31 @@ from ...core.routing import take_tokens, token_words
 from ...errors import ShapeError
 from ...kernels import block_sparse_attention
 from .config import SparseVideoConfig
+from .permutation import gather_tokens, scatter_tokens, token_orders
 from .routing import Geometry, _rectify, geometry, route_blocks
 
 
 def _attend_grid(qg: Tensor, k: Tensor, v: Tensor, config: SparseVideoConfig, geo: Geometry,
                  scale: float) -> Tensor:
-    """Grid queries over grid blocks (routed) and every other key of ``k``, ``v`` (always attended)."""
+    """Grid queries over grid blocks (routed) and every other key of ``k``, ``v`` (always attended).
+
+    With ``permute``, each head's grid queries and keys are reordered first (:mod:`.permutation`) and the
+    queries' outputs put back at the end.
+    """
     ng = geo.num_grid
+    q_order = None
+    if config.permute != "none":
+        q_order, k_order = token_orders(config.permute, qg, k[:, :, :ng], geo.block, scale)
+        if q_order is not None:
+            qg = gather_tokens(qg, q_order)
+        k, v = (torch.cat([gather_tokens(t[:, :, :ng], k_order), t[:, :, ng:]], dim=2) for t in (k, v))
     idx, cnt = route_blocks(qg, k[:, :, :ng], config, geo, scale)
     always = [(ng, k.shape[2])] if k.shape[2] > ng else None
     out = block_sparse_attention(qg, k, v, idx, cnt, block_q=geo.block, block_k=geo.block, scale=scale,
                                  always_kv=always, strict=config.strict, check_values=False)
     if config.strategy == "rectified":
         out = _rectify(out, qg, k, v, idx, cnt, geo, scale)
-    return out
+    return out if q_order is None else scatter_tokens(out, q_order)
 
 
 def _mask4(mask: Tensor) -> Tensor:

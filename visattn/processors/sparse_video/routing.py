@@ -17,10 +17,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...core.routing import block_scores, diagonal_blocks, pool_blocks, select_topk, select_topp, tile_order
+from ...core.routing import (
+    antidiagonal_scores,
+    block_scores,
+    diagonal_blocks,
+    pool_blocks,
+    select_topk,
+    select_topp,
+    tile_order,
+)
 from ...errors import ShapeError
 from ...frameworks.base import constant
-from .config import DEFAULT_WINDOW, SparseVideoConfig
+from .config import DEFAULT_WINDOW, SparseVideoConfig, axes
 
 # ----------------------------------------------------------------------------------------------------------
 # Geometry: the tile permutation of a layout and the static block lists of sliding_tile and grat
@@ -75,7 +83,13 @@ def _tile_coords(tiles_per_dim: tuple[int, ...], device: torch.device) -> Tensor
 
 def tile_relation(strategy: str, tiles_per_dim: tuple[int, ...], config: SparseVideoConfig,
                   device: torch.device) -> Tensor:
-    """Boolean ``[W, num_tiles, num_tiles]``: query tile -> kv tiles, for sliding_tile (W windows) or grat (W=1)."""
+    """Boolean ``[W, num_tiles, num_tiles]``: query tile -> kv tiles, for sliding_tile (W windows) or grat (W=1).
+
+    sliding_tile is GNA's window in tile units (package doc): along each axis, the tiles of one dilated
+    sub-grid (same coordinate modulo ``window_dilation``) are cut into groups of ``window_stride``; a group
+    shares the window of ``window`` sub-grid tiles centred on it (the lower one when off by half a tile),
+    shifted inside the sub-grid. Stride and dilation 1 give STA's window centred on each tile.
+    """
     c = _tile_coords(tiles_per_dim, device)
     dims = torch.tensor(tiles_per_dim, device=device)
     if strategy == "grat":
@@ -85,13 +99,25 @@ def tile_relation(strategy: str, tiles_per_dim: tuple[int, ...], config: SparseV
         return ((diff != 0).sum(-1) <= 1)[None]
     windows = config.window or (DEFAULT_WINDOW,) * len(tiles_per_dim)
     windows = windows if isinstance(windows[0], tuple) else (windows,)
+    ndim = len(tiles_per_dim)
+    stride, dilation = axes(config.window_stride, ndim), axes(config.window_dilation, ndim)
+    if len(stride) != ndim or len(dilation) != ndim:
+        raise ShapeError(f"sparse_video: window_stride {config.window_stride} and window_dilation "
+                         f"{config.window_dilation} must give one value per axis of the {ndim}D tile grid")
+    s, d = torch.tensor(stride, device=device), torch.tensor(dilation, device=device)
+    residue, u = c % d, c // d               # the dilated sub-grid of each tile, and its place there
+    length = (dims - residue + d - 1) // d   # tiles of that sub-grid per axis
     out = []
     for window in windows:
-        if len(window) != len(tiles_per_dim):
-            raise ShapeError(f"sparse_video: window {window} does not match the {len(tiles_per_dim)}D tile grid")
-        w = torch.minimum(torch.tensor(window, device=device), dims)
-        start = torch.minimum((c - w // 2).clamp(min=0), dims - w)  # [num_tiles, ndim], shifted inside
-        inside = (c[None, :, :] >= start[:, None, :]) & (c[None, :, :] < (start + w)[:, None, :])
+        if len(window) != ndim:
+            raise ShapeError(f"sparse_video: window {window} does not match the {ndim}D tile grid")
+        w = torch.minimum(torch.tensor(window, device=device), length)
+        first = u // s * s                                   # first tile of the query tile's stride group
+        group = torch.minimum(s, length - first)
+        start = (first - (w - group + 1) // 2).clamp(min=0)  # the group centred in its window ...
+        start = torch.minimum(start, length - w)             # ... shifted inside the sub-grid
+        same = (residue[:, None, :] == residue[None, :, :])
+        inside = same & (u[None, :, :] >= start[:, None, :]) & (u[None, :, :] < (start + w)[:, None, :])
         out.append(inside.all(-1))
     return torch.stack(out)
 
@@ -131,10 +157,14 @@ Router = Callable[[Tensor, Tensor, SparseVideoConfig, Geometry, float], tuple[Te
 
 def route_tile_topk(qg: Tensor, kg: Tensor, config: SparseVideoConfig, geo: Geometry, scale: float
                     ) -> tuple[Tensor, Tensor]:
-    """tile_topk and rectified: each query block keeps its best-scored kv blocks (pooled q . k), top-k or top-p."""
+    """tile_topk and rectified: each query block keeps its best-scored kv blocks, top-k or top-p; scored by pooled
+    ``q . k`` (``score='mean'``) or by XAttention's antidiagonal mass (``score='antidiagonal'``)."""
     nb = geo.num_blocks
     with torch.no_grad():
-        scores = block_scores(pool_blocks(qg, geo.block), pool_blocks(kg, geo.block), scale=scale)
+        if config.score == "antidiagonal":
+            scores = antidiagonal_scores(qg, kg, geo.block, config.antidiagonal_stride(), scale=scale)
+        else:
+            scores = block_scores(pool_blocks(qg, geo.block), pool_blocks(kg, geo.block), scale=scale)
         if config.top_p is not None:
             return select_topp(scores, config.top_p, keep=geo.own_block)
         return select_topk(scores, max(1, math.ceil(config.keep * nb)), keep=geo.own_block)
