@@ -58,12 +58,12 @@ def block_scores(q_blocks: Tensor, k_blocks: Tensor, *, scale: float | None = No
     if q_blocks.ndim != 4 or k_blocks.ndim != 4 or q_blocks.shape[-1] != k_blocks.shape[-1]:
         raise ShapeError(f"block_scores: expected [B, H, nqb, D] and [B, Hkv, nkb, D]; got "
                          f"{tuple(q_blocks.shape)} and {tuple(k_blocks.shape)}")
-    k_blocks = _per_query_head(k_blocks, q_blocks.shape[1], "block_scores")
+    k_blocks = per_query_head(k_blocks, q_blocks.shape[1], "block_scores")
     scale = q_blocks.shape[-1] ** -0.5 if scale is None else scale
     return torch.matmul(q_blocks * scale, k_blocks.transpose(-1, -2))
 
 
-def _per_query_head(k: Tensor, heads: int, who: str) -> Tensor:
+def per_query_head(k: Tensor, heads: int, who: str) -> Tensor:
     """Keys ``[B, Hkv, ...]`` repeated so each of the ``heads`` query heads has its own (grouped kv heads)."""
     hkv = k.shape[1]
     if heads % hkv:
@@ -95,7 +95,7 @@ def antidiagonal_scores(q: Tensor, k: Tensor, block: int, stride: int, *, scale:
     if stride < 1 or block < 1 or block % stride:
         raise ShapeError(f"antidiagonal_scores: the stride ({stride}) must divide the block ({block} tokens)")
     h = q.shape[1]
-    k = _per_query_head(k, h, "antidiagonal_scores")
+    k = per_query_head(k, h, "antidiagonal_scores")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     n, nk = q.shape[2], k.shape[2]
     nqb, nkb, per = -(-n // block), -(-nk // block), block // stride

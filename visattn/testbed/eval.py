@@ -609,7 +609,7 @@ def _eval_generator(testbed: str, method: str, options: Mapping[str, Any] | None
     else:
         stock, stock_s = run(bar.update)
     rows = []
-    for given in points:
+    for i, given in enumerate(points):
         bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in given.items()) or "defaults")
         handle = visattn.apply(target, method, **given)
         clear = getattr(handle, "clear", None)  # methods that record (inspect): keep memory flat
@@ -626,7 +626,7 @@ def _eval_generator(testbed: str, method: str, options: Mapping[str, Any] | None
         rows.append({"options": given, "value": given.get(sweep[0]) if sweep else None,
                      "psnr": psnr(found, stock), "ssim": round(float(ssim(found, stock).mean()), 6),
                      **accuracy(found), "speed": _speed(dev, stock_s, seconds),
-                     **({"attention_recall": round(recall[str(len(rows))], 6)} if recall is not None else {})})
+                     **({"attention_recall": round(recall[str(i)], 6)} if recall is not None else {})})
     bar.close()
 
     result = {

@@ -13,7 +13,7 @@ from ...core.routing import take_tokens, token_words
 from ...errors import ShapeError
 from ...kernels import block_sparse_attention
 from .config import SparseVideoConfig
-from .permutation import gather_tokens, scatter_tokens, token_orders
+from .permutation import permute_grid, scatter_tokens
 from .routing import Geometry, _rectify, geometry, route_blocks
 
 
@@ -27,10 +27,7 @@ def _attend_grid(qg: Tensor, k: Tensor, v: Tensor, config: SparseVideoConfig, ge
     ng = geo.num_grid
     q_order = None
     if config.permute != "none":
-        q_order, k_order = token_orders(config.permute, qg, k[:, :, :ng], geo.block, scale)
-        if q_order is not None:
-            qg = gather_tokens(qg, q_order)
-        k, v = (torch.cat([gather_tokens(t[:, :, :ng], k_order), t[:, :, ng:]], dim=2) for t in (k, v))
+        q_order, qg, (k, v) = permute_grid(config.permute, qg, (k, v), geo.block, scale)
     idx, cnt = route_blocks(qg, k[:, :, :ng], config, geo, scale)
     always = [(ng, k.shape[2])] if k.shape[2] > ng else None
     out = block_sparse_attention(qg, k, v, idx, cnt, block_q=geo.block, block_k=geo.block, scale=scale,

@@ -63,6 +63,18 @@ def token_orders(kind: str, qg: Tensor, kg: Tensor, block: int, scale: float) ->
         return cluster_order(qg, block), cluster_order(kg, block)
 
 
+def permute_grid(kind: str, qg: Tensor, kv: tuple[Tensor, ...], block: int, scale: float
+                 ) -> tuple[Tensor | None, Tensor, tuple[Tensor, ...]]:
+    """``(query order or None, qg, kv)`` with the grid queries ``qg`` ``[B, H, ng, D]`` and the first ``ng`` tokens
+    (the grid keys, then values) of each tensor of ``kv`` reordered by :func:`token_orders` of ``qg`` and the grid
+    part of ``kv[0]``; tokens after the grid (text) stay where they are."""
+    ng = qg.shape[2]
+    q_order, k_order = token_orders(kind, qg, kv[0][:, :, :ng], block, scale)
+    if q_order is not None:
+        qg = gather_tokens(qg, q_order)
+    return q_order, qg, tuple(torch.cat([gather_tokens(t[:, :, :ng], k_order), t[:, :, ng:]], dim=2) for t in kv)
+
+
 def gather_tokens(x: Tensor, order: Tensor) -> Tensor:
     """``x`` ``[B, H, N, D]`` with each head's tokens in ``order`` ``[B, H, N]`` (whole tokens moved as words)."""
     words = token_words(x)

@@ -18,10 +18,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from ...core.layout import TokenLayout
+from ...core.routing import per_query_head
 from ...errors import UnsupportedModelError
 from ...patching import Patcher
-from .config import SparseVideoConfig
-from .permutation import gather_tokens, token_orders
+from .config import FAMILIES, SparseVideoConfig
+from .permutation import permute_grid
 from .routing import geometry, route_blocks
 from .schedule import SparseVideoSchedule
 
@@ -33,22 +34,20 @@ def attention_recall(q: Tensor, k: Tensor, layout: TokenLayout, config: SparseVi
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     geo = geometry(tuple(layout.grid), layout.grid_start, q.shape[2], config.tile_for(layout.grid), q.device)
     ng, nb = geo.num_grid, geo.num_blocks
-    if k.shape[1] != q.shape[1]:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    k = per_query_head(k, q.shape[1], "attention_recall")
     with torch.no_grad():
         qp, kp = (t.index_select(2, geo.perm) for t in (q, k))
-        qg, kg = qp[:, :, :ng], kp[:, :, :ng]
+        qg = qp[:, :, :ng]
         if config.permute != "none":
-            q_order, k_order = token_orders(config.permute, qg, kg, geo.block, scale)
-            qg = qg if q_order is None else gather_tokens(qg, q_order)
-            kg = gather_tokens(kg, k_order)
+            _, qg, (kp,) = permute_grid(config.permute, qg, (kp,), geo.block, scale)
+        kg = kp[:, :, :ng]
         idx, cnt = route_blocks(qg, kg, config, geo, scale)
         b, h = q.shape[:2]
         idx, cnt = idx.expand(b, h, *idx.shape[2:]).long(), cnt.expand(b, h, nb)
         listed = torch.arange(idx.shape[-1], device=q.device) < cnt[..., None]
         kept = torch.zeros(b, h, nb, nb + 1, device=q.device)
         kept.scatter_(-1, torch.where(listed, idx, nb), 1.0)
-        p = torch.matmul(qg.float() * scale, torch.cat([kg, kp[:, :, ng:]], dim=2).float().transpose(-1, -2))
+        p = torch.matmul(qg.float() * scale, kp.float().transpose(-1, -2))
         p = p.softmax(-1)
         block_of = torch.arange(ng, device=q.device) // geo.block
         per_block = torch.zeros(b, h, ng, nb, device=q.device).index_add_(-1, block_of, p[..., :ng])
@@ -68,8 +67,6 @@ class RecallMeter:
     """
 
     def __init__(self, model: nn.Module, configs: Mapping[str, SparseVideoConfig], samples: int = 1) -> None:
-        from .config import FAMILIES
-
         if type(model).__name__ not in FAMILIES:
             raise UnsupportedModelError(f"RecallMeter: {type(model).__name__} is not a family sparse_video supports "
                                         f"({', '.join(FAMILIES)})")

@@ -107,6 +107,7 @@ def tile_relation(strategy: str, tiles_per_dim: tuple[int, ...], config: SparseV
     s, d = torch.tensor(stride, device=device), torch.tensor(dilation, device=device)
     residue, u = c % d, c // d               # the dilated sub-grid of each tile, and its place there
     length = (dims - residue + d - 1) // d   # tiles of that sub-grid per axis
+    same = residue[:, None, :] == residue[None, :, :]
     out = []
     for window in windows:
         if len(window) != ndim:
@@ -116,7 +117,6 @@ def tile_relation(strategy: str, tiles_per_dim: tuple[int, ...], config: SparseV
         group = torch.minimum(s, length - first)
         start = (first - (w - group + 1) // 2).clamp(min=0)  # the group centred in its window ...
         start = torch.minimum(start, length - w)             # ... shifted inside the sub-grid
-        same = (residue[:, None, :] == residue[None, :, :])
         inside = same & (u[None, :, :] >= start[:, None, :]) & (u[None, :, :] < (start + w)[:, None, :])
         out.append(inside.all(-1))
     return torch.stack(out)
