@@ -23,11 +23,19 @@ sliding_tile) at Wan's shape, 10 repetitions, eager. For tile_topk rows ``route_
 alone (antidiagonal scoring included) and ``overhead_ms`` all but the kernel (a permutation included):
 
     PYTHONPATH=. python3 -m benchmarks.video --rules --out benchmarks/results/video_routing.json
+
+``--sweep`` runs only the attention rows of every point of :func:`sweep_points` at Wan's shape (no text, the
+default tile), 10 repetitions, eager; each row also records its strategy ``line``, ``level`` (the kept fraction
+aimed at; None for grat) and ``options``. ``benchmarks.video_quality`` joins these speeds with the testbed video
+DiT's quality at the same points (``--smoke``: a 4x8x8 grid, 2 heads, on the CPU):
+
+    PYTHONPATH=. python3 -m benchmarks.video --sweep --out benchmarks/results/video_sweep.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -99,6 +107,16 @@ FORWARD_CONFIGS = {
     "grat criss_cross": dict(strategy="grat", grat_pattern="criss_cross"),
 }
 HEAD_DIM = 128
+# the quality-vs-speed sweep (sweep_points): kept fractions aimed at, and the lines of each kind
+LEVELS = (0.5, 0.25, 0.1)
+KEEP_LINES = {"tile_topk": {}, "tile_topk antidiagonal": dict(score="antidiagonal"),
+              "tile_topk permute=importance": dict(permute="importance"),
+              "tile_topk permute=cluster": dict(permute="cluster"), "rectified": dict(strategy="rectified")}
+WINDOW_LINES = {"sliding_tile": False, "sliding_tile blocked": True}  # line -> window_stride = window (GNA blocked)
+GRAT_POINTS = (dict(strategy="grat"), dict(strategy="grat", grat_pattern="criss_cross"))
+# (case, heads, grid, tile, what): the --sweep shape
+SWEEP_CASE = ("wan_1.3b_480p", 12, (21, 30, 52), None, "Wan 2.1 1.3B 81x480x832 attention (12 heads, grid 21x30x52)")
+SMOKE_SWEEP_CASE = ("tiny_video", 2, (4, 8, 8), (2, 4, 4), "tiny attention (2 heads, grid 4x8x8, tile 2x4x4)")
 
 
 def peak_extra_mib(fn: Callable[[], Any]) -> float:
@@ -119,6 +137,70 @@ def kept_fraction(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, config:
     qp, kp = (t.index_select(2, geo.perm)[:, :, :geo.num_grid] for t in (q, k))
     _, cnt = route_blocks(qp, kp, config, geo, q.shape[-1] ** -0.5)
     return float(cnt.float().mean()) / geo.num_blocks
+
+
+def grid_kept_fraction(grid: tuple[int, ...], options: dict[str, Any]) -> float:
+    """:func:`kept_fraction` of ``options`` on ``grid`` (no text) for one head of random q and k on the CPU: exact
+    for every strategy but top-p (top-k keeps a fixed count, windows and grat do not read q and k)."""
+    n = math.prod(grid)
+    q, k = torch.randn(2, 1, 1, n, 16).unbind(0)
+    return kept_fraction(q, k, TokenLayout(num_tokens=n, grid=grid), SparseVideoConfig.from_options(**options))
+
+
+def window_points(grid: tuple[int, ...], tile: tuple[int, ...] | None, blocked: bool
+                  ) -> list[tuple[float, dict[str, Any]]]:
+    """For each of :data:`LEVELS`, the sliding_tile window (tiles per axis, 1 .. the axis's tiles) whose kept block
+    fraction on ``grid`` is nearest the level (ties: the smaller spread between axes); ``blocked`` sets
+    ``window_stride = window`` (GNA's blocked attention). A window nearest to several levels is kept once, at the
+    level it is nearest to."""
+    extra = {} if tile is None else dict(tile=tile)
+
+    def options(window: tuple[int, ...]) -> dict[str, Any]:
+        return dict(strategy="sliding_tile", window=window, **(dict(window_stride=window) if blocked else {}), **extra)
+
+    geo = geometry(grid, 0, math.prod(grid), SparseVideoConfig(tile=tile).tile_for(grid), torch.device("cpu"))
+    kept = {w: grid_kept_fraction(grid, options(w))
+            for w in itertools.product(*(range(1, t + 1) for t in geo.tiles_per_dim))}
+    best = {level: min(kept, key=lambda w: (abs(kept[w] - level), max(w) - min(w))) for level in LEVELS}
+    return [(level, options(w)) for level, w in best.items()
+            if level == min((lv for lv in LEVELS if best[lv] == w), key=lambda lv: abs(kept[w] - lv))]
+
+
+def sweep_points(grid: tuple[int, ...], tile: tuple[int, ...] | None
+                 ) -> dict[str, list[tuple[float | None, dict[str, Any]]]]:
+    """The quality-vs-speed sweep on ``grid``: each strategy line's (level, options) points. Keep lines (tile_topk and
+    its rules, rectified) at ``keep = level``, window lines (sliding_tile, blocked) at the window nearest each level
+    (:func:`window_points`), grat's two patterns at level None; ``tile`` (None: the default) in every point."""
+    extra = {} if tile is None else dict(tile=tile)
+    points: dict[str, list[tuple[float | None, dict[str, Any]]]] = {
+        line: [(level, dict(options, keep=level, **extra)) for level in LEVELS] for line, options in KEEP_LINES.items()}
+    for line, blocked in WINDOW_LINES.items():
+        points[line] = window_points(grid, tile, blocked)
+    points["grat"] = [(None, dict(options, **extra)) for options in GRAT_POINTS]
+    return points
+
+
+def point_label(line: str, options: dict[str, Any]) -> str:
+    """A sweep point's name: its line and keep, window or grat pattern."""
+    if "keep" in options:
+        return f"{line} keep={options['keep']:.2f}"
+    if "window" in options:
+        return f"{line} {'x'.join(map(str, options['window']))}"
+    return f"{line} {options.get('grat_pattern', 'surrounding')}"
+
+
+def sweep_rows(smoke: bool, device: torch.device, dtype: torch.dtype) -> tuple[str, list[dict]]:
+    """The attention rows of every point of :func:`sweep_points` (each with its line, level and options) at
+    :data:`SWEEP_CASE` (``smoke``: :data:`SMOKE_SWEEP_CASE`, 2 repetitions), and what that shape is."""
+    name, heads, grid, tile, what = SMOKE_SWEEP_CASE if smoke else SWEEP_CASE
+    points = {point_label(line, options): (line, level, options)
+              for line, line_points in sweep_points(grid, tile).items() for level, options in line_points}
+    rows = attention_rows([(name, heads, grid, 0, {label: options for label, (_, _, options) in points.items()})],
+                          device, dtype, 2 if smoke else 10)
+    for row in rows:
+        line, level, options = points[row["strategy"]]
+        row.update(line=line, level=level, options=options)
+    return what, rows
 
 
 def dense_masked_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
@@ -259,6 +341,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     parser.add_argument("--rules", action="store_true", help="only the attention rows of issue 21's routing rules")
+    parser.add_argument("--sweep", action="store_true", help="only the attention rows of the quality-vs-speed sweep")
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -268,6 +351,10 @@ def main() -> None:
     if args.rules:
         results["rows"] = attention_rows(SMOKE_RULE_CASES if args.smoke else RULE_CASES, device, dtype,
                                          2 if args.smoke else 10)
+        write(results, args.out)
+        return
+    if args.sweep:
+        results["shape"], results["rows"] = sweep_rows(args.smoke, device, dtype)
         write(results, args.out)
         return
     results["kernel_check"] = kernel_check(device)

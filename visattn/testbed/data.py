@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -47,6 +48,8 @@ POPULARITY: dict[str, float] = dict(zip(SHAPES, (0.22, 0.18, 0.15, 0.12, 0.10, 0
 PARTNERS: dict[str, str] = {"circle": "ring", "ring": "circle", "square": "diamond", "diamond": "square",
                             "star": "cross", "cross": "star", "triangle": "hexagon", "hexagon": "triangle"}
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five")
+#: the default range of a moving shape's diameter, as fractions of the frame (:func:`moving_shapes_video`).
+SHAPE_SCALE: tuple[float, float] = (0.3, 0.5)
 _SUPERSAMPLE = 2
 _COLOUR_JITTER = 15
 
@@ -272,14 +275,14 @@ def _classification_chunk(args: tuple[int, str, int, int, int]) -> tuple[np.ndar
     return np.stack([s.image for s in scenes]), np.array([s.label for s in scenes], dtype=np.int64)
 
 
-def _video_chunk(args: tuple[int, str, int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    seed, split, start, stop, size, frames = args
-    videos = [moving_shapes_video(seed, split, i, frames, size) for i in range(start, stop)]
+def _video_chunk(args: tuple[int, str, int, int, int, int, tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    seed, split, start, stop, size, frames, shape_scale = args
+    videos = [moving_shapes_video(seed, split, i, frames, size, shape_scale=shape_scale) for i in range(start, stop)]
     return np.stack([v.frames for v in videos]), np.array([v.label for v in videos], dtype=np.int64)
 
 
 def _in_chunks(make: Callable[[tuple], tuple[np.ndarray, np.ndarray]], split: str, n: int, seed: int, start: int,
-               workers: int, *args: int) -> tuple[np.ndarray, np.ndarray]:
+               workers: int, *args: Any) -> tuple[np.ndarray, np.ndarray]:
     """Samples ``start .. start+n-1`` of ``split`` drawn by ``make`` in chunks, in ``workers`` processes if > 1."""
     rng_for(seed, split, start)  # validates split, seed and start early
     if n <= 0:
@@ -304,14 +307,15 @@ def classification_batch(split: str, n: int, *, seed: int = 0, start: int = 0, s
 
 
 def video_batch(split: str, n: int, *, seed: int = 0, start: int = 0, frames: int = 8, size: int = 64,
-                workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                shape_scale: tuple[float, float] = SHAPE_SCALE, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """One-shape clips ``[n, frames, size, size, 3]`` uint8 of :func:`moving_shapes_video` and their labels ``[n]``.
 
     Samples ``start .. start+n-1`` of ``split``; the same for any ``workers``, as :func:`classification_batch`.
     """
     if frames < 1:
         raise ValueError(f"frames must be >= 1 (got {frames})")
-    return _in_chunks(_video_chunk, split, n, seed, start, workers, size, frames)
+    check_shape_scale(shape_scale)
+    return _in_chunks(_video_chunk, split, n, seed, start, workers, size, frames, tuple(shape_scale))
 
 
 def multi_object_scene(seed: int, split: str, index: int, size: int = 64, max_objects: int = 4) -> Scene:
@@ -445,21 +449,30 @@ class _Mover:
         self.angle += self.spin
 
 
+def check_shape_scale(shape_scale: Sequence[float]) -> None:
+    """A ValueError unless ``shape_scale`` is ``(low, high)`` with ``0 < low <= high < 1``."""
+    if len(shape_scale) != 2 or not 0 < shape_scale[0] <= shape_scale[1] < 1:
+        raise ValueError(f"shape_scale must be (low, high) with 0 < low <= high < 1, shape diameters as fractions "
+                         f"of the frame (got {tuple(shape_scale)})")
+
+
 def moving_shapes_video(seed: int, split: str, index: int, frames: int = 8, size: int = 64,
-                        n_objects: int = 1) -> Video:
+                        n_objects: int = 1, shape_scale: tuple[float, float] = SHAPE_SCALE) -> Video:
     """Shapes moving in straight lines (bouncing off the edges) over a static textured background.
 
-    ``label`` is the first object's shape index; the caption names the objects and their initial heading.
+    Each shape's diameter is drawn uniformly in ``shape_scale`` (fractions of ``size``). ``label`` is
+    the first object's shape index; the caption names the objects and their initial heading.
     """
     if frames < 1 or n_objects < 1:
         raise ValueError(f"frames and n_objects must be >= 1 (got frames={frames}, n_objects={n_objects})")
+    check_shape_scale(shape_scale)
     rng = rng_for(seed, split, index)
     canvas = _Canvas(rng, size)
     base = canvas.pixels
     movers = []
     for _ in range(n_objects):
         shape, colour = SHAPES[int(rng.integers(len(SHAPES)))], _colour(rng)
-        d = rng.uniform(0.3, 0.5) * size
+        d = rng.uniform(*shape_scale) * size
         pos = rng.uniform(d / 2 + 1, size - d / 2 - 1, size=2)
         speed, heading = rng.uniform(1.5, 4.0), rng.uniform(0, 2 * math.pi)
         vel = speed * np.array([math.cos(heading), math.sin(heading)])

@@ -1,31 +1,33 @@
 """The testbed video DiT: a small class-conditional diffusers ``WanTransformer3DModel`` in pixel space.
 
-It generates the one-shape clips of :func:`~.data.video_batch` (8 frames of 64x64 RGB by default)
+It generates the one-shape clips of :func:`~.data.video_batch` (8 frames of 32x32 RGB by default)
 given the shape class. The model (:class:`VideoDiT`) is the Wan transformer plus a
 :class:`ClassEmbedding` beside it: a learned table of ``class_tokens`` text-embedding vectors for each
 of the 8 classes of :data:`~.data.SHAPES` and for a null class (:data:`NULL_CLASS`, classifier-free
 guidance), fed to Wan as ``encoder_hidden_states``, so Wan's cross-attention is the conditioning path.
-There is no VAE: Wan patchifies the pixels directly (``patch_size`` (1, 4, 4) gives a 8x16x16 grid,
-2048 tokens per clip, 32 tiles of 4x4x4 for ``sparse_video``). Attention heads are 64 wide, a size the
-block-sparse Triton kernel takes.
+There is no VAE: Wan patchifies the pixels directly (``patch_size`` (1, 4, 4) gives a 8x8x8 grid,
+512 tokens per clip: 64 tiles of 2x2x2 for ``sparse_video`` with ``tile=(2, 2, 2)``, 8 of the default
+4x4x4). Attention heads are 64 wide, a size the block-sparse Triton kernel takes.
 
-Config (:data:`VIDEO_CONFIG`): width 192 (3 heads of 64), 6 layers, FFN 768, about 3.8 M parameters.
+Config (:data:`VIDEO_CONFIG`): width 256 (4 heads of 64), 4 layers, FFN 1024, about 4.8 M parameters.
 
 Training (:func:`train_video_dit`) is the rectified-flow recipe of :mod:`.diffusion` (shared with the
 image UNet of :mod:`.image`): ``x_t = (1 - t) x_0 + t e`` with pixels ``x_0`` in [-1, 1], noise ``e``,
-``t`` logit-normal, and the model regresses the velocity ``e - x_0`` (Wan sees the timestep ``1000 t``);
-the class is dropped to the null class with probability ``class_dropout``. AdamW, warm-up then cosine,
-bf16 autocast on CUDA, random flips, quarter turns and time reversal of the clips (every one keeps the
-class), an EMA of the weights (the shipped weights). :func:`sample` integrates the flow from noise
-(``t = 1``) to data (``t = 0``) with Euler steps and classifier-free guidance
+``t`` logit-normal moved toward the noise by a time shift (2 by default), and the model regresses the
+velocity ``e - x_0`` (Wan sees the timestep ``1000 t``); the class is dropped to the null class with
+probability ``class_dropout``. The model starts from adaLN-Zero (:func:`zero_gates`). AdamW, warm-up
+then cosine, bf16 autocast on CUDA, random flips, quarter turns and time reversal of the clips (every
+one keeps the class), an EMA of the weights (the shipped weights). :func:`sample` integrates the flow
+from noise (``t = 1``) to data (``t = 0``) with Euler steps and classifier-free guidance
 ``v = v_null + g (v_class - v_null)``; each clip's noise is a function of ``(seed, index)`` alone.
 
 Quality is measured as the issue asks: the shipped testbed ViT (:func:`~.vit.load_vit`) classifies
 every frame of generated clips (:func:`class_accuracy`, also the middle frame alone); the fraction
-classified as the conditioned class must reach 0.8. ``train_video_dit`` picks the guidance scale on
-one set of noise seeds and reports the accuracy on another, and writes ``video_dit.safetensors``
-(fp16) and ``video_dit.json`` (config, sampling defaults, seed, steps, metrics, command).
-``scripts/train_testbed_video.py`` runs it; :func:`load_video_dit` loads the shipped weights.
+classified as the conditioned class must reach 0.8 (:data:`QUALITY_BAR`). ``train_video_dit`` picks the
+guidance scale on one set of noise seeds and reports the accuracy on another, and writes
+``video_dit.safetensors`` (fp16) and ``video_dit.json`` (config, sampling defaults, seed, steps, metrics,
+command). ``scripts/train_testbed_video.py`` runs it; :func:`load_video_dit` loads the shipped weights,
+which are below the bar (0.584; BENCHMARKS.md).
 
 Methods apply to the Wan transformer inside: ``visattn.apply(model.transformer, "sparse_video", keep=0.25)``.
 """
@@ -40,10 +42,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .data import SHAPES, video_batch
+from .data import SHAPE_SCALE, SHAPES, check_shape_scale, video_batch
 from .diffusion import (
     DEFAULT_STEPS,
-    GUIDANCE_CANDIDATES,
     ClassEmbedding,
     FlowModel,
     check_recipe,
@@ -59,16 +60,20 @@ from .diffusion import sample as sample
 from .vit import WEIGHTS_DIR
 
 VIDEO_CONFIG: dict[str, Any] = {
-    "frames": 8, "size": 64, "patch_size": (1, 4, 4), "num_layers": 6, "num_attention_heads": 3,
-    "attention_head_dim": 64, "ffn_dim": 768, "freq_dim": 128, "text_dim": 128, "class_tokens": 4,
+    "frames": 8, "size": 32, "patch_size": (1, 4, 4), "num_layers": 4, "num_attention_heads": 4,
+    "attention_head_dim": 64, "ffn_dim": 1024, "freq_dim": 128, "text_dim": 128, "class_tokens": 4,
+    "shape_scale": SHAPE_SCALE,
 }
 #: a tiny model on 4 frames of 16x16 (a 4x8x8 token grid, 4 tiles of 4x4x4) for checking the recipe and
 #: the harness on a CPU in seconds; not a useful generator.
 TINY_CONFIG: dict[str, Any] = {
     "frames": 4, "size": 16, "patch_size": (1, 2, 2), "num_layers": 2, "num_attention_heads": 2,
     "attention_head_dim": 16, "ffn_dim": 64, "freq_dim": 16, "text_dim": 16, "class_tokens": 2,
+    "shape_scale": SHAPE_SCALE,
 }
 SHIPPED_VIDEO_DIT = WEIGHTS_DIR / "video_dit.safetensors"
+#: guidance scales :func:`train_video_dit` chooses from by default (the video DiT wants strong guidance).
+VIDEO_GUIDANCES: tuple[float, ...] = (4.5, 6.0, 8.0, 10.0, 12.0)
 #: The share of generated frames the testbed ViT must classify as the conditioned class (chance: 1 / 8).
 QUALITY_BAR = 0.8
 
@@ -76,7 +81,9 @@ QUALITY_BAR = 0.8
 def _config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     """:data:`VIDEO_CONFIG` with ``overrides``, checked for consistency."""
     cfg = merged_config(VIDEO_CONFIG, overrides, "video DiT", "patch_size")
-    ints = [k for k in VIDEO_CONFIG if k != "patch_size"]
+    cfg["shape_scale"] = tuple(float(v) for v in cfg["shape_scale"])
+    check_shape_scale(cfg["shape_scale"])
+    ints = [k for k in VIDEO_CONFIG if k not in ("patch_size", "shape_scale")]
     if len(cfg["patch_size"]) != 3 or min(cfg["patch_size"]) < 1 or any(int(cfg[k]) < 1 for k in ints):
         raise ValueError(f"video DiT config: patch_size must be 3 ints >= 1 and {', '.join(ints)} ints >= 1 "
                          f"(got {cfg})")
@@ -119,6 +126,25 @@ def build_video_dit(config: Mapping[str, Any] | None = None) -> VideoDiT:
     return VideoDiT(_config(config))
 
 
+def zero_gates(model: VideoDiT) -> VideoDiT:
+    """``model`` with adaLN-Zero's start (Peebles & Xie, 2023, "Scalable Diffusion Models with Transformers", Sec. 3.2):
+    every residual gate of Wan's blocks (the attention and feed-forward gates: their rows of the shared time
+    projection and of each block's table) and the output projection set to zero, so that each block starts as
+    the identity and the model's first velocity is zero. Training starts here (:func:`train_video_dit`)."""
+    tr = model.transformer
+    proj = tr.condition_embedder.time_proj
+    width = proj.weight.shape[0] // 6  # six chunks: shift, scale, gate (attention), shift, scale, gate (FFN)
+    with torch.no_grad():
+        for chunk in (2, 5):
+            proj.weight[chunk * width:(chunk + 1) * width].zero_()
+            proj.bias[chunk * width:(chunk + 1) * width].zero_()
+            for block in tr.blocks:
+                block.scale_shift_table[:, chunk].zero_()
+        tr.proj_out.weight.zero_()
+        tr.proj_out.bias.zero_()
+    return model
+
+
 def load_video_dit(path: str | Path | None = None, device: str | torch.device = "cpu") -> VideoDiT:
     """The video DiT from ``path`` (default: the shipped weights) and the json beside it, float32, in eval mode."""
     return load_testbed(VideoDiT, path, SHIPPED_VIDEO_DIT, device, "video DiT", "scripts/train_testbed_video.py")
@@ -142,12 +168,12 @@ def _augment(x: Tensor) -> Tensor:
     return out
 
 
-def train_video_dit(out_dir: str | Path, *, steps: int = 12000, batch_size: int = 64, train_size: int = 32000,
-                    lr: float = 5e-4, weight_decay: float = 0.01, warmup: int = 300, ema_decay: float = 0.999,
-                    class_dropout: float = 0.1, time_shift: float = 1.0, config: Mapping[str, Any] | None = None,
+def train_video_dit(out_dir: str | Path, *, steps: int = 100000, batch_size: int = 128, train_size: int = 32000,
+                    lr: float = 1e-3, weight_decay: float = 0.01, warmup: int = 300, ema_decay: float = 0.999,
+                    class_dropout: float = 0.1, time_shift: float = 2.0, config: Mapping[str, Any] | None = None,
                     eval_n: int = 256, eval_steps: int = DEFAULT_STEPS,
-                    guidances: Sequence[float] = GUIDANCE_CANDIDATES,
-                    max_minutes: float | None = None, seed: int = 0, workers: int = 1, device: str | None = None,
+                    guidances: Sequence[float] = VIDEO_GUIDANCES,
+                    max_minutes: float | None = 6.3, seed: int = 0, workers: int = 1, device: str | None = None,
                     compile: bool = False, log_every: int = 500) -> dict[str, Any]:
     """Train the testbed video DiT from scratch; write ``video_dit.safetensors`` and ``video_dit.json`` to ``out_dir``.
 
@@ -175,18 +201,19 @@ def train_video_dit(out_dir: str | Path, *, steps: int = 12000, batch_size: int 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()  # data first: the worker processes fork before CUDA is initialised
-    x_train, y_train = video_batch("train", train_size, seed=seed, frames=cfg["frames"], size=cfg["size"],
-                                   workers=workers)
-    x_real, y_real = video_batch("test", eval_n, seed=seed, frames=cfg["frames"], size=cfg["size"], workers=workers)
+    data = dict(seed=seed, frames=cfg["frames"], size=cfg["size"], shape_scale=cfg["shape_scale"], workers=workers)
+    x_train, y_train = video_batch("train", train_size, **data)
+    x_real, y_real = video_batch("test", eval_n, **data)
     data_s = time.time() - t0
     print(f"data: {train_size} training clips of {cfg['frames']}x{cfg['size']}x{cfg['size']} in {data_s:.1f} s",
           flush=True)
 
     tokens = cfg["frames"] // cfg["patch_size"][0] * (cfg["size"] // cfg["patch_size"][1]) ** 2
     header = {"model": "diffusers WanTransformer3DModel + ClassEmbedding (pixel space, rectified flow)",
-              "config": {**cfg, "patch_size": list(cfg["patch_size"])}}
+              "config": {**cfg, "patch_size": list(cfg["patch_size"]), "shape_scale": list(cfg["shape_scale"])}}
     return train_testbed(
-        lambda: build_video_dit(cfg), x_train, y_train, x_real, y_real, to_model=_to_model, augment=_augment,
+        lambda: zero_gates(build_video_dit(cfg)), x_train, y_train, x_real, y_real, to_model=_to_model,
+        augment=_augment,
         weights=out_dir / "video_dit.safetensors", header=header, note=f", {tokens} tokens per clip",
         data_seconds=data_s, device=device, seed=seed, steps=steps, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, warmup=warmup, ema_decay=ema_decay, class_dropout=class_dropout,
