@@ -69,7 +69,7 @@ def test_training_starts_from_adaln_zero():
     assert not gates.any() and tr.condition_embedder.time_proj.weight.view(6, width, -1)[[0, 1, 3, 4]].any()
     assert not torch.stack([b.scale_shift_table[:, [2, 5]] for b in tr.blocks]).any()
     x = torch.randn(2, 4, 3, 16, 16)
-    assert not model(x, torch.rand(2), torch.tensor([0, 8])).any()  # each block the identity, output zero
+    assert not model(x, torch.rand(2), torch.tensor([0, 8])).any()  # the output projection starts at zero
     fresh = video.build_video_dit(TINY_CONFIG)
     assert fresh(x, torch.rand(2), torch.tensor([0, 8])).abs().max() > 0  # only training starts there
 

@@ -128,9 +128,10 @@ def build_video_dit(config: Mapping[str, Any] | None = None) -> VideoDiT:
 
 def zero_gates(model: VideoDiT) -> VideoDiT:
     """``model`` with adaLN-Zero's start (Peebles & Xie, 2023, "Scalable Diffusion Models with Transformers", Sec. 3.2):
-    every residual gate of Wan's blocks (the attention and feed-forward gates: their rows of the shared time
-    projection and of each block's table) and the output projection set to zero, so that each block starts as
-    the identity and the model's first velocity is zero. Training starts here (:func:`train_video_dit`)."""
+    every residual gate of Wan's blocks (the self-attention and feed-forward gates: their rows of the shared time
+    projection and of each block's table) and the output projection set to zero, so that each block starts with
+    its self-attention and feed-forward switched off (Wan's cross-attention has no gate) and the model's first
+    velocity is zero. Training starts here (:func:`train_video_dit`)."""
     tr = model.transformer
     proj = tr.condition_embedder.time_proj
     width = proj.weight.shape[0] // 6  # six chunks: shift, scale, gate (attention), shift, scale, gate (FFN)
