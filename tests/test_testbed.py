@@ -12,7 +12,7 @@ import visattn
 from visattn.cli import main
 from visattn.errors import OptionError, UnknownMethodError, UnsupportedModelError
 from visattn.testbed import data as D
-from visattn.testbed.eval import eval_vit, parse_sweep
+from visattn.testbed.eval import eval_vit, parse_option, parse_sweep
 from visattn.testbed.vit import SHIPPED_WEIGHTS, accuracy, load_vit
 
 pytest.importorskip("timm")
@@ -172,6 +172,15 @@ def test_eval_takes_a_local_checkpoint_and_image_folder(tmp_path):
                       progress=False)
     assert result["rows"][0]["agreement"] == 1.0
     assert (tmp_path / "eval_vit_vit_tiny_patch16_224_tome.json").is_file()
+
+
+def test_eval_options_are_read_as_typed_values():
+    assert parse_option("r=8") == ("r", 8) and parse_option("keep=0.25") == ("keep", 0.25)
+    assert parse_option("cls=true") == ("cls", True) and parse_option("tile=none") == ("tile", None)
+    assert parse_option("tile=2x4x4") == ("tile", (2, 4, 4)) and parse_option("window=8X8") == ("window", (8, 8))
+    assert parse_option("strategy=sliding_tile") == ("strategy", "sliding_tile")
+    assert parse_option("strategy=x") == ("strategy", "x") and parse_option("name=2x") == ("name", "2x")
+    assert parse_sweep("window=2x4x4,1x2x3") == ("window", [(2, 4, 4), (1, 2, 3)])
 
 
 def test_eval_bad_inputs_are_named(tmp_path, capsys):

@@ -478,9 +478,9 @@ def video_quality(checkpoint: str | None = None) -> str | None:
     if accuracy is None or accuracy >= QUALITY_BAR:
         return None
     return (f"This video DiT is below its quality bar: the testbed ViT sees the conditioned shape in "
-            f"{accuracy:.0%} of its frames (bar {QUALITY_BAR:.0%}, chance 12.5%), so its samples are mostly "
-            f"textured backgrounds. Dense and sparse still start from the same noise, so how far sparse_video moves "
-            f"the sample shows; what it keeps of a good model does not.")
+            f"{accuracy:.0%} of its frames (bar {QUALITY_BAR:.0%}, chance 12.5%); the others draw the wrong shape "
+            f"or none. Dense and sparse still start from the same noise, so how far sparse_video moves the sample "
+            f"shows; what it keeps of a good model does not.")
 
 
 def video_missing(checkpoint: str | None = None) -> str | None:

@@ -75,12 +75,16 @@ CAPTION_EXAMPLES = 8
 
 
 def parse_value(text: str) -> Any:
-    """``"4"`` -> 4, ``"0.5"`` -> 0.5, ``"true"``/``"false"``/``"none"`` -> True/False/None, else the text."""
+    """``"4"`` -> 4, ``"0.5"`` -> 0.5, ``"true"``/``"false"``/``"none"`` -> True/False/None, ``"2x4x4"`` ->
+    ``(2, 4, 4)`` (a tile or window, written as the options' errors write it), else the text."""
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
         return lowered == "true"
     if lowered == "none":
         return None
+    parts = lowered.split("x")
+    if len(parts) > 1 and all(p.isdigit() for p in parts):
+        return tuple(int(p) for p in parts)
     for kind in (int, float):
         try:
             return kind(text)
