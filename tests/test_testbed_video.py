@@ -33,6 +33,18 @@ def tiny(tmp_path_factory):
     return out / "video_dit.safetensors", metrics
 
 
+def test_quarter_turns_turn_each_sample_by_its_own_count():
+    from visattn.testbed.vit import quarter_turns
+
+    clips = torch.randn(5, 2, 3, 4, 4)
+    turns = torch.tensor([0, 1, 2, 3, 1])
+    expected = torch.stack([torch.rot90(c, int(k), dims=(-2, -1)) for c, k in zip(clips, turns)])
+    assert torch.equal(quarter_turns(clips, turns), expected)
+    turned = video._augment(clips)  # flips, turns and time reversal keep every clip's values
+    values = [t.flatten(1).sort(1).values for t in (turned, clips)]
+    assert turned.shape == clips.shape and torch.equal(*values)
+
+
 def test_video_batch_is_the_generator_and_the_same_for_any_workers():
     clips, labels = video_batch("train", 3, seed=1, start=2, frames=3, size=16)
     assert clips.shape == (3, 3, 16, 16, 3) and clips.dtype == np.uint8

@@ -57,7 +57,7 @@ from .diffusion import class_accuracy as class_accuracy
 from .diffusion import classify_frames as classify_frames
 from .diffusion import initial_noise as initial_noise
 from .diffusion import sample as sample
-from .vit import WEIGHTS_DIR
+from .vit import WEIGHTS_DIR, quarter_turns
 
 VIDEO_CONFIG: dict[str, Any] = {
     "frames": 8, "size": 32, "patch_size": (1, 4, 4), "num_layers": 4, "num_attention_heads": 4,
@@ -161,12 +161,7 @@ def _augment(x: Tensor) -> Tensor:
     pick = torch.rand(3, x.shape[0], device=x.device)
     x = torch.where((pick[0] < 0.5)[:, None, None, None, None], x.flip(-1), x)
     x = torch.where((pick[1] < 0.5)[:, None, None, None, None], x.flip(1), x)
-    turns = (pick[2] * 4).long().clamp(max=3)
-    out = x.clone()
-    for k in (1, 2, 3):
-        sel = turns == k
-        out[sel] = torch.rot90(x[sel], k, dims=(-2, -1))
-    return out
+    return quarter_turns(x, (pick[2] * 4).long().clamp(max=3))
 
 
 def train_video_dit(out_dir: str | Path, *, steps: int = 100000, batch_size: int = 512, train_size: int = 48000,

@@ -66,16 +66,20 @@ def to_input(images: np.ndarray | Tensor, device: str | torch.device = "cpu") ->
     return (x - 0.5) / 0.5
 
 
+def quarter_turns(x: Tensor, turns: Tensor) -> Tensor:
+    """Sample ``i`` of ``x`` (square in its last two dims) turned by ``turns[i]`` quarter turns (0..3), computed
+    with ``torch.where`` rather than boolean indexing, so a training step does not wait on the GPU for it."""
+    out = x
+    for k in (1, 2, 3):
+        out = torch.where((turns == k).view(-1, *[1] * (x.ndim - 1)), torch.rot90(x, k, dims=(-2, -1)), out)
+    return out
+
+
 def _augment(x: Tensor) -> Tensor:
     """Random horizontal flip and quarter turn per sample (every shape class is invariant to both)."""
     flip = torch.rand(x.shape[0], device=x.device) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    turns = torch.randint(0, 4, (x.shape[0],), device=x.device)
-    out = x.clone()
-    for k in (1, 2, 3):
-        sel = turns == k
-        out[sel] = torch.rot90(x[sel], k, dims=(2, 3))
-    return out
+    return quarter_turns(x, torch.randint(0, 4, (x.shape[0],), device=x.device))
 
 
 @torch.no_grad()
