@@ -21,6 +21,7 @@ from diffusers import ContextParallelConfig  # noqa: E402
 from diffusers.models._modeling_parallel import ParallelConfig  # noqa: E402
 from diffusers.models.attention_dispatch import _AttentionBackendRegistry, attention_backend  # noqa: E402
 from test_diffusers import BUILDERS, _run  # noqa: E402
+from tiny_dits import BUILDERS as DIT_BUILDERS  # noqa: E402
 
 import visattn  # noqa: E402
 from visattn.errors import OptionError, UnsupportedModelError  # noqa: E402
@@ -31,8 +32,26 @@ SPARSE = dict(keep=0.5, tile=(1, 2, 2))  # the tiny Wan's 2x4x4 grid: 8 blocks, 
 
 def _model(family: str = "wan") -> tuple[torch.nn.Module, dict[str, Any]]:
     torch.manual_seed(0)
-    model, inputs, *_ = BUILDERS[family]()
+    model, inputs, *_ = BUILDERS[family]() if family in BUILDERS else DIT_BUILDERS[family]()
     return model.eval(), inputs
+
+
+# Two ranks: each family's options (the tiny grids: Wan 2x4x4 tokens, Flux and Flux.2 3x4) and its inputs with 4
+# text tokens, so that diffusers splits the text into equal shards. Not LTX: diffusers 0.42.1's Ulysses attention
+# fails on its text mask in the stock model ("output with shape [2, 1, 24, 4] doesn't match the broadcast shape
+# [2, 2, 24, 4]").
+PARALLEL = {"wan": SPARSE, "flux": dict(keep=0.5, tile=(1, 2)), "flux2": dict(keep=0.5, tile=(1, 2))}
+
+
+def _parallel_case(family: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    model, inputs = _model(family)
+    inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"][:, :4]
+    if "txt_ids" in inputs:
+        inputs["txt_ids"] = inputs["txt_ids"][:4]
+    if family == "flux2":  # its plan splits batched ids [B, S, 4]
+        for name in ("img_ids", "txt_ids"):
+            inputs[name] = inputs[name][None].expand(2, -1, -1)
+    return model, inputs
 
 
 def _backends(model: torch.nn.Module) -> list[dict[str, Any]]:
@@ -93,6 +112,20 @@ def test_identity_reproduces_stock_and_dense_calls_keep_the_previous_backend() -
     assert {p._attention_backend for p in model.attn_processors.values()} == {"_native_math"}
 
 
+def test_ulysses_order_finds_each_joint_token_in_the_gathered_sequence() -> None:
+    from visattn.core.layout import TokenLayout
+    from visattn.errors import ShapeError
+    from visattn.frameworks.diffusers import ulysses_order
+
+    before = TokenLayout(num_tokens=10, grid=(2, 3), grid_start=4, text=((0, 4),))  # gathered: t t g g g | t t g g g
+    assert ulysses_order(before, 2, torch.device("cpu")).tolist() == [0, 1, 5, 6, 2, 3, 4, 7, 8, 9]
+    after = TokenLayout(num_tokens=10, grid=(2, 3), text=((6, 10),))  # gathered: g g g t t | g g g t t
+    assert ulysses_order(after, 2, torch.device("cpu")).tolist() == [0, 1, 2, 5, 6, 7, 3, 4, 8, 9]
+    assert ulysses_order(before, 1, torch.device("cpu")).tolist() == list(range(10))
+    with pytest.raises(ShapeError, match="4 text and 6 grid tokens .* equal shards"):
+        ulysses_order(before, 3, torch.device("cpu"))
+
+
 def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(OptionError, match="install must be one of 'processor', 'attention_backend'"):
         visattn.apply(_model()[0], "sparse_video", install="backend")
@@ -109,7 +142,9 @@ def test_bad_inputs_raise_clear_errors() -> None:
         _run(stock, inputs)
 
     for family, config, match in [
-            ("flux", ContextParallelConfig(ulysses_degree=2), "context parallelism supports WanTransformer3DModel"),
+            ("hunyuanvideo", ContextParallelConfig(ulysses_degree=2), "supports WanTransformer3DModel, "
+                                                                     "FluxTransformer2DModel, Flux2.*not Hunyuan"),
+            ("flux", ContextParallelConfig(ulysses_degree=2, ulysses_anything=True), "ulysses_anything=True is not"),
             ("wan", ContextParallelConfig(ring_degree=2), "Ulysses context parallelism only.*got ring_degree=2"),
             ("wan", ContextParallelConfig(ulysses_degree=2, ring_degree=2), "got ring_degree=2, ulysses_degree=2")]:
         model, _ = _model(family)
@@ -127,26 +162,26 @@ def test_bad_inputs_raise_clear_errors() -> None:
 # Two CPU processes (gloo) under diffusers' own context parallelism
 
 
-def _rank(rank: int, world: int, port: int, results: Any) -> None:
-    """One rank: the tiny Wan (same seed as the parent) under Ulysses degree ``world``, stock then sparse; then
-    ring attention, which must be refused."""
+def _rank(rank: int, world: int, port: int, family: str, results: Any) -> None:
+    """One rank: the tiny ``family`` model (same seed as the parent) under Ulysses degree ``world``, stock then
+    sparse; then ring attention, which must be refused."""
     try:
         torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
         # diffusers 0.42.1 places the rank on device `rank % torch.accelerator.device_count()`, 0 on a CPU-only host
         torch.accelerator.device_count = lambda: 1
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-        model, inputs = _model()
+        model, inputs = _parallel_case(family)
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
         stock = _run(model, inputs)
-        visattn.apply(model, "sparse_video", install="attention_backend", **SPARSE)
+        visattn.apply(model, "sparse_video", install="attention_backend", **PARALLEL[family])
         sparse = _run(model, inputs)
         visattn.remove(model)
         restored = torch.equal(_run(model, inputs), stock)
-        ring, _ = _model()
+        ring, _ = _parallel_case(family)
         ring.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
         try:
-            visattn.apply(ring, "sparse_video", install="attention_backend", **SPARSE)
+            visattn.apply(ring, "sparse_video", install="attention_backend", **PARALLEL[family])
             refused = ""
         except UnsupportedModelError as err:
             refused = str(err)
@@ -164,16 +199,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ulysses_equals_single_process_and_ring_is_refused() -> None:
-    model, inputs = _model()
+@pytest.mark.parametrize("family", list(PARALLEL))
+def test_two_process_ulysses_equals_single_process_and_ring_is_refused(family: str) -> None:
+    """Wan and LTX attend over the grid alone; Flux and Flux.2 join the text to it, and each rank holds a shard of
+    both, so the gathered sequence interleaves them and the backend reorders it for the routing and back."""
+    model, inputs = _parallel_case(family)
     stock_ref = _run(model, inputs)
-    visattn.apply(model, "sparse_video", install="attention_backend", **SPARSE)
+    visattn.apply(model, "sparse_video", install="attention_backend", **PARALLEL[family])
     sparse_ref = _run(model, inputs)
     visattn.remove(model)
     # fork, not spawn: a spawned rank re-imports diffusers (~10 s on two cores) before it can start
     context = multiprocessing.get_context("fork")
     results, port = context.Queue(), _free_port()
-    ranks = [context.Process(target=_rank, args=(r, 2, port, results)) for r in range(2)]
+    ranks = [context.Process(target=_rank, args=(r, 2, port, family, results)) for r in range(2)]
     for p in ranks:
         p.start()
     try:

@@ -482,6 +482,29 @@ def require_ulysses(cp: Any) -> None:
             f"ulysses_degree={cp.ulysses_degree}")
 
 
+def ulysses_order(layout: TokenLayout, degree: int, device: torch.device) -> torch.Tensor:
+    """Where each token of the joint sequence ``layout`` sits in the sequence diffusers' Ulysses all-to-all gathers.
+
+    With the text and the grid each split into ``degree`` equal shards (as diffusers' context-parallel plans of Flux
+    and Flux.2 split ``encoder_hidden_states`` and ``hidden_states``), rank ``r`` attends over its text shard and
+    its grid shard in the family's order (text before or after the grid), and the all-to-all joins the ranks'
+    sequences rank after rank: ``[text_0, grid_0, text_1, grid_1, ...]``. Returns int64 ``order`` ``[num_tokens]``
+    with ``gathered[:, order]`` the joint sequence (text, then grid, for text before). Unequal shards
+    (``ulysses_anything``) raise :class:`ShapeError`.
+    """
+    grid = math.prod(layout.grid)
+    text = layout.num_tokens - grid
+    if text % degree or grid % degree:
+        raise ShapeError(f"visattn: under Ulysses degree {degree} the {text} text and {grid} grid tokens of this "
+                         f"joint attention must each split into equal shards")
+    ts, gs = text // degree, grid // degree
+    start = torch.arange(degree, device=device)[:, None] * (ts + gs)
+    before = layout.grid_start > 0
+    text_pos = (start + (0 if before else gs) + torch.arange(ts, device=device)).flatten()
+    grid_pos = (start + (ts if before else 0) + torch.arange(gs, device=device)).flatten()
+    return torch.cat([text_pos, grid_pos] if before else [grid_pos, text_pos])
+
+
 def ulysses_attention(attend: Callable[..., torch.Tensor], query: torch.Tensor, key: torch.Tensor,
                       value: torch.Tensor, attn_mask: torch.Tensor | None, scale: float | None,
                       parallel_config: Any) -> torch.Tensor:

@@ -35,13 +35,17 @@ What works and what does not (diffusers 0.42.1):
   the processor installation's. The others (CogVideoX, Mochi, SD3, AuraFlow, CogView4, Lumina2, PixArt, DiT)
   call SDPA directly and never reach a backend: ``install="attention_backend"`` is refused there, use
   ``install="processor"``.
-- Ulysses (``ulysses_degree > 1``, ``ring_degree == 1``, also ``ulysses_anything``): Wan. After the
-  all-to-all each rank has every token of its heads, and every strategy routes each head on its own
-  q and k, so routing and kernel are unchanged and the output equals the single-GPU output up to
-  floating-point differences elsewhere in the model. Per-head ``sliding_tile`` windows are refused
-  (a rank holds a subset of the heads). Flux's context-parallel plan shards its text and image tokens
-  separately, so the gathered sequence interleaves them per rank and is not the joint layout the
-  routing assumes; HunyuanVideo has no plan. Both are refused under parallelism.
+- Ulysses (``ulysses_degree > 1``, ``ring_degree == 1``): Wan, Flux and Flux.2
+  (:data:`CONTEXT_PARALLEL_FAMILIES`, each tested against one process). After the all-to-all each rank has every
+  token of its heads, and every strategy routes each head on its own q and k, so routing and kernel are
+  unchanged and the output equals the single-GPU output up to floating-point differences elsewhere in the model.
+  Wan's self-attention is the grid alone. Flux's and Flux.2's join the text to the grid, and diffusers' plans
+  split the text and the grid each across the ranks, so the gathered sequence interleaves them rank by rank
+  (``[text_0, grid_0, text_1, grid_1]``): the backend reads it in joint order and writes the output back
+  (:func:`visattn.frameworks.diffusers.ulysses_order`); that needs equal shards (``ulysses_anything`` is
+  refused) and no attention mask. Per-head ``sliding_tile`` windows are refused (a rank holds a subset of the
+  heads). Other families are refused: HunyuanVideo and others have no plan; LTX's stock model fails under
+  Ulysses with its text mask in diffusers 0.42.1.
 - Ring attention (``ring_degree > 1``, alone or with Ulysses): refused with a clear error. Each rank
   sees one shard of the keys at a time, while routing ranks a query block's kv blocks over the whole
   sequence. It could be done (gather the pooled keys — one vector per block and head — to route
@@ -55,6 +59,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -66,7 +71,9 @@ from .config import SparseVideoConfig
 from .schedule import SparseVideoSchedule
 
 BACKEND = "visattn_sparse"
-CONTEXT_PARALLEL_FAMILIES = ("WanTransformer3DModel",)
+#: the families tested under Ulysses: Wan attends over the grid alone; Flux and Flux.2 join the text to the grid, and
+#: diffusers' plans for them split the text and the grid each across the ranks.
+CONTEXT_PARALLEL_FAMILIES = ("WanTransformer3DModel", "FluxTransformer2DModel", "Flux2Transformer2DModel")
 
 _RUNNING: PerThread[list[SparseVideoAttnBackend]] = PerThread(list)  # this thread's running models, innermost last
 
@@ -102,6 +109,7 @@ class SparseVideoAttnBackend:
         self.config = SparseVideoConfig.resolve(config, options)
         self._fw = fw
         self._family = type(model).__name__
+        self._joint = bool(fw.family_of(model).text)  # self-attention holds the text (or other tokens) and the grid
         direct = [name for (name, module), kind in zip(fw.attention_layers(model), fw.layer_kinds(model))
                   if kind == "self" and not hasattr(module.processor, "_attention_backend")]
         if direct:
@@ -109,10 +117,10 @@ class SparseVideoAttnBackend:
                 f"sparse_video's attention backend serves layers whose processors call dispatch_attention_fn; the "
                 f"processors of {self._family} ({', '.join(direct[:3])}{', ...' if len(direct) > 3 else ''}) call "
                 f"SDPA directly: use install='processor' (visattn.diffusers.SparseVideoAttnProcessor) for it")
+        self._model = model
         parallel = getattr(model, "_parallel_config", None)
         if parallel is not None and parallel.context_parallel_config is not None:
             self._check_parallel(parallel.context_parallel_config)
-        self._model = model
         self._patcher = patcher or Patcher()
         self.backend = fw.register_attention_backend(BACKEND, visattn_sparse, context_parallel=True)
         self._dense = fw.dense_backends(model, exclude=self.backend)
@@ -147,9 +155,12 @@ class SparseVideoAttnBackend:
         self._fw.require_ulysses(cp)
         if self._family not in CONTEXT_PARALLEL_FAMILIES:
             raise UnsupportedModelError(
-                f"sparse_video under context parallelism supports {', '.join(CONTEXT_PARALLEL_FAMILIES)} (its "
-                f"self-attention sequence is the video grid alone); the context-parallel sequence of {self._family} "
-                f"is not the joint text/grid layout the routing reads")
+                f"sparse_video under context parallelism supports {', '.join(CONTEXT_PARALLEL_FAMILIES)} (tested); "
+                f"not {self._family}")
+        if self._joint and getattr(cp, "ulysses_anything", False):
+            raise UnsupportedModelError(
+                f"sparse_video under context parallelism needs equal text and grid shards on every rank for the "
+                f"joint attention of {self._family}; ulysses_anything=True is not supported there")
         if self.config.window is not None and isinstance(self.config.window[0], tuple):
             raise OptionError("sparse_video: per-head sliding_tile windows cannot run under Ulysses context "
                               "parallelism (each rank holds a subset of the heads); give one window for all heads")
@@ -172,7 +183,10 @@ class SparseVideoAttnBackend:
         cp = None if parallel_config is None else parallel_config.context_parallel_config
         layout = None
         if index is not None and not dropout_p and not is_causal and key.shape[1] == query.shape[1]:
-            layout = self._schedule.layout(index, query.shape[1] if cp is None else None, query.device)
+            # under Ulysses the call holds this rank's shard: equal text and grid shards (joint attention) or the
+            # grid's shard alone, whose layout is the grid
+            tokens = query.shape[1] if cp is None else query.shape[1] * cp.ulysses_degree if self._joint else None
+            layout = self._schedule.layout(index, tokens, query.device)
         if layout is None:
             return self._fw.dispatch_attention(
                 self._dense.get(index, self._fw.NATIVE_BACKEND), query, key, value, parallel_config,
@@ -180,6 +194,17 @@ class SparseVideoAttnBackend:
         if cp is None:
             return self._sparse(query, key, value, attn_mask, scale, layout)
         self._check_parallel(cp)
-        return self._fw.ulysses_attention(
-            lambda q, k, v, mask, s: self._sparse(q, k, v, mask, s, layout), query, key, value, attn_mask, scale,
-            parallel_config)
+        if not self._joint:
+            return self._fw.ulysses_attention(
+                lambda q, k, v, mask, s: self._sparse(q, k, v, mask, s, layout), query, key, value, attn_mask, scale,
+                parallel_config)
+        if attn_mask is not None:
+            raise UnsupportedModelError(f"sparse_video under context parallelism takes no attention mask in the joint "
+                                        f"attention of {self._family}")
+        order = self._fw.ulysses_order(layout, cp.ulysses_degree, query.device)
+
+        def joint(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, s: float | None) -> Tensor:
+            out = self._sparse(q[:, order], k[:, order], v[:, order], mask, s, layout)
+            return torch.empty_like(out).index_copy_(1, order, out)  # back to the gathered order
+
+        return self._fw.ulysses_attention(joint, query, key, value, attn_mask, scale, parallel_config)
