@@ -1,8 +1,8 @@
 """sparse_video as the diffusers attention backend ``visattn_sparse`` (issue 11): registered so that
 ``set_attention_backend`` selects it; the single-process path reproduces the processor's output and the identity
 setting reproduces stock; remove() restores the previous backends; two CPU processes under diffusers' Ulysses
-context parallelism (gloo) give the single-process output; ring attention and unsupported models raise clear
-errors."""
+context parallelism (gloo) give the single-process output of sparse_video and of inspect's maps on Wan, Flux and
+Flux.2 (issue 22); ring attention and unsupported models raise clear errors."""
 
 from __future__ import annotations
 
@@ -178,6 +178,18 @@ def _rank(rank: int, world: int, port: int, family: str, results: Any) -> None:
         sparse = _run(model, inputs)
         visattn.remove(model)
         restored = torch.equal(_run(model, inputs), stock)
+        handle = visattn.apply(model, "inspect", per_head=True)
+        _run(model, inputs)
+        maps = {layer: handle.last(layer).numpy() for layer in handle.maps}
+        visattn.remove(model)
+        early, _ = _parallel_case(family)  # inspect applied before the model is made parallel: refused at the call
+        visattn.apply(early, "inspect")
+        early.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+        try:
+            _run(early, inputs)
+            late = ""
+        except UnsupportedModelError as err:
+            late = str(err)
         ring, _ = _parallel_case(family)
         ring.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
         try:
@@ -185,7 +197,8 @@ def _rank(rank: int, world: int, port: int, family: str, results: Any) -> None:
             refused = ""
         except UnsupportedModelError as err:
             refused = str(err)
-        results.put((rank, dict(stock=stock.numpy(), sparse=sparse.numpy(), restored=restored, ring=refused)))
+        results.put((rank, dict(stock=stock.numpy(), sparse=sparse.numpy(), restored=restored, ring=refused,
+                                maps=maps, late=late)))
         # rank 0 hosts the store: leaving before the other rank has built its ring mesh resets that rank's socket
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -201,12 +214,18 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("family", list(PARALLEL))
 def test_two_process_ulysses_equals_single_process_and_ring_is_refused(family: str) -> None:
-    """Wan and LTX attend over the grid alone; Flux and Flux.2 join the text to it, and each rank holds a shard of
-    both, so the gathered sequence interleaves them and the backend reorders it for the routing and back."""
+    """Wan attends over the grid alone; Flux and Flux.2 join the text to it, and each rank holds a shard of both, so
+    the gathered sequence interleaves them and the backend reorders it for the routing and back. inspect records
+    on every rank the per-head maps of one process (Wan's cross-attention included, which runs without the
+    all-to-all), and refuses a model made parallel after it was applied."""
     model, inputs = _parallel_case(family)
     stock_ref = _run(model, inputs)
     visattn.apply(model, "sparse_video", install="attention_backend", **PARALLEL[family])
     sparse_ref = _run(model, inputs)
+    visattn.remove(model)
+    handle = visattn.apply(model, "inspect", per_head=True)
+    _run(model, inputs)
+    maps_ref = {layer: handle.last(layer) for layer in handle.maps}
     visattn.remove(model)
     # fork, not spawn: a spawned rank re-imports diffusers (~10 s on two cores) before it can start
     context = multiprocessing.get_context("fork")
@@ -228,3 +247,8 @@ def test_two_process_ulysses_equals_single_process_and_ring_is_refused(family: s
         assert (torch.from_numpy(result["sparse"]) - stock_ref).abs().max() > 1e-2  # the sparse path ran
         assert result["restored"]
         assert "Ulysses context parallelism only" in result["ring"] and "ring_degree=2" in result["ring"]
+        # inspect: every rank records the maps of one process (all heads, tokens in the joint order)
+        assert result["maps"].keys() == maps_ref.keys()
+        for layer, expected in maps_ref.items():
+            torch.testing.assert_close(torch.from_numpy(result["maps"][layer]), expected, rtol=1e-5, atol=1e-6)
+        assert "applied after model.enable_parallelism" in result["late"]

@@ -111,6 +111,10 @@ FAMILIES: dict[str, Family] = {
     "MochiTransformer3DModel": Family(3, text="after"),
 }
 SUPPORTED_MODELS = tuple(FAMILIES)
+#: the families tested under diffusers' Ulysses context parallelism (``sparse_video``'s attention backend and the
+#: observers of :func:`parallel_observer`): Wan attends over the grid alone; Flux and Flux.2 join the text to the
+#: grid, and diffusers' plans split the text and the grid each across the ranks (:func:`ulysses_order`).
+PARALLEL_FAMILIES = ("WanTransformer3DModel", "FluxTransformer2DModel", "Flux2Transformer2DModel")
 NATIVE_BACKEND = attention_dispatch.AttentionBackendName.NATIVE  # torch SDPA, diffusers' default
 
 
@@ -141,12 +145,66 @@ def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def observe_attention(model: nn.Module, patcher: Patcher, layers: Sequence[int], observer: Observer) -> None:
-    """Call ``observer(layer, q, k, scale, mask)`` for each SDPA call of each selected layer (see module doc)."""
+    """Call ``observer(layer, q, k, scale, mask)`` for each SDPA call of each selected layer (see module doc), with
+    every head and token of the call under Ulysses context parallelism (:func:`parallel_observer`)."""
+    observer = parallel_observer(model, patcher, observer)
     modules = attention_layers(model)
     for idx in layers:
         name, module = modules[idx]
         observe_sdpa(module, patcher, idx, observer, lambda idx=idx, name=name, module=module: _unobservable(
             idx, name, module.processor))
+
+
+def context_parallel(model: nn.Module) -> Any:
+    """The ``ContextParallelConfig`` that ``model.enable_parallelism`` recorded on ``model``, or ``None``."""
+    parallel = getattr(model, "_parallel_config", None)
+    return None if parallel is None else parallel.context_parallel_config
+
+
+def parallel_observer(model: nn.Module, patcher: Patcher, observer: Observer) -> Observer:
+    """``observer`` as it sees a call without parallelism, also under diffusers' Ulysses context parallelism.
+
+    After Ulysses' all-to-all an SDPA call holds every token for ``H / degree`` heads, and for Flux and Flux.2 the
+    tokens interleaved rank by rank (:func:`ulysses_order`); cross-attention runs without it, every head for this
+    rank's shard of the queries. Under parallelism the returned observer gathers the heads (or the query shards) of
+    the Ulysses group and puts the joint attention's tokens back in order, so ``observer`` sees on every rank the q
+    and k one process would see. That needs the call's grid: when ``model`` is parallel already,
+    :func:`install_context` is installed (hooks undone by ``patcher``); a model made parallel afterwards, ring
+    attention, a family not tested under parallelism or a mask raise :class:`UnsupportedModelError`.
+    """
+    contexts = install_context(model, patcher) if context_parallel(model) is not None else None
+    family = type(model).__name__
+
+    def observe(layer: int, q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None) -> None:
+        cp = context_parallel(model)
+        if cp is None:
+            return observer(layer, q, k, scale, mask)
+        require_ulysses(cp)
+        if contexts is None or family not in PARALLEL_FAMILIES or mask is not None:
+            raise UnsupportedModelError(
+                f"visattn observes attention under Ulysses context parallelism in {', '.join(PARALLEL_FAMILIES)}, "
+                f"without an attention mask, applied after model.enable_parallelism(...) (got {family}"
+                f"{', a mask' if mask is not None else ''}{'' if contexts else ', applied before'})")
+        group = cp._ulysses_mesh.get_group()
+        if q.shape[1] == getattr(attention_layers(model)[layer][1], "heads", None):
+            # every head, this rank's shard of the queries: diffusers runs cross-attention without the all-to-all
+            return observer(layer, _all_gather(q, cp.ulysses_degree, group, dim=2), k, scale, None)
+        q, k = (_all_gather(t, cp.ulysses_degree, group, dim=1) for t in (q, k))
+        ctx = contexts.get()
+        if family_of(model).text and layer_kind(model, layer) == "self":
+            layout = token_layout(model, layer, tuple(ctx.extra["grid"]), q.shape[2])
+            order = ulysses_order(layout, cp.ulysses_degree, q.device)
+            q, k = q[:, :, order], k[:, :, order]
+        return observer(layer, q, k, scale, None)
+
+    return observe
+
+
+def _all_gather(t: torch.Tensor, degree: int, group: Any, dim: int) -> torch.Tensor:
+    """The ``degree`` ranks' ``t`` of ``group`` joined along ``dim`` in rank order (heads or query tokens)."""
+    parts = [torch.empty_like(t) for _ in range(degree)]
+    torch.distributed.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
 
 
 def _unobservable(idx: int, name: str, processor: Any) -> UnsupportedModelError:

@@ -5,8 +5,9 @@ Not a paper's method but the tool every paper's figures rely on: the softmax att
 recorded on every call of those layers. The framework adapter hands over the exact q and k the
 stock attention uses; the map is computed beside the stock computation, ``query_chunk`` rows at a
 time, so at most one layer's per-head map for one chunk is in memory. Works on timm and open_clip
-ViTs, diffusers UNets and DiTs, and transformers models. There is nothing to make identical: the
-method never changes outputs.
+ViTs, diffusers UNets and DiTs, and transformers models; under diffusers' Ulysses context parallelism
+(Wan, Flux, Flux.2; :func:`visattn.frameworks.diffusers.parallel_observer`) every rank records the maps
+one process would. There is nothing to make identical: the method never changes outputs.
 
 Options: ``layers`` (None = all), ``per_head`` (False), ``query_chunk`` (1024), ``to_cpu`` (True).
 """
@@ -144,7 +145,10 @@ class InspectAttnProcessor(LayerProcessor):
     def setup(self) -> None:
         self.handle = InspectHandle("inspect", self._model, self.options, self._patcher,
                                     layer_names={i: self._names[i] for i in self._chosen})
-        self._observer = _recorder(self.handle, self.options, self._patcher)
+        from ..frameworks.diffusers import parallel_observer
+
+        self._observer = parallel_observer(self._model, self._patcher, _recorder(self.handle, self.options,
+                                                                                 self._patcher))
 
     def run(self, layer: StockLayer, attn: Any, hidden_states: Tensor, kwargs: dict[str, Any]) -> Any:
         from ..frameworks.diffusers import observed

@@ -36,16 +36,16 @@ What works and what does not (diffusers 0.42.1):
   call SDPA directly and never reach a backend: ``install="attention_backend"`` is refused there, use
   ``install="processor"``.
 - Ulysses (``ulysses_degree > 1``, ``ring_degree == 1``): Wan, Flux and Flux.2
-  (:data:`CONTEXT_PARALLEL_FAMILIES`, each tested against one process). After the all-to-all each rank has every
-  token of its heads, and every strategy routes each head on its own q and k, so routing and kernel are
-  unchanged and the output equals the single-GPU output up to floating-point differences elsewhere in the model.
-  Wan's self-attention is the grid alone. Flux's and Flux.2's join the text to the grid, and diffusers' plans
-  split the text and the grid each across the ranks, so the gathered sequence interleaves them rank by rank
-  (``[text_0, grid_0, text_1, grid_1]``): the backend reads it in joint order and writes the output back
-  (:func:`visattn.frameworks.diffusers.ulysses_order`); that needs equal shards (``ulysses_anything`` is
-  refused) and no attention mask. Per-head ``sliding_tile`` windows are refused (a rank holds a subset of the
-  heads). Other families are refused: HunyuanVideo and others have no plan; LTX's stock model fails under
-  Ulysses with its text mask in diffusers 0.42.1.
+  (:data:`visattn.frameworks.diffusers.PARALLEL_FAMILIES`, each tested against one process). After the all-to-
+  all each rank has every token of its heads, and every strategy routes each head on its own q and k, so routing
+  and kernel are unchanged and the output equals the single-GPU output up to floating-point differences
+  elsewhere in the model. Wan's self-attention is the grid alone. Flux's and Flux.2's join the text to the grid,
+  and diffusers' plans split the text and the grid each across the ranks, so the gathered sequence interleaves
+  them rank by rank (``[text_0, grid_0, text_1, grid_1]``): the backend reads it in joint order and writes the
+  output back (:func:`visattn.frameworks.diffusers.ulysses_order`); that needs equal shards
+  (``ulysses_anything`` is refused) and no attention mask. Per-head ``sliding_tile`` windows are refused (a rank
+  holds a subset of the heads). Other families are refused: HunyuanVideo and others have no plan; LTX's stock
+  model fails under Ulysses with its text mask in diffusers 0.42.1.
 - Ring attention (``ring_degree > 1``, alone or with Ulysses): refused with a clear error. Each rank
   sees one shard of the keys at a time, while routing ranks a query block's kv blocks over the whole
   sequence. It could be done (gather the pooled keys — one vector per block and head — to route
@@ -71,9 +71,6 @@ from .config import SparseVideoConfig
 from .schedule import SparseVideoSchedule
 
 BACKEND = "visattn_sparse"
-#: the families tested under Ulysses: Wan attends over the grid alone; Flux and Flux.2 join the text to the grid, and
-#: diffusers' plans for them split the text and the grid each across the ranks.
-CONTEXT_PARALLEL_FAMILIES = ("WanTransformer3DModel", "FluxTransformer2DModel", "Flux2Transformer2DModel")
 
 _RUNNING: PerThread[list[SparseVideoAttnBackend]] = PerThread(list)  # this thread's running models, innermost last
 
@@ -153,9 +150,9 @@ class SparseVideoAttnBackend:
     def _check_parallel(self, cp: Any) -> None:
         """Raise unless sparse attention can run under the context-parallel config ``cp`` (module doc)."""
         self._fw.require_ulysses(cp)
-        if self._family not in CONTEXT_PARALLEL_FAMILIES:
+        if self._family not in self._fw.PARALLEL_FAMILIES:
             raise UnsupportedModelError(
-                f"sparse_video under context parallelism supports {', '.join(CONTEXT_PARALLEL_FAMILIES)} (tested); "
+                f"sparse_video under context parallelism supports {', '.join(self._fw.PARALLEL_FAMILIES)} (tested); "
                 f"not {self._family}")
         if self._joint and getattr(cp, "ulysses_anything", False):
             raise UnsupportedModelError(
