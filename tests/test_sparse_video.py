@@ -143,6 +143,27 @@ def test_routed_path_equals_dense_masked_reference(layout: TokenLayout, options:
     torch.testing.assert_close(out, _reference(q, k, v, layout, config, 0.3), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("options", [dict(keep=0.3), dict(strategy="rectified", keep=0.3),
+                                     dict(strategy="sliding_tile", window=(1, 3, 1)), dict(strategy="grat")],
+                         ids=["tile_topk", "rectified", "sliding", "grat"])
+def test_wanted_rows_equal_the_full_call_and_other_blocks_visit_nothing(options: dict) -> None:
+    """``rows`` (a rank's shard under ring attention): its rows equal the full call's; tile_topk, sliding and grat
+    leave every query block without a wanted row at zero (it visited no kv block)."""
+    layout, config = WAN_LIKE, SparseVideoConfig.from_options(tile=(2, 4, 4), **options)
+    q, k, v = (torch.randn(2, 2, layout.num_tokens, 16) for _ in range(3))
+    full = sparse_video_attention(q, k, v, layout, config, scale=0.3)
+    rows = torch.zeros(layout.num_tokens, dtype=torch.bool)
+    rows[:layout.num_tokens // 2] = True  # the first frames and a half: a contiguous shard, as diffusers splits
+    out = sparse_video_attention(q, k, v, layout, config, scale=0.3, rows=rows)
+    torch.testing.assert_close(out[:, :, rows], full[:, :, rows], rtol=0, atol=0)
+    assert not torch.equal(out[:, :, ~rows], full[:, :, ~rows])
+    if options.get("strategy") != "rectified":  # rectified's correction fills every row
+        assert out[:, :, 4 * 6 * 10:].abs().max() == 0  # frame 4's tiles (1x4x4) hold no wanted row: no kv visited
+    with pytest.raises(ShapeError, match="permute cannot compute a subset"):
+        sparse_video_attention(q, k, v, layout, SparseVideoConfig.from_options(keep=0.3, permute="importance"),
+                               rows=rows)
+
+
 def test_gna_windows_stride_groups_share_a_window_and_dilation_keeps_residues() -> None:
     cpu = torch.device("cpu")
     sliding = dict(strategy="sliding_tile")

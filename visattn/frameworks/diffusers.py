@@ -113,7 +113,7 @@ FAMILIES: dict[str, Family] = {
 SUPPORTED_MODELS = tuple(FAMILIES)
 #: the families tested under diffusers' Ulysses context parallelism (``sparse_video``'s attention backend and the
 #: observers of :func:`parallel_observer`): Wan attends over the grid alone; Flux and Flux.2 join the text to the
-#: grid, and diffusers' plans split the text and the grid each across the ranks (:func:`ulysses_order`).
+#: grid, and diffusers' plans split the text and the grid each across the ranks (:func:`shard_order`).
 PARALLEL_FAMILIES = ("WanTransformer3DModel", "FluxTransformer2DModel", "Flux2Transformer2DModel")
 NATIVE_BACKEND = attention_dispatch.AttentionBackendName.NATIVE  # torch SDPA, diffusers' default
 
@@ -165,7 +165,7 @@ def parallel_observer(model: nn.Module, patcher: Patcher, observer: Observer) ->
     """``observer`` as it sees a call without parallelism, also under diffusers' Ulysses context parallelism.
 
     After Ulysses' all-to-all an SDPA call holds every token for ``H / degree`` heads, and for Flux and Flux.2 the
-    tokens interleaved rank by rank (:func:`ulysses_order`); cross-attention runs without it, every head for this
+    tokens interleaved rank by rank (:func:`shard_order`); cross-attention runs without it, every head for this
     rank's shard of the queries. Under parallelism the returned observer gathers the heads (or the query shards) of
     the Ulysses group and puts the joint attention's tokens back in order, so ``observer`` sees on every rank the q
     and k one process would see. That needs the call's grid: when ``model`` is parallel already,
@@ -193,7 +193,7 @@ def parallel_observer(model: nn.Module, patcher: Patcher, observer: Observer) ->
         ctx = contexts.get()
         if family_of(model).text and layer_kind(model, layer) == "self":
             layout = token_layout(model, layer, tuple(ctx.extra["grid"]), q.shape[2])
-            order = ulysses_order(layout, cp.ulysses_degree, q.device)
+            order = shard_order(layout, cp.ulysses_degree, q.device)
             q, k = q[:, :, order], k[:, :, order]
         return observer(layer, q, k, scale, None)
 
@@ -540,27 +540,55 @@ def require_ulysses(cp: Any) -> None:
             f"ulysses_degree={cp.ulysses_degree}")
 
 
-def ulysses_order(layout: TokenLayout, degree: int, device: torch.device) -> torch.Tensor:
-    """Where each token of the joint sequence ``layout`` sits in the sequence diffusers' Ulysses all-to-all gathers.
+def shard_order(layout: TokenLayout, degree: int, device: torch.device) -> torch.Tensor:
+    """Where each token of the joint sequence ``layout`` sits in the sequence diffusers' context parallelism gathers.
 
     With the text and the grid each split into ``degree`` equal shards (as diffusers' context-parallel plans of Flux
-    and Flux.2 split ``encoder_hidden_states`` and ``hidden_states``), rank ``r`` attends over its text shard and
-    its grid shard in the family's order (text before or after the grid), and the all-to-all joins the ranks'
-    sequences rank after rank: ``[text_0, grid_0, text_1, grid_1, ...]``. Returns int64 ``order`` ``[num_tokens]``
-    with ``gathered[:, order]`` the joint sequence (text, then grid, for text before). Unequal shards
-    (``ulysses_anything``) raise :class:`ShapeError`.
+    and Flux.2 split ``encoder_hidden_states`` and ``hidden_states``), rank ``r`` holds its text shard and its grid
+    shard in the family's order (text before or after the grid), and a gather (Ulysses' all-to-all, or
+    :func:`ring_attention`'s all-gather) joins the ranks' sequences rank after rank: ``[text_0, grid_0, text_1,
+    grid_1, ...]``. Returns int64 ``order`` ``[num_tokens]`` with ``gathered[:, order]`` the joint sequence (text,
+    then grid, for text before). Unequal shards (``ulysses_anything``) raise :class:`ShapeError`.
     """
     grid = math.prod(layout.grid)
     text = layout.num_tokens - grid
     if text % degree or grid % degree:
-        raise ShapeError(f"visattn: under Ulysses degree {degree} the {text} text and {grid} grid tokens of this "
-                         f"joint attention must each split into equal shards")
+        raise ShapeError(f"visattn: under context parallelism of degree {degree} the {text} text and {grid} grid "
+                         f"tokens of this joint attention must each split into equal shards")
     ts, gs = text // degree, grid // degree
     start = torch.arange(degree, device=device)[:, None] * (ts + gs)
     before = layout.grid_start > 0
     text_pos = (start + (0 if before else gs) + torch.arange(ts, device=device)).flatten()
     grid_pos = (start + (ts if before else 0) + torch.arange(gs, device=device)).flatten()
     return torch.cat([text_pos, grid_pos] if before else [grid_pos, text_pos])
+
+
+def ring_attention(attend: Callable[..., torch.Tensor], query: torch.Tensor, key: torch.Tensor,
+                   value: torch.Tensor, parallel_config: Any) -> torch.Tensor:
+    """``attend(q, k, v, rows)`` over the whole sequence under diffusers' ring context parallelism, for this rank.
+
+    ``query``, ``key``, ``value`` are this rank's shard ``[B, S / degree, H, D]`` of the ring group. They are
+    gathered from every rank (rank order, as diffusers' ``rotate_method="allgather"`` gathers the keys and values,
+    the queries too), so ``attend`` gets the whole sequence, every rank the same tensors, and ``rows`` (bool
+    ``[S]``: this rank's positions); it must compute at least those rows, and this rank's rows of its output
+    come back. A function that decides from every query and key (routing) decides alike on every rank, and
+    computes only its own rows' share. Equal shards (``ring_anything`` is refused), ring alone (no Ulysses),
+    inference only.
+    """
+    cp = parallel_config.context_parallel_config
+    if cp.ulysses_degree > 1 or getattr(cp, "ring_anything", False):
+        raise UnsupportedModelError(f"this attention runs under ring context parallelism alone, with equal shards "
+                                    f"(ContextParallelConfig(ring_degree=N)); got ring_degree={cp.ring_degree}, "
+                                    f"ulysses_degree={cp.ulysses_degree}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise UnsupportedModelError("the visattn attention backends run inference only under context parallelism "
+                                    "(no backward pass)")
+    degree, rank, shard = cp.ring_degree, cp._ring_local_rank, query.shape[1]
+    group = cp._ring_mesh.get_group()
+    q, k, v = (_all_gather(t, degree, group, dim=1) for t in (query, key, value))
+    rows = torch.zeros(q.shape[1], dtype=torch.bool, device=q.device)
+    rows[rank * shard:(rank + 1) * shard] = True
+    return attend(q, k, v, rows)[:, rank * shard:(rank + 1) * shard]
 
 
 def ulysses_attention(attend: Callable[..., torch.Tensor], query: torch.Tensor, key: torch.Tensor,

@@ -18,17 +18,20 @@ from .routing import Geometry, _rectify, geometry, route_blocks
 
 
 def _attend_grid(qg: Tensor, k: Tensor, v: Tensor, config: SparseVideoConfig, geo: Geometry,
-                 scale: float) -> Tensor:
+                 scale: float, blocks: Tensor | None = None) -> Tensor:
     """Grid queries over grid blocks (routed) and every other key of ``k``, ``v`` (always attended).
 
     With ``permute``, each head's grid queries and keys are reordered first (:mod:`.permutation`) and the
-    queries' outputs put back at the end.
+    queries' outputs put back at the end. ``blocks`` (bool ``[num_blocks]``): the query blocks whose output is
+    needed; the others visit no kv block (their rows are left unspecified).
     """
     ng = geo.num_grid
     q_order = None
     if config.permute != "none":
         q_order, qg, (k, v) = permute_grid(config.permute, qg, (k, v), geo.block, scale)
     idx, cnt = route_blocks(qg, k[:, :, :ng], config, geo, scale)
+    if blocks is not None:
+        cnt = cnt * blocks.to(cnt.dtype)
     always = [(ng, k.shape[2])] if k.shape[2] > ng else None
     out = block_sparse_attention(qg, k, v, idx, cnt, block_q=geo.block, block_k=geo.block, scale=scale,
                                  always_kv=always, strict=config.strict, check_values=False)
@@ -76,12 +79,17 @@ def _attend_text(qt: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: f
 
 
 def sparse_video_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout, config: SparseVideoConfig, *,
-                           scale: float | None = None, attn_mask: Tensor | None = None) -> Tensor:
+                           scale: float | None = None, attn_mask: Tensor | None = None,
+                           rows: Tensor | None = None) -> Tensor:
     """Sparse self-attention of a ``[B, H, N, D]`` sequence laid out as ``layout`` (grid plus text tokens).
 
     Grid queries follow ``config.strategy``; non-grid (text) tokens are always attended and attend
     densely. ``attn_mask`` (an SDPA mask) may mask text keys per sample; every grid query of a sample must see the
     same keys (:func:`grid_keys`), and text queries attend under their own rows of it, as in stock.
+    ``rows`` (bool ``[N]``, None: all): the query tokens whose output is wanted (a rank's shard under ring
+    attention); query blocks that hold none of them visit no kv block, and the other rows of the output are
+    unspecified. Routing still sees every query, so the wanted rows equal those of a call without ``rows``.
+    ``permute`` does not take ``rows`` (its query blocks are not the tiles).
     """
     if layout.grid is None:
         raise ShapeError("sparse_video: the layer's token layout has no grid")
@@ -92,6 +100,12 @@ def sparse_video_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout,
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     geo = geometry(tuple(layout.grid), layout.grid_start, n, config.tile_for(layout.grid), q.device)
     ng = geo.num_grid
+    blocks = None
+    if rows is not None:
+        if config.permute != "none":
+            raise ShapeError("sparse_video: permute cannot compute a subset of the query rows (ring attention)")
+        wanted = torch.zeros(geo.num_blocks, dtype=torch.bool, device=q.device)
+        blocks = wanted.index_fill_(0, rows[geo.perm[:ng]].nonzero().flatten() // geo.block, True)
     qp, kp, vp = (take_tokens(t, geo.perm) for t in (q, k, v))
     keys = text_mask = None
     if attn_mask is not None:
@@ -99,7 +113,7 @@ def sparse_video_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout,
         text_mask = _mask4(attn_mask)
         text_mask = (text_mask if text_mask.shape[2] == 1 else text_mask[:, :, geo.perm[ng:]])[..., geo.perm]
     if keys is None:
-        out_grid = _attend_grid(qp[:, :, :ng], kp, vp, config, geo, scale)
+        out_grid = _attend_grid(qp[:, :, :ng], kp, vp, config, geo, scale, blocks)
     else:
         keys = keys[:, geo.perm]
         if not bool(keys[:, :ng].all()):
@@ -111,7 +125,7 @@ def sparse_video_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout,
         for kept_keys, samples in groups.items():
             sel, cols = torch.tensor(samples, device=q.device), torch.tensor(kept_keys, device=q.device)
             out_grid[sel] = _attend_grid(qp[sel, :, :ng], kp[sel][:, :, cols], vp[sel][:, :, cols], config, geo,
-                                         scale)
+                                         scale, blocks)
     out_text = _attend_text(qp[:, :, ng:], kp, vp, text_mask, scale)
     if ng == n:
         return take_tokens(out_grid, geo.inverse)

@@ -5,7 +5,7 @@ diffusers scales a video DiT over GPUs with context parallelism (``ContextParall
 attention backend that ``dispatch_attention_fn`` calls — Ulysses (DeepSpeed-Ulysses, Jacobs et al.,
 2023) exchanges shards all-to-all so that each rank holds the whole sequence for ``H / degree`` heads;
 ring attention (Liu et al., 2023) keeps each rank's query shard and passes the key/value shards
-round, merging partial softmaxes through their log-sum-exp. A processor that intercepts SDPA never
+round (or gathers them), merging partial softmaxes through their log-sum-exp. A processor that intercepts SDPA never
 sees that exchange, so the sparse attention of :mod:`visattn.processors.sparse_video` is registered
 as the backend ``visattn_sparse`` (:func:`visattn.frameworks.diffusers.register_attention_backend`),
 which ``model.set_attention_backend("visattn_sparse")`` selects and ``enable_parallelism`` accepts.
@@ -42,16 +42,21 @@ What works and what does not (diffusers 0.42.1):
   elsewhere in the model. Wan's self-attention is the grid alone. Flux's and Flux.2's join the text to the grid,
   and diffusers' plans split the text and the grid each across the ranks, so the gathered sequence interleaves
   them rank by rank (``[text_0, grid_0, text_1, grid_1]``): the backend reads it in joint order and writes the
-  output back (:func:`visattn.frameworks.diffusers.ulysses_order`); that needs equal shards
+  output back (:func:`visattn.frameworks.diffusers.shard_order`); that needs equal shards
   (``ulysses_anything`` is refused) and no attention mask. Per-head ``sliding_tile`` windows are refused (a rank
   holds a subset of the heads). Other families are refused: HunyuanVideo and others have no plan; LTX's stock
   model fails under Ulysses with its text mask in diffusers 0.42.1.
-- Ring attention (``ring_degree > 1``, alone or with Ulysses): refused with a clear error. Each rank
-  sees one shard of the keys at a time, while routing ranks a query block's kv blocks over the whole
-  sequence. It could be done (gather the pooled keys — one vector per block and head — to route
-  globally, then visit per shard only the routed blocks it holds, and merge the shards through the
-  log-sum-exp that ``block_sparse_attention(..., return_lse=True)`` already gives), but is not
-  implemented.
+- Ring attention (``ring_degree > 1``, alone): Wan, Flux and Flux.2, each tested against one process. Routing
+  ranks a query block's kv blocks over the whole sequence, so each rank gathers the sequence (queries, keys and
+  values, as diffusers' ``rotate_method="allgather"`` gathers the keys and values;
+  :func:`visattn.frameworks.diffusers.ring_attention`), routes on it as one process would (every rank picks the
+  same blocks), and runs the kernel for the query blocks that hold its own tokens only (``rows`` of
+  :func:`~visattn.processors.sparse_video.sparse_video_attention`): the attention work is split across the
+  ranks, the gathered keys and values cost what diffusers' own gather costs, and the queries one more gather.
+  No log-sum-exp merge is needed, since every rank sees every key. ``permute`` is refused (its blocks are not
+  tiles), as are masks, unequal shards (``ring_anything``) and Ulysses and ring together (USP). diffusers'
+  native SDPA backend cannot serve the dense calls under ring attention (it returns no log-sum-exp): select a
+  backend that does for them (flash attention on GPUs) before applying.
 - Inference only under parallelism (diffusers asks the backend for a backward op; it raises).
 """
 
@@ -149,11 +154,20 @@ class SparseVideoAttnBackend:
 
     def _check_parallel(self, cp: Any) -> None:
         """Raise unless sparse attention can run under the context-parallel config ``cp`` (module doc)."""
-        self._fw.require_ulysses(cp)
         if self._family not in self._fw.PARALLEL_FAMILIES:
             raise UnsupportedModelError(
                 f"sparse_video under context parallelism supports {', '.join(self._fw.PARALLEL_FAMILIES)} (tested); "
                 f"not {self._family}")
+        if cp.ring_degree > 1:
+            if cp.ulysses_degree > 1 or getattr(cp, "ring_anything", False):
+                raise UnsupportedModelError(
+                    f"sparse_video runs under Ulysses or under ring context parallelism, one at a time, with equal "
+                    f"shards; got ring_degree={cp.ring_degree}, ulysses_degree={cp.ulysses_degree}")
+            if self.config.permute != "none":
+                raise OptionError("sparse_video: permute cannot run under ring context parallelism (each rank "
+                                  "computes the query blocks of its shard, and permute's blocks are not tiles)")
+            return
+        self._fw.require_ulysses(cp)
         if self._joint and getattr(cp, "ulysses_anything", False):
             raise UnsupportedModelError(
                 f"sparse_video under context parallelism needs equal text and grid shards on every rank for the "
@@ -163,15 +177,17 @@ class SparseVideoAttnBackend:
                               "parallelism (each rank holds a subset of the heads); give one window for all heads")
 
     def _sparse(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, scale: float | None,
-                layout: Any) -> Tensor:
-        """:func:`sparse_video_attention` on ``[B, S, H, D]`` tensors holding the whole sequence."""
+                layout: Any, rows: Tensor | None = None) -> Tensor:
+        """:func:`sparse_video_attention` on ``[B, S, H, D]`` tensors holding the whole sequence (``rows``: the
+        query tokens whose output is wanted, None: all)."""
         if query.shape[1] != layout.num_tokens:
             raise ShapeError(f"sparse_video: the attention backend got {query.shape[1]} tokens for a layer whose "
                              f"layout has {layout.num_tokens} (grid {layout.grid})")
         if attn_mask is not None and attn_mask.ndim == 2:  # [B, S_kv] key padding, as diffusers' native backend
             attn_mask = attn_mask[:, None, None, :]
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        return sparse_video_attention(q, k, v, layout, self.config, scale=scale, attn_mask=attn_mask).transpose(1, 2)
+        return sparse_video_attention(q, k, v, layout, self.config, scale=scale, attn_mask=attn_mask,
+                                      rows=rows).transpose(1, 2)
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, *, attn_mask: Tensor | None, dropout_p: float,
                is_causal: bool, scale: float | None, enable_gqa: bool, parallel_config: Any) -> Tensor:
@@ -180,9 +196,10 @@ class SparseVideoAttnBackend:
         cp = None if parallel_config is None else parallel_config.context_parallel_config
         layout = None
         if index is not None and not dropout_p and not is_causal and key.shape[1] == query.shape[1]:
-            # under Ulysses the call holds this rank's shard: equal text and grid shards (joint attention) or the
-            # grid's shard alone, whose layout is the grid
-            tokens = query.shape[1] if cp is None else query.shape[1] * cp.ulysses_degree if self._joint else None
+            # under parallelism the call holds this rank's shard: equal text and grid shards (joint attention) or
+            # the grid's shard alone, whose layout is the grid
+            degree = 1 if cp is None else cp.ulysses_degree * cp.ring_degree
+            tokens = query.shape[1] if cp is None else query.shape[1] * degree if self._joint else None
             layout = self._schedule.layout(index, tokens, query.device)
         if layout is None:
             return self._fw.dispatch_attention(
@@ -191,17 +208,21 @@ class SparseVideoAttnBackend:
         if cp is None:
             return self._sparse(query, key, value, attn_mask, scale, layout)
         self._check_parallel(cp)
-        if not self._joint:
-            return self._fw.ulysses_attention(
-                lambda q, k, v, mask, s: self._sparse(q, k, v, mask, s, layout), query, key, value, attn_mask, scale,
-                parallel_config)
-        if attn_mask is not None:
-            raise UnsupportedModelError(f"sparse_video under context parallelism takes no attention mask in the joint "
-                                        f"attention of {self._family}")
-        order = self._fw.ulysses_order(layout, cp.ulysses_degree, query.device)
+        if attn_mask is not None and (self._joint or cp.ring_degree > 1):
+            raise UnsupportedModelError(f"sparse_video takes no attention mask under ring context parallelism or in "
+                                        f"the joint attention of {self._family} under Ulysses")
+        order = self._fw.shard_order(layout, degree, query.device) if self._joint else None
 
-        def joint(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, s: float | None) -> Tensor:
-            out = self._sparse(q[:, order], k[:, order], v[:, order], mask, s, layout)
-            return torch.empty_like(out).index_copy_(1, order, out)  # back to the gathered order
+        def whole(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, s: float | None,
+                  rows: Tensor | None = None) -> Tensor:
+            """The gathered sequence (rank order); joint attention read in joint order and written back."""
+            if order is None:
+                return self._sparse(q, k, v, mask, s, layout, rows)
+            out = self._sparse(q[:, order], k[:, order], v[:, order], mask, s, layout,
+                               None if rows is None else rows[order])
+            return torch.empty_like(out).index_copy_(1, order, out)
 
-        return self._fw.ulysses_attention(joint, query, key, value, attn_mask, scale, parallel_config)
+        if cp.ring_degree > 1:
+            return self._fw.ring_attention(lambda q, k, v, rows: whole(q, k, v, None, scale, rows), query, key,
+                                           value, parallel_config)
+        return self._fw.ulysses_attention(whole, query, key, value, attn_mask, scale, parallel_config)
