@@ -144,9 +144,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
     for family, config, match in [
             ("hunyuanvideo", ContextParallelConfig(ulysses_degree=2), "supports WanTransformer3DModel, "
                                                                      "FluxTransformer2DModel, Flux2.*not Hunyuan"),
-            ("flux", ContextParallelConfig(ulysses_degree=2, ulysses_anything=True), "ulysses_anything=True is not"),
-            ("wan", ContextParallelConfig(ulysses_degree=2, ring_degree=2), "one at a time.*got ring_degree=2, "
-                                                                             "ulysses_degree=2")]:
+            ("flux", ContextParallelConfig(ulysses_degree=2, ulysses_anything=True), "ulysses_anything=True is not")]:
         model, _ = _model(family)
         model._parallel_config = ParallelConfig(context_parallel_config=config)  # as enable_parallelism records it
         with pytest.raises(UnsupportedModelError, match=match):
@@ -162,7 +160,42 @@ def test_bad_inputs_raise_clear_errors() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Two CPU processes (gloo) under diffusers' own context parallelism
+# Two or four CPU processes (gloo) under diffusers' own context parallelism
+
+
+def _join(rank: int, world: int, port: int) -> None:
+    """Make this forked process rank ``rank`` of a gloo group of ``world`` on this CPU-only host."""
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
+    # diffusers 0.42.1 places the rank on device `rank % torch.accelerator.device_count()`, 0 on a CPU-only host
+    torch.accelerator.device_count = lambda: 1
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _leave() -> None:
+    # rank 0 hosts the store: leaving before the other ranks have built their meshes resets their sockets
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _spawn(target: Any, world: int, family: str) -> dict[int, Any]:
+    """Run ``target(rank, world, port, family, results)`` in ``world`` forked processes; each rank's result."""
+    # fork, not spawn: a spawned rank re-imports diffusers (~10 s on two cores) before it can start
+    context = multiprocessing.get_context("fork")
+    results, port = context.Queue(), _free_port()
+    ranks = [context.Process(target=target, args=(r, world, port, family, results)) for r in range(world)]
+    for p in ranks:
+        p.start()
+    try:
+        got = dict(results.get(timeout=90) for _ in ranks)
+    finally:
+        for p in ranks:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    for rank, result in got.items():
+        assert isinstance(result, dict), f"rank {rank} failed:\n{result}"
+    return got
 
 
 def _rank(rank: int, world: int, port: int, family: str, results: Any) -> None:
@@ -170,11 +203,7 @@ def _rank(rank: int, world: int, port: int, family: str, results: Any) -> None:
     inspect, and inspect applied before the model was made parallel (refused); then under ring degree ``world``:
     sparse."""
     try:
-        torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
-        # diffusers 0.42.1 places the rank on device `rank % torch.accelerator.device_count()`, 0 on a CPU-only host
-        torch.accelerator.device_count = lambda: 1
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+        _join(rank, world, port)
         model, inputs = _parallel_case(family)
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
         stock = _run(model, inputs)
@@ -202,9 +231,20 @@ def _rank(rank: int, world: int, port: int, family: str, results: Any) -> None:
         ring_sparse = _run(ring, inputs)
         results.put((rank, dict(stock=stock.numpy(), sparse=sparse.numpy(), restored=restored, maps=maps, late=late,
                                 ring_sparse=ring_sparse.numpy())))
-        # rank 0 hosts the store: leaving before the other rank has built its ring mesh resets that rank's socket
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        _leave()
+    except BaseException:
+        results.put((rank, traceback.format_exc()))
+
+
+def _usp_rank(rank: int, world: int, port: int, family: str, results: Any) -> None:
+    """One rank of four: the tiny ``family`` model under Ulysses 2 x ring 2, sparse."""
+    try:
+        _join(rank, world, port)
+        model, inputs = _parallel_case(family)
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2, ring_degree=world // 2))
+        visattn.apply(model, "sparse_video", install="attention_backend", **PARALLEL[family])
+        results.put((rank, dict(sparse=_run(model, inputs).numpy())))
+        _leave()
     except BaseException:
         results.put((rank, traceback.format_exc()))
 
@@ -219,10 +259,9 @@ def _free_port() -> int:
 def test_two_processes_under_ulysses_and_under_ring_equal_one_process(family: str) -> None:
     """Wan attends over the grid alone; Flux and Flux.2 join the text to it, and each rank holds a shard of both, so
     the gathered sequence interleaves them and the backend reorders it for the routing and back. Under ring
-    attention each rank gathers the sequence, routes as one process would and computes its own query blocks. inspect
-    records
-    on every rank the per-head maps of one process (Wan's cross-attention included, which runs without the
-    all-to-all), and refuses a model made parallel after it was applied."""
+    attention each rank gathers the sequence, routes as one process would and computes its own query blocks.
+    inspect records on every rank the per-head maps of one process (Wan's cross-attention included, which runs
+    without the all-to-all), and refuses a model made parallel after it was applied."""
     model, inputs = _parallel_case(family)
     stock_ref = _run(model, inputs)
     visattn.apply(model, "sparse_video", install="attention_backend", **PARALLEL[family])
@@ -232,21 +271,7 @@ def test_two_processes_under_ulysses_and_under_ring_equal_one_process(family: st
     _run(model, inputs)
     maps_ref = {layer: handle.last(layer) for layer in handle.maps}
     visattn.remove(model)
-    # fork, not spawn: a spawned rank re-imports diffusers (~10 s on two cores) before it can start
-    context = multiprocessing.get_context("fork")
-    results, port = context.Queue(), _free_port()
-    ranks = [context.Process(target=_rank, args=(r, 2, port, family, results)) for r in range(2)]
-    for p in ranks:
-        p.start()
-    try:
-        got = dict(results.get(timeout=60) for _ in ranks)
-    finally:
-        for p in ranks:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    for rank, result in got.items():
-        assert isinstance(result, dict), f"rank {rank} failed:\n{result}"
+    for result in _spawn(_rank, 2, family).values():
         torch.testing.assert_close(torch.from_numpy(result["stock"]), stock_ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(torch.from_numpy(result["sparse"]), sparse_ref, rtol=1e-5, atol=1e-5)
         assert (torch.from_numpy(result["sparse"]) - stock_ref).abs().max() > 1e-2  # the sparse path ran
@@ -257,3 +282,12 @@ def test_two_processes_under_ulysses_and_under_ring_equal_one_process(family: st
         for layer, expected in maps_ref.items():
             torch.testing.assert_close(torch.from_numpy(result["maps"][layer]), expected, rtol=1e-5, atol=1e-6)
         assert "applied after model.enable_parallelism" in result["late"]
+
+
+@pytest.mark.parametrize("family", ["wan", "flux"])
+def test_four_processes_under_ulysses_and_ring_together_equal_one_process(family: str) -> None:
+    model, inputs = _parallel_case(family)
+    visattn.apply(model, "sparse_video", install="attention_backend", **PARALLEL[family])
+    sparse_ref = _run(model, inputs)
+    for result in _spawn(_usp_rank, 4, family).values():
+        torch.testing.assert_close(torch.from_numpy(result["sparse"]), sparse_ref, rtol=1e-5, atol=1e-5)

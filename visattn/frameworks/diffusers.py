@@ -565,27 +565,29 @@ def shard_order(layout: TokenLayout, degree: int, device: torch.device) -> torch
 
 def ring_attention(attend: Callable[..., torch.Tensor], query: torch.Tensor, key: torch.Tensor,
                    value: torch.Tensor, parallel_config: Any) -> torch.Tensor:
-    """``attend(q, k, v, rows)`` over the whole sequence under diffusers' ring context parallelism, for this rank.
+    """``attend(q, k, v, rows)`` over the whole sequence under diffusers' ring (or Ulysses x ring) context
+    parallelism, for this rank's rows.
 
-    ``query``, ``key``, ``value`` are this rank's shard ``[B, S / degree, H, D]`` of the ring group. They are
-    gathered from every rank (rank order, as diffusers' ``rotate_method="allgather"`` gathers the keys and values,
-    the queries too), so ``attend`` gets the whole sequence, every rank the same tensors, and ``rows`` (bool
-    ``[S]``: this rank's positions); it must compute at least those rows, and this rank's rows of its output
-    come back. A function that decides from every query and key (routing) decides alike on every rank, and
-    computes only its own rows' share. Equal shards (``ring_anything`` is refused), ring alone (no Ulysses),
-    inference only.
+    ``query``, ``key``, ``value`` are this rank's shard ``[B, S / degree, H, D]`` (every head) of the
+    context-parallel group (``degree = ring_degree * ulysses_degree``; diffusers shards the sequence over the
+    flattened mesh). They are gathered from every rank of the group, in the order of the shards (as diffusers'
+    ``rotate_method="allgather"`` gathers the keys and values, the queries too), so ``attend`` gets the whole
+    sequence, every rank the same tensors, and ``rows`` (bool ``[S]``: this rank's positions); it must compute
+    at least those rows, and this rank's rows of its output come back. A function that decides from every query
+    and key (routing) decides alike on every rank, and computes only its own rows' share; Ulysses' head split is
+    not used. Equal shards (``ring_anything`` and ``ulysses_anything`` are refused), inference only.
     """
     cp = parallel_config.context_parallel_config
-    if cp.ulysses_degree > 1 or getattr(cp, "ring_anything", False):
-        raise UnsupportedModelError(f"this attention runs under ring context parallelism alone, with equal shards "
-                                    f"(ContextParallelConfig(ring_degree=N)); got ring_degree={cp.ring_degree}, "
-                                    f"ulysses_degree={cp.ulysses_degree}")
+    if getattr(cp, "ring_anything", False) or getattr(cp, "ulysses_anything", False):
+        raise UnsupportedModelError(f"this attention runs under ring context parallelism with equal shards; got "
+                                    f"ring_anything={getattr(cp, 'ring_anything', False)}, "
+                                    f"ulysses_anything={getattr(cp, 'ulysses_anything', False)}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         raise UnsupportedModelError("the visattn attention backends run inference only under context parallelism "
                                     "(no backward pass)")
-    degree, rank, shard = cp.ring_degree, cp._ring_local_rank, query.shape[1]
-    group = cp._ring_mesh.get_group()
-    q, k, v = (_all_gather(t, degree, group, dim=1) for t in (query, key, value))
+    mesh = cp._flattened_mesh
+    degree, rank, shard = mesh.size(), mesh.get_local_rank(), query.shape[1]
+    q, k, v = (_all_gather(t, degree, mesh.get_group(), dim=1) for t in (query, key, value))
     rows = torch.zeros(q.shape[1], dtype=torch.bool, device=q.device)
     rows[rank * shard:(rank + 1) * shard] = True
     return attend(q, k, v, rows)[:, rank * shard:(rank + 1) * shard]

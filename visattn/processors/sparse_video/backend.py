@@ -46,17 +46,19 @@ What works and what does not (diffusers 0.42.1):
   (``ulysses_anything`` is refused) and no attention mask. Per-head ``sliding_tile`` windows are refused (a rank
   holds a subset of the heads). Other families are refused: HunyuanVideo and others have no plan; LTX's stock
   model fails under Ulysses with its text mask in diffusers 0.42.1.
-- Ring attention (``ring_degree > 1``, alone): Wan, Flux and Flux.2, each tested against one process. Routing
-  ranks a query block's kv blocks over the whole sequence, so each rank gathers the sequence (queries, keys and
-  values, as diffusers' ``rotate_method="allgather"`` gathers the keys and values;
+- Ring attention (``ring_degree > 1``, alone or with Ulysses): Wan, Flux and Flux.2, each tested against one
+  process (ring alone on two, Ulysses x ring on four). Routing ranks a query block's kv blocks over the whole
+  sequence, so each rank gathers the sequence from the whole context-parallel group (queries, keys and values,
+  as diffusers' ``rotate_method="allgather"`` gathers the keys and values;
   :func:`visattn.frameworks.diffusers.ring_attention`), routes on it as one process would (every rank picks the
   same blocks), and runs the kernel for the query blocks that hold its own tokens only (``rows`` of
   :func:`~visattn.processors.sparse_video.sparse_video_attention`): the attention work is split across the
   ranks, the gathered keys and values cost what diffusers' own gather costs, and the queries one more gather.
-  No log-sum-exp merge is needed, since every rank sees every key. ``permute`` is refused (its blocks are not
-  tiles), as are masks, unequal shards (``ring_anything``) and Ulysses and ring together (USP). diffusers'
-  native SDPA backend cannot serve the dense calls under ring attention (it returns no log-sum-exp): select a
-  backend that does for them (flash attention on GPUs) before applying.
+  No log-sum-exp merge is needed, since every rank sees every key; with Ulysses too, its head split is not used
+  (not xDiT's USP exchange: every rank gathers every head). ``permute`` is refused (its blocks are not tiles),
+  as are masks and unequal shards (``ring_anything``, ``ulysses_anything``). diffusers' native SDPA backend
+  cannot serve the dense calls under ring attention (it returns no log-sum-exp): select a backend that does for
+  them (flash attention on GPUs) before applying.
 - Inference only under parallelism (diffusers asks the backend for a backward op; it raises).
 """
 
@@ -159,10 +161,9 @@ class SparseVideoAttnBackend:
                 f"sparse_video under context parallelism supports {', '.join(self._fw.PARALLEL_FAMILIES)} (tested); "
                 f"not {self._family}")
         if cp.ring_degree > 1:
-            if cp.ulysses_degree > 1 or getattr(cp, "ring_anything", False):
-                raise UnsupportedModelError(
-                    f"sparse_video runs under Ulysses or under ring context parallelism, one at a time, with equal "
-                    f"shards; got ring_degree={cp.ring_degree}, ulysses_degree={cp.ulysses_degree}")
+            if getattr(cp, "ring_anything", False) or getattr(cp, "ulysses_anything", False):
+                raise UnsupportedModelError("sparse_video under ring context parallelism needs equal shards "
+                                            "(ring_anything and ulysses_anything are not supported)")
             if self.config.permute != "none":
                 raise OptionError("sparse_video: permute cannot run under ring context parallelism (each rank "
                                   "computes the query blocks of its shard, and permute's blocks are not tiles)")
