@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
+diffusers = pytest.importorskip("diffusers")
 
 from diffusers import ContextParallelConfig  # noqa: E402
 from diffusers.models._modeling_parallel import ParallelConfig  # noqa: E402
@@ -36,16 +36,26 @@ def _model(family: str = "wan") -> tuple[torch.nn.Module, dict[str, Any]]:
     return model.eval(), inputs
 
 
-# Two ranks: each family's options (the tiny grids: Wan 2x4x4 tokens, Flux and Flux.2 3x4) and its inputs with 4
-# text tokens, so that diffusers splits the text into equal shards. Not LTX: diffusers 0.42.1's Ulysses attention
-# fails on its text mask in the stock model ("output with shape [2, 1, 24, 4] doesn't match the broadcast shape
-# [2, 2, 24, 4]").
-PARALLEL = {"wan": SPARSE, "flux": dict(keep=0.5, tile=(1, 2)), "flux2": dict(keep=0.5, tile=(1, 2))}
+# Two ranks: each family's options (the tiny grids: Wan 2x4x4 tokens, Flux, Flux.2 and Qwen-Image 3x4) and its
+# inputs with 4 text tokens (Qwen-Image: a ragged text mask), so that diffusers splits the text into equal shards.
+# Not LTX: diffusers 0.42.1's Ulysses attention fails on its text mask in the stock model ("output with shape
+# [2, 1, 24, 4] doesn't match the broadcast shape [2, 2, 24, 4]").
+PARALLEL = {"wan": SPARSE, "flux": dict(keep=0.5, tile=(1, 2)), "flux2": dict(keep=0.5, tile=(1, 2)),
+            "qwenimage": dict(keep=0.5, tile=(1, 2))}
+DIFFUSERS = tuple(int(p) for p in diffusers.__version__.split(".")[:2])
+# Qwen-Image's joint attention takes a text mask: diffusers 0.42.1's Ulysses attention gathers it with the keys,
+# 0.37's does not, and its stock model fails under Ulysses ("The size of tensor a (16) must match the size of
+# tensor b (2)"). Releases in between were not tried.
+FAMILY_PARAMS = [pytest.param(f, marks=pytest.mark.skipif(
+    f == "qwenimage" and DIFFUSERS < (0, 42), reason="diffusers 0.37's Ulysses attention drops Qwen-Image's mask"))
+    for f in PARALLEL]
 
 
 def _parallel_case(family: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     model, inputs = _model(family)
     inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"][:, :4]
+    if "encoder_hidden_states_mask" in inputs:
+        inputs["encoder_hidden_states_mask"] = inputs["encoder_hidden_states_mask"][:, :4]
     if "txt_ids" in inputs:
         inputs["txt_ids"] = inputs["txt_ids"][:4]
     if family == "flux2":  # its plan splits batched ids [B, S, 4]
@@ -255,7 +265,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("family", list(PARALLEL))
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_two_processes_under_ulysses_and_under_ring_equal_one_process(family: str) -> None:
     """Wan attends over the grid alone; Flux and Flux.2 join the text to it, and each rank holds a shard of both, so
     the gathered sequence interleaves them and the backend reorders it for the routing and back. Under ring

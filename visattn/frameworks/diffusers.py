@@ -111,10 +111,12 @@ FAMILIES: dict[str, Family] = {
     "MochiTransformer3DModel": Family(3, text="after"),
 }
 SUPPORTED_MODELS = tuple(FAMILIES)
-#: the families tested under diffusers' Ulysses context parallelism (``sparse_video``'s attention backend and the
-#: observers of :func:`parallel_observer`): Wan attends over the grid alone; Flux and Flux.2 join the text to the
-#: grid, and diffusers' plans split the text and the grid each across the ranks (:func:`shard_order`).
-PARALLEL_FAMILIES = ("WanTransformer3DModel", "FluxTransformer2DModel", "Flux2Transformer2DModel")
+#: the families tested under diffusers' context parallelism (``sparse_video``'s attention backend and the observers
+#: of :func:`parallel_observer`): Wan attends over the grid alone; Flux, Flux.2 and Qwen-Image join the text to the
+#: grid, and diffusers' plans split the text and the grid each across the ranks (:func:`shard_order`). Qwen-Image
+#: passes a text mask, which diffusers 0.42.1 gathers under Ulysses and 0.37 does not (its stock model fails).
+PARALLEL_FAMILIES = ("WanTransformer3DModel", "FluxTransformer2DModel", "Flux2Transformer2DModel",
+                     "QwenImageTransformer2DModel")
 NATIVE_BACKEND = attention_dispatch.AttentionBackendName.NATIVE  # torch SDPA, diffusers' default
 
 
@@ -164,13 +166,14 @@ def context_parallel(model: nn.Module) -> Any:
 def parallel_observer(model: nn.Module, patcher: Patcher, observer: Observer) -> Observer:
     """``observer`` as it sees a call without parallelism, also under diffusers' Ulysses context parallelism.
 
-    After Ulysses' all-to-all an SDPA call holds every token for ``H / degree`` heads, and for Flux and Flux.2 the
+    After Ulysses' all-to-all an SDPA call holds every token for ``H / degree`` heads, and for the joint families the
     tokens interleaved rank by rank (:func:`shard_order`); cross-attention runs without it, every head for this
     rank's shard of the queries. Under parallelism the returned observer gathers the heads (or the query shards) of
     the Ulysses group and puts the joint attention's tokens back in order, so ``observer`` sees on every rank the q
     and k one process would see. That needs the call's grid: when ``model`` is parallel already,
     :func:`install_context` is installed (hooks undone by ``patcher``); a model made parallel afterwards, ring
-    attention, a family not tested under parallelism or a mask raise :class:`UnsupportedModelError`.
+    attention, a family not tested under parallelism or a mask over queries (not keys alone) raise
+    :class:`UnsupportedModelError`.
     """
     contexts = install_context(model, patcher) if context_parallel(model) is not None else None
     family = type(model).__name__
@@ -180,22 +183,22 @@ def parallel_observer(model: nn.Module, patcher: Patcher, observer: Observer) ->
         if cp is None:
             return observer(layer, q, k, scale, mask)
         require_ulysses(cp)
-        if contexts is None or family not in PARALLEL_FAMILIES or mask is not None:
+        if contexts is None or family not in PARALLEL_FAMILIES or (mask is not None and mask.shape[-2] != 1):
             raise UnsupportedModelError(
                 f"visattn observes attention under Ulysses context parallelism in {', '.join(PARALLEL_FAMILIES)}, "
-                f"without an attention mask, applied after model.enable_parallelism(...) (got {family}"
-                f"{', a mask' if mask is not None else ''}{'' if contexts else ', applied before'})")
+                f"with a key mask at most, applied after model.enable_parallelism(...) (got {family}"
+                f"{'' if contexts else ', applied before'}{', a mask over queries' if mask is not None else ''})")
         group = cp._ulysses_mesh.get_group()
         if q.shape[1] == getattr(attention_layers(model)[layer][1], "heads", None):
             # every head, this rank's shard of the queries: diffusers runs cross-attention without the all-to-all
-            return observer(layer, _all_gather(q, cp.ulysses_degree, group, dim=2), k, scale, None)
+            return observer(layer, _all_gather(q, cp.ulysses_degree, group, dim=2), k, scale, mask)
         q, k = (_all_gather(t, cp.ulysses_degree, group, dim=1) for t in (q, k))
         ctx = contexts.get()
         if family_of(model).text and layer_kind(model, layer) == "self":
             layout = token_layout(model, layer, tuple(ctx.extra["grid"]), q.shape[2])
             order = shard_order(layout, cp.ulysses_degree, q.device)
-            q, k = q[:, :, order], k[:, :, order]
-        return observer(layer, q, k, scale, None)
+            q, k, mask = q[:, :, order], k[:, :, order], None if mask is None else mask[..., order]
+        return observer(layer, q, k, scale, mask)
 
     return observe
 
@@ -564,16 +567,17 @@ def shard_order(layout: TokenLayout, degree: int, device: torch.device) -> torch
 
 
 def ring_attention(attend: Callable[..., torch.Tensor], query: torch.Tensor, key: torch.Tensor,
-                   value: torch.Tensor, parallel_config: Any) -> torch.Tensor:
-    """``attend(q, k, v, rows)`` over the whole sequence under diffusers' ring (or Ulysses x ring) context
+                   value: torch.Tensor, attn_mask: torch.Tensor | None, parallel_config: Any) -> torch.Tensor:
+    """``attend(q, k, v, mask, rows)`` over the whole sequence under diffusers' ring (or Ulysses x ring) context
     parallelism, for this rank's rows.
 
     ``query``, ``key``, ``value`` are this rank's shard ``[B, S / degree, H, D]`` (every head) of the
     context-parallel group (``degree = ring_degree * ulysses_degree``; diffusers shards the sequence over the
     flattened mesh). They are gathered from every rank of the group, in the order of the shards (as diffusers'
     ``rotate_method="allgather"`` gathers the keys and values, the queries too), so ``attend`` gets the whole
-    sequence, every rank the same tensors, and ``rows`` (bool ``[S]``: this rank's positions); it must compute
-    at least those rows, and this rank's rows of its output come back. A function that decides from every query
+    sequence, every rank the same tensors, the key mask of this rank's keys ``[..., S / degree]`` gathered alike
+    (as diffusers' Ulysses gathers it), and ``rows`` (bool ``[S]``: this rank's positions); it must compute at
+    least those rows, and this rank's rows of its output come back. A function that decides from every query
     and key (routing) decides alike on every rank, and computes only its own rows' share; Ulysses' head split is
     not used. Equal shards (``ring_anything`` and ``ulysses_anything`` are refused), inference only.
     """
@@ -588,9 +592,11 @@ def ring_attention(attend: Callable[..., torch.Tensor], query: torch.Tensor, key
     mesh = cp._flattened_mesh
     degree, rank, shard = mesh.size(), mesh.get_local_rank(), query.shape[1]
     q, k, v = (_all_gather(t, degree, mesh.get_group(), dim=1) for t in (query, key, value))
+    if attn_mask is not None:
+        attn_mask = _all_gather(attn_mask, degree, mesh.get_group(), dim=-1)
     rows = torch.zeros(q.shape[1], dtype=torch.bool, device=q.device)
     rows[rank * shard:(rank + 1) * shard] = True
-    return attend(q, k, v, rows)[:, rank * shard:(rank + 1) * shard]
+    return attend(q, k, v, attn_mask, rows)[:, rank * shard:(rank + 1) * shard]
 
 
 def ulysses_attention(attend: Callable[..., torch.Tensor], query: torch.Tensor, key: torch.Tensor,

@@ -6,8 +6,8 @@ recorded on every call of those layers. The framework adapter hands over the exa
 stock attention uses; the map is computed beside the stock computation, ``query_chunk`` rows at a
 time, so at most one layer's per-head map for one chunk is in memory. Works on timm and open_clip
 ViTs, diffusers UNets and DiTs, and transformers models; under diffusers' Ulysses context parallelism
-(Wan, Flux, Flux.2; :func:`visattn.frameworks.diffusers.parallel_observer`) every rank records the maps
-one process would. There is nothing to make identical: the method never changes outputs.
+(Wan, Flux, Flux.2, Qwen-Image; :func:`visattn.frameworks.diffusers.parallel_observer`) every rank records
+the maps one process would. There is nothing to make identical: the method never changes outputs.
 
 Options: ``layers`` (None = all), ``per_head`` (False), ``query_chunk`` (1024), ``to_cpu`` (True).
 """

@@ -35,30 +35,32 @@ What works and what does not (diffusers 0.42.1):
   the processor installation's. The others (CogVideoX, Mochi, SD3, AuraFlow, CogView4, Lumina2, PixArt, DiT)
   call SDPA directly and never reach a backend: ``install="attention_backend"`` is refused there, use
   ``install="processor"``.
-- Ulysses (``ulysses_degree > 1``, ``ring_degree == 1``): Wan, Flux and Flux.2
-  (:data:`visattn.frameworks.diffusers.PARALLEL_FAMILIES`, each tested against one process). After the all-to-
-  all each rank has every token of its heads, and every strategy routes each head on its own q and k, so routing
-  and kernel are unchanged and the output equals the single-GPU output up to floating-point differences
-  elsewhere in the model. Wan's self-attention is the grid alone. Flux's and Flux.2's join the text to the grid,
-  and diffusers' plans split the text and the grid each across the ranks, so the gathered sequence interleaves
-  them rank by rank (``[text_0, grid_0, text_1, grid_1]``): the backend reads it in joint order and writes the
-  output back (:func:`visattn.frameworks.diffusers.shard_order`); that needs equal shards
-  (``ulysses_anything`` is refused) and no attention mask. Per-head ``sliding_tile`` windows are refused (a rank
-  holds a subset of the heads). Other families are refused: HunyuanVideo and others have no plan; LTX's stock
-  model fails under Ulysses with its text mask in diffusers 0.42.1.
-- Ring attention (``ring_degree > 1``, alone or with Ulysses): Wan, Flux and Flux.2, each tested against one
-  process (ring alone on two, Ulysses x ring on four). Routing ranks a query block's kv blocks over the whole
-  sequence, so each rank gathers the sequence from the whole context-parallel group (queries, keys and values,
-  as diffusers' ``rotate_method="allgather"`` gathers the keys and values;
+- Ulysses (``ulysses_degree > 1``, ``ring_degree == 1``): Wan, Flux, Flux.2 and Qwen-Image
+  (:data:`visattn.frameworks.diffusers.PARALLEL_FAMILIES`, each tested against one process; Qwen-Image on
+  diffusers 0.42.1, whose Ulysses attention gathers its text mask with the keys: under 0.37 the stock model
+  fails). After the all-to-all each rank has every token of its heads, and every strategy routes each head on
+  its own q and k, so routing and kernel are unchanged and the output equals the single-GPU output up to
+  floating-point differences elsewhere in the model. Wan's self-attention is the grid alone. Flux's, Flux.2's
+  and Qwen-Image's join the text to the grid, and diffusers' plans split the text and the grid each across the
+  ranks, so the gathered sequence interleaves them rank by rank (``[text_0, grid_0, text_1, grid_1]``): the
+  backend reads it in joint order and writes the output back (:func:`visattn.frameworks.diffusers.shard_order`);
+  that needs equal shards (``ulysses_anything`` is refused); a key mask (Qwen-Image's text mask) is reordered
+  with the keys. Per-head ``sliding_tile`` windows are refused (a rank holds a subset of the heads). Other
+  families are refused: HunyuanVideo and others have no plan; LTX's stock model fails under Ulysses with its
+  text mask in diffusers 0.42.1.
+- Ring attention (``ring_degree > 1``, alone or with Ulysses): Wan, Flux, Flux.2 and Qwen-Image, each tested
+  against one process (ring alone on two, Ulysses x ring on four). Routing ranks a query block's kv blocks over
+  the whole sequence, so each rank gathers the sequence from the whole context-parallel group (queries, keys,
+  values and a key mask, as diffusers' ``rotate_method="allgather"`` gathers the keys and values;
   :func:`visattn.frameworks.diffusers.ring_attention`), routes on it as one process would (every rank picks the
   same blocks), and runs the kernel for the query blocks that hold its own tokens only (``rows`` of
   :func:`~visattn.processors.sparse_video.sparse_video_attention`): the attention work is split across the
-  ranks, the gathered keys and values cost what diffusers' own gather costs, and the queries one more gather.
-  No log-sum-exp merge is needed, since every rank sees every key; with Ulysses too, its head split is not used
+  ranks, the gathered keys and values cost what diffusers' own gather costs, and the queries one more gather. No
+  log-sum-exp merge is needed, since every rank sees every key; with Ulysses too, its head split is not used
   (not xDiT's USP exchange: every rank gathers every head). ``permute`` is refused (its blocks are not tiles),
-  as are masks and unequal shards (``ring_anything``, ``ulysses_anything``). diffusers' native SDPA backend
-  cannot serve the dense calls under ring attention (it returns no log-sum-exp): select a backend that does for
-  them (flash attention on GPUs) before applying.
+  as are unequal shards (``ring_anything``, ``ulysses_anything``). diffusers' native SDPA backend cannot serve
+  the dense calls under ring attention (it returns no log-sum-exp): select a backend that does for them (flash
+  attention on GPUs) before applying.
 - Inference only under parallelism (diffusers asks the backend for a backward op; it raises).
 """
 
@@ -209,21 +211,22 @@ class SparseVideoAttnBackend:
         if cp is None:
             return self._sparse(query, key, value, attn_mask, scale, layout)
         self._check_parallel(cp)
-        if attn_mask is not None and (self._joint or cp.ring_degree > 1):
-            raise UnsupportedModelError(f"sparse_video takes no attention mask under ring context parallelism or in "
-                                        f"the joint attention of {self._family} under Ulysses")
         order = self._fw.shard_order(layout, degree, query.device) if self._joint else None
 
         def whole(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, s: float | None,
                   rows: Tensor | None = None) -> Tensor:
             """The gathered sequence (rank order); joint attention read in joint order and written back."""
+            if mask is not None and mask.shape[-1] != q.shape[1]:
+                raise UnsupportedModelError(
+                    f"sparse_video under context parallelism got a key mask of {mask.shape[-1]} keys for "
+                    f"{q.shape[1]} gathered tokens (diffusers 0.37 does not gather masks under Ulysses)")
             if order is None:
                 return self._sparse(q, k, v, mask, s, layout, rows)
-            out = self._sparse(q[:, order], k[:, order], v[:, order], mask, s, layout,
-                               None if rows is None else rows[order])
+            out = self._sparse(q[:, order], k[:, order], v[:, order], None if mask is None else mask[..., order],
+                               s, layout, None if rows is None else rows[order])
             return torch.empty_like(out).index_copy_(1, order, out)
 
         if cp.ring_degree > 1:
-            return self._fw.ring_attention(lambda q, k, v, rows: whole(q, k, v, None, scale, rows), query, key,
-                                           value, parallel_config)
+            return self._fw.ring_attention(lambda q, k, v, mask, rows: whole(q, k, v, mask, scale, rows), query,
+                                           key, value, attn_mask, parallel_config)
         return self._fw.ulysses_attention(whole, query, key, value, attn_mask, scale, parallel_config)
