@@ -216,10 +216,11 @@ class SparseVideoAttnBackend:
         def whole(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, s: float | None,
                   rows: Tensor | None = None) -> Tensor:
             """The gathered sequence (rank order); joint attention read in joint order and written back."""
-            if mask is not None and mask.shape[-1] != q.shape[1]:
+            if mask is not None and (mask.shape[-1] != q.shape[1] or (mask.ndim > 2 and mask.shape[-2] != 1)):
                 raise UnsupportedModelError(
-                    f"sparse_video under context parallelism got a key mask of {mask.shape[-1]} keys for "
-                    f"{q.shape[1]} gathered tokens (diffusers 0.37 does not gather masks under Ulysses)")
+                    f"sparse_video under context parallelism takes a key mask over the {q.shape[1]} gathered "
+                    f"tokens; got a mask of shape {tuple(mask.shape)} (diffusers 0.37 does not gather masks under "
+                    f"Ulysses)")
             if order is None:
                 return self._sparse(q, k, v, mask, s, layout, rows)
             out = self._sparse(q[:, order], k[:, order], v[:, order], None if mask is None else mask[..., order],
