@@ -21,6 +21,7 @@ import gradio as gr  # noqa: E402
 from visattn import demo  # noqa: E402
 from visattn.testbed.data import SHAPES  # noqa: E402
 from visattn.testbed.eval import resolve_device  # noqa: E402
+from visattn.testbed.video import VIDEO_GUIDANCES  # noqa: E402
 
 _OUT = Path(tempfile.mkdtemp(prefix="visattn-demo-"))  # GIFs and example images
 
@@ -245,7 +246,8 @@ def video_tab(device: gr.State) -> None:
         shape = gr.Dropdown(list(SHAPES), value=SHAPES[0], label="class (shape)", elem_id="video-shape")
         seed = gr.Number(value=0, precision=0, label="seed")
         steps = gr.Slider(1, 50, value=4, step=1, label="sampling steps", elem_id="video-steps")
-        guidance = gr.Slider(1.0, 8.0, value=3.0, step=0.5, label="guidance")
+        # up to the largest scale the video DiT's training chooses from (the shipped weights chose 10)
+        guidance = gr.Slider(1.0, max(VIDEO_GUIDANCES), value=3.0, step=0.5, label="guidance")
     with gr.Row():
         strategy = gr.Dropdown(["tile_topk", "rectified", "sliding_tile", "grat"], value="tile_topk",
                                label="sparse_video strategy")
