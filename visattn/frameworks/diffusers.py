@@ -175,26 +175,31 @@ def parallel_observer(model: nn.Module, patcher: Patcher, observer: Observer) ->
     attention, a family not tested under parallelism or a mask over queries (not keys alone) raise
     :class:`UnsupportedModelError`.
     """
-    contexts = install_context(model, patcher) if context_parallel(model) is not None else None
     family = type(model).__name__
+    contexts, heads, joint = None, [], set()
+    if context_parallel(model) is not None and family in PARALLEL_FAMILIES:  # what observe reads, once per layer
+        contexts = install_context(model, patcher)
+        heads = [getattr(module, "heads", None) for _, module in attention_layers(model)]  # all: no all-to-all ran
+        joint = {i for i, kind in enumerate(layer_kinds(model)) if kind == "self" and family_of(model).text}
 
     def observe(layer: int, q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None) -> None:
         cp = context_parallel(model)
         if cp is None:
             return observer(layer, q, k, scale, mask)
         require_ulysses(cp)
-        if contexts is None or family not in PARALLEL_FAMILIES or (mask is not None and mask.shape[-2] != 1):
+        if contexts is None or (mask is not None and mask.shape[-2] != 1):  # contexts: a tested family, parallel
+            late = family in PARALLEL_FAMILIES and contexts is None
             raise UnsupportedModelError(
                 f"visattn observes attention under Ulysses context parallelism in {', '.join(PARALLEL_FAMILIES)}, "
                 f"with a key mask at most, applied after model.enable_parallelism(...) (got {family}"
-                f"{'' if contexts else ', applied before'}{', a mask over queries' if mask is not None else ''})")
+                f"{', applied before' if late else ''}{', a mask over queries' if mask is not None else ''})")
         group = cp._ulysses_mesh.get_group()
-        if q.shape[1] == getattr(attention_layers(model)[layer][1], "heads", None):
+        if q.shape[1] == heads[layer]:
             # every head, this rank's shard of the queries: diffusers runs cross-attention without the all-to-all
             return observer(layer, _all_gather(q, cp.ulysses_degree, group, dim=2), k, scale, mask)
         q, k = (_all_gather(t, cp.ulysses_degree, group, dim=1) for t in (q, k))
         ctx = contexts.get()
-        if family_of(model).text and layer_kind(model, layer) == "self":
+        if layer in joint:
             layout = token_layout(model, layer, tuple(ctx.extra["grid"]), q.shape[2])
             order = shard_order(layout, cp.ulysses_degree, q.device)
             q, k, mask = q[:, :, order], k[:, :, order], None if mask is None else mask[..., order]
@@ -543,6 +548,15 @@ def require_ulysses(cp: Any) -> None:
             f"ulysses_degree={cp.ulysses_degree}")
 
 
+def require_equal_shards(cp: Any) -> None:
+    """Raise :class:`UnsupportedModelError` if the ``ContextParallelConfig`` ``cp`` allows unequal shards
+    (``ring_anything``, ``ulysses_anything``), which :func:`ring_attention` cannot gather."""
+    if getattr(cp, "ring_anything", False) or getattr(cp, "ulysses_anything", False):
+        raise UnsupportedModelError(f"this attention runs under ring context parallelism with equal shards; got "
+                                    f"ring_anything={getattr(cp, 'ring_anything', False)}, "
+                                    f"ulysses_anything={getattr(cp, 'ulysses_anything', False)}")
+
+
 def shard_order(layout: TokenLayout, degree: int, device: torch.device) -> torch.Tensor:
     """Where each token of the joint sequence ``layout`` sits in the sequence diffusers' context parallelism gathers.
 
@@ -582,10 +596,7 @@ def ring_attention(attend: Callable[..., torch.Tensor], query: torch.Tensor, key
     not used. Equal shards (``ring_anything`` and ``ulysses_anything`` are refused), inference only.
     """
     cp = parallel_config.context_parallel_config
-    if getattr(cp, "ring_anything", False) or getattr(cp, "ulysses_anything", False):
-        raise UnsupportedModelError(f"this attention runs under ring context parallelism with equal shards; got "
-                                    f"ring_anything={getattr(cp, 'ring_anything', False)}, "
-                                    f"ulysses_anything={getattr(cp, 'ulysses_anything', False)}")
+    require_equal_shards(cp)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
         raise UnsupportedModelError("the visattn attention backends run inference only under context parallelism "
                                     "(no backward pass)")

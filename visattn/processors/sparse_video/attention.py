@@ -104,8 +104,8 @@ def sparse_video_attention(q: Tensor, k: Tensor, v: Tensor, layout: TokenLayout,
     if rows is not None:
         if config.permute != "none":
             raise ShapeError("sparse_video: permute cannot compute a subset of the query rows (ring attention)")
-        wanted = torch.zeros(geo.num_blocks, dtype=torch.bool, device=q.device)
-        blocks = wanted.index_fill_(0, rows[geo.perm[:ng]].nonzero().flatten() // geo.block, True)
+        wanted = F.pad(rows[geo.perm[:ng]], (0, geo.num_blocks * geo.block - ng))  # tile order, last block padded
+        blocks = wanted.view(geo.num_blocks, geo.block).any(dim=1)  # no host read
     qp, kp, vp = (take_tokens(t, geo.perm) for t in (q, k, v))
     keys = text_mask = None
     if attn_mask is not None:

@@ -163,9 +163,7 @@ class SparseVideoAttnBackend:
                 f"sparse_video under context parallelism supports {', '.join(self._fw.PARALLEL_FAMILIES)} (tested); "
                 f"not {self._family}")
         if cp.ring_degree > 1:
-            if getattr(cp, "ring_anything", False) or getattr(cp, "ulysses_anything", False):
-                raise UnsupportedModelError("sparse_video under ring context parallelism needs equal shards "
-                                            "(ring_anything and ulysses_anything are not supported)")
+            self._fw.require_equal_shards(cp)
             if self.config.permute != "none":
                 raise OptionError("sparse_video: permute cannot run under ring context parallelism (each rank "
                                   "computes the query blocks of its shard, and permute's blocks are not tiles)")
