@@ -6,8 +6,8 @@ model's token grid with ``--tile``, :func:`visattn.testbed.eval.eval_video` samp
 from the same noise, one call per line sweeping the option that varies along it (one call per point where several
 do): PSNR and SSIM against stock, class accuracy (patched and stock), attention recall, and the kept block fraction
 on the testbed grid. ``--speed`` (the JSON of ``benchmarks.video --sweep``) is joined by line and level (grat: by
-pattern): Wan's attention speedup and kept fraction. ``--plot`` draws PSNR against that speedup, one line per
-strategy (PSNR ``inf``, identical to stock, is drawn at the top of the axis); it needs matplotlib.
+pattern): Wan's attention speedup and kept fraction. ``--plot`` draws PSNR and class accuracy against that speedup,
+one line per strategy (PSNR ``inf``, identical to stock, is drawn at the top of the axis); it needs matplotlib.
 
     PYTHONPATH=. python3 -m benchmarks.video --sweep --out benchmarks/results/video_sweep.json
     PYTHONPATH=. python3 -m benchmarks.video_quality --speed benchmarks/results/video_sweep.json \\
@@ -84,7 +84,8 @@ def join(rows: list[dict[str, Any]], speed: dict[str, Any]) -> list[dict[str, An
 
 
 def plot(result: dict[str, Any], speed: dict[str, Any], path: Path) -> None:
-    """PSNR against the attention speedup of ``speed``, one line per strategy, each point labelled with its level."""
+    """PSNR and class accuracy against the attention speedup of ``speed``: one line per strategy, each point labelled
+    with its level, stock's accuracy drawn as a dashed line."""
     try:
         import matplotlib
     except ImportError as exc:
@@ -94,26 +95,34 @@ def plot(result: dict[str, Any], speed: dict[str, Any], path: Path) -> None:
 
     rows = [row for row in result["rows"] if "speedup" in row]
     top = max((row["psnr"] for row in rows if math.isfinite(row["psnr"])), default=40.0) + 3.0
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6))
     for line in dict.fromkeys(row["line"] for row in rows):
         points = [row for row in rows if row["line"] == line]  # in level order
-        xs, ys = [row["speedup"] for row in points], [min(row["psnr"], top) for row in points]
-        ax.plot(xs, ys, marker="o", label=line)
-        for x, y, row in zip(xs, ys, points):
-            label = row["options"].get("grat_pattern", "surrounding") if row["level"] is None else f"{row['level']:g}"
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        xs = [row["speedup"] for row in points]
+        labels = [row["options"].get("grat_pattern", "surrounding") if row["level"] is None else f"{row['level']:g}"
+                  for row in points]
+        for ax, ys in ((left, [min(row["psnr"], top) for row in points]), (right, [row["accuracy"] for row in points])):
+            ax.plot(xs, ys, marker="o", label=line)
+            for x, y, label in zip(xs, ys, labels):
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if any(not math.isfinite(row["psnr"]) for row in rows):
-        ax.axhline(top, color="gray", ls=":", lw=1)
-        ax.annotate("identical to stock (PSNR inf)", (0.01, top), xycoords=("axes fraction", "data"),
-                    xytext=(0, -10), textcoords="offset points", fontsize=7, color="gray")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"attention speedup over stock SDPA: {speed['shape']}, eager, {speed['device']}")
-    ax.set_ylabel(f"PSNR against stock (dB), {result['n']} clips, {result['steps']} steps")
+        left.axhline(top, color="gray", ls=":", lw=1)
+        left.annotate("identical to stock (PSNR inf)", (0.01, top), xycoords=("axes fraction", "data"),
+                      xytext=(0, -10), textcoords="offset points", fontsize=7, color="gray")
+    stock = rows[0]["stock_accuracy"] if rows else math.nan
+    right.legend(handles=[right.axhline(stock, color="black", ls="--", lw=1, label=f"stock ({stock:.3f})")], fontsize=7,
+                 loc="lower right")  # the strategies' colours are the left panel's legend
+    xlabel = f"attention speedup over stock SDPA: {speed['shape']}, eager, {speed['device']}"
+    left.set_ylabel(f"PSNR against stock (dB), {result['n']} clips, {result['steps']} steps")
+    right.set_ylabel(f"class accuracy (testbed ViT, every frame), {result['n']} clips")
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=7)
     tile = "x".join(map(str, result["tile"]))
-    ax.set_title(f"sparse_video: quality on the {result['model']}, tile {tile}\n"
-                 f"against the speed of {speed['shape']}, eager, {speed['device']}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    fig.suptitle(f"sparse_video: quality on the {result['model']}, tile {tile}, against the speed of {speed['shape']}, "
+                 f"eager, {speed['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     print(f"wrote {path}")
@@ -129,7 +138,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="clips per model call")
     parser.add_argument("--speed", type=Path, default=None, help="the JSON of benchmarks.video --sweep")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument("--plot", type=Path, default=None, help="draw PSNR against speedup here (PNG; needs --speed)")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="draw PSNR and accuracy against speedup here (PNG; needs --speed)")
     parser.add_argument("--plot-only", action="store_true", help="read --out and --speed and only draw --plot")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--smoke", action="store_true", help="CPU, 2 clips, batch 2, 2 steps")

@@ -186,6 +186,19 @@ def test_gna_windows_stride_groups_share_a_window_and_dilation_keeps_residues() 
     assert three.diagonal().all() and (three.sum(-1) == 2 * 2 * 3).all()
 
 
+def test_keep_defaults_per_strategy_and_routes_that_fraction() -> None:
+    """keep=None (the default) is 0.25 for tile_topk and 0.5 for rectified (the measured trade-offs, package doc)."""
+    geo = geometry((4, 4, 4), 0, 64, (1, 2, 2), torch.device("cpu"))  # 16 blocks of 4 tokens
+    q = k = torch.randn(1, 2, 64, 8)
+    for strategy, keep in (("tile_topk", 0.25), ("rectified", 0.5)):
+        default = SparseVideoConfig.from_options(strategy=strategy, tile=(1, 2, 2))
+        assert default.keep == keep and default == SparseVideoConfig.from_options(strategy=strategy, keep=None,
+                                                                                  tile=(1, 2, 2))
+        _, counts = route_blocks(q, k, default, geo, scale=0.3)
+        assert (counts == math.ceil(keep * 16)).all(), counts
+    assert SparseVideoConfig.from_options(strategy="sliding_tile").keep is None  # not read by the window strategies
+
+
 def test_permutation_gathers_scattered_semantic_keys_into_fewer_blocks() -> None:
     torch.manual_seed(0)
     layout = TokenLayout(num_tokens=128, grid=(2, 8, 8))
@@ -318,9 +331,10 @@ def test_set_attn_processor_entry_point_matches_apply_and_restores() -> None:
 
 def test_bad_inputs_raise_clear_errors() -> None:
     model, inputs, _, _ = _model("flux")
-    with pytest.raises(OptionError, match=r"sparse_video: keep must be a number in \(0, 1\] \(got 0\)"):
+    with pytest.raises(OptionError, match=r"sparse_video: keep must be None \(0.25 for tile_topk, 0.5 for rectified\) "
+                                          r"or a number in \(0, 1\] \(got 0\)"):
         visattn.apply(model, "sparse_video", keep=0)
-    with pytest.raises(OptionError, match=r"keep must be a number in \(0, 1\] \(got 1.5\)"):
+    with pytest.raises(OptionError, match=r"keep must be .* a number in \(0, 1\] \(got 1.5\)"):
         visattn.apply(model, "sparse_video", keep=1.5)
     with pytest.raises(OptionError, match="strategy must be one of 'tile_topk', 'rectified'"):
         visattn.apply(model, "sparse_video", strategy="vsa")

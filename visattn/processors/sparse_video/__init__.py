@@ -75,7 +75,8 @@ layers (self/joint attention over a grid, in execution order) run stock attentio
 distinct timestep: repeated calls at one timestep (classifier-free guidance run as two calls) are one
 step, and a timestep larger than the last one starts a new generation at step 0.
 
-Options and identity values: ``strategy`` ('tile_topk'); ``keep`` (0.25; identity 1.0), ``top_p``
+Options and identity values: ``strategy`` ('tile_topk'); ``keep`` (None: 0.25 for tile_topk, 0.5 for rectified;
+identity 1.0), ``top_p``
 (None; identity 1.0), ``score`` ('mean'), ``stride`` (None: 8, with score='antidiagonal' only) and
 ``permute`` ('none') for tile_topk and rectified; ``tile`` (None: 4x4x4 / 8x8); ``window`` (None:
 3 tiles per axis; identity: the tile grid's size), ``window_stride`` and ``window_dilation`` (None: 1 per
@@ -85,6 +86,33 @@ and ``grat_radius`` (1; identity: >= the tile grid's largest side, surrounding) 
 once, where the Triton kernel cannot run); ``install`` ('processor'; 'attention_backend' for diffusers'
 context parallelism, see :mod:`visattn.processors.sparse_video.backend`). At an identity setting the
 layer calls stock SDPA itself, so the output is bit-identical to stock.
+
+Defaults, and why (measured on the trained testbed video DiT, 64 clips sampled stock and patched from the same
+noise with ``tile=(2, 2, 2)``, beside Wan 2.1 1.3B's attention at 81x480x832 on the H200; BENCHMARKS.md, "Testbed
+video DiT"; class accuracy of stock's clips 0.77, and about +-0.06 of noise on 64 clips):
+
+- ``strategy='tile_topk'`` with ``keep=0.25``: a quarter of the blocks keeps 0.58 class accuracy at 2.4x Wan's
+  attention speed; ``keep=0.5`` buys 0.09 of accuracy for half that speed (1.3x), ``keep=0.1`` halves the
+  accuracy (0.37) for 5.2x. No other rule keeps more accuracy at the same speed.
+- ``rectified`` with ``keep=0.5`` (1.25x at Wan): its correction gives the highest PSNR against stock at every
+  level (16.7 / 15.7 / 15.3 dB at keep 0.5 / 0.25 / 0.1; tile_topk 15.6 / 13.2 / 10.8), yet below 0.5 its class
+  accuracy falls fastest (0.65 at 0.5, 0.39 at 0.25): the colours and layout stay, the outline goes.
+- ``score='mean'``: the antidiagonal scores choose nearly the same blocks (recall 0.67 against 0.69 at keep
+  0.25) and take 6.3 ms of routing at Wan's 32,760 tokens (1.15x instead of 2.44x at keep 0.25).
+- ``permute='none'``: ``'importance'`` loses recall (0.44 against 0.69 at keep 0.25: one global sort of the keys
+  breaks the locality tile order gives), ``'cluster'`` keeps recall but loses PSNR and costs 15 ms at Wan.
+- ``sliding_tile``: ``window`` 3 tiles per axis (a tile and its neighbours), stride and dilation 1.
+  Fixed windows keep less than tile_topk at the same kept fraction (0.48 against 0.58 accuracy at a quarter of
+  the blocks) and skip the routing (2.75x against 2.44x). The blocked form (``window_stride = window``) measured
+  the same; a dilation lists more blocks where the tile does not divide the grid. Window 3 keeps 27 tiles of
+  the grid's: 0.42 of the testbed's 4x4x4 tiles but 0.04 of Wan's 6x8x13 at 81x480x832, far sparser than any
+  point measured: there give a larger window (5x4x6 keeps a quarter, 4x8x8 a half).
+- ``grat``: ``'surrounding'`` with radius 1 keeps more than ``'criss_cross'`` (accuracy 0.50 against 0.46,
+  recall 0.52 against 0.48) and is the faster of the two at Wan (10.4x against 9.0x; it lists fewer of Wan's
+  larger tile grid).
+- ``dense_steps=0``, ``dense_layers=0``: every step and layer sparse, so the speed is the one asked for. Dense
+  first steps buy quality back: at keep 0.25, 3 of 25 steps dense raise the class accuracy from 0.59 to 0.65
+  and 6 of 25 the PSNR from 13.0 to 15.4 dB (32 clips), at the cost of those steps' share at stock speed.
 
 Installation (diffusers): ``visattn.apply(pipe_or_model, "sparse_video", ...)`` or
 ``model.set_attn_processor(visattn.diffusers.SparseVideoAttnProcessor(model, ...))``; see

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import OptionError, ShapeError
-from ...options import Option, bool_option, check_scope, choice_option, float_option, int_option, validate_options
+from ...options import Option, bool_option, check_scope, choice_option, int_option, validate_options
 
 STRATEGIES = ("tile_topk", "rectified", "sliding_tile", "grat")
 GRAT_PATTERNS = ("surrounding", "criss_cross")
@@ -27,6 +27,7 @@ FAMILIES = ("WanTransformer3DModel", "WanVACETransformer3DModel", "SkyReelsV2Tra
             "Lumina2Transformer2DModel", "PixArtTransformer2DModel", "DiTTransformer2DModel")
 # not SanaTransformer2DModel: its self-attention is linear attention (no softmax to make sparse)
 DEFAULT_TILE = {3: (4, 4, 4), 2: (8, 8)}
+DEFAULT_KEEP = {"tile_topk": 0.25, "rectified": 0.5}  # keep=None; why these: the package doc, "Defaults"
 DEFAULT_WINDOW = 3
 DEFAULT_STRIDE = 8  # XAttention's antidiagonal stride (tokens)
 
@@ -67,7 +68,7 @@ def _check_axes(v: Any) -> int | tuple[int, ...] | None:
     return _int_tuple(v)
 
 
-def _check_top_p(v: Any) -> float | None:
+def _check_fraction(v: Any) -> float | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
@@ -78,9 +79,10 @@ def _check_top_p(v: Any) -> float | None:
 _ROUTED = ("tile_topk", "rectified")  # the strategies that score block pairs and keep the best
 OPTIONS: tuple[Option, ...] = (
     choice_option("strategy", "tile_topk", STRATEGIES, doc="routing rule (see the module doc)"),
-    float_option("keep", 0.25, low=0, high=1, low_open=True, identity=1.0,
-                 doc="tile_topk/rectified: fraction of kv blocks each query block visits").scoped(strategies=_ROUTED),
-    Option("top_p", None, "None or a number in (0, 1]", _check_top_p, identity=1.0, strategies=_ROUTED,
+    Option("keep", None, "None (0.25 for tile_topk, 0.5 for rectified) or a number in (0, 1]", _check_fraction,
+           identity=1.0, strategies=_ROUTED,
+           doc="tile_topk/rectified: fraction of kv blocks each query block visits (None: the strategy's default)"),
+    Option("top_p", None, "None or a number in (0, 1]", _check_fraction, identity=1.0, strategies=_ROUTED,
            doc="tile_topk/rectified: keep the fewest blocks whose coarse softmax mass reaches top_p (replaces keep)"),
     choice_option("score", "mean", SCORES,
                   doc="tile_topk/rectified: block importance from mean-pooled q and k ('mean', VSA) or from strided "
@@ -132,7 +134,7 @@ class SparseVideoConfig:
     """The validated options of ``sparse_video`` (see the package doc)."""
 
     strategy: str = "tile_topk"
-    keep: float = 0.25
+    keep: float | None = None  # resolved to DEFAULT_KEEP[strategy] for tile_topk and rectified
     top_p: float | None = None
     score: str = "mean"
     stride: int | None = None
@@ -148,7 +150,10 @@ class SparseVideoConfig:
     strict: bool = False
 
     def __post_init__(self) -> None:
-        """The checks across options (each option alone was checked by :data:`OPTIONS`)."""
+        """The checks across options (each option alone was checked by :data:`OPTIONS`); ``keep=None`` becomes the
+        strategy's default (:data:`DEFAULT_KEEP`)."""
+        if self.keep is None and self.strategy in DEFAULT_KEEP:
+            object.__setattr__(self, "keep", DEFAULT_KEEP[self.strategy])
         if self.stride is not None and self.score != "antidiagonal":
             raise OptionError(f"sparse_video: stride is read only with score='antidiagonal' (got score={self.score!r})")
         if self.score == "antidiagonal":
