@@ -16,12 +16,13 @@ from torch import Tensor
 from ..errors import ShapeError
 
 
-def _expand_kv(x: Tensor, num_heads: int) -> Tensor:
-    if x.shape[1] == num_heads:
-        return x
-    if num_heads % x.shape[1]:
-        raise ShapeError(f"query heads ({num_heads}) must be a multiple of kv heads ({x.shape[1]})")
-    return x.repeat_interleave(num_heads // x.shape[1], dim=1)
+def per_query_head(x: Tensor, heads: int, who: str = "attention") -> Tensor:
+    """Keys or values ``[B, Hkv, ...]`` (any trailing dims) repeated so each of the ``heads`` query heads has its own
+    (grouped kv heads); ``who`` names the caller in the error when ``heads`` is not a multiple of ``Hkv``."""
+    hkv = x.shape[1]
+    if heads % hkv:
+        raise ShapeError(f"{who}: query heads ({heads}) must be a multiple of kv heads ({hkv})")
+    return x if hkv == heads else x.repeat_interleave(heads // hkv, dim=1)
 
 
 def _acc(x: Tensor) -> Tensor:
@@ -43,7 +44,7 @@ def attention_logits(q: Tensor, k: Tensor, *, scale: float | None = None, bias: 
     ``mask`` is boolean, True where attention is allowed, broadcastable to the logits.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    k = _expand_kv(k, q.shape[1])
+    k = per_query_head(k, q.shape[1])
     logits = torch.matmul(_acc(q), _acc(k).transpose(-1, -2)) * scale
     if bias is not None:
         logits = logits + _acc(bias)
@@ -64,7 +65,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, bi
     logits = attention_logits(q, k, scale=scale, bias=bias, mask=mask)
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - lse.nan_to_num(neginf=0.0).unsqueeze(-1))  # empty rows -> all zeros
-    out = torch.matmul(probs, _acc(_expand_kv(v, q.shape[1]))).to(q.dtype)
+    out = torch.matmul(probs, _acc(per_query_head(v, q.shape[1]))).to(q.dtype)
     return (out, lse) if return_lse else out
 
 

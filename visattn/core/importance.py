@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..errors import ShapeError
+from .attention import per_query_head
 
 
 def additive_bias(mask: Tensor | None) -> Tensor | None:
@@ -54,10 +54,7 @@ def row_attention(q_rows: Tensor, k: Tensor, scale: float, bias: Tensor | None =
     are shared by consecutive query heads, as in transformers' ``repeat_kv``); ``bias`` is additive and
     broadcastable to ``[B, H, R, N]``.
     """
-    heads, kv_heads = q_rows.shape[1], k.shape[1]
-    if heads % kv_heads:
-        raise ShapeError(f"query heads ({heads}) must be a multiple of kv heads ({kv_heads})")
-    k = k.float().repeat_interleave(heads // kv_heads, dim=1)
+    k = per_query_head(k.float(), q_rows.shape[1], "row_attention")
     logits = (q_rows.float() @ k.transpose(-1, -2)) * scale
     if bias is not None:
         logits = logits + bias

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import OptionError, ShapeError
+from .attention import per_query_head
 
 
 def pool_blocks(x: Tensor, block: int) -> Tensor:
@@ -61,14 +62,6 @@ def block_scores(q_blocks: Tensor, k_blocks: Tensor, *, scale: float | None = No
     k_blocks = per_query_head(k_blocks, q_blocks.shape[1], "block_scores")
     scale = q_blocks.shape[-1] ** -0.5 if scale is None else scale
     return torch.matmul(q_blocks * scale, k_blocks.transpose(-1, -2))
-
-
-def per_query_head(k: Tensor, heads: int, who: str) -> Tensor:
-    """Keys ``[B, Hkv, ...]`` repeated so each of the ``heads`` query heads has its own (grouped kv heads)."""
-    hkv = k.shape[1]
-    if heads % hkv:
-        raise ShapeError(f"{who}: query heads ({heads}) must be a multiple of kv heads ({hkv})")
-    return k if hkv == heads else k.repeat_interleave(heads // hkv, dim=1)
 
 
 def antidiagonal_scores(q: Tensor, k: Tensor, block: int, stride: int, *, scale: float | None = None,

@@ -272,9 +272,10 @@ def _run_step(self: Any, step: BlockStep, call: StepCall, layer: int, captured: 
     rotary = isinstance(self.attn, ROTARY)
     if rotary and extra is not None and call.origin is not None:
         extra = follow_rope(extra, call.origin, npt)
-    context, mask = nullcontext(), call.mask(x.dtype)
     if isinstance(self.attn, BeitAttention) and (call.origin is not None or not stock):
-        context, mask = _biased_sdpa(self, call, None if stock else captured), None
+        context, mask = _biased_sdpa(self, call, None if stock else captured), None  # the mask joins at the SDPA call
+    else:
+        context, mask = nullcontext(), call.mask(x.dtype)
     with context:
         if stock:
             return kind.stock(self, x, mask, is_causal, extra)

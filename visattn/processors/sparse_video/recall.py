@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ...core.attention import per_query_head
 from ...core.layout import TokenLayout
-from ...core.routing import per_query_head
 from ...errors import UnsupportedModelError
 from ...patching import Patcher
 from .config import FAMILIES, SparseVideoConfig

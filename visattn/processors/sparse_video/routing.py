@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ...core.attention import per_query_head
 from ...core.routing import (
     antidiagonal_scores,
     block_scores,
@@ -223,9 +224,7 @@ def _rectify(out: Tensor, qg: Tensor, k: Tensor, v: Tensor, idx: Tensor, cnt: Te
         k_pool, v_pool = pool_blocks(kg, blk).float(), pool_blocks(vg, blk).float()  # [B, Hkv, nb, D]
         k_sq = pool_blocks(torch.linalg.vector_norm(kg, dim=-1, dtype=torch.float32).square()[..., None], blk)
         spread = (k_sq[..., 0] - k_pool.square().sum(-1)).clamp(min=0)              # mean |k - k_j|^2
-        if k_pool.shape[1] != h:
-            rep = h // k_pool.shape[1]
-            k_pool, v_pool, spread, kt = (t.repeat_interleave(rep, dim=1) for t in (k_pool, v_pool, spread, kt))
+        k_pool, v_pool, spread, kt = (per_query_head(t, h, "rectified") for t in (k_pool, v_pool, spread, kt))
         sizes = torch.full((nb,), float(blk), device=qg.device)
         sizes[-1] = ng - (nb - 1) * blk
         p = torch.cat([q_pool @ k_pool.transpose(-1, -2) * scale + sizes.log(),
