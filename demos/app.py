@@ -195,7 +195,7 @@ def vlm_tab(device: gr.State) -> None:
                 p = gr.Slider(0.0, 1.0, value=0.6, step=0.05, label="visual_sink p")
                 tau = gr.Slider(0.5, 20.0, value=6.0, step=0.5, label="visual_sink tau (small model: small tau)")
             with gr.Row():
-                hm_strategy = gr.Dropdown(["pai", "vhr", "imbalance"], value="imbalance",
+                hm_strategy = gr.Dropdown(["pai", "vhr", "imbalance", "avisc"], value="imbalance",
                                           label="head_modulation strategy")
                 alpha = gr.Slider(0.0, 2.0, value=0.5, step=0.05, label="head_modulation alpha")
             ask = gr.Button("Ask", variant="primary", elem_id="vlm-ask")

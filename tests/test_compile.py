@@ -171,6 +171,7 @@ def test_method_compiles_like_the_stock_model(family: str, method: str, options:
 COUNTS = "prune reads the image-token counts of a prompt on the host (how many tokens each stage drops)"
 RETENTION = COUNTS + ", and PLPHP its per-layer retention after the prefill (cache lengths follow attention)"
 CALIBRATION = "vhr runs the stock forward twice per prompt (calibration without the image): stock's breaks twice"
+BLIND = "avisc runs the model twice per call (the blind model beside it): stock's breaks twice"
 SINKS = dict(tau=1.0, rho=1.0, summ=0.0)  # sinks found and redistributed in the tiny random models
 VLM_CASES = [
     *[(f, "prune", dict(strategy=s, layer=1), 1, COUNTS)
@@ -186,6 +187,8 @@ VLM_CASES = [
     ("llava", "head_modulation", dict(strategy="vhr"), "stock", CALIBRATION),
     ("qwen2_vl", "head_modulation", dict(strategy="vhr"), "stock", CALIBRATION),
     ("llava", "head_modulation", dict(strategy="imbalance"), 0, ""),
+    ("llava", "head_modulation", dict(strategy="avisc", lamb=0.0), "stock", BLIND),
+    ("qwen2_vl", "head_modulation", dict(strategy="avisc", lamb=0.0), "stock", BLIND),
 ]
 
 
@@ -225,7 +228,8 @@ def test_vision_language_method_compiles_like_the_stock_model(family: str, metho
 
 DECODE_CASES = [("prune", dict(strategy="fastv", layer=1)), ("prune", dict(strategy="plphp", layer=1)),
                 ("visual_sink", SINKS), ("head_modulation", dict(strategy="pai", decoder_layers=[0, 1])),
-                ("head_modulation", dict(strategy="vhr")), ("head_modulation", dict(strategy="imbalance"))]
+                ("head_modulation", dict(strategy="vhr")), ("head_modulation", dict(strategy="imbalance")),
+                ("head_modulation", dict(strategy="avisc"))]
 
 
 @pytest.mark.parametrize("method,options", DECODE_CASES,

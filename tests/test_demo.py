@@ -6,6 +6,7 @@ shipped testbed models and tiny stand-ins, and that every method is removed agai
 
 from __future__ import annotations
 
+import re
 import sys
 
 import numpy as np
@@ -170,6 +171,8 @@ def test_vlm_answers_draw_kept_found_and_selected_tokens(vlm):
     assert seen[-1] == "done"
     plphp = demo.vlm_answers(model, tokenizer, img, question, {"prune": {"strategy": "plphp", "keep": 0.5}})
     assert "kv head 0" in plphp[1].note
+    avisc = demo.vlm_answers(model, tokenizer, img, question, {"head_modulation": {"strategy": "avisc"}})
+    assert re.fullmatch(r"([1-9]|[1-5][0-9]|6[0-3]) blind image tokens \(red\): .*", avisc[1].note), avisc[1].note
 
 
 def test_vlm_answers_reject_words_outside_the_vocabulary(vlm):

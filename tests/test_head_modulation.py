@@ -1,5 +1,6 @@
-"""head_modulation (pai, vhr): alpha=0 bit-identical, PAI exact against a dense reference, VHR's divergence
-against an image-ablated reference, generate() with the KV cache, errors. Tiny LLaVA, LLaVA-NeXT, Qwen2-VL and
+"""head_modulation (pai, vhr, imbalance, avisc): alpha=0 bit-identical, PAI exact against a dense reference, VHR's
+divergence against an image-ablated reference, AvisC's blind tokens and contrast against stock forwards,
+generate() with the KV cache, errors. Tiny LLaVA, LLaVA-NeXT, Qwen2-VL and
 Qwen2.5-VL models (tests/tiny_vlms.py) with a left-padded batch of two prompts of different lengths."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_vlms import (
     BUILDERS,
     IMAGE,
@@ -52,7 +54,7 @@ def _route_llm(model: torch.nn.Module, layers: list[int], fn: Any) -> Patcher:
     return patcher
 
 
-@pytest.mark.parametrize("strategy", ["pai", "vhr"])
+@pytest.mark.parametrize("strategy", ["pai", "vhr", "avisc"])
 def test_alpha_0_reproduces_stock_logits_andgenerate(case: tuple[torch.nn.Module, dict[str, torch.Tensor]],
                                                       strategy: str) -> None:
     model, inputs = case
@@ -180,12 +182,17 @@ def test_vhr_changes_the_generating_row_only(case: tuple[torch.nn.Module, dict[s
 def test_bad_options_and_inputs_raise_clear_errors() -> None:
     model = BUILDERS["llava"]("sdpa").eval()
     for options, match in [(dict(alpha=-0.1), r"alpha must be a number >= 0.0"),
-                           (dict(strategy="vcd"), r"strategy must be one of 'pai', 'vhr', 'imbalance'"),
+                           (dict(strategy="vcd"), r"strategy must be one of 'pai', 'vhr', 'imbalance', 'avisc'"),
                            (dict(decoder_layers=[0, 5]), r"decoder_layers \[5\] out of range.*2 decoder layers"),
                            (dict(), r"modulates decoder layers 2..31.*only 2; pass decoder_layers"),
                            (dict(strategy="vhr", top=0), "top must be a number in"),
                            (dict(strategy="vhr", select=0.25), "strategy 'vhr' does not use select"),
-                           (dict(top=0.5, strict=False), "strategy 'pai' does not use top")]:
+                           (dict(top=0.5, strict=False), "strategy 'pai' does not use top"),
+                           (dict(strategy="avisc", beta=0), r"beta must be a number in \(0.0, 1.0\] \(got 0\)"),
+                           (dict(strategy="avisc", layer_gamma=1.5), r"layer_gamma must be a number in \(0.0, 1.0\]"),
+                           (dict(strategy="avisc", lamb="1"), r"lamb must be a number \(got '1'\)"),
+                           (dict(strategy="vhr", beta=0.1), "strategy 'vhr' does not use beta"),
+                           (dict(alpha="0.2"), r"alpha must be a number >= 0.0 or None")]:
         with pytest.raises(visattn.OptionError, match=match):
             visattn.apply(model, "head_modulation", **options)
     assert not visattn.applied(model)
@@ -274,3 +281,128 @@ def test_imbalance_needs_a_cls_token_model() -> None:
     model = BUILDERS["qwen2_vl"]("sdpa").eval()
     with pytest.raises(visattn.UnsupportedModelError, match="strategy 'imbalance' needs a vision tower"):
         visattn.apply(model, "head_modulation", strategy="imbalance")
+
+
+# --- avisc ---
+
+def test_blind_tokens_follow_the_authors_rule() -> None:
+    """Per sample: rank layers by their image attention, keep the fewest reaching layer_gamma of it, average them,
+    and mark the image tokens at or above mean + lamb * std (AvisC's avisc_sample.py, written out as a loop)."""
+    from visattn.core.redistribute import blind_tokens
+
+    torch.manual_seed(0)
+    attention = torch.rand(3, 5, 12).softmax(-1)
+    image = torch.zeros(3, 12, dtype=torch.bool)
+    image[0, 2:8], image[1, 4:12], image[2, 0:3] = True, True, True
+    for layer_gamma, lamb in [(0.5, 1.0), (0.9, 0.0), (0.01, -0.5), (1.0, 0.5)]:
+        expected = torch.zeros_like(image)
+        for b in range(3):
+            cols = image[b].nonzero().flatten()
+            per_layer = attention[b][:, cols]
+            share = per_layer.sum(-1) / per_layer.sum()
+            count = int((share.sort(descending=True).values.cumsum(0) < layer_gamma).sum()) + 1
+            mean_attention = per_layer[share.topk(min(count, 5)).indices].mean(0)
+            threshold = mean_attention.mean() + lamb * mean_attention.std()
+            expected[b, cols[mean_attention >= threshold]] = True
+        assert torch.equal(blind_tokens(attention, image, layer_gamma, lamb), expected)
+    assert blind_tokens(attention, image, 0.5, 0.0).sum(-1).min() > 0  # above the mean: never empty
+
+
+def _zeroing(model: torch.nn.Module, hidden: torch.Tensor) -> Patcher:
+    """Zero the language model's input embeddings at ``hidden`` ``[B, N]`` (prompt forwards only)."""
+    patcher = Patcher()
+
+    def pre(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        embeds = kwargs["inputs_embeds"]
+        zero = F.pad(hidden, (0, embeds.shape[1] - hidden.shape[1]))
+        kwargs["inputs_embeds"] = embeds.masked_fill(zero[..., None], 0)
+        return args, kwargs
+
+    patcher.add_hook(model.get_decoder().register_forward_pre_hook(pre, with_kwargs=True))
+    return patcher
+
+
+def _longer(batch: dict[str, torch.Tensor], ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``batch`` with its prompt continued by the tokens of ``ids`` after it (text, attended)."""
+    extra = ids[:, batch["input_ids"].shape[1]:]
+    longer = dict(batch, input_ids=ids, attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(extra)], 1))
+    for name in ("token_type_ids", "mm_token_type_ids"):  # PaliGemma's prefix marks, Qwen's modality ids
+        if name in batch:
+            longer[name] = torch.cat([batch[name], torch.zeros_like(extra) + (name == "token_type_ids")], 1)
+    return longer
+
+
+def test_avisc_matches_stock_forwards_in_forward_and_generate(
+        case: tuple[torch.nn.Module, dict[str, torch.Tensor]]) -> None:
+    """The blind tokens are those of the stock model's last-row attention; the logits are the contrast of the stock
+    logits with those of the stock model whose other image embeddings are zeroed, in a forward and at every step of
+    a cached generate() (against forwards without cache over the tokens generated so far)."""
+    from visattn.core.attention import attention_probs
+    from visattn.core.redistribute import blind_tokens, contrast_logits
+
+    model, inputs = case
+    ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
+    image = (ids == IMAGE) & real
+    options = dict(alpha=ALPHA, beta=0.95, lamb=0.0, layer_gamma=0.6)
+    handle = visattn.apply(model, "head_modulation", strategy="avisc", **options)
+    try:
+        logits = forward_logits(model, inputs)
+        blind = handle.blind.clone()
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, suppress_tokens=[IMAGE, 1, 2, 3])
+    finally:
+        visattn.remove(model)
+    rows: dict[int, torch.Tensor] = {}
+
+    def last_row(idx: int, call: Any, module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 attention_mask: Any, mask: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:
+        rows[idx] = attention_probs(q, k, scale=kwargs["scaling"], mask=mask)[:, -1]  # head mean, the last row
+        return call(module, q, k, v, attention_mask, **kwargs)[0]
+
+    patcher = _route_llm(model, tfa.language_layers(model), last_row)
+    try:
+        stock = forward_logits(model, inputs)
+    finally:
+        patcher.undo()
+    expected_blind = blind_tokens(torch.stack([rows[i] for i in sorted(rows)], 1), image, 0.6, 0.0)
+    assert torch.equal(blind, expected_blind) and 0 < blind.sum() < image.sum()
+    assert torch.equal(handle.blind, blind)  # generate()'s prompt chose the same
+
+    def contrasted(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        plain = forward_logits(model, batch)
+        patcher = _zeroing(model, image & ~blind)
+        try:
+            return contrast_logits(plain, forward_logits(model, batch), ALPHA, 0.95)
+        finally:
+            patcher.undo()
+
+    expected = contrasted(inputs)
+    assert torch.equal(expected.isinf(), logits.isinf()) and expected.isinf().any()
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert (logits - stock).nan_to_num(0.0, 0.0, 0.0).abs().max() > 1e-3
+    for step, step_logits in enumerate(out.logits):
+        prefix = out.sequences[:, :ids.shape[1] + step]
+        want = contrasted(_longer(inputs, prefix))[:, -1]
+        assert torch.equal(want.isinf(), step_logits.isinf()), step
+        torch.testing.assert_close(step_logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_avisc_refuses_a_cache_it_did_not_build() -> None:
+    model = build("llava", "sdpa")
+    inputs = vlm_inputs("llava", model)
+    with torch.no_grad():
+        cache = model(**inputs).past_key_values
+    visattn.apply(model, "head_modulation", strategy="avisc")
+    try:
+        more = dict(input_ids=torch.tensor([[5], [6]]),
+                    attention_mask=torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1))
+        with pytest.raises(visattn.ShapeError, match="continues a KV cache .* did not see being built"):
+            with torch.no_grad():
+                model(**more, past_key_values=cache)
+        with torch.no_grad():
+            model(**inputs, use_cache=False)  # no blind cache either
+        with pytest.raises(visattn.ShapeError, match="blind model did not build"), torch.no_grad():
+            model(**more, past_key_values=cache)
+    finally:
+        visattn.remove(model)

@@ -229,7 +229,8 @@ VLM_CASES = [("prune", dict(strategy="fastv", keep=0.5, layer=1), lambda h: h.ke
              ("visual_sink", dict(tau=0.5, rho=1.0), lambda h: h.sink_tokens),
              ("head_modulation", dict(strategy="vhr", alpha=0.5), lambda h: (h.vhd, h.head_gains)),
              ("head_modulation", dict(strategy="pai", alpha=0.5, decoder_layers=(0, 1)), lambda h: None),
-             ("head_modulation", dict(strategy="imbalance", alpha=0.5), lambda h: (h.selected, h.sensitivity))]
+             ("head_modulation", dict(strategy="imbalance", alpha=0.5), lambda h: (h.selected, h.sensitivity)),
+             ("head_modulation", dict(strategy="avisc", lamb=0.0), lambda h: h.blind)]
 
 
 @pytest.mark.parametrize("method,options,shown", VLM_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(VLM_CASES)])

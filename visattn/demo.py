@@ -424,6 +424,9 @@ def _vlm_tokens(method: str, handle: Any, n_image: int) -> tuple[np.ndarray | No
     if method == "head_modulation" and handle.selected is not None:
         marked = handle.selected[0, :n_image].numpy()
         return marked, False, f"{int(marked.sum())} image tokens selected (red)"
+    if method == "head_modulation" and handle.blind is not None:
+        marked = handle.blind[0, :n_image].numpy()
+        return marked, False, f"{int(marked.sum())} blind image tokens (red): all the blind model sees of the image"
     return None, False, "modulates attention to every image token"
 
 
@@ -433,7 +436,8 @@ def vlm_answers(model: nn.Module, tokenizer: Any, image: Any, question: str,
                 methods: dict[str, dict[str, Any]], progress: Progress | None = None) -> list[VlmAnswer]:
     """The answer to ``question`` about ``image`` from the stock model, then under each of ``methods``
     (name -> options, e.g. ``{"prune": {"strategy": "fastv", "keep": 0.5}}``), with drawings of the image
-    tokens each one kept (``prune``), found (``visual_sink``) or selected (``head_modulation`` imbalance)."""
+    tokens each one kept (``prune``), found (``visual_sink``), selected (``head_modulation`` imbalance) or found blind
+    (``head_modulation`` avisc)."""
     from .testbed.vlm import IMAGE_TOKENS, answer, encode
 
     question = question.strip()

@@ -82,10 +82,11 @@ def int_option(name: str, default: int | None, *, low: int | None = None, high: 
     return Option(name, default, accepted, check, identity, doc)
 
 
-def float_option(name: str, default: float, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False, identity: Any = None,
+def float_option(name: str, default: float | None, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, allow_none: bool = False, identity: Any = None,
                  doc: str = "") -> Option:
-    """A real option in a range whose ends may be open, e.g. ``keep`` in (0, 1]."""
+    """A real option in a range whose ends may be open, e.g. ``keep`` in (0, 1]; with ``allow_none``, ``None``
+    too (for a default that the method chooses)."""
     if low is not None and high is not None:
         accepted = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     elif low is not None:
@@ -94,8 +95,12 @@ def float_option(name: str, default: float, *, low: float | None = None, high: f
         accepted = f"a number {'<' if high_open else '<='} {high}"
     else:
         accepted = "a number"
+    if allow_none:
+        accepted += " or None"
 
-    def check(v: Any) -> float:
+    def check(v: Any) -> float | None:
+        if v is None and allow_none:
+            return None
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError
         v = float(v)

@@ -22,6 +22,12 @@ Framework-free math behind ``visual_sink`` and ``head_modulation``; shapes follo
   Attention to Mitigate In-Context Hallucination of Large Vision-Language Model" (2025): the image
   tokens most attended by the vision tower's [CLS] token (locally informative) together with those
   that differ most from their spatial neighbours (spatially significant), a fraction of each.
+- :func:`blind_tokens` and :func:`contrast_logits` — AvisC (Woo et al., 2024, "Don't Miss the Forest for the
+  Trees: Attentional Vision Calibration for Large Vision Language Models", Sec. 3): the "blind" image tokens,
+  whose attention from the generating row, averaged over the layers that give the image most of their attention,
+  reaches ``mean + lamb * std`` of the image tokens'; and the calibrated next-token logits
+  ``(1 + alpha) * l - alpha * l_blind`` with the adaptive plausibility cut-off of contrastive decoding (tokens
+  whose logit is below ``log(beta) + max l`` are removed).
 - :func:`attend_rows` — attention for chosen query rows only, with a logit and a probability hook:
   the explicit path these methods take where they change the softmax, everything else staying on
   the fused kernel. Its numerics are transformers' eager attention's (``q k^T`` in the input dtype,
@@ -106,6 +112,33 @@ def dual_stream_selection(cls_attention: Tensor, contrast: Tensor, fraction: flo
     chosen = torch.zeros(cls_attention.shape, dtype=torch.bool, device=cls_attention.device)
     chosen.scatter_(-1, cls_attention.topk(k, dim=-1).indices, True)
     return chosen.scatter_(-1, contrast.topk(k, dim=-1).indices, True)
+
+
+def blind_tokens(attention: Tensor, image: Tensor, layer_gamma: float, lamb: float) -> Tensor:
+    """AvisC's blind tokens. ``attention`` ``[B, L, n]``: per layer, the generating row's attention over the ``n``
+    key columns, averaged over heads; ``image`` ``[B, n]`` bool: the image columns. Per sample, the layers are
+    ranked by their attention on the image and the fewest whose share of it (over all ``L`` layers) reaches
+    ``layer_gamma`` are kept (at least one); their attention is averaged, and the image tokens at or above
+    ``mean + lamb * std`` of the image tokens' (unbiased std; 0 for a single token) are blind. ``[B, n]`` bool."""
+    a = attention.float() * image[:, None, :]
+    share = a.sum(-1)
+    share = share / share.sum(-1, keepdim=True).clamp_min(torch.finfo(share.dtype).tiny)
+    ranked, order = share.sort(-1, descending=True)
+    count = (ranked.cumsum(-1) < layer_gamma).sum(-1, keepdim=True).add_(1).clamp_max_(share.shape[-1])
+    kept = (torch.arange(share.shape[-1], device=a.device) < count).float()  # by rank
+    chosen = torch.zeros_like(share).scatter_(-1, order, kept)
+    mean_attention = (a * chosen[..., None]).sum(1) / count
+    tokens = image.sum(-1, keepdim=True)
+    mean = mean_attention.sum(-1, keepdim=True) / tokens.clamp_min(1)
+    std = (((mean_attention - mean) ** 2 * image).sum(-1, keepdim=True) / (tokens - 1).clamp_min(1)).sqrt()
+    return image & (mean_attention >= mean + lamb * std)
+
+
+def contrast_logits(logits: Tensor, blind: Tensor, alpha: float, beta: float) -> Tensor:
+    """AvisC's calibrated logits: ``(1 + alpha) * logits - alpha * blind``, ``-inf`` where ``logits`` is below
+    ``log(beta) + max(logits)`` over the vocabulary (the last dimension)."""
+    cutoff = logits.amax(-1, keepdim=True) + math.log(beta)
+    return ((1 + alpha) * logits - alpha * blind).masked_fill(logits < cutoff, float("-inf"))
 
 
 def _rows(x: Tensor, rows: Tensor | None) -> Tensor:

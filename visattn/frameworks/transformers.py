@@ -382,10 +382,11 @@ def on_call(module: nn.Module, patcher: Patcher, fn: Callable[[ModelCall], dict[
     patcher.add_hook(module.register_forward_pre_hook(pre, with_kwargs=True))
 
 
-def after_call(module: nn.Module, patcher: Patcher, fn: Callable[[ModelCall, Any], None]) -> None:
-    """Run ``fn(read_call(...), output)`` after every forward of ``module``. Undone by ``patcher``."""
+def after_call(module: nn.Module, patcher: Patcher, fn: Callable[[ModelCall, Any], Any]) -> None:
+    """Run ``fn(read_call(...), output)`` after every forward of ``module``; what ``fn`` returns, unless ``None``,
+    is the forward's output instead. Undone by ``patcher``."""
 
-    def post(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-        fn(read_call(module, args, kwargs), output)
+    def post(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        return fn(read_call(module, args, kwargs), output)
 
     patcher.add_hook(module.register_forward_hook(post, with_kwargs=True))

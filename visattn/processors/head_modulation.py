@@ -1,6 +1,6 @@
 """``head_modulation``: give generated tokens more of the image, by logit or by head, in transformers VLMs.
 
-One option ``alpha`` (identity 0: the stock attention runs untouched) and three published recipes:
+One option ``alpha`` (identity 0: the stock model runs untouched) and four published recipes:
 
 - ``strategy="pai"`` — Liu et al., 2024, "Paying More Attention to Image: A Training-Free Method for
   Alleviating Hallucination in LVLMs" (Eq. 4): for the generating query row (the last row of every
@@ -29,6 +29,21 @@ One option ``alpha`` (identity 0: the stock attention runs untouched) and three 
   largest share in its layer; the generating rows' logits on selected tokens become
   ``l_j + alpha * w_h * |l_j|``. LLaVA (CLIP tower with [CLS], ``vision_feature_select_strategy="default"``)
   only.
+- ``strategy="avisc"`` — Woo et al., 2024, "Don't Miss the Forest for the Trees: Attentional Vision Calibration
+  for Large Vision Language Models" (Sec. 3). Blind tokens (:func:`visattn.core.redistribute.blind_tokens`):
+  in the forward without a past, the prompt's last row's attention, averaged over heads, in each of
+  ``decoder_layers``; the layers that give the image most of that row's attention, the fewest whose share reaches
+  ``layer_gamma``, are averaged, and the image tokens at or above ``mean + lamb * std`` of the image tokens' are
+  blind. A second, "blind" model runs beside the real one with its own KV cache: at the prompt, its input
+  embeddings of every other image token are zeroed (the authors' "zeros" masking), so it sees the image through
+  the blind tokens only; at each decode step it takes the same new tokens. The forward's logits become
+  ``(1 + alpha) * l - alpha * l_blind`` (:func:`~visattn.core.redistribute.contrast_logits`, Eq. 5), with the
+  tokens whose logit ``l`` is below ``log(beta) + max l`` removed (``-inf``, the adaptive plausibility
+  constraint). As in the authors' code, the blind tokens are chosen once per prompt: their embeddings enter the
+  blind model's cache at the prompt only. Defaults are the authors' (alpha 1, beta 0.1, layer_gamma 0.5; their
+  evaluation scripts use lamb 0.99, the paper's rule mean + std is lamb 1). Cost: a second forward of every call
+  (about 2x the compute) and a second KV cache; the loss of a forward with ``labels`` is the stock model's. On
+  Qwen3-VL the vision features that deepstack adds in the first decoder layers reach the blind model unmasked.
 
 The methods act on query rows that generate a token. The stock SDPA (or eager) attention runs for
 every row, and only the generating row is recomputed explicitly where logits change
@@ -36,15 +51,17 @@ every row, and only the generating row is recomputed explicitly where logits cha
 on CUDA (:mod:`visattn.kernels.reweighted_decode`). With ``pai`` a cached ``generate()`` computes what
 a forward over the same tokens computes for its last row; ``vhr`` and ``imbalance`` measure their
 head weights once per prompt (at the forward without a past) and keep them for its decode steps.
+``avisc`` changes the logits instead, of every position the forward returns.
 Batches with left padding and the KV cache work on LLaVA (1.5, NeXT, OneVision), Qwen2-VL, Qwen2.5-VL,
 PaliGemma, Idefics3, InternVL and Qwen3-VL (tested; ``imbalance``: LLaVA only); image positions come from
 ``config.image_token_id``. Sliding-window layers (Gemma 3's) keep only the last keys in their cache: they are left
 out of the default ``decoder_layers`` and refused in a given one.
 
-Options: ``strategy`` ("pai"), ``alpha`` (0.2; identity 0), ``decoder_layers`` (None = the strategy's
-layers: pai 2..31, vhr and imbalance all; indices of the language model's decoder layers, from 0),
-``top`` (0.5, vhr: fraction of heads reinforced per layer), ``select`` (0.25, imbalance: fraction of
-image tokens each selection stream picks).
+Options: ``strategy`` ("pai"), ``alpha`` (None = the strategy's default: 0.2, avisc 1.0; identity 0),
+``decoder_layers`` (None = the strategy's layers: pai 2..31, the others all; indices of the language model's
+decoder layers, from 0), ``top`` (0.5, vhr: fraction of heads reinforced per layer), ``select`` (0.25,
+imbalance: fraction of image tokens each selection stream picks), ``beta`` (0.1), ``lamb`` (1.0) and
+``layer_gamma`` (0.5) for avisc.
 """
 
 from __future__ import annotations
@@ -58,7 +75,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..core.attention import attention_probs
-from ..core.redistribute import amplify_logits, attend_rows, dual_stream_selection, spatial_contrast
+from ..core.redistribute import (
+    amplify_logits,
+    attend_rows,
+    blind_tokens,
+    contrast_logits,
+    dual_stream_selection,
+    spatial_contrast,
+)
 from ..errors import OptionError, ShapeError, UnsupportedModelError
 from ..frameworks import Target
 from ..frameworks.base import LazyAdapter, PerThread
@@ -70,7 +94,9 @@ from ._lvlm import ImageKeys, full_layers, image_token_id, write_rows
 
 tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
 
-STRATEGIES = ("pai", "vhr", "imbalance")
+STRATEGIES = ("pai", "vhr", "imbalance", "avisc")
+#: ``alpha=None``: each strategy's own strength (AvisC's authors contrast the logits with alpha 1).
+DEFAULT_ALPHA = {"pai": 0.2, "vhr": 0.2, "imbalance": 0.2, "avisc": 1.0}
 #: PAI modulates decoder layers [2, 32) of LLaVA-1.5's 32.
 PAI_LAYERS = range(2, 32)
 
@@ -80,8 +106,9 @@ class HeadModulationHandle(Handle):
     language-model layer (index into the model's attention layers). ``vhr``: ``vhd[layer]`` ``[B, H]``
     float32 and ``head_gains[layer]`` ``[B, H]`` (``1 + alpha`` for reinforced heads, else 1).
     ``imbalance``: ``selected`` ``[B, N]`` bool (the selected image tokens) and ``sensitivity[layer]``
-    ``[B, H]`` (each head's image share over the layer's largest). Each thread measures its own forwards; read
-    in a thread that ran none, these are another thread's."""
+    ``[B, H]`` (each head's image share over the layer's largest). ``avisc``: ``blind`` ``[B, N]`` bool (the blind
+    image tokens of the prompt). Each thread measures its own forwards; read in a thread that ran none, these are
+    another thread's."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -103,6 +130,10 @@ class HeadModulationHandle(Handle):
     def sensitivity(self) -> dict[int, Tensor]:
         return self.measured.latest().sensitivity
 
+    @property
+    def blind(self) -> Tensor | None:
+        return self.measured.latest().blind
+
 
 class _Measured:
     """What one thread's last forward without a past measured (the handle shows it) and its decode steps reuse."""
@@ -120,6 +151,10 @@ class _Measured:
         # imbalance: ([CLS] attention, projector output) of the last images; generate() computes the image features
         # before the model's forward (transformers >= 5.23), so they wait here for the prefill that uses them
         self.features: tuple[Tensor, Tensor] | None = None
+        self.attention: dict[int, Tensor] = {}  # avisc: the prompt's last row's attention per layer, [B, n] float32
+        self.blind: Tensor | None = None  # avisc: the prompt's blind image tokens [B, n]
+        self.blind_cache: Any = None  # avisc: the blind model's KV cache
+        self.blinding = False  # avisc: the blind model is running
 
 
 def _decoder_layers(strategy: str, chosen: tuple[int, ...] | None, depth: int, full: list[int]) -> list[int]:
@@ -136,7 +171,7 @@ def _decoder_layers(strategy: str, chosen: tuple[int, ...] | None, depth: int, f
                               f"keeps only the last keys (the image tokens' columns are not there while decoding); "
                               f"layers that attend to the whole sequence: {full}")
         return sorted(chosen)
-    layers = [i for i in PAI_LAYERS if i < depth] if strategy == "pai" else list(range(depth))  # vhr, imbalance
+    layers = [i for i in PAI_LAYERS if i < depth] if strategy == "pai" else list(range(depth))
     layers = [i for i in layers if i in full]
     if not layers:
         raise OptionError(f"head_modulation: strategy {strategy!r} modulates decoder layers "
@@ -148,23 +183,37 @@ def _decoder_layers(strategy: str, chosen: tuple[int, ...] | None, depth: int, f
 @register
 class HeadModulation(Method):
     name = "head_modulation"
-    summary = "amplify generated tokens' attention to the image: PAI logits, VHR heads or imbalance-fixing selection"
+    summary = ("amplify generated tokens' attention to the image: PAI logits, VHR heads, imbalance-fixing selection "
+               "or AvisC's blind-token contrast")
     paper = ("Liu et al., 2024, 'Paying More Attention to Image' (pai); He et al., 2024, 'Cracking the Code of "
              "Hallucination in LVLMs with Vision-aware Head Divergence' (vhr); 'Fixing Imbalanced Attention to "
-             "Mitigate In-Context Hallucination of Large Vision-Language Model', 2025 (imbalance)")
+             "Mitigate In-Context Hallucination of Large Vision-Language Model', 2025 (imbalance); Woo et al., 2024, "
+             "'Don't Miss the Forest for the Trees: Attentional Vision Calibration for Large Vision Language Models' "
+             "(avisc)")
     frameworks = ("transformers",)
     options = (
         choice_option("strategy", "pai", STRATEGIES,
-                      doc="pai (image logits), vhr (vision-aware heads), imbalance (selected tokens, per head)"),
-        float_option("alpha", 0.2, low=0.0, identity=0.0,
-                     doc="strength: logit gain (pai, imbalance), head output gain (vhr)"),
+                      doc="pai (image logits), vhr (vision-aware heads), imbalance (selected tokens, per head), "
+                          "avisc (contrast with blind tokens)"),
+        float_option("alpha", None, low=0.0, allow_none=True, identity=0.0,
+                     doc="strength: logit gain (pai, imbalance), head output gain (vhr), logit contrast (avisc); "
+                         "None = 0.2, avisc 1.0"),
         layers_option("decoder_layers", None,
-                      doc="decoder layers to modulate (0-based); None = pai: 2..31, vhr and imbalance: all"),
+                      doc="decoder layers to modulate (avisc: to find blind tokens in; 0-based); None = pai: 2..31, "
+                          "the others: all"),
         float_option("top", 0.5, low=0.0, high=1.0, low_open=True,
                      doc="vhr: fraction of heads reinforced per layer").scoped(strategies=("vhr",)),
         float_option("select", 0.25, low=0.0, high=1.0, low_open=True,
                      doc="imbalance: fraction of image tokens each selection stream picks").scoped(
                          strategies=("imbalance",)),
+        float_option("beta", 0.1, low=0.0, high=1.0, low_open=True,
+                     doc="avisc: tokens whose logit is below log(beta) + the largest are removed").scoped(
+                         strategies=("avisc",)),
+        float_option("lamb", 1.0, doc="avisc: blind tokens have attention >= mean + lamb * std").scoped(
+            strategies=("avisc",)),
+        float_option("layer_gamma", 0.5, low=0.0, high=1.0, low_open=True,
+                     doc="avisc: share of the image attention that the layers averaged must hold").scoped(
+                         strategies=("avisc",)),
         bool_option("strict", False, doc="pai: raise instead of falling back from the decode kernel to "
                                          "PyTorch").scoped(strategies=("pai",)),
     )
@@ -184,15 +233,19 @@ class HeadModulation(Method):
         language = tfa.language_layers(model)
         layers = [language[i] for i in _decoder_layers(options["strategy"], options["decoder_layers"], len(language),
                                                        full_layers(model))]
-        alpha = options["alpha"]
+        alpha = DEFAULT_ALPHA[options["strategy"]] if options["alpha"] is None else options["alpha"]
         if options["strategy"] == "pai":
             keys = ImageKeys(model, patcher, self.name)
             make_route = _pai(keys, alpha, options["strict"])
         elif options["strategy"] == "vhr":
             keys, make_route = _vhr(model, patcher, handle, alpha, options["top"])
-        else:
+        elif options["strategy"] == "imbalance":
             keys = ImageKeys(model, patcher, self.name)
             make_route = _imbalance(model, patcher, keys, handle, alpha, options["select"])
+        else:
+            keys = ImageKeys(model, patcher, self.name)
+            make_route = _avisc(model, patcher, keys, handle, alpha, options["beta"], options["lamb"],
+                                options["layer_gamma"])
         tfa.route_attention(model, patcher, layers, make_route)
         return handle
 
@@ -378,6 +431,71 @@ def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: Head
             out, _ = call(module, query, key, value, attention_mask, **kwargs)
             new = attend_rows(query, key, value, last, scale=scale, mask=mask, logits_fn=logits_fn)
             return write_rows(out, new, last), None
+
+        return route
+
+    return make_route
+
+
+def _avisc(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModulationHandle, alpha: float,
+           beta: float, lamb: float, layer_gamma: float) -> tfa.RouteFactory:
+    def contrast(call: tfa.ModelCall, output: Any) -> Any:
+        if alpha == 0.0:
+            return None
+        if not isinstance(getattr(output, "logits", None), Tensor):
+            raise UnsupportedModelError(f"head_modulation: strategy 'avisc' contrasts the logits of the model's "
+                                        f"output, and {type(model).__name__} returned {type(output).__name__}; "
+                                        f"call it with return_dict=True")
+        measured = handle.measured.get()
+        if keys.fresh:
+            attention = torch.stack([measured.attention.pop(layer) for layer in sorted(measured.attention)], 1)
+            measured.blind = blind_tokens(attention, keys.columns, layer_gamma, lamb)
+            cache = None  # the blind model starts its own
+        else:
+            cache = measured.blind_cache
+            if cache is None or cache.get_seq_length() != keys.num_keys - keys.image.shape[1]:  # the past
+                raise ShapeError("head_modulation: strategy 'avisc' continues the blind model's KV cache beside the "
+                                 "model's, and this forward continues a cache the blind model did not build; start "
+                                 "from a forward without past_key_values (with use_cache)")
+        measured.blinding = True
+        try:
+            with torch.no_grad():
+                blind = model.forward(**call.keywords(cache=cache))  # the model's own hooks (ours too) do not run
+        finally:
+            measured.blinding = False
+        measured.blind_cache = tfa.output_cache(blind)
+        output.logits = contrast_logits(output.logits, blind.logits, alpha, beta)
+        return output
+
+    def blind_inputs(call: tfa.ModelCall) -> dict[str, Any] | None:
+        measured = handle.measured.get()
+        if not (measured.blinding and keys.fresh):
+            return None
+        if call.inputs_embeds is None:
+            raise UnsupportedModelError(f"head_modulation: strategy 'avisc' zeroes image embeddings at the language "
+                                        f"model's input, and {type(model).__name__} passes it no inputs_embeds")
+        hidden = keys.image & ~measured.blind  # the image tokens that only the real model sees
+        return call.keywords(inputs_embeds=call.inputs_embeds.masked_fill(hidden[..., None], 0))
+
+    tfa.after_call(model, patcher, contrast)
+    tfa.on_call(model.get_decoder(), patcher, blind_inputs)
+
+    def make_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:
+        def route(call: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                  attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+            measured = handle.measured.get()
+            if alpha != 0.0 and keys.fresh and not measured.blinding:
+                scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+                mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
+                last = keys.once("last_row", lambda: torch.full((query.shape[0], 1), query.shape[2] - 1,
+                                                                device=query.device))
+
+                def record(probs: Tensor) -> Tensor:
+                    measured.attention[layer] = probs[:, :, 0].mean(1)
+                    return probs
+
+                attend_rows(query, key, value, last, scale=scale, mask=mask, probs_fn=record)
+            return call(module, query, key, value, attention_mask, **kwargs)
 
         return route
 
