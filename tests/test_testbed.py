@@ -211,3 +211,11 @@ def test_eval_bad_inputs_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "dit", "--method", "inspect"])
     assert "invalid choice: 'dit'" in capsys.readouterr().err
+
+
+def test_result_files_are_named_by_testbed_model_method_and_strategy():
+    from visattn.testbed.eval import _stem
+
+    assert _stem("vlm", None, "head_modulation", {"strategy": "avisc"}) == "eval_vlm_head_modulation_avisc"
+    assert _stem("vit", "vit_tiny_patch16_224", "tome", {}) == "eval_vit_vit_tiny_patch16_224_tome"
+    assert _stem("video", None, "sparse_video", None) == "eval_video_sparse_video"

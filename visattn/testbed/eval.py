@@ -14,7 +14,8 @@ per class; labels are the sorted subfolder indices, so top-1 is meaningful when 
 trained with that class order; agreement always is). Images are prepared with the model's timm
 data config (resize, centre crop, normalise).
 
-Results go to ``<out_dir>/eval_vit_<method>.json`` (with a model's name when one is given) and a
+Results go to ``<out_dir>/eval_vit_<method>.json`` (with a model's name when one is given, and the method's
+``strategy`` when the options name one: ``eval_vlm_prune_fastv.json``) and a
 PNG plot of top-1 and agreement across the sweep beside it.
 
 ``visattn eval vlm`` (:func:`eval_vlm`) does the same for the testbed VLM (:mod:`.vlm`, a
@@ -308,8 +309,7 @@ def eval_vit(method: str, options: Mapping[str, Any] | None = None, sweep: tuple
         "stock_top1": _fraction(stock == labels), "rows": rows,
         **_run_record(dev, batch_size),
     }
-    stem = f"eval_vit_{method}" if model_name is None else f"eval_vit_{model_name}_{method}"
-    return _write(result, out_dir, stem)
+    return _write(result, out_dir, _stem("vit", model_name, method, options))
 
 
 def _run_record(dev: torch.device, batch_size: int) -> dict[str, Any]:
@@ -320,6 +320,12 @@ def _run_record(dev: torch.device, batch_size: int) -> dict[str, Any]:
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": " ".join(["visattn", *sys.argv[1:]]) if Path(sys.argv[0]).name == "visattn" else None,
     }
+
+
+def _stem(testbed: str, model: str | None, method: str, options: Mapping[str, Any] | None) -> str:
+    """``eval_<testbed>[_<model>]_<method>[_<strategy>]``: the results' file name, without suffix."""
+    strategy = (options or {}).get("strategy")
+    return "_".join(["eval", testbed, *([model] if model else []), method, *([str(strategy)] if strategy else [])])
 
 
 def _write(result: dict[str, Any], out_dir: str | Path | None, stem: str) -> dict[str, Any]:
@@ -452,8 +458,7 @@ def eval_vlm(method: str, options: Mapping[str, Any] | None = None, sweep: tuple
         "attn_implementation": "sdpa", **_run_record(dev, batch_size),
     }
     name = None if checkpoint is None else Path(checkpoint).name if hf else Path(checkpoint).stem
-    stem = f"eval_vlm_{method}" if name is None else f"eval_vlm_{name}_{method}"
-    return _write(result, out_dir, stem)
+    return _write(result, out_dir, _stem("vlm", name, method, options))
 
 
 def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
@@ -640,8 +645,8 @@ def _eval_generator(testbed: str, method: str, options: Mapping[str, Any] | None
         "steps": steps, "guidance": guidance, **{f"stock_{k}": v for k, v in accuracy(stock).items()},
         "rows": rows, **_run_record(dev, batch_size),
     }
-    stem = f"eval_{testbed}_{method}" if checkpoint is None else f"eval_{testbed}_{Path(checkpoint).stem}_{method}"
-    return _write(result, out_dir, stem)
+    return _write(result, out_dir, _stem(testbed, None if checkpoint is None else Path(checkpoint).stem, method,
+                                         options))
 
 
 def _speed(dev: torch.device, stock_s: float, seconds: float) -> dict[str, Any] | None:
