@@ -188,7 +188,7 @@ def vlm_tab(device: gr.State) -> None:
                                           "empty: the shipped testbed VLM)", elem_id="vlm-checkpoint")
         with gr.Column(scale=2):
             with gr.Row():
-                prune_strategy = gr.Dropdown(["fastv", "cls", "star", "plphp", "transprune"], value="fastv",
+                prune_strategy = gr.Dropdown(["fastv", "cls", "star", "plphp", "transprune", "zo"], value="fastv",
                                              label="prune strategy")
                 keep = gr.Slider(0.05, 1.0, value=0.25, step=0.05, label="prune keep")
             with gr.Row():

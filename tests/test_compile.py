@@ -177,6 +177,7 @@ VLM_CASES = [
     *[(f, "prune", dict(strategy=s, layer=1), 1, COUNTS)
       for f in ("llava", "qwen2_vl") for s in ("fastv", "transprune")],
     ("llava", "prune", dict(strategy="cls"), 1, COUNTS),
+    ("llava", "prune", dict(strategy="zo"), 1, COUNTS),
     ("llava", "prune", dict(strategy="star", layer=1, keep=0.25), 1, COUNTS),
     ("llava_next", "prune", dict(strategy="fastv", layer=1), 1, COUNTS),
     ("qwen2_5_vl", "prune", dict(strategy="fastv", layer=1), 1, COUNTS),

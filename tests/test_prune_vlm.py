@@ -106,10 +106,11 @@ def test_keep_one_is_bit_identical_in_forward_and_generate(case: tuple) -> None:
     family, models, inputs = case
     model = models["sdpa"]
     # every strategy the family takes (cls and star need LLaVA's [CLS] token)
-    strategies = ["fastv", "plphp", "transprune"] + (["star", "cls"] if family == "llava" else [])
+    strategies = ["fastv", "plphp", "transprune"] + (["star", "cls", "zo"] if family == "llava" else [])
     stock_logits, stock = _run(model, inputs).logits, _generate(model, inputs)
     for strategy in strategies:
-        visattn.apply(model, "prune", strategy=strategy, keep=1.0, **({} if strategy == "cls" else {"layer": 1}))
+        at_input = strategy in ("cls", "zo")
+        visattn.apply(model, "prune", strategy=strategy, keep=1.0, **({} if at_input else {"layer": 1}))
         try:
             logits, result = _run(model, inputs).logits, _generate(model, inputs)
         finally:
@@ -238,6 +239,65 @@ def test_cls_keeps_what_the_vision_cls_token_attends_to_and_equals_masking() -> 
     _check_against_masked_reference(model, inputs, expected, 0, logits, result)
 
 
+def test_zo_keeps_sensitive_and_diverse_tokens_and_equals_masking() -> None:
+    """ZOO-Prune against a loop written from the paper: central differences of the projector along each seeded
+    direction in turn, then the greedy pick of sensitivity times distance to the nearest pick."""
+    model = build("llava", "sdpa")
+    image = [IMAGE] * 4  # two images per prompt: eight image tokens each
+    ids = torch.tensor([[5, 6, *image, 7, *image, 8, 9], [PAD, 5, *image, 7, *image, 8, 9]])
+    inputs = dict(input_ids=ids, attention_mask=(ids != PAD).long(), pixel_values=torch.randn(4, 3, 28, 28))
+    seen: dict[str, torch.Tensor] = {}
+    projector = model.model.multi_modal_projector
+    hook = projector.register_forward_hook(lambda module, args, out: seen.update(x=args[0], p=out))
+    try:
+        _run(model, inputs)
+    finally:
+        hook.remove()
+    directions = torch.nn.functional.normalize(torch.randn(6, seen["x"].shape[-1],
+                                                           generator=torch.Generator().manual_seed(3)), dim=-1)
+    visual = (ids == IMAGE) & inputs["attention_mask"].bool()
+    kept = []
+    for b in range(2):
+        x, features = seen["x"][2 * b:2 * b + 2].flatten(0, 1), seen["p"][2 * b:2 * b + 2].flatten(0, 1)
+        with torch.no_grad():
+            s = torch.stack([(projector(x + 0.05 * u) - projector(x - 0.05 * u)).norm(dim=-1) / 0.1
+                             for u in directions]).mean(0)
+        w = (s - s.min()) / (s.max() - s.min())
+        chosen = [int(w.argmax())]
+        while len(chosen) < 3:  # keep 0.375 of 8
+            distance = 1 - torch.nn.functional.cosine_similarity(features[:, None], features[chosen][None], dim=-1)
+            key = w * distance.min(1).values
+            key[chosen] = -1
+            chosen.append(int(key.argmax()))
+        positions = visual[b].nonzero()[:, 0]
+        row = ~visual[b]
+        row[positions[chosen]] = True
+        kept.append(row.nonzero()[:, 0])
+    expected = torch.stack(kept)
+    handle = visattn.apply(model, "prune", strategy="zo", keep=0.375, directions=6, step=0.05, seed=3)
+    try:
+        logits = _run(model, inputs).logits
+        assert torch.equal(handle.kept[0], expected)
+        result = _generate(model, inputs)
+    finally:
+        visattn.remove(model)
+    assert _cache_lengths(result) == [expected.shape[1] + NEW_TOKENS - 1] * 2
+    _check_against_masked_reference(model, inputs, expected, 0, logits, result)
+
+
+def test_diverse_ranks_trade_sensitivity_for_distance() -> None:
+    from visattn.core.importance import diverse_ranks
+
+    features = torch.tensor([[[1.0, 0.0], [0.99, 0.01], [0.0, 1.0], [0.7, 0.7], [5.0, 5.0]]])
+    sensitivity = torch.tensor([[1.0, 0.9, 0.5, 0.0, 9.0]])
+    candidates = torch.tensor([[True, True, True, True, False]])  # the last is text: never ranked
+    # 0 first (most sensitive); then 2 (far) beats 1 (close to 0, more sensitive); 3 has weight 0
+    assert diverse_ranks(sensitivity, features, candidates, 2).tolist() == [[2.0, 0.0, 1.0, 0.0, 0.0]]
+    assert diverse_ranks(sensitivity, features, candidates, 9).tolist() == [[9.0, 7.0, 8.0, 6.0, 0.0]]
+    flat = diverse_ranks(torch.ones(1, 5), features, candidates, 2)  # constant sensitivity: distance alone
+    assert flat.tolist() == [[2.0, 0.0, 1.0, 0.0, 0.0]]
+
+
 def test_star_drops_at_the_input_then_at_the_middle_layer() -> None:
     model = build("llava", "sdpa")
     ids = torch.tensor([[5, 6] + [IMAGE] * 4 + [7, 8, 9], [PAD, 5] + [IMAGE] * 4 + [7, 8, 9]])
@@ -272,6 +332,15 @@ def test_errors() -> None:
         visattn.apply(model, "prune", strategy="fastv", layer=1, layers=[1])
     with pytest.raises(visattn.UnsupportedModelError, match="no \\[CLS\\] token.*use strategy 'fastv'"):
         visattn.apply(BUILDERS["qwen2_vl"]("sdpa"), "prune", strategy="cls")
+    with pytest.raises(visattn.UnsupportedModelError, match="'zo' perturbs the multimodal projector's input.*"
+                                                            "Qwen2VLForConditionalGeneration's image tokens are not"):
+        visattn.apply(BUILDERS["qwen2_vl"]("sdpa"), "prune", strategy="zo")
+    with pytest.raises(visattn.OptionError, match="strategy 'zo' drops tokens at the language model's input"):
+        visattn.apply(model, "prune", strategy="zo", layer=1)
+    with pytest.raises(visattn.OptionError, match="directions must be an int >= 1"):
+        visattn.apply(model, "prune", strategy="zo", directions=0)
+    with pytest.raises(visattn.OptionError, match="strategy 'fastv' does not use step"):
+        visattn.apply(model, "prune", strategy="fastv", layer=1, step=0.1)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     llm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,

@@ -20,6 +20,13 @@ Every score is a ``[B, N]`` float32 tensor over the current sequence; pruning ke
   attention that lands on visual tokens, ``v_l = sum_{j visual} mean_h a_j`` (:func:`vision_share`),
   sets its retention ``r_l = min(1, keep * v_l / mean_l v_l)`` (:func:`layer_retention`): layers
   that look at the image keep more; each kv head then keeps its own top tokens.
+- **ZOO-Prune** (Kim et al., 2025, "Training-Free Token Pruning via Zeroth-Order Gradient Estimation in
+  Vision-Language Models"): a token's sensitivity is a zeroth-order estimate of how strongly the projector
+  ``P`` reacts to it, ``s_i = mean_j ||P(x_i + h u_j) - P(x_i - h u_j)|| / (2h)`` over ``m`` random unit
+  directions ``u_j`` shared by all tokens (:func:`zeroth_order_sensitivity`); the kept tokens are chosen
+  greedily for sensitivity and diversity together, the first the most sensitive, each next the one of largest
+  ``w_i * min_{k kept} (1 - cos(p_i, p_k))`` with ``w`` the min-max normalised sensitivity and ``p`` the
+  projected features (:func:`diverse_ranks`, the paper's sensitivity-aware diverse selection).
 
 :func:`kept_indices` turns a score into the sorted positions kept, with one rule for a batch:
 sample ``b`` has ``n_b`` candidates and should keep ``ceil(keep * n_b)`` of them; every sample
@@ -30,7 +37,7 @@ sequences stay rectangular and each sample keeps at least its own ``ceil(keep * 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -103,3 +110,41 @@ def kept_indices(scores: Tensor, candidates: Tensor, dropped: int) -> Tensor:
     lowest = order_key.topk(dropped, dim=-1, largest=False, sorted=False).indices
     gone = torch.zeros(batch, n, dtype=torch.int8, device=scores.device).scatter(1, lowest, 1)
     return gone.sort(dim=1, stable=True).indices[:, :n - dropped]  # the kept first, in increasing order
+
+
+def zeroth_order_sensitivity(fn: Callable[[Tensor], Tensor], x: Tensor, directions: Tensor, step: float,
+                             chunk: int = 8) -> Tensor:
+    """``mean_j ||fn(x + step u_j) - fn(x - step u_j)|| / (2 step)`` for each token of ``x`` ``[..., T, d]``, over
+    the unit ``directions`` ``[m, d]`` (the same for every token), ``chunk`` directions per call of ``fn`` (a
+    token-wise map ``[..., T, d] -> [..., T, d']``): ``[..., T]`` float32."""
+    total = torch.zeros(x.shape[:-1], device=x.device)
+    for u in directions.to(x.device, x.dtype).split(chunk):
+        shift = step * u.view(-1, *[1] * (x.ndim - 1), u.shape[-1])  # [c, 1, .., 1, d]
+        plus, minus = fn((x + shift).flatten(0, 1)), fn((x - shift).flatten(0, 1))
+        total += (plus - minus).float().norm(dim=-1).view(u.shape[0], *x.shape[:-1]).sum(0)
+    return total / (2 * step * directions.shape[0])
+
+
+def diverse_ranks(sensitivity: Tensor, features: Tensor, candidates: Tensor, count: int) -> Tensor:
+    """ZOO-Prune's greedy selection of ``count`` candidates per sample, as scores for :func:`kept_indices`:
+    ``count - r`` for the candidate picked in round ``r``, 0 for the others. ``sensitivity`` ``[B, N]`` (min-max
+    normalised over the candidates here; all ones where it is constant), ``features`` ``[B, N, C]``, ``candidates``
+    ``[B, N]`` bool. Round 0 picks the largest weight, each later round the largest weight times the cosine
+    distance to the nearest pick so far."""
+    batch, n = candidates.shape
+    low = torch.where(candidates, sensitivity, float("inf")).amin(-1, keepdim=True)
+    high = torch.where(candidates, sensitivity, float("-inf")).amax(-1, keepdim=True)
+    weight = torch.where(high > low, (sensitivity - low) / (high - low).clamp_min(1e-12), 1.0).float()
+    unit = torch.nn.functional.normalize(features.float(), dim=-1)
+    rows = torch.arange(batch, device=candidates.device)
+    scores = torch.zeros(batch, n, device=candidates.device)
+    free = candidates.clone()
+    nearest = torch.full((batch, n), float("inf"), device=candidates.device)
+    for r in range(count):
+        key = weight if r == 0 else weight * nearest
+        pick = key.masked_fill(~free, float("-inf")).argmax(-1)
+        valid = free[rows, pick]  # a sample whose candidates are all picked picks nothing more
+        scores[rows, pick] = torch.where(valid, float(count - r), scores[rows, pick])
+        free[rows, pick] = False
+        nearest = torch.minimum(nearest, 1 - (unit * unit[rows, pick][:, None]).sum(-1))
+    return scores

@@ -223,6 +223,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def projector(model: nn.Module) -> nn.Module | None:
+    """The multimodal projector of a LLaVA-style model (``multi_modal_projector``), or ``None``."""
+    return getattr(getattr(model, "model", model), "multi_modal_projector", None)
+
+
 def language_layers(model: nn.Module) -> list[int]:
     """Indices (into :func:`attention_layers`) of the language model's self-attention layers, in order."""
     inside = {id(m) for m in decoder_layers(model).modules()}

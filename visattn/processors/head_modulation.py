@@ -343,7 +343,7 @@ def _vhr(model: nn.Module, patcher: Patcher, handle: HeadModulationHandle, alpha
 def _projector(model: nn.Module) -> nn.Module:
     """LLaVA's multimodal projector; refuses models whose image tokens are not the CLIP patches in order."""
     config = model.config
-    projector = getattr(getattr(model, "model", model), "multi_modal_projector", None)
+    projector = tfa.projector(model)
     if (type(model).__name__ != "LlavaForConditionalGeneration" or projector is None
             or getattr(config, "vision_feature_select_strategy", None) != "default"
             or not isinstance(getattr(config, "vision_feature_layer", None), int)):

@@ -2,7 +2,7 @@
 
 - :mod:`.vit`: EViT (strategy ``"cls"``) on timm ViTs and open_clip visual towers, between each block's
   attention and its MLP;
-- :mod:`.vlm`: FastV, VTC-CLS, STAR, PLPHP and TransPrune on transformers vision-language models, tokens
+- :mod:`.vlm`: FastV, VTC-CLS, STAR, PLPHP, TransPrune and ZOO-Prune on transformers vision-language models, tokens
   removed from the sequence and the KV cache;
 - here: the :class:`Prune` method, its options and checks.
 """
@@ -27,15 +27,15 @@ __all__ = ["Prune", "PruneHandle", "PruneStep"]
 class Prune(Method):
     name = "prune"
     summary = ("drop the least important image tokens: EViT on ViTs (fused into one token); FastV, VTC-CLS, "
-               "STAR, PLPHP, TransPrune on vision-language models (removed from sequence and KV cache)")
+               "STAR, PLPHP, TransPrune, ZOO-Prune on vision-language models (removed from sequence and KV cache)")
     paper = ("strategy 'cls': Liang et al., 2022, 'Not All Patches are What You Need: Expediting Vision "
              "Transformers via Token Reorganizations' (EViT, ICLR 2022); on transformers vision-language models "
-             "FastV, VTC-CLS, STAR, PLPHP and TransPrune (visattn.processors.prune.vlm)")
+             "FastV, VTC-CLS, STAR, PLPHP, TransPrune and ZOO-Prune (visattn.processors.prune.vlm)")
     frameworks = ("timm", "open_clip", "transformers")
     families = {"timm": ("VisionTransformer", "VisionTransformerDistilled", "Eva", "Beit", "NaFlexVit"),
                 "open_clip": ("VisionTransformer",)}
     options = (
-        choice_option("strategy", "cls", ("cls", "fastv", "star", "plphp", "transprune"),
+        choice_option("strategy", "cls", ("cls", "fastv", "star", "plphp", "transprune", "zo"),
                       doc="how tokens are ranked: 'cls' = [CLS] attention (EViT; VTC-CLS on LLaVA); the others "
                           "are for transformers vision-language models (see visattn.processors.prune.vlm)"),
         float_option("keep", 0.7, low=0.0, high=1.0, low_open=True, identity=1.0,
@@ -46,6 +46,11 @@ class Prune(Method):
         layers_option("ensemble_layers", None,
                       doc="transformers, cls/star: vision-tower layers whose [CLS] attention is averaged "
                           "(None: the layer feeding the projector)"),
+        int_option("directions", 64, low=1, doc="zo: random directions of the zeroth-order estimate").scoped(
+            strategies=("zo",)),
+        float_option("step", 0.01, low=0.0, low_open=True, doc="zo: size of each perturbation").scoped(
+            strategies=("zo",)),
+        int_option("seed", 0, low=0, doc="zo: seed of the random directions").scoped(strategies=("zo",)),
     )
 
     def check_target(self, target: Target, options: dict[str, Any]) -> None:

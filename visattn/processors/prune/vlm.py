@@ -27,6 +27,14 @@ The transformers module of :mod:`visattn.processors.prune`. Strategies (scores i
   attention on vision, and each kv head of that layer keeps its own most attended visual tokens in the
   KV cache (non-visual tokens first, in the same order in every head), so decoding reads shorter,
   per-layer caches. Prefill logits are the stock ones.
+- ``"zo"`` — ZOO-Prune (Kim et al., 2025, "Training-Free Token Pruning via Zeroth-Order Gradient Estimation in
+  Vision-Language Models"): at the language model's input, each image token's sensitivity is the projector's
+  response to ``directions`` random unit perturbations of its input of size ``step`` (central differences, the
+  same directions for every token, drawn from ``seed``), and the kept tokens are picked greedily for sensitivity
+  times cosine distance to those already picked (:func:`~visattn.core.importance.zeroth_order_sensitivity`,
+  :func:`~visattn.core.importance.diverse_ranks`). Defaults are the authors' (64 directions, step 0.01). Cost:
+  ``2 * directions`` projector passes over the image tokens (chunked) and a greedy pass of ``kept`` rounds.
+  LLaVA-1.5 only: the other families' image tokens are not their projector's outputs one for one.
 
 How tokens are removed. A stage at layer 0 (``cls``, ``star``'s first) runs in a forward pre-hook of
 the language model: ``inputs_embeds``, the 2-D attention mask and the position ids (M-RoPE rows
@@ -58,6 +66,7 @@ from torch import Tensor
 
 from ...core.importance import (
     additive_bias,
+    diverse_ranks,
     kept_indices,
     layer_retention,
     normalized,
@@ -65,6 +74,7 @@ from ...core.importance import (
     row_attention,
     transition_variation,
     vision_share,
+    zeroth_order_sensitivity,
 )
 from ...core.merge import cls_attention
 from ...errors import OptionError, ShapeError, UnsupportedModelError
@@ -74,7 +84,9 @@ from ...patching import Handle, Patcher
 
 tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
 
-STRATEGIES = ("cls", "fastv", "star", "plphp", "transprune")
+STRATEGIES = ("cls", "fastv", "star", "plphp", "transprune", "zo")
+#: Strategies that drop tokens at the language model's input only (option ``layer`` does not apply).
+INPUT_STRATEGIES = ("cls", "zo")
 FAMILIES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
             "LlavaOnevisionForConditionalGeneration", "Idefics3ForConditionalGeneration",
             "InternVLForConditionalGeneration", "Qwen2VLForConditionalGeneration",
@@ -95,6 +107,8 @@ _ANYRES = "its anyres features are rearranged (unpadded, newline tokens) after t
 NO_CLS = {"LlavaNextForConditionalGeneration": _ANYRES, "LlavaOnevisionForConditionalGeneration": _ANYRES,
           "InternVLForConditionalGeneration": "its projector merges neighbouring patches (pixel shuffle) after the "
                                               "vision tower"}
+#: Models whose image tokens are their projector's outputs, one for one and in order (``zo`` perturbs its input).
+ZO_FAMILIES = ("LlavaForConditionalGeneration",)
 #: FastV's K; STAR's second stage sits at L // 2.
 DEFAULT_LAYER = 2
 
@@ -201,6 +215,8 @@ class Generation:
         #: the vision tower's [CLS] attention per layer; transformers >= 5.23's generate() runs the vision tower
         #: before the model's forward, so these live until the input stage reads them
         self.vision_scores: dict[int, Tensor] = {}
+        #: zo: the projector's input and output for the last images (kept, like the scores above, for the prefill)
+        self.projected: tuple[Tensor, Tensor] | None = None
 
     def select(self, selection: Selection) -> None:
         """The candidates after ``selection`` drops its tokens from the current sequence."""
@@ -414,12 +430,18 @@ def check_target(target: Target, options: dict[str, Any]) -> None:
         raise UnsupportedModelError(f"prune: strategy {strategy!r} ranks image tokens by the vision tower's [CLS] "
                                     f"attention and supports {', '.join(CLS_FAMILIES)}; {target.family} is refused "
                                     f"because {why}; use strategy 'fastv' or 'transprune'")
+    if strategy == "zo" and target.family not in ZO_FAMILIES:
+        raise UnsupportedModelError(f"prune: strategy 'zo' perturbs the multimodal projector's input token by token "
+                                    f"and supports {', '.join(ZO_FAMILIES)}; {target.family}'s image tokens are not "
+                                    f"its projector's outputs one for one (crops rearranged, patches merged); use "
+                                    f"strategy 'fastv' or 'transprune'")
     implementation = str(model.config.get_text_config()._attn_implementation).removeprefix(tfa.PREFIX)
-    if strategy != "cls" and implementation == "flex_attention":
+    if strategy not in INPUT_STRATEGIES and implementation == "flex_attention":
         raise UnsupportedModelError(f"prune: strategy {strategy!r} drops tokens inside the language model, gathering "
                                     f"the rows and columns of its 4-D attention mask, and flex attention passes a "
                                     f"BlockMask, which cannot be gathered; load the model with "
-                                    f"attn_implementation=\"sdpa\" or \"eager\", or use strategy 'cls' (LLaVA)")
+                                    f"attn_implementation=\"sdpa\" or \"eager\", or use strategy 'cls' or 'zo' "
+                                    f"(LLaVA)")
     if options["ensemble_layers"] is not None:
         if strategy not in CLS_STRATEGIES:
             raise OptionError(f"prune: option 'ensemble_layers' applies to strategies 'cls' and 'star' "
@@ -429,10 +451,10 @@ def check_target(target: Target, options: dict[str, Any]) -> None:
         if bad:
             raise OptionError(f"prune: ensemble_layers {bad} out of range; the vision tower has {count} layers "
                               f"(0..{count - 1})")
-    if strategy == "cls":
+    if strategy in INPUT_STRATEGIES:
         if options["layer"] is not None:
-            raise OptionError("prune: strategy 'cls' drops tokens at the language model's input; option 'layer' "
-                              "applies to 'fastv', 'star', 'plphp' and 'transprune'")
+            raise OptionError(f"prune: strategy {strategy!r} drops tokens at the language model's input; option "
+                              f"'layer' applies to 'fastv', 'star', 'plphp' and 'transprune'")
     else:
         resolve_layer(target, options)
 
@@ -445,13 +467,15 @@ Recorder = Callable[[Generation, Tensor, Tensor, float, "Tensor | None"], None]
 class Plan:
     """What a strategy's builder returns: its stages, the attention layers it observes (index in
     ``attention_layers`` -> recorder; those in ``every_call`` record in every call, the others in prefills),
-    and the hooks it needs (transprune's transition after layer ``transition_after``, PLPHP's cache pruning)."""
+    and the hooks it needs (transprune's transition after layer ``transition_after``, PLPHP's cache pruning, zo's
+    record of the projector's input and output)."""
 
     stages: list[Stage]
     routes: dict[int, Recorder]
     every_call: frozenset[int] = frozenset()
     transition_after: int | None = None
     prunes_cache: bool = False
+    projector: bool = False
 
 
 def _cls_plan(model: nn.Module, options: dict[str, Any], keep: float) -> Plan:
@@ -478,6 +502,31 @@ def _cls_plan(model: nn.Module, options: dict[str, Any], keep: float) -> Plan:
     return Plan([Stage(0, keep, score)], {i: record(i) for i in vision_layers}, frozenset(vision_layers))
 
 
+def _zo_plan(model: nn.Module, options: dict[str, Any], keep: float) -> Plan:
+    """ZOO-Prune's stage at the language model's input."""
+    projector = tfa.projector(model)
+    width = next(m for m in projector.modules() if isinstance(m, nn.Linear)).in_features  # the projector's input
+    generator = torch.Generator().manual_seed(options["seed"])  # drawn here: a generator is opaque to dynamo
+    directions = torch.nn.functional.normalize(torch.randn(options["directions"], width, generator=generator), dim=-1)
+
+    def score(gen: Generation) -> Tensor:
+        if gen.projected is None:
+            raise ShapeError("prune: strategy 'zo' needs the image features of this call (pixel_values)")
+        (inputs, outputs), gen.projected = gen.projected, None
+        if outputs.shape[:-1].numel() != sum(gen.counts):
+            raise ShapeError(f"prune: the projector gave {outputs.shape[:-1].numel()} image features for "
+                             f"{sum(gen.counts)} image tokens")
+        with torch.no_grad():
+            sensitivity = zeroth_order_sensitivity(projector, inputs, directions, options["step"])
+        visual = gen.visual
+        per_token = torch.zeros(visual.shape, device=visual.device).masked_scatter(visual, sensitivity.flatten())
+        features = outputs.new_zeros(*visual.shape, outputs.shape[-1]).masked_scatter(
+            visual[..., None].expand(-1, -1, outputs.shape[-1]), outputs.flatten(0, -2))
+        return diverse_ranks(per_token, features, visual, max(gen.counts) - num_dropped(keep, gen.counts))
+
+    return Plan([Stage(0, keep, score)], {}, projector=True)
+
+
 def _rows_recorder(index: int, instruction: bool) -> Recorder:
     """Record, per head, the attention of the last row (``instruction``: the rows of the text after the last
     image, averaged) of decoder layer ``index``."""
@@ -500,6 +549,8 @@ def plan(model: nn.Module, options: dict[str, Any], layer: int) -> Plan:
     language = tfa.language_layers(model)
     if strategy == "cls":
         return _cls_plan(model, options, keep)
+    if strategy == "zo":
+        return _zo_plan(model, options, keep)
     if strategy == "plphp":  # the last row from ``layer`` on; pruning happens in the cache after prefill
         routes = {language[i]: _rows_recorder(i, False) for i in range(layer, len(language))}
         return Plan([], routes, prunes_cache=True)
@@ -521,7 +572,7 @@ def plan(model: nn.Module, options: dict[str, Any], layer: int) -> Plan:
 def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> PruneVlmHandle:
     """Install the strategy's :class:`Plan` on ``target.model`` through the transformers adapter's services."""
     model, strategy, keep = target.model, options["strategy"], options["keep"]
-    layer = 0 if strategy == "cls" else resolve_layer(target, options)
+    layer = 0 if strategy in INPUT_STRATEGIES else resolve_layer(target, options)
     pruner = VlmPruner(model, keep)
     chosen = plan(model, options, layer)
     pruner.stages = {stage.layer: stage for stage in chosen.stages}
@@ -542,10 +593,11 @@ def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> PruneV
 
     tfa.on_call(model, patcher, pruner.start)
     if keep < 1.0:
-        tfa.route_attention(model, patcher, sorted(chosen.routes), make_route)
+        if chosen.routes:
+            tfa.route_attention(model, patcher, sorted(chosen.routes), make_route)
         tfa.on_call(model.get_decoder(), patcher, pruner.language_model_inputs)
         layers = tfa.decoder_layers(model)
-        for index in range(layer if strategy != "cls" else len(layers), len(layers)):
+        for index in range(layer if strategy not in INPUT_STRATEGIES else len(layers), len(layers)):
             def layer_inputs(call: tfa.ModelCall, index: int = index) -> dict[str, Any]:
                 kwargs = call.keywords()
                 hidden = pruner.decoder_layer_inputs(index, kwargs.pop("hidden_states"), kwargs)
@@ -563,4 +615,9 @@ def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> PruneV
         if chosen.prunes_cache:
             tfa.after_call(model.get_decoder(), patcher,
                            lambda call, output: pruner.prune_cache(tfa.output_cache(output)))
+        if chosen.projector:
+            def projected(call: tfa.ModelCall, output: Tensor) -> None:
+                pruner.generations.get().projected = next(iter(call.arguments.values())), output
+
+            tfa.after_call(tfa.projector(model), patcher, projected)
     return PruneVlmHandle("prune", model, options, patcher, pruner=pruner)
