@@ -97,6 +97,21 @@ def _check_against_masked_reference(model: torch.nn.Module, inputs: dict[str, to
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0, msg=f"generated token {step}")
 
 
+def _check_input_stage(model: torch.nn.Module, inputs: dict[str, torch.Tensor], expected: torch.Tensor,
+                       **options: Any) -> None:
+    """``prune`` at the language model's input keeps the prompt positions ``expected``, its caches hold them, and
+    it computes what the stock model computes with the other positions hidden from every decoder layer."""
+    handle = visattn.apply(model, "prune", **options)
+    try:
+        logits = _run(model, inputs).logits
+        assert torch.equal(handle.kept[0], expected)
+        result = _generate(model, inputs)
+    finally:
+        visattn.remove(model)
+    assert _cache_lengths(result) == [expected.shape[1] + NEW_TOKENS - 1] * len(result.past_key_values.layers)
+    _check_against_masked_reference(model, inputs, expected, 0, logits, result)
+
+
 def _cache_lengths(result: Any) -> list[int]:
     cache = result.past_key_values
     return [cache.layers[i].keys.shape[-2] for i in range(len(cache.layers))]
@@ -228,15 +243,7 @@ def test_cls_keeps_what_the_vision_cls_token_attends_to_and_equals_masking() -> 
     visual = (inputs["input_ids"] == IMAGE) & inputs["attention_mask"].bool()
     scores = torch.zeros(visual.shape).masked_scatter(visual, cls.flatten())
     expected = _top(scores, visual, keep)
-    handle = visattn.apply(model, "prune", strategy="cls", keep=keep)
-    try:
-        logits = _run(model, inputs).logits
-        assert torch.equal(handle.kept[0], expected)
-        result = _generate(model, inputs)
-    finally:
-        visattn.remove(model)
-    assert _cache_lengths(result) == [expected.shape[1] + NEW_TOKENS - 1] * 2
-    _check_against_masked_reference(model, inputs, expected, 0, logits, result)
+    _check_input_stage(model, inputs, expected, strategy="cls", keep=keep)
 
 
 def test_zo_keeps_sensitive_and_diverse_tokens_and_equals_masking() -> None:
@@ -274,15 +281,7 @@ def test_zo_keeps_sensitive_and_diverse_tokens_and_equals_masking() -> None:
         row[positions[chosen]] = True
         kept.append(row.nonzero()[:, 0])
     expected = torch.stack(kept)
-    handle = visattn.apply(model, "prune", strategy="zo", keep=0.375, directions=6, step=0.05, seed=3)
-    try:
-        logits = _run(model, inputs).logits
-        assert torch.equal(handle.kept[0], expected)
-        result = _generate(model, inputs)
-    finally:
-        visattn.remove(model)
-    assert _cache_lengths(result) == [expected.shape[1] + NEW_TOKENS - 1] * 2
-    _check_against_masked_reference(model, inputs, expected, 0, logits, result)
+    _check_input_stage(model, inputs, expected, strategy="zo", keep=0.375, directions=6, step=0.05, seed=3)
 
 
 def test_diverse_ranks_trade_sensitivity_for_distance() -> None:
