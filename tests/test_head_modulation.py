@@ -106,6 +106,30 @@ def test_pai_generate_with_cache_matches_full_forwards(case: tuple[torch.nn.Modu
     assert torch.equal(cached, full)
 
 
+@pytest.mark.parametrize("strategy", ["pai", "vhr", "imbalance", "avisc"])
+def test_a_static_cache_generates_as_the_dynamic_one(case: tuple[torch.nn.Module, dict[str, torch.Tensor]],
+                                                    strategy: str) -> None:
+    """With ``cache_implementation="static"`` generate() hands the model a 4-D mask over the cache's capacity and
+    the layers keys of that length: the image columns follow, and the tokens are those of the default cache."""
+    model, inputs = case
+    if strategy == "imbalance" and not isinstance(model, BUILDERS["llava"]("sdpa").__class__):
+        pytest.skip("imbalance: LLaVA only")
+    options = dict(decoder_layers=[0, 1]) if strategy == "pai" else dict(lamb=0.0) if strategy == "avisc" else {}
+    def run(**kwargs: Any) -> Any:
+        return generate(model, inputs, output_logits=True, return_dict_in_generate=True, **kwargs)
+
+    stock = run()
+    visattn.apply(model, "head_modulation", strategy=strategy, alpha=ALPHA, **options)
+    try:
+        dynamic, static = run(), run(cache_implementation="static")
+    finally:
+        visattn.remove(model)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for ours, theirs in zip(static.logits, dynamic.logits):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    assert max((a - b).nan_to_num(0.0, 0.0, 0.0).abs().max() for a, b in zip(dynamic.logits, stock.logits)) > 1e-5
+
+
 def test_pai_on_an_unpadded_prompt_takes_the_causal_path_and_generates_consistently() -> None:
     """No padding: transformers passes no mask (SDPA's is_causal) in prefill and decode."""
     model = build("llava", "sdpa")

@@ -357,6 +357,8 @@ def test_errors() -> None:
             _run(model, {"inputs_embeds": torch.randn(2, 3, 32)})
         with pytest.raises(visattn.UnsupportedModelError, match=r"transformers \d.*expected a transformers Cache"):
             _run(model, {**inputs, "past_key_values": ((torch.zeros(1),),)})  # a legacy tuple cache
+        with pytest.raises(visattn.UnsupportedModelError, match="StaticCache keeps one preallocated length"):
+            _run(model, inputs, max_new_tokens=2, cache_implementation="static")
     finally:
         visattn.remove(model)
 

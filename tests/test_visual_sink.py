@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from interpreter import run_interpreted
-from tiny_vlms import BUILDERS, IMAGE, assert_identity, build, forward_logits, generate, vlm_inputs
+from tiny_vlms import BUILDERS, IMAGE, PAD, assert_identity, build, forward_logits, generate, vlm_inputs
 
 import visattn
 from visattn.core.attention import attention_probs
@@ -37,7 +37,9 @@ def _plant(model: torch.nn.Module) -> tuple[Patcher, dict[str, torch.Tensor]]:
     def ids(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
         is_image = ids == IMAGE
-        where["first"] = mask[:, -ids.shape[1]:].int().argmax(1) if mask is not None else torch.zeros_like(ids[:, 0])
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:  # none, or 4-D (a static cache): read the padding
+            mask = ids != PAD
+        where["first"] = mask[:, -ids.shape[1]:].int().argmax(1)
         where["image"] = is_image.int().argmax(1)
         where["last_image"] = ids.shape[1] - 1 - is_image.flip(1).int().argmax(1)
 
@@ -163,12 +165,13 @@ def test_generate_with_cache_matches_full_forwards(case: tuple[torch.nn.Module, 
         try:
             cached = generate(model, inputs)
             full = generate(model, inputs, use_cache=False)
+            static = generate(model, inputs, cache_implementation="static")  # a 4-D mask over the cache's capacity
         finally:
             visattn.remove(model)
     finally:
         planted.undo()
     assert cached.shape == (2, inputs["input_ids"].shape[1] + 5)
-    assert torch.equal(cached, full)
+    assert torch.equal(cached, full) and torch.equal(static, cached)
 
 
 def test_an_unpadded_prompt_takes_the_causal_path_and_generates_consistently() -> None:

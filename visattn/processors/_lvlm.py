@@ -6,7 +6,9 @@ through :func:`visattn.frameworks.transformers.on_call`, finds the image tokens 
 ``config.image_token_id`` (per sample, so left padding and batches work), and keeps the image columns
 of the KV cache from the forward that started it (empty cache) through every cached continuation. A
 forward with an empty cache must show image tokens; a continuation must continue the cache the
-previous forward left.
+previous forward left. With a static cache (``generate(cache_implementation="static")``) the model gets a 4-D mask
+over the cache's capacity and every layer keys of that length: the columns are then that long, those not yet
+filled marked as no image.
 
 Under ``torch.compile`` nothing here reads a tensor on the host (a read is a graph break): the columns grow by
 each forward's tokens whatever they are, and the check that a prompt holds image tokens is made in eager
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ShapeError, UnsupportedModelError
@@ -103,16 +106,17 @@ class ImageKeys:
                              f"= {self.token}); inputs_embeds alone do not show them")
         now = self._forwards.get()
         past_len = call.past_length
-        mask = call.attention_mask
         q = ids.shape[1]
-        now.real = mask[:, -q:].bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        keys = _attended_keys(call.attention_mask, past_len + q)
+        now.real = keys[:, past_len:past_len + q] if keys is not None else torch.ones_like(ids, dtype=torch.bool)
+        width = past_len + q if keys is None else keys.shape[1]  # the key count of the attention layers
         now.image = (ids == self.token) & now.real
         now.fresh = past_len == 0
         if now.fresh:
             if not torch.compiler.is_compiling() and not bool(now.image.any()):
                 raise ShapeError(f"{self.method}: the input has no image tokens (config.image_token_id = "
                                  f"{self.token}); the method needs the image in the prompt")
-            now.columns = now.image
+            now.columns = F.pad(now.image, (0, width - q))
             now.first_real = now.real.int().argmax(1)
             now.after_image = now.image.cumsum(1) > 0
         else:
@@ -121,7 +125,8 @@ class ImageKeys:
                                  f"method did not see being built; start from a forward without past_key_values")
             seen = now.columns.any(1, keepdim=True)
             now.after_image = seen | (now.image.cumsum(1) > 0)
-            now.columns = torch.cat([now.columns, now.image], 1)
+            now.columns = torch.cat([now.columns[:, :past_len], now.image, now.columns[:, past_len + q:]], 1)
+            now.columns = F.pad(now.columns, (0, width - now.columns.shape[1]))
         now.num_keys = past_len + q
         now.memo = {}
         if self._then is not None:
@@ -137,6 +142,24 @@ class ImageKeys:
         if name not in memo:
             memo[name] = make()
         return memo[name]
+
+
+def _attended_keys(mask: Tensor | dict[str, Tensor] | None, seen: int) -> Tensor | None:
+    """The keys a call attends, ``[B, K]`` bool, from its attention mask: a 2-D padding mask ``[B, seen]`` as it is;
+    a 4-D mask ``[B, 1, q, K]`` (what ``generate()`` passes with a static KV cache, ``K`` its capacity; for models
+    with several kinds of layers, the full-attention entry of the masks it passes by kind) by its last row, which
+    sees every real key so far and none after. ``None``: no mask (every key is real)."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention")
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return mask.bool()
+    if mask.dim() == 4 and mask.shape[-1] >= seen:
+        last = mask[:, 0, -1]
+        return last if last.dtype == torch.bool else last == 0
+    raise ShapeError(f"attention_mask must be [batch, tokens] or [batch, 1, queries, keys] with at least {seen} keys; "
+                     f"got shape {tuple(mask.shape)}")
 
 
 def rows_index(rows: Tensor) -> tuple[Tensor, Tensor] | None:

@@ -66,12 +66,14 @@ imbalance: fraction of image tokens each selection stream picks), ``beta`` (0.1)
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.attention import attention_probs
@@ -243,9 +245,8 @@ class HeadModulation(Method):
             keys = ImageKeys(model, patcher, self.name)
             make_route = _imbalance(model, patcher, keys, handle, alpha, options["select"])
         else:
-            keys = ImageKeys(model, patcher, self.name)
-            make_route = _avisc(model, patcher, keys, handle, alpha, options["beta"], options["lamb"],
-                                options["layer_gamma"])
+            keys, make_route = _avisc(model, patcher, handle, alpha, options["beta"], options["lamb"],
+                                      options["layer_gamma"])
         tfa.route_attention(model, patcher, layers, make_route)
         return handle
 
@@ -294,6 +295,8 @@ def _vhr(model: nn.Module, patcher: Patcher, handle: HeadModulationHandle, alpha
             return
         given = call.keywords(cache=None, use_cache=False)
         given.pop("labels", None)
+        if "attention_mask" in given:
+            given["attention_mask"] = _prompt_mask(given["attention_mask"])
         if takes_logits_to_keep:
             given["logits_to_keep"] = 1
         measured = handle.measured.get()
@@ -314,7 +317,7 @@ def _vhr(model: nn.Module, patcher: Patcher, handle: HeadModulationHandle, alpha
             measured = handle.measured.get()
             if measured.ablating:
                 mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
-                hide = keys.columns[:, None, None, :] & ~keys.image[:, None, :, None]
+                hide = keys.columns[:, None, None, :key.shape[2]] & ~keys.image[:, None, :, None]
                 if mask is None:
                     mask = ~hide
                 elif mask.dtype == torch.bool:
@@ -338,6 +341,14 @@ def _vhr(model: nn.Module, patcher: Patcher, handle: HeadModulationHandle, alpha
         return route
 
     return keys, make_route
+
+
+def _prompt_mask(mask: Any) -> Any:
+    """``mask`` for a forward of the prompt alone, without a cache: 4-D masks (one, or a dict of them by kind of
+    layer) that ``generate()`` sized for a static cache's capacity cut to the prompt's keys."""
+    if isinstance(mask, dict):
+        return {kind: _prompt_mask(m) for kind, m in mask.items()}
+    return mask[..., :mask.shape[-2]] if isinstance(mask, Tensor) and mask.dim() == 4 else mask
 
 
 def _projector(model: nn.Module) -> nn.Module:
@@ -427,7 +438,8 @@ def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: Head
                 sensitivity = share[0] / share[0].amax(-1, keepdim=True).clamp_min(torch.finfo(share[0].dtype).tiny)
                 measured.sensitivity[layer] = sensitivity
                 selected = keys.once("selected", select_tokens)
-                weights[layer] = alpha * sensitivity[:, :, None, None] * selected[:, None, None, :n].float()
+                selected = F.pad(selected, (0, n - selected.shape[1]))  # a static cache's columns to come
+                weights[layer] = alpha * sensitivity[:, :, None, None] * selected[:, None, None, :].float()
             out, _ = call(module, query, key, value, attention_mask, **kwargs)
             new = attend_rows(query, key, value, last, scale=scale, mask=mask, logits_fn=logits_fn)
             return write_rows(out, new, last), None
@@ -437,8 +449,8 @@ def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: Head
     return make_route
 
 
-def _avisc(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModulationHandle, alpha: float,
-           beta: float, lamb: float, layer_gamma: float) -> tfa.RouteFactory:
+def _avisc(model: nn.Module, patcher: Patcher, handle: HeadModulationHandle, alpha: float, beta: float, lamb: float,
+           layer_gamma: float) -> tuple[ImageKeys, tfa.RouteFactory]:
     def contrast(call: tfa.ModelCall, output: Any) -> Any:
         if alpha == 0.0:
             return None
@@ -449,14 +461,13 @@ def _avisc(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModu
         measured = handle.measured.get()
         if keys.fresh:
             attention = torch.stack([measured.attention.pop(layer) for layer in sorted(measured.attention)], 1)
-            measured.blind = blind_tokens(attention, keys.columns, layer_gamma, lamb)
-            cache = None  # the blind model starts its own
-        else:
-            cache = measured.blind_cache
-            if cache is None or cache.get_seq_length() != keys.num_keys - keys.image.shape[1]:  # the past
-                raise ShapeError("head_modulation: strategy 'avisc' continues the blind model's KV cache beside the "
-                                 "model's, and this forward continues a cache the blind model did not build; start "
-                                 "from a forward without past_key_values (with use_cache)")
+            prompt = keys.image.shape[1]
+            measured.blind = blind_tokens(attention[..., :prompt], keys.columns[:, :prompt], layer_gamma, lamb)
+        cache = measured.blind_cache
+        if not keys.fresh and (cache is None or cache.get_seq_length() != keys.num_keys - keys.image.shape[1]):
+            raise ShapeError("head_modulation: strategy 'avisc' continues the blind model's KV cache beside the "
+                             "model's, and this forward continues a cache the blind model did not build; start "
+                             "from a forward without past_key_values (with use_cache)")
         measured.blinding = True
         try:
             with torch.no_grad():
@@ -466,6 +477,12 @@ def _avisc(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModu
         measured.blind_cache = tfa.output_cache(blind)
         output.logits = contrast_logits(output.logits, blind.logits, alpha, beta)
         return output
+
+    def empty_cache(call: tfa.ModelCall) -> None:
+        """At a prompt, a copy of the model's cache before it fills (a static one's capacity with it): the blind
+        model's; without a cache given, the blind model makes its own."""
+        if alpha != 0.0 and keys.fresh:
+            handle.measured.get().blind_cache = None if call.cache is None else copy.deepcopy(call.cache)
 
     def blind_inputs(call: tfa.ModelCall) -> dict[str, Any] | None:
         measured = handle.measured.get()
@@ -477,6 +494,7 @@ def _avisc(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModu
         hidden = keys.image & ~measured.blind  # the image tokens that only the real model sees
         return call.keywords(inputs_embeds=call.inputs_embeds.masked_fill(hidden[..., None], 0))
 
+    keys = ImageKeys(model, patcher, "head_modulation", then=empty_cache)
     tfa.after_call(model, patcher, contrast)
     tfa.on_call(model.get_decoder(), patcher, blind_inputs)
 
@@ -499,4 +517,4 @@ def _avisc(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModu
 
         return route
 
-    return make_route
+    return keys, make_route

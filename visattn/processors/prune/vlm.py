@@ -237,6 +237,11 @@ class VlmPruner:
     # -- the model's forward: is this a prefill, where are the image tokens --------------------------
 
     def start(self, call: tfa.ModelCall) -> None:
+        if getattr(call.cache, "is_compileable", False):
+            raise UnsupportedModelError(
+                f"prune removes visual tokens from the KV cache, and this call's {type(call.cache).__name__} keeps "
+                f"one preallocated length for every layer (generate(cache_implementation=\"static\")); generate "
+                f"with the default dynamic cache")
         gen = self.generations.get()
         gen.prefill = call.prefill
         gen.current, gen.decode_masks, gen.captured = None, {}, {}
