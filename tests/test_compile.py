@@ -271,6 +271,31 @@ def test_vision_language_decode_step_compiles_like_the_stock_model(method: str, 
             torch._dynamo.reset()
 
 
+STATIC_CASES = [("head_modulation", dict(strategy="pai", alpha=0.5, decoder_layers=[0, 1])),
+                ("head_modulation", dict(strategy="avisc", lamb=0.0)), ("visual_sink", SINKS)]
+
+
+@pytest.mark.parametrize("method,options", STATIC_CASES, ids=[f"{m}-{o.get('strategy', '')}" for m, o in STATIC_CASES])
+def test_vision_language_compiled_static_cache_generates_as_eager(method: str, options: dict) -> None:
+    """generate() with a static KV cache and the model's forward compiled (``aot_eager``) gives the tokens the
+    eager model gives with the method applied (what transformers' compiled decoding runs)."""
+    from tiny_vlms import build, generate, vlm_inputs
+
+    model = build("llava", "sdpa")
+    batch = vlm_inputs("llava", model)
+    visattn.apply(model, method, **options)
+    try:
+        eager = generate(model, batch, cache_implementation="static")
+        model.forward = torch.compile(model.forward, backend="aot_eager")
+        try:
+            assert torch.equal(generate(model, batch, cache_implementation="static"), eager)
+        finally:
+            del model.forward
+    finally:
+        visattn.remove(model)
+        torch._dynamo.reset()
+
+
 def test_inspect_on_a_vision_language_model_compiles_and_records() -> None:
     """transformers: inspect on LLaVA adds no graph break to stock's (which has some of its own), the compiled
     model equals the eager one, compiles once and records every call."""
