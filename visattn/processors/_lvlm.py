@@ -136,6 +136,12 @@ class ImageKeys:
         """:func:`rows_index` of this forward's text rows: real, not image, with an image before them."""
         return self.once("text_rows", lambda: rows_index(self.real & ~self.image & self.after_image))
 
+    def last_row(self) -> Tensor:
+        """``[B, 1]``: the index of this forward's last row (the generating one), for
+        :func:`visattn.core.redistribute.attend_rows`."""
+        return self.once("last_row", lambda: torch.full((self.real.shape[0], 1), self.real.shape[1] - 1,
+                                                        device=self.real.device))
+
     def once(self, name: str, make: Callable[[], Any]) -> Any:
         """``make()``, computed once per forward (layers share it)."""
         memo = self._forwards.get().memo

@@ -276,8 +276,7 @@ def _pai(keys: ImageKeys, alpha: float, strict: bool) -> tfa.RouteFactory:
                 out = attend_rows(query, key, value, None, scale=scale, mask=mask, logits_fn=logits_fn)
                 return out.transpose(1, 2), None
             out, _ = call(module, query, key, value, attention_mask, **kwargs)
-            last = keys.once("last_row", lambda: torch.full((query.shape[0], 1), query.shape[2] - 1,
-                                                            device=query.device))
+            last = keys.last_row()
             new = attend_rows(query, key, value, last, scale=scale, mask=mask, logits_fn=logits_fn)
             return write_rows(out, new, last), None
 
@@ -425,7 +424,7 @@ def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: Head
             if query.shape[2] == 1:  # a decode step: the generating row is the only row
                 out = attend_rows(query, key, value, None, scale=scale, mask=mask, logits_fn=logits_fn)
                 return out.transpose(1, 2), None
-            last = torch.full((query.shape[0], 1), query.shape[2] - 1, device=query.device)
+            last = keys.last_row()
             if keys.fresh:
                 image = keys.columns[:, None, None, :]
                 share: list[Tensor] = []
@@ -505,8 +504,7 @@ def _avisc(model: nn.Module, patcher: Patcher, handle: HeadModulationHandle, alp
             if alpha != 0.0 and keys.fresh and not measured.blinding:
                 scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
                 mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
-                last = keys.once("last_row", lambda: torch.full((query.shape[0], 1), query.shape[2] - 1,
-                                                                device=query.device))
+                last = keys.last_row()
 
                 def record(probs: Tensor) -> Tensor:
                     measured.attention[layer] = probs[:, :, 0].mean(1)
