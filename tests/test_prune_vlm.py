@@ -297,6 +297,26 @@ def test_diverse_ranks_trade_sensitivity_for_distance() -> None:
     assert flat.tolist() == [[2.0, 0.0, 1.0, 0.0, 0.0]]
 
 
+def test_kept_order_ranks_every_layer_and_head_as_kept_indices_does_one_at_a_time() -> None:
+    from visattn.core.importance import kept_indices, kept_order
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(3, 2, 4, 12, generator=generator)  # [layers, batch, kv heads, tokens]
+    candidates = torch.zeros(2, 12, dtype=torch.bool)
+    candidates[0, 2:9] = True
+    candidates[1, 4:11] = True  # seven candidates each, text around them
+    dropped = [0, 3, 7]
+    order = kept_order(scores, candidates[:, None], torch.tensor(dropped).view(-1, 1, 1, 1))
+    for layer, count in enumerate(dropped):
+        for head in range(4):
+            kept = order[layer, :, head, :12 - count]
+            expected = kept_indices(scores[layer, :, head], candidates, count)
+            assert torch.equal(kept.sort(-1).values, expected)
+            # non-candidates first, in the same (increasing) order in every head, then the kept candidates
+            assert torch.equal(candidates.gather(1, kept), (torch.arange(12 - count) >= 5).expand(2, -1))
+            assert (kept[:, :5].diff() > 0).all() and (kept[:, 5:].diff() > 0).all()
+
+
 def test_star_drops_at_the_input_then_at_the_middle_layer() -> None:
     model = build("llava", "sdpa")
     ids = torch.tensor([[5, 6] + [IMAGE] * 4 + [7, 8, 9], [PAD, 5] + [IMAGE] * 4 + [7, 8, 9]])

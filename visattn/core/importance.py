@@ -69,9 +69,10 @@ def row_attention(q_rows: Tensor, k: Tensor, scale: float, bias: Tensor | None =
 
 
 def vision_share(probs: Tensor, candidates: Tensor) -> Tensor:
-    """PLPHP's vision attention of a layer: the share of ``probs`` (``[B, H, N]``, rows summing to 1)
-    that lands on ``candidates`` (``[B, N]`` bool), averaged over heads and samples (a 0-dim tensor)."""
-    return (probs * candidates[:, None, :]).sum(-1).mean()
+    """PLPHP's vision attention of a layer: the share of ``probs`` (``[..., B, H, N]``, rows summing to 1, leading
+    dimensions for layers) that lands on ``candidates`` (``[B, N]`` bool), averaged over heads and samples
+    (``[...]``: a 0-dim tensor for one layer)."""
+    return (probs * candidates[:, None, :]).sum(-1).mean((-2, -1))
 
 
 def layer_retention(shares: Tensor, keep: float) -> Tensor:
@@ -110,6 +111,20 @@ def kept_indices(scores: Tensor, candidates: Tensor, dropped: int) -> Tensor:
     lowest = order_key.topk(dropped, dim=-1, largest=False, sorted=False).indices
     gone = torch.zeros(batch, n, dtype=torch.int8, device=scores.device).scatter(1, lowest, 1)
     return gone.sort(dim=1, stable=True).indices[:, :n - dropped]  # the kept first, in increasing order
+
+
+def kept_order(scores: Tensor, candidates: Tensor, dropped: Tensor) -> Tensor:
+    """Positions in the order pruning keeps them, for many rankings at once (PLPHP's layers and kv heads):
+    ``scores`` ``[..., N]``, ``candidates`` (bool) and ``dropped`` broadcastable to ``scores`` and ``scores[..., :1]``.
+    Each row lists every non-candidate in increasing order, then the candidates it keeps in increasing order, then
+    its ``dropped`` candidates of lowest score (ties: the earlier position goes first), so the first
+    ``N - dropped`` positions of a row are what it keeps. One sort to rank, one to order: no loop over rows."""
+    n = scores.shape[-1]
+    rank = torch.where(candidates, scores.float(), float("inf")).argsort(dim=-1, stable=True)  # lowest first
+    first = (torch.arange(n, device=scores.device) < dropped).expand(rank.shape)  # by rank: the dropped ones
+    gone = torch.zeros(rank.shape, dtype=torch.bool, device=scores.device).scatter(-1, rank, first)
+    position = torch.arange(n, device=scores.device)
+    return (gone * (2 * n) + candidates * n + position).argsort(-1)
 
 
 def zeroth_order_sensitivity(fn: Callable[[Tensor], Tensor], x: Tensor, directions: Tensor, step: float,

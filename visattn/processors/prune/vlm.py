@@ -68,6 +68,7 @@ from ...core.importance import (
     additive_bias,
     diverse_ranks,
     kept_indices,
+    kept_order,
     layer_retention,
     normalized,
     num_dropped,
@@ -352,23 +353,23 @@ class VlmPruner:
         if not gen.prefill or cache is None or not rows:
             return
         layers = sorted(rows)
-        shares = torch.stack([vision_share(rows[i], gen.visual) for i in layers])
-        # each layer's cache length follows from its attention: a host read (under torch.compile a graph break)
-        for i, retention in zip(layers, layer_retention(shares, self.keep).tolist()):
-            dropped = num_dropped(retention, gen.counts)
-            if not dropped:
-                continue
-            entry = cache.layers[i]
-            batch, kv_heads, n, _ = entry.keys.shape
-            per_head = rows[i].view(batch, kv_heads, -1, n).mean(2)  # [B, Hkv, N]
-            candidates = gen.visual[:, None, :].expand(batch, kv_heads, n)
-            kept = kept_indices(per_head.reshape(-1, n), candidates.reshape(-1, n), dropped).view(batch, kv_heads, -1)
-            # non-visual tokens first, in the same order in every head, then each head's own visual tokens
-            order = (gen.visual.gather(1, kept.flatten(1)).view_as(kept) * n + kept).argsort(-1)
-            selection = CacheSelection(kept.gather(-1, order))
-            selection.apply(entry)
-            gen.columns[i] = i, selection.kept[:, 0]
-            gen.kept[i] = selection.kept
+        probs = torch.stack([rows[i] for i in layers])  # [L, B, H, N]
+        retention = layer_retention(vision_share(probs, gen.visual), self.keep)
+        # each layer's cache length follows from its attention: a host read (under torch.compile a graph break);
+        # everything else is ranked for all layers and kv heads at once, so the host enqueues little after it
+        dropped = [num_dropped(r, gen.counts) for r in retention.tolist()]
+        if not any(dropped):
+            return
+        layer_count, batch, _, n = probs.shape
+        kv_heads = cache.layers[layers[0]].keys.shape[1]
+        per_head = probs.view(layer_count, batch, kv_heads, -1, n).mean(3)  # [L, B, Hkv, N]
+        order = kept_order(per_head, gen.visual[:, None], torch.tensor(dropped, device=probs.device).view(-1, 1, 1, 1))
+        for i, count, ranked in zip(layers, dropped, order):
+            if count:
+                selection = CacheSelection(ranked[..., :n - count])
+                selection.apply(cache.layers[i])
+                gen.columns[i] = i, selection.kept[:, 0]
+                gen.kept[i] = selection.kept
 
 
 class PruneVlmHandle(Handle):

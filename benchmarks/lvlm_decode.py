@@ -1,0 +1,148 @@
+"""Decode speed of ``generate()`` on the LLaVA-1.5-7B architecture, eager and compiled (issue 20, item 2).
+
+The model of :mod:`benchmarks.lvlm` (CLIP ViT-L/14-336 + Llama-2-7B, random weights, bf16, sdpa), batch
+``--batch`` prompts of one 576-token image and ``--text`` text tokens, greedy decoding of ``--new-tokens``
+tokens (no EOS) in two modes, each method against the stock model in the same mode:
+
+- ``eager``: transformers' default ``generate()`` (dynamic KV cache, no compilation): every decode step is a
+  Python forward, launch-bound on a slow host;
+- ``static``: ``generate(cache_implementation="static")``, which transformers compiles on a GPU by itself
+  (``torch.compile``, inductor, ``mode="reduce-overhead"``: CUDA graphs) for the decode steps; the prefill stays
+  eager.
+
+Decode tokens per second are ``batch * (new - 1) / (T(new) - T(1))`` with ``T(n)`` the time of a ``generate()``
+of ``n`` tokens (CUDA events), after one untimed ``generate()`` of ``new`` tokens per method and mode (which
+compiles, and warms every cache length); ``--reps`` timed pairs, median. A method runs all its repetitions
+in one go (applying it again would install new hooks, which compiled code guards on, and compile again); stock
+runs first and again last, so that drift shows. ``visual_sink`` runs at ``tau=3``, as in
+:mod:`benchmarks.lvlm_heads`: random weights have no massive activations at its default 20.
+
+    PYTHONPATH=. python3 -m benchmarks.lvlm_decode --out benchmarks/results/lvlm_decode.json
+    PYTHONPATH=. python3 -m benchmarks.lvlm_decode --tiny --new-tokens 8 --out /tmp/decode.json   # CPU smoke run
+
+Each method's result is written to ``--out`` as soon as it is measured; a method that fails records its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+import visattn
+from benchmarks.lvlm import build, inputs
+
+#: name -> (method, options); ``stock`` applies nothing. Prune keeps 64 of 576 (``keep`` set from ``--kept``).
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "stock": ("", {}),
+    "visual_sink": ("visual_sink", dict(p=0.6, tau=3.0)),
+    "pai": ("head_modulation", dict(strategy="pai")),
+    "vhr": ("head_modulation", dict(strategy="vhr")),
+    "imbalance": ("head_modulation", dict(strategy="imbalance")),
+    "avisc": ("head_modulation", dict(strategy="avisc")),
+    "cls": ("prune", dict(strategy="cls")),
+    "fastv": ("prune", dict(strategy="fastv", layer=2)),
+    "transprune": ("prune", dict(strategy="transprune", layer=2)),
+    "star": ("prune", dict(strategy="star")),
+    "plphp": ("prune", dict(strategy="plphp", layer=2)),
+    "zo": ("prune", dict(strategy="zo")),
+}
+
+
+def generate_ms(model: torch.nn.Module, x: dict[str, torch.Tensor], new: int, mode: str) -> float:
+    extra = {"cache_implementation": "static"} if mode == "static" else {}
+    if torch.cuda.is_available():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    begin = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**x, max_new_tokens=new, min_new_tokens=new, do_sample=False, **extra)
+    if torch.cuda.is_available():
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end)
+    else:
+        ms = (time.perf_counter() - begin) * 1e3
+    if out.shape[1] != x["input_ids"].shape[1] + new:
+        raise RuntimeError(f"generate() gave {out.shape[1] - x['input_ids'].shape[1]} new tokens, not {new}")
+    return ms
+
+
+def measure(model: torch.nn.Module, x: dict[str, torch.Tensor], name: str, mode: str, new: int, reps: int,
+            keep: float) -> dict[str, Any]:
+    method, options = METHODS[name]
+    if method == "prune":
+        options = {**options, "keep": keep}
+    handle = visattn.apply(model, method, **options) if method else None
+    try:
+        begin = time.perf_counter()
+        generate_ms(model, x, new, mode)  # compiles (static), warms every cache length
+        warmup_s = time.perf_counter() - begin
+        pairs = [(generate_ms(model, x, 1, mode), generate_ms(model, x, new, mode)) for _ in range(reps)]
+    finally:
+        if handle is not None:
+            visattn.remove(model)
+    batch = x["input_ids"].shape[0]
+    per_token = [(long - short) / (new - 1) for short, long in pairs]
+    return {"method": method, "options": options, "warmup_s": warmup_s,
+            "prefill_ms": statistics.median(short for short, _ in pairs),
+            "decode_ms_per_step": statistics.median(per_token),
+            "decode_tokens_per_s": batch * 1e3 / statistics.median(per_token), "pairs_ms": pairs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tiny", action="store_true", help="tiny random model on the CPU (smoke run)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--modes", nargs="+", choices=("eager", "static"), default=["static", "eager"])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--text", type=int, default=70, help="text tokens per prompt")
+    parser.add_argument("--kept", type=int, default=64, help="visual tokens prune keeps of 576")
+    parser.add_argument("--new-tokens", type=int, default=512)
+    parser.add_argument("--eager-new-tokens", type=int, default=None,
+                        help="new tokens in eager mode (default: --new-tokens)")
+    parser.add_argument("--reps", type=int, default=2)
+    args = parser.parse_args()
+    device = "cpu" if args.tiny else "cuda"
+    torch.manual_seed(0)
+    torch._dynamo.config.cache_size_limit = 64  # every method compiles the model's forward anew
+    model = build(args.tiny, device, torch.float32 if args.tiny else torch.bfloat16)
+    vision = model.config.vision_config
+    per_image = (vision.image_size // vision.patch_size) ** 2
+    x = inputs(model, args.batch, 1, args.text, device)
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                               "torch": torch.__version__, "transformers": transformers.__version__,
+                               "batch": args.batch, "prompt_tokens": x["input_ids"].shape[1],
+                               "kept": args.kept, "visual_per_image": per_image, "modes": {}}
+    names = ["stock", *[m for m in args.methods if m != "stock"], "stock_again"]
+    for mode in args.modes:
+        new = args.new_tokens if mode == "static" or args.eager_new_tokens is None else args.eager_new_tokens
+        rows: dict[str, Any] = results["modes"].setdefault(mode, {"new_tokens": new, "methods": {}})["methods"]
+        for name in names:
+            try:
+                row = measure(model, x, name.removesuffix("_again"), mode, new, args.reps, args.kept / per_image)
+            except Exception as exc:  # recorded, and the run goes on with the next method
+                row = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+                torch._dynamo.reset()  # a failed compiled call can leave CUDA-graph state that fails the next ones
+            rows[name] = row
+            stock = rows["stock"].get("decode_tokens_per_s")
+            if stock and "decode_tokens_per_s" in row:
+                row["speedup"] = row["decode_tokens_per_s"] / stock
+                row["overhead"] = stock / row["decode_tokens_per_s"] - 1
+            print(f"{mode:6s} {name:12s} " + (row["error"][:300] if "error" in row else
+                  f"{row['decode_tokens_per_s']:8.0f} tok/s ({row['decode_ms_per_step']:.2f} ms/step, "
+                  f"{row.get('speedup', 1):.2f}x), prefill {row['prefill_ms']:.0f} ms, "
+                  f"warm-up {row['warmup_s']:.0f} s"), flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
