@@ -117,7 +117,7 @@ def kept_order(scores: Tensor, candidates: Tensor, dropped: Tensor) -> Tensor:
     """Positions in the order pruning keeps them, for many rankings at once (PLPHP's layers and kv heads):
     ``scores`` ``[..., N]``, ``candidates`` (bool) and ``dropped`` broadcastable to ``scores`` and ``scores[..., :1]``.
     Each row lists every non-candidate in increasing order, then the candidates it keeps in increasing order, then
-    its ``dropped`` candidates of lowest score (ties: the earlier position goes first), so the first
+    its ``dropped`` candidates of lowest score (of equal scores the earlier is dropped first), so the first
     ``N - dropped`` positions of a row are what it keeps. One sort to rank, one to order: no loop over rows."""
     n = scores.shape[-1]
     rank = torch.where(candidates, scores.float(), float("inf")).argsort(dim=-1, stable=True)  # lowest first
