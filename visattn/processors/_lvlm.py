@@ -8,7 +8,9 @@ of the KV cache from the forward that started it (empty cache) through every cac
 forward with an empty cache must show image tokens; a continuation must continue the cache the
 previous forward left. With a static cache (``generate(cache_implementation="static")``) the model gets a 4-D mask
 over the cache's capacity and every layer keys of that length: the columns are then that long, those not yet
-filled marked as no image.
+filled marked as no image, and later forwards write their tokens' columns into that one tensor in place (marked as
+a static address when the prefill made it: transformers compiles static-cache decoding with CUDA graphs, and a
+tensor made by one graph replay and read by the next would be overwritten in between).
 
 Under ``torch.compile`` nothing here reads a tensor on the host (a read is a graph break): the columns grow by
 each forward's tokens whatever they are, and the check that a prompt holds image tokens is made in eager
@@ -117,6 +119,8 @@ class ImageKeys:
                 raise ShapeError(f"{self.method}: the input has no image tokens (config.image_token_id = "
                                  f"{self.token}); the method needs the image in the prompt")
             now.columns = F.pad(now.image, (0, width - q))
+            if width > q and not torch.compiler.is_compiling():  # a static cache: one tensor for the generation
+                torch._dynamo.mark_static_address(now.columns)
             now.first_real = now.real.int().argmax(1)
             now.after_image = now.image.cumsum(1) > 0
         else:
@@ -125,8 +129,11 @@ class ImageKeys:
                                  f"method did not see being built; start from a forward without past_key_values")
             seen = now.columns.any(1, keepdim=True)
             now.after_image = seen | (now.image.cumsum(1) > 0)
-            now.columns = torch.cat([now.columns[:, :past_len], now.image, now.columns[:, past_len + q:]], 1)
-            now.columns = F.pad(now.columns, (0, width - now.columns.shape[1]))
+            if now.columns.shape[1] == width:  # a static cache: written in place (see the class docstring)
+                now.columns[:, past_len:past_len + q] = now.image
+            else:
+                now.columns = torch.cat([now.columns[:, :past_len], now.image], 1)
+                now.columns = F.pad(now.columns, (0, width - now.columns.shape[1]))
         now.num_keys = past_len + q
         now.memo = {}
         if self._then is not None:
