@@ -130,6 +130,34 @@ def test_a_static_cache_generates_as_the_dynamic_one(case: tuple[torch.nn.Module
     assert max((a - b).nan_to_num(0.0, 0.0, 0.0).abs().max() for a, b in zip(dynamic.logits, stock.logits)) > 1e-5
 
 
+def test_a_static_cache_keeps_one_image_column_tensor_for_the_generation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers compiles static-cache decoding with CUDA graphs, where a tensor that one replay made is
+    overwritten by the next: the image columns must be the prefill's tensor, written in place, in every step (and a
+    new one in each generation)."""
+    from visattn.processors._lvlm import ImageKeys
+
+    seen: list[torch.Tensor] = []  # kept alive, so that no address is reused
+    start = ImageKeys._start
+
+    def spy(self: ImageKeys, call: Any) -> None:
+        start(self, call)
+        seen.append(self.columns)
+
+    monkeypatch.setattr(ImageKeys, "_start", spy)
+    model = build("llava", "sdpa")
+    inputs = vlm_inputs("llava", model)
+    visattn.apply(model, "head_modulation", strategy="pai", alpha=ALPHA, decoder_layers=[0, 1])
+    try:
+        generate(model, inputs, cache_implementation="static")
+        static = list(seen)
+        seen.clear()
+        generate(model, inputs)
+    finally:
+        visattn.remove(model)
+    assert len(static) == 5 and all(t is static[0] for t in static)  # the prefill and four decode steps: one tensor
+    assert len({t.data_ptr() for t in seen}) == 5  # the default cache grows: a new tensor each step
+
+
 def test_pai_on_an_unpadded_prompt_takes_the_causal_path_and_generates_consistently() -> None:
     """No padding: transformers passes no mask (SDPA's is_causal) in prefill and decode."""
     model = build("llava", "sdpa")
