@@ -11,10 +11,10 @@ tokens (no EOS) in two modes, each method against the stock model in the same mo
   eager.
 
 Decode tokens per second are ``batch * (new - 1) / (T(new) - T(1))`` with ``T(n)`` the time of a ``generate()``
-of ``n`` tokens (CUDA events), after one untimed ``generate()`` of ``new`` tokens per method and mode (which
-compiles, and warms every cache length); ``--reps`` timed pairs, median. A method runs all its repetitions
-in one go (applying it again would install new hooks, which compiled code guards on, and compile again); stock
-runs first and again last, so that drift shows. ``visual_sink`` runs at ``tau=3``, as in
+of ``n`` tokens (host clock, the GPU synchronised before and after), after one untimed ``generate()`` of ``new``
+tokens per method and mode (which compiles, and warms every cache length); ``--reps`` timed pairs, median. A method
+runs all its repetitions in one go (applying it again would install new hooks, which compiled code guards on, and
+compile again); stock runs first and again last, so that drift shows. ``visual_sink`` runs at ``tau=3``, as in
 :mod:`benchmarks.lvlm_heads`: random weights have no massive activations at its default 20.
 
     PYTHONPATH=. python3 -m benchmarks.lvlm_decode --out benchmarks/results/lvlm_decode.json
@@ -36,9 +36,11 @@ import torch
 import transformers
 
 import visattn
-from benchmarks.lvlm import build, inputs
+from benchmarks.lvlm import build, inputs, strategy_options
+from benchmarks.timing import generate_seconds
 
-#: name -> (method, options); ``stock`` applies nothing. Prune keeps 64 of 576 (``keep`` set from ``--kept``).
+#: name -> (method, options); ``stock`` applies nothing. Prune's options come from
+#: :func:`benchmarks.lvlm.strategy_options` (its layer K, and ``keep`` from ``--kept``).
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "stock": ("", {}),
     "visual_sink": ("visual_sink", dict(p=0.6, tau=3.0)),
@@ -46,39 +48,20 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "vhr": ("head_modulation", dict(strategy="vhr")),
     "imbalance": ("head_modulation", dict(strategy="imbalance")),
     "avisc": ("head_modulation", dict(strategy="avisc")),
-    "cls": ("prune", dict(strategy="cls")),
-    "fastv": ("prune", dict(strategy="fastv", layer=2)),
-    "transprune": ("prune", dict(strategy="transprune", layer=2)),
-    "star": ("prune", dict(strategy="star")),
-    "plphp": ("prune", dict(strategy="plphp", layer=2)),
-    "zo": ("prune", dict(strategy="zo")),
+    **{strategy: ("prune", dict(strategy=strategy)) for strategy in ("cls", "fastv", "transprune", "star", "plphp",
+                                                                      "zo")},
 }
 
 
 def generate_ms(model: torch.nn.Module, x: dict[str, torch.Tensor], new: int, mode: str) -> float:
-    extra = {"cache_implementation": "static"} if mode == "static" else {}
-    if torch.cuda.is_available():
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-    begin = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(**x, max_new_tokens=new, min_new_tokens=new, do_sample=False, **extra)
-    if torch.cuda.is_available():
-        end.record()
-        end.synchronize()
-        ms = start.elapsed_time(end)
-    else:
-        ms = (time.perf_counter() - begin) * 1e3
-    if out.shape[1] != x["input_ids"].shape[1] + new:
-        raise RuntimeError(f"generate() gave {out.shape[1] - x['input_ids'].shape[1]} new tokens, not {new}")
-    return ms
+    return 1e3 * generate_seconds(model, x, new, **({"cache_implementation": "static"} if mode == "static" else {}))
 
 
 def measure(model: torch.nn.Module, x: dict[str, torch.Tensor], name: str, mode: str, new: int, reps: int,
             keep: float) -> dict[str, Any]:
     method, options = METHODS[name]
     if method == "prune":
-        options = {**options, "keep": keep}
+        options = strategy_options(options["strategy"], keep)
     handle = visattn.apply(model, method, **options) if method else None
     try:
         begin = time.perf_counter()

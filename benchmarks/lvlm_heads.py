@@ -31,6 +31,7 @@ import transformers
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import visattn
+from benchmarks.timing import generate_seconds
 from visattn.core.redistribute import attend_rows, redistribute
 from visattn.kernels import reweighted_decode
 
@@ -107,17 +108,6 @@ def prompt(config: LlavaConfig, batch: int, device: str, dtype: torch.dtype) -> 
     ids = torch.cat([head, torch.full((batch, n_image), IMAGE_TOKEN), tail], 1)
     return dict(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                 pixel_values=torch.randn(batch, 3, side, side, generator=g).to(device, dtype))
-
-
-def generate_seconds(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int) -> float:
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    sync()
-    assert out.shape[1] == inputs["input_ids"].shape[1] + new_tokens
-    return time.perf_counter() - start
 
 
 def measure(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, reps: int) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The one timing helper the benchmarks share."""
+"""The timing helpers the benchmarks share."""
 
 from __future__ import annotations
 
@@ -44,3 +44,17 @@ def graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
+
+
+def generate_seconds(model: torch.nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int,
+                     **kwargs: Any) -> float:
+    """Seconds of a greedy ``generate()`` of exactly ``new_tokens`` tokens (``kwargs`` passed on)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             **kwargs)
+    sync()
+    assert out.shape[1] == inputs["input_ids"].shape[1] + new_tokens
+    return time.perf_counter() - start

@@ -120,10 +120,10 @@ def kept_order(scores: Tensor, candidates: Tensor, dropped: Tensor) -> Tensor:
     its ``dropped`` candidates of lowest score (of equal scores the earlier is dropped first), so the first
     ``N - dropped`` positions of a row are what it keeps. One sort to rank, one to order: no loop over rows."""
     n = scores.shape[-1]
-    rank = torch.where(candidates, scores.float(), float("inf")).argsort(dim=-1, stable=True)  # lowest first
-    first = (torch.arange(n, device=scores.device) < dropped).expand(rank.shape)  # by rank: the dropped ones
-    gone = torch.zeros(rank.shape, dtype=torch.bool, device=scores.device).scatter(-1, rank, first)
     position = torch.arange(n, device=scores.device)
+    rank = torch.where(candidates, scores.float(), float("inf")).argsort(dim=-1, stable=True)  # lowest first
+    first = (position < dropped).expand(rank.shape)  # by rank: the dropped ones
+    gone = torch.zeros(rank.shape, dtype=torch.bool, device=scores.device).scatter(-1, rank, first)
     return (gone * (2 * n) + candidates * n + position).argsort(-1)
 
 
