@@ -17,6 +17,12 @@ runs all its repetitions in one go (applying it again would install new hooks, w
 compile again); stock runs first and again last, so that drift shows. ``visual_sink`` runs at ``tau=3``, as in
 :mod:`benchmarks.lvlm_heads`: random weights have no massive activations at its default 20.
 
+Pruning's bound (row ``bound``) is the stock model decoding after a prompt of only the tokens that remain
+(``--kept`` + ``--text`` text tokens, no image: the decode steps cost the same whatever the tokens are); a strategy
+that keeps every token in its first K layers has its own bound, ``bound + K/L (stock - bound)`` per step
+(:func:`benchmarks.lvlm.own_bound`). With a static cache each layer then holds the kept tokens plus the
+slots of the tokens to come, and attends over all of them in every step.
+
     PYTHONPATH=. python3 -m benchmarks.lvlm_decode --out benchmarks/results/lvlm_decode.json
     PYTHONPATH=. python3 -m benchmarks.lvlm_decode --tiny --new-tokens 8 --out /tmp/decode.json   # CPU smoke run
 
@@ -36,13 +42,14 @@ import torch
 import transformers
 
 import visattn
-from benchmarks.lvlm import build, inputs, strategy_options
+from benchmarks.lvlm import build, inputs, own_bound, strategy_options
 from benchmarks.timing import generate_seconds
 
 #: name -> (method, options); ``stock`` applies nothing. Prune's options come from
 #: :func:`benchmarks.lvlm.strategy_options` (its layer K, and ``keep`` from ``--kept``).
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "stock": ("", {}),
+    "bound": ("", {}),
     "visual_sink": ("visual_sink", dict(p=0.6, tau=3.0)),
     "pai": ("head_modulation", dict(strategy="pai")),
     "vhr": ("head_modulation", dict(strategy="vhr")),
@@ -100,17 +107,22 @@ def main() -> None:
     vision = model.config.vision_config
     per_image = (vision.image_size // vision.patch_size) ** 2
     x = inputs(model, args.batch, 1, args.text, device)
+    short = torch.randint(1, 31000, (args.batch, args.kept + args.text), device=device)
+    prompts = {"bound": dict(input_ids=short, attention_mask=torch.ones_like(short))}
+    pruned = [m for m in args.methods if METHODS[m][0] == "prune"]
     results: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                                "torch": torch.__version__, "transformers": transformers.__version__,
                                "batch": args.batch, "prompt_tokens": x["input_ids"].shape[1],
                                "kept": args.kept, "visual_per_image": per_image, "modes": {}}
-    names = ["stock", *[m for m in args.methods if m != "stock"], "stock_again"]
+    names = ["stock", *(["bound"] if pruned else []), *[m for m in args.methods if m not in ("stock", "bound")],
+             "stock_again"]
     for mode in args.modes:
         new = args.new_tokens if mode == "static" or args.eager_new_tokens is None else args.eager_new_tokens
         rows: dict[str, Any] = results["modes"].setdefault(mode, {"new_tokens": new, "methods": {}})["methods"]
         for name in names:
             try:
-                row = measure(model, x, name.removesuffix("_again"), mode, new, args.reps, args.kept / per_image)
+                row = measure(model, prompts.get(name, x), name.removesuffix("_again"), mode, new, args.reps,
+                              args.kept / per_image)
             except Exception as exc:  # recorded, and the run goes on with the next method
                 row = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
                 torch._dynamo.reset()  # a failed compiled call can leave CUDA-graph state that fails the next ones
@@ -119,6 +131,10 @@ def main() -> None:
             if stock and "decode_tokens_per_s" in row:
                 row["speedup"] = row["decode_tokens_per_s"] / stock
                 row["overhead"] = stock / row["decode_tokens_per_s"] - 1
+            if name in pruned and "decode_ms_per_step" in row and "decode_ms_per_step" in rows.get("bound", {}):
+                steps = {"stock": rows["stock"]["decode_ms_per_step"], "bound": rows["bound"]["decode_ms_per_step"]}
+                row["own_bound_ms_per_step"] = own_bound(name, steps, model.config.text_config.num_hidden_layers)
+                row["of_own_bound"] = row["own_bound_ms_per_step"] / row["decode_ms_per_step"]
             print(f"{mode:6s} {name:12s} " + (row["error"][:300] if "error" in row else
                   f"{row['decode_tokens_per_s']:8.0f} tok/s ({row['decode_ms_per_step']:.2f} ms/step, "
                   f"{row.get('speedup', 1):.2f}x), prefill {row['prefill_ms']:.0f} ms, "

@@ -122,17 +122,21 @@ def test_keep_one_is_bit_identical_in_forward_and_generate(case: tuple) -> None:
     model = models["sdpa"]
     # every strategy the family takes (cls and star need LLaVA's [CLS] token)
     strategies = ["fastv", "plphp", "transprune"] + (["star", "cls", "zo"] if family == "llava" else [])
-    stock_logits, stock = _run(model, inputs).logits, _generate(model, inputs)
+    def static(model: torch.nn.Module) -> Any:
+        return _run(model, inputs, max_new_tokens=NEW_TOKENS, cache_implementation="static")
+
+    stock_logits, stock, stock_static = _run(model, inputs).logits, _generate(model, inputs), static(model)
     for strategy in strategies:
         at_input = strategy in ("cls", "zo")
         visattn.apply(model, "prune", strategy=strategy, keep=1.0, **({} if at_input else {"layer": 1}))
         try:
-            logits, result = _run(model, inputs).logits, _generate(model, inputs)
+            logits, result, result_static = _run(model, inputs).logits, _generate(model, inputs), static(model)
         finally:
             visattn.remove(model)
         assert torch.equal(logits, stock_logits), strategy
-        assert torch.equal(result.sequences, stock.sequences), strategy
-        assert all(torch.equal(a, b) for a, b in zip(result.logits, stock.logits)), strategy
+        for ours, theirs in ((result, stock), (result_static, stock_static)):
+            assert torch.equal(ours.sequences, theirs.sequences), strategy
+            assert all(torch.equal(a, b) for a, b in zip(ours.logits, theirs.logits)), strategy
 
 
 def test_fastv_keeps_what_the_last_token_attends_to_and_equals_masking(case: tuple) -> None:
@@ -377,10 +381,59 @@ def test_errors() -> None:
             _run(model, {"inputs_embeds": torch.randn(2, 3, 32)})
         with pytest.raises(visattn.UnsupportedModelError, match=r"transformers \d.*expected a transformers Cache"):
             _run(model, {**inputs, "past_key_values": ((torch.zeros(1),),)})  # a legacy tuple cache
-        with pytest.raises(visattn.UnsupportedModelError, match="StaticCache keeps one preallocated length"):
+        # with a static cache: right padding (generate() masks slots by position), a cache allocated already
+        pads = (inputs["attention_mask"] == 0).sum(1).tolist()
+        right = {name: torch.stack([row.roll(-p) for row, p in zip(inputs[name], pads)])
+                 for name in ("input_ids", "attention_mask")}
+        padded = [b for b, p in enumerate(pads) if p]
+        with pytest.raises(visattn.ShapeError, match=rf"sample\(s\) \{padded} of the batch have padding after real"):
+            _run(model, {**inputs, **right}, max_new_tokens=2, cache_implementation="static")
+        from transformers import StaticCache
+
+        cache = StaticCache(config=model.config.get_text_config(), max_cache_len=32)
+        cache.early_initialization(batch_size=2, num_heads=2, head_dim=8, dtype=torch.float32, device="cpu")
+        with pytest.raises(visattn.UnsupportedModelError, match=r"was allocated already \(early_initialization\(\)"):
+            _run(model, {**inputs, "past_key_values": cache})
+    finally:
+        visattn.remove(model)
+    visattn.apply(model, "prune", strategy="plphp", keep=0.5, layer=1)
+    try:
+        with pytest.raises(visattn.UnsupportedModelError, match="'plphp' sets each layer's cache length from each "
+                                                                 "prompt's attention"):
             _run(model, inputs, max_new_tokens=2, cache_implementation="static")
     finally:
         visattn.remove(model)
+
+
+def test_a_static_cache_holds_the_kept_tokens_and_decodes_as_the_dynamic_one(case: tuple) -> None:
+    """With generate(cache_implementation="static") each layer's preallocated cache has the slots of the tokens that
+    reach it and of the tokens to come, all of them filled, and the generation equals the dynamic cache's (itself
+    checked against masking above)."""
+    family, models, inputs = case
+    model = models["sdpa"]
+    prompt = inputs["input_ids"].shape[1]
+    stock = _run(model, inputs, max_new_tokens=NEW_TOKENS, cache_implementation="static").past_key_values
+    capacity = stock.layers[0].max_cache_len
+    assert capacity >= prompt + NEW_TOKENS - 1
+    for strategy in ["fastv", "transprune"] + (["star", "cls", "zo"] if family == "llava" else []):
+        at_input = strategy in ("cls", "zo")
+        handle = visattn.apply(model, "prune", strategy=strategy, keep=0.5, **({} if at_input else {"layer": 1}))
+        try:
+            dynamic = _generate(model, inputs)
+            static = _run(model, inputs, max_new_tokens=NEW_TOKENS, cache_implementation="static")
+            kept = handle.kept
+        finally:
+            visattn.remove(model)
+        assert torch.equal(static.sequences, dynamic.sequences), strategy
+        for ours, theirs in zip(static.logits, dynamic.logits):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0, msg=strategy)
+        held = [kept[max(k for k in kept if k <= i)].shape[1] if any(k <= i for k in kept) else prompt
+                for i in range(len(stock.layers))]  # the prompt tokens each layer holds
+        layers = static.past_key_values.layers
+        assert [layer.keys.shape[-2] for layer in layers] == [n + capacity - prompt for n in held], strategy
+        assert [int(layer.cumulative_length.reshape(-1)[0]) for layer in layers] == [
+            n + NEW_TOKENS - 1 for n in held], strategy
+        assert _cache_lengths(dynamic) == [n + NEW_TOKENS - 1 for n in held] and min(held) < prompt, strategy
 
 
 def test_vision_language_options_are_refused_on_timm() -> None:

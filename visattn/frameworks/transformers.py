@@ -296,7 +296,8 @@ class ModelCall:
         arguments: every argument of the call by name (``**kwargs`` merged in), as given.
         input_ids, inputs_embeds, attention_mask, position_ids: as given (``None`` where not).
         cache: the KV cache, under whichever of :data:`CACHE_ARGUMENTS` it came (``None``: no cache given).
-        past_length: the tokens the cache already holds (0 without a cache).
+        past_length: the tokens the cache already holds (0 without a cache); ``None`` when read with
+            ``past=False``.
         images: image features come with this call, as ``pixel_values`` computed inside the forward or as
             ``mm_encoder_outputs["image"]`` that ``generate()`` computed before it (transformers >= 5.23).
     """
@@ -307,12 +308,14 @@ class ModelCall:
     attention_mask: Tensor | None
     position_ids: Tensor | None
     cache: Any
-    past_length: int
+    past_length: int | None
     images: bool
 
     @property
     def prefill(self) -> bool:
         """The call starts a sequence: no past tokens in its cache."""
+        if self.past_length is None:
+            raise RuntimeError("this ModelCall was read with past=False")
         return self.past_length == 0
 
     def keywords(self, **changes: Any) -> dict[str, Any]:
@@ -327,9 +330,11 @@ class ModelCall:
         return given
 
 
-def read_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> ModelCall:
+def read_call(module: nn.Module, args: tuple, kwargs: dict[str, Any], past: bool = True) -> ModelCall:
     """The :class:`ModelCall` of ``module(*args, **kwargs)``; raises an :class:`UnsupportedModelError` naming the
-    transformers version when the call does not fit ``module``'s forward or its cache is not a ``Cache``."""
+    transformers version when the call does not fit ``module``'s forward or its cache is not a ``Cache``.
+    ``past=False`` leaves ``past_length`` unread: a static cache keeps its length on the device, so reading it syncs
+    with the GPU and breaks a compiled graph, which hooks of every decoder layer must not do."""
     positional, keyword, any_keyword = _parameters(type(module))
     bound = dict(zip(positional, args))
     wrong = ([f"{len(args)} positional arguments for {len(positional)}"] if len(args) > len(positional) else []) + [
@@ -347,9 +352,10 @@ def read_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> ModelCa
             f"{type(cache).__name__}; expected a transformers Cache (DynamicCache, StaticCache...) as "
             f"{' or '.join(CACHE_ARGUMENTS)}")
     encoded = bound.get("mm_encoder_outputs") or {}
+    length = 0 if cache is None else int(cache.get_seq_length()) if past else None
     return ModelCall(arguments=bound, input_ids=bound.get("input_ids"), inputs_embeds=bound.get("inputs_embeds"),
                      attention_mask=bound.get("attention_mask"), position_ids=bound.get("position_ids"), cache=cache,
-                     past_length=int(cache.get_seq_length()) if cache is not None else 0,
+                     past_length=length,
                      images=bound.get("pixel_values") is not None or encoded.get("image") is not None)
 
 
@@ -360,6 +366,44 @@ def output_cache(output: Any) -> Any:
         if cache is not None:
             return cache
     return None
+
+
+def static_layers(cache: Any, method: str) -> list[Any] | None:
+    """The layers of ``cache`` when it is a static KV cache (``generate(cache_implementation="static")``, the
+    cache transformers compiles decoding for) whose lengths can still be set layer by layer; ``None`` for any
+    other cache.
+
+    A ``StaticLayer`` allocates ``max_cache_len`` slots at its first update (in the prefill) and writes each update
+    at its own ``cumulative_length``; the masks ``generate()`` builds are sized by layer 0. So a method that keeps
+    fewer prompt tokens in some layers gives those layers fewer slots before the prefill reaches them
+    (:func:`reserve`) and hands them masks of their own. Raises :class:`UnsupportedModelError` for a static cache
+    whose layers cannot take that: sliding-window (or other) layers, or layers allocated before the prefill
+    (``early_initialization()``, or a cache reused after ``reset()``)."""
+    if not getattr(cache, "is_compileable", False):
+        return None
+    from transformers.cache_utils import StaticLayer
+
+    layers = list(getattr(cache, "layers", ()))
+    other = sorted({type(layer).__name__ for layer in layers
+                    if not isinstance(layer, StaticLayer) or getattr(layer, "is_sliding", False)})
+    if other or not layers:
+        raise UnsupportedModelError(
+            f"{method} gives each layer of a static KV cache a length of its own, and this {type(cache).__name__} "
+            f"has {', '.join(other) or 'no'} layers; it supports caches of full-attention StaticLayers "
+            f"(generate(cache_implementation=\"static\")) and the default dynamic cache")
+    if any(layer.is_initialized for layer in layers):
+        raise UnsupportedModelError(
+            f"{method} gives each layer of a static KV cache a length of its own before the prefill allocates it, "
+            f"and this {type(cache).__name__} was allocated already (early_initialization(), or reused after "
+            f"reset()); let generate(cache_implementation=\"static\") make the cache, or pass a fresh StaticCache")
+    return layers
+
+
+def reserve(layers: Sequence[Any], tokens: int) -> None:
+    """Give each of the static cache ``layers`` (:func:`static_layers`, not yet allocated) ``tokens`` fewer slots:
+    prompt tokens that will never reach them."""
+    for layer in layers:
+        layer.max_cache_len -= tokens
 
 
 def check_calling_convention(module: nn.Module) -> None:
@@ -376,22 +420,24 @@ def check_calling_convention(module: nn.Module) -> None:
             f"({' or '.join(CACHE_ARGUMENTS)})")
 
 
-def on_call(module: nn.Module, patcher: Patcher, fn: Callable[[ModelCall], dict[str, Any] | None]) -> None:
-    """Run ``fn(read_call(...))`` before every forward of ``module`` (``generate()``'s steps included); when
-    ``fn`` returns a dict, the forward is called with it as its keyword arguments instead. Undone by ``patcher``."""
+def on_call(module: nn.Module, patcher: Patcher, fn: Callable[[ModelCall], dict[str, Any] | None],
+            past: bool = True) -> None:
+    """Run ``fn(read_call(..., past=past))`` before every forward of ``module`` (``generate()``'s steps included);
+    when ``fn`` returns a dict, the forward is called with it as its keyword arguments instead. Undone by
+    ``patcher``. Hooks of decoder layers pass ``past=False`` (see :func:`read_call`)."""
 
     def pre(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
-        changed = fn(read_call(module, args, kwargs))
+        changed = fn(read_call(module, args, kwargs, past))
         return None if changed is None else ((), changed)
 
     patcher.add_hook(module.register_forward_pre_hook(pre, with_kwargs=True))
 
 
 def after_call(module: nn.Module, patcher: Patcher, fn: Callable[[ModelCall, Any], Any]) -> None:
-    """Run ``fn(read_call(...), output)`` after every forward of ``module``; what ``fn`` returns, unless ``None``,
-    is the forward's output instead. Undone by ``patcher``."""
+    """Run ``fn(read_call(..., past=False), output)`` after every forward of ``module`` (the cache has grown by
+    then); what ``fn`` returns, unless ``None``, is the forward's output instead. Undone by ``patcher``."""
 
     def post(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        return fn(read_call(module, args, kwargs), output)
+        return fn(read_call(module, args, kwargs, past=False), output)
 
     patcher.add_hook(module.register_forward_hook(post, with_kwargs=True))

@@ -109,7 +109,7 @@ class ImageKeys:
         now = self._forwards.get()
         past_len = call.past_length
         q = ids.shape[1]
-        keys = _attended_keys(call.attention_mask, past_len + q)
+        keys = attended_keys(call.attention_mask, past_len + q)
         now.real = keys[:, past_len:past_len + q] if keys is not None else torch.ones_like(ids, dtype=torch.bool)
         width = past_len + q if keys is None else keys.shape[1]  # the key count of the attention layers
         now.image = (ids == self.token) & now.real
@@ -157,7 +157,7 @@ class ImageKeys:
         return memo[name]
 
 
-def _attended_keys(mask: Tensor | dict[str, Tensor] | None, seen: int) -> Tensor | None:
+def attended_keys(mask: Tensor | dict[str, Tensor] | None, seen: int) -> Tensor | None:
     """The keys a call attends, ``[B, K]`` bool, from its attention mask: a 2-D padding mask ``[B, seen]`` as it is;
     a 4-D mask ``[B, 1, q, K]`` (what ``generate()`` passes with a static KV cache, ``K`` its capacity; for models
     with several kinds of layers, the full-attention entry of the masks it passes by kind) by its last row, which

@@ -82,6 +82,7 @@ from ...errors import OptionError, ShapeError, UnsupportedModelError
 from ...frameworks import Target
 from ...frameworks.base import LazyAdapter, PerThread
 from ...patching import Handle, Patcher
+from .._lvlm import attended_keys
 
 tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
 
@@ -141,8 +142,11 @@ class Selection:
         return _gather_seq(table, self.kept, 1)
 
     def mask(self, mask: Tensor) -> Tensor:
-        """A 4-D attention mask ``[B, 1, N, N]``: its kept rows and columns."""
-        return _gather_seq(_gather_seq(mask, self.kept, -2), self.kept, -1)
+        """A 4-D attention mask ``[B, 1, N, K]``: its kept rows; its columns of the kept tokens, then those after the
+        sequence (``K > N`` with a static cache: the slots that later tokens fill)."""
+        rows, columns = mask.shape[-2:]
+        after = torch.arange(rows, columns, device=mask.device).expand(self.kept.shape[0], -1)
+        return _gather_seq(_gather_seq(mask, self.kept, -2), torch.cat([self.kept, after], 1), -1)
 
     def of(self, positions: Tensor) -> Tensor:
         """The kept ones of ``positions`` ``[B, N]`` (the positions of the current sequence in an earlier one)."""
@@ -197,10 +201,12 @@ class Generation:
 
     def __init__(self) -> None:
         self.prefill = False
+        self.past_length = 0  # the tokens the KV cache held when this forward started
         self.visual: Tensor | None = None  # [B, N] candidates in the current sequence (prefill)
         self.counts: list[int] = []  # candidates per sample in the current sequence (prefill)
         self.instruction = 1  # the rows of text after the last image token of every sample (at least 1)
         self.input_kept: Tensor | None = None  # positions of the prompt kept at the input, [B, n]
+        self.static: list[Any] | None = None  # the layers of a static KV cache, given their lengths in the prefill
         self.prompt_length = 0  # the prompt's length before / after the input stage
         self.input_length = 0
         #: per decoder layer, the positions of the language model's input its cache holds (absent: all), with the
@@ -228,8 +234,10 @@ class Generation:
 class VlmPruner:
     """``prune`` on one vision-language model: its stages, and each thread's :class:`Generation`."""
 
-    def __init__(self, model: nn.Module, keep: float) -> None:
+    def __init__(self, model: nn.Module, keep: float, per_layer: bool = False) -> None:
         self.model, self.keep = model, keep
+        #: PLPHP: each prompt's attention sets each layer's cache length
+        self.per_layer = per_layer
         self.stages: dict[int, Stage] = {}
         self.image_token_id = int(model.config.image_token_id)
         self.num_layers = len(tfa.decoder_layers(model))
@@ -238,13 +246,8 @@ class VlmPruner:
     # -- the model's forward: is this a prefill, where are the image tokens --------------------------
 
     def start(self, call: tfa.ModelCall) -> None:
-        if getattr(call.cache, "is_compileable", False):
-            raise UnsupportedModelError(
-                f"prune removes visual tokens from the KV cache, and this call's {type(call.cache).__name__} keeps "
-                f"one preallocated length for every layer (generate(cache_implementation=\"static\")); generate "
-                f"with the default dynamic cache")
         gen = self.generations.get()
-        gen.prefill = call.prefill
+        gen.prefill, gen.past_length = call.prefill, call.past_length
         gen.current, gen.decode_masks, gen.captured = None, {}, {}
         if not gen.prefill:
             if not gen.prompt_length:
@@ -255,18 +258,34 @@ class VlmPruner:
         if input_ids is None:
             raise ShapeError("prune: the model must be called with input_ids (image tokens are found there "
                              "from config.image_token_id); got inputs_embeds only")
-        visual = input_ids == self.image_token_id
-        if attention_mask is not None and attention_mask.dim() == 2:
-            visual &= attention_mask.bool()
+        static = tfa.static_layers(call.cache, "prune") if self.keep < 1.0 else None
+        if static is not None and self.per_layer:
+            raise UnsupportedModelError(
+                "prune: strategy 'plphp' sets each layer's cache length from each prompt's attention, so with a "
+                "static KV cache (generate(cache_implementation=\"static\")) the compiled decoding would recompile "
+                "for every prompt; generate with the default dynamic cache, or use a strategy that drops tokens in "
+                "stages ('fastv', 'transprune', 'star', 'cls', 'zo')")
+        n = input_ids.shape[1]
+        real = attended_keys(attention_mask, n)
+        real = torch.ones_like(input_ids, dtype=torch.bool) if real is None else real[:, :n]
+        visual = (input_ids == self.image_token_id) & real
         after = visual.flip(1).int().argmax(1)  # tokens after each sample's last image token (left padded: the text)
+        late = (real[:, :-1] > real[:, 1:]).sum(-1)  # padding after a real token
         # How many tokens each stage drops depends on these counts: the one host read of a prompt (under
         # torch.compile, the one graph break prune adds)
-        counts, after = torch.stack([visual.sum(-1), after]).tolist()
+        counts, after, late = torch.stack([visual.sum(-1), after, late]).tolist()
         missing = [b for b, n in enumerate(counts) if not n]
         if missing:
             raise ShapeError(f"prune: sample(s) {missing} of the batch hold no image tokens "
                              f"(config.image_token_id={self.image_token_id}); every sample needs an image")
+        right = [b for b, n in enumerate(late) if n]
+        if static is not None and right:
+            raise ShapeError(f"prune: sample(s) {right} of the batch have padding after real tokens; with a static "
+                             f"KV cache generate() masks the cache's slots by the prompt's positions, which stay "
+                             f"in place when tokens are dropped only if padding comes first: pad on the left "
+                             f"(tokenizer.padding_side = \"left\"), or generate with the default dynamic cache")
         gen.visual, gen.counts, gen.instruction, gen.columns, gen.kept = visual, counts, max(min(after), 1), {}, {}
+        gen.static = static
         gen.input_kept, gen.prompt_length = None, input_ids.shape[1]
 
     # -- stage at the language model's input ---------------------------------------------------------
@@ -279,8 +298,13 @@ class VlmPruner:
         embeds, mask, positions = call.inputs_embeds, call.attention_mask, call.position_ids
         if embeds is None:
             raise ShapeError("prune: the language model must be called with inputs_embeds")
-        if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 2):
-            raise ShapeError("prune: the language model must get a 2-D attention mask [batch, tokens] (or none)")
+        # a 2-D padding mask, or with a static KV cache generate()'s 4-D masks over the cache's slots (for models
+        # with kinds of layers, a dict of them by kind)
+        masks = list(mask.values()) if isinstance(mask, dict) else [] if mask is None else [mask]
+        if not all(isinstance(m, Tensor) and m.dim() in (2, 4) for m in masks):
+            raise ShapeError(f"prune: the language model must get an attention mask [batch, tokens] (or none; with a "
+                             f"static KV cache, [batch, 1, tokens, slots], or a dict of them); got "
+                             f"{[tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__ for m in masks]}")
         stage = self.stages.get(0)
         if gen.prefill:
             selection = None if stage is None else stage.decide(gen)
@@ -289,16 +313,22 @@ class VlmPruner:
                     positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
                 kwargs.update(inputs_embeds=selection.tokens(embeds), position_ids=selection.positions(positions))
                 if mask is not None:
-                    kwargs["attention_mask"] = selection.tokens(mask)
+                    def short(m: Tensor) -> Tensor:
+                        return selection.tokens(m) if m.dim() == 2 else selection.mask(m)
+
+                    kwargs["attention_mask"] = ({kind: short(m) for kind, m in mask.items()}
+                                                if isinstance(mask, dict) else short(mask))
+                if gen.static is not None:
+                    tfa.reserve(gen.static, selection.dropped)
                 gen.select(selection)
                 gen.input_kept = gen.kept[0] = selection.kept
             gen.input_length = kwargs["inputs_embeds"].shape[1]
         elif gen.input_kept is not None:
-            if mask is not None:
+            if isinstance(mask, Tensor) and mask.dim() == 2:  # (generate() sizes 4-D masks for the cache's slots)
                 prompt = _gather_seq(mask[:, :gen.prompt_length], gen.input_kept, 1)
                 kwargs["attention_mask"] = torch.cat([prompt, mask[:, gen.prompt_length:]], dim=1)
             if positions is None:
-                past = call.past_length + gen.prompt_length - gen.input_length
+                past = gen.past_length + gen.prompt_length - gen.input_length
                 kwargs["position_ids"] = torch.arange(embeds.shape[1], device=embeds.device)[None] + past
         return kwargs
 
@@ -337,6 +367,8 @@ class VlmPruner:
         gen.current = {"attention_mask": mask, "position_embeddings": (selection.rotary(cos), selection.rotary(sin)),
                        "position_ids": None if positions is None else selection.positions(positions)}
         kwargs.update(gen.current)
+        if gen.static is not None:
+            tfa.reserve(gen.static[stage.layer:], selection.dropped)
         gen.select(selection)
         before = gen.columns.get(stage.layer)
         columns = selection.kept if before is None else selection.of(before[1])
@@ -579,8 +611,8 @@ def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> PruneV
     """Install the strategy's :class:`Plan` on ``target.model`` through the transformers adapter's services."""
     model, strategy, keep = target.model, options["strategy"], options["keep"]
     layer = 0 if strategy in INPUT_STRATEGIES else resolve_layer(target, options)
-    pruner = VlmPruner(model, keep)
     chosen = plan(model, options, layer)
+    pruner = VlmPruner(model, keep, per_layer=chosen.prunes_cache)
     pruner.stages = {stage.layer: stage for stage in chosen.stages}
 
     def make_route(index: int, module: nn.Module, implementation: str) -> tfa.Route:
@@ -592,7 +624,9 @@ def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> PruneV
             if index in chosen.every_call or gen.prefill:
                 scaling = kwargs.get("scaling")
                 mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
-                record(gen, query, key, query.shape[-1] ** -0.5 if scaling is None else scaling, mask)
+                n = query.shape[-2]  # the keys of a prefill (a static cache's are followed by its free slots)
+                record(gen, query, key[..., :n, :], query.shape[-1] ** -0.5 if scaling is None else scaling,
+                       None if mask is None else mask[..., :n])
             return call(module, query, key, value, attention_mask, **kwargs)
 
         return route
@@ -601,7 +635,7 @@ def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> PruneV
     if keep < 1.0:
         if chosen.routes:
             tfa.route_attention(model, patcher, sorted(chosen.routes), make_route)
-        tfa.on_call(model.get_decoder(), patcher, pruner.language_model_inputs)
+        tfa.on_call(model.get_decoder(), patcher, pruner.language_model_inputs, past=False)
         layers = tfa.decoder_layers(model)
         for index in range(layer if strategy not in INPUT_STRATEGIES else len(layers), len(layers)):
             def layer_inputs(call: tfa.ModelCall, index: int = index) -> dict[str, Any]:
@@ -609,7 +643,7 @@ def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> PruneV
                 hidden = pruner.decoder_layer_inputs(index, kwargs.pop("hidden_states"), kwargs)
                 return {"hidden_states": hidden, **kwargs}
 
-            tfa.on_call(layers[index], patcher, layer_inputs)
+            tfa.on_call(layers[index], patcher, layer_inputs, past=False)
         if chosen.transition_after is not None:
             def transition(call: tfa.ModelCall, output: Any) -> None:
                 gen = pruner.generations.get()
