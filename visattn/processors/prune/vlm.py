@@ -45,7 +45,18 @@ and the same short versions are handed to every later layer in that forward. Kep
 original positions. In later ``generate()`` steps the masks that transformers builds for the full
 sequence are gathered to the columns each layer's cache holds (its kept prefill tokens, then the new
 tokens), and position ids stay those of the full sequence, so generation continues exactly as a model
-whose caches hold only the kept tokens. Dynamic caches only (transformers' default).
+whose caches hold only the kept tokens.
+
+Caches: transformers' default dynamic cache, and the static one that ``generate(cache_implementation="static")``
+makes and compiles decoding for. A static layer allocates its slots at its first update, so before the prefill
+reaches a layer, a stage gives that layer (and the later ones) as many fewer slots as it drops tokens
+(:func:`visattn.frameworks.transformers.reserve`): each layer holds its kept tokens and the tokens to come, and a
+decode step attends over that many slots instead of the whole prompt's. ``generate()`` then passes 4-D masks over
+layer 0's slots; a stage gathers their kept rows and the columns ``[kept, the free slots]``, and in decode steps each
+pruned layer's mask is gathered the same way. Those masks index slots by the prompt's positions, which is right when
+padding comes first (left padding, which generate() needs anyway); other padding is refused with a static cache, as
+are ``plphp`` (each prompt would give the layers other lengths, and the compiled decode step would recompile) and
+caches allocated before the prefill (``early_initialization()``).
 
 Batches: image positions come from ``config.image_token_id`` per sample (left padding included);
 every sample drops the same number of visual tokens, ``min_b (n_b - ceil(keep * n_b))``, so each keeps
