@@ -145,16 +145,21 @@ def test_a_static_cache_keeps_one_image_column_tensor_for_the_generation(monkeyp
 
     monkeypatch.setattr(ImageKeys, "_start", spy)
     model = build("llava", "sdpa")
-    inputs = vlm_inputs("llava", model)
+    padded = vlm_inputs("llava", model)
+    unpadded = {name: value[1:, 1:] if value.dim() == 2 else value[1:] for name, value in padded.items()}
+    # (the longer prompt without its padding token): transformers passes no
+    assert unpadded["attention_mask"].all()  # mask in a static cache's prefill, only in its decode steps
     visattn.apply(model, "head_modulation", strategy="pai", alpha=ALPHA, decoder_layers=[0, 1])
     try:
-        generate(model, inputs, cache_implementation="static")
-        static = list(seen)
+        for inputs in (padded, unpadded):
+            seen.clear()
+            generate(model, inputs, cache_implementation="static")
+            static = list(seen)
+            assert len(static) == 5 and all(t is static[0] for t in static)  # the prefill, four decode steps: one
         seen.clear()
-        generate(model, inputs)
+        generate(model, padded)
     finally:
         visattn.remove(model)
-    assert len(static) == 5 and all(t is static[0] for t in static)  # the prefill and four decode steps: one tensor
     assert len({t.data_ptr() for t in seen}) == 5  # the default cache grows: a new tensor each step
 
 

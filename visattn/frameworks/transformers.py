@@ -399,6 +399,15 @@ def static_layers(cache: Any, method: str) -> list[Any] | None:
     return layers
 
 
+def static_slots(cache: Any) -> int | None:
+    """The key slots that attention layers read from a static KV cache (layer 0's capacity, allocated or not), or
+    ``None`` for any other cache: what a mask-less call's keys are with a static cache (without padding, transformers
+    leaves a static prefill's mask to SDPA's ``is_causal``)."""
+    if not getattr(cache, "is_compileable", False):
+        return None
+    return int(cache.layers[0].max_cache_len)
+
+
 def reserve(layers: Sequence[Any], tokens: int) -> None:
     """Give each of the static cache ``layers`` (:func:`static_layers`, not yet allocated) ``tokens`` fewer slots:
     prompt tokens that will never reach them."""

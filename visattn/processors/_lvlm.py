@@ -111,7 +111,8 @@ class ImageKeys:
         q = ids.shape[1]
         keys = attended_keys(call.attention_mask, past_len + q)
         now.real = keys[:, past_len:past_len + q] if keys is not None else torch.ones_like(ids, dtype=torch.bool)
-        width = past_len + q if keys is None else keys.shape[1]  # the key count of the attention layers
+        # the key count of the attention layers: the mask's, or without one (no padding) a static cache's slots
+        width = keys.shape[1] if keys is not None else tfa.static_slots(call.cache) or past_len + q
         now.image = (ids == self.token) & now.real
         now.fresh = past_len == 0
         if now.fresh:
