@@ -272,7 +272,8 @@ def test_vision_language_decode_step_compiles_like_the_stock_model(method: str, 
 
 
 STATIC_CASES = [("head_modulation", dict(strategy="pai", alpha=0.5, decoder_layers=[0, 1])),
-                ("head_modulation", dict(strategy="avisc", lamb=0.0)), ("visual_sink", SINKS)]
+                ("head_modulation", dict(strategy="avisc", lamb=0.0)), ("visual_sink", SINKS),
+                ("prune", dict(strategy="fastv", keep=0.5, layer=1)), ("prune", dict(strategy="cls", keep=0.5))]
 
 
 @pytest.mark.parametrize("method,options", STATIC_CASES, ids=[f"{m}-{o.get('strategy', '')}" for m, o in STATIC_CASES])
@@ -291,6 +292,45 @@ def test_vision_language_compiled_static_cache_generates_as_eager(method: str, o
             assert torch.equal(generate(model, batch, cache_implementation="static"), eager)
         finally:
             del model.forward
+    finally:
+        visattn.remove(model)
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("strategy", ["fastv", "cls"])
+def test_pruned_static_cache_decoding_compiles_as_transformers_does_once_and_whole(strategy: str) -> None:
+    """transformers' own compiled decoding (generate() with a static cache compiles the model's call, hooks
+    included; forced on the CPU with a counting backend): pruning compiles no more graphs than the stock model (no
+    host read in the decoder layers' hooks), a second generation compiles nothing new, and the tokens are the
+    dynamic cache's."""
+    from tiny_vlms import build, generate, vlm_inputs
+    from transformers import CompileConfig
+
+    model = build("llava", "sdpa")
+    batch = vlm_inputs("llava", model)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def count(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+        graphs.append(gm)
+        return gm.forward
+
+    config = CompileConfig(backend=count, mode=None)
+    config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+
+    def compiled() -> tuple[int, torch.Tensor]:
+        out = generate(model, batch, cache_implementation="static", compile_config=config)
+        return len(graphs), out
+
+    try:
+        compiled()
+        stock = len(graphs)
+        visattn.apply(model, "prune", strategy=strategy, keep=0.5, **({"layer": 1} if strategy == "fastv" else {}))
+        torch._dynamo.reset()
+        graphs.clear()
+        first, _ = compiled()
+        again, tokens = compiled()
+        assert 0 < first <= stock and again == first
+        assert torch.equal(tokens, generate(model, batch))
     finally:
         visattn.remove(model)
         torch._dynamo.reset()
