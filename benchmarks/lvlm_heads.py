@@ -45,11 +45,12 @@ METHODS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "visual_sink_torch": ("visual_sink", dict(p=0.6, tau=3.0), False),
     "pai_torch": ("head_modulation", dict(strategy="pai", alpha=0.2), False),
 }
-KERNEL_RUNS = reweighted_decode.runs
+KERNEL_REASON = reweighted_decode.unavailable_reason
 
 
 def use_kernel(on: bool) -> None:
-    reweighted_decode.runs = KERNEL_RUNS if on else (lambda q, mask: False)
+    """Let the decode kernel run where it can, or send every decode step to the PyTorch path."""
+    reweighted_decode.unavailable_reason = KERNEL_REASON if on else (lambda q, mask: "switched off by the benchmark")
 
 
 def check_kernel(config: LlavaConfig, device: str, dtype: torch.dtype) -> str | None:
@@ -63,8 +64,9 @@ def check_kernel(config: LlavaConfig, device: str, dtype: torch.dtype) -> str | 
     hooks = dict(probs_fn=lambda pr: redistribute(pr, sink[:, None, None], image[:, None, None], p=0.6, rho=0.5,
                                                   summ=0.2))
     try:
-        if not reweighted_decode.runs(q, None):
-            return "the kernel does not run here"
+        reason = reweighted_decode.unavailable_reason(q, None)
+        if reason is not None:
+            return f"the kernel does not run here: {reason}"
         classes = image.to(torch.int8) * 2 - sink.to(torch.int8)
         got = reweighted_decode.decode_row(q, k, v, None, classes, scale=d ** -0.5, mode="var", p=0.6, rho=0.5,
                                            summ=0.2).transpose(1, 2).float()
