@@ -297,13 +297,20 @@ def test_vision_language_compiled_static_cache_generates_as_eager(method: str, o
         torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("strategy", ["fastv", "cls"])
-def test_pruned_static_cache_decoding_compiles_as_transformers_does_once_and_whole(strategy: str) -> None:
+STATIC_DECODE_CASES = [("prune", dict(strategy="fastv", keep=0.5, layer=1)), ("prune", dict(strategy="cls", keep=0.5)),
+                       ("head_modulation", dict(strategy="pai", alpha=0.5, decoder_layers=[0, 1])),
+                       ("visual_sink", SINKS)]
+
+
+@pytest.mark.parametrize("method,options", STATIC_DECODE_CASES,
+                         ids=[f"{m}-{o.get('strategy', '')}" for m, o in STATIC_DECODE_CASES])
+def test_static_cache_decoding_compiles_in_transformers_own_path_without_breaks(method: str, options: dict) -> None:
     """transformers' own compiled decoding (generate() with a static cache compiles the model's call, hooks
-    included; forced on the CPU with a counting backend): pruning compiles no more graphs than the stock model (no
-    host read in the decoder layers' hooks), a second generation compiles nothing new, and the tokens are the
-    dynamic cache's."""
+    included; forced on the CPU with a counting backend): no graph break (no host read of the cache's length in any
+    hook; a break would split every decode step's CUDA graph), a second generation compiles nothing new, and the
+    tokens are the dynamic cache's."""
     from tiny_vlms import build, generate, vlm_inputs
+    from torch._dynamo.utils import counters
     from transformers import CompileConfig
 
     model = build("llava", "sdpa")
@@ -316,20 +323,15 @@ def test_pruned_static_cache_decoding_compiles_as_transformers_does_once_and_who
 
     config = CompileConfig(backend=count, mode=None)
     config._compile_all_devices = True  # transformers compiles on accelerators only unless told
-
-    def compiled() -> tuple[int, torch.Tensor]:
-        out = generate(model, batch, cache_implementation="static", compile_config=config)
-        return len(graphs), out
-
+    visattn.apply(model, method, **options)
     try:
-        compiled()
-        stock = len(graphs)
-        visattn.apply(model, "prune", strategy=strategy, keep=0.5, **({"layer": 1} if strategy == "fastv" else {}))
         torch._dynamo.reset()
-        graphs.clear()
-        first, _ = compiled()
-        again, tokens = compiled()
-        assert 0 < first <= stock and again == first
+        counters.clear()
+        generate(model, batch, cache_implementation="static", compile_config=config)
+        first = len(graphs)
+        tokens = generate(model, batch, cache_implementation="static", compile_config=config)
+        assert 0 < first == len(graphs)
+        assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
         assert torch.equal(tokens, generate(model, batch))
     finally:
         visattn.remove(model)

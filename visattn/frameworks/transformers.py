@@ -408,6 +408,18 @@ def static_slots(cache: Any) -> int | None:
     return int(cache.layers[0].max_cache_len)
 
 
+def held_tokens(cache: Any, counted: int) -> int:
+    """The tokens ``cache`` holds (0 for no cache), read on the host; but in a compiled forward on a static cache,
+    which keeps its count on the device (reading it would sync with the GPU and break the graph in every decode
+    step), ``counted``: the caller's own count of the tokens it saw written. transformers runs the prefill of a
+    static-cache generation eager, where the count is read."""
+    if cache is None:
+        return 0
+    if torch.compiler.is_compiling() and getattr(cache, "is_compileable", False):
+        return counted
+    return int(cache.get_seq_length())
+
+
 def reserve(layers: Sequence[Any], tokens: int) -> None:
     """Give each of the static cache ``layers`` (:func:`static_layers`, not yet allocated) ``tokens`` fewer slots:
     prompt tokens that will never reach them."""

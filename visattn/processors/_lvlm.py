@@ -94,7 +94,7 @@ class ImageKeys:
         self.token = image_token_id(model, method)
         self._forwards: PerThread[_Forward] = PerThread(_Forward)
         self._then = then
-        tfa.on_call(model, patcher, self._start)
+        tfa.on_call(model, patcher, self._start, past=False)
 
     def __getattr__(self, name: str) -> Any:  # the attributes of this thread's forward
         if name.startswith("_"):
@@ -107,7 +107,7 @@ class ImageKeys:
             raise ShapeError(f"{self.method}: pass input_ids (image positions are read from config.image_token_id "
                              f"= {self.token}); inputs_embeds alone do not show them")
         now = self._forwards.get()
-        past_len = call.past_length
+        past_len = tfa.held_tokens(call.cache, now.num_keys)
         q = ids.shape[1]
         keys = attended_keys(call.attention_mask, past_len + q)
         now.real = keys[:, past_len:past_len + q] if keys is not None else torch.ones_like(ids, dtype=torch.bool)
