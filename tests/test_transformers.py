@@ -232,19 +232,19 @@ def test_decoder_layers_and_on_call_read_every_generate_step(case: Case) -> None
     layers = tfa.decoder_layers(model)
     assert len(layers) == TEXT["num_hidden_layers"]
     patcher = Patcher()
-    calls: list[tfa.ModelCall] = []
-    tfa.on_call(model, patcher, calls.append)
+    calls: list[tuple[tfa.ModelCall, int]] = []
+    tfa.on_call(model, patcher, lambda call: calls.append((call, tfa.held_tokens(call.cache, -1))))
     try:
         _generate(model, case.inputs)
     finally:
         patcher.undo()
     assert len(calls) == 4  # prefill and 3 cached decode steps for 4 new tokens
     prompt = case.inputs["input_ids"].shape[1]
-    assert calls[0].prefill and calls[0].images and calls[0].past_length == 0
-    assert calls[0].input_ids.shape == (2, prompt)
-    for step, call in enumerate(calls[1:], 1):
-        assert not call.prefill and not call.images
-        assert call.past_length == prompt + step - 1  # the cache is read under either name
+    assert calls[0][0].images and calls[0][1] == 0
+    assert calls[0][0].input_ids.shape == (2, prompt)
+    for step, (call, held) in enumerate(calls[1:], 1):
+        assert not call.images
+        assert held == prompt + step - 1  # the cache is read under either name
         assert call.input_ids.shape == (2, 1)
         assert call.attention_mask.shape == (2, prompt + step)
     assert not model._forward_pre_hooks
@@ -258,7 +258,7 @@ def test_read_call_takes_the_cache_under_either_name_and_refuses_what_is_not_a_c
                                        use_cache=True))
     for name in tfa.CACHE_ARGUMENTS:
         call = tfa.read_call(model, (ids[:, :1],), {"attention_mask": mask, name: cache})
-        assert call.cache is cache and call.past_length == ids.shape[1] and not call.prefill
+        assert call.cache is cache and tfa.held_tokens(call.cache, -1) == ids.shape[1]
         assert call.keywords(cache=None)[name] is None
     assert tfa.read_call(model, (ids,), {}).keywords(cache=None)["cache"] is None
     with pytest.raises(visattn.UnsupportedModelError, match=r"transformers \d.*expected a transformers Cache"):

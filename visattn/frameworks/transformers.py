@@ -296,8 +296,6 @@ class ModelCall:
         arguments: every argument of the call by name (``**kwargs`` merged in), as given.
         input_ids, inputs_embeds, attention_mask, position_ids: as given (``None`` where not).
         cache: the KV cache, under whichever of :data:`CACHE_ARGUMENTS` it came (``None``: no cache given).
-        past_length: the tokens the cache already holds (0 without a cache); ``None`` when read with
-            ``past=False``.
         images: image features come with this call, as ``pixel_values`` computed inside the forward or as
             ``mm_encoder_outputs["image"]`` that ``generate()`` computed before it (transformers >= 5.23).
     """
@@ -308,15 +306,7 @@ class ModelCall:
     attention_mask: Tensor | None
     position_ids: Tensor | None
     cache: Any
-    past_length: int | None
     images: bool
-
-    @property
-    def prefill(self) -> bool:
-        """The call starts a sequence: no past tokens in its cache."""
-        if self.past_length is None:
-            raise RuntimeError("this ModelCall was read with past=False")
-        return self.past_length == 0
 
     def keywords(self, **changes: Any) -> dict[str, Any]:
         """The call's arguments as keywords, with ``changes`` applied; ``cache=...`` sets the cache under the
@@ -330,11 +320,11 @@ class ModelCall:
         return given
 
 
-def read_call(module: nn.Module, args: tuple, kwargs: dict[str, Any], past: bool = True) -> ModelCall:
+def read_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> ModelCall:
     """The :class:`ModelCall` of ``module(*args, **kwargs)``; raises an :class:`UnsupportedModelError` naming the
-    transformers version when the call does not fit ``module``'s forward or its cache is not a ``Cache``.
-    ``past=False`` leaves ``past_length`` unread: a static cache keeps its length on the device, so reading it syncs
-    with the GPU and breaks a compiled graph, which hooks of every decoder layer must not do."""
+    transformers version when the call does not fit ``module``'s forward or its cache is not a ``Cache``. It reads
+    nothing on the host (the tokens the cache holds: :func:`held_tokens`), so hooks of every decoder layer can call
+    it in compiled decoding."""
     positional, keyword, any_keyword = _parameters(type(module))
     bound = dict(zip(positional, args))
     wrong = ([f"{len(args)} positional arguments for {len(positional)}"] if len(args) > len(positional) else []) + [
@@ -352,10 +342,8 @@ def read_call(module: nn.Module, args: tuple, kwargs: dict[str, Any], past: bool
             f"{type(cache).__name__}; expected a transformers Cache (DynamicCache, StaticCache...) as "
             f"{' or '.join(CACHE_ARGUMENTS)}")
     encoded = bound.get("mm_encoder_outputs") or {}
-    length = 0 if cache is None else int(cache.get_seq_length()) if past else None
     return ModelCall(arguments=bound, input_ids=bound.get("input_ids"), inputs_embeds=bound.get("inputs_embeds"),
                      attention_mask=bound.get("attention_mask"), position_ids=bound.get("position_ids"), cache=cache,
-                     past_length=length,
                      images=bound.get("pixel_values") is not None or encoded.get("image") is not None)
 
 
@@ -441,24 +429,22 @@ def check_calling_convention(module: nn.Module) -> None:
             f"({' or '.join(CACHE_ARGUMENTS)})")
 
 
-def on_call(module: nn.Module, patcher: Patcher, fn: Callable[[ModelCall], dict[str, Any] | None],
-            past: bool = True) -> None:
-    """Run ``fn(read_call(..., past=past))`` before every forward of ``module`` (``generate()``'s steps included);
-    when ``fn`` returns a dict, the forward is called with it as its keyword arguments instead. Undone by
-    ``patcher``. Hooks of decoder layers pass ``past=False`` (see :func:`read_call`)."""
+def on_call(module: nn.Module, patcher: Patcher, fn: Callable[[ModelCall], dict[str, Any] | None]) -> None:
+    """Run ``fn(read_call(...))`` before every forward of ``module`` (``generate()``'s steps included); when
+    ``fn`` returns a dict, the forward is called with it as its keyword arguments instead. Undone by ``patcher``."""
 
     def pre(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
-        changed = fn(read_call(module, args, kwargs, past))
+        changed = fn(read_call(module, args, kwargs))
         return None if changed is None else ((), changed)
 
     patcher.add_hook(module.register_forward_pre_hook(pre, with_kwargs=True))
 
 
 def after_call(module: nn.Module, patcher: Patcher, fn: Callable[[ModelCall, Any], Any]) -> None:
-    """Run ``fn(read_call(..., past=False), output)`` after every forward of ``module`` (the cache has grown by
-    then); what ``fn`` returns, unless ``None``, is the forward's output instead. Undone by ``patcher``."""
+    """Run ``fn(read_call(...), output)`` after every forward of ``module``; what ``fn`` returns, unless ``None``,
+    is the forward's output instead. Undone by ``patcher``."""
 
     def post(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        return fn(read_call(module, args, kwargs, past=False), output)
+        return fn(read_call(module, args, kwargs), output)
 
     patcher.add_hook(module.register_forward_hook(post, with_kwargs=True))

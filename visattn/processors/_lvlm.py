@@ -94,7 +94,7 @@ class ImageKeys:
         self.token = image_token_id(model, method)
         self._forwards: PerThread[_Forward] = PerThread(_Forward)
         self._then = then
-        tfa.on_call(model, patcher, self._start, past=False)
+        tfa.on_call(model, patcher, self._start)
 
     def __getattr__(self, name: str) -> Any:  # the attributes of this thread's forward
         if name.startswith("_"):

@@ -495,7 +495,7 @@ def _avisc(model: nn.Module, patcher: Patcher, handle: HeadModulationHandle, alp
 
     keys = ImageKeys(model, patcher, "head_modulation", then=empty_cache)
     tfa.after_call(model, patcher, contrast)
-    tfa.on_call(model.get_decoder(), patcher, blind_inputs, past=False)
+    tfa.on_call(model.get_decoder(), patcher, blind_inputs)
 
     def make_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:
         def route(call: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,

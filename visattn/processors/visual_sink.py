@@ -126,7 +126,7 @@ class VisualSink(Method):
             return hook
 
         for i in chosen:
-            tfa.on_call(decoder[i], patcher, detect(language[i]), past=False)
+            tfa.on_call(decoder[i], patcher, detect(language[i]))
 
         def make_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:
             def route(call: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,

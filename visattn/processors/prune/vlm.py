@@ -647,11 +647,11 @@ def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> PruneV
 
         return route
 
-    tfa.on_call(model, patcher, pruner.start, past=False)
+    tfa.on_call(model, patcher, pruner.start)
     if keep < 1.0:
         if chosen.routes:
             tfa.route_attention(model, patcher, sorted(chosen.routes), make_route)
-        tfa.on_call(model.get_decoder(), patcher, pruner.language_model_inputs, past=False)
+        tfa.on_call(model.get_decoder(), patcher, pruner.language_model_inputs)
         layers = tfa.decoder_layers(model)
         for index in range(layer if strategy not in INPUT_STRATEGIES else len(layers), len(layers)):
             def layer_inputs(call: tfa.ModelCall, index: int = index) -> dict[str, Any]:
@@ -659,7 +659,7 @@ def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> PruneV
                 hidden = pruner.decoder_layer_inputs(index, kwargs.pop("hidden_states"), kwargs)
                 return {"hidden_states": hidden, **kwargs}
 
-            tfa.on_call(layers[index], patcher, layer_inputs, past=False)
+            tfa.on_call(layers[index], patcher, layer_inputs)
         if chosen.transition_after is not None:
             def transition(call: tfa.ModelCall, output: Any) -> None:
                 gen = pruner.generations.get()
