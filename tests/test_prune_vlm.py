@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_vlms import BUILDERS, IMAGE, PAD, build, llava, vlm_inputs
+from tiny_vlms import BUILDERS, IMAGE, PAD, build, fresh_static_cache, llava, vlm_inputs
 
 import visattn
 from visattn.frameworks import transformers as tfa
@@ -35,6 +35,7 @@ def case(request: pytest.FixtureRequest) -> tuple[str, dict[str, torch.nn.Module
 
 
 def _run(model: torch.nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+    fresh_static_cache(model)
     with torch.no_grad():
         if kwargs:
             return model.generate(**inputs, **kwargs, do_sample=False, return_dict_in_generate=True,

@@ -185,8 +185,16 @@ def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
         return model(**batch).logits
 
 
+def fresh_static_cache(model: torch.nn.Module) -> None:
+    """Let the next generate(cache_implementation="static") make a new static cache: older transformers releases
+    (5.6 among them) reuse the previous call's, reset but allocated, which prune refuses (it sizes each layer
+    before the prefill allocates it)."""
+    model.__dict__.pop("_cache", None)
+
+
 def generate(model: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
     """Five greedy tokens, never an image/vision marker token (the tiny models would emit them)."""
+    fresh_static_cache(model)
     with torch.no_grad():
         return model.generate(**batch, max_new_tokens=5, do_sample=False, suppress_tokens=[IMAGE, VIDEO, START, END],
                               **kwargs)

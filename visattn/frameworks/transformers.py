@@ -383,7 +383,9 @@ def static_layers(cache: Any, method: str) -> list[Any] | None:
         raise UnsupportedModelError(
             f"{method} gives each layer of a static KV cache a length of its own before the prefill allocates it, "
             f"and this {type(cache).__name__} was allocated already (early_initialization(), or reused after "
-            f"reset()); let generate(cache_implementation=\"static\") make the cache, or pass a fresh StaticCache")
+            f"reset(), as generate() of transformers {_transformers_version()} may do from its second call on); "
+            f"pass a fresh StaticCache, or let generate(cache_implementation=\"static\") make one (a release that "
+            f"makes one per call, such as 5.25, or del model._cache before the call)")
     return layers
 
 
