@@ -307,8 +307,9 @@ STATIC_DECODE_CASES = [("prune", dict(strategy="fastv", keep=0.5, layer=1)), ("p
 def test_static_cache_decoding_compiles_in_transformers_own_path_without_breaks(method: str, options: dict) -> None:
     """transformers' own compiled decoding (generate() with a static cache compiles the model's call, hooks
     included; forced on the CPU with a counting backend): no graph break (no host read of the cache's length in any
-    hook; a break would split every decode step's CUDA graph), a second generation compiles nothing new, and the
-    tokens are the dynamic cache's."""
+    hook; a break would split every decode step's CUDA graph), no recompilation from step to step and no int among a
+    graph's inputs (a count that grows would give every step a graph of its own, or as a symbolic int a CUDA graph
+    recorded anew), a second generation compiles nothing new, and the tokens are the dynamic cache's."""
     from tiny_vlms import build, generate, vlm_inputs
     from torch._dynamo.utils import counters
     from transformers import CompileConfig
@@ -319,6 +320,7 @@ def test_static_cache_decoding_compiles_in_transformers_own_path_without_breaks(
 
     def count(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
         graphs.append(gm)
+        assert all(isinstance(x, torch.Tensor) for x in example_inputs), example_inputs
         return gm.forward
 
     config = CompileConfig(backend=count, mode=None)
@@ -327,9 +329,10 @@ def test_static_cache_decoding_compiles_in_transformers_own_path_without_breaks(
     try:
         torch._dynamo.reset()
         counters.clear()
-        generate(model, batch, cache_implementation="static", compile_config=config)
-        first = len(graphs)
-        tokens = generate(model, batch, cache_implementation="static", compile_config=config)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            generate(model, batch, cache_implementation="static", compile_config=config)
+            first = len(graphs)
+            tokens = generate(model, batch, cache_implementation="static", compile_config=config)
         assert 0 < first == len(graphs)
         assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
         assert torch.equal(tokens, generate(model, batch))

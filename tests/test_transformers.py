@@ -233,7 +233,7 @@ def test_decoder_layers_and_on_call_read_every_generate_step(case: Case) -> None
     assert len(layers) == TEXT["num_hidden_layers"]
     patcher = Patcher()
     calls: list[tuple[tfa.ModelCall, int]] = []
-    tfa.on_call(model, patcher, lambda call: calls.append((call, tfa.held_tokens(call.cache, -1))))
+    tfa.on_call(model, patcher, lambda call: calls.append((call, tfa.held_tokens(call.cache))))
     try:
         _generate(model, case.inputs)
     finally:
@@ -258,7 +258,7 @@ def test_read_call_takes_the_cache_under_either_name_and_refuses_what_is_not_a_c
                                        use_cache=True))
     for name in tfa.CACHE_ARGUMENTS:
         call = tfa.read_call(model, (ids[:, :1],), {"attention_mask": mask, name: cache})
-        assert call.cache is cache and tfa.held_tokens(call.cache, -1) == ids.shape[1]
+        assert call.cache is cache and tfa.held_tokens(call.cache) == ids.shape[1]
         assert call.keywords(cache=None)[name] is None
     assert tfa.read_call(model, (ids,), {}).keywords(cache=None)["cache"] is None
     with pytest.raises(visattn.UnsupportedModelError, match=r"transformers \d.*expected a transformers Cache"):

@@ -398,16 +398,17 @@ def static_slots(cache: Any) -> int | None:
     return int(cache.layers[0].max_cache_len)
 
 
-def held_tokens(cache: Any, counted: int) -> int:
-    """The tokens ``cache`` holds (0 for no cache), read on the host; but in a compiled forward on a static cache,
-    which keeps its count on the device (reading it would sync with the GPU and break the graph in every decode
-    step), ``counted``: the caller's own count of the tokens it saw written. transformers runs the prefill of a
-    static-cache generation eager, where the count is read."""
+def held_tokens(cache: Any) -> int | Tensor:
+    """The tokens ``cache`` holds (0 for no cache), read on the host; but in a compiled forward on a static cache
+    that has been written, the cache's own count on the device (a 0-dim tensor): reading it on the host would sync
+    with the GPU and break the graph in every decode step, and a host count that grows would recompile the step, or,
+    as a symbolic int, record a new CUDA graph for every step. Index with it (``held + arange(q)``); a compiled
+    forward is the first on its cache when this gives the int 0 (its layers are not allocated yet: transformers
+    runs a static-cache generation's prefill eager, on a fresh cache)."""
     if cache is None:
         return 0
-    if torch.compiler.is_compiling() and getattr(cache, "is_compileable", False):
-        return counted
-    return int(cache.get_seq_length())
+    held = cache.get_seq_length()
+    return held if torch.compiler.is_compiling() and isinstance(held, Tensor) else int(held)
 
 
 def reserve(layers: Sequence[Any], tokens: int) -> None:

@@ -68,7 +68,7 @@ class _Forward:
 
     def __init__(self) -> None:
         self.columns: Tensor | None = None
-        self.num_keys = 0
+        self.num_keys: int | None = 0  # None after compiled decode steps, which count on the device
         self.memo: dict[str, Any] = {}
 
 
@@ -107,14 +107,15 @@ class ImageKeys:
             raise ShapeError(f"{self.method}: pass input_ids (image positions are read from config.image_token_id "
                              f"= {self.token}); inputs_embeds alone do not show them")
         now = self._forwards.get()
-        past_len = tfa.held_tokens(call.cache, now.num_keys)
+        held = tfa.held_tokens(call.cache)  # a device count in compiled decode steps on a static cache
         q = ids.shape[1]
-        keys = attended_keys(call.attention_mask, past_len + q)
-        now.real = keys[:, past_len:past_len + q] if keys is not None else torch.ones_like(ids, dtype=torch.bool)
+        rows = slice(held, held + q) if isinstance(held, int) else held + torch.arange(q, device=ids.device)
+        keys = attended_keys(call.attention_mask, held + q if isinstance(held, int) else q)
+        now.real = keys[:, rows] if keys is not None else torch.ones_like(ids, dtype=torch.bool)
         # the key count of the attention layers: the mask's, or without one (no padding) a static cache's slots
-        width = keys.shape[1] if keys is not None else tfa.static_slots(call.cache) or past_len + q
+        width = keys.shape[1] if keys is not None else tfa.static_slots(call.cache) or held + q
         now.image = (ids == self.token) & now.real
-        now.fresh = past_len == 0
+        now.fresh = isinstance(held, int) and held == 0
         if now.fresh:
             if not torch.compiler.is_compiling() and not bool(now.image.any()):
                 raise ShapeError(f"{self.method}: the input has no image tokens (config.image_token_id = "
@@ -125,17 +126,18 @@ class ImageKeys:
             now.first_real = now.real.int().argmax(1)
             now.after_image = now.image.cumsum(1) > 0
         else:
-            if now.columns is None or past_len != now.num_keys:
-                raise ShapeError(f"{self.method}: this forward continues a KV cache of {past_len} tokens that the "
+            if now.columns is None or (isinstance(held, int) and now.num_keys is not None and held != now.num_keys):
+                raise ShapeError(f"{self.method}: this forward continues a KV cache of {held} tokens that the "
                                  f"method did not see being built; start from a forward without past_key_values")
             seen = now.columns.any(1, keepdim=True)
             now.after_image = seen | (now.image.cumsum(1) > 0)
             if now.columns.shape[1] == width:  # a static cache: written in place (see the class docstring)
-                now.columns[:, past_len:past_len + q] = now.image
+                now.columns[:, rows] = now.image
             else:
-                now.columns = torch.cat([now.columns[:, :past_len], now.image], 1)
+                now.columns = torch.cat([now.columns[:, :held], now.image], 1)
                 now.columns = F.pad(now.columns, (0, width - now.columns.shape[1]))
-        now.num_keys = past_len + q
+        # compiled decode steps count on the device only (see held_tokens): unknown here from then on
+        now.num_keys = held + q if isinstance(held, int) else None
         now.memo = {}
         if self._then is not None:
             self._then(call)

@@ -463,7 +463,9 @@ def _avisc(model: nn.Module, patcher: Patcher, handle: HeadModulationHandle, alp
             prompt = keys.image.shape[1]
             measured.blind = blind_tokens(attention[..., :prompt], keys.columns[:, :prompt], layer_gamma, lamb)
         cache = measured.blind_cache
-        if not keys.fresh and (cache is None or cache.get_seq_length() != keys.num_keys - keys.image.shape[1]):
+        # (after compiled decode steps on a static cache, which count on the device, num_keys is None)
+        if not keys.fresh and (cache is None or keys.num_keys is not None
+                               and cache.get_seq_length() != keys.num_keys - keys.image.shape[1]):
             raise ShapeError("head_modulation: strategy 'avisc' continues the blind model's KV cache beside the "
                              "model's, and this forward continues a cache the blind model did not build; start "
                              "from a forward without past_key_values (with use_cache)")

@@ -212,8 +212,9 @@ class Generation:
 
     def __init__(self) -> None:
         self.prefill = False
-        self.past_length = 0  # the tokens the KV cache (its layer 0) held when this forward started
-        self.held = 0  # ... and after the last forward
+        #: the tokens the KV cache (its layer 0) held when this forward started (in compiled decode steps on a static
+        #: cache, its count on the device: :func:`~visattn.frameworks.transformers.held_tokens`)
+        self.past_length: int | Tensor = 0
         self.visual: Tensor | None = None  # [B, N] candidates in the current sequence (prefill)
         self.counts: list[int] = []  # candidates per sample in the current sequence (prefill)
         self.instruction = 1  # the rows of text after the last image token of every sample (at least 1)
@@ -259,15 +260,13 @@ class VlmPruner:
 
     def start(self, call: tfa.ModelCall) -> None:
         gen = self.generations.get()
-        gen.past_length = tfa.held_tokens(call.cache, gen.held)
-        gen.prefill = gen.past_length == 0
+        gen.past_length = tfa.held_tokens(call.cache)
+        gen.prefill = isinstance(gen.past_length, int) and gen.past_length == 0
         gen.current, gen.decode_masks, gen.captured = None, {}, {}
         if not gen.prefill:
             if not gen.prompt_length:
                 raise ShapeError("prune: a forward with a filled KV cache must follow a prefill of the pruned "
                                  "model (generate() does this)")
-            tokens = call.input_ids if call.input_ids is not None else call.inputs_embeds
-            gen.held = gen.past_length + (0 if tokens is None else tokens.shape[1])
             return
         input_ids, attention_mask = call.input_ids, call.attention_mask
         if input_ids is None:
@@ -302,7 +301,6 @@ class VlmPruner:
         gen.visual, gen.counts, gen.instruction, gen.columns, gen.kept = visual, counts, max(min(after), 1), {}, {}
         gen.static = static
         gen.input_kept, gen.prompt_length = None, input_ids.shape[1]
-        gen.held = n  # (the input stage, if any, keeps fewer)
 
     # -- stage at the language model's input ---------------------------------------------------------
 
@@ -338,7 +336,7 @@ class VlmPruner:
                     tfa.reserve(gen.static, selection.dropped)
                 gen.select(selection)
                 gen.input_kept = gen.kept[0] = selection.kept
-            gen.input_length = gen.held = kwargs["inputs_embeds"].shape[1]
+            gen.input_length = kwargs["inputs_embeds"].shape[1]
         elif gen.input_kept is not None:
             if isinstance(mask, Tensor) and mask.dim() == 2:  # (generate() sizes 4-D masks for the cache's slots)
                 prompt = _gather_seq(mask[:, :gen.prompt_length], gen.input_kept, 1)
