@@ -7,14 +7,15 @@ layers, hidden 4096, ffn 11008, 32 heads; 576 image tokens per 336px image, ``im
 
 - prefill (one forward as ``generate()`` runs it: the vision tower, the projector, the language model
   and the last position's logits) of the stock model, of ``prune`` with each of ``--strategies``
-  (``fastv``, ``transprune`` and ``plphp`` at K=2, ``star`` at its default L/2, ``cls``), and of the
+  (``fastv``, ``transprune`` and ``plphp`` at K=2, ``star`` and ``vflowopt`` at their default L/2, ``cls``,
+  ``zo``), and of the
   bound: the same model fed only ``kept`` visual tokens per image (vision tower and projector on the
   whole image, then the language model on the short sequence). Times are medians over interleaved
   repetitions (stock, methods and bound in turn), CUDA events around each call. A strategy that keeps
   every token in its first layers cannot reach that all-layer bound; its own bound is estimated from
   the measured times (``own_bound_ms``): layers before K at the stock cost, the rest at the bound's
-  (``bound + K/L (stock - bound)``; ``star``: the input stage at the bound of ``sqrt(keep)`` tokens,
-  measured as ``bound_star_input``, for its first L/2 layers; ``plphp`` prunes the cache after an
+  (``bound + K/L (stock - bound)``; ``star`` and ``vflowopt``: the input stage at the bound of ``sqrt(keep)``
+  tokens, measured as ``bound_star_input``, for their first L/2 layers; ``plphp`` prunes the cache after an
   unpruned prefill, so its bound is the stock prefill).
 - settings (``--settings BATCHxIMAGESxKEPT``): batch 16 with one image each, keeping 64/576 and
   128/576; batch 1 with five images (2880 visual tokens, LLaVA-NeXT-sized), keeping 320/2880. Every
@@ -48,7 +49,9 @@ from benchmarks.timing import median_ms
 from visattn.frameworks.transformers import output_cache
 
 IMAGE_TOKEN = 32000
-STRATEGIES = ("cls", "fastv", "star", "transprune", "plphp")
+STRATEGIES = ("cls", "fastv", "star", "transprune", "plphp", "zo", "vflowopt")
+#: strategies whose input stage keeps sqrt(keep) and whose stage at L // 2 the rest
+HALVES = ("star", "vflowopt")
 #: the decoder layer K of the strategies that drop tokens inside the language model (star: L // 2)
 LAYER = {"fastv": 2, "transprune": 2, "plphp": 2}
 
@@ -149,7 +152,7 @@ def own_bound(strategy: str, ms: dict[str, float], layers: int) -> float:
     """The strategy's own bound (see the module docstring), from the measured stock and bound times."""
     if strategy == "plphp":
         return ms["stock"]
-    if strategy == "star":
+    if strategy in HALVES:
         return (ms["bound_star_input"] + ms["bound"]) / 2
     k = LAYER.get(strategy, 0)
     return ms["bound"] + k / layers * (ms["stock"] - ms["bound"])
@@ -195,7 +198,7 @@ def main() -> None:
         for strategy in args.strategies:
             variants[strategy] = (strategy_options(strategy, keep), prefill(model, x))
         variants["bound"] = (None, bound(model, x, kept, args.text, images))
-        if "star" in args.strategies:
+        if set(HALVES) & set(args.strategies):
             variants["bound_star_input"] = (None, bound(model, x, math.ceil(math.sqrt(keep) * per_image), args.text,
                                                         images))
         ms = compare(model, variants, args.iters, device)

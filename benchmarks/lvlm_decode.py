@@ -42,7 +42,7 @@ import torch
 import transformers
 
 import visattn
-from benchmarks.lvlm import build, inputs, own_bound, strategy_options
+from benchmarks.lvlm import HALVES, build, inputs, own_bound, strategy_options
 from benchmarks.timing import generate_seconds
 
 #: name -> (method, options); ``stock`` applies nothing. Prune's options come from
@@ -56,7 +56,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "imbalance": ("head_modulation", dict(strategy="imbalance")),
     "avisc": ("head_modulation", dict(strategy="avisc")),
     **{strategy: ("prune", dict(strategy=strategy)) for strategy in ("cls", "fastv", "transprune", "star", "plphp",
-                                                                      "zo")},
+                                                                      "zo", "vflowopt")},
 }
 
 
@@ -135,7 +135,9 @@ def main() -> None:
             if stock and "decode_tokens_per_s" in row:
                 row["speedup"] = row["decode_tokens_per_s"] / stock
                 row["overhead"] = stock / row["decode_tokens_per_s"] - 1
-            if name in pruned and "decode_ms_per_step" in row and "decode_ms_per_step" in rows.get("bound", {}):
+            # (star's and vflowopt's own bound needs the bound of their input stage's tokens, not measured here)
+            if (name in pruned and name not in HALVES and "decode_ms_per_step" in row
+                    and "decode_ms_per_step" in rows.get("bound", {})):
                 steps = {"stock": rows["stock"]["decode_ms_per_step"], "bound": rows["bound"]["decode_ms_per_step"]}
                 row["own_bound_ms_per_step"] = own_bound(name, steps, model.config.text_config.num_hidden_layers)
                 row["of_own_bound"] = row["own_bound_ms_per_step"] / row["decode_ms_per_step"]

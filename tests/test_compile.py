@@ -178,6 +178,7 @@ VLM_CASES = [
       for f in ("llava", "qwen2_vl") for s in ("fastv", "transprune")],
     ("llava", "prune", dict(strategy="cls"), 1, COUNTS),
     ("llava", "prune", dict(strategy="zo"), 1, COUNTS),
+    ("llava", "prune", dict(strategy="vflowopt", layer=1, keep=0.25, entropy=0.5), 1, COUNTS),
     ("llava", "prune", dict(strategy="star", layer=1, keep=0.25), 1, COUNTS),
     ("llava_next", "prune", dict(strategy="fastv", layer=1), 1, COUNTS),
     ("qwen2_5_vl", "prune", dict(strategy="fastv", layer=1), 1, COUNTS),

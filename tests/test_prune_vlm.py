@@ -122,7 +122,7 @@ def test_keep_one_is_bit_identical_in_forward_and_generate(case: tuple) -> None:
     family, models, inputs = case
     model = models["sdpa"]
     # every strategy the family takes (cls and star need LLaVA's [CLS] token)
-    strategies = ["fastv", "plphp", "transprune"] + (["star", "cls", "zo"] if family == "llava" else [])
+    strategies = ["fastv", "plphp", "transprune"] + (["star", "cls", "zo", "vflowopt"] if family == "llava" else [])
     def static(model: torch.nn.Module) -> Any:
         return _run(model, inputs, max_new_tokens=NEW_TOKENS, cache_implementation="static")
 
@@ -289,6 +289,86 @@ def test_zo_keeps_sensitive_and_diverse_tokens_and_equals_masking() -> None:
     _check_input_stage(model, inputs, expected, strategy="zo", keep=0.375, directions=6, step=0.05, seed=3)
 
 
+def test_vflowopt_recycles_what_it_prunes_per_image_and_ranks_by_global_tokens_and_entropy() -> None:
+    """VFlowOpt against loops written from the paper: relevance from transformers' own vision attentions (the mean row
+    of the tokens receiving more than threshold times the mean), patch entropy from the pixels, the recycled token of
+    each image (one cell of 2 x 2 patches) the importance-weighted mean of its pruned tokens at the most important
+    one's place; then, before layer 1, the kept tokens ranked by the same importance."""
+    models = {impl: build("llava", impl) for impl in ("sdpa", "eager")}
+    models["eager"].load_state_dict(models["sdpa"].state_dict())
+    model = models["sdpa"]
+    image = [IMAGE] * 4  # two images per prompt: eight image tokens each, four per image
+    ids = torch.tensor([[5, 6, *image, 7, *image, 8, 9], [PAD, 5, *image, 7, *image, 8, 9]])
+    pixels = torch.randn(4, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    inputs = dict(input_ids=ids, attention_mask=(ids != PAD).long(), pixel_values=pixels)
+    with torch.no_grad():
+        attention = models["eager"].model.vision_tower(pixels, output_attentions=True).attentions[0].mean(1)
+    importance = []
+    for i in range(4):
+        received = attention[i].mean(0)
+        glob = (received > 1.0 * received.mean()).nonzero()[:, 0]
+        relevance = attention[i][glob].mean(0)[1:]  # without the [CLS] column
+        grey = pixels[i].mean(0)
+        levels = ((grey - grey.min()) / (grey.max() - grey.min()) * 255).round().long()
+        entropy = []
+        for r in range(2):
+            for c in range(2):
+                p = torch.bincount(levels[14 * r:14 * r + 14, 14 * c:14 * c + 14].flatten(), minlength=256) / 196
+                entropy.append(float(-(p[p > 0] * p[p > 0].log2()).sum()))
+        importance.append(relevance + 0.5 * torch.tensor(entropy).softmax(0))
+    seen: dict[str, torch.Tensor] = {}
+    decoder = model.get_decoder()
+    before = decoder.register_forward_pre_hook(lambda m, a, kw: seen.update(x=kw["inputs_embeds"]),
+                                               with_kwargs=True)
+    handle = visattn.apply(model, "prune", strategy="vflowopt", keep=0.25, cell=2, threshold=1.0, entropy=0.5)
+    after = decoder.register_forward_pre_hook(lambda m, a, kw: seen.update(y=kw["inputs_embeds"]),
+                                              with_kwargs=True)
+    try:
+        _run(model, inputs)
+    finally:
+        before.remove(), after.remove()
+        visattn.remove(model)
+    visual = (ids == IMAGE) & inputs["attention_mask"].bool()
+    kept, recycled, ranked = [], [], []
+    for b in range(2):
+        score = torch.cat(importance[2 * b:2 * b + 2])
+        positions = visual[b].nonzero()[:, 0]
+        order = score.argsort(descending=True).tolist()
+        plain, rest = order[:2], order[2:]  # sqrt(0.25) of 8 = 4 kept: 2 plainly, then one per image
+        leaders = [next(t for t in rest if t // 4 == image) for image in range(2)]
+        x = seen["x"][b].clone()
+        for leader in leaders:
+            group = [t for t in rest if t // 4 == leader // 4]
+            w = score[group]
+            x[positions[leader]] = (w[:, None] * seen["x"][b, positions[group]]).sum(0) / w.sum()
+        row = ~visual[b]
+        row[positions[plain + leaders]] = True
+        kept.append(row.nonzero()[:, 0])
+        recycled.append(x[kept[-1]])
+        # before layer 1: sqrt(0.25) of the 4 = 2 kept, by importance (a recycled token by its leader's)
+        mine = sorted(plain + leaders, key=lambda t: -score[t])[:2]
+        row = ~visual[b]
+        row[positions[mine]] = True
+        ranked.append(row.nonzero()[:, 0])
+    assert torch.equal(handle.kept[0], torch.stack(kept))
+    torch.testing.assert_close(seen["y"], torch.stack(recycled), atol=1e-6, rtol=0)
+    assert torch.equal(handle.kept[1], torch.stack(ranked))
+
+
+def test_recycled_selection_keeps_the_budget_when_a_cell_has_nothing_left() -> None:
+    from visattn.core.importance import recycled_selection
+
+    scores = torch.tensor([[0.0, 9.0, 8.0, 1.0, 2.0, 3.0, 0.0]])  # a text token, then six image tokens
+    candidates = torch.tensor([[False, True, True, True, True, True, True]])
+    cells = torch.tensor([[0, 0, 0, 1, 1, 2, 2]])  # three cells of two image tokens
+    kept, target = recycled_selection(scores, candidates, cells, dropped=2)
+    # 4 kept: 1 plainly (9.0); cell 0's other token (8.0) leads it alone; cells 1 and 2 lead with 2.0 and 3.0; no fill
+    assert kept.tolist() == [[0, 1, 2, 4, 5]] and target.tolist() == [[-1, -1, 2, 4, 4, 5, 5]]
+    kept, target = recycled_selection(scores, candidates, cells, dropped=1)
+    # 5 kept: 2 plainly (9.0, 8.0), so cell 0 has nothing left: the best remaining non-leader (1.0) is kept as is
+    assert kept.tolist() == [[0, 1, 2, 3, 4, 5]] and target.tolist() == [[-1, -1, -1, -1, 4, 5, 5]]
+
+
 def test_diverse_ranks_trade_sensitivity_for_distance() -> None:
     from visattn.core.importance import diverse_ranks
 
@@ -363,6 +443,18 @@ def test_errors() -> None:
         visattn.apply(model, "prune", strategy="zo", layer=1)
     with pytest.raises(visattn.OptionError, match="directions must be an int >= 1"):
         visattn.apply(model, "prune", strategy="zo", directions=0)
+    with pytest.raises(visattn.UnsupportedModelError, match="'vflowopt' reads each image token's patch.*"
+                                                            "Qwen2VLForConditionalGeneration's image tokens are not"):
+        visattn.apply(BUILDERS["qwen2_vl"]("sdpa"), "prune", strategy="vflowopt", layer=1)
+    with pytest.raises(visattn.OptionError, match=r"ceil\(sqrt\(keep\) \* 4\) = 2 tokens of each image at the "
+                                                  r"input, fewer than its 4 recycled tokens"):
+        visattn.apply(model, "prune", strategy="vflowopt", keep=0.25, cell=1)
+    with pytest.raises(visattn.OptionError, match="strategy 'cls' does not use threshold"):
+        visattn.apply(model, "prune", strategy="cls", threshold=2.0)
+    full = llava("sdpa").eval()
+    full.config.vision_feature_select_strategy = "full"
+    with pytest.raises(visattn.UnsupportedModelError, match="passes the \\[CLS\\] feature too"):
+        visattn.apply(full, "prune", strategy="vflowopt")
     with pytest.raises(visattn.OptionError, match="strategy 'fastv' does not use step"):
         visattn.apply(model, "prune", strategy="fastv", layer=1, step=0.1)
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -416,7 +508,7 @@ def test_a_static_cache_holds_the_kept_tokens_and_decodes_as_the_dynamic_one(cas
     stock = _run(model, inputs, max_new_tokens=NEW_TOKENS, cache_implementation="static").past_key_values
     capacity = stock.layers[0].max_cache_len
     assert capacity >= prompt + NEW_TOKENS - 1
-    for strategy in ["fastv", "transprune"] + (["star", "cls", "zo"] if family == "llava" else []):
+    for strategy in ["fastv", "transprune"] + (["star", "cls", "zo", "vflowopt"] if family == "llava" else []):
         at_input = strategy in ("cls", "zo")
         handle = visattn.apply(model, "prune", strategy=strategy, keep=0.5, **({} if at_input else {"layer": 1}))
         try:

@@ -227,6 +227,7 @@ VLM_CASES = [("prune", dict(strategy="fastv", keep=0.5, layer=1), lambda h: h.ke
              ("prune", dict(strategy="cls", keep=0.5), lambda h: h.kept),
              ("prune", dict(strategy="plphp", keep=0.5, layer=1), lambda h: h.kept),
              ("prune", dict(strategy="zo", keep=0.5), lambda h: h.kept),
+             ("prune", dict(strategy="vflowopt", keep=0.5, entropy=0.5), lambda h: h.kept),
              ("visual_sink", dict(tau=0.5, rho=1.0), lambda h: h.sink_tokens),
              ("head_modulation", dict(strategy="vhr", alpha=0.5), lambda h: (h.vhd, h.head_gains)),
              ("head_modulation", dict(strategy="pai", alpha=0.5, decoder_layers=(0, 1)), lambda h: None),

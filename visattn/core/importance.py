@@ -27,6 +27,15 @@ Every score is a ``[B, N]`` float32 tensor over the current sequence; pruning ke
   greedily for sensitivity and diversity together, the first the most sensitive, each next the one of largest
   ``w_i * min_{k kept} (1 - cos(p_i, p_k))`` with ``w`` the min-max normalised sensitivity and ``p`` the
   projected features (:func:`diverse_ranks`, the paper's sensitivity-aware diverse selection).
+- **VFlowOpt** (Yang et al., 2025, "VFlowOpt: A Token Pruning Framework for LMMs with Visual Information
+  Flow-Guided Optimization"): an image token's importance is its context relevance, the attention the vision
+  tower's *global* tokens pay to it at one layer, ``a_j = mean_{g in G} A_gj`` with ``A`` the head-averaged
+  attention and ``G = {g : mean_i A_ig > t * mean_{i,k} A_ik}`` the tokens that receive more than ``t`` times the
+  mean attention (:func:`global_relevance`), plus ``beta`` times the softmax over the image of its patch's
+  information entropy, ``H_j = -sum_v p_v log2 p_v`` over the patch's grey-level histogram (:func:`patch_entropy`).
+  Pruned tokens are recycled: those of each cell of a coarse grid over the image become one token, their
+  importance-weighted mean, in the place of the cell's most important pruned token (:func:`recycled_selection`,
+  :func:`recycle`).
 
 :func:`kept_indices` turns a score into the sorted positions kept, with one rule for a batch:
 sample ``b`` has ``n_b`` candidates and should keep ``ceil(keep * n_b)`` of them; every sample
@@ -163,3 +172,80 @@ def diverse_ranks(sensitivity: Tensor, features: Tensor, candidates: Tensor, cou
         free[rows, pick] = False
         nearest = torch.minimum(nearest, 1 - (unit * unit[rows, pick][:, None]).sum(-1))
     return scores
+
+
+def global_relevance(attention: Tensor, threshold: float) -> Tensor:
+    """VFlowOpt's context relevance from one layer's head-averaged attention ``[B, N, N]`` (rows: queries): the mean
+    row of the global tokens, those receiving more than ``threshold`` times the mean received attention (the most
+    attended token when none does), ``[B, N]`` float32."""
+    attention = attention.float()
+    received = attention.mean(1)
+    chosen = (received > threshold * received.mean(-1, keepdim=True)) | (received == received.amax(-1, keepdim=True))
+    weight = chosen.float()
+    return (weight[:, None] @ attention).squeeze(1) / weight.sum(-1, keepdim=True)
+
+
+def patch_entropy(pixels: Tensor, patch: int, levels: int = 256) -> Tensor:
+    """Information entropy (bits) of each ``patch x patch`` patch of images ``[B, C, H, W]``, row-major ``[B, P]``
+    float32: the grey value (mean over channels) quantised to ``levels`` levels over each image's own range, and
+    ``-sum_v p_v log2 p_v`` over the patch's histogram."""
+    grey = pixels.float().mean(1)
+    low, high = grey.amin((1, 2), keepdim=True), grey.amax((1, 2), keepdim=True)
+    level = ((grey - low) / (high - low).clamp_min(1e-12) * (levels - 1)).round().long()
+    b, h, w = level.shape
+    cells = level.view(b, h // patch, patch, w // patch, patch).permute(0, 1, 3, 2, 4).reshape(b, -1, patch * patch)
+    counts = torch.zeros(*cells.shape[:2], levels, device=pixels.device).scatter_add_(
+        2, cells, torch.ones(cells.shape, device=pixels.device))
+    p = counts / cells.shape[-1]
+    return -(p * torch.log2(p.clamp_min(1e-30))).sum(-1)
+
+
+def recycled_selection(scores: Tensor, candidates: Tensor, cells: Tensor, dropped: int) -> tuple[Tensor, Tensor]:
+    """VFlowOpt's pruning with recycling, for every sample at once; each keeps all but ``dropped`` candidates.
+
+    ``scores`` ``[B, N]``, ``candidates`` ``[B, N]`` bool, ``cells`` ``[B, N]`` the grid cell of each candidate
+    (numbered per sample, ``0..C_b-1``; anything for the others). A sample keeping ``K_b`` candidates keeps its
+    ``K_b - C_b`` of highest score as they are; of the rest, each cell's highest becomes that cell's recycled token,
+    and where a cell has none left, the next highest remaining tokens are kept as they are, so each sample keeps
+    exactly ``K_b``. Returns the kept positions ``[B, N - dropped]`` (ascending) and ``target`` ``[B, N]``: for
+    every token merged into a recycled one (the recycled tokens included), that token's position, else -1
+    (:func:`recycle` averages them)."""
+    batch, n = scores.shape
+    position = torch.arange(n, device=scores.device).expand(batch, n)
+    count = candidates.sum(-1, keepdim=True)
+    n_cells = torch.where(candidates, cells + 1, 0).amax(-1, keepdim=True)
+    # rank among the candidates, highest score first (ties: the earlier first); non-candidates rank last
+    order = torch.where(candidates, scores.float(), float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, position)
+    plain = candidates & (rank < count - dropped - n_cells)
+    rest = candidates & ~plain
+    # each cell's first remaining token by rank: sort by (cell, rank), take each cell's first
+    key = torch.where(rest, cells * n + rank, n * n + position)
+    by_cell = key.argsort(-1)
+    first = torch.ones_like(rest)
+    sorted_cells = cells.gather(1, by_cell)
+    first[:, 1:] = sorted_cells[:, 1:] != sorted_cells[:, :-1]
+    leader = torch.zeros_like(rest).scatter_(1, by_cell, first & rest.gather(1, by_cell))
+    # cells without a remaining token: as many more tokens kept as they are, highest rank first
+    missing = n_cells - leader.sum(-1, keepdim=True)
+    spare = (rest & ~leader).gather(1, order)
+    fill = torch.zeros_like(rest).scatter_(1, order, spare & (spare.cumsum(-1) <= missing))
+    kept = ~candidates | plain | leader | fill
+    leaders = torch.full((batch, n + 1), -1, device=scores.device).scatter_(
+        1, torch.where(leader, cells, n), position)[:, :n]  # cell -> the position of its recycled token
+    merged = rest & ~fill
+    target = torch.where(merged, leaders.gather(1, torch.where(merged, cells, 0)), -1)
+    return kept.int().argsort(dim=-1, descending=True, stable=True)[:, :n - dropped], target
+
+
+def recycle(x: Tensor, weights: Tensor, target: Tensor) -> Tensor:
+    """``x`` ``[B, N, C]`` with each recycled token (:func:`recycled_selection`'s ``target``) replaced by the
+    ``weights``-weighted mean of the tokens merged into it (weights below 1e-30 count as 1e-30: a cell of zero
+    weights gives the plain mean)."""
+    merged = target >= 0
+    w = torch.where(merged, weights.float().clamp_min(1e-30), 0.0)[..., None]
+    index = torch.where(merged, target, 0)[..., None]
+    total = torch.zeros(x.shape, device=x.device).scatter_add_(1, index.expand(x.shape), x.float() * w)
+    mass = torch.zeros(*x.shape[:2], 1, device=x.device).scatter_add_(1, index, w)
+    receives = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, index[..., 0], merged)
+    return torch.where(receives[..., None], (total / mass.clamp_min(1e-12)).to(x.dtype), x)

@@ -228,6 +228,11 @@ def projector(model: nn.Module) -> nn.Module | None:
     return getattr(getattr(model, "model", model), "multi_modal_projector", None)
 
 
+def vision_tower(model: nn.Module) -> nn.Module | None:
+    """The vision tower of a LLaVA-style model (``vision_tower``), or ``None``."""
+    return getattr(getattr(model, "model", model), "vision_tower", None)
+
+
 def language_layers(model: nn.Module) -> list[int]:
     """Indices (into :func:`attention_layers`) of the language model's self-attention layers, in order."""
     inside = {id(m) for m in decoder_layers(model).modules()}

@@ -2,8 +2,8 @@
 
 - :mod:`.vit`: EViT (strategy ``"cls"``) on timm ViTs and open_clip visual towers, between each block's
   attention and its MLP;
-- :mod:`.vlm`: FastV, VTC-CLS, STAR, PLPHP, TransPrune and ZOO-Prune on transformers vision-language models, tokens
-  removed from the sequence and the KV cache;
+- :mod:`.vlm`: FastV, VTC-CLS, STAR, PLPHP, TransPrune, ZOO-Prune and VFlowOpt on transformers vision-language
+  models, tokens removed from the sequence and the KV cache;
 - here: the :class:`Prune` method, its options and checks.
 """
 
@@ -27,15 +27,16 @@ __all__ = ["Prune", "PruneHandle", "PruneStep"]
 class Prune(Method):
     name = "prune"
     summary = ("drop the least important image tokens: EViT on ViTs (fused into one token); FastV, VTC-CLS, "
-               "STAR, PLPHP, TransPrune, ZOO-Prune on vision-language models (removed from sequence and KV cache)")
+               "STAR, PLPHP, TransPrune, ZOO-Prune, VFlowOpt on vision-language models (removed from sequence and "
+               "KV cache)")
     paper = ("strategy 'cls': Liang et al., 2022, 'Not All Patches are What You Need: Expediting Vision "
              "Transformers via Token Reorganizations' (EViT, ICLR 2022); on transformers vision-language models "
-             "FastV, VTC-CLS, STAR, PLPHP, TransPrune and ZOO-Prune (visattn.processors.prune.vlm)")
+             "FastV, VTC-CLS, STAR, PLPHP, TransPrune, ZOO-Prune and VFlowOpt (visattn.processors.prune.vlm)")
     frameworks = ("timm", "open_clip", "transformers")
     families = {"timm": ("VisionTransformer", "VisionTransformerDistilled", "Eva", "Beit", "NaFlexVit"),
                 "open_clip": ("VisionTransformer",)}
     options = (
-        choice_option("strategy", "cls", ("cls", "fastv", "star", "plphp", "transprune", "zo"),
+        choice_option("strategy", "cls", ("cls", "fastv", "star", "plphp", "transprune", "zo", "vflowopt"),
                       doc="how tokens are ranked: 'cls' = [CLS] attention (EViT; VTC-CLS on LLaVA); the others "
                           "are for transformers vision-language models (see visattn.processors.prune.vlm)"),
         float_option("keep", 0.7, low=0.0, high=1.0, low_open=True, identity=1.0,
@@ -51,6 +52,13 @@ class Prune(Method):
         float_option("step", 0.01, low=0.0, low_open=True, doc="zo: size of each perturbation").scoped(
             strategies=("zo",)),
         int_option("seed", 0, low=0, doc="zo: seed of the random directions").scoped(strategies=("zo",)),
+        float_option("threshold", 30.0, low=0.0, doc="vflowopt: global tokens receive more than threshold times the "
+                     "mean attention (the authors' released settings: 28.7 to 39.3)").scoped(strategies=("vflowopt",)),
+        int_option("cell", 12, low=1, doc="vflowopt: pruned tokens of each cell of cell x cell patches are recycled "
+                   "into one").scoped(strategies=("vflowopt",)),
+        float_option("entropy", 0.0, low=0.0, doc="vflowopt: weight of the patches' information entropy (softmax over "
+                     "the image) beside the attention relevance (the authors' released settings: 0)").scoped(
+            strategies=("vflowopt",)),
     )
 
     def check_target(self, target: Target, options: dict[str, Any]) -> None:

@@ -35,6 +35,22 @@ The transformers module of :mod:`visattn.processors.prune`. Strategies (scores i
   :func:`~visattn.core.importance.diverse_ranks`). Defaults are the authors' (64 directions, step 0.01). Cost:
   ``2 * directions`` projector passes over the image tokens (chunked) and a greedy pass of ``kept`` rounds.
   LLaVA-1.5 only: the other families' image tokens are not their projector's outputs one for one.
+- ``"vflowopt"`` — VFlowOpt (Yang et al., 2025, "VFlowOpt: A Token Pruning Framework for LMMs with Visual Information
+  Flow-Guided Optimization", ICCV 2025): each image token's importance is its context relevance at the vision-tower
+  layer that feeds the projector, the mean attention row of the global tokens (those receiving more than
+  ``threshold`` times the mean attention), ``a_j = mean_{g in G} A_gj``, plus ``entropy`` times the softmax over the
+  image of its patch's grey-level information entropy (:func:`~visattn.core.importance.global_relevance`,
+  :func:`~visattn.core.importance.patch_entropy`). Pruning is progressive: at the language model's input each
+  sample keeps ``sqrt(keep)`` of its image tokens, and the pruned ones of each cell of ``cell x cell`` patches are
+  recycled into one token, their importance-weighted mean, at the place of the cell's most important pruned token
+  (:func:`~visattn.core.importance.recycled_selection`; each image keeps as many tokens plainly as its cells fewer);
+  before ``layer`` (default ``L // 2``) the kept tokens are ranked by the same importance (a recycled token by its
+  place's) and ``sqrt(keep)`` of them kept. The paper also searches each model's pruning settings (the stage ratios,
+  ``threshold``, ``cell``, the entropy weight) by Bayesian optimisation of the last token's final hidden state against
+  the unpruned model's; that search is not run here: the stages split ``keep`` as STAR's do, and the defaults sit
+  among the authors' released settings for LLaVA-OneVision (``threshold`` 28.7 to 39.3, cells of 11.8 to 17.4
+  patches on its 27 x 27 grid, entropy weight 0). LLaVA-1.5 only (the image tokens must be the vision tower's
+  patches, in order), with ``vision_feature_select_strategy="default"``.
 
 How tokens are removed. A stage at layer 0 (``cls``, ``star``'s first) runs in a forward pre-hook of
 the language model: ``inputs_embeds``, the 2-D attention mask and the position ids (M-RoPE rows
@@ -75,14 +91,19 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ...core.attention import attention_probs
 from ...core.importance import (
     additive_bias,
     diverse_ranks,
+    global_relevance,
     kept_indices,
     kept_order,
     layer_retention,
     normalized,
     num_dropped,
+    patch_entropy,
+    recycle,
+    recycled_selection,
     row_attention,
     transition_variation,
     vision_share,
@@ -97,7 +118,7 @@ from .._lvlm import attended_keys
 
 tfa = LazyAdapter("transformers")  # imported on first use: visattn imports without transformers
 
-STRATEGIES = ("cls", "fastv", "star", "plphp", "transprune", "zo")
+STRATEGIES = ("cls", "fastv", "star", "plphp", "transprune", "zo", "vflowopt")
 #: Strategies that drop tokens at the language model's input only (option ``layer`` does not apply).
 INPUT_STRATEGIES = ("cls", "zo")
 FAMILIES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
@@ -120,8 +141,9 @@ _ANYRES = "its anyres features are rearranged (unpadded, newline tokens) after t
 NO_CLS = {"LlavaNextForConditionalGeneration": _ANYRES, "LlavaOnevisionForConditionalGeneration": _ANYRES,
           "InternVLForConditionalGeneration": "its projector merges neighbouring patches (pixel shuffle) after the "
                                               "vision tower"}
-#: Models whose image tokens are their projector's outputs, one for one and in order (``zo`` perturbs its input).
-ZO_FAMILIES = ("LlavaForConditionalGeneration",)
+#: Models whose image tokens are their projector's outputs, one for one and in order (``zo`` perturbs its input,
+#: ``vflowopt`` reads each image's patches on the vision tower's grid).
+PATCH_FAMILIES = ("LlavaForConditionalGeneration",)
 #: FastV's K; STAR's second stage sits at L // 2.
 DEFAULT_LAYER = 2
 
@@ -131,12 +153,18 @@ class Selection:
     keeps, ``kept`` ``[B, n]`` (ascending), applied alike to everything laid out along the sequence; each sample
     drops ``dropped`` visual tokens."""
 
-    def __init__(self, kept: Tensor, dropped: int) -> None:
+    def __init__(self, kept: Tensor, dropped: int, recycled: tuple[Tensor, Tensor] | None = None) -> None:
         self.kept, self.dropped = kept, dropped
+        #: VFlowOpt: the weight of each token and the position of the recycled token it is merged into (or -1)
+        self.recycled = recycled
 
     def tokens(self, x: Tensor, dim: int = 1) -> Tensor:
         """Hidden states, embeddings or a 2-D mask, at the kept positions along ``dim``."""
         return _gather_seq(x, self.kept, dim)
+
+    def embeddings(self, x: Tensor) -> Tensor:
+        """Embeddings ``[B, N, C]`` at the kept positions, the recycled ones (if any) the merge of their tokens."""
+        return self.tokens(x if self.recycled is None else recycle(x, *self.recycled))
 
     def positions(self, positions: Tensor) -> Tensor:
         """Position ids ``[B | 1, N]`` or M-RoPE's ``[R, B | 1, N]``."""
@@ -186,11 +214,19 @@ class Stage:
     layer: int
     keep: float
     score: Callable[[Generation], Tensor]
+    #: VFlowOpt, at the input only: the grid cell of each visual token ``[B, N]``; the pruned ones are recycled
+    cells: Callable[[Generation], Tensor] | None = None
 
     def decide(self, generation: Generation) -> Selection | None:
         """This stage's :class:`Selection` in ``generation``'s prefill (``None``: it drops nothing)."""
         dropped = num_dropped(self.keep, generation.counts)
-        return Selection(kept_indices(self.score(generation), generation.visual, dropped), dropped) if dropped else None
+        if not dropped:
+            return None
+        score = self.score(generation)
+        if self.cells is None:
+            return Selection(kept_indices(score, generation.visual, dropped), dropped)
+        kept, target = recycled_selection(score, generation.visual, self.cells(generation), dropped)
+        return Selection(kept, dropped, (score, target))
 
 
 def _gather_seq(x: Tensor, index: Tensor, dim: int) -> Tensor:
@@ -237,6 +273,8 @@ class Generation:
         self.vision_scores: dict[int, Tensor] = {}
         #: zo: the projector's input and output for the last images (kept, like the scores above, for the prefill)
         self.projected: tuple[Tensor, Tensor] | None = None
+        #: vflowopt: the entropy of each patch of the last images, [images, patches]
+        self.entropy: Tensor | None = None
 
     def select(self, selection: Selection) -> None:
         """The candidates after ``selection`` drops its tokens from the current sequence."""
@@ -325,7 +363,7 @@ class VlmPruner:
             if selection is not None:
                 if positions is None:
                     positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
-                kwargs.update(inputs_embeds=selection.tokens(embeds), position_ids=selection.positions(positions))
+                kwargs.update(inputs_embeds=selection.embeddings(embeds), position_ids=selection.positions(positions))
                 if mask is not None:
                     def short(m: Tensor) -> Tensor:
                         return selection.tokens(m) if m.dim() == 2 else selection.mask(m)
@@ -449,7 +487,7 @@ def resolve_layer(target: Target, options: dict[str, Any]) -> int:
     num_layers = len(tfa.decoder_layers(target.model))
     layer = options["layer"]
     if layer is None:
-        layer = num_layers // 2 if options["strategy"] == "star" else DEFAULT_LAYER
+        layer = num_layers // 2 if options["strategy"] in ("star", "vflowopt") else DEFAULT_LAYER
     given = f"{layer}{' by default' if options['layer'] is None else ''}"
     if not 1 <= layer < num_layers:
         raise OptionError(f"prune: layer must be a decoder layer in 1..{num_layers - 1} for this "
@@ -482,11 +520,23 @@ def check_target(target: Target, options: dict[str, Any]) -> None:
         raise UnsupportedModelError(f"prune: strategy {strategy!r} ranks image tokens by the vision tower's [CLS] "
                                     f"attention and supports {', '.join(CLS_FAMILIES)}; {target.family} is refused "
                                     f"because {why}; use strategy 'fastv' or 'transprune'")
-    if strategy == "zo" and target.family not in ZO_FAMILIES:
-        raise UnsupportedModelError(f"prune: strategy 'zo' perturbs the multimodal projector's input token by token "
-                                    f"and supports {', '.join(ZO_FAMILIES)}; {target.family}'s image tokens are not "
-                                    f"its projector's outputs one for one (crops rearranged, patches merged); use "
-                                    f"strategy 'fastv' or 'transprune'")
+    if strategy in ("zo", "vflowopt") and target.family not in PATCH_FAMILIES:
+        what = ("perturbs the multimodal projector's input token by token" if strategy == "zo" else
+                "reads each image token's patch on the vision tower's grid")
+        raise UnsupportedModelError(f"prune: strategy {strategy!r} {what} and supports {', '.join(PATCH_FAMILIES)}; "
+                                    f"{target.family}'s image tokens are not its projector's outputs one for one "
+                                    f"(crops rearranged, patches merged); use strategy 'fastv' or 'transprune'")
+    if strategy == "vflowopt":
+        if model.config.vision_feature_select_strategy != "default":
+            raise UnsupportedModelError(f"prune: strategy 'vflowopt' lays the image tokens out on the patch grid, and "
+                                        f"this model passes the [CLS] feature too (vision_feature_select_strategy="
+                                        f"{model.config.vision_feature_select_strategy!r}; supported: 'default')")
+        side, per_side = _patch_grid(model, options["cell"])
+        first = math.ceil(math.sqrt(options["keep"]) * side ** 2)
+        if first < per_side ** 2:
+            raise OptionError(f"prune: strategy 'vflowopt' keeps ceil(sqrt(keep) * {side ** 2}) = {first} tokens of "
+                              f"each image at the input, fewer than its {per_side ** 2} recycled tokens (cells of "
+                              f"cell={options['cell']} patches on a {side}x{side} grid); raise keep or cell")
     implementation = str(model.config.get_text_config()._attn_implementation).removeprefix(tfa.PREFIX)
     if strategy not in INPUT_STRATEGIES and implementation == "flex_attention":
         raise UnsupportedModelError(f"prune: strategy {strategy!r} drops tokens inside the language model, gathering "
@@ -506,7 +556,7 @@ def check_target(target: Target, options: dict[str, Any]) -> None:
     if strategy in INPUT_STRATEGIES:
         if options["layer"] is not None:
             raise OptionError(f"prune: strategy {strategy!r} drops tokens at the language model's input; option "
-                              f"'layer' applies to 'fastv', 'star', 'plphp' and 'transprune'")
+                              f"'layer' applies to 'fastv', 'star', 'plphp', 'transprune' and 'vflowopt'")
     else:
         resolve_layer(target, options)
 
@@ -520,7 +570,7 @@ class Plan:
     """What a strategy's builder returns: its stages, the attention layers it observes (index in
     ``attention_layers`` -> recorder; those in ``every_call`` record in every call, the others in prefills),
     and the hooks it needs (transprune's transition after layer ``transition_after``, PLPHP's cache pruning, zo's
-    record of the projector's input and output)."""
+    record of the projector's input and output, vflowopt's of the images' pixels)."""
 
     stages: list[Stage]
     routes: dict[int, Recorder]
@@ -528,6 +578,8 @@ class Plan:
     transition_after: int | None = None
     prunes_cache: bool = False
     projector: bool = False
+    #: called with the vision tower's ``pixel_values`` in each of its calls
+    pixels: Callable[[Generation, Tensor], None] | None = None
 
 
 def _cls_plan(model: nn.Module, options: dict[str, Any], keep: float) -> Plan:
@@ -579,6 +631,58 @@ def _zo_plan(model: nn.Module, options: dict[str, Any], keep: float) -> Plan:
     return Plan([Stage(0, keep, score)], {}, projector=True)
 
 
+def _vflowopt_plan(model: nn.Module, options: dict[str, Any], layer: int) -> Plan:
+    """VFlowOpt's stages: at the language model's input, pruning with recycling; before ``layer``, pruning by the
+    same importance (each keeping ``sqrt(keep)``)."""
+    vision_layers = _feature_layers(model)
+    side, per_side = _patch_grid(model, options["cell"])
+    threshold, weight, keep = options["threshold"], options["entropy"], math.sqrt(options["keep"])
+
+    def record(index: int) -> Recorder:
+        def run(gen: Generation, query: Tensor, key: Tensor, scale: float, mask: Tensor | None) -> None:
+            probs = attention_probs(query, key, scale=scale, bias=additive_bias(mask))
+            gen.vision_scores[index] = global_relevance(probs, threshold)
+
+        return run
+
+    def pixels(gen: Generation, images: Tensor) -> None:
+        gen.entropy = patch_entropy(images, images.shape[-1] // side)
+
+    def score(gen: Generation) -> Tensor:
+        if len(gen.vision_scores) != len(vision_layers) or (weight and gen.entropy is None):
+            raise ShapeError("prune: strategy 'vflowopt' needs the image features of this call (pixel_values)")
+        per_image = torch.stack(list(gen.vision_scores.values())).mean(0)[:, 1:]  # (the [CLS] token is not shown)
+        gen.vision_scores.clear()
+        if weight:
+            per_image = per_image + weight * gen.entropy.softmax(-1)
+        gen.entropy = None
+        if per_image.numel() != sum(gen.counts):
+            raise ShapeError(f"prune: the vision tower gave {per_image.numel()} image features for "
+                             f"{sum(gen.counts)} image tokens")
+        gen.captured["importance"] = torch.zeros(gen.visual.shape, device=per_image.device).masked_scatter(
+            gen.visual, per_image)
+        return gen.captured["importance"]
+
+    def cells(gen: Generation) -> Tensor:
+        index = (gen.visual.cumsum(1) - 1).clamp_min(0)  # among the sample's image tokens
+        image, patch = index // side ** 2, index % side ** 2
+        return image * per_side ** 2 + patch // side // options["cell"] * per_side + patch % side // options["cell"]
+
+    def later(gen: Generation) -> Tensor:
+        importance = gen.captured["importance"]
+        return importance if gen.input_kept is None else importance.gather(1, gen.input_kept)
+
+    return Plan([Stage(0, keep, score, cells), Stage(layer, keep, later)], {i: record(i) for i in vision_layers},
+                frozenset(vision_layers), pixels=pixels if weight else None)
+
+
+def _patch_grid(model: nn.Module, cell: int) -> tuple[int, int]:
+    """The side of the vision tower's patch grid, and the cells of ``cell`` patches along it."""
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    return side, math.ceil(side / cell)
+
+
 def _rows_recorder(index: int, instruction: bool) -> Recorder:
     """Record, per head, the attention of the last row (``instruction``: the rows of the text after the last
     image, averaged) of decoder layer ``index``."""
@@ -603,6 +707,8 @@ def plan(model: nn.Module, options: dict[str, Any], layer: int) -> Plan:
         return _cls_plan(model, options, keep)
     if strategy == "zo":
         return _zo_plan(model, options, keep)
+    if strategy == "vflowopt":
+        return _vflowopt_plan(model, options, layer)
     if strategy == "plphp":  # the last row from ``layer`` on; pruning happens in the cache after prefill
         routes = {language[i]: _rows_recorder(i, False) for i in range(layer, len(language))}
         return Plan([], routes, prunes_cache=True)
@@ -674,4 +780,9 @@ def install(target: Target, patcher: Patcher, options: dict[str, Any]) -> PruneV
                 pruner.generations.get().projected = next(iter(call.arguments.values())), output
 
             tfa.after_call(tfa.projector(model), patcher, projected)
+        if chosen.pixels is not None:
+            def pixels(call: tfa.ModelCall) -> None:
+                chosen.pixels(pruner.generations.get(), call.arguments["pixel_values"])
+
+            tfa.on_call(tfa.vision_tower(model), patcher, pixels)
     return PruneVlmHandle("prune", model, options, patcher, pruner=pruner)
