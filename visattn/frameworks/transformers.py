@@ -409,11 +409,16 @@ def held_tokens(cache: Any) -> int | Tensor:
     with the GPU and break the graph in every decode step, and a host count that grows would recompile the step, or,
     as a symbolic int, record a new CUDA graph for every step. Index with it (``held + arange(q)``); a compiled
     forward is the first on its cache when this gives the int 0 (its layers are not allocated yet: transformers
-    runs a static-cache generation's prefill eager, on a fresh cache)."""
+    runs a static-cache generation's prefill eager, on a fresh cache; :func:`first_forward`)."""
     if cache is None:
         return 0
     held = cache.get_seq_length()
     return held if torch.compiler.is_compiling() and isinstance(held, Tensor) else int(held)
+
+
+def first_forward(held: int | Tensor) -> bool:
+    """Whether a forward whose cache held ``held`` tokens (:func:`held_tokens`) starts it, on the host in any mode."""
+    return isinstance(held, int) and held == 0
 
 
 def reserve(layers: Sequence[Any], tokens: int) -> None:

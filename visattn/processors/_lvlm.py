@@ -107,15 +107,16 @@ class ImageKeys:
             raise ShapeError(f"{self.method}: pass input_ids (image positions are read from config.image_token_id "
                              f"= {self.token}); inputs_embeds alone do not show them")
         now = self._forwards.get()
-        held = tfa.held_tokens(call.cache)  # a device count in compiled decode steps on a static cache
+        held = tfa.held_tokens(call.cache)
+        counted = isinstance(held, int)  # (not in compiled decode steps on a static cache: a count on the device)
         q = ids.shape[1]
-        rows = slice(held, held + q) if isinstance(held, int) else held + torch.arange(q, device=ids.device)
-        keys = attended_keys(call.attention_mask, held + q if isinstance(held, int) else q)
+        rows = slice(held, held + q) if counted else held + torch.arange(q, device=ids.device)
+        keys = attended_keys(call.attention_mask, held + q if counted else q)
         now.real = keys[:, rows] if keys is not None else torch.ones_like(ids, dtype=torch.bool)
         # the key count of the attention layers: the mask's, or without one (no padding) a static cache's slots
         width = keys.shape[1] if keys is not None else tfa.static_slots(call.cache) or held + q
         now.image = (ids == self.token) & now.real
-        now.fresh = isinstance(held, int) and held == 0
+        now.fresh = tfa.first_forward(held)
         if now.fresh:
             if not torch.compiler.is_compiling() and not bool(now.image.any()):
                 raise ShapeError(f"{self.method}: the input has no image tokens (config.image_token_id = "
@@ -126,7 +127,7 @@ class ImageKeys:
             now.first_real = now.real.int().argmax(1)
             now.after_image = now.image.cumsum(1) > 0
         else:
-            if now.columns is None or (isinstance(held, int) and now.num_keys is not None and held != now.num_keys):
+            if now.columns is None or (counted and now.num_keys is not None and held != now.num_keys):
                 raise ShapeError(f"{self.method}: this forward continues a KV cache of {held} tokens that the "
                                  f"method did not see being built; start from a forward without past_key_values")
             seen = now.columns.any(1, keepdim=True)
@@ -137,7 +138,7 @@ class ImageKeys:
                 now.columns = torch.cat([now.columns[:, :held], now.image], 1)
                 now.columns = F.pad(now.columns, (0, width - now.columns.shape[1]))
         # compiled decode steps count on the device only (see held_tokens): unknown here from then on
-        now.num_keys = held + q if isinstance(held, int) else None
+        now.num_keys = held + q if counted else None
         now.memo = {}
         if self._then is not None:
             self._then(call)

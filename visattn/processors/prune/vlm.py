@@ -299,7 +299,7 @@ class VlmPruner:
     def start(self, call: tfa.ModelCall) -> None:
         gen = self.generations.get()
         gen.past_length = tfa.held_tokens(call.cache)
-        gen.prefill = isinstance(gen.past_length, int) and gen.past_length == 0
+        gen.prefill = tfa.first_forward(gen.past_length)
         gen.current, gen.decode_masks, gen.captured = None, {}, {}
         if not gen.prefill:
             if not gen.prompt_length:
@@ -594,16 +594,28 @@ def _cls_plan(model: nn.Module, options: dict[str, Any], keep: float) -> Plan:
         return run
 
     def score(gen: Generation) -> Tensor:
-        if len(gen.vision_scores) != len(vision_layers):
-            raise ShapeError("prune: strategy 'cls' needs the image features of this call (pixel_values)")
-        per_image = torch.stack(list(gen.vision_scores.values())).mean(0)[:, skip_cls:].flatten()
-        gen.vision_scores.clear()
-        if per_image.numel() != sum(gen.counts):
-            raise ShapeError(f"prune: the vision tower gave {per_image.numel()} image features for "
-                             f"{sum(gen.counts)} image tokens")
-        return torch.zeros(gen.visual.shape, device=per_image.device).masked_scatter(gen.visual, per_image)
+        return _on_sequence(gen, _recorded_scores(gen, len(vision_layers), "cls", skip_cls))
 
     return Plan([Stage(0, keep, score)], {i: record(i) for i in vision_layers}, frozenset(vision_layers))
+
+
+def _recorded_scores(gen: Generation, layers: int, strategy: str, skip: int) -> Tensor:
+    """What the ``layers`` recording vision-tower layers scored this call's images, averaged over them and taken (the
+    record is cleared): ``[images, features]``, without each image's first ``skip`` (its [CLS] token)."""
+    if len(gen.vision_scores) != layers:
+        raise ShapeError(f"prune: strategy {strategy!r} needs the image features of this call (pixel_values)")
+    per_image = torch.stack(list(gen.vision_scores.values())).mean(0)[:, skip:]
+    gen.vision_scores.clear()
+    return per_image
+
+
+def _on_sequence(gen: Generation, per_image: Tensor) -> Tensor:
+    """Scores of this call's image features ``[images, features]``, in order, at the visual tokens of the current
+    sequence: ``[B, N]``, 0 elsewhere."""
+    if per_image.numel() != sum(gen.counts):
+        raise ShapeError(f"prune: the vision tower gave {per_image.numel()} image features for "
+                         f"{sum(gen.counts)} image tokens")
+    return torch.zeros(gen.visual.shape, device=per_image.device).masked_scatter(gen.visual, per_image.flatten())
 
 
 def _zo_plan(model: nn.Module, options: dict[str, Any], keep: float) -> Plan:
@@ -649,18 +661,13 @@ def _vflowopt_plan(model: nn.Module, options: dict[str, Any], layer: int) -> Pla
         gen.entropy = patch_entropy(images, images.shape[-1] // side)
 
     def score(gen: Generation) -> Tensor:
-        if len(gen.vision_scores) != len(vision_layers) or (weight and gen.entropy is None):
+        if weight and gen.entropy is None:
             raise ShapeError("prune: strategy 'vflowopt' needs the image features of this call (pixel_values)")
-        per_image = torch.stack(list(gen.vision_scores.values())).mean(0)[:, 1:]  # (the [CLS] token is not shown)
-        gen.vision_scores.clear()
+        per_image = _recorded_scores(gen, len(vision_layers), "vflowopt", 1)  # (the [CLS] token is not shown)
         if weight:
             per_image = per_image + weight * gen.entropy.softmax(-1)
         gen.entropy = None
-        if per_image.numel() != sum(gen.counts):
-            raise ShapeError(f"prune: the vision tower gave {per_image.numel()} image features for "
-                             f"{sum(gen.counts)} image tokens")
-        gen.captured["importance"] = torch.zeros(gen.visual.shape, device=per_image.device).masked_scatter(
-            gen.visual, per_image)
+        gen.captured["importance"] = _on_sequence(gen, per_image)
         return gen.captured["importance"]
 
     def cells(gen: Generation) -> Tensor:
