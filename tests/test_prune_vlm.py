@@ -140,6 +140,38 @@ def test_keep_one_is_bit_identical_in_forward_and_generate(case: tuple) -> None:
             assert all(torch.equal(a, b) for a, b in zip(ours.logits, theirs.logits)), strategy
 
 
+def test_remove_after_pruned_generations_restores_the_model_exactly(case: tuple) -> None:
+    """Every strategy, really pruning (keep 0.5) through a generation with each cache: remove() leaves each module's
+    hooks and attributes as they were (transformers' own included) and the stock logits and tokens."""
+    family, models, inputs = case
+    model = models["sdpa"]
+    _generate(model, inputs)  # transformers installs its own hooks at a model's first call
+    names = {name: set(vars(m)) for name, m in model.named_modules()}
+    _run(model, inputs, max_new_tokens=2, cache_implementation="static")
+    # what transformers' own static generate() leaves on the model (_previous_max_cache_length; 5.6: _cache)
+    own = {name: set(vars(m)) - names[name] for name, m in model.named_modules()}
+
+    def state() -> list[tuple[str, list, list, set]]:
+        return [(name, list(m._forward_pre_hooks.values()), list(m._forward_hooks.values()), set(vars(m)) - own[name])
+                for name, m in model.named_modules()]
+
+    before, weights = state(), {k: v.clone() for k, v in model.state_dict().items()}
+    stock, stock_tokens = _run(model, inputs).logits, _generate(model, inputs).sequences
+    for strategy in ["fastv", "plphp", "transprune"] + (["star", "cls", "zo", "vflowopt"] if family == "llava" else []):
+        visattn.apply(model, "prune", strategy=strategy, keep=0.5,
+                      **({} if strategy in ("cls", "zo") else {"layer": 1}))
+        try:
+            _generate(model, inputs)
+            if strategy != "plphp":
+                _run(model, inputs, max_new_tokens=2, cache_implementation="static")
+        finally:
+            visattn.remove(model)
+        assert state() == before, strategy
+        assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items()), strategy
+        assert torch.equal(_run(model, inputs).logits, stock), strategy
+        assert torch.equal(_generate(model, inputs).sequences, stock_tokens), strategy
+
+
 def test_fastv_keeps_what_the_last_token_attends_to_and_equals_masking(case: tuple) -> None:
     family, models, inputs = case
     model, keep = models["sdpa"], 0.5
