@@ -249,6 +249,7 @@ def test_bad_options_and_inputs_raise_clear_errors() -> None:
                            (dict(strategy="avisc", layer_gamma=1.5), r"layer_gamma must be a number in \(0.0, 1.0\]"),
                            (dict(strategy="avisc", lamb="1"), r"lamb must be a number \(got '1'\)"),
                            (dict(strategy="vhr", beta=0.1), "strategy 'vhr' does not use beta"),
+                           (dict(strategy="vhr", strict=True), "strategy 'vhr' does not use strict"),
                            (dict(alpha="0.2"), r"alpha must be a number >= 0.0 or None")]:
         with pytest.raises(visattn.OptionError, match=match):
             visattn.apply(model, "head_modulation", **options)
@@ -259,12 +260,13 @@ def test_bad_options_and_inputs_raise_clear_errors() -> None:
             forward_logits(model, dict(input_ids=torch.tensor([[5, 6, 7, 8]])))
     finally:
         visattn.remove(model)
-    visattn.apply(model, "head_modulation", decoder_layers=[0, 1], strict=True)
-    try:  # float32 on the CPU: the decode kernel cannot run, and strict=True refuses the PyTorch path
-        with pytest.raises(visattn.KernelUnavailableError, match="pai decode kernel: .*strict=True forbids"):
-            generate(model, vlm_inputs("llava", model))
-    finally:
-        visattn.remove(model)
+    for strategy in ("pai", "imbalance"):
+        visattn.apply(model, "head_modulation", strategy=strategy, decoder_layers=[0, 1], strict=True)
+        try:  # float32 on the CPU: the decode kernel cannot run, and strict=True refuses the PyTorch path
+            with pytest.raises(visattn.KernelUnavailableError, match="pai decode kernel: .*strict=True forbids"):
+                generate(model, vlm_inputs("llava", model))
+        finally:
+            visattn.remove(model)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     llm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -463,3 +465,49 @@ def test_avisc_refuses_a_cache_it_did_not_build() -> None:
             model(**more, past_key_values=cache)
     finally:
         visattn.remove(model)
+
+
+def decode_kernel_case() -> str | None:
+    """In a child with TRITON_INTERPRET=1: a decode step of pai and of imbalance (per-head gains on the selected
+    columns) on the fused kernel gives the logits of the PyTorch path, in a float16 tiny LLaVA."""
+    from transformers import DynamicCache
+
+    from visattn.kernels import reweighted_decode
+
+    model = BUILDERS["llava"]("sdpa").half().eval()
+    batch = {k: v.half() if v.is_floating_point() else v for k, v in vlm_inputs("llava", model).items()}
+    step = torch.tensor([[11], [12]])
+    available = reweighted_decode.unavailable_reason
+
+    def decode_logits(strategy: str | None, kernel: bool = True) -> torch.Tensor:
+        """The logits of one decode step; ``kernel``: strict (the kernel must run), else the PyTorch path."""
+        reweighted_decode.unavailable_reason = available if kernel else (lambda q, mask: "the PyTorch path")
+        if strategy is not None:
+            visattn.apply(model, "head_modulation", strategy=strategy, alpha=50.0, decoder_layers=[0, 1],
+                          strict=kernel)
+        try:
+            with torch.no_grad():
+                cache = DynamicCache(config=model.config)
+                model(**batch, past_key_values=cache)
+                mask = torch.cat([batch["attention_mask"], torch.ones_like(step)], 1)
+                return model(input_ids=step, attention_mask=mask, past_key_values=cache).logits.float()
+        finally:
+            reweighted_decode.unavailable_reason = available
+            if strategy is not None:
+                visattn.remove(model)
+
+    try:
+        stock = decode_logits(None)
+        for strategy in ("pai", "imbalance"):
+            fused, reference = decode_logits(strategy), decode_logits(strategy, kernel=False)
+            changed, error = float((reference - stock).abs().max()), float((fused - reference).abs().max())
+            assert error < changed / 20, f"{strategy}: the kernel is {error:.2e} off; the method moves {changed:.2e}"
+        return None
+    except Exception as exc:  # reported by the test
+        return f"{type(exc).__name__}: {exc}"
+
+
+def test_decode_steps_on_the_fused_kernel_match_the_pytorch_path_in_the_interpreter() -> None:
+    from interpreter import run_interpreted
+
+    assert run_interpreted(__file__, "decode_kernel_case", timeout=300) is None

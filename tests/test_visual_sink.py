@@ -252,17 +252,22 @@ def kernel_cases() -> dict[str, str | None]:
             var = dict(probs_fn=functools.partial(redistribute, sink=sink_cols, image=image_cols, p=0.3, rho=0.9,
                                                   summ=0.1))
             pai = dict(logits_fn=functools.partial(amplify_logits, weight=0.5 * image_cols.float()))
+            gain = torch.rand(b, h, generator=gen) * 2  # imbalance: a weight per head
+            per_head = dict(logits_fn=functools.partial(amplify_logits,
+                                                        weight=0.5 * gain[:, :, None, None] * image_cols.float()))
             try:
                 assert unavailable_reason(q, mask) is None
                 plain = attend_rows(q.float(), k.float(), v.float(), None, scale=scale, mask=mask)
                 cls = image.to(torch.int8) * 2  # 2: image token, 1: sink (VAR only)
-                for mode, hooks, classes in (("var", var, cls - sink.to(torch.int8)), ("pai", pai, cls)):
-                    got = decode_row(q, k, v, mask, classes, scale=scale, mode=mode, alpha=0.5, p=0.3, rho=0.9,
-                                     summ=0.1, strict=True).transpose(1, 2).float()
+                for mode, hooks, classes, g in (("var", var, cls - sink.to(torch.int8), None), ("pai", pai, cls, None),
+                                                ("pai", per_head, cls, gain)):
                     ref = attend_rows(q.float(), k.float(), v.float(), None, scale=scale, mask=mask, **hooks)
-                    err = float((got - ref).norm() / ref.norm())
-                    assert err < tol, f"{mode}: relative error {err:.2e} >= {tol}"
                     assert float((ref - plain).norm() / plain.norm()) > 10 * tol, f"{mode}: the case changes nothing"
+                    for splits in (1, 2, 5):  # one program per row; keys shared out in whole tiles (3 at 5)
+                        got = decode_row(q, k, v, mask, classes, scale=scale, mode=mode, alpha=0.5, gain=g, p=0.3,
+                                         rho=0.9, summ=0.1, splits=splits, strict=True).transpose(1, 2).float()
+                        err = float((got - ref).norm() / ref.norm())
+                        assert err < tol, f"{mode}, gain {g is not None}, {splits} splits: relative error {err:.2e}"
                 results[name] = None
             except Exception as exc:  # reported by the test
                 results[name] = f"{type(exc).__name__}: {exc}"
@@ -276,23 +281,24 @@ def test_decode_kernel_matches_the_pytorch_path_in_the_interpreter() -> None:
 
 def compiled_kernel_case() -> str | None:
     """In a child with TRITON_INTERPRET=1: the decode kernel inside ``torch.compile`` (its op, one graph) equals
-    the eager launch, for both modes, with and without a mask."""
+    the eager launch, for both modes, with and without a mask, a per-head gain, and keys shared out in two splits."""
     from visattn.kernels.reweighted_decode import decode_row
 
     gen = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(2, x, m, 32, generator=gen).half() for x, m in ((4, 1), (2, 40), (2, 40)))
-    classes = (torch.rand(2, 30, generator=gen) * 3).to(torch.int8)
-    mask = torch.rand(2, 1, 1, 40, generator=gen) > 0.2
+    q, k, v = (torch.randn(2, x, m, 32, generator=gen).half() for x, m in ((4, 1), (2, 100), (2, 100)))
+    classes = (torch.rand(2, 90, generator=gen) * 3).to(torch.int8)
+    mask = torch.rand(2, 1, 1, 100, generator=gen) > 0.2
+    gain = torch.rand(2, 4, generator=gen)
     try:
-        for mode in ("var", "pai"):
-            for m in (mask, None):
-                def step(q, k, v, m=m, mode=mode):
-                    return decode_row(q, k, v, m, classes, scale=0.2, mode=mode, alpha=0.5, p=0.3, rho=0.9,
-                                      summ=0.1, strict=True)
+        for mode, g, splits, m in [("var", None, 1, mask), ("var", None, 2, None), ("pai", None, 1, None),
+                                   ("pai", gain, 2, mask)]:
+            def step(q, k, v, m=m, mode=mode, g=g, splits=splits):
+                return decode_row(q, k, v, m, classes, scale=0.2, mode=mode, alpha=0.5, gain=g, p=0.3, rho=0.9,
+                                  summ=0.1, splits=splits, strict=True)
 
-                torch._dynamo.reset()
-                compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v)
-                torch.testing.assert_close(compiled, step(q, k, v), rtol=0, atol=0)
+            torch._dynamo.reset()
+            compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v)
+            torch.testing.assert_close(compiled, step(q, k, v), rtol=0, atol=0)
         return None
     except Exception as exc:  # reported by the test
         return f"{type(exc).__name__}: {exc}"

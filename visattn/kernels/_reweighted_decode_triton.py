@@ -1,14 +1,20 @@
-"""Triton kernel of one-row (decode step) attention with VAR redistribution or PAI logit amplification.
+"""Triton kernels of one-row (decode step) attention with VAR redistribution or PAI logit amplification.
 
 Imported lazily by :mod:`visattn.kernels.reweighted_decode` on the first call, so that
 ``TRITON_INTERPRET=1`` set before that call runs it in Triton's interpreter (CPU tests).
 
-One program per (sample, query head) streams the keys in tiles of ``BLOCK_N`` with an online softmax.
-``CLS[b, j]`` (int8, ``j < N_CLS``, 0 past it) classes key ``j``: 0 text, 1 sink image token, 2 other
-image token. ``MODE == 1`` (VAR) keeps three partial sums (text, sinks, other image) under one running
-max and combines them at the end with the gains of :func:`visattn.core.redistribute.redistribute`;
-``MODE == 2`` (PAI) adds ``alpha * |s|`` to the logits of class-2 keys. ``MASK[b, j]`` (uint8, 1 =
-attend) is read when ``HAS_MASK``. Logits are float32 from the input dtype's q and k.
+:func:`reweighted_decode_kernel` runs one program per (sample, query head, split of the keys); each streams
+its keys in tiles of ``BLOCK_N`` with an online softmax. ``CLS[b, j]`` (int8, ``j < N_CLS``, 0 past it)
+classes key ``j``: 0 text, 1 sink image token, 2 other image token. ``MODE == 1`` (VAR) keeps three partial
+sums (text, sinks, other image) under one running max and combines them at the end with the gains of
+:func:`visattn.core.redistribute.redistribute`; ``MODE == 2`` (PAI) adds ``alpha * g * |s|`` to the logits of
+class-2 keys, with ``g = GAIN[b, h]`` when ``HAS_GAIN`` (a per-head weight) and 1 otherwise. ``MASK[b, j]``
+(uint8, 1 = attend) is read when ``HAS_MASK``. Logits are float32 from the input dtype's q and k.
+
+With one split (``SPLIT`` false) the program writes the output row. With several (flash-decoding: a batch of
+few rows over many keys fills the GPU only when the keys are shared out), each program writes its running
+max, its three sums and its three accumulators to ``STAT`` and ``ACC`` (float32), and
+:func:`combine_kernel`, one program per (sample, head), rescales them to a common max and finishes the row.
 """
 
 from __future__ import annotations
@@ -18,16 +24,34 @@ import triton.language as tl
 
 
 @triton.jit
-def reweighted_decode_kernel(Q, K, V, OUT, CLS, MASK,
+def _finish(acc_t, acc_s, acc_r, l_t, l_s, l_r, p, rho, summ, MODE: tl.constexpr):
+    """The output row from the three sums and accumulators (VAR's gains, Eqs. 4-6, in ``MODE == 1``)."""
+    z = l_t + l_s + l_r
+    if MODE == 1:
+        a_s = l_s / z
+        a_r = l_r / z
+        centric = (a_s + a_r >= summ) & (a_s <= rho * (a_s + a_r)) & (a_r > 0)
+        g_s = tl.where(centric, p, 1.0)
+        g_r = tl.where(centric, 1.0 + (1.0 - p) * a_s / tl.maximum(a_r, 1e-30), 1.0)
+        return (acc_t + g_s * acc_s + g_r * acc_r) / z
+    return acc_t / z
+
+
+@triton.jit
+def reweighted_decode_kernel(Q, K, V, OUT, STAT, ACC, CLS, MASK, GAIN,
                              stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                              stride_ob, stride_oh, stride_cb, stride_mb, stride_mn,
-                             n_keys, n_cls, group, scale, alpha, p, rho, summ,
+                             n_keys, keys_per_split, n_cls, group, scale, alpha, p, rho, summ,
                              HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                             MODE: tl.constexpr, HAS_MASK: tl.constexpr):
+                             MODE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GAIN: tl.constexpr,
+                             SPLIT: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    split = tl.program_id(2)
     scale, alpha = tl.cast(scale, tl.float32), tl.cast(alpha, tl.float32)  # Inductor passes Python floats as
     p, rho, summ = tl.cast(p, tl.float32), tl.cast(rho, tl.float32), tl.cast(summ, tl.float32)  # float64
+    if HAS_GAIN:
+        alpha = alpha * tl.load(GAIN + b * tl.num_programs(1) + h)
     hk = h // group
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_D
@@ -39,9 +63,11 @@ def reweighted_decode_kernel(Q, K, V, OUT, CLS, MASK,
     l_t = 0.0
     l_s = 0.0
     l_r = 0.0
-    for start in range(0, n_keys, BLOCK_N):
+    first = split * keys_per_split
+    last = tl.minimum(first + keys_per_split, n_keys)
+    for start in range(first, last, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
-        nmask = n < n_keys
+        nmask = n < last
         tile = nmask[:, None] & dmask[None, :]
         k = tl.load(K + b * stride_kb + hk * stride_kh + n[:, None] * stride_kn + d[None, :], mask=tile, other=0.0)
         s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale
@@ -71,14 +97,48 @@ def reweighted_decode_kernel(Q, K, V, OUT, CLS, MASK,
         acc_t = acc_t * corr + tl.sum(w_t[:, None] * v, axis=0)
         l_t = l_t * corr + tl.sum(w_t, axis=0)
         m = m_new
-    z = l_t + l_s + l_r
-    if MODE == 1:
-        a_s = l_s / z
-        a_r = l_r / z
-        centric = (a_s + a_r >= summ) & (a_s <= rho * (a_s + a_r)) & (a_r > 0)
-        g_s = tl.where(centric, p, 1.0)
-        g_r = tl.where(centric, 1.0 + (1.0 - p) * a_s / tl.maximum(a_r, 1e-30), 1.0)
-        out = (acc_t + g_s * acc_s + g_r * acc_r) / z
+    if SPLIT:
+        row = (b * tl.num_programs(1) + h) * tl.num_programs(2) + split
+        tl.store(STAT + row * 4, m)
+        tl.store(STAT + row * 4 + 1, l_t)
+        tl.store(STAT + row * 4 + 2, l_s)
+        tl.store(STAT + row * 4 + 3, l_r)
+        tl.store(ACC + (row * 3) * BLOCK_D + d, acc_t)
+        if MODE == 1:
+            tl.store(ACC + (row * 3 + 1) * BLOCK_D + d, acc_s)
+            tl.store(ACC + (row * 3 + 2) * BLOCK_D + d, acc_r)
     else:
-        out = acc_t / z
-    tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=dmask)
+        out = _finish(acc_t, acc_s, acc_r, l_t, l_s, l_r, p, rho, summ, MODE)
+        tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def combine_kernel(OUT, STAT, ACC, stride_ob, stride_oh, splits, p, rho, summ,
+                   HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, MODE: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    p, rho, summ = tl.cast(p, tl.float32), tl.cast(rho, tl.float32), tl.cast(summ, tl.float32)
+    s = tl.arange(0, BLOCK_S)
+    smask = s < splits
+    rows = (b * tl.num_programs(1) + h) * splits + s
+    m = tl.load(STAT + rows * 4, mask=smask, other=-float("inf"))
+    m_max = tl.max(m, axis=0)
+    factor = tl.exp(m - tl.where(m_max == -float("inf"), 0.0, m_max))  # 0 for splits without a key
+    d = tl.arange(0, BLOCK_D)
+    tile = smask[:, None]
+    acc_t = tl.sum(tl.load(ACC + (rows * 3)[:, None] * BLOCK_D + d[None, :], mask=tile, other=0.0) * factor[:, None],
+                   axis=0)
+    l_t = tl.sum(tl.load(STAT + rows * 4 + 1, mask=smask, other=0.0) * factor, axis=0)
+    acc_s = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_r = tl.zeros([BLOCK_D], dtype=tl.float32)
+    l_s = 0.0
+    l_r = 0.0
+    if MODE == 1:
+        acc_s = tl.sum(tl.load(ACC + (rows * 3 + 1)[:, None] * BLOCK_D + d[None, :], mask=tile, other=0.0)
+                       * factor[:, None], axis=0)
+        acc_r = tl.sum(tl.load(ACC + (rows * 3 + 2)[:, None] * BLOCK_D + d[None, :], mask=tile, other=0.0)
+                       * factor[:, None], axis=0)
+        l_s = tl.sum(tl.load(STAT + rows * 4 + 2, mask=smask, other=0.0) * factor, axis=0)
+        l_r = tl.sum(tl.load(STAT + rows * 4 + 3, mask=smask, other=0.0) * factor, axis=0)
+    out = _finish(acc_t, acc_s, acc_r, l_t, l_s, l_r, p, rho, summ, MODE)
+    tl.store(OUT + b * stride_ob + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < HEAD_D)

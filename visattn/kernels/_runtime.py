@@ -79,7 +79,9 @@ class Kernel:
     lookup cost some 50 us of a slow host's time per launch, more than a small kernel runs.
 
     The signature is what Triton may specialise a compilation on, or more: the device, every ``meta``
-    value, every int and float argument's value, and every tensor argument's dtype and address modulo 16.
+    value, every int and float argument's value, and every tensor argument's dtype, address modulo 16 and shape
+    (the launch grid is bound with the compiled kernel, and it follows the shapes: a batch size that is no
+    argument of the kernel changes it).
     Kernels whose int arguments change from call to call (sequence lengths that grow) fill the table; it
     keeps the last :attr:`CACHED` signatures.
     """
@@ -114,7 +116,7 @@ class Kernel:
                 torch.library.wrap_triton(kernel)[grid](*args, **meta)
             return
         key = (torch.cuda.current_device(), *meta.values(),
-               *((a.dtype, a.data_ptr() & 15) if isinstance(a, Tensor) else a for a in args))
+               *((a.dtype, a.data_ptr() & 15, *a.shape) if isinstance(a, Tensor) else a for a in args))
         hit = self._compiled.get(key)
         if hit is not None:
             runner, constants = hit

@@ -47,7 +47,7 @@ One option ``alpha`` (identity 0: the stock model runs untouched) and four publi
 
 The methods act on query rows that generate a token. The stock SDPA (or eager) attention runs for
 every row, and only the generating row is recomputed explicitly where logits change
-(:func:`~visattn.core.redistribute.attend_rows`); PAI's decode steps take one fused launch per layer
+(:func:`~visattn.core.redistribute.attend_rows`); PAI's and imbalance's decode steps take the fused kernel
 on CUDA (:mod:`visattn.kernels.reweighted_decode`). With ``pai`` a cached ``generate()`` computes what
 a forward over the same tokens computes for its last row; ``vhr`` and ``imbalance`` measure their
 head weights once per prompt (at the forward without a past) and keep them for its decode steps.
@@ -148,7 +148,7 @@ class _Measured:
         self.ablating = False  # vhr: the image-ablated pass is running
         self.selected: Tensor | None = None
         self.sensitivity: dict[int, Tensor] = {}
-        self.weights: dict[int, Tensor] = {}  # imbalance: alpha * w_h on selected columns, [B, H, 1, n]
+        self.classes: Tensor | None = None  # imbalance: 2 on the selected image columns, else 0, [B, n] int8
         self.cls_attention: Tensor | None = None  # imbalance: the vision tower's [CLS] attention over patches
         # imbalance: ([CLS] attention, projector output) of the last images; generate() computes the image features
         # before the model's forward (transformers >= 5.23), so they wait here for the prefill that uses them
@@ -216,8 +216,8 @@ class HeadModulation(Method):
         float_option("layer_gamma", 0.5, low=0.0, high=1.0, low_open=True,
                      doc="avisc: share of the image attention that the layers averaged must hold").scoped(
                          strategies=("avisc",)),
-        bool_option("strict", False, doc="pai: raise instead of falling back from the decode kernel to "
-                                         "PyTorch").scoped(strategies=("pai",)),
+        bool_option("strict", False, doc="pai, imbalance: raise instead of falling back from the decode kernel to "
+                                         "PyTorch").scoped(strategies=("pai", "imbalance")),
     )
 
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
@@ -243,7 +243,7 @@ class HeadModulation(Method):
             keys, make_route = _vhr(model, patcher, handle, alpha, options["top"])
         elif options["strategy"] == "imbalance":
             keys = ImageKeys(model, patcher, self.name)
-            make_route = _imbalance(model, patcher, keys, handle, alpha, options["select"])
+            make_route = _imbalance(model, patcher, keys, handle, alpha, options["select"], options["strict"])
         else:
             keys, make_route = _avisc(model, patcher, handle, alpha, options["beta"], options["lamb"],
                                       options["layer_gamma"])
@@ -365,7 +365,7 @@ def _projector(model: nn.Module) -> nn.Module:
 
 
 def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: HeadModulationHandle, alpha: float,
-               select: float) -> tfa.RouteFactory:
+               select: float, strict: bool) -> tfa.RouteFactory:
     def cls_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:
         def route(call: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                   attention_mask: Tensor | None, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
@@ -411,34 +411,39 @@ def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: Head
             scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
             mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
             measured = handle.measured.get()
-            weights = measured.weights
-            n = keys.columns.shape[1] if keys.fresh else weights[layer].shape[-1]  # the prompt's columns
             if not keys.fresh and query.shape[2] > 1 and not torch.compiler.is_compiling() and keys.image.any():
                 raise ShapeError("head_modulation: strategy 'imbalance' selects image tokens when the prompt is first "
                                  "run; a cached continuation cannot add images")
+            if keys.fresh:  # the head weights w_h and the selected columns, for this prompt and its decode steps
+                image = keys.columns[:, None, None, :]
+                share: list[Tensor] = []
+
+                def measure(probs: Tensor) -> Tensor:
+                    share.append((probs[..., :image.shape[-1]] * image).sum(-1)[..., 0])
+                    return probs
+
+                attend_rows(query, key, value, keys.last_row(), scale=scale, mask=mask, probs_fn=measure)
+                measured.sensitivity[layer] = share[0] / share[0].amax(-1, keepdim=True).clamp_min(
+                    torch.finfo(share[0].dtype).tiny)
+                measured.classes = keys.once("classes", lambda: F.pad(  # a static cache's columns to come: 0
+                    keys.once("selected", select_tokens), (0, image.shape[-1] - query.shape[2])).to(torch.int8) * 2)
+            classes, sensitivity = measured.classes, measured.sensitivity[layer]
+            if query.shape[2] == 1:  # a decode step: one launch where the kernel runs
+                out = reweighted_decode.decode_row(query, key, value, mask, classes, scale=scale, mode="pai",
+                                                   alpha=alpha, gain=sensitivity, strict=strict)
+                if out is not None:
+                    return out, None
+            weight = alpha * sensitivity[:, :, None, None] * (classes == 2)[:, None, None, :].float()
+            n = weight.shape[-1]  # the prompt's columns
 
             def logits_fn(logits: Tensor) -> Tensor:
-                logits[..., :n] = amplify_logits(logits[..., :n], weights[layer])
+                logits[..., :n] = amplify_logits(logits[..., :n], weight)
                 return logits
 
             if query.shape[2] == 1:  # a decode step: the generating row is the only row
                 out = attend_rows(query, key, value, None, scale=scale, mask=mask, logits_fn=logits_fn)
                 return out.transpose(1, 2), None
             last = keys.last_row()
-            if keys.fresh:
-                image = keys.columns[:, None, None, :]
-                share: list[Tensor] = []
-
-                def measure(probs: Tensor) -> Tensor:
-                    share.append((probs[..., :n] * image).sum(-1)[..., 0])
-                    return probs
-
-                attend_rows(query, key, value, last, scale=scale, mask=mask, probs_fn=measure)
-                sensitivity = share[0] / share[0].amax(-1, keepdim=True).clamp_min(torch.finfo(share[0].dtype).tiny)
-                measured.sensitivity[layer] = sensitivity
-                selected = keys.once("selected", select_tokens)
-                selected = F.pad(selected, (0, n - selected.shape[1]))  # a static cache's columns to come
-                weights[layer] = alpha * sensitivity[:, :, None, None] * selected[:, None, None, :].float()
             out, _ = call(module, query, key, value, attention_mask, **kwargs)
             new = attend_rows(query, key, value, last, scale=scale, mask=mask, logits_fn=logits_fn)
             return write_rows(out, new, last), None
