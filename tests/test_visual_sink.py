@@ -237,8 +237,10 @@ def kernel_cases() -> dict[str, str | None]:
 
     results: dict[str, str | None] = {}
     gen = torch.Generator().manual_seed(0)
-    for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 1e-2)):
-        for b, h, hkv, nk, d, n in [(2, 4, 2, 150, 64, 120), (3, 6, 2, 33, 80, 20)]:
+    # float16 only: Triton's interpreter multiplies bfloat16 tiles in tl.dot wrongly (errors of 1e10 on a 16x16
+    # product); bfloat16 runs in the GPU tests below
+    for dtype, tol in ((torch.float16, 2e-3),):
+        for b, h, hkv, nk, d, n in [(2, 4, 2, 150, 64, 120), (3, 6, 2, 33, 80, 20), (2, 20, 1, 70, 32, 60)]:
             name = f"{str(dtype)[6:]}-{b}x{h}/{hkv}x{nk}x{d}"
             q, k, v = (torch.randn(b, x, m, d, generator=gen).to(dtype) for x, m in ((h, 1), (hkv, nk), (hkv, nk)))
             image = torch.zeros(b, n, dtype=torch.bool)
@@ -276,7 +278,7 @@ def kernel_cases() -> dict[str, str | None]:
 
 def test_decode_kernel_matches_the_pytorch_path_in_the_interpreter() -> None:
     results = run_interpreted(__file__, "kernel_cases", timeout=300)
-    assert len(results) == 4 and all(r is None for r in results.values()), results
+    assert len(results) == 3 and all(r is None for r in results.values()), results
 
 
 def compiled_kernel_case() -> str | None:
@@ -340,6 +342,31 @@ def test_gpu_decode_kernel_eager_and_under_inductor_match_the_pytorch_path() -> 
             for got in (row(q, k, v), torch.compile(row, fullgraph=True)(q, k, v)):
                 err = float((got.transpose(1, 2).float() - ref).norm() / ref.norm())
                 assert err < 2e-3, f"{mode}: relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_decode_kernel_follows_the_batch_and_the_splits_between_eager_launches() -> None:
+    """Eager launches bind a compiled kernel and its grid per signature: a smaller batch (that no kernel argument
+    shows) and every split count get their own, and each equals the PyTorch path."""
+    from visattn.core.redistribute import amplify_logits, attend_rows
+    from visattn.kernels.reweighted_decode import decode_row
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    b, h, nk, d = 16, 32, 1158, 128
+    q, k, v = (torch.randn(b, h, m, d, generator=gen, device="cuda", dtype=torch.bfloat16) for m in (1, nk, nk))
+    image = torch.zeros(b, 646, dtype=torch.bool, device="cuda")
+    image[:, 35:611] = True
+    gain = torch.rand(b, h, generator=gen, device="cuda")
+    weight = 0.5 * gain[:, :, None, None] * torch.nn.functional.pad(image, (0, nk - 646))[:, None, None].float()
+    ref = attend_rows(q.float(), k.float(), v.float(), None, scale=d ** -0.5,
+                      logits_fn=functools.partial(amplify_logits, weight=weight))
+    with torch.inference_mode():
+        for rows, splits in [(16, None), (1, None), (2, None), (16, 1), (16, 3), (2, 7)]:
+            got = decode_row(q[:rows], k[:rows], v[:rows], None, image[:rows].to(torch.int8) * 2, scale=d ** -0.5,
+                             mode="pai", alpha=0.5, gain=gain[:rows], splits=splits, strict=True)
+            err = float((got.transpose(1, 2).float() - ref[:rows]).norm() / ref[:rows].norm())
+            assert err < 1e-2, f"batch {rows}, splits {splits}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("method,options,identity", [

@@ -77,16 +77,17 @@ def decode_row(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, classes: Te
 
 
 BLOCK_N = 64
-SPLIT_KEYS = 256  # the fewest keys a split streams
+PROGRAMS_PER_SM = 16  # programs in flight hide the latency of the loads: decode streams keys, it computes little
+SPLIT_KEYS = 2 * BLOCK_N  # the fewest keys a split streams
 
 
 def split_count(rows: int, n_keys: int, device: torch.device) -> int:
-    """Programs per row: enough for ``rows`` rows to give every SM of ``device`` two programs, each streaming at
-    least ``SPLIT_KEYS`` keys (one program per row off CUDA)."""
+    """Programs per (sample, kv head) row: enough for ``rows`` rows to give every SM of ``device``
+    ``PROGRAMS_PER_SM`` programs, each streaming at least ``SPLIT_KEYS`` keys (one program per row off CUDA)."""
     if device.type != "cuda":
         return 1
-    wanted = -(-2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) // rows)
-    return max(1, min(wanted, n_keys // SPLIT_KEYS))
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(-(-PROGRAMS_PER_SM * sms // rows), n_keys // SPLIT_KEYS))
 
 
 @functools.cache
@@ -105,7 +106,7 @@ def _row(q: Tensor, k: Tensor, v: Tensor, flags: Tensor | None, classes: Tensor,
     inside the op's body."""
     b, h, _, d = q.shape
     n = k.shape[2]
-    splits = splits or split_count(b * h, n, q.device)
+    splits = splits or split_count(b * k.shape[1], n, q.device)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     per_split = -(-n // (splits * BLOCK_N)) * BLOCK_N  # whole tiles; the last split may be shorter
@@ -117,13 +118,16 @@ def _row(q: Tensor, k: Tensor, v: Tensor, flags: Tensor | None, classes: Tensor,
         stat = torch.empty(b, h, splits, 4, dtype=torch.float32, device=q.device)
         acc = torch.empty(b, h, splits, 3, block_d, dtype=torch.float32, device=q.device)
     mask_b = flags.stride(0) if flags is not None and flags.shape[0] > 1 else 0
-    _DECODE(lambda meta: (b, h, splits), q, k, v, out, stat, acc, classes, classes if flags is None else flags,
+    hkv = k.shape[1]
+    group = h // hkv
+    _DECODE(lambda meta: (b, hkv, splits), q, k, v, out, stat, acc, classes, classes if flags is None else flags,
             classes if gain is None else gain,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
             v.stride(2), out.stride(0), out.stride(2), classes.stride(0), mask_b,
-            1 if flags is None else flags.stride(-1), n, per_split, classes.shape[1], h // k.shape[1], scale,
-            alpha, p, rho, summ, traced=traced, HEAD_D=d, BLOCK_D=block_d, BLOCK_N=BLOCK_N, MODE=mode,
-            HAS_MASK=flags is not None, HAS_GAIN=gain is not None, SPLIT=splits > 1, num_warps=4)
+            1 if flags is None else flags.stride(-1), h, n, per_split, classes.shape[1], group, scale,
+            alpha, p, rho, summ, traced=traced, HEAD_D=d, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
+            BLOCK_G=max(16, 1 << (group - 1).bit_length()), MODE=mode, HAS_MASK=flags is not None,
+            HAS_GAIN=gain is not None, SPLIT=splits > 1, num_warps=4)
     if splits > 1:
         _COMBINE(lambda meta: (b, h), out, stat, acc, out.stride(0), out.stride(2), splits, p, rho, summ,
                  traced=traced, HEAD_D=d, BLOCK_D=block_d, BLOCK_S=max(2, 1 << (splits - 1).bit_length()),
