@@ -77,7 +77,7 @@ def decode_row(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, classes: Te
 
 
 BLOCK_N = 64
-PROGRAMS_PER_SM = 16  # programs in flight hide the latency of the loads: decode streams keys, it computes little
+PROGRAMS_PER_SM = 2  # H100, LLaVA-7B shapes (benchmarks/decode_kernel.py): 512 rows run best unsplit, 32 in 9
 SPLIT_KEYS = 2 * BLOCK_N  # the fewest keys a split streams
 
 

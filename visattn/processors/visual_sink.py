@@ -60,6 +60,9 @@ class _Sinks:
         self.dims: dict[int, Tensor] = {}
         self.tokens: dict[int, Tensor] = {}
         self.present: dict[int, bool] = {}  # the layer has sinks (always True when found in a compiled forward)
+        # the sink tokens of every changed layer in one tensor [layers, B, N] (the same as ``tokens``): what the decode
+        # steps read, so that a compiled step's CUDA graph copies one input before each replay, not one per layer
+        self.stacked: Tensor | None = None
 
 
 class VisualSinkHandle(Handle):
@@ -113,20 +116,24 @@ class VisualSink(Method):
         keys = ImageKeys(model, patcher, self.name)
         p, tau, rho, summ, strict = (options[k] for k in ("p", "tau", "rho", "summ", "strict"))
 
-        def detect(layer: int) -> Callable[[tfa.ModelCall], None]:
+        def detect(layer: int, slot: int) -> Callable[[tfa.ModelCall], None]:
             def hook(call: tfa.ModelCall) -> None:
                 if not keys.fresh:  # a continuation adds no image tokens the sinks could be among
                     return
                 found = handle.found.get()
                 dims, tokens = find_sinks(call.arguments["hidden_states"], keys.first_real, tau)
-                found.dims[layer], found.tokens[layer] = dims, tokens & keys.image
+                if slot == 0:
+                    found.stacked = torch.empty((len(chosen), *tokens.shape), dtype=torch.bool, device=tokens.device)
+                found.stacked[slot] = tokens & keys.image
+                found.dims[layer], found.tokens[layer] = dims, found.stacked[slot]
                 # which layers have sinks is read on the host in eager forwards only (a read breaks a graph)
                 found.present[layer] = torch.compiler.is_compiling() or bool(found.tokens[layer].any())
 
             return hook
 
-        for i in chosen:
-            tfa.on_call(decoder[i], patcher, detect(language[i]))
+        for slot, i in enumerate(chosen):
+            tfa.on_call(decoder[i], patcher, detect(language[i], slot))
+        slots = {language[i]: slot for slot, i in enumerate(chosen)}
 
         def make_route(layer: int, module: nn.Module, implementation: str) -> tfa.Route:
             def route(call: Any, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -138,7 +145,7 @@ class VisualSink(Method):
                 mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
                 image = keys.columns  # every key column; the sinks are among the prompt's
                 n = image.shape[1]
-                sinks = F.pad(found.tokens[layer], (0, n - found.tokens[layer].shape[1]))
+                sinks = F.pad(found.stacked[slots[layer]], (0, n - found.stacked.shape[-1]))
 
                 def probs_fn(probs: Tensor) -> Tensor:
                     probs[..., :n] = redistribute(probs[..., :n], sinks[:, None, None, :], image[:, None, None, :],
