@@ -19,8 +19,8 @@ The decision is per row, so a cached ``generate()`` computes what a full forward
 tokens computes. Models run with ``attn_implementation="sdpa"`` (or ``"eager"``, ``"flex_attention"``): the stock
 attention runs for every row, and only text rows of layers with sinks are recomputed explicitly
 (:func:`~visattn.core.redistribute.attend_rows`); a decode step (one generated row) replaces the stock
-attention by one fused launch per layer on CUDA (:mod:`visattn.kernels.reweighted_decode`), or by the
-explicit computation elsewhere. Batches, left padding and the KV cache work on LLaVA (1.5, NeXT, OneVision),
+attention by the fused decode kernel on CUDA (:mod:`visattn.kernels.reweighted_decode`, at SDPA's speed), or by
+the explicit computation elsewhere. Batches, left padding and the KV cache work on LLaVA (1.5, NeXT, OneVision),
 Qwen2-VL, Qwen2.5-VL, Qwen3-VL, PaliGemma, Idefics3 and InternVL (tested); image positions come from
 ``config.image_token_id``. Sliding-window layers (Gemma 3's) keep only the last keys in their cache: they run stock,
 the full-attention layers run VAR.
