@@ -425,8 +425,7 @@ def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: Head
                 attend_rows(query, key, value, keys.last_row(), scale=scale, mask=mask, probs_fn=measure)
                 measured.sensitivity[layer] = share[0] / share[0].amax(-1, keepdim=True).clamp_min(
                     torch.finfo(share[0].dtype).tiny)
-                measured.classes = keys.once("classes", lambda: F.pad(  # a static cache's columns to come: 0
-                    keys.once("selected", select_tokens), (0, image.shape[-1] - query.shape[2])).to(torch.int8) * 2)
+                measured.classes = keys.once("classes", lambda: _classes(select_tokens(), image.shape[-1]))
             classes, sensitivity = measured.classes, measured.sensitivity[layer]
             if query.shape[2] == 1:  # a decode step: one launch where the kernel runs
                 out = reweighted_decode.decode_row(query, key, value, mask, classes, scale=scale, mode="pai",
@@ -451,6 +450,12 @@ def _imbalance(model: nn.Module, patcher: Patcher, keys: ImageKeys, handle: Head
         return route
 
     return make_route
+
+
+def _classes(selected: Tensor, width: int) -> Tensor:
+    """The decode kernel's key classes ``[B, width]`` int8: 2 on the ``selected`` ``[B, q]`` columns, 0 elsewhere
+    (a static cache's columns to come included)."""
+    return F.pad(selected, (0, width - selected.shape[1])).to(torch.int8) * 2
 
 
 def _avisc(model: nn.Module, patcher: Patcher, handle: HeadModulationHandle, alpha: float, beta: float, lamb: float,
