@@ -310,6 +310,64 @@ def test_decode_kernel_compiles_as_one_op_in_the_interpreter() -> None:
     assert run_interpreted(__file__, "compiled_kernel_case", timeout=300) is None
 
 
+def model_decode_case() -> str | None:
+    """In a child with TRITON_INTERPRET=1: a decode step of visual_sink (planted sinks), pai and imbalance (per-head
+    gains on the selected columns) on the fused kernel gives the attention outputs (every layer's o_proj input) of
+    the PyTorch path, in a float16 tiny LLaVA."""
+    from transformers import DynamicCache
+
+    from visattn.kernels import reweighted_decode
+
+    model = BUILDERS["llava"]("sdpa").half().eval()
+    batch = {k: v.half() if v.is_floating_point() else v for k, v in vlm_inputs("llava", model).items()}
+    step = torch.tensor([[11], [12]])
+    available = reweighted_decode.unavailable_reason
+    projections = [m for name, m in model.named_modules() if name.endswith("language_model.layers.0.self_attn.o_proj")
+                   or name.endswith("language_model.layers.1.self_attn.o_proj")]
+    assert len(projections) == 2
+
+    def decode_outputs(method: str | None, options: dict, kernel: bool = True) -> torch.Tensor:
+        """The attention outputs of one decode step; ``kernel``: strict (the kernel must run), else the PyTorch
+        path."""
+        reweighted_decode.unavailable_reason = available if kernel else (lambda q, mask: "the PyTorch path")
+        planted, _ = _plant(model)
+        if method is not None:
+            visattn.apply(model, method, **options, strict=kernel)
+        seen: list[torch.Tensor] = []
+        hooks = [m.register_forward_pre_hook(lambda module, args: seen.append(args[0].float())) for m in projections]
+        try:
+            with torch.no_grad():
+                cache = DynamicCache(config=model.config)
+                model(**batch, past_key_values=cache)
+                seen.clear()
+                mask = torch.cat([batch["attention_mask"], torch.ones_like(step)], 1)
+                model(input_ids=step, attention_mask=mask, past_key_values=cache)
+            return torch.stack(seen)
+        finally:
+            reweighted_decode.unavailable_reason = available
+            for hook in hooks:
+                hook.remove()
+            if method is not None:
+                visattn.remove(model)
+            planted.undo()
+
+    try:
+        stock = decode_outputs(None, {})
+        for method, options in [("visual_sink", dict(OPTIONS, p=0.0)),
+                                ("head_modulation", dict(strategy="pai", alpha=2.0, decoder_layers=[0, 1])),
+                                ("head_modulation", dict(strategy="imbalance", alpha=20.0))]:
+            fused, reference = decode_outputs(method, options), decode_outputs(method, options, kernel=False)
+            changed, error = float((reference - stock).abs().max()), float((fused - reference).abs().max())
+            assert error < changed / 20, f"{method} {options}: {error:.2e} off; the method moves {changed:.2e}"
+        return None
+    except Exception as exc:  # reported by the test
+        return f"{type(exc).__name__}: {exc}"
+
+
+def test_decode_steps_on_the_fused_kernel_match_the_pytorch_path_in_the_interpreter() -> None:
+    assert run_interpreted(__file__, "model_decode_case", timeout=300) is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_decode_kernel_eager_and_under_inductor_match_the_pytorch_path() -> None:

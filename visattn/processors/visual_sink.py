@@ -145,6 +145,14 @@ class VisualSink(Method):
                 mask = tfa.stock_mask(implementation, module, query, key, attention_mask, kwargs.get("is_causal"))
                 image = keys.columns  # every key column; the sinks are among the prompt's
                 n = image.shape[1]
+                decoding = query.shape[2] == 1 and not keys.fresh  # a decode step: one generated text row
+                if decoding:  # the kernel's key classes, of every layer at once (launches are a decode step's cost)
+                    classes = keys.once("classes", lambda: image.to(torch.int8) * 2 - F.pad(
+                        found.stacked, (0, n - found.stacked.shape[-1])).to(torch.int8))[slots[layer]]
+                    out = reweighted_decode.decode_row(query, key, value, mask, classes, scale=scale, mode="var",
+                                                       p=p, rho=rho, summ=summ, strict=strict)
+                    if out is not None:
+                        return out, None
                 sinks = F.pad(found.stacked[slots[layer]], (0, n - found.stacked.shape[-1]))
 
                 def probs_fn(probs: Tensor) -> Tensor:
@@ -152,12 +160,7 @@ class VisualSink(Method):
                                                   p=p, rho=rho, summ=summ)
                     return probs
 
-                if query.shape[2] == 1 and not keys.fresh:  # a decode step: one generated text row
-                    classes = keys.once("classes", lambda: image.to(torch.int8) * 2) - sinks.to(torch.int8)
-                    out = reweighted_decode.decode_row(query, key, value, mask, classes, scale=scale, mode="var",
-                                                       p=p, rho=rho, summ=summ, strict=strict)
-                    if out is not None:
-                        return out, None
+                if decoding:
                     out = attend_rows(query, key, value, None, scale=scale, mask=mask, probs_fn=probs_fn)
                     return out.transpose(1, 2), None
                 out, weights = call(module, query, key, value, attention_mask, **kwargs)
