@@ -61,7 +61,7 @@ def shape_rows(b: int, h: int, n: int, filled: int, d: int = 128) -> dict[str, A
 
         return attend_rows(q, k, v, None, scale=scale, mask=mask, logits_fn=logits_fn)
 
-    row: dict[str, Any] = {"splits_chosen": reweighted_decode.split_count(b * h, n, q.device)}
+    row: dict[str, Any] = {"splits_chosen": reweighted_decode.split_count(b * k.shape[1], n, q.device)}
     with torch.inference_mode():
         row["sdpa_us"] = microseconds(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
         for mode in ("var", "pai"):

@@ -465,4 +465,3 @@ def test_avisc_refuses_a_cache_it_did_not_build() -> None:
             model(**more, past_key_values=cache)
     finally:
         visattn.remove(model)
-
