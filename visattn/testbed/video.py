@@ -62,14 +62,14 @@ from .vit import WEIGHTS_DIR, quarter_turns
 VIDEO_CONFIG: dict[str, Any] = {
     "frames": 8, "size": 32, "patch_size": (1, 4, 4), "num_layers": 4, "num_attention_heads": 4,
     "attention_head_dim": 64, "ffn_dim": 1024, "freq_dim": 128, "text_dim": 128, "class_tokens": 4,
-    "shape_scale": SHAPE_SCALE, "class_in_time": True,
+    "shape_scale": SHAPE_SCALE,
 }
 #: a tiny model on 4 frames of 16x16 (a 4x8x8 token grid, 4 tiles of 4x4x4) for checking the recipe and
 #: the harness on a CPU in seconds; not a useful generator.
 TINY_CONFIG: dict[str, Any] = {
     "frames": 4, "size": 16, "patch_size": (1, 2, 2), "num_layers": 2, "num_attention_heads": 2,
     "attention_head_dim": 16, "ffn_dim": 64, "freq_dim": 16, "text_dim": 16, "class_tokens": 2,
-    "shape_scale": SHAPE_SCALE, "class_in_time": True,
+    "shape_scale": SHAPE_SCALE,
 }
 SHIPPED_VIDEO_DIT = WEIGHTS_DIR / "video_dit.safetensors"
 #: guidance scales :func:`train_video_dit` chooses from by default (the video DiT wants strong guidance).
@@ -83,8 +83,7 @@ def _config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     cfg = merged_config(VIDEO_CONFIG, overrides, "video DiT", "patch_size")
     cfg["shape_scale"] = tuple(float(v) for v in cfg["shape_scale"])
     check_shape_scale(cfg["shape_scale"])
-    cfg["class_in_time"] = bool(cfg["class_in_time"])
-    ints = [k for k in VIDEO_CONFIG if k not in ("patch_size", "shape_scale", "class_in_time")]
+    ints = [k for k in VIDEO_CONFIG if k not in ("patch_size", "shape_scale")]
     if len(cfg["patch_size"]) != 3 or min(cfg["patch_size"]) < 1 or any(int(cfg[k]) < 1 for k in ints):
         raise ValueError(f"video DiT config: patch_size must be 3 ints >= 1 and {', '.join(ints)} ints >= 1 "
                          f"(got {cfg})")
@@ -93,29 +92,6 @@ def _config(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValueError(f"video DiT config: frames ({cfg['frames']}) must be a multiple of patch_size[0] and size "
                          f"({cfg['size']}) of patch_size[1] == patch_size[2] (got patch_size {cfg['patch_size']})")
     return cfg
-
-
-def _class_time_embedding(dims: Mapping[str, int]) -> torch.nn.Module:
-    """Wan's condition embedder (``WanTimeTextImageEmbedding`` with ``dims``' arguments) that also adds the class to
-    the time embedding: DiT's adaLN conditioning (Peebles & Xie, 2023, Sec. 3.2: ``c = t_emb + y_emb`` sets every
-    block's shift, scale and gate), beside the cross-attention that reads the class tokens. ``y_emb`` is a linear map
-    of the flattened class tokens (``class_proj``), so the null class of guidance has one too."""
-    from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedding
-
-    class ClassTimeEmbedding(WanTimeTextImageEmbedding):
-        def __init__(self) -> None:
-            super().__init__(**{k: v for k, v in dims.items() if k != "class_dim"})
-            self.class_proj = torch.nn.Linear(dims["class_dim"], dims["dim"])
-
-        def forward(self, timestep: Tensor, encoder_hidden_states: Tensor,
-                    encoder_hidden_states_image: Tensor | None = None,
-                    timestep_seq_len: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-            temb, _, text, image = super().forward(timestep, encoder_hidden_states, encoder_hidden_states_image,
-                                                   timestep_seq_len)
-            temb = temb + self.class_proj(encoder_hidden_states.flatten(1)).type_as(temb)
-            return temb, self.time_proj(self.act_fn(temb)), text, image
-
-    return ClassTimeEmbedding()
 
 
 class VideoDiT(FlowModel):
@@ -136,11 +112,6 @@ class VideoDiT(FlowModel):
             attention_head_dim=c["attention_head_dim"], in_channels=3, out_channels=3, text_dim=c["text_dim"],
             freq_dim=c["freq_dim"], ffn_dim=c["ffn_dim"], num_layers=c["num_layers"],
             rope_max_seq_len=max(64, c["frames"], c["size"]))
-        if c["class_in_time"]:
-            width = c["num_attention_heads"] * c["attention_head_dim"]
-            self.transformer.condition_embedder = _class_time_embedding(dict(
-                dim=width, time_freq_dim=c["freq_dim"], time_proj_dim=6 * width, text_embed_dim=c["text_dim"],
-                class_dim=c["class_tokens"] * c["text_dim"]))
         self.classes = ClassEmbedding(len(SHAPES), c["class_tokens"], c["text_dim"])
         self.sample_shape = (c["frames"], 3, c["size"], c["size"])
 
@@ -177,9 +148,7 @@ def zero_gates(model: VideoDiT) -> VideoDiT:
 
 def load_video_dit(path: str | Path | None = None, device: str | torch.device = "cpu") -> VideoDiT:
     """The video DiT from ``path`` (default: the shipped weights) and the json beside it, float32, in eval mode."""
-    # weights trained before ``class_in_time`` have no class in the time embedding
-    return load_testbed(lambda c: VideoDiT({"class_in_time": False, **c}), path, SHIPPED_VIDEO_DIT, device,
-                        "video DiT", "scripts/train_testbed_video.py")
+    return load_testbed(VideoDiT, path, SHIPPED_VIDEO_DIT, device, "video DiT", "scripts/train_testbed_video.py")
 
 
 def _to_model(clips: Tensor) -> Tensor:
