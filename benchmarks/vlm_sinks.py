@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import visattn
+from visattn.core.redistribute import rms_normalize
 from visattn.testbed.vlm import CAPTION_PROMPT, load_vlm, prompt_ids, scenes, to_input
 
 
@@ -40,7 +40,7 @@ def measure(n: int, taus: list[float]) -> dict[str, Any]:
     width = hidden[0].shape[-1]
     layers = []
     for i, h in enumerate(hidden[:-2]):  # VAR changes every layer but the last
-        m = F.rms_norm(h.float(), (width,)).abs().amax(-1)  # [B, N]
+        m = rms_normalize(h).abs().amax(-1)  # [B, N], normalised as visual_sink's find_sinks does
         layers.append({"layer": i, "first_token": round(float(m[:, 0].max()), 2),
                        "image_tokens": round(float(m[image].max()), 2),
                        "text_tokens": round(float(m[text].max()), 2)})
