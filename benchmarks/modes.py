@@ -138,8 +138,8 @@ def drop_last_merges() -> contextlib.AbstractContextManager:
                   **_: object) -> tuple:
         keep = metric.shape[1] - min(r, (metric.shape[1] - num_prefix) // 2)
 
-        def merge(t: torch.Tensor, mode: str = "mean") -> torch.Tensor:
-            return t[:, :keep]
+        def merge(t: torch.Tensor, mode: str = "mean", add: torch.Tensor | None = None) -> torch.Tensor:
+            return t[:, :keep] if add is None else t[:, :keep] + add[:, :keep]
 
         merge.size = (torch.ones(metric.shape[:2], device=metric.device) if size is None else size)[:, :keep]
         merge.kept = torch.arange(keep, device=metric.device).expand(metric.shape[0], -1)  # positions follow

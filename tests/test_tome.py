@@ -227,6 +227,13 @@ def kernel_cases() -> bool:
         x.requires_grad_()  # the fused average is differentiable: its gradient is the PyTorch path's
         grad = torch.randn(batch, n - r, 24)
         torch.testing.assert_close(torch.autograd.grad(fused(x), x, grad)[0], torch.autograd.grad(eager(x), x, grad)[0])
+        # the residual sum fused into the merge: merge(x, add=y) is merge(x + y), with the same gradient for both
+        y = torch.randn(batch, n, 24, requires_grad=True)
+        torch.testing.assert_close(fused(x, "mean", y), eager(x + y))
+        want = torch.autograd.grad(eager(x + y), (x, y), grad)
+        for got, w in zip(torch.autograd.grad(fused(x, "mean", y), (x, y), grad), want):
+            torch.testing.assert_close(got, w)
+        assert not torch.equal(fused(x, "mean", y), fused(x))  # the branch is read
     # a ViT merging through the kernels compiles whole (the kernels are custom ops) and equals its eager forward
     model, images = _vit(), torch.randn(2, 3, 32, 32)
     visattn.apply(model, "tome", r=2, strict=True)

@@ -45,8 +45,8 @@ from ..errors import ShapeError
 MergeFn = Callable[..., Tensor]
 
 
-def _identity(x: Tensor, mode: str = "mean") -> Tensor:
-    return x
+def _identity(x: Tensor, mode: str = "mean", add: Tensor | None = None) -> Tensor:
+    return x if add is None else x + add
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, *, num_prefix: int = 0, size: Tensor | None = None,
@@ -66,8 +66,9 @@ def bipartite_soft_matching(metric: Tensor, r: int, *, num_prefix: int = 0, size
             one device-to-host read.
 
     Returns:
-        ``merge(x, mode="mean")``: ``[B, N, C] -> [B, N - r, C]``; ``"mean"`` is the size-weighted
-        average of each group, ``"sum"`` its plain sum (use it for source maps, ``[B, N, N0]``);
+        ``merge(x, mode="mean", add=None)``: ``[B, N, C] -> [B, N - r, C]``; ``"mean"`` is the size-weighted
+        average of each group, ``"sum"`` its plain sum (use it for source maps, ``[B, N, N0]``); with ``add``
+        it merges ``x + add`` (the merge kernel sums them as it reads, never writing the sum out);
         ``merge.size`` ``[B, N - r]`` holds the group sizes (float32), ``merge.kept`` ``[B, N - r]``
         the input token each output token starts from (a group's destination). ``unmerge(x)``:
         ``[B, N - r, C] -> [B, N, C]``, every input token gets the value of the group it joined.
@@ -87,13 +88,15 @@ def merge_count(metric: Tensor, r: int, num_prefix: int, mergeable: Tensor | Non
 
 
 def merge_functions(m: Match, tokens: tuple[int, int], size: Tensor | None,
-                    mean: Callable[[Tensor], Tensor] | None = None) -> tuple[MergeFn, MergeFn]:
+                    mean: Callable[[Tensor, Tensor | None], Tensor] | None = None) -> tuple[MergeFn, MergeFn]:
     """``merge`` and ``unmerge`` (see :func:`bipartite_soft_matching`) of the decision ``m`` over ``tokens``
-    ``(B, N)`` tokens; ``mean``, when given, computes ``merge(x, "mean")`` (a fused kernel does)."""
+    ``(B, N)`` tokens; ``mean``, when given, computes ``merge(x, "mean", add)`` (a fused kernel does)."""
 
-    def merge(x: Tensor, mode: str = "mean") -> Tensor:
+    def merge(x: Tensor, mode: str = "mean", add: Tensor | None = None) -> Tensor:
         if mode == "mean" and mean is not None:
-            return mean(x)
+            return mean(x, add)
+        if add is not None:
+            x = x + add
         rows = lambda idx: idx[:, :, None].expand(-1, -1, x.shape[-1])  # noqa: E731
         out, merged = x.gather(1, rows(m.kept)), x.gather(1, rows(m.src))  # every group's kept member, in order
         if mode == "sum":
@@ -163,10 +166,11 @@ def decide(metric: Tensor, r: int, num_prefix: int, size: Tensor | None, mergeab
     return Match(kept, src, dst_out, group_size)
 
 
-def merge_wavg(merge: MergeFn, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Apply a merge to hidden states ``[B, N, C]``: ``(x_G, s_G)`` (``size`` back unchanged when the
-    merge does nothing)."""
-    return merge(x), getattr(merge, "size", size)
+def merge_wavg(merge: MergeFn, x: Tensor, size: Tensor | None, add: Tensor | None = None
+               ) -> tuple[Tensor, Tensor | None]:
+    """Apply a merge to hidden states ``[B, N, C]`` (to ``x + add`` when ``add`` is given): ``(x_G, s_G)``
+    (``size`` back unchanged when the merge does nothing)."""
+    return merge(x, "mean", add), getattr(merge, "size", size)
 
 
 def key_mask(mask: Tensor, batch: int, num_tokens: int) -> Tensor:

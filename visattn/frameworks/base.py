@@ -318,10 +318,12 @@ class StepCall(Protocol):
     def mask(self, dtype: Any) -> Tensor | None:
         """The attention mask or additive bias of the current tokens (the caller's until tokens change)."""
 
-    def step(self, layer: int, x: Tensor, q: Tensor | None, k: Tensor | None, scale: float,
+    def step(self, layer: int, x: Tensor, branch: Tensor, q: Tensor | None, k: Tensor | None, scale: float,
              bias: Tensor | None = None) -> Tensor:
-        """``x`` ``[B, N, C]`` after attention and its residual; returns the tokens the MLP gets. ``q`` and ``k``
-        are the attention's, ``bias`` an additive bias it added to its logits (BEiT's relative position bias)."""
+        """The block's tokens after attention, ``x + branch`` (``[B, N, C]``: the residual stream and the
+        attention branch, left for the step to sum so it can fuse the sum into its own pass); returns the tokens
+        the MLP gets. ``q`` and ``k`` are the attention's, ``bias`` an additive bias it added to its logits
+        (BEiT's relative position bias)."""
 
 
 class BlockStep(Protocol):

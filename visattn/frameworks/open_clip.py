@@ -96,7 +96,7 @@ def _stepped_forward(self: Any, q_x: torch.Tensor, k_x: torch.Tensor | None = No
                          f"only")
     x = q_x if batch_first else q_x.transpose(0, 1)
     out, q, k = mha_self_attention(self.attn, self.ln_1(x), call.mask(x.dtype))
-    x = call.step(layer, x + self.ls_1(out), q, k, q.shape[-1] ** -0.5)
+    x = call.step(layer, x, self.ls_1(out), q, k, q.shape[-1] ** -0.5)
     x = x + self.ls_2(self.mlp(self.ln_2(x)))
     return x if batch_first else x.transpose(0, 1)
 

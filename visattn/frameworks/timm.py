@@ -74,9 +74,10 @@ def _scaled(gamma: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Kind(NamedTuple):
-    """A block class whose forward the block step replaces: its stock forward, its attention half (with the
-    residual) and its MLP half, as its forward computes them. ``extra`` is the rotary embedding of the current
-    tokens (EVA-style blocks) or BEiT's shared relative position bias."""
+    """A block class whose forward the block step replaces: its stock forward, its attention branch (without the
+    residual, which the step adds: :meth:`StepCall.step`) and its MLP half, as its forward computes them.
+    ``extra`` is the rotary embedding of the current tokens (EVA-style blocks) or BEiT's shared relative position
+    bias."""
 
     stock: Callable[[Any, torch.Tensor, torch.Tensor | None, bool, Any], torch.Tensor]
     attend: Callable[[Any, torch.Tensor, torch.Tensor | None, Any], torch.Tensor]
@@ -85,19 +86,19 @@ class _Kind(NamedTuple):
 
 _KINDS: dict[type, _Kind] = {
     Block: _Kind(lambda b, x, mask, causal, extra: Block.forward(b, x, attn_mask=mask, is_causal=causal),
-                 lambda b, x, mask, extra: x + b.drop_path1(b.ls1(b.attn(b.norm1(x), attn_mask=mask))),
+                 lambda b, x, mask, extra: b.drop_path1(b.ls1(b.attn(b.norm1(x), attn_mask=mask))),
                  lambda b, x: x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))),
     EvaBlock: _Kind(lambda b, x, mask, causal, rope: EvaBlock.forward(b, x, rope=rope, attn_mask=mask,
                                                                         is_causal=causal),
-                    lambda b, x, mask, rope: x + b.drop_path1(_scaled(b.gamma_1, b.attn(b.norm1(x), rope=rope,
+                    lambda b, x, mask, rope: b.drop_path1(_scaled(b.gamma_1, b.attn(b.norm1(x), rope=rope,
                                                                                           attn_mask=mask))),
                     lambda b, x: x + b.drop_path2(_scaled(b.gamma_2, b.mlp(b.norm2(x))))),
     EvaBlockPostNorm: _Kind(lambda b, x, mask, causal, rope: EvaBlockPostNorm.forward(b, x, rope=rope, attn_mask=mask,
                                                                                         is_causal=causal),
-                            lambda b, x, mask, rope: x + b.drop_path1(b.norm1(b.attn(x, rope=rope, attn_mask=mask))),
+                            lambda b, x, mask, rope: b.drop_path1(b.norm1(b.attn(x, rope=rope, attn_mask=mask))),
                             lambda b, x: x + b.drop_path2(b.norm2(b.mlp(x)))),
     BeitBlock: _Kind(lambda b, x, mask, causal, shared: BeitBlock.forward(b, x, shared_rel_pos_bias=shared),
-                     lambda b, x, mask, shared: x + b.drop_path1(_scaled(b.gamma_1, b.attn(
+                     lambda b, x, mask, shared: b.drop_path1(_scaled(b.gamma_1, b.attn(
                          b.norm1(x), shared_rel_pos_bias=shared))),
                      lambda b, x: x + b.drop_path2(_scaled(b.gamma_2, b.mlp(b.norm2(x))))),
 }
@@ -281,14 +282,14 @@ def _run_step(self: Any, step: BlockStep, call: StepCall, layer: int, captured: 
             return kind.stock(self, x, mask, is_causal, extra)
         if is_causal:
             raise ShapeError(f"{step.method}: causal attention cannot follow {step.verb}d tokens")
-        x = kind.attend(self, x, mask, extra)
+        branch = kind.attend(self, x, mask, extra)
     q, k, bias = captured.pop("q", None), captured.pop("k", None), captured.pop("bias", None)
     if k is not None and rotary and extra is not None:  # the keys as attention used them: rotated (not the prefix)
         half = getattr(self.attn, "rotate_half", False)
         k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], extra, half=half).type_as(k)], dim=2)
     if q is not None and k is not None and k.shape[1] != q.shape[1]:  # grouped-query attention: a key per head
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    x = call.step(layer, x, q, k, self.attn.scale, bias)
+    x = call.step(layer, x, branch, q, k, self.attn.scale, bias)
     return kind.feed(self, x)
 
 

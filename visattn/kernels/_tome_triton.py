@@ -7,7 +7,8 @@ tokens and the output position each joins, and the new sizes. Everything in betw
 registers, as ``BLOCK x BLOCK`` comparison matrices (``BLOCK`` <= 128, so up to 256 image tokens).
 
 ``_merge_kernel``: one program per output token: ``x_G = (s_kept x_kept + sum_src s_src x_src) / s_G``,
-reading each input row once.
+reading each input row once; with ``HAS_ADD`` it averages ``x + y`` (a block's residual and its attention
+branch), so the sum is never written out.
 """
 
 from __future__ import annotations
@@ -76,8 +77,17 @@ def _match_kernel(metric, size_in, kept_out, src_out, dst_out, size_out,
 
 
 @triton.jit
-def _merge_kernel(x, out, kept, src, dst, size_in, size_out, N, N_OUT, C, R,
-                  HAS_SIZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+def _row(x, y, offsets, mask, HAS_ADD: tl.constexpr):
+    """A row of ``x`` (plus the same row of ``y``), in fp32."""
+    row = tl.load(x + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        row += tl.load(y + offsets, mask=mask, other=0.0).to(tl.float32)
+    return row
+
+
+@triton.jit
+def _merge_kernel(x, y, out, kept, src, dst, size_in, size_out, N, N_OUT, C, R,
+                  HAS_SIZE: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // N_OUT
     j = pid % N_OUT
@@ -86,7 +96,7 @@ def _merge_kernel(x, out, kept, src, dst, size_in, size_out, N, N_OUT, C, R,
     row = tl.load(kept + pid)
     total = tl.load(size_out + pid)
     w = tl.load(size_in + b * N + row) / total if HAS_SIZE else 1.0 / total
-    acc = tl.load(x + (b * N + row) * C + c, mask=cm, other=0.0).to(tl.float32) * w
+    acc = _row(x, y, (b * N + row) * C + c, cm, HAS_ADD) * w
     k = tl.arange(0, BLOCK_R)
     joining = tl.sum((tl.load(dst + b * R + k, mask=k < R, other=-1) == j).to(tl.int32), axis=0)
     if joining > 0:  # a destination: add its sources (most outputs have none and skip this)
@@ -94,5 +104,5 @@ def _merge_kernel(x, out, kept, src, dst, size_in, size_out, N, N_OUT, C, R,
             if tl.load(dst + b * R + i) == j:
                 s_row = tl.load(src + b * R + i)
                 w = tl.load(size_in + b * N + s_row) / total if HAS_SIZE else 1.0 / total
-                acc += tl.load(x + (b * N + s_row) * C + c, mask=cm, other=0.0).to(tl.float32) * w
+                acc += _row(x, y, (b * N + s_row) * C + c, cm, HAS_ADD) * w
     tl.store(out + pid * C + c, acc.to(out.dtype.element_ty), mask=cm)

@@ -55,7 +55,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, *, num_prefix: int = 0, size
     with torch.no_grad():
         m = core.Match(*match(metric, r, num_prefix, size))
     return core.merge_functions(m, metric.shape[:2], size,
-                                mean=lambda x: merge_mean(x, m.kept, m.src, m.dst_out, size, m.size))
+                                mean=lambda x, add: merge_mean(x, m.kept, m.src, m.dst_out, size, m.size, add))
 
 
 def _kernels():
@@ -100,43 +100,50 @@ _match_op = torch.library.custom_op("visattn::tome_match", _match, mutates_args=
 _match_op.register_fake(lambda metric, r, num_prefix, size: _match_outputs(metric, r))
 
 
-def merge_mean(x: Tensor, kept: Tensor, src: Tensor, dst: Tensor, size: Tensor | None, new_size: Tensor) -> Tensor:
-    """``[B, N, C] -> [B, N - r, C]``: every group's size-weighted average (differentiable in ``x``)."""
-    return launch(_merge_mean_op, _merge_mean, x, kept, src, dst, size, new_size)
+def merge_mean(x: Tensor, kept: Tensor, src: Tensor, dst: Tensor, size: Tensor | None, new_size: Tensor,
+               add: Tensor | None = None) -> Tensor:
+    """``[B, N, C] -> [B, N - r, C]``: every group's size-weighted average of ``x`` (of ``x + add`` when ``add``
+    is given: a block's residual stream and its attention branch, summed as they are read); differentiable in
+    ``x`` and ``add``."""
+    return launch(_merge_mean_op, _merge_mean, x, kept, src, dst, size, new_size, add)
 
 
-def _merge_mean(x: Tensor, kept: Tensor, src: Tensor, dst: Tensor, size: Tensor | None, new_size: Tensor) -> Tensor:
+def _merge_mean(x: Tensor, kept: Tensor, src: Tensor, dst: Tensor, size: Tensor | None, new_size: Tensor,
+                add: Tensor | None) -> Tensor:
     batch, n, c = x.shape
     n_out = kept.shape[1]
     x = x.contiguous()
+    y = x if add is None else add.contiguous()
     out = torch.empty(batch, n_out, c, dtype=x.dtype, device=x.device)
     size_in = new_size if size is None else size.float().contiguous()
     block_c = _pow2(c, 16)
     _kernels()._merge_kernel[(batch * n_out,)](
-        x, out, kept, src, dst, size_in, new_size, n, n_out, c, src.shape[1],
-        HAS_SIZE=size is not None, BLOCK_C=block_c, BLOCK_R=_pow2(src.shape[1], 2),
+        x, y, out, kept, src, dst, size_in, new_size, n, n_out, c, src.shape[1],
+        HAS_SIZE=size is not None, HAS_ADD=add is not None, BLOCK_C=block_c, BLOCK_R=_pow2(src.shape[1], 2),
         num_warps=max(1, min(8, block_c // 256)))
     return out
 
 
 _merge_mean_op = torch.library.custom_op("visattn::tome_merge_mean", _merge_mean, mutates_args=())
-_merge_mean_op.register_fake(lambda x, kept, src, dst, size, new_size: x.new_empty(x.shape[0], kept.shape[1],
-                                                                                    x.shape[2]))
+_merge_mean_op.register_fake(lambda x, kept, src, dst, size, new_size, add: x.new_empty(x.shape[0], kept.shape[1],
+                                                                                         x.shape[2]))
 
 
 def _merge_mean_setup(ctx, inputs: tuple, output: Tensor) -> None:
-    x, kept, src, dst, size, new_size = inputs
+    x, kept, src, dst, size, new_size, add = inputs
     ctx.save_for_backward(kept, src, dst, size, new_size)
     ctx.tokens = x.shape[:2]
+    ctx.has_add = add is not None
 
 
-def _merge_mean_backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
-    """``d x_i = s_i / s_G * d x_G`` for the group ``G`` that token ``i`` joined."""
+def _merge_mean_backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    """``d x_i = s_i / s_G * d x_G`` for the group ``G`` that token ``i`` joined (the same for ``add``)."""
     kept, src, dst, size, new_size = ctx.saved_tensors
     _, unmerge = core.merge_functions(core.Match(kept, src, dst, new_size), ctx.tokens, size)
     s = new_size.new_ones(ctx.tokens) if size is None else size.float()
     weight = s / unmerge(new_size[..., None])[..., 0]
-    return unmerge(grad) * weight.to(grad.dtype)[..., None], None, None, None, None, None
+    dx = unmerge(grad) * weight.to(grad.dtype)[..., None]
+    return dx, None, None, None, None, None, dx if ctx.has_add else None
 
 
 _merge_mean_op.register_autograd(_merge_mean_backward, setup_context=_merge_mean_setup)

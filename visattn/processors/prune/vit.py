@@ -75,10 +75,11 @@ class PruneCall:
     def mask(self, dtype: torch.dtype) -> Tensor | None:
         return self.current_mask
 
-    def step(self, layer: int, x: Tensor, q: Tensor | None, k: Tensor | None, scale: float,
+    def step(self, layer: int, x: Tensor, branch: Tensor, q: Tensor | None, k: Tensor | None, scale: float,
              bias: Tensor | None = None) -> Tensor:
-        """Keep the most attended image tokens of ``x`` ``[B, N, C]``, fuse the rest (EViT); the class token's
-        attention includes the layer's ``bias``."""
+        """Keep the most attended image tokens of ``x + branch`` ``[B, N, C]``, fuse the rest (EViT); the class
+        token's attention includes the layer's ``bias``."""
+        x = x + branch
         n, num_prefix = x.shape[1], self.prune.num_prefix
         valid = None
         if self.current_mask is not None:

@@ -85,10 +85,10 @@ class TomeCall:
     def stock(self, layer: int, num_tokens: int) -> bool:
         return self.tome.r(layer) == 0 and not self.merged
 
-    def step(self, layer: int, x: Tensor, q: Tensor | None, k: Tensor | None, scale: float,
+    def step(self, layer: int, x: Tensor, branch: Tensor, q: Tensor | None, k: Tensor | None, scale: float,
              bias: Tensor | None = None) -> Tensor:
         r = self.tome.r(layer)
-        return self.merge(x, k, r) if r > 0 else x
+        return self.merge(x, k, r, branch) if r > 0 else x + branch
 
     @property
     def merged(self) -> bool:
@@ -103,8 +103,9 @@ class TomeCall:
         bias = log_size_bias(self.size, dtype)
         return bias if self.valid is None else bias.masked_fill(~self.valid[:, None, None, :], -math.inf)
 
-    def merge(self, x: Tensor, keys: Tensor, r: int) -> Tensor:
-        """Merge ``r`` tokens of ``x`` ``[B, N, C]`` by the head-averaged ``keys`` ``[B, H, N, D]``."""
+    def merge(self, x: Tensor, keys: Tensor, r: int, branch: Tensor) -> Tensor:
+        """Merge ``r`` tokens of ``x + branch`` ``[B, N, C]`` (the residual stream and the attention branch,
+        summed inside the merge) by the head-averaged ``keys`` ``[B, H, N, D]``."""
         batch, n, _ = x.shape
         if self.given_mask is not None and self.valid is None:
             try:
@@ -122,7 +123,7 @@ class TomeCall:
         kept = getattr(merge, "kept", None)  # (not hasattr: dynamo before torch 2.14 answers it False)
         if kept is not None:  # a group keeps its destination's position
             self.origin = follow_origin(self.origin, kept, n)
-        x, self.size = merge_wavg(merge, x, self.size)
+        x, self.size = merge_wavg(merge, x, self.size, branch)
         return x
 
 
