@@ -39,13 +39,6 @@ class StockLayer:
         return kwargs if self.any_keyword else {k: v for k, v in kwargs.items() if k in self.positional}
 
 
-#: the arguments after ``hidden_states`` that the stock processors of the supported families take (diffusers passes
-#: a processor only the keywords its ``__call__`` signature names; ``tests/test_diffusers_families.py`` checks this
-#: list against every family's processors)
-KEYWORDS = ("encoder_hidden_states", "attention_mask", "image_rotary_emb", "rotary_emb", "temb",
-            "encoder_hidden_states_mask", "base_sequence_length")
-
-
 class LayerProcessor:
     """The base of visattn's diffusers attention processors, each made for one model.
 
@@ -94,11 +87,23 @@ class LayerProcessor:
         """Remove the hooks this processor installed on its model."""
         self._patcher.undo()
 
-    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, *args: Any,
+                 encoder_hidden_states: Any = None, attention_mask: Any = None, image_rotary_emb: Any = None,
+                 rotary_emb: Any = None, temb: Any = None, encoder_hidden_states_mask: Any = None,
+                 base_sequence_length: Any = None) -> Any:
+        """The call diffusers makes. Its keywords (:data:`KEYWORDS`) are every one the stock processors of the
+        supported families take after ``hidden_states``, since diffusers passes a processor only the keywords its
+        signature names; those left at None are not passed on (every stock processor defaults them to None). A
+        plain signature, not a ``__signature__`` attribute: dynamo breaks the graph where ``Attention.forward``
+        reads a prebuilt signature after a hook has changed a dict in the same frame."""
         layer = self._layers.get(id(attn))
         if layer is None:
             raise UnsupportedModelError(f"{type(self).__name__}: {type(attn).__name__} is not an attention layer of "
                                         f"the {type(self._model).__name__} this processor was made for")
+        given = dict(encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+                     image_rotary_emb=image_rotary_emb, rotary_emb=rotary_emb, temb=temb,
+                     encoder_hidden_states_mask=encoder_hidden_states_mask, base_sequence_length=base_sequence_length)
+        kwargs = {k: v for k, v in given.items() if v is not None}
         return self.run(layer, attn, hidden_states, layer.keywords(args, kwargs))
 
     def run(self, layer: StockLayer, attn: nn.Module, hidden_states: torch.Tensor, kwargs: dict[str, Any]) -> Any:
@@ -122,7 +127,8 @@ class LayerProcessor:
         return out
 
 
-_CALL = inspect.Parameter.POSITIONAL_OR_KEYWORD
-LayerProcessor.__call__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    [inspect.Parameter(n, _CALL) for n in ("self", "attn", "hidden_states")]
-    + [inspect.Parameter(n, _CALL, default=None) for n in KEYWORDS])
+#: the arguments after ``hidden_states`` that the stock processors of the supported families take, as
+#: :meth:`LayerProcessor.__call__` names them (``tests/test_diffusers_families.py`` checks this list against every
+#: family's processors)
+KEYWORDS = tuple(p.name for p in inspect.signature(LayerProcessor.__call__).parameters.values()
+                 if p.kind is p.KEYWORD_ONLY)
