@@ -310,3 +310,79 @@ def test_unsupported_family_and_masked_attention_are_refused() -> None:
             attn(torch.randn(B, 16, 16), attention_mask=torch.ones(B, 16, dtype=torch.bool))
     finally:
         visattn.remove(model)
+
+
+def cell_kernel_cases() -> bool:
+    """The merge kernels (``visattn::tome_cell_mean``, ``visattn::tome_cell_update``) against the core's PyTorch,
+    their gradients, and a UNet merging through them compiled whole (run in the interpreter, see below)."""
+    from visattn.kernels import tome as kernels
+
+    torch.manual_seed(0)
+    for grid, cell, channels, ratio in [((8, 8), (2, 2), 20, 0.5), ((6, 10), (2, 2), 130, 0.5),
+                                        ((2, 6, 6), (2, 2, 2), 12, 0.7), ((5, 7), (2, 3), 17, 0.3)]:
+        n = torch.Size(grid).numel()
+        x = torch.randn(3, n, channels)
+        x[1, : n // 2] = x[1, 0]  # one sample in which many sources join one destination
+        dst, src = cell_destinations(grid, cell, 5)
+        r = int(n * ratio)
+        ref = match_to_cells(x, dst, src, r)
+        fused = kernels.match_to_cells(x, dst, src, r, strict=True)
+        assert fused.average is not None and ref.average is None and torch.equal(fused.slot, ref.slot)
+        assert int(fused.size.max()) > 4  # a group larger than a tile's usual one
+        torch.testing.assert_close(fused.merge(x), ref.merge(x))
+        heads = torch.randn(3, n, 4, 5).transpose(1, 2)  # [B, H, N, D] with the token axis second in memory
+        torch.testing.assert_close(fused.merge(heads, dim=2), ref.merge(heads, dim=2))
+        x.requires_grad_()
+        grad = torch.randn(3, n - r, channels)
+        torch.testing.assert_close(torch.autograd.grad(fused.merge(x), x, grad)[0],
+                                   torch.autograd.grad(ref.merge(x), x, grad)[0])
+        # a block's update unmerged onto the residual stream: x + (out - merged)[slot], and its gradients
+        out, merged = torch.randn(3, n - r, channels, requires_grad=True), ref.merge(x).detach().requires_grad_()
+        torch.testing.assert_close(fused.update(x, out, merged), x + ref.unmerge(out - merged))
+        grad = torch.randn(3, n, channels)
+        for got, want in zip(torch.autograd.grad(fused.update(x, out, merged), (x, out, merged), grad),
+                             torch.autograd.grad(ref.update(x, out, merged), (x, out, merged), grad)):
+            torch.testing.assert_close(got, want)
+    model, inputs, _ = _build("unet")
+    visattn.apply(model, "tome", ratio=0.5, scope="block", strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="aot_eager", fullgraph=True)(**inputs).sample,
+                                   _run(model, inputs))
+    return True
+
+
+def test_merge_kernels_match_the_pytorch_path() -> None:
+    """ToMe-SD's merge kernels, run in Triton's interpreter, equal the core's PyTorch (their gradients too), and a
+    UNet merging through them compiles without a graph break."""
+    pytest.importorskip("triton")
+    from interpreter import run_interpreted
+
+    assert run_interpreted(__file__, "cell_kernel_cases") is True
+
+
+def test_merge_kernel_fallback_is_logged_once_and_strict_refuses_it(caplog: pytest.LogCaptureFixture) -> None:
+    from visattn import _logging
+    from visattn.kernels import tome as kernels
+    from visattn.kernels._runtime import runtime_unavailable
+
+    x = torch.randn(2, 16, 8)
+    reason = runtime_unavailable(x)
+    if reason is None:
+        pytest.skip("the merge kernel runs here (CUDA or TRITON_INTERPRET=1)")
+    dst, src = cell_destinations((4, 4), (2, 2), 0)
+    with pytest.raises(visattn.KernelUnavailableError, match="strict=True forbids the fallback"):
+        kernels.match_to_cells(x, dst, src, 6, strict=True)
+    _logging._seen.discard(f"tome-sd:{reason}")
+    with caplog.at_level("WARNING", logger="visattn"):
+        merges = [kernels.match_to_cells(x, dst, src, 6) for _ in range(2)]
+    assert [r.message for r in caplog.records].count(
+        f"visattn tome merge kernel: {reason}; merging through PyTorch; falling back (logged once; pass "
+        f"strict=True to make this an error)") == 1
+    assert merges[0].average is None and torch.equal(merges[0].merge(x), match_to_cells(x, dst, src, 6).merge(x))
+    model, inputs, _ = _build("sdxl")
+    visattn.apply(model, "tome", ratio=0.5, scope="block", max_downsample=4, strict=True)
+    try:
+        with pytest.raises(visattn.KernelUnavailableError):
+            _run(model, inputs)
+    finally:
+        visattn.remove(model)

@@ -84,15 +84,23 @@ class CellMerge:
     ``select(x)``: ``[B, N, C] -> [B, N - r, C]``, every output slot the value of its own token
     (``own[b, j]``, the input token standing at slot ``j``: computed on first use).
     With ``r == 0`` all three return their input unchanged.
+
+    ``update(x, out, merged)``: ``x + unmerge(out - merged)``, every token's residual stream plus its group's
+    update (a block run on merged tokens).
+
+    ``size`` ``[B, N - r]`` (int64) holds every group's ``|G|``. ``average`` and ``add_update``, when set, compute
+    ``merge`` on ``[B, N, C]`` tensors and ``update`` in place of the PyTorch here: a kernel's
+    (:func:`visattn.kernels.tome.match_to_cells`).
     """
 
     def __init__(self, slot: Tensor | None, num_out: int, own: Callable[[], Tensor] | None = None) -> None:
         self.slot = slot  # [B, N] output position of every input token
         self.num_out = num_out
-        if slot is not None:  # 1 / |G| of every output slot, [B, N - r]
-            count = torch.zeros(slot.shape[0], num_out, device=slot.device).scatter_add_(
-                1, slot, torch.ones(slot.shape, device=slot.device))
-            self.inv_size = count.reciprocal_()
+        if slot is not None:
+            self.size = torch.zeros(slot.shape[0], num_out, dtype=torch.long, device=slot.device).scatter_add_(
+                1, slot, torch.ones_like(slot))
+        self.average: Callable[[Tensor], Tensor] | None = None
+        self.add_update: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
         self._own = own
         self._own_index: Tensor | None = None
 
@@ -115,13 +123,24 @@ class CellMerge:
     def merge(self, x: Tensor, dim: int = 1) -> Tensor:
         if self.slot is None:
             return x
+        if self.average is not None:  # on [B, N, C]: the token axis second, the others flattened last
+            rows = x.movedim(dim, 1)
+            out = self.average(rows.reshape(*rows.shape[:2], -1))
+            return out.view(*out.shape[:2], *rows.shape[2:]).movedim(1, dim)
         total = x.new_zeros(_with_tokens(x, dim, self.num_out)).scatter_add_(dim, self._index(x, dim), x)
-        return total * self.inv_size.view(_with_tokens(x, dim, self.num_out, broadcast=True)).to(x.dtype)
+        return total / self.size.view(_with_tokens(x, dim, self.num_out, broadcast=True))
 
     def unmerge(self, y: Tensor, dim: int = 1) -> Tensor:
         if self.slot is None:
             return y
         return y.gather(dim, self._index(y, dim))
+
+    def update(self, x: Tensor, out: Tensor, merged: Tensor) -> Tensor:
+        if self.slot is None:
+            return out
+        if self.add_update is not None:
+            return self.add_update(x, out, merged)
+        return x + self.unmerge(out - merged)
 
     def select(self, x: Tensor) -> Tensor:
         own = self.own

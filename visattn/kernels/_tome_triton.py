@@ -9,6 +9,12 @@ registers, as ``BLOCK x BLOCK`` comparison matrices (``BLOCK`` <= 128, so up to 
 ``_merge_kernel``: one program per output token: ``x_G = (s_kept x_kept + sum_src s_src x_src) / s_G``,
 reading each input row once; with ``HAS_ADD`` it averages ``x + y`` (a block's residual and its attention
 branch), so the sum is never written out.
+
+``cell_mean_kernel`` (ToMe for Stable Diffusion, :mod:`visattn.core.merge_sd`): one program per tile of output
+slots and channels; each slot averages the rows of its group, read through ``perm`` (the input tokens sorted by
+the slot they go to) between ``first[j]`` and ``first[j + 1]``. A gather: no atomics, the same sums in the same
+order on every run. ``cell_update_kernel``: a block's residual update unmerged onto the residual stream,
+``y_i = x_i + out_{slot(i)} - merged_{slot(i)}``, in one pass.
 """
 
 from __future__ import annotations
@@ -106,3 +112,38 @@ def _merge_kernel(x, y, out, kept, src, dst, size_in, size_out, N, N_OUT, C, R,
                 w = tl.load(size_in + b * N + s_row) / total if HAS_SIZE else 1.0 / total
                 acc += _row(x, y, (b * N + s_row) * C + c, cm, HAS_ADD) * w
     tl.store(out + pid * C + c, acc.to(out.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def cell_mean_kernel(x, out, perm, first, N, N_OUT, C, stride_xb, stride_xn,
+                     BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(2).to(tl.int64)
+    j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok_j, ok_c = j < N_OUT, c < C
+    lo = tl.load(first + b * (N_OUT + 1) + j, mask=ok_j, other=0)
+    count = tl.load(first + b * (N_OUT + 1) + j + 1, mask=ok_j, other=0) - lo
+    acc = tl.zeros([BLOCK_J, BLOCK_C], dtype=tl.float32)
+    for k in range(0, tl.max(count, axis=0)):  # the largest group of the tile; most groups hold 1 to 3 tokens
+        live = k < count
+        row = tl.load(perm + b * N + lo + k, mask=live, other=0)
+        acc += tl.load(x + b * stride_xb + row[:, None] * stride_xn + c[None, :],
+                       mask=live[:, None] & ok_c[None, :], other=0.0).to(tl.float32)
+    acc = acc / tl.maximum(count, 1).to(tl.float32)[:, None]
+    tl.store(out + (b * N_OUT + j[:, None]) * C + c[None, :], acc.to(out.dtype.element_ty),
+             mask=ok_j[:, None] & ok_c[None, :])
+
+
+@triton.jit
+def cell_update_kernel(x, out, merged, slot, y, N, N_OUT, C, BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(2).to(tl.int64)
+    i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = (i < N)[:, None] & (c < C)[None, :]
+    j = tl.load(slot + b * N + i, mask=i < N, other=0)
+    at = (b * N + i[:, None]) * C + c[None, :]
+    group = (b * N_OUT + j[:, None]) * C + c[None, :]
+    total = tl.load(x + at, mask=ok, other=0.0).to(tl.float32) + (
+        tl.load(out + group, mask=ok, other=0.0).to(tl.float32) - tl.load(merged + group, mask=ok, other=0.0).to(
+            tl.float32))
+    tl.store(y + at, total.to(y.dtype.element_ty), mask=ok)

@@ -11,10 +11,15 @@ Both are torch custom ops, ``visattn::tome_match`` and ``visattn::tome_merge_mea
 gradient, :func:`_merge_mean_backward`), so ``torch.compile`` captures a merging block without a graph
 break and CUDA graphs record it (:func:`visattn.kernels._runtime.launch`).
 
-Dispatch (:func:`bipartite_soft_matching`, as for every kernel of this package): CUDA tensors (or any
-tensors under ``TRITON_INTERPRET=1``) with Triton importable, at most ``2 * MAX_SET`` image tokens
-and no key mask run the kernels; anything else falls back to the core path, logged once, or raises
-:class:`~visattn.errors.KernelUnavailableError` under ``strict=True``.
+ToMe for Stable Diffusion (:func:`match_to_cells`) decides in PyTorch (:func:`visattn.core.merge_sd.match_to_cells`,
+a similarity product, a max and a sort), averages its groups with ``visattn::tome_cell_mean`` (one gather over
+the hidden states, in place of the core's scatter-add with atomics, a zero fill and a division), and adds a merged
+block's update back onto the residual stream with ``visattn::tome_cell_update`` (one pass in place of three).
+
+Dispatch (:func:`bipartite_soft_matching`, :func:`match_to_cells`, as for every kernel of this package): CUDA
+tensors (or any tensors under ``TRITON_INTERPRET=1``) with Triton importable (and, for ViTs, at most
+``2 * MAX_SET`` image tokens and no key mask) run the kernels; anything else falls back to the core path,
+logged once, or raises :class:`~visattn.errors.KernelUnavailableError` under ``strict=True``.
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ from __future__ import annotations
 import importlib
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._logging import fallback
 from ..core import merge as core
-from ._runtime import launch, runtime_unavailable
+from ..core import merge_sd
+from ._runtime import Kernel, launch, op, runtime_unavailable
 
 MAX_SET = 128  # tokens of each set A and B held by one program
 
@@ -147,3 +154,114 @@ def _merge_mean_backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
 
 
 _merge_mean_op.register_autograd(_merge_mean_backward, setup_context=_merge_mean_setup)
+
+
+def match_to_cells(metric: Tensor, dst: Tensor, src: Tensor, r: int, *, strict: bool = False) -> merge_sd.CellMerge:
+    """:func:`visattn.core.merge_sd.match_to_cells`, its ``merge`` averaging through :func:`cell_mean` where the
+    kernel runs (see the module doc)."""
+    decision = merge_sd.match_to_cells(metric, dst, src, r)
+    if decision.r == 0:
+        return decision
+    reason = runtime_unavailable(metric)
+    if reason is not None:
+        fallback(f"tome-sd:{reason}", f"visattn tome merge kernel: {reason}; merging through PyTorch", strict)
+        return decision
+    with torch.no_grad():
+        perm = decision.slot.argsort(dim=1, stable=True)  # the input tokens grouped by their slot
+        first = F.pad(decision.size.cumsum(1), (1, 0))
+    slot = decision.slot
+    decision.average = lambda x: cell_mean(x, perm, first, slot)
+    decision.add_update = lambda x, out, merged: cell_update(x, out, merged, slot, first)
+    return decision
+
+
+def cell_mean(x: Tensor, perm: Tensor, first: Tensor, slot: Tensor) -> Tensor:
+    """``[B, N, C] -> [B, N_out, C]``: slot ``j`` the mean of the rows ``perm[b, first[b, j]:first[b, j + 1]]``.
+
+    ``slot`` ``[B, N]`` (the slot of each input token; ``perm`` sorts it) gives the gradient,
+    ``dx_i = dy_{slot(i)} / |G_{slot(i)}|``."""
+    return launch(_cell_mean_op, _cell_mean, x, perm, first, slot)
+
+
+_CELL_MEAN = Kernel("visattn.kernels._tome_triton", "cell_mean_kernel")
+_CELL_ROWS, _CELL_CHANNELS = 16, 128  # a program's tile: output slots by channels
+
+
+def _cell_mean_out(x: Tensor, first: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], first.shape[1] - 1, x.shape[2])
+
+
+def _cell_mean(x: Tensor, perm: Tensor, first: Tensor, slot: Tensor, traced: bool = False) -> Tensor:
+    batch, n, c = x.shape
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    out = _cell_mean_out(x, first)
+    n_out = out.shape[1]
+    _CELL_MEAN(lambda meta: (-(-n_out // _CELL_ROWS), -(-c // _CELL_CHANNELS), batch),
+               x, out, perm, first, n, n_out, c, x.stride(0), x.stride(1), traced=traced,
+               BLOCK_J=_CELL_ROWS, BLOCK_C=_CELL_CHANNELS, num_warps=4)
+    return out
+
+
+def _cell_mean_traced(x: Tensor, perm: Tensor, first: Tensor, slot: Tensor) -> Tensor:
+    return _cell_mean(x, perm, first, slot, traced=True)
+
+
+_cell_mean_op = op("visattn::tome_cell_mean", _cell_mean_traced, lambda x, perm, first, slot: _cell_mean_out(x, first))
+
+
+def _cell_mean_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    x, perm, first, slot = inputs
+    ctx.save_for_backward(first, slot)
+
+
+def _cell_mean_backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    first, slot = ctx.saved_tensors
+    size = (first[:, 1:] - first[:, :-1]).to(grad.dtype)
+    dx = (grad / size[..., None]).gather(1, slot[..., None].expand(-1, -1, grad.shape[2]))
+    return dx, None, None, None
+
+
+_cell_mean_op.register_autograd(_cell_mean_backward, setup_context=_cell_mean_setup)
+
+
+def cell_update(x: Tensor, out: Tensor, merged: Tensor, slot: Tensor, first: Tensor) -> Tensor:
+    """``x + (out - merged)[slot]``: ``x`` ``[B, N, C]``, ``out`` and ``merged`` ``[B, N_out, C]``, in one pass
+    (``first``, the groups' offsets as for :func:`cell_mean`, gives the gradient)."""
+    return launch(_cell_update_op, _cell_update, x, out, merged, slot, first)
+
+
+_CELL_UPDATE = Kernel("visattn.kernels._tome_triton", "cell_update_kernel")
+
+
+def _cell_update(x: Tensor, out: Tensor, merged: Tensor, slot: Tensor, first: Tensor, traced: bool = False) -> Tensor:
+    batch, n, c = x.shape
+    x, out, merged = x.contiguous(), out.contiguous(), merged.contiguous()
+    y = torch.empty_like(x)
+    _CELL_UPDATE(lambda meta: (-(-n // _CELL_ROWS), -(-c // _CELL_CHANNELS), batch),
+                 x, out, merged, slot, y, n, out.shape[1], c, traced=traced,
+                 BLOCK_I=_CELL_ROWS, BLOCK_C=_CELL_CHANNELS, num_warps=4)
+    return y
+
+
+def _cell_update_traced(x: Tensor, out: Tensor, merged: Tensor, slot: Tensor, first: Tensor) -> Tensor:
+    return _cell_update(x, out, merged, slot, first, traced=True)
+
+
+_cell_update_op = op("visattn::tome_cell_update", _cell_update_traced,
+                     lambda x, out, merged, slot, first: torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def _cell_update_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(inputs[3], inputs[4])
+
+
+def _cell_update_backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    """``dx = dy``; ``d out = -d merged`` = the sum of ``dy`` over each group."""
+    slot, first = ctx.saved_tensors
+    total = grad.new_zeros(grad.shape[0], first.shape[1] - 1, grad.shape[2]).scatter_add_(
+        1, slot[..., None].expand_as(grad), grad)
+    return grad, total, -total, None, None
+
+
+_cell_update_op.register_autograd(_cell_update_backward, setup_context=_cell_update_setup)

@@ -50,8 +50,7 @@ class Tome(Method):
                _check_r, identity=0, doc="tokens removed per layer (clamped to half the image tokens)"),
         bool_option("prop_attn", True, doc="proportional attention: add log(token size) to attention logits"),
         bool_option("trace_source", False, doc="record which patches each token holds (handle.source)"),
-        bool_option("strict", False, doc="raise instead of falling back from the merge kernels to PyTorch"),
-    )) + diffusers.OPTIONS  # diffusers UNets and DiTs: ToMe for Stable Diffusion (tome.diffusers)
+    )) + diffusers.OPTIONS  # diffusers UNets and DiTs: ToMe for Stable Diffusion (tome.diffusers); strict: all three
 
     def check_target(self, target: Target, options: dict[str, Any]) -> None:
         if target.framework == "diffusers":

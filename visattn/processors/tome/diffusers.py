@@ -48,9 +48,13 @@ size; 1, 2, 4 or 8: merge at every UNet level downsampled at most that much; DiT
 destinations' pseudo-random positions: each denoising step gets fresh ones, as in tomesd, the layers of
 one call at one resolution share them, and a generation run again gets the same; they are hashed on the
 device, so compiled and CUDA-graph runs draw them too), ``scope``
-("attention"; "block" on :data:`BLOCK_FAMILIES` only). ``tome`` declares these beside its timm/open_clip
-options, each scoped to its frameworks: an option of the other frameworks, given, is an error
+("attention"; "block" on :data:`BLOCK_FAMILIES` only), ``strict`` (False: where the merge kernel cannot run, the
+average goes through PyTorch's scatter-add, logged once; True: an error). ``tome`` declares these beside its
+timm/open_clip options, each scoped to its frameworks: an option of the other frameworks, given, is an error
 (:func:`visattn.options.check_scope`).
+
+Merging averages each group with one gather (:func:`visattn.kernels.tome.match_to_cells`, a Triton kernel and
+torch op) where Triton runs; the decision is PyTorch (:func:`visattn.core.merge_sd.match_to_cells`).
 """
 
 from __future__ import annotations
@@ -65,12 +69,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...core.layout import TokenLayout
-from ...core.merge_sd import CellMerge, cell_destinations, match_to_cells
+from ...core.merge_sd import CellMerge, cell_destinations
 from ...errors import OptionError, ShapeError, UnsupportedModelError
 from ...frameworks import Target
 from ...frameworks.base import PerThread, SDPAIntercept, adapter, memo
 from ...frameworks.diffusers_layers import LayerProcessor, StockLayer
-from ...options import Option, choice_option, float_option, int_option, validate_options
+from ...kernels.tome import match_to_cells
+from ...options import Option, bool_option, choice_option, float_option, int_option, validate_options
 from ...patching import Handle, Patcher
 
 BLOCK_FAMILIES = ("UNet2DConditionModel", "PixArtTransformer2DModel", "DiTTransformer2DModel",
@@ -105,7 +110,8 @@ OPTIONS = tuple(o.scoped(frameworks=_DIFFUSERS) for o in (
                   doc="diffusers: merge around each self-attention, or around each whole transformer block"),
     Option("max_downsample", None, "None or one of 1, 2, 4, 8", _check_max_downsample,
            doc="diffusers: merge at UNet levels downsampled at most this much (None: the finest with attention)"),
-))
+)) + (bool_option("strict", False, doc="raise instead of falling back from the merge kernels to PyTorch").scoped(
+    frameworks=("timm", "open_clip", "diffusers")),)
 
 
 class _Site:
@@ -212,6 +218,7 @@ class _State:
         self.model = model
         self.ratio: float = options["ratio"]
         self.cell = (options["st"], options["sy"], options["sx"])
+        self.strict: bool = options["strict"]
         self.calls: PerThread[_Call] = PerThread(_Call)
         self._layouts: dict[tuple, Any] = {}
 
@@ -246,7 +253,7 @@ class _State:
             if (grid, x.device) not in call.partitions:  # one partition per denoiser call and grid size
                 call.partitions[grid, x.device] = cell_destinations(grid, cell, call.key, device=x.device)
             dst, src = call.partitions[grid, x.device]
-            merge = match_to_cells(x, dst, src, r)
+            merge = match_to_cells(x, dst, src, r, strict=self.strict)
         call.token_counts.append((name, n, n - merge.r))
         return merge
 
@@ -354,8 +361,8 @@ def _hook_block(patcher: Patcher, state: _State, site: _Site, active: Callable[[
         if merge.r == 0:
             return output
         if isinstance(output, tuple):  # SD3 and Flux blocks: (encoder_hidden_states, hidden_states)
-            return output[0], x + merge.unmerge(output[1] - merged)
-        return x + merge.unmerge(output - merged)
+            return output[0], merge.update(x, output[1], merged)
+        return merge.update(x, output, merged)
 
     adapter("diffusers").around_call(site.block, patcher, before, after)
 
