@@ -22,7 +22,8 @@ laid out as the kept sources (by decreasing similarity) followed by the destinat
 attention and per-token layers do not depend on the order, and :meth:`CellMerge.select` gives
 every output slot the value of its own token (destinations and kept sources) for per-token data
 that cannot be averaged, such as rotary position tables. Deciding costs one ``[S, D]`` similarity
-product per sample (``S`` sources, ``D`` destinations); applying a decision is one scatter-add
+product per sample (``S`` sources, ``D`` destinations; computed for all ``N`` tokens, which spares a
+normalised copy of the sources); applying a decision is one scatter-add
 and one scaling (merge) or one gather (unmerge) over the hidden states.
 """
 
@@ -32,7 +33,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -173,9 +173,12 @@ def match_to_cells(metric: Tensor, dst: Tensor, src: Tensor, r: int) -> CellMerg
     num_kept = src.numel() - r
     device = metric.device
     with torch.no_grad():
-        m = F.normalize(metric, dim=-1)
-        scores = m.index_select(1, src) @ m.index_select(1, dst).transpose(1, 2)  # [B, S, D]
+        # cos(x_s, x_d) = (x_s . x_d / |x_d|) / |x_s|: every token against the normalised destinations, the best
+        # of each row, then the sources' rows (no normalised copy of the sources is made)
+        inv_norm = torch.linalg.vector_norm(metric, dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
+        scores = metric @ (metric.index_select(1, dst) * inv_norm.index_select(1, dst)).transpose(1, 2)  # [B, N, D]
         best, partner = scores.max(dim=-1)
+        best, partner = best.index_select(1, src) * inv_norm[..., 0].index_select(1, src), partner.index_select(1, src)
         order = best.argsort(dim=-1, descending=True)  # sources, most similar first: the first r merge
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(src.numel(), device=device).expand(batch, -1))
         src_slot = torch.where(rank < r, num_kept + partner, rank - r)  # merged: its destination's slot

@@ -167,7 +167,8 @@ def match_to_cells(metric: Tensor, dst: Tensor, src: Tensor, r: int, *, strict: 
         fallback(f"tome-sd:{reason}", f"visattn tome merge kernel: {reason}; merging through PyTorch", strict)
         return decision
     with torch.no_grad():
-        perm = decision.slot.argsort(dim=1, stable=True)  # the input tokens grouped by their slot
+        # the input tokens grouped by their slot (32-bit keys: half the radix passes of int64)
+        perm = decision.slot.to(torch.int32).argsort(dim=1, stable=True)
         first = F.pad(decision.size.cumsum(1), (1, 0))
     slot = decision.slot
     decision.average = lambda x: cell_mean(x, perm, first, slot)
