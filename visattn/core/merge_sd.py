@@ -136,7 +136,7 @@ class CellMerge:
         return y.gather(dim, self._index(y, dim))
 
     def update(self, x: Tensor, out: Tensor, merged: Tensor) -> Tensor:
-        if self.slot is None:
+        if self.slot is None:  # nothing merged: merged is x, and x + (out - x) is out
             return out
         if self.add_update is not None:
             return self.add_update(x, out, merged)
