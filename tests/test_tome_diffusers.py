@@ -312,37 +312,70 @@ def test_unsupported_family_and_masked_attention_are_refused() -> None:
         visattn.remove(model)
 
 
+def _check_decision(x: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, r: int, slot: torch.Tensor) -> None:
+    """``slot`` is a ToMe-SD decision for ``x`` up to rounding: every merged source joins a destination of highest
+    similarity (within 1e-5), the merged sources score at least as high as the kept ones, the destinations hold the
+    last slots in order and the kept sources the first ones, each once."""
+    unit = torch.nn.functional.normalize(x, dim=-1)
+    cos = unit[:, src] @ unit[:, dst].transpose(1, 2)  # [B, S, D]
+    best = cos.amax(-1)
+    kept = src.numel() - r
+    to = slot[:, src]
+    merged = to >= kept
+    joined = cos.gather(2, (to - kept).clamp_min(0)[..., None])[..., 0]
+    assert bool(((joined >= best - 1e-5) | ~merged).all())
+    assert int(merged.sum()) == r * x.shape[0]
+    low = torch.where(merged, best, torch.inf).amin(1)
+    high = torch.where(merged, -torch.inf, best).amax(1)
+    assert bool((low >= high - 1e-5).all())
+    assert torch.equal(slot[:, dst], torch.arange(kept, kept + dst.numel()).expand(x.shape[0], -1))
+    assert torch.equal(torch.where(merged, -1, to).sort(1).values[:, r:], torch.arange(kept).expand(x.shape[0], -1))
+
+
 def cell_kernel_cases() -> bool:
-    """The merge kernels (``visattn::tome_cell_mean``, ``visattn::tome_cell_update``) against the core's PyTorch,
-    their gradients, and a UNet merging through them compiled whole (run in the interpreter, see below)."""
+    """The decision kernels (``visattn::tome_cells``) and the merge kernels (``visattn::tome_cell_mean``,
+    ``visattn::tome_cell_update``) against the core's PyTorch, their gradients, and a UNet merging through them
+    compiled whole (run in the interpreter, see below)."""
+    from visattn.core.merge_sd import CellMerge
     from visattn.kernels import tome as kernels
 
     torch.manual_seed(0)
+    kernels._START_ROWS = 32  # the prefix sum over the destinations in several chunks (81 in the last case)
     for grid, cell, channels, ratio in [((8, 8), (2, 2), 20, 0.5), ((6, 10), (2, 2), 130, 0.5),
-                                        ((2, 6, 6), (2, 2, 2), 12, 0.7), ((5, 7), (2, 3), 17, 0.3)]:
+                                        ((2, 6, 6), (2, 2, 2), 12, 0.7), ((5, 7), (2, 3), 17, 0.3),
+                                        ((12, 12), (2, 2), 70, 0.6), ((18, 18), (2, 2), 24, 0.5)]:
         n = torch.Size(grid).numel()
         x = torch.randn(3, n, channels)
-        x[1, : n // 2] = x[1, 0]  # one sample in which many sources join one destination
+        x[1, : n // 2] = x[1, 0]  # one sample in which many sources join one destination (its scores tie)
         dst, src = cell_destinations(grid, cell, 5)
         r = int(n * ratio)
         ref = match_to_cells(x, dst, src, r)
         fused = kernels.match_to_cells(x, dst, src, r, strict=True)
-        assert fused.average is not None and ref.average is None and torch.equal(fused.slot, ref.slot)
+        assert fused.average is not None and ref.average is None
+        assert torch.equal(fused.slot[0::2], ref.slot[0::2])  # no ties: the same decision
+        _check_decision(x, dst, src, r, fused.slot)  # ties may break otherwise in either: a valid decision
+        assert torch.equal(fused.own[0::2], ref.own[0::2])
         assert int(fused.size.max()) > 4  # a group larger than a tile's usual one
-        torch.testing.assert_close(fused.merge(x), ref.merge(x))
+        plain = CellMerge(fused.slot, n - r)  # the kernels' decision applied by PyTorch
+        torch.testing.assert_close(fused.merge(x), plain.merge(x))
         heads = torch.randn(3, n, 4, 5).transpose(1, 2)  # [B, H, N, D] with the token axis second in memory
-        torch.testing.assert_close(fused.merge(heads, dim=2), ref.merge(heads, dim=2))
+        torch.testing.assert_close(fused.merge(heads, dim=2), plain.merge(heads, dim=2))
         x.requires_grad_()
         grad = torch.randn(3, n - r, channels)
         torch.testing.assert_close(torch.autograd.grad(fused.merge(x), x, grad)[0],
-                                   torch.autograd.grad(ref.merge(x), x, grad)[0])
+                                   torch.autograd.grad(plain.merge(x), x, grad)[0])
         # a block's update unmerged onto the residual stream: x + (out - merged)[slot], and its gradients
-        out, merged = torch.randn(3, n - r, channels, requires_grad=True), ref.merge(x).detach().requires_grad_()
-        torch.testing.assert_close(fused.update(x, out, merged), x + ref.unmerge(out - merged))
+        out, merged = torch.randn(3, n - r, channels, requires_grad=True), plain.merge(x).detach().requires_grad_()
+        torch.testing.assert_close(fused.update(x, out, merged), x + plain.unmerge(out - merged))
         grad = torch.randn(3, n, channels)
         for got, want in zip(torch.autograd.grad(fused.update(x, out, merged), (x, out, merged), grad),
-                             torch.autograd.grad(ref.update(x, out, merged), (x, out, merged), grad)):
+                             torch.autograd.grad(plain.update(x, out, merged), (x, out, merged), grad)):
             torch.testing.assert_close(got, want)
+    # a metric whose rows are strided (the keys averaged over heads at an attention call are not) decides alike
+    wide = torch.randn(2, 64, 40)
+    dst, src = cell_destinations((8, 8), (2, 2), 1)
+    assert torch.equal(kernels.match_to_cells(wide[..., ::2], dst, src, 30).slot,
+                       match_to_cells(wide[..., ::2], dst, src, 30).slot)
     model, inputs, _ = _build("unet")
     visattn.apply(model, "tome", ratio=0.5, scope="block", strict=True)
     with torch.no_grad():
@@ -352,8 +385,8 @@ def cell_kernel_cases() -> bool:
 
 
 def test_merge_kernels_match_the_pytorch_path() -> None:
-    """ToMe-SD's merge kernels, run in Triton's interpreter, equal the core's PyTorch (their gradients too), and a
-    UNet merging through them compiles without a graph break."""
+    """ToMe-SD's decision and merge kernels, run in Triton's interpreter, equal the core's PyTorch (the merge's
+    gradients too), and a UNet merging through them compiles without a graph break."""
     pytest.importorskip("triton")
     from interpreter import run_interpreted
 

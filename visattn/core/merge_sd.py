@@ -88,21 +88,27 @@ class CellMerge:
     ``update(x, out, merged)``: ``x + unmerge(out - merged)``, every token's residual stream plus its group's
     update (a block run on merged tokens).
 
-    ``size`` ``[B, N - r]`` (int64) holds every group's ``|G|``. ``average`` and ``add_update``, when set, compute
-    ``merge`` on ``[B, N, C]`` tensors and ``update`` in place of the PyTorch here: a kernel's
-    (:func:`visattn.kernels.tome.match_to_cells`).
+    ``size`` ``[B, N - r]`` (int64) holds every group's ``|G|`` (computed on first use). ``average`` and
+    ``add_update``, when set, compute ``merge`` on ``[B, N, C]`` tensors and ``update`` in place of the PyTorch
+    here: a kernel's (:func:`visattn.kernels.tome.match_to_cells`).
     """
 
     def __init__(self, slot: Tensor | None, num_out: int, own: Callable[[], Tensor] | None = None) -> None:
         self.slot = slot  # [B, N] output position of every input token
         self.num_out = num_out
-        if slot is not None:
-            self.size = torch.zeros(slot.shape[0], num_out, dtype=torch.long, device=slot.device).scatter_add_(
-                1, slot, torch.ones_like(slot))
+        self._size: Tensor | None = None
         self.average: Callable[[Tensor], Tensor] | None = None
         self.add_update: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
         self._own = own
         self._own_index: Tensor | None = None
+
+    @property
+    def size(self) -> Tensor:
+        """``[B, N - r]`` (int64) every group's ``|G|`` (computed on first use)."""
+        if self._size is None:
+            self._size = torch.zeros(self.slot.shape[0], self.num_out, dtype=torch.long,
+                                     device=self.slot.device).scatter_add_(1, self.slot, torch.ones_like(self.slot))
+        return self._size
 
     @property
     def own(self) -> Tensor | None:
@@ -179,7 +185,8 @@ def match_to_cells(metric: Tensor, dst: Tensor, src: Tensor, r: int) -> CellMerg
         scores = metric @ (metric.index_select(1, dst) * inv_norm.index_select(1, dst)).transpose(1, 2)  # [B, N, D]
         best, partner = scores.max(dim=-1)
         best, partner = best.index_select(1, src) * inv_norm[..., 0].index_select(1, src), partner.index_select(1, src)
-        order = best.argsort(dim=-1, descending=True)  # sources, most similar first: the first r merge
+        # sources, most similar first (equal scores by index, as the kernels rank them): the first r merge
+        order = best.argsort(dim=-1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(src.numel(), device=device).expand(batch, -1))
         src_slot = torch.where(rank < r, num_kept + partner, rank - r)  # merged: its destination's slot
         dst_slot = torch.arange(num_kept, num_kept + dst.numel(), device=device).expand(batch, -1)

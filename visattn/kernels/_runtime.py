@@ -55,13 +55,17 @@ def launch(op: Callable[..., R], launcher: Callable[..., R], *args: Any) -> R:
     return op(*args) if needs_op(*args) else launcher(*args)
 
 
-def op(name: str, fn: Callable[..., Any], fake: Callable[..., Any]) -> Any:
+def op(name: str, fn: Callable[..., Any], fake: Callable[..., Any], *, opaque: bool = False) -> Any:
     """Register ``fn`` as the torch op ``name`` (``"visattn::..."``) with the fake implementation ``fake``.
 
     A ``triton_op`` where Triton compiles (``fn`` launches through :meth:`Kernel.__call__` with
     ``traced=True``, so Inductor sees each Triton kernel); a ``custom_op`` where Triton is missing or
-    interprets (chosen once, at import, as Triton reads ``TRITON_INTERPRET`` once)."""
-    if TRITON and not interpreting():
+    interprets (chosen once, at import, as Triton reads ``TRITON_INTERPRET`` once), or where ``opaque``
+    (``fn`` launches directly, and Inductor calls the op as it calls an ATen kernel it does not generate). An
+    opaque op costs a compiled call the op's dispatch and the direct launch; a ``triton_op`` costs the
+    compilation a Triton front-end pass per kernel and call site (Inductor reads each kernel's IR to learn what it
+    writes): ToMe-SD's ops, six kernels in each of an SDXL UNet's 70 merging blocks, are opaque."""
+    if TRITON and not interpreting() and not opaque:
         return torch.library.triton_op(name, fn, mutates_args=())
     registered = torch.library.custom_op(name, fn, mutates_args=())
     registered.register_fake(fake)

@@ -15,6 +15,15 @@ slots and channels; each slot averages the rows of its group, read through ``per
 the slot they go to) between ``first[j]`` and ``first[j + 1]``. A gather: no atomics, the same sums in the same
 order on every run. ``cell_update_kernel``: a block's residual update unmerged onto the residual stream,
 ``y_i = x_i + out_{slot(i)} - merged_{slot(i)}``, in one pass.
+
+ToMe-SD's decision (:func:`visattn.core.merge_sd.match_to_cells`, their oracle) in four launches:
+``cell_score_kernel``, each source's best cosine similarity to a destination and which one (one program per tile
+of sources, looping over tiles of destinations and channels with ``tl.dot``); ``cell_rank_kernel``, each source's
+rank (how many sources beat it: a higher score, or an equal one and an earlier index), its slot, and for a merged
+source how many earlier-ranked sources joined the same destination (one program per tile of sources, comparing
+it with every source: no sort); ``cell_start_kernel``, the groups' offsets (a prefix sum of the destinations'
+counts, one program per sample) and the destinations' places in ``perm``; ``cell_place_kernel``, the sources'
+places in ``perm``. Within a group the destination comes first, then its sources by rank.
 """
 
 from __future__ import annotations
@@ -147,3 +156,109 @@ def cell_update_kernel(x, out, merged, slot, y, N, N_OUT, C, BLOCK_I: tl.constex
         tl.load(out + group, mask=ok, other=0.0).to(tl.float32) - tl.load(merged + group, mask=ok, other=0.0).to(
             tl.float32))
     tl.store(y + at, total.to(y.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def cell_score_kernel(x, src, dst, best, partner, S, D, C, stride_xb, stride_xn,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok_i = i < S
+    rows = tl.load(src + i, mask=ok_i, other=0)
+    base = x + b * stride_xb
+    norm = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        xi = tl.load(base + rows[:, None] * stride_xn + c[None, :], mask=ok_i[:, None] & (c < C)[None, :],
+                     other=0.0).to(tl.float32)
+        norm += tl.sum(xi * xi, axis=1)
+    top = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    arg = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        ok_d = d < D
+        cols = tl.load(dst + d, mask=ok_d, other=0)
+        dot = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        norm_d = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            ok_c = (c < C)[None, :]
+            xi = tl.load(base + rows[:, None] * stride_xn + c[None, :], mask=ok_i[:, None] & ok_c, other=0.0)
+            xd = tl.load(base + cols[:, None] * stride_xn + c[None, :], mask=ok_d[:, None] & ok_c, other=0.0)
+            dot += tl.dot(xi, tl.trans(xd))
+            xd = xd.to(tl.float32)
+            norm_d += tl.sum(xd * xd, axis=1)
+        score = dot / tl.maximum(tl.sqrt(norm_d), 1e-12)[None, :]
+        score = tl.where(ok_d[None, :], score, float("-inf"))
+        tile_top = tl.max(score, axis=1)
+        tile_arg = tl.argmax(score, axis=1)  # the first of equal maxima
+        better = tile_top > top  # strictly: an earlier tile keeps a tie
+        arg = tl.where(better, tile_arg + d0, arg)
+        top = tl.where(better, tile_top, top)
+    top = top / tl.maximum(tl.sqrt(norm), 1e-12)
+    tl.store(best + b * S + i, top, mask=ok_i)
+    tl.store(partner + b * S + i, arg, mask=ok_i)
+
+
+@triton.jit
+def cell_rank_kernel(best, partner, src, slot, rank, within, counts, N, S, D, R,
+                     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    ok_i = i < S
+    top_i = tl.load(best + b * S + i, mask=ok_i, other=0.0)
+    top_i = tl.where(top_i == top_i, top_i, float("-inf"))  # NaN ranks last
+    arg_i = tl.load(partner + b * S + i, mask=ok_i, other=0)
+    beaten = tl.zeros([BLOCK_I], dtype=tl.int32)
+    joined = tl.zeros([BLOCK_I], dtype=tl.int32)
+    for j0 in range(0, S, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        ok_j = j < S
+        top_j = tl.load(best + b * S + j, mask=ok_j, other=0.0)
+        top_j = tl.where(top_j == top_j, top_j, float("-inf"))
+        arg_j = tl.load(partner + b * S + j, mask=ok_j, other=-1)
+        beats = ((top_j[None, :] > top_i[:, None]) | ((top_j[None, :] == top_i[:, None]) & (j[None, :] < i[:, None]))) \
+            & ok_j[None, :]
+        beaten += tl.sum(beats.to(tl.int32), axis=1)
+        joined += tl.sum((beats & (arg_j[None, :] == arg_i[:, None])).to(tl.int32), axis=1)
+    merged = beaten < R
+    kept = S - R
+    tl.store(slot + b * N + tl.load(src + i, mask=ok_i, other=0), tl.where(merged, kept + arg_i, beaten - R).to(
+        tl.int64), mask=ok_i)
+    tl.store(rank + b * S + i, beaten, mask=ok_i)
+    tl.store(within + b * S + i, joined, mask=ok_i)
+    tl.atomic_add(counts + b * D + arg_i, tl.full([BLOCK_I], 1, dtype=tl.int32), mask=ok_i & merged)
+
+
+@triton.jit
+def cell_start_kernel(counts, dst, slot, first, perm, N, D, KEPT, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    stride = KEPT + D + 1
+    for j0 in range(0, KEPT, BLOCK):  # a kept source's group is itself
+        j = j0 + tl.arange(0, BLOCK)
+        tl.store(first + b * stride + j, j, mask=j < KEPT)
+    carry = tl.full([], 0, dtype=tl.int32)
+    for d0 in range(0, D, BLOCK):
+        d = d0 + tl.arange(0, BLOCK)
+        ok = d < D
+        size = tl.where(ok, tl.load(counts + b * D + d, mask=ok, other=0) + 1, 0)
+        start = KEPT + carry + tl.cumsum(size, axis=0) - size
+        tl.store(first + b * stride + KEPT + d, start, mask=ok)
+        token = tl.load(dst + d, mask=ok, other=0)
+        tl.store(perm + b * N + start, token.to(tl.int32), mask=ok)
+        tl.store(slot + b * N + token, (KEPT + d).to(tl.int64), mask=ok)
+        carry += tl.sum(size, axis=0)
+    tl.store(first + b * stride + KEPT + D, carry + KEPT)
+
+
+@triton.jit
+def cell_place_kernel(src, partner, rank, within, first, perm, N, S, D, R, BLOCK: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < S
+    beaten = tl.load(rank + b * S + i, mask=ok, other=0)
+    kept = S - R
+    start = tl.load(first + b * (kept + D + 1) + kept + tl.load(partner + b * S + i, mask=ok, other=0),
+                    mask=ok & (beaten < R), other=0)
+    place = tl.where(beaten < R, start + 1 + tl.load(within + b * S + i, mask=ok, other=0), beaten - R)
+    tl.store(perm + b * N + place, tl.load(src + i, mask=ok, other=0).to(tl.int32), mask=ok)

@@ -11,10 +11,12 @@ Both are torch custom ops, ``visattn::tome_match`` and ``visattn::tome_merge_mea
 gradient, :func:`_merge_mean_backward`), so ``torch.compile`` captures a merging block without a graph
 break and CUDA graphs record it (:func:`visattn.kernels._runtime.launch`).
 
-ToMe for Stable Diffusion (:func:`match_to_cells`) decides in PyTorch (:func:`visattn.core.merge_sd.match_to_cells`,
-a similarity product, a max and a sort), averages its groups with ``visattn::tome_cell_mean`` (one gather over
-the hidden states, in place of the core's scatter-add with atomics, a zero fill and a division), and adds a merged
-block's update back onto the residual stream with ``visattn::tome_cell_update`` (one pass in place of three).
+ToMe for Stable Diffusion (:func:`match_to_cells`) decides with ``visattn::tome_cells`` (:func:`cells`: four
+Triton launches and a zero fill, in place of the core's thirty-odd PyTorch kernels, a sort among them; the same
+decision as :func:`visattn.core.merge_sd.match_to_cells`, up to the rounding of equal scores), averages its groups
+with ``visattn::tome_cell_mean`` (one gather over the hidden states, in place of the core's scatter-add with
+atomics, a zero fill and a division), and adds a merged block's update back onto the residual stream with
+``visattn::tome_cell_update`` (one pass in place of three). Eager, a merging block costs the host seven launches.
 
 Dispatch (:func:`bipartite_soft_matching`, :func:`match_to_cells`, as for every kernel of this package): CUDA
 tensors (or any tensors under ``TRITON_INTERPRET=1``) with Triton importable (and, for ViTs, at most
@@ -27,7 +29,6 @@ from __future__ import annotations
 import importlib
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .._logging import fallback
@@ -157,23 +158,68 @@ _merge_mean_op.register_autograd(_merge_mean_backward, setup_context=_merge_mean
 
 
 def match_to_cells(metric: Tensor, dst: Tensor, src: Tensor, r: int, *, strict: bool = False) -> merge_sd.CellMerge:
-    """:func:`visattn.core.merge_sd.match_to_cells`, its ``merge`` averaging through :func:`cell_mean` where the
-    kernel runs (see the module doc)."""
-    decision = merge_sd.match_to_cells(metric, dst, src, r)
-    if decision.r == 0:
-        return decision
+    """:func:`visattn.core.merge_sd.match_to_cells` decided by :func:`cells` and averaged by :func:`cell_mean` where
+    the kernels run (see the module doc)."""
+    batch, n, _ = metric.shape
+    r = min(r, src.numel())
+    if r <= 0:
+        return merge_sd.CellMerge(None, n)
     reason = runtime_unavailable(metric)
     if reason is not None:
         fallback(f"tome-sd:{reason}", f"visattn tome merge kernel: {reason}; merging through PyTorch", strict)
-        return decision
+        return merge_sd.match_to_cells(metric, dst, src, r)
     with torch.no_grad():
-        # the input tokens grouped by their slot (32-bit keys: half the radix passes of int64)
-        perm = decision.slot.to(torch.int32).argsort(dim=1, stable=True)
-        first = F.pad(decision.size.cumsum(1), (1, 0))
-    slot = decision.slot
+        slot, perm, first = cells(metric, dst, src, r)
+    kept = src.numel() - r
+    decision = merge_sd.CellMerge(slot, n - r, lambda: torch.cat([perm[:, :kept].long(), dst.expand(batch, -1)], 1))
     decision.average = lambda x: cell_mean(x, perm, first, slot)
     decision.add_update = lambda x, out, merged: cell_update(x, out, merged, slot, first)
     return decision
+
+
+def cells(metric: Tensor, dst: Tensor, src: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """ToMe-SD's decision for ``metric`` ``[B, N, C]`` (``0 < r <= len(src)``): ``slot`` ``[B, N]`` (int64, as
+    :class:`~visattn.core.merge_sd.CellMerge` takes it), and the groups as :func:`cell_mean` reads them: ``perm``
+    ``[B, N]`` (int32, the input tokens sorted by slot) and ``first`` ``[B, N - r + 1]`` (int32, each slot's
+    offset in ``perm``)."""
+    return launch(_cells_op, _cells, metric, dst, src, r)
+
+
+_SCORE_TILE = 64  # sources, destinations and channels of a similarity tile
+_RANK_ROWS, _RANK_COLS, _PLACE_ROWS, _START_ROWS = 64, 128, 256, 1024
+
+
+def _cells_out(metric: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    batch, n, _ = metric.shape
+    return (metric.new_empty(batch, n, dtype=torch.long), metric.new_empty(batch, n, dtype=torch.int32),
+            metric.new_empty(batch, n - r + 1, dtype=torch.int32))
+
+
+def _cells(metric: Tensor, dst: Tensor, src: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    batch, n, c = metric.shape
+    s, d = src.numel(), dst.numel()
+    if metric.stride(2) != 1:
+        metric = metric.contiguous()
+    slot, perm, first = _cells_out(metric, r)
+    best = metric.new_empty(batch, s, dtype=torch.float32)
+    partner, rank, within = (metric.new_empty(batch, s, dtype=torch.int32) for _ in range(3))
+    counts = metric.new_zeros(batch, d, dtype=torch.int32)
+    _CELL_SCORE(lambda meta: (-(-s // _SCORE_TILE), batch), metric, src, dst, best, partner, s, d, c,
+                metric.stride(0), metric.stride(1),
+                BLOCK_M=_SCORE_TILE, BLOCK_D=_SCORE_TILE, BLOCK_C=_SCORE_TILE, num_warps=4)
+    _CELL_RANK(lambda meta: (-(-s // _RANK_ROWS), batch), best, partner, src, slot, rank, within, counts, n, s, d, r,
+               BLOCK_I=_RANK_ROWS, BLOCK_J=_RANK_COLS, num_warps=4)
+    _CELL_START(lambda meta: (batch,), counts, dst, slot, first, perm, n, d, s - r,
+                BLOCK=_START_ROWS, num_warps=4)
+    _CELL_PLACE(lambda meta: (-(-s // _PLACE_ROWS), batch), src, partner, rank, within, first, perm, n, s, d, r,
+                BLOCK=_PLACE_ROWS, num_warps=4)
+    return slot, perm, first
+
+
+_CELL_SCORE, _CELL_RANK, _CELL_START, _CELL_PLACE = (
+    Kernel("visattn.kernels._tome_triton", name)
+    for name in ("cell_score_kernel", "cell_rank_kernel", "cell_start_kernel", "cell_place_kernel"))
+_cells_op = op("visattn::tome_cells", _cells, lambda metric, dst, src, r: _cells_out(metric, r), opaque=True)
 
 
 def cell_mean(x: Tensor, perm: Tensor, first: Tensor, slot: Tensor) -> Tensor:
@@ -192,23 +238,20 @@ def _cell_mean_out(x: Tensor, first: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], first.shape[1] - 1, x.shape[2])
 
 
-def _cell_mean(x: Tensor, perm: Tensor, first: Tensor, slot: Tensor, traced: bool = False) -> Tensor:
+def _cell_mean(x: Tensor, perm: Tensor, first: Tensor, slot: Tensor) -> Tensor:
     batch, n, c = x.shape
     if x.stride(2) != 1:
         x = x.contiguous()
     out = _cell_mean_out(x, first)
     n_out = out.shape[1]
     _CELL_MEAN(lambda meta: (-(-n_out // _CELL_ROWS), -(-c // _CELL_CHANNELS), batch),
-               x, out, perm, first, n, n_out, c, x.stride(0), x.stride(1), traced=traced,
+               x, out, perm, first, n, n_out, c, x.stride(0), x.stride(1),
                BLOCK_J=_CELL_ROWS, BLOCK_C=_CELL_CHANNELS, num_warps=4)
     return out
 
 
-def _cell_mean_traced(x: Tensor, perm: Tensor, first: Tensor, slot: Tensor) -> Tensor:
-    return _cell_mean(x, perm, first, slot, traced=True)
-
-
-_cell_mean_op = op("visattn::tome_cell_mean", _cell_mean_traced, lambda x, perm, first, slot: _cell_mean_out(x, first))
+_cell_mean_op = op("visattn::tome_cell_mean", _cell_mean, lambda x, perm, first, slot: _cell_mean_out(x, first),
+                   opaque=True)
 
 
 def _cell_mean_setup(ctx, inputs: tuple, output: Tensor) -> None:
@@ -235,22 +278,19 @@ def cell_update(x: Tensor, out: Tensor, merged: Tensor, slot: Tensor, first: Ten
 _CELL_UPDATE = Kernel("visattn.kernels._tome_triton", "cell_update_kernel")
 
 
-def _cell_update(x: Tensor, out: Tensor, merged: Tensor, slot: Tensor, first: Tensor, traced: bool = False) -> Tensor:
+def _cell_update(x: Tensor, out: Tensor, merged: Tensor, slot: Tensor, first: Tensor) -> Tensor:
     batch, n, c = x.shape
     x, out, merged = x.contiguous(), out.contiguous(), merged.contiguous()
     y = torch.empty_like(x)
     _CELL_UPDATE(lambda meta: (-(-n // _CELL_ROWS), -(-c // _CELL_CHANNELS), batch),
-                 x, out, merged, slot, y, n, out.shape[1], c, traced=traced,
+                 x, out, merged, slot, y, n, out.shape[1], c,
                  BLOCK_I=_CELL_ROWS, BLOCK_C=_CELL_CHANNELS, num_warps=4)
     return y
 
 
-def _cell_update_traced(x: Tensor, out: Tensor, merged: Tensor, slot: Tensor, first: Tensor) -> Tensor:
-    return _cell_update(x, out, merged, slot, first, traced=True)
-
-
-_cell_update_op = op("visattn::tome_cell_update", _cell_update_traced,
-                     lambda x, out, merged, slot, first: torch.empty_like(x, memory_format=torch.contiguous_format))
+_cell_update_op = op("visattn::tome_cell_update", _cell_update,
+                     lambda x, out, merged, slot, first: torch.empty_like(x, memory_format=torch.contiguous_format),
+                     opaque=True)
 
 
 def _cell_update_setup(ctx, inputs: tuple, output: Tensor) -> None:

@@ -53,8 +53,9 @@ average goes through PyTorch's scatter-add, logged once; True: an error). ``tome
 timm/open_clip options, each scoped to its frameworks: an option of the other frameworks, given, is an error
 (:func:`visattn.options.check_scope`).
 
-Merging averages each group with one gather (:func:`visattn.kernels.tome.match_to_cells`, a Triton kernel and
-torch op) where Triton runs; the decision is PyTorch (:func:`visattn.core.merge_sd.match_to_cells`).
+Where Triton runs, the decision and the merge are Triton kernels and torch ops
+(:func:`visattn.kernels.tome.match_to_cells`: the decision in four launches, each group's average in one gather, a
+merged block's update in one pass); elsewhere the PyTorch of :func:`visattn.core.merge_sd.match_to_cells`.
 """
 
 from __future__ import annotations
