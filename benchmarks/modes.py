@@ -30,7 +30,7 @@ Next to each speedup, its bound: the same model doing only the work the method l
 - ``sdxl``: one SDXL UNet step at 1024 px, batch 8 fp16, ``tome`` scope="block" ratio 0.5 at both attention
   levels (``max_downsample=4``); bound: the
   merged layers run on the first N - r tokens (``benchmarks.diffusion.half_tokens``); ``--sdxl-variants`` picks
-  which of the two run beside stock.
+  which of the two run beside stock, ``--sdxl-modes`` in which modes.
 
     PYTHONPATH=. python3 -m benchmarks.modes --parts vit,kernel --out benchmarks/results/modes.json
 """
@@ -346,16 +346,17 @@ def part_sdxl(args: argparse.Namespace) -> list[dict]:
                   added_cond_kwargs={"text_embeds": torch.randn(batch, 1280, device=device, dtype=dtype),
                                      "time_ids": torch.randn(batch, 6, device=device, dtype=dtype)})
     run = lambda m: m(**inputs, return_dict=False)[0]  # noqa: E731
+    modes = tuple(args.sdxl_modes.split(","))
     variants = {"tome_block": lambda: applied(unet, "tome", ratio=0.5, scope="block", max_downsample=4),
                 "bound": lambda: hooked(lambda: half_tokens(unet, "block", 0.5, 4))}
     with torch.no_grad():
         row: dict[str, Any] = {"model": "SDXL UNet 1024px", "batch": batch, "ratio": 0.5, "max_downsample": 4,
-                               "stock": in_modes(unet, run, args.iters)}
+                               "stock": in_modes(unet, run, args.iters, modes)}
         log(f"sdxl stock {fmt_ms(row['stock'])}; compile stats {row['stock'].get('compile')}")
         for name in args.sdxl_variants.split(","):
             start = time.perf_counter()
             with variants[name]():
-                row[name] = in_modes(unet, run, args.iters)
+                row[name] = in_modes(unet, run, args.iters, modes)
             row[name]["seconds"] = time.perf_counter() - start
             row[f"{name}_speedup"] = ratios(row["stock"], row[name])
             log(f"sdxl {name} (tome block 0.5 or its bound): {fmt_ms(row[name])}; {fmt(row[f'{name}_speedup'])}; "
@@ -428,6 +429,7 @@ def main() -> None:
     parser.add_argument("--sdxl-batch", type=int, default=8)
     parser.add_argument("--wan-variants", default="processor,backend,bound", help="of: processor, backend, bound")
     parser.add_argument("--sdxl-variants", default="tome_block,bound", help="of: tome_block, bound")
+    parser.add_argument("--sdxl-modes", default=",".join(MODES), help=f"of: {', '.join(MODES)}")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--biformer", default=".peer/biformer", help="a copy of rayleizhu/BiFormer (part bra)")
     args = parser.parse_args()

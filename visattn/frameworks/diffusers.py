@@ -437,17 +437,57 @@ def _unet_level(model: nn.Module, name: str) -> int:
     return total  # mid_block
 
 
+@dataclass(frozen=True)
+class LayerGrid:
+    """Where attention layer ``layer``'s tokens sit relative to a call's grid: what :func:`layer_grid` and
+    :func:`token_layout` read of the model (its kind, how often a UNet halved the grid above it, the family's text
+    side), read in one walk by :func:`layer_grids`. Methods keep these from ``apply``, so that a forward traced by
+    ``torch.compile`` walks no module tree (dynamo would trace every walk, at every layer of every call site)."""
+
+    layer: int
+    model_name: str
+    kind: str  # layer_kind
+    halvings: int  # downsamplers above the layer (UNets); 0 elsewhere
+    text: str  # Family.text: the side of the self-attention sequence the family's other tokens are on
+
+    def grid(self, grid: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The grid of the layer's queries in a call with input grid ``grid``; ``None`` for the text alone."""
+        if self.kind == "text":
+            return None
+        grid = tuple(int(g) for g in grid)
+        for _ in range(self.halvings):
+            grid = tuple(-(-g // 2) for g in grid)
+        return grid
+
+    def layout(self, grid: tuple[int, ...], num_tokens: int) -> TokenLayout:
+        """:func:`token_layout` of the layer."""
+        layer_g = self.grid(grid)
+        if layer_g is None:
+            return TokenLayout(num_tokens=num_tokens, text=((0, num_tokens),))
+        n = math.prod(layer_g)
+        if num_tokens == n or self.kind == "cross":
+            return TokenLayout(num_tokens=n, grid=layer_g)
+        if num_tokens < n or not self.text:
+            raise ShapeError(f"visattn: attention layer {self.layer} of this {self.model_name} got {num_tokens} "
+                             f"tokens for a {'x'.join(map(str, layer_g))} grid")
+        if self.text == "before":
+            return TokenLayout(num_tokens=num_tokens, grid=layer_g, grid_start=num_tokens - n,
+                               text=((0, num_tokens - n),))
+        return TokenLayout(num_tokens=num_tokens, grid=layer_g, text=((n, num_tokens),))
+
+
+def layer_grids(model: nn.Module) -> list[LayerGrid]:
+    """The :class:`LayerGrid` of every attention layer, in :func:`attention_layers` order (one walk of the model)."""
+    family, unet = family_of(model), type(model).__name__ == "UNet2DConditionModel"
+    return [LayerGrid(i, type(model).__name__, _kind(family, name, module), _unet_level(model, name) if unet else 0,
+                      family.text) for i, (name, module) in enumerate(attention_layers(model))]
+
+
 def layer_grid(model: nn.Module, layer: int, grid: tuple[int, ...]) -> tuple[int, ...] | None:
     """The grid of attention layer ``layer``'s queries in a call with input grid ``grid`` (:func:`call_grid`);
     ``None`` for layers over the text alone. A UNet's layers see it at the resolution of their block (``h`` and
     ``w`` halved, rounding up, per downsampler above them)."""
-    if layer_kind(model, layer) == "text":
-        return None
-    grid = tuple(int(g) for g in grid)
-    if type(model).__name__ == "UNet2DConditionModel":
-        for _ in range(_unet_level(model, attention_layers(model)[layer][0])):
-            grid = tuple(-(-g // 2) for g in grid)
-    return grid
+    return layer_grids(model)[layer].grid(grid)
 
 
 def token_layout(model: nn.Module, layer: int, grid: tuple[int, ...], num_tokens: int) -> TokenLayout:
@@ -461,20 +501,7 @@ def token_layout(model: nn.Module, layer: int, grid: tuple[int, ...], num_tokens
     registers and HunyuanVideo 1.5's image and glyph tokens). Layers over the text alone have no grid. A sequence
     that cannot hold the layer's grid raises :class:`ShapeError`.
     """
-    layer_g = layer_grid(model, layer, grid)
-    if layer_g is None:
-        return TokenLayout(num_tokens=num_tokens, text=((0, num_tokens),))
-    n = math.prod(layer_g)
-    kind, side = layer_kind(model, layer), family_of(model).text
-    if num_tokens == n or kind == "cross":
-        return TokenLayout(num_tokens=n, grid=layer_g)
-    if num_tokens < n or not side:
-        raise ShapeError(f"visattn: attention layer {layer} of this {type(model).__name__} got {num_tokens} tokens "
-                         f"for a {'x'.join(map(str, layer_g))} grid")
-    if side == "before":
-        return TokenLayout(num_tokens=num_tokens, grid=layer_g, grid_start=num_tokens - n,
-                           text=((0, num_tokens - n),))
-    return TokenLayout(num_tokens=num_tokens, grid=layer_g, text=((n, num_tokens),))
+    return layer_grids(model)[layer].layout(grid, num_tokens)
 
 
 def register_attention_backend(name: str, fn: Callable[..., torch.Tensor], *, context_parallel: bool) -> Any:

@@ -75,7 +75,9 @@ class _Plan:
     """The subjects, and per token grid the target's subject map, the shared reference tokens and the mask."""
 
     def __init__(self, model: nn.Module, family: str, options: dict[str, Any]) -> None:
-        self.model = model
+        from ..frameworks.diffusers import layer_grids
+
+        self.layer_grids = layer_grids(model)
         self.family = family
         self.targets = [as_region(r) for r in options["target_regions"]]
         self.refs = [as_region(r) for r in options["reference_regions"]]
@@ -84,7 +86,6 @@ class _Plan:
         self.image_size: tuple[int, int] | None = options["image_size"] or next(
             (r.size for r in self.targets + self.refs if r.size is not None), None)
         self.grids: PerThread[tuple[int, int]] = PerThread(lambda: (0, 0))  # the running call's latent grid
-        self._layouts: dict[tuple, tuple[int, int]] = {}
         self._masks: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
     @property
@@ -108,9 +109,7 @@ class _Plan:
             self.check(self.image_size)
 
     def layer_grid(self, layer: int) -> tuple[int, int]:
-        from ..frameworks.diffusers import layer_grid
-
-        return memo(self._layouts, (layer, self.grid), lambda: layer_grid(self.model, layer, self.grid))
+        return self.layer_grids[layer].grid(self.grid)
 
     def layout(self, grid: tuple[int, int], text_tokens: int, device: torch.device
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

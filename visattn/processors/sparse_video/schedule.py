@@ -44,8 +44,7 @@ class SparseVideoSchedule:
             raise ShapeError(f"sparse_video: window {config.window} does not match the {rank}D token grid of "
                              f"{family}; give windows of {rank} sides")
         self.config = config
-        self._fw = fw
-        self._model = model
+        self._grids = fw.layer_grids(model)
         self._layouts: dict[tuple, TokenLayout] = {}
         self.eligible: dict[int, int] = {}  # layer index -> position among the layers sparse attention may replace
         for index, ((name, module), kind) in enumerate(zip(fw.attention_layers(model), fw.layer_kinds(model))):
@@ -76,9 +75,9 @@ class SparseVideoSchedule:
                 or (self.config.dense_steps and ctx.denoising_step() < self.config.dense_steps)):
             return None
         grid = tuple(extra["grid"])
+        rule = self._grids[index]
         layout = memo(self._layouts, (index, grid, num_tokens),
-                      lambda: self._fw.token_layout(self._model, index, grid, num_tokens or math.prod(
-                          self._fw.layer_grid(self._model, index, grid))))
+                      lambda: rule.layout(grid, num_tokens or math.prod(rule.grid(grid))))
         geo = geometry(tuple(layout.grid), layout.grid_start, layout.num_tokens, self.config.tile_for(layout.grid),
                        device)
         return None if is_dense(self.config, geo) else layout

@@ -131,7 +131,7 @@ def _sites(model: nn.Module) -> list[_Site]:
     from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
-    from ...frameworks.diffusers import attention_layers, layer_grid, layer_kinds
+    from ...frameworks.diffusers import attention_layers, layer_grids, layer_kinds
 
     if type(model).__name__ in CALL_FAMILIES:  # every self-attention layer, merged at its attention call
         return [_Site(name, module, "call", [(i, module)], 1)
@@ -141,14 +141,14 @@ def _sites(model: nn.Module) -> list[_Site]:
     kinds = ((BasicTransformerBlock, "basic", ("attn1",)), (JointTransformerBlock, "joint", ("attn", "attn2")),
              (FluxTransformerBlock, "flux", ("attn",)), (FluxSingleTransformerBlock, "flux_single", ("attn",)))
     probe = (1024, 1024)  # a grid divisible by every UNet level: the layout's grid gives the downsampling
-    sites = []
+    grids, sites = layer_grids(model), []
     for name, block in model.named_modules():
         for cls, kind, attrs in kinds:
             if type(block) is cls:
                 attns = [(index[id(a)], a) for a in (getattr(block, x, None) for x in attrs)
                          if a is not None and not getattr(a, "is_cross_attention", False)]
                 if attns:
-                    grid = layer_grid(model, attns[0][0], probe)
+                    grid = grids[attns[0][0]].grid(probe)
                     sites.append(_Site(name, block, kind, attns, probe[0] // grid[0]))
     return sites
 
@@ -216,29 +216,26 @@ class _State:
     """The method on one model: its options and the current call of each thread."""
 
     def __init__(self, model: nn.Module, options: dict[str, Any]) -> None:
+        from ...frameworks.diffusers import layer_grids
+
         self.model = model
         self.ratio: float = options["ratio"]
         self.cell = (options["st"], options["sy"], options["sx"])
         self.strict: bool = options["strict"]
         self.calls: PerThread[_Call] = PerThread(_Call)
+        self.grids = layer_grids(model)
         self._layouts: dict[tuple, Any] = {}
 
     def layer_grid(self, layer: int) -> tuple[int, ...]:
-        from ...frameworks.diffusers import layer_grid
-
-        call = self.calls.get()
-        return memo(self._layouts, (layer, call.grid), lambda: layer_grid(self.model, layer, call.grid))
+        return self.grids[layer].grid(self.calls.get().grid)
 
     def layout(self, layer: int, num_tokens: int) -> TokenLayout | None:
         """The layout of layer ``layer``'s sequence of ``num_tokens`` tokens in the running call (``None`` before a
         denoiser call)."""
-        from ...frameworks.diffusers import token_layout
-
         grid = self.calls.get().grid
         if not grid:
             return None
-        return memo(self._layouts, (layer, grid, num_tokens),
-                    lambda: token_layout(self.model, layer, grid, num_tokens))
+        return memo(self._layouts, (layer, grid, num_tokens), lambda: self.grids[layer].layout(grid, num_tokens))
 
     def decide(self, name: str, n: int, grid: tuple[int, ...], metric: Callable[[], Tensor]) -> CellMerge:
         """The merge of ``n`` tokens on ``grid`` (raster order) by the similarity of ``metric()`` ``[B, n, C]``."""
