@@ -420,6 +420,7 @@ def train_testbed(build: Callable[[], FlowModel], x_train: np.ndarray, y_train: 
                      "sampler": "Euler, classifier-free guidance"},
         "eval_n": eval_n, "class_accuracy": final["frames"], **middle, "class_accuracy_by_guidance": by_guidance,
         f"vit_accuracy_on_real_{unit}": real["frames"], "train_seconds": round(train_s, 1),
+        **({"peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 1)} if cuda else {}),
         "eval_seconds": round(time.time() - t0, 1),
     }
     save(ema, weights, metrics)
@@ -456,6 +457,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, *, name: str, unit: st
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     parser.add_argument("--log-every", type=int, default=500)
     parser.add_argument("--tiny", action="store_true", help=tiny)
+    parser.add_argument("--config", type=json.loads, default=None, metavar="JSON",
+                        help='overrides of the model config, e.g. \'{"num_layers": 6}\' (on top of --tiny\'s if given)')
 
 
 def recipe_arguments(args: argparse.Namespace, tiny_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -463,6 +466,7 @@ def recipe_arguments(args: argparse.Namespace, tiny_config: Mapping[str, Any]) -
     return dict(steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
                 train_size=args.train_size, lr=args.lr, time_shift=args.time_shift, eval_n=args.eval_n,
                 eval_steps=args.eval_steps,
-                guidances=[float(g) for g in args.guidances.split(",")], config=tiny_config if args.tiny else None,
+                guidances=[float(g) for g in args.guidances.split(",")],
+                config={**(tiny_config if args.tiny else {}), **(args.config or {})} or None,
                 seed=args.seed, workers=args.workers, device=args.device, compile=args.compile,
                 log_every=max(1, min(args.log_every, args.steps // 4)))
