@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.modes import applied, fmt, fmt_ms, in_modes, keys_kept, log, ratios, run_parts, tokens_cut
+from benchmarks.modes import applied, fmt, fmt_ms, in_modes, keys_kept, listed, log, ratios, run_parts, tokens_cut
 
 
 def _build(cls: type, config: dict, dtype: torch.dtype) -> torch.nn.Module:
@@ -73,6 +73,9 @@ def qwenimage(blocks: int, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[st
     return model, inputs, f"Qwen-Image, 1024x1024 ({side}x{side} tokens), {blocks} of 60 blocks", (side, side)
 
 
+#: what runs beside stock (``--variants``): sparse_video keep 0.1 as processors and as the attention backend,
+#: its bound, tome ratio 0.5 and its bound, and on video families tome 0.75 (2x2x2 cells) and its bound.
+VARIANTS = ("processor", "backend", "bound", "tome", "tome_bound", "tome75", "tome75_bound")
 FAMILIES: dict[str, Callable[[int, torch.dtype], tuple[torch.nn.Module, dict[str, Any], str, tuple[int, ...]]]] = {
     "hunyuanvideo15": hunyuanvideo15, "qwenimage": qwenimage}
 
@@ -93,7 +96,7 @@ def part(name: str, args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():
         row["stock"] = in_modes(model, run, args.iters, modes)
         log(f"{name} stock {fmt_ms(row['stock'])}")
-        for variant in args.variants.split(","):
+        for variant in args.variants:
             enter = variants[variant]
             with enter():
                 row[variant] = in_modes(model, run, args.iters, modes)
@@ -108,10 +111,12 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=8, help="transformer blocks built (every block is the same)")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--variants", default="processor,backend,bound,tome,tome_bound",
-                        help="of: processor, backend, bound, tome, tome_bound, tome75 and tome75_bound (video)")
+                        help=f"of: {', '.join(VARIANTS)} (the last two on video families)")
     parser.add_argument("--out", default="visattn_results/families.json")
     args = parser.parse_args()
-    run_parts(parser, args.families, {name: partial(part, name, args) for name in FAMILIES}, args.out,
+    args.variants = listed(parser, "--variants", args.variants, VARIANTS)
+    parts = {name: partial(part, name, args) for name in FAMILIES}
+    run_parts(listed(parser, "--families", args.families, tuple(FAMILIES)), parts, args.out,
               blocks=args.blocks)
 
 

@@ -322,7 +322,7 @@ def part_wan(args: argparse.Namespace) -> list[dict]:
         row: dict[str, Any] = {"model": "Wan 2.1 T2V 1.3B", "latent": [21, 60, 104], "keep": 0.1,
                                "stock": in_modes(model, run, iters, modes)}
         log(f"wan stock {fmt_ms(row['stock'])}")
-        for name in args.wan_variants.split(","):
+        for name in args.wan_variants:
             with variants[name]():
                 row[name] = in_modes(model, run, iters, modes)
             row[f"{name}_speedup"] = ratios(row["stock"], row[name])
@@ -346,14 +346,14 @@ def part_sdxl(args: argparse.Namespace) -> list[dict]:
                   added_cond_kwargs={"text_embeds": torch.randn(batch, 1280, device=device, dtype=dtype),
                                      "time_ids": torch.randn(batch, 6, device=device, dtype=dtype)})
     run = lambda m: m(**inputs, return_dict=False)[0]  # noqa: E731
-    modes = tuple(args.sdxl_modes.split(","))
+    modes = args.sdxl_modes
     variants = {"tome_block": lambda: applied(unet, "tome", ratio=0.5, scope="block", max_downsample=4),
                 "bound": lambda: hooked(lambda: half_tokens(unet, "block", 0.5, 4))}
     with torch.no_grad():
         row: dict[str, Any] = {"model": "SDXL UNet 1024px", "batch": batch, "ratio": 0.5, "max_downsample": 4,
                                "stock": in_modes(unet, run, args.iters, modes)}
         log(f"sdxl stock {fmt_ms(row['stock'])}; compile stats {row['stock'].get('compile')}")
-        for name in args.sdxl_variants.split(","):
+        for name in args.sdxl_variants:
             start = time.perf_counter()
             with variants[name]():
                 row[name] = in_modes(unet, run, args.iters, modes)
@@ -415,6 +415,8 @@ def part_bra(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+WAN_VARIANTS = ("processor", "backend", "bound")
+SDXL_VARIANTS = ("tome_block", "bound")
 PARTS = {"vit": part_vit, "kernel": part_kernel, "wan": part_wan, "sdxl": part_sdxl, "bra": part_bra,
          "timm": part_timm}
 
@@ -427,23 +429,31 @@ def main() -> None:
     parser.add_argument("--timm-models", default="vit_base_patch16_dinov3,eva02_base_patch14_224,beit_base_patch16_224",
                         help="part timm: timm models (12 blocks) for ToMe r=13")
     parser.add_argument("--sdxl-batch", type=int, default=8)
-    parser.add_argument("--wan-variants", default="processor,backend,bound", help="of: processor, backend, bound")
-    parser.add_argument("--sdxl-variants", default="tome_block,bound", help="of: tome_block, bound")
+    parser.add_argument("--wan-variants", default=",".join(WAN_VARIANTS), help=f"of: {', '.join(WAN_VARIANTS)}")
+    parser.add_argument("--sdxl-variants", default=",".join(SDXL_VARIANTS), help=f"of: {', '.join(SDXL_VARIANTS)}")
     parser.add_argument("--sdxl-modes", default=",".join(MODES), help=f"of: {', '.join(MODES)}")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--biformer", default=".peer/biformer", help="a copy of rayleizhu/BiFormer (part bra)")
     args = parser.parse_args()
-    run_parts(parser, args.parts, {name: partial(part, args) for name, part in PARTS.items()}, args.out)
+    args.wan_variants = listed(parser, "--wan-variants", args.wan_variants, WAN_VARIANTS)
+    args.sdxl_variants = listed(parser, "--sdxl-variants", args.sdxl_variants, SDXL_VARIANTS)
+    args.sdxl_modes = listed(parser, "--sdxl-modes", args.sdxl_modes, MODES)
+    parts = {name: partial(part, args) for name, part in PARTS.items()}
+    run_parts(listed(parser, "--parts", args.parts, tuple(PARTS)), parts, args.out)
 
 
-def run_parts(parser: argparse.ArgumentParser, names: str, parts: dict[str, Callable[[], Any]], out: str,
-              **header: Any) -> None:
-    """Run the comma-separated ``names`` of ``parts`` in order, writing the results (under the device, torch and
-    visattn versions and ``header``) to ``out`` as JSON as each part finishes."""
-    chosen = [n for n in names.split(",") if n]
-    unknown = sorted(set(chosen) - set(parts))
-    if unknown:
-        parser.error(f"unknown parts {unknown}; known: {', '.join(parts)}")
+def listed(parser: argparse.ArgumentParser, option: str, value: str, accepted: tuple[str, ...]) -> tuple[str, ...]:
+    """``value`` split at commas; a ``parser.error`` naming the accepted values if one is not among them."""
+    chosen = tuple(n for n in value.split(",") if n)
+    unknown = [n for n in chosen if n not in accepted]
+    if unknown or not chosen:
+        parser.error(f"{option}: unknown or no values {unknown or value!r}; accepted: {', '.join(accepted)}")
+    return chosen
+
+
+def run_parts(chosen: tuple[str, ...], parts: dict[str, Callable[[], Any]], out: str, **header: Any) -> None:
+    """Run the ``chosen`` ``parts`` in order, writing the results (under the device, torch and visattn versions
+    and ``header``) to ``out`` as JSON as each part finishes."""
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                "visattn": visattn.__version__, **header}
     for name in chosen:
