@@ -176,11 +176,11 @@ def parallel_observer(model: nn.Module, patcher: Patcher, observer: Observer) ->
     :class:`UnsupportedModelError`.
     """
     family = type(model).__name__
-    contexts, heads, joint = None, [], set()
-    if context_parallel(model) is not None and family in PARALLEL_FAMILIES:  # what observe reads, once per layer
+    contexts, heads, grids = None, [], []
+    if context_parallel(model) is not None and family in PARALLEL_FAMILIES:  # what observe reads, read once here
         contexts = install_context(model, patcher)
         heads = [getattr(module, "heads", None) for _, module in attention_layers(model)]  # all: no all-to-all ran
-        joint = {i for i, kind in enumerate(layer_kinds(model)) if kind == "self" and family_of(model).text}
+        grids = layer_grids(model)
 
     def observe(layer: int, q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None) -> None:
         cp = context_parallel(model)
@@ -199,9 +199,8 @@ def parallel_observer(model: nn.Module, patcher: Patcher, observer: Observer) ->
             return observer(layer, _all_gather(q, cp.ulysses_degree, group, dim=2), k, scale, mask)
         q, k = (_all_gather(t, cp.ulysses_degree, group, dim=1) for t in (q, k))
         ctx = contexts.get()
-        if layer in joint:
-            layout = token_layout(model, layer, tuple(ctx.extra["grid"]), q.shape[2])
-            order = shard_order(layout, cp.ulysses_degree, q.device)
+        if grids[layer].kind == "self" and grids[layer].text:  # joint attention: tokens interleaved rank by rank
+            order = shard_order(grids[layer].layout(tuple(ctx.extra["grid"]), q.shape[2]), cp.ulysses_degree, q.device)
             q, k, mask = q[:, :, order], k[:, :, order], None if mask is None else mask[..., order]
         return observer(layer, q, k, scale, mask)
 
