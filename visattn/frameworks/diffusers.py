@@ -112,11 +112,12 @@ FAMILIES: dict[str, Family] = {
 }
 SUPPORTED_MODELS = tuple(FAMILIES)
 #: the families tested under diffusers' context parallelism (``sparse_video``'s attention backend and the observers
-#: of :func:`parallel_observer`): Wan attends over the grid alone; Flux, Flux.2 and Qwen-Image join the text to the
-#: grid, and diffusers' plans split the text and the grid each across the ranks (:func:`shard_order`). Qwen-Image
-#: passes a text mask, which diffusers 0.42.1 gathers under Ulysses and 0.37 does not (its stock model fails).
-PARALLEL_FAMILIES = ("WanTransformer3DModel", "FluxTransformer2DModel", "Flux2Transformer2DModel",
-                     "QwenImageTransformer2DModel")
+#: of :func:`parallel_observer`): Wan and LTX-Video attend over the grid alone; Flux, Flux.2 and Qwen-Image join the
+#: text to the grid, and diffusers' plans split the text and the grid each across the ranks (:func:`shard_order`).
+#: Qwen-Image passes a text mask, which diffusers 0.42.1 gathers under Ulysses and 0.37 does not (its stock model
+#: fails); LTX-Video's text mask makes its stock model fail under Ulysses in diffusers 0.42.1 (it runs without one).
+PARALLEL_FAMILIES = ("WanTransformer3DModel", "LTXVideoTransformer3DModel", "FluxTransformer2DModel",
+                     "Flux2Transformer2DModel", "QwenImageTransformer2DModel")
 NATIVE_BACKEND = attention_dispatch.AttentionBackendName.NATIVE  # torch SDPA, diffusers' default
 
 

@@ -35,32 +35,33 @@ What works and what does not (diffusers 0.42.1):
   the processor installation's. The others (CogVideoX, Mochi, SD3, AuraFlow, CogView4, Lumina2, PixArt, DiT)
   call SDPA directly and never reach a backend: ``install="attention_backend"`` is refused there, use
   ``install="processor"``.
-- Ulysses (``ulysses_degree > 1``, ``ring_degree == 1``): Wan, Flux, Flux.2 and Qwen-Image
-  (:data:`visattn.frameworks.diffusers.PARALLEL_FAMILIES`, each tested against one process; Qwen-Image on
-  diffusers 0.42.1, whose Ulysses attention gathers its text mask with the keys: under 0.37 the stock model
-  fails). After the all-to-all each rank has every token of its heads, and every strategy routes each head on
-  its own q and k, so routing and kernel are unchanged and the output equals the single-GPU output up to
-  floating-point differences elsewhere in the model. Wan's self-attention is the grid alone. Flux's, Flux.2's
-  and Qwen-Image's join the text to the grid, and diffusers' plans split the text and the grid each across the
-  ranks, so the gathered sequence interleaves them rank by rank (``[text_0, grid_0, text_1, grid_1]``): the
-  backend reads it in joint order and writes the output back (:func:`visattn.frameworks.diffusers.shard_order`);
-  that needs equal shards (``ulysses_anything`` is refused); a key mask (Qwen-Image's text mask) is reordered
-  with the keys. Per-head ``sliding_tile`` windows are refused (a rank holds a subset of the heads). Other
-  families are refused: HunyuanVideo and others have no plan; LTX's stock model fails under Ulysses with its
-  text mask in diffusers 0.42.1.
-- Ring attention (``ring_degree > 1``, alone or with Ulysses): Wan, Flux, Flux.2 and Qwen-Image, each tested
-  against one process (ring alone on two, Ulysses x ring on four). Routing ranks a query block's kv blocks over
-  the whole sequence, so each rank gathers the sequence from the whole context-parallel group (queries, keys,
-  values and a key mask, as diffusers' ``rotate_method="allgather"`` gathers the keys and values;
-  :func:`visattn.frameworks.diffusers.ring_attention`), routes on it as one process would (every rank picks the
-  same blocks), and runs the kernel for the query blocks that hold its own tokens only (``rows`` of
-  :func:`~visattn.processors.sparse_video.sparse_video_attention`): the attention work is split across the
-  ranks, the gathered keys and values cost what diffusers' own gather costs, and the queries one more gather. No
-  log-sum-exp merge is needed, since every rank sees every key; with Ulysses too, its head split is not used
-  (not xDiT's USP exchange: every rank gathers every head). ``permute`` is refused (its blocks are not tiles),
-  as are unequal shards (``ring_anything``, ``ulysses_anything``). diffusers' native SDPA backend cannot serve
-  the dense calls under ring attention (it returns no log-sum-exp): select a backend that does for them (flash
-  attention on GPUs) before applying.
+- Ulysses (``ulysses_degree > 1``, ``ring_degree == 1``): Wan, LTX-Video, Flux, Flux.2 and Qwen-Image
+  (:data:`visattn.frameworks.diffusers.PARALLEL_FAMILIES`, each tested against one process; Qwen-Image on diffusers
+  0.42.1, whose Ulysses attention gathers its text mask with the keys: under 0.37 the stock model fails). After the
+  all-to-all each rank has every token of its heads, and every strategy routes each head on its own q and k, so
+  routing and kernel are unchanged and the output equals the single-GPU output up to floating-point differences
+  elsewhere in the model. Wan's and LTX-Video's self-attention is the grid alone. Flux's, Flux.2's and Qwen-Image's
+  join the text to the grid, and diffusers' plans split the text and the grid each across the ranks, so the gathered
+  sequence interleaves them rank by rank (``[text_0, grid_0, text_1, grid_1]``): the backend reads it in joint order
+  and writes the output back (:func:`visattn.frameworks.diffusers.shard_order`); that needs equal shards
+  (``ulysses_anything`` is refused); a key mask (Qwen-Image's text mask) is reordered with the keys. Per-head
+  ``sliding_tile`` windows are refused (a rank holds a subset of the heads). Other families are refused: HunyuanVideo
+  and others have no plan. LTX-Video runs without its text mask: with it, its stock model fails under Ulysses in
+  diffusers 0.42.1.
+- Ring attention (``ring_degree > 1``, alone or with Ulysses): Wan, Flux, Flux.2 and Qwen-Image, each tested against
+  one process (ring alone on two, Ulysses x ring on four). LTX-Video is not tested under ring: its cross-attention
+  runs under the ring too and needs a dense backend that returns the log-sum-exp (below), which the CPU tests have
+  none of. Routing ranks a query block's kv blocks over the whole sequence, so each rank gathers the sequence from the
+  whole context-parallel group (queries, keys, values and a key mask, as diffusers' ``rotate_method="allgather"``
+  gathers the keys and values; :func:`visattn.frameworks.diffusers.ring_attention`), routes on it as one process would
+  (every rank picks the same blocks), and runs the kernel for the query blocks that hold its own tokens only (``rows``
+  of :func:`~visattn.processors.sparse_video.sparse_video_attention`): the attention work is split across the ranks,
+  the gathered keys and values cost what diffusers' own gather costs, and the queries one more gather. No log-sum-exp
+  merge is needed, since every rank sees every key; with Ulysses too, its head split is not used (not xDiT's USP
+  exchange: every rank gathers every head). ``permute`` is refused (its blocks are not tiles), as are unequal shards
+  (``ring_anything``, ``ulysses_anything``). diffusers' native SDPA backend cannot serve the dense calls under ring
+  attention (it returns no log-sum-exp): select a backend that does for them (flash attention on GPUs) before
+  applying.
 - Inference only under parallelism (diffusers asks the backend for a backward op; it raises).
 """
 
