@@ -7,6 +7,7 @@ how well it generates.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 
@@ -18,7 +19,7 @@ from visattn.cli import main
 from visattn.errors import OptionError, UnsupportedModelError
 from visattn.testbed import video
 from visattn.testbed.data import SHAPES, moving_shapes_video, video_batch
-from visattn.testbed.diffusion import shift_times
+from visattn.testbed.diffusion import add_recipe_arguments, recipe_arguments, shift_times
 from visattn.testbed.eval import eval_video, psnr, ssim
 from visattn.testbed.video import TINY_CONFIG, load_video_dit, sample, train_video_dit
 from visattn.testbed.vit import load_vit
@@ -217,3 +218,18 @@ def test_shipped_video_dit_loads_and_records_its_recipe_and_accuracy():
     clip = sample(model, [0], seed=0, steps=2, device="cpu")
     assert clip.shape == (1, model.config["frames"], 3, model.config["size"], model.config["size"])
     assert torch.isfinite(clip).all() and float(clip.std()) > 0.01
+
+
+def test_training_script_config_overrides_merge_over_tiny_and_bad_ones_are_named(capsys):
+    """scripts/train_testbed_video.py's ``--config`` (a JSON object) lands in the trainer's ``config``, over
+    ``--tiny``'s; a value that is not a JSON object is refused by the parser."""
+    parser = argparse.ArgumentParser()
+    add_recipe_arguments(parser, name="video_dit", unit="clips", steps=10, max_minutes=1.0, batch_size=8,
+                         train_size=64, tiny="tiny")
+    args = parser.parse_args(["--out", "x", "--tiny", "--config", '{"num_layers": 3}'])
+    assert recipe_arguments(args, TINY_CONFIG)["config"] == {**TINY_CONFIG, "num_layers": 3}
+    assert recipe_arguments(parser.parse_args(["--out", "x"]), TINY_CONFIG)["config"] is None
+    for bad, why in (("{num_layers: 3}", "not JSON"), ("[3]", "must be a JSON object")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--out", "x", "--config", bad])
+        assert why in capsys.readouterr().err

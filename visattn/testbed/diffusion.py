@@ -457,8 +457,19 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, *, name: str, unit: st
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     parser.add_argument("--log-every", type=int, default=500)
     parser.add_argument("--tiny", action="store_true", help=tiny)
-    parser.add_argument("--config", type=json.loads, default=None, metavar="JSON",
+    parser.add_argument("--config", type=_json_object, default=None, metavar="JSON",
                         help='overrides of the model config, e.g. \'{"num_layers": 6}\' (on top of --tiny\'s if given)')
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """``--config``'s value: a JSON object (its keys are checked against the testbed's config by the trainer)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}); e.g. '{{\"num_layers\": 6}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object of config keys (got {text})")
+    return value
 
 
 def recipe_arguments(args: argparse.Namespace, tiny_config: Mapping[str, Any]) -> dict[str, Any]:
