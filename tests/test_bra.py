@@ -100,6 +100,34 @@ def test_factory_flag_keeps_timm_parameter_names():
     assert missing and all(".attn.lepe." in key for key in missing)
 
 
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_lepe_adds_the_depthwise_conv_of_v_with_and_without_autograd(prefix):
+    """LePE's LCE(V) joins the attention output before the projection; inference adds it in place, autograd out of
+    place: both equal the attention with a zero conv plus the projected conv of v."""
+    from visattn.timm import bra
+
+    torch.manual_seed(0)
+    layer = bra(n_win=2, topk=1, lepe=True, num_prefix_tokens=prefix)(32, num_heads=2, qkv_bias=True).eval()
+    torch.nn.init.normal_(layer.lepe.weight)
+    torch.nn.init.normal_(layer.lepe.bias)
+    x = torch.randn(2, prefix + 64, 32)
+    with torch.no_grad():
+        inference = layer(x)
+        v = layer.qkv(x)[..., 64:][:, prefix:]  # [B, h * w, C]
+        lce = torch.nn.functional.conv2d(v.transpose(1, 2).reshape(2, 32, 8, 8), layer.lepe.weight, layer.lepe.bias,
+                                         padding=2, groups=32).flatten(2).transpose(1, 2)
+        weight, bias = layer.lepe.weight.clone(), layer.lepe.bias.clone()
+        layer.lepe.weight.zero_(), layer.lepe.bias.zero_()
+        expected = layer(x)
+        expected[:, prefix:] += lce @ layer.proj.weight.T
+        layer.lepe.weight.copy_(weight), layer.lepe.bias.copy_(bias)
+    trained = layer(x.clone().requires_grad_())
+    trained.sum().backward()
+    assert layer.lepe.weight.grad is not None and layer.qkv.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(inference, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trained.detach(), inference, rtol=1e-6, atol=1e-6)
+
+
 def test_errors():
     model = _vit()
     fits = r"n_win=3 does not divide the 8x8 patch grid; n_win values that fit: \[1, 2, 4, 8\]"

@@ -239,10 +239,20 @@ def timm_layer() -> type:
                                              on_routes=None if torch.compiler.is_compiling()  # no graph break
                                              else self.__dict__.get("_visattn_on_routes"))
             x = out.transpose(1, 2).reshape(b, n, self.attn_dim)  # the kernel's output is laid out so: no copy
-            if self.use_lepe:  # v's grid as [B, C, h, w] in place (channels last), the LCE back as [B, h * w, C]
-                v_img = v[:, :, prefix:].transpose(1, 2).reshape(b, *grid, self.attn_dim).permute(0, 3, 1, 2)
-                lce = self.lepe(v_img).permute(0, 2, 3, 1).reshape(b, -1, self.attn_dim)
-                x = x + lce if prefix == 0 else torch.cat([x[:, :prefix], x[:, prefix:] + lce], dim=1)
+            # LePE's input, v's grid tokens as [B, h * w, C], copied out of the qkv activation so that the whole
+            # activation goes before the conv and the projection (eager peak memory)
+            v_grid = None
+            if self.use_lepe:
+                v_grid = v[:, :, prefix:].transpose(1, 2).reshape(b, -1, self.attn_dim).contiguous()
+            del q, k, v, out
+            if v_grid is not None:  # LCE(V) as channels-last [B, C, h, w], back as [B, h * w, C] without copies
+                lce = self.lepe(v_grid.unflatten(1, grid).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape_as(v_grid)
+                del v_grid
+                if x.requires_grad or lce.requires_grad:
+                    x = x + lce if prefix == 0 else torch.cat([x[:, :prefix], x[:, prefix:] + lce], dim=1)
+                else:  # inference: into the attention output, no further [B, N, C] buffer
+                    x[:, prefix:] += lce
+                del lce
             x = self.norm(x)
             if gate is not None:
                 x = x * gate
