@@ -432,7 +432,7 @@ def train_testbed(build: Callable[[], FlowModel], x_train: np.ndarray, y_train: 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser, *, name: str, unit: str, steps: int, max_minutes: float,
                          batch_size: int, train_size: int, tiny: str, lr: float = 5e-4, time_shift: float = 1.0,
-                         guidances: Sequence[float] = GUIDANCE_CANDIDATES) -> None:
+                         guidances: Sequence[float] = GUIDANCE_CANDIDATES, eval_n: int = 256) -> None:
     """Add a testbed training script's arguments to ``parser``, with the testbed's defaults.
 
     ``name`` is the weights' stem (``--out`` gets ``name.safetensors`` and ``name.json``), ``unit`` what
@@ -447,7 +447,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, *, name: str, unit: st
     parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--time-shift", type=float, default=time_shift,
                         help="SD3 time shift of training times and sampling steps (1 = none, > 1 = toward the noise)")
-    parser.add_argument("--eval-n", type=int, default=256, help=f"{unit} sampled for the final class accuracy")
+    parser.add_argument("--eval-n", type=int, default=eval_n, help=f"{unit} sampled for the final class accuracy")
     parser.add_argument("--eval-steps", type=int, default=25, help="Euler steps of the evaluation samples")
     parser.add_argument("--guidances", default=",".join(str(g) for g in guidances),
                         help="classifier-free guidance scales to choose the default from")

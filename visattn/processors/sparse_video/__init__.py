@@ -89,31 +89,34 @@ layer calls stock SDPA itself, so the output is bit-identical to stock.
 
 Defaults, and why (measured on the trained testbed video DiT, 64 clips sampled stock and patched from the same
 noise with ``tile=(2, 2, 2)``, beside Wan 2.1 1.3B's attention at 81x480x832 on the H200; BENCHMARKS.md, "Testbed
-video DiT"; class accuracy of stock's clips 0.77, and about +-0.06 of noise on 64 clips):
+video DiT"; class accuracy of stock's clips 0.78, and about +-0.06 of noise on 64 clips):
 
-- ``strategy='tile_topk'`` with ``keep=0.25``: a quarter of the blocks keeps 0.58 class accuracy at 2.4x Wan's
-  attention speed; ``keep=0.5`` buys 0.09 of accuracy for half that speed (1.3x), ``keep=0.1`` halves the
-  accuracy (0.37) for 5.2x. No other rule keeps more accuracy at the same speed.
+- ``strategy='tile_topk'`` with ``keep=0.25``: a quarter of the blocks keeps 0.55 class accuracy, 13.4 dB and
+  0.66 of the attention mass at 2.4x Wan's attention speed; ``keep=0.5`` buys 0.18 of accuracy for half that
+  speed (0.73 at 1.3x), ``keep=0.1`` loses another 0.16 (0.39) for 5.2x. Fixed windows (``sliding_tile``) reach
+  the same accuracy at the same kept fraction and run faster, but keep less of the clip and of the attention
+  (12.2 dB and recall 0.46 at a quarter) and cannot follow the content: tile_topk is the default.
 - ``rectified`` with ``keep=0.5`` (1.25x at Wan): its correction gives the highest PSNR against stock at every
-  level (16.7 / 15.7 / 15.3 dB at keep 0.5 / 0.25 / 0.1; tile_topk 15.6 / 13.2 / 10.8), yet below 0.5 its class
-  accuracy falls fastest (0.65 at 0.5, 0.39 at 0.25): the colours and layout stay, the outline goes.
-- ``score='mean'``: the antidiagonal scores choose nearly the same blocks (recall 0.67 against 0.69 at keep
-  0.25) and take 6.3 ms of routing at Wan's 32,760 tokens (1.15x instead of 2.44x at keep 0.25).
-- ``permute='none'``: ``'importance'`` loses recall (0.44 against 0.69 at keep 0.25: one global sort of the keys
-  breaks the locality tile order gives), ``'cluster'`` keeps recall but loses PSNR and costs 15 ms at Wan.
+  level (19.1 / 17.6 / 17.2 dB at keep 0.5 / 0.25 / 0.1; tile_topk 16.6 / 13.4 / 12.6), yet below 0.5 its class
+  accuracy falls fastest (0.60 at 0.5, 0.29 at 0.25): the colours and layout stay, the outline goes.
+- ``score='mean'``: the antidiagonal scores choose nearly the same blocks (recall 0.65 against 0.66 at keep
+  0.25, accuracy within the noise) and take 6.3 ms of routing at Wan's 32,760 tokens (1.15x instead of 2.44x).
+- ``permute='none'``: ``'importance'`` loses recall (0.45 against 0.66 at keep 0.25: one global sort of the keys
+  breaks the locality tile order gives); ``'cluster'`` keeps recall and PSNR but not class accuracy (0.50
+  against 0.55 at a quarter, 0.63 against 0.73 at a half) and costs 15 ms at Wan (0.6x).
 - ``sliding_tile``: ``window`` 3 tiles per axis (a tile and its neighbours), stride and dilation 1.
-  Fixed windows keep less than tile_topk at the same kept fraction (0.48 against 0.58 accuracy at a quarter of
-  the blocks) and skip the routing (2.75x against 2.44x). The blocked form (``window_stride = window``) measured
-  the same; a dilation lists more blocks where the tile does not divide the grid. Window 3 keeps 27 tiles of
-  the grid's: 0.42 of the testbed's 4x4x4 tiles but 0.04 of Wan's 6x8x13 at 81x480x832, far sparser than any
-  point measured: there give a larger window (5x4x6 keeps a quarter, 4x8x8 a half).
-- ``grat``: ``'surrounding'`` with radius 1 keeps more than ``'criss_cross'`` (accuracy 0.50 against 0.46,
-  recall 0.52 against 0.48) and is the faster of the two at Wan (10.4x against 9.0x; it lists fewer of Wan's
+  Fixed windows skip the routing (2.75x against 2.44x at a quarter of the blocks). The blocked form
+  (``window_stride = window``) measured the same; a dilation lists more blocks where the tile does not divide the
+  grid. Window 3 keeps 27 tiles of the grid's: 0.42 of the testbed's 4x4x4 tiles but 0.04 of Wan's 6x8x13 at
+  81x480x832, far sparser than any point measured: there give a larger window (5x4x6 keeps a quarter, 4x8x8 a
+  half).
+- ``grat``: ``'surrounding'`` with radius 1 keeps more than ``'criss_cross'`` (accuracy 0.54 against 0.42,
+  recall 0.50 against 0.43) and is the faster of the two at Wan (10.4x against 9.0x; it lists fewer of Wan's
   larger tile grid).
 - ``dense_steps=0``, ``dense_layers=0``: every step and layer sparse, so the speed is the one asked for. Dense
-  first steps buy quality back: at keep 0.25, 6 of 25 steps dense raise the PSNR from 13.0 to 15.4 dB and 3 of
-  25 the class accuracy from 0.59 to 0.65 (32 clips, within their noise), at the cost of those steps' share at
-  stock speed.
+  first steps buy quality back (measured on the previous, width-256 weights): at keep 0.25, 6 of 25 steps dense
+  raise the PSNR from 13.0 to 15.4 dB and 3 of 25 the class accuracy from 0.59 to 0.65 (32 clips, within their
+  noise), at the cost of those steps' share at stock speed.
 
 Installation (diffusers): ``visattn.apply(pipe_or_model, "sparse_video", ...)`` or
 ``model.set_attn_processor(visattn.diffusers.SparseVideoAttnProcessor(model, ...))``; see
