@@ -16,6 +16,7 @@ Next to each speedup, its bound: the same model doing only the work the method l
 - ``kernel``: the block-sparse kernel at N=4096 (B=1, H=24, D=128, block 128, 1, 2, 3 and 16 of 32 kv blocks kept, bf16)
   against FlexAttention given the same lists (always compiled, as Flex must be) and dense SDPA; ours is timed
   eager, inside a compiled function, and replayed from a CUDA graph; bound: dense SDPA over the kept keys alone;
+  each list's rows are timed interleaved, call by call (these calls are launch-bound);
 - ``wan``: one Wan 2.1 1.3B forward at 81x480x832 (32,760 tokens, bf16, random weights), ``sparse_video``
   tile_topk keep 0.1 installed as processors and as the attention backend (``--wan-variants``); bound: every
   self-attention over the first 10% of its keys (SDPA);
@@ -51,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 import visattn
-from benchmarks.timing import graphed, median_ms
+from benchmarks.timing import graphed, interleaved_ms, median_ms
 
 MODES = ("eager", "compiled", "graph")
 
@@ -241,15 +242,18 @@ def part_kernel(args: argparse.Namespace) -> list[dict]:
             kq, kk = q, k[:, :, :kept * block]
             kv = v[:, :, :kept * block]
             bound = lambda: F.scaled_dot_product_attention(kq, kk, kv)  # noqa: E731,B023
+            # Launch-bound at 1-3 blocks: the host's speed drifts over a run, so the rows compared are timed
+            # interleaved, call by call (benchmarks.timing.interleaved_ms), each graph captured first.
+            timed = interleaved_ms({
+                "ours eager": lambda: ours(q, k, v),  # noqa: B023
+                "ours compiled": lambda: ours_compiled(q, k, v),  # noqa: B023
+                "ours graph": graphed(lambda: ours(q, k, v)),  # noqa: B023
+                "flex compiled": flex_run, "flex graph": graphed(flex_run),
+                "bound eager": bound, "bound graph": graphed(bound)}, args.iters * 20, warmup=5)
             row = {"B": b, "H": h, "N": n, "D": d, "block": block, "kept_blocks": kept, "of_blocks": nb,
-                   "sdpa_ms": sdpa_ms,
-                   "ours_ms": {"eager": median_ms(lambda: ours(q, k, v), args.iters * 5, warmup=5),  # noqa: B023
-                               "compiled": median_ms(lambda: ours_compiled(q, k, v), args.iters * 5, warmup=5),  # noqa: B023
-                               "graph": median_ms(graphed(lambda: ours(q, k, v)), args.iters * 5, warmup=5)},  # noqa: B023
-                   "flex_ms": {"compiled": median_ms(flex_run, args.iters * 5, warmup=5),
-                               "graph": median_ms(graphed(flex_run), args.iters * 5, warmup=5)},
-                   "bound_ms": {"eager": median_ms(bound, args.iters * 5, warmup=5),
-                                "graph": median_ms(graphed(bound), args.iters * 5, warmup=5)}}
+                   "sdpa_ms": sdpa_ms, "timed_calls": args.iters * 20, "interleaved": True,
+                   **{f"{who}_ms": {mode: timed[f"{who} {mode}"] for mode in MODES if f"{who} {mode}" in timed}
+                      for who in ("ours", "flex", "bound")}}
             o, o_flex = ours(q, k, v).float(), flex_run().float()
             row["ours_vs_flex_rel_diff"] = ((o - o_flex).norm() / o_flex.norm()).item()
             log(f"kernel N={n} kept {kept}/{nb}: ours {fmt_ms(row['ours_ms'])}; flex {fmt_ms(row['flex_ms'])}; "

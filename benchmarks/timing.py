@@ -10,25 +10,41 @@ from typing import Any
 import torch
 
 
+def _timed_ms(fn: Callable[[], Any]) -> float:
+    """Milliseconds of one call of ``fn``: CUDA events around it when a GPU is present (synchronising on the end
+    event), the host clock otherwise."""
+    if torch.cuda.is_available():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
 def median_ms(fn: Callable[[], Any], iters: int = 1, warmup: int = 0) -> float:
-    """Median milliseconds of ``iters`` calls of ``fn`` after ``warmup`` untimed ones: CUDA events
-    around each call when a GPU is present (synchronising on the end event), the host clock otherwise."""
+    """Median milliseconds of ``iters`` calls of ``fn`` after ``warmup`` untimed ones (:func:`_timed_ms`)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(iters):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
+    return statistics.median(_timed_ms(fn) for _ in range(iters))
+
+
+def interleaved_ms(fns: dict[str, Callable[[], Any]], iters: int = 1, warmup: int = 0) -> dict[str, float]:
+    """Median milliseconds of each of ``fns`` over ``iters`` rounds that call every one once, in an order rotated
+    each round, after ``warmup`` such rounds untimed. Launch-bound calls drift with the host's state over a run;
+    interleaved, every function meets the same drift, so their ratio does not depend on which ran first."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + iters):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            if i < warmup:
+                fns[name]()
+            else:
+                times[name].append(_timed_ms(fns[name]))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def graphed(fn: Callable[[], Any]) -> Callable[[], Any]:

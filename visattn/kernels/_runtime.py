@@ -109,8 +109,19 @@ class Kernel:
             return None
         return getattr(importlib.import_module(self._module), self._tuned_name)
 
+    @staticmethod
+    def _signature(args: tuple, meta: dict[str, Any]) -> tuple:
+        return (torch.cuda.current_device(), *meta.values(),
+                *[(a.dtype, a.data_ptr() & 15, a.shape) if isinstance(a, Tensor) else a for a in args])
+
     def __call__(self, grid: Callable[[dict], tuple[int, ...]], *args: Any, traced: bool = False,
                  **meta: Any) -> None:
+        if not traced and self._compiled:  # the hot path first (the table stays empty under the interpreter)
+            hit = self._compiled.get(self._signature(args, meta))
+            if hit is not None:
+                runner, constants = hit
+                runner(*args, *constants)
+                return
         kernel = self.tuned or self.jit
         if interpreting():
             kernel[grid](*args, **meta)
@@ -119,13 +130,7 @@ class Kernel:
             with self._lock:
                 torch.library.wrap_triton(kernel)[grid](*args, **meta)
             return
-        key = (torch.cuda.current_device(), *meta.values(),
-               *((a.dtype, a.data_ptr() & 15, *a.shape) if isinstance(a, Tensor) else a for a in args))
-        hit = self._compiled.get(key)
-        if hit is not None:
-            runner, constants = hit
-            runner(*args, *constants)
-            return
+        key = self._signature(args, meta)
         with self._lock:  # the autotuner's best_config is read right after its launch
             compiled = kernel[grid](*args, **meta)
             config = {**meta, **(self.tuned.best_config.kwargs if self.tuned is not None else {})}

@@ -70,12 +70,17 @@ class _Plan:
         return 0 if self.always_blocks is None else int(self.always_blocks.numel())
 
 
+def _int32(t: Tensor) -> Tensor:
+    """``t`` as contiguous int32; ``t`` itself when it is (asked in Python: each tensor method call costs the host
+    a dispatch, and eager calls of small kernels are bound by the host)."""
+    return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
+
+
 def _make_plan(kv_indices: Tensor, kv_counts: Tensor, always_kv: Sequence[tuple[int, int]] | None,
                order: Tensor | None, *, num_kv: int, block_k: int) -> _Plan:
     nkb = -(-num_kv // block_k)
-    idx = kv_indices.to(torch.int32).contiguous()
-    cnt = kv_counts.to(torch.int32).contiguous()
-    order = None if order is None else order.to(torch.int32).contiguous()
+    idx, cnt = _int32(kv_indices), _int32(kv_counts)
+    order = None if order is None else _int32(order)
     ranges = [(int(s), int(e)) for s, e in (always_kv or ()) if int(e) > int(s)]
     if not ranges:
         return _Plan(idx, cnt, nkb, order=order)
@@ -175,7 +180,7 @@ def _empty_out(q: Tensor) -> Tensor:
     """The output ``[B, H, N, D]``, laid out as ``[B, N, H, D]`` in memory (as SDPA's), so that the usual
     ``out.transpose(1, 2).reshape(B, N, H * D)`` copies nothing."""
     b, h, n, d = q.shape
-    return q.new_empty(b, n, h, d).transpose(1, 2)
+    return torch.empty_strided((b, h, n, d), (n * h * d, d, h * d, 1), dtype=q.dtype, device=q.device)
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, plan: _Plan, *, block_q: int, block_k: int, scale: float,
