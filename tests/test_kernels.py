@@ -268,3 +268,42 @@ def test_gpu_eager_launches_from_the_compiled_kernel_cache(compiled):
                                                    block_k=128)
             assert rel(out, ref) < TOL[torch.float16]
     assert len(_FWD._compiled) >= 2  # one signature per alignment
+
+
+def test_launch_table_sends_a_known_signature_straight_to_its_compiled_kernel(monkeypatch):
+    """``_runtime.Kernel`` without a GPU: a stand-in Triton kernel records how each launch reached it. The first
+    launch of a signature goes through the kernel (Triton's binding and autotuning) and is kept; a second with new
+    data of the same signature calls the kept launcher with the constexpr values appended; a tensor at another
+    address modulo 16, another shape or another int is a new signature."""
+    from visattn.kernels import _runtime
+
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("direct", grid, args))
+
+    class Jit:
+        arg_names = ["X", "n", "BLOCK"]
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                calls.append(("triton", grid(meta), args, meta))
+                return Compiled()
+            return launch
+
+    monkeypatch.setattr(_runtime, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    kernel = _runtime.Kernel("unused", "unused")
+    kernel.__dict__["jit"] = Jit()
+    grid = lambda meta: (4 // meta["BLOCK"],)  # noqa: E731
+    buf = torch.zeros(16, dtype=torch.float32)
+    x, y, moved = buf[:8], buf[8:], buf[1:9]
+    kernel(grid, x, 8, BLOCK=2)
+    kernel(grid, y, 8, BLOCK=2)
+    assert calls == [("triton", (2,), (x, 8), {"BLOCK": 2}), ("direct", (2, 1, 1), (y, 8, 2))]
+    for args in ((moved, 8), (buf[:4], 8), (x, 4)):
+        calls.clear()
+        kernel(grid, *args, BLOCK=2)
+        assert [c[0] for c in calls] == ["triton"], args
+    assert len(kernel._compiled) == 4
