@@ -1,6 +1,7 @@
 """Speed in the three execution modes users run (issue 17): eager, ``torch.compile`` and CUDA graphs.
 
-Every workload is timed in one process, each variant against the stock model **in the same mode**:
+Every workload is timed in one process, each variant against the stock model **in the same mode**; ToMe on
+ViTs against stock, and BRA against BiFormer, timed interleaved, call by call (``side_by_side``):
 
 - ``eager``: calls issued from Python (the GPU machine's slow CPU makes small eager steps launch-bound);
 - ``compiled``: ``torch.compile(model)`` (default mode, Inductor), after its warm-up calls; the graph
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import time
@@ -68,25 +70,45 @@ def in_modes(model: torch.nn.Module, run: Callable[[torch.nn.Module], Any], iter
              modes: tuple[str, ...] = MODES, memory: bool = False) -> dict[str, Any]:
     """Milliseconds of ``run(model)`` in each mode (see the module doc), and the compile statistics; with
     ``memory``, also the MiB one eager and one compiled call allocate (``peak_mib``)."""
-    out: dict[str, Any] = {}
+    return side_by_side({"model": (model, run)}, iters, modes, memory)["model"]
+
+
+def side_by_side(variants: dict[str, tuple[torch.nn.Module, Callable[[torch.nn.Module], Any]]], iters: int,
+                 modes: tuple[str, ...] = MODES, memory: bool = False) -> dict[str, dict[str, Any]]:
+    """:func:`in_modes` of each ``name: (model, run)`` of ``variants``, the variants of a mode timed interleaved,
+    call by call (:func:`benchmarks.timing.interleaved_ms`; ``iters`` rounds after 3 untimed ones), so that the
+    host's drift over a run falls on all of them alike and their ratio does not depend on which ran first. The
+    models must be distinct objects (a method applied to a copy of the stock model). Compiled, each variant's
+    ``compile`` statistics are those of its own warm-up calls; ``recompiles`` counts the graphs compiled during
+    the timed calls of all the variants together."""
+    out: dict[str, dict[str, Any]] = {name: {} for name in variants}
+    calls = {name: partial(run, model) for name, (model, run) in variants.items()}
+
+    def timed(mode: str, fns: dict[str, Callable[[], Any]], warmup: int = 3) -> None:
+        for name, ms in interleaved_ms(fns, iters, warmup).items():
+            out[name][mode] = ms
+        if memory and mode != "graph":
+            for name, fn in fns.items():
+                out[name][f"{mode}_mib"] = peak_mib(fn)
+
     if "eager" in modes:
-        out["eager"] = median_ms(lambda: run(model), iters, warmup=3)
-        if memory:
-            out["eager_mib"] = peak_mib(lambda: run(model))
+        timed("eager", calls)
     if "graph" in modes:
-        out["graph"] = median_ms(graphed(lambda: run(model)), iters, warmup=3)
+        timed("graph", {name: graphed(call) for name, call in calls.items()})
     if "compiled" in modes:
         torch._dynamo.reset()
+        compiled = {}
+        for name, (model, run) in variants.items():
+            torch._dynamo.utils.counters.clear()
+            compiled[name] = partial(run, torch.compile(model))
+            for _ in range(3):
+                compiled[name]()
+            out[name]["compile"] = compile_stats()
         torch._dynamo.utils.counters.clear()
-        compiled = torch.compile(model)
-        for _ in range(3):
-            run(compiled)
-        warm = compile_stats()
-        out["compiled"] = median_ms(lambda: run(compiled), iters)
-        done = compile_stats()
-        out["compile"] = {**warm, "recompiles": done["graphs"] - warm["graphs"]}
-        if memory:
-            out["compiled_mib"] = peak_mib(lambda: run(compiled))
+        timed("compiled", compiled, warmup=0)
+        recompiles = compile_stats()["graphs"]
+        for name in variants:
+            out[name]["compile"]["recompiles"] = recompiles
         del compiled
         torch._dynamo.reset()
     return out
@@ -172,26 +194,27 @@ def tome_rows(args: argparse.Namespace, models: list[tuple[str, int]], modes: tu
     for name, r in models:
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False).cuda().half().eval()
+        merged = copy.deepcopy(model)  # stock and ToMe side by side, timed interleaved
         x = torch.randn(args.batch, 3, *model.patch_embed.img_size, device="cuda", dtype=torch.float16)
         run = lambda m, x=x: m(x)  # noqa: E731
         with torch.inference_mode():
-            row: dict[str, Any] = {"model": name, "r": r, "batch": args.batch,
-                                   "stock": in_modes(model, run, args.iters, modes)}
-            with applied(model, "tome", r=r) as handle:
-                row["tome"] = in_modes(model, run, args.iters, modes)
+            row: dict[str, Any] = {"model": name, "r": r, "batch": args.batch, "interleaved": ["stock", "tome"]}
+            with applied(merged, "tome", r=r) as handle:
+                both = side_by_side({"stock": (model, run), "tome": (merged, run)}, args.iters, modes)
+                row["stock"], row["tome"] = both["stock"], both["tome"]
                 row["token_counts"] = handle.token_counts
                 with drop_last_merges():
-                    row["bound"] = in_modes(model, run, args.iters, modes)
+                    row["bound"] = in_modes(merged, run, args.iters, modes)
             if evit:
-                with applied(model, "prune", keep=0.7):  # adds no graph break (tests/test_compile.py); not compiled
-                    row["evit"] = in_modes(model, run, args.iters, ("eager", "graph"))
+                with applied(merged, "prune", keep=0.7):  # adds no graph break (tests/test_compile.py); not compiled
+                    row["evit"] = in_modes(merged, run, args.iters, ("eager", "graph"))
         for k in ("tome", "bound") + (("evit",) if evit else ()):
             row[f"{k}_speedup"] = ratios(row["stock"], row[k])
         evit_text = f"; EViT {fmt(row['evit_speedup'])}" if evit else ""
         log(f"{name} r={r}: tome {fmt(row['tome_speedup'])}; bound {fmt(row['bound_speedup'])}{evit_text}; "
             f"compile stats tome {row['tome'].get('compile')}")
         rows.append(row)
-        del model
+        del model, merged
         torch.cuda.empty_cache()
     return rows
 
@@ -403,8 +426,10 @@ def part_bra(args: argparse.Namespace) -> list[dict]:
         with torch.inference_mode():
             row: dict[str, Any] = {"batch": batch, "tokens": side * side, "dim": dim, "heads": heads,
                                    "n_win": n_win, "topk": topk, "lepe": "5x5 depthwise on v" if lepe else "none",
-                                   "visattn": in_modes(ours, lambda m, x=x_ours: m(x), args.iters, memory=True),
-                                   "biformer": in_modes(peer, lambda m, x=x_peer: m(x), args.iters, memory=True)}
+                                   "interleaved": ["visattn", "biformer"],
+                                   **side_by_side({"visattn": (ours, lambda m, x=x_ours: m(x)),
+                                                   "biformer": (peer, lambda m, x=x_peer: m(x))},
+                                                  args.iters, memory=True)}
             with no_token_mixing():
                 row["bound"] = in_modes(ours, lambda m, x=x_ours: m(x), args.iters, memory=True)
         row["speedup_vs_biformer"] = ratios(row["biformer"], row["visattn"])
