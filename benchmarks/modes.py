@@ -79,8 +79,9 @@ def side_by_side(variants: dict[str, tuple[torch.nn.Module, Callable[[torch.nn.M
     call by call (:func:`benchmarks.timing.interleaved_ms`; ``iters`` rounds after 3 untimed ones), so that the
     host's drift over a run falls on all of them alike and their ratio does not depend on which ran first. The
     models must be distinct objects (a method applied to a copy of the stock model). Compiled, each variant's
-    ``compile`` statistics are those of its own warm-up calls; ``recompiles`` counts the graphs compiled during
-    the timed calls of all the variants together."""
+    ``compile`` statistics are those of its own warm-up calls (no graph where the graphs of an earlier variant's
+    model serve it: dynamo's guards decide); ``recompiles`` counts the graphs compiled during the timed calls of
+    all the variants together."""
     out: dict[str, dict[str, Any]] = {name: {} for name in variants}
     calls = {name: partial(run, model) for name, (model, run) in variants.items()}
 
