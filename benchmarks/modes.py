@@ -1,7 +1,8 @@
 """Speed in the three execution modes users run (issue 17): eager, ``torch.compile`` and CUDA graphs.
 
-Every workload is timed in one process, each variant against the stock model **in the same mode**; ToMe on
-ViTs against stock, and BRA against BiFormer, timed interleaved, call by call (``side_by_side``):
+Every workload is timed in one process, each variant against the stock model **in the same mode**, one variant
+after the other (as a user runs one model), except BRA against BiFormer: launch-bound, timed interleaved, call
+by call (``side_by_side``), so that the host's drift falls on both alike:
 
 - ``eager``: calls issued from Python (the GPU machine's slow CPU makes small eager steps launch-bound);
 - ``compiled``: ``torch.compile(model)`` (default mode, Inductor), after its warm-up calls; the graph
@@ -41,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import math
 import time
@@ -195,27 +195,26 @@ def tome_rows(args: argparse.Namespace, models: list[tuple[str, int]], modes: tu
     for name, r in models:
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False).cuda().half().eval()
-        merged = copy.deepcopy(model)  # stock and ToMe side by side, timed interleaved
         x = torch.randn(args.batch, 3, *model.patch_embed.img_size, device="cuda", dtype=torch.float16)
         run = lambda m, x=x: m(x)  # noqa: E731
         with torch.inference_mode():
-            row: dict[str, Any] = {"model": name, "r": r, "batch": args.batch, "interleaved": ["stock", "tome"]}
-            with applied(merged, "tome", r=r) as handle:
-                both = side_by_side({"stock": (model, run), "tome": (merged, run)}, args.iters, modes)
-                row["stock"], row["tome"] = both["stock"], both["tome"]
+            row: dict[str, Any] = {"model": name, "r": r, "batch": args.batch,
+                                   "stock": in_modes(model, run, args.iters, modes)}
+            with applied(model, "tome", r=r) as handle:
+                row["tome"] = in_modes(model, run, args.iters, modes)
                 row["token_counts"] = handle.token_counts
                 with drop_last_merges():
-                    row["bound"] = in_modes(merged, run, args.iters, modes)
+                    row["bound"] = in_modes(model, run, args.iters, modes)
             if evit:
-                with applied(merged, "prune", keep=0.7):  # adds no graph break (tests/test_compile.py); not compiled
-                    row["evit"] = in_modes(merged, run, args.iters, ("eager", "graph"))
+                with applied(model, "prune", keep=0.7):  # adds no graph break (tests/test_compile.py); not compiled
+                    row["evit"] = in_modes(model, run, args.iters, ("eager", "graph"))
         for k in ("tome", "bound") + (("evit",) if evit else ()):
             row[f"{k}_speedup"] = ratios(row["stock"], row[k])
         evit_text = f"; EViT {fmt(row['evit_speedup'])}" if evit else ""
         log(f"{name} r={r}: tome {fmt(row['tome_speedup'])}; bound {fmt(row['bound_speedup'])}{evit_text}; "
             f"compile stats tome {row['tome'].get('compile')}")
         rows.append(row)
-        del model, merged
+        del model
         torch.cuda.empty_cache()
     return rows
 

@@ -1,0 +1,183 @@
+"""Probes of how the timings of ``benchmarks.modes`` behave on the GPU machine (issue 17): each answers one question
+about a measurement rather than measuring a method, and writes its figures as JSON (``--out``).
+
+- ``order``: does timing two models interleaved, call by call, read differently from timing one after the other?
+  ViT-B/16 ToMe r=13 against stock (batch 256, fp16; GPU-bound) and BRA against BiFormer (topk 4, LePE 5x5, batch
+  8, bf16; launch-bound eager), each way in one process (BRA one after the other twice);
+- ``bra_host``: does the eager BRA layer's time move with the host's state within one process? The same eager
+  layer timed fresh, after a CUDA graph capture, after compiling an unrelated function, after compiling the layer,
+  after ``torch._dynamo.reset()``, after ``gc.collect()``, after Inductor's compile workers are shut down, and after
+  ``gc.freeze()`` (two medians of 30 calls each);
+- ``kernel_host``: the host's time per call of the block-sparse kernel at N=4096 (B=1, H=24, D=128, block 128, 1 of
+  32 kv blocks) compiled, eager, and FlexAttention compiled (300 calls issued back to back, three times), and a
+  profile of 50 calls of each (dynamo's guard check, the compiled graph's call, the launch).
+
+    PYTHONPATH=. python3 -m benchmarks.probes --probes order,bra_host,kernel_host --out visattn_results/probes.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+
+import visattn
+from benchmarks.modes import in_modes, listed, log, ratios, run_parts, side_by_side
+from benchmarks.timing import graphed, median_ms
+
+
+def rounded(times: dict[str, Any]) -> dict[str, float]:
+    return {m: round(times[m], 3) for m in ("eager", "compiled", "graph") if m in times}
+
+
+def bra_layers(biformer: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """visattn's BRA layer and BiFormer's (topk 4, LePE 5x5, dim 768, 12 heads, n_win 8) with their inputs (batch 8,
+    64x64 tokens, bf16), as ``benchmarks.modes`` part ``bra`` builds them."""
+    from visattn.timm import bra
+
+    sys.path.insert(0, biformer)
+    from ops.bra_nchw import nchwBRA  # BiFormer's own layer (a git-ignored copy of rayleizhu/BiFormer)
+
+    dd = dict(device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    ours = bra(n_win=8, topk=4, lepe=True, num_prefix_tokens=0)(768, num_heads=12, qkv_bias=True).to(**dd).eval()
+    peer = nchwBRA(768, num_heads=12, n_win=8, topk=4, side_dwconv=5).to(**dd).eval()
+    x = torch.randn(8, 4096, 768, **dd)
+    return ours, peer, x, x.transpose(1, 2).reshape(8, 768, 64, 64).contiguous(memory_format=torch.channels_last)
+
+
+def probe_order(args: argparse.Namespace) -> dict[str, Any]:
+    import timm
+
+    out: dict[str, Any] = {}
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False).cuda().half().eval()
+    merged = copy.deepcopy(model)
+    visattn.apply(merged, "tome", r=13)
+    x = torch.randn(256, 3, 224, 224, device="cuda", dtype=torch.float16)
+    run = lambda m: m(x)  # noqa: E731
+    with torch.inference_mode():
+        sequential = {"stock": in_modes(model, run, args.iters), "tome": in_modes(merged, run, args.iters)}
+        interleaved = side_by_side({"stock": (model, run), "tome": (merged, run)}, args.iters)
+        out["vit_b"] = {"sequential": sequential, "interleaved": interleaved}
+    del model, merged
+    ours, peer, x_ours, x_peer = bra_layers(args.biformer)
+    pair = {"visattn": (ours, lambda m: m(x_ours)), "biformer": (peer, lambda m: m(x_peer))}
+    with torch.inference_mode():
+        out["bra"] = {name: {who: in_modes(m, r, args.iters) for who, (m, r) in pair.items()}
+                      for name in ("sequential_1", "sequential_2")}
+        out["bra"]["interleaved"] = side_by_side(pair, args.iters)
+    for name, slow in (("vit_b", "tome"), ("bra", "visattn")):
+        fast = "stock" if name == "vit_b" else "biformer"
+        for order, times in out[name].items():
+            times["speedup"] = ratios(times[fast], times[slow])
+            log(f"{name} {order}: {slow} {rounded(times[slow])}, {fast} {rounded(times[fast])}, "
+                f"speedup {rounded(times['speedup'])}")
+    return out
+
+
+def probe_bra_host(args: argparse.Namespace) -> dict[str, list[float]]:
+    from torch._inductor.async_compile import shutdown_compile_workers
+
+    ours, _, x, _ = bra_layers(args.biformer)
+    out: dict[str, list[float]] = {}
+
+    def timed(label: str) -> None:
+        out[label] = [median_ms(lambda: ours(x), 30, warmup=5) for _ in range(2)]
+        log(f"bra eager {label}: {[round(v, 3) for v in out[label]]} ms")
+
+    with torch.inference_mode():
+        timed("fresh")
+        graphed(lambda: ours(x))()
+        timed("after a CUDA graph capture")
+        torch.compile(lambda a: a * 2 + 1)(x)
+        timed("after compiling an unrelated function")
+        compiled = torch.compile(ours)
+        for _ in range(3):
+            compiled(x)
+        timed("after compiling the layer")
+        torch._dynamo.reset()
+        timed("after dynamo reset")
+        gc.collect()
+        timed("after gc.collect")
+        shutdown_compile_workers()
+        timed("after shutting the compile workers down")
+        gc.freeze()
+        timed("after gc.freeze")
+    return out
+
+
+def host_us(fn: Callable[[], Any], calls: int = 300) -> dict[str, float]:
+    """Microseconds per call of ``calls`` calls issued back to back: until the last is issued, and until the GPU
+    has run them (equal where the host is the bound)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    issued = time.perf_counter()
+    torch.cuda.synchronize()
+    return {"issued_us": 1e6 * (issued - start) / calls, "done_us": 1e6 * (time.perf_counter() - start) / calls}
+
+
+def probe_kernel_host(args: argparse.Namespace) -> dict[str, Any]:
+    from torch.nn.attention.flex_attention import flex_attention
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.kernels import flex_block_mask, random_lists
+    from visattn.kernels.block_sparse import block_sparse_attention
+
+    b, h, n, d, block = 1, 24, 4096, 128, 128
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    idx, cnt = random_lists(b, h, n // block, n // block, 1, q.device)
+
+    def ours(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return block_sparse_attention(q, k, v, idx, cnt, block_q=block, block_k=block, check_values=False)
+
+    ours_compiled, flex = torch.compile(ours), torch.compile(flex_attention)
+    mask = flex_block_mask(idx, cnt, n, block)
+    runs = {"ours compiled": lambda: ours_compiled(q, k, v), "ours eager": lambda: ours(q, k, v),
+            "flex compiled": lambda: flex(q, k, v, block_mask=mask)}
+    out: dict[str, Any] = {"host": {name: [] for name in runs}, "profile_cpu_us_per_call": {}}
+    with torch.inference_mode():
+        for fn in runs.values():
+            for _ in range(5):
+                fn()
+        for _ in range(3):
+            for name, fn in runs.items():
+                out["host"][name].append(host_us(fn))
+        for name, fn in runs.items():
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(50):
+                    fn()
+                torch.cuda.synchronize()
+            out["profile_cpu_us_per_call"][name] = {e.key: e.cpu_time_total / 50 for e in prof.key_averages()
+                                                    if e.cpu_time_total > 0}
+    for name, reps in out["host"].items():
+        log(f"kernel N={n} 1 of {n // block} blocks, {name}: {[round(r['issued_us'], 1) for r in reps]} us per call "
+            f"issued; profile {({k: round(t, 1) for k, t in out['profile_cpu_us_per_call'][name].items()})}")
+    return out
+
+
+PROBES = {"order": probe_order, "bra_host": probe_bra_host, "kernel_host": probe_kernel_host}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--probes", default=",".join(PROBES), help=f"comma-separated, of: {', '.join(PROBES)}")
+    parser.add_argument("--out", default="visattn_results/probes.json")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--biformer", default=".peer/biformer", help="a copy of rayleizhu/BiFormer (order, bra_host)")
+    args = parser.parse_args()
+    probes = {name: partial(probe, args) for name, probe in PROBES.items()}
+    run_parts(listed(parser, "--probes", args.probes, tuple(PROBES)), probes, args.out)
+
+
+if __name__ == "__main__":
+    main()
