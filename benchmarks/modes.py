@@ -403,26 +403,38 @@ def no_token_mixing() -> contextlib.AbstractContextManager:
     return patched(bra, "bi_level_routing_attention", nothing)
 
 
-def part_bra(args: argparse.Namespace) -> list[dict]:
-    """BRA as a whole layer (qkv and output projections, LePE) against BiFormer's ``ops/bra_nchw.py``."""
+BRA_SHAPE = (8, 64, 768, 12, 8)  # batch, grid side, dim, heads, n_win
+
+
+def bra_pair(biformer: str, topk: int, lepe: bool) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor,
+                                                            torch.Tensor]:
+    """visattn's BRA layer and BiFormer's ``ops/bra_nchw.py`` layer (``biformer``: a copy of rayleizhu/BiFormer) at
+    64x64 tokens, dim 768, 12 heads, n_win 8, with LePE 5x5 or none, and their inputs (batch 8, bf16; BiFormer's
+    NCHW channels-last): ``(ours, peer, x_ours, x_peer)``."""
     import sys
 
     from visattn.timm import bra
 
-    sys.path.insert(0, args.biformer)
+    sys.path.insert(0, biformer)
     from ops.bra_nchw import nchwBRA  # BiFormer's own layer (a git-ignored copy of rayleizhu/BiFormer)
 
-    batch, side, dim, heads, n_win = 8, 64, 768, 12, 8
+    batch, side, dim, heads, n_win = BRA_SHAPE
     dd = dict(device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    ours = bra(n_win=n_win, topk=topk, lepe=lepe, num_prefix_tokens=0)(dim, num_heads=heads, qkv_bias=True)
+    ours = ours.to(**dd).eval()
+    peer = nchwBRA(dim, num_heads=heads, n_win=n_win, topk=topk, side_dwconv=5 if lepe else 0).to(**dd).eval()
+    x_ours = torch.randn(batch, side * side, dim, **dd)
+    x_peer = x_ours.transpose(1, 2).reshape(batch, dim, side, side).contiguous(memory_format=torch.channels_last)
+    return ours, peer, x_ours, x_peer
+
+
+def part_bra(args: argparse.Namespace) -> list[dict]:
+    """BRA as a whole layer (qkv and output projections, LePE) against BiFormer's ``ops/bra_nchw.py``."""
+    batch, side, dim, heads, n_win = BRA_SHAPE
     rows = []
     for topk, lepe in ((4, True), (4, False), (16, True)):
-        torch.manual_seed(0)
-        ours = bra(n_win=n_win, topk=topk, lepe=lepe, num_prefix_tokens=0)(dim, num_heads=heads, qkv_bias=True)
-        ours = ours.to(**dd).eval()
-        peer = nchwBRA(dim, num_heads=heads, n_win=n_win, topk=topk, side_dwconv=5 if lepe else 0).to(**dd).eval()
-        x_ours = torch.randn(batch, side * side, dim, **dd)
-        x_peer = x_ours.transpose(1, 2).reshape(batch, dim, side, side).contiguous(memory_format=torch.channels_last)
-
+        ours, peer, x_ours, x_peer = bra_pair(args.biformer, topk, lepe)
         with torch.inference_mode():
             row: dict[str, Any] = {"batch": batch, "tokens": side * side, "dim": dim, "heads": heads,
                                    "n_win": n_win, "topk": topk, "lepe": "5x5 depthwise on v" if lepe else "none",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -29,28 +28,8 @@ from typing import Any
 import torch
 
 import visattn
-from benchmarks.modes import in_modes, listed, log, ratios, run_parts, side_by_side
+from benchmarks.modes import bra_pair, fmt, fmt_ms, in_modes, listed, log, ratios, run_parts, side_by_side
 from benchmarks.timing import graphed, median_ms
-
-
-def rounded(times: dict[str, Any]) -> dict[str, float]:
-    return {m: round(times[m], 3) for m in ("eager", "compiled", "graph") if m in times}
-
-
-def bra_layers(biformer: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """visattn's BRA layer and BiFormer's (topk 4, LePE 5x5, dim 768, 12 heads, n_win 8) with their inputs (batch 8,
-    64x64 tokens, bf16), as ``benchmarks.modes`` part ``bra`` builds them."""
-    from visattn.timm import bra
-
-    sys.path.insert(0, biformer)
-    from ops.bra_nchw import nchwBRA  # BiFormer's own layer (a git-ignored copy of rayleizhu/BiFormer)
-
-    dd = dict(device="cuda", dtype=torch.bfloat16)
-    torch.manual_seed(0)
-    ours = bra(n_win=8, topk=4, lepe=True, num_prefix_tokens=0)(768, num_heads=12, qkv_bias=True).to(**dd).eval()
-    peer = nchwBRA(768, num_heads=12, n_win=8, topk=4, side_dwconv=5).to(**dd).eval()
-    x = torch.randn(8, 4096, 768, **dd)
-    return ours, peer, x, x.transpose(1, 2).reshape(8, 768, 64, 64).contiguous(memory_format=torch.channels_last)
 
 
 def probe_order(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,7 +47,7 @@ def probe_order(args: argparse.Namespace) -> dict[str, Any]:
         interleaved = side_by_side({"stock": (model, run), "tome": (merged, run)}, args.iters)
         out["vit_b"] = {"sequential": sequential, "interleaved": interleaved}
     del model, merged
-    ours, peer, x_ours, x_peer = bra_layers(args.biformer)
+    ours, peer, x_ours, x_peer = bra_pair(args.biformer, 4, True)
     pair = {"visattn": (ours, lambda m: m(x_ours)), "biformer": (peer, lambda m: m(x_peer))}
     with torch.inference_mode():
         out["bra"] = {name: {who: in_modes(m, r, args.iters) for who, (m, r) in pair.items()}
@@ -78,15 +57,15 @@ def probe_order(args: argparse.Namespace) -> dict[str, Any]:
         fast = "stock" if name == "vit_b" else "biformer"
         for order, times in out[name].items():
             times["speedup"] = ratios(times[fast], times[slow])
-            log(f"{name} {order}: {slow} {rounded(times[slow])}, {fast} {rounded(times[fast])}, "
-                f"speedup {rounded(times['speedup'])}")
+            log(f"{name} {order}: {slow} {fmt_ms(times[slow])}; {fast} {fmt_ms(times[fast])}; "
+                f"speedup {fmt(times['speedup'])}")
     return out
 
 
 def probe_bra_host(args: argparse.Namespace) -> dict[str, list[float]]:
     from torch._inductor.async_compile import shutdown_compile_workers
 
-    ours, _, x, _ = bra_layers(args.biformer)
+    ours, _, x, _ = bra_pair(args.biformer, 4, True)
     out: dict[str, list[float]] = {}
 
     def timed(label: str) -> None:

@@ -16,7 +16,7 @@ def test_listed_splits_and_refuses_unknown_values(capsys: pytest.CaptureFixture[
         assert "accepted: tome_block, bound" in capsys.readouterr().err
 
 
-def test_side_by_side_times_each_variant_interleaved_and_compiles_each_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_side_by_side_times_each_variant_interleaved_and_compiles_each_once() -> None:
     import torch
 
     from benchmarks import modes
