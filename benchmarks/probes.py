@@ -10,7 +10,13 @@ about a measurement rather than measuring a method, and writes its figures as JS
   ``gc.freeze()`` (two medians of 30 calls each);
 - ``kernel_host``: the host's time per call of the block-sparse kernel at N=4096 (B=1, H=24, D=128, block 128, 1 of
   32 kv blocks) compiled, eager, and FlexAttention compiled (300 calls issued back to back, three times), and a
-  profile of 50 calls of each (dynamo's guard check, the compiled graph's call, the launch).
+  profile of 50 calls of each (dynamo's guard check, the compiled graph's call, the launch); ablations: the
+  kernel compiled with ``interpreting()`` traced (guarded) as before, with Inductor's static launcher for user
+  Triton kernels (``static_launch_user_defined_triton_kernels``), the op alone, without the Python checks, and ours
+  and Flex compiled with dynamo's guards on globals skipped (``torch.compiler.skip_guard_on_globals_unsafe``);
+- ``vit_profile``: the compiled ViT-B/16 (batch 256, fp16), stock, with ``tome`` r=13 and with its bound: the host's
+  time to issue a call and the time until it has run (20 calls back to back, twice), and the GPU time of each
+  kernel over 10 calls.
 
     PYTHONPATH=. python3 -m benchmarks.probes --probes order,bra_host,kernel_host --out visattn_results/probes.json
 """
@@ -18,10 +24,12 @@ about a measurement rather than measuring a method, and writes its figures as JS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -105,26 +113,65 @@ def host_us(fn: Callable[[], Any], calls: int = 300) -> dict[str, float]:
     return {"issued_us": 1e6 * (issued - start) / calls, "done_us": 1e6 * (time.perf_counter() - start) / calls}
 
 
+def fresh(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``fn`` with a code object of its own: dynamo keeps its compiled graphs per code object, so a second
+    ``torch.compile`` of ``fn`` itself would reuse the first one's graph."""
+    copy = types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__,
+                              fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
+
+
 def probe_kernel_host(args: argparse.Namespace) -> dict[str, Any]:
+    from torch._inductor import config as inductor_config
     from torch.nn.attention.flex_attention import flex_attention
     from torch.profiler import ProfilerActivity, profile
 
     from benchmarks.kernels import flex_block_mask, random_lists
-    from visattn.kernels.block_sparse import block_sparse_attention
+    from visattn.kernels import _runtime
+    from visattn.kernels.block_sparse import _attend_op, block_sparse_attention
 
     b, h, n, d, block = 1, 24, 4096, 128, 128
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     idx, cnt = random_lists(b, h, n // block, n // block, 1, q.device)
+    idx32, cnt32 = idx.to(torch.int32).contiguous(), cnt.to(torch.int32).contiguous()
 
     def ours(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return block_sparse_attention(q, k, v, idx, cnt, block_q=block, block_k=block, check_values=False)
 
-    ours_compiled, flex = torch.compile(ours), torch.compile(flex_attention)
+    def op_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return _attend_op(q, k, v, idx32, cnt32, n // block, None, None, None, None, block, block, d ** -0.5)[0]
+
+    @contextlib.contextmanager
+    def env_traced() -> Iterator[None]:  # interpreting() traced as it was before it was marked constant
+        marked = _runtime.interpreting.__dict__.pop("_dynamo_marked_constant", None)
+        try:
+            yield
+        finally:
+            if marked is not None:
+                _runtime.interpreting._dynamo_marked_constant = marked
+
     mask = flex_block_mask(idx, cnt, n, block)
-    runs = {"ours compiled": lambda: ours_compiled(q, k, v), "ours eager": lambda: ours(q, k, v),
-            "flex compiled": lambda: flex(q, k, v, block_mask=mask)}
+    flex = torch.compile(flex_attention)
+    unguarded = {"guard_filter_fn": torch.compiler.skip_guard_on_globals_unsafe}  # what dynamo's guards cost
+    # Each compiled variant: (its compiled function, the context its first call, which compiles it, runs in).
+    variants = {"ours compiled": (torch.compile(ours), contextlib.nullcontext),
+                "ours compiled, env traced": (torch.compile(fresh(ours, "ours_env")), env_traced),
+                "ours compiled, static launch": (
+                    torch.compile(fresh(ours, "ours_static")),
+                    partial(inductor_config.patch, static_launch_user_defined_triton_kernels=True)),
+                "op alone compiled": (torch.compile(op_alone), contextlib.nullcontext),
+                "ours compiled, global guards skipped": (
+                    torch.compile(fresh(ours, "ours_unguarded"), options=unguarded), contextlib.nullcontext)}
+    runs = {name: partial(fn, q, k, v) for name, (fn, _) in variants.items()}
+    flex_unguarded = torch.compile(fresh(flex_attention, "flex_unguarded"), options=unguarded)
+    runs.update({"ours eager": partial(ours, q, k, v), "flex compiled": lambda: flex(q, k, v, block_mask=mask),
+                 "flex compiled, global guards skipped": lambda: flex_unguarded(q, k, v, block_mask=mask)})
     out: dict[str, Any] = {"host": {name: [] for name in runs}, "profile_cpu_us_per_call": {}}
     with torch.inference_mode():
+        for fn, context in variants.values():
+            with context():
+                fn(q, k, v)
         for fn in runs.values():
             for _ in range(5):
                 fn()
@@ -144,7 +191,47 @@ def probe_kernel_host(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-PROBES = {"order": probe_order, "bra_host": probe_bra_host, "kernel_host": probe_kernel_host}
+def probe_vit_profile(args: argparse.Namespace) -> dict[str, Any]:
+    """The compiled ViT-B/16 (batch 256, fp16) stock, with ``tome`` r=13 and with its bound, profiled: the GPU time
+    of each kernel over 10 calls, so that what ToMe's merges cost over the bound reads kernel by kernel."""
+    import timm
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.modes import applied, drop_last_merges
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False).cuda().half().eval()
+    x = torch.randn(256, 3, 224, 224, device="cuda", dtype=torch.float16)
+    out: dict[str, Any] = {}
+
+    def profiled(name: str) -> None:
+        torch._dynamo.reset()
+        compiled = torch.compile(model)
+        for _ in range(3):
+            compiled(x)
+        host = [host_us(lambda: compiled(x), calls=20) for _ in range(2)]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                compiled(x)
+            torch.cuda.synchronize()
+        kernels = sorted(((e.key, e.device_time_total / 10e3) for e in prof.key_averages() if e.device_time_total > 0),
+                         key=lambda kv: -kv[1])
+        out[name] = {"ms_per_call": sum(t for _, t in kernels), "kernels_ms": dict(kernels), "host": host}
+        log(f"vit_b compiled {name}: {out[name]['ms_per_call']:.3f} ms of kernels per call; issued / done "
+            f"{[(round(h['issued_us'] / 1e3, 3), round(h['done_us'] / 1e3, 3)) for h in host]} ms per call; top "
+            f"{[(k[:60], round(t, 3)) for k, t in kernels[:12]]}")
+
+    with torch.inference_mode():
+        profiled("stock")
+        with applied(model, "tome", r=13):
+            profiled("tome")
+            with drop_last_merges():
+                profiled("bound")
+    return out
+
+
+PROBES = {"order": probe_order, "bra_host": probe_bra_host, "kernel_host": probe_kernel_host,
+          "vit_profile": probe_vit_profile}
 
 
 def main() -> None:
