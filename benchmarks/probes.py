@@ -11,9 +11,9 @@ about a measurement rather than measuring a method, and writes its figures as JS
 - ``kernel_host``: the host's time per call of the block-sparse kernel at N=4096 (B=1, H=24, D=128, block 128, 1 of
   32 kv blocks) compiled, eager, and FlexAttention compiled (300 calls issued back to back, three times), and a
   profile of 50 calls of each (dynamo's guard check, the compiled graph's call, the launch); ablations: the
-  kernel compiled with ``interpreting()`` traced (guarded) as before, with Inductor's static launcher for user
-  Triton kernels (``static_launch_user_defined_triton_kernels``), the op alone, without the Python checks, and ours
-  and Flex compiled with dynamo's guards on globals skipped (``torch.compiler.skip_guard_on_globals_unsafe``);
+  kernel compiled with Inductor's static launcher for user Triton kernels
+  (``static_launch_user_defined_triton_kernels``), the op alone, without the Python checks, and ours and Flex
+  compiled with dynamo's guards on globals skipped (``torch.compiler.skip_guard_on_globals_unsafe``);
 - ``vit_profile``: the compiled ViT-B/16 (batch 256, fp16), stock, with ``tome`` r=13 and with its bound: the host's
   time to issue a call and the time until it has run (20 calls back to back, twice), and the GPU time of each
   kernel over 10 calls.
@@ -29,7 +29,7 @@ import copy
 import gc
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -128,7 +128,6 @@ def probe_kernel_host(args: argparse.Namespace) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     from benchmarks.kernels import flex_block_mask, random_lists
-    from visattn.kernels import _runtime
     from visattn.kernels.block_sparse import _attend_op, block_sparse_attention
 
     b, h, n, d, block = 1, 24, 4096, 128, 128
@@ -142,21 +141,11 @@ def probe_kernel_host(args: argparse.Namespace) -> dict[str, Any]:
     def op_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return _attend_op(q, k, v, idx32, cnt32, n // block, None, None, None, None, block, block, d ** -0.5)[0]
 
-    @contextlib.contextmanager
-    def env_traced() -> Iterator[None]:  # interpreting() traced as it was before it was marked constant
-        marked = _runtime.interpreting.__dict__.pop("_dynamo_marked_constant", None)
-        try:
-            yield
-        finally:
-            if marked is not None:
-                _runtime.interpreting._dynamo_marked_constant = marked
-
     mask = flex_block_mask(idx, cnt, n, block)
     flex = torch.compile(flex_attention)
     unguarded = {"guard_filter_fn": torch.compiler.skip_guard_on_globals_unsafe}  # what dynamo's guards cost
     # Each compiled variant: (its compiled function, the context its first call, which compiles it, runs in).
     variants = {"ours compiled": (torch.compile(ours), contextlib.nullcontext),
-                "ours compiled, env traced": (torch.compile(fresh(ours, "ours_env")), env_traced),
                 "ours compiled, static launch": (
                     torch.compile(fresh(ours, "ours_static")),
                     partial(inductor_config.patch, static_launch_user_defined_triton_kernels=True)),
