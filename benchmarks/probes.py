@@ -18,7 +18,7 @@ about a measurement rather than measuring a method, and writes its figures as JS
   time to issue a call and the time until it has run (20 calls back to back, twice), and the GPU time of each
   kernel over 10 calls.
 
-    PYTHONPATH=. python3 -m benchmarks.probes --probes order,bra_host,kernel_host --out visattn_results/probes.json
+    PYTHONPATH=. python3 -m benchmarks.probes --probes order,bra_host,kernel_host,vit_profile  # visattn_results/
 """
 
 from __future__ import annotations
