@@ -173,13 +173,14 @@ def drop_last_merges() -> contextlib.AbstractContextManager:
 
     def drop_last(metric: torch.Tensor, r: int, *, num_prefix: int = 0, size: torch.Tensor | None = None,
                   **_: object) -> tuple:
-        keep = metric.shape[1] - min(r, (metric.shape[1] - num_prefix) // 2)
+        batch, n = metric.shape[0], metric.shape[-2]  # the keys [B, H, N, D]
+        keep = n - min(r, (n - num_prefix) // 2)
 
         def merge(t: torch.Tensor, mode: str = "mean", add: torch.Tensor | None = None) -> torch.Tensor:
             return t[:, :keep] if add is None else t[:, :keep] + add[:, :keep]
 
-        merge.size = (torch.ones(metric.shape[:2], device=metric.device) if size is None else size)[:, :keep]
-        merge.kept = torch.arange(keep, device=metric.device).expand(metric.shape[0], -1)  # positions follow
+        merge.size = (torch.ones(batch, n, device=metric.device) if size is None else size)[:, :keep]
+        merge.kept = torch.arange(keep, device=metric.device).expand(batch, -1)  # positions follow
         return merge, None
 
     return patched(tome_vit, "bipartite_soft_matching", drop_last)

@@ -14,9 +14,10 @@ about a measurement rather than measuring a method, and writes its figures as JS
   kernel compiled with Inductor's static launcher for user Triton kernels
   (``static_launch_user_defined_triton_kernels``), the op alone, without the Python checks, and ours and Flex
   compiled with dynamo's guards on globals skipped (``torch.compiler.skip_guard_on_globals_unsafe``);
-- ``vit_profile``: the compiled ViT-B/16 (batch 256, fp16), stock, with ``tome`` r=13 and with its bound: the host's
-  time to issue a call and the time until it has run (20 calls back to back, twice), and the GPU time of each
-  kernel over 10 calls.
+- ``vit_profile``: the compiled ViT-B/16 (batch 256, fp16), stock, with ``tome`` r=13, with ``tome`` deciding on
+  the keys' mean over heads written out first (as before the match kernel averaged them itself), and with its
+  bound: the host's time to issue a call and the time until it has run (20 calls back to back, twice), and the
+  GPU time of each kernel over 10 calls.
 
     PYTHONPATH=. python3 -m benchmarks.probes --probes order,bra_host,kernel_host,vit_profile  # visattn_results/
 """
@@ -182,11 +183,14 @@ def probe_kernel_host(args: argparse.Namespace) -> dict[str, Any]:
 
 def probe_vit_profile(args: argparse.Namespace) -> dict[str, Any]:
     """The compiled ViT-B/16 (batch 256, fp16) stock, with ``tome`` r=13 and with its bound, profiled: the GPU time
-    of each kernel over 10 calls, so that what ToMe's merges cost over the bound reads kernel by kernel."""
+    of each kernel over 10 calls, so that what ToMe's merges cost over the bound reads kernel by kernel; and ToMe
+    with the keys' mean over heads written out before the match kernel (its cost, apart)."""
     import timm
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.modes import applied, drop_last_merges
+    from benchmarks.modes import applied, drop_last_merges, patched
+    from visattn.kernels import tome as tome_kernels
+    from visattn.processors.tome import vit as tome_vit
 
     torch.manual_seed(0)
     model = timm.create_model("vit_base_patch16_224", pretrained=False).cuda().half().eval()
@@ -214,6 +218,9 @@ def probe_vit_profile(args: argparse.Namespace) -> dict[str, Any]:
         profiled("stock")
         with applied(model, "tome", r=13):
             profiled("tome")
+            with patched(tome_vit, "bipartite_soft_matching",
+                         lambda keys, *a, **k: tome_kernels.bipartite_soft_matching(keys.mean(dim=1), *a, **k)):
+                profiled("tome, keys averaged first")
             with drop_last_merges():
                 profiled("bound")
     return out

@@ -105,7 +105,7 @@ def bench_model(name: str, r: int, args: argparse.Namespace, tome: object) -> di
         from visattn.processors.tome import vit as tome_processor
 
         with patched(tome_processor, "bipartite_soft_matching",
-                     lambda *a, strict=False, **k: core_merge.bipartite_soft_matching(*a, **k)):
+                     lambda keys, *a, strict=False, **k: core_merge.bipartite_soft_matching(keys.mean(1), *a, **k)):
             row["tome_torch_path_ms"] = median_ms(fwd, args.iters, warmup=3)
         visattn.remove(model)
         after = counts[1:] + [counts[-1] - min(r, (counts[-1] - model.num_prefix_tokens) // 2)]

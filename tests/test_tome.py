@@ -234,6 +234,16 @@ def kernel_cases() -> bool:
         for got, w in zip(torch.autograd.grad(fused(x, "mean", y), (x, y), grad), want):
             torch.testing.assert_close(got, w)
         assert not torch.equal(fused(x, "mean", y), fused(x))  # the branch is read
+    # keys [B, H, N, D] strided as timm's qkv view: the match kernel averages the heads as it reads them
+    qkv = torch.randn(2, 21, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    keys, x = qkv[1], torch.randn(2, 21, 24)
+    ref = cm.decide(keys.mean(1), 5, 1, None, None)
+    kept, src, _, new_size = kernels.match(keys, 5, 1, None)
+    assert torch.equal(kept, ref.kept) and torch.equal(new_size, ref.size)
+    assert torch.equal(src.sort(1).values, ref.src.sort(1).values)
+    assert not torch.equal(kept, kernels.match(keys[:, :1], 5, 1, None)[0])  # every head is read
+    fused, _ = kernels.bipartite_soft_matching(keys, 5, num_prefix=1, strict=True)
+    torch.testing.assert_close(fused(x), cm.bipartite_soft_matching(keys.mean(1), 5, num_prefix=1)[0](x))
     # a ViT merging through the kernels compiles whole (the kernels are custom ops) and equals its eager forward
     model, images = _vit(), torch.randn(2, 3, 32, 32)
     visattn.apply(model, "tome", r=2, strict=True)
@@ -261,6 +271,9 @@ def test_merge_kernel_fallback_is_logged_once_and_strict_refuses_it(caplog: pyte
         f"visattn tome merge kernels: {reason}; merging through PyTorch; falling back (logged once; pass "
         f"strict=True to make this an error)") == 1
     torch.testing.assert_close(merge(x), bipartite_soft_matching(metric, 4, num_prefix=1)[0](x))
+    keys = torch.randn(2, 3, 17, 16)  # keys [B, H, N, D]: the fallback averages them over heads first
+    torch.testing.assert_close(kernels.bipartite_soft_matching(keys, 4, num_prefix=1)[0](x),
+                               bipartite_soft_matching(keys.mean(1), 4, num_prefix=1)[0](x))
     model = _vit()
     visattn.apply(model, "tome", r=2, strict=True)
     try:

@@ -80,8 +80,9 @@ def bipartite_soft_matching(metric: Tensor, r: int, *, num_prefix: int = 0, size
 
 
 def merge_count(metric: Tensor, r: int, num_prefix: int, mergeable: Tensor | None) -> int:
-    """``r`` clamped to half the image tokens and, under a key mask, to the edges between mergeable tokens."""
-    r = min(r, (metric.shape[1] - num_prefix) // 2)
+    """``r`` clamped to half the image tokens and, under a key mask, to the edges between mergeable tokens (the
+    tokens are ``metric``'s dim -2: ``[B, N, C]``, or keys ``[B, H, N, D]`` without a mask)."""
+    r = min(r, (metric.shape[-2] - num_prefix) // 2)
     if r > 0 and mergeable is not None:
         r = min(r, _mergeable_edges(metric, num_prefix, mergeable))
     return r

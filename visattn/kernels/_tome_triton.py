@@ -1,6 +1,7 @@
 """Triton kernels of ToMe's bipartite soft matching (see :mod:`visattn.core.merge`, their oracle).
 
-``_match_kernel``: one program per sequence. It loads sets A and B of the metric, takes cosine
+``_match_kernel``: one program per sequence. It loads sets A and B of the metric (summing it over
+heads as it reads, when given keys ``[B, H, N, D]``: cosine similarity does not see the mean's ``1 / H``), takes cosine
 similarities with one ``tl.dot``, each a's best b, the ``r`` best edges (by rank: how many edges
 beat each one), and writes the decision: the kept token of every output position, the merged
 tokens and the output position each joins, and the new sizes. Everything in between lives in
@@ -34,18 +35,24 @@ import triton.language as tl
 
 @triton.jit
 def _match_kernel(metric, size_in, kept_out, src_out, dst_out, size_out,
-                  N, D, P, R, N_OUT, NA, NB, A_OFF: tl.constexpr, B_OFF: tl.constexpr, HAS_SIZE: tl.constexpr,
-                  BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+                  N, D, H, stride_b, stride_h, stride_n, P, R, N_OUT, NA, NB, A_OFF: tl.constexpr,
+                  B_OFF: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_P: tl.constexpr):
     b = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     d = tl.arange(0, BLOCK_D)
     ok_a, ok_b = i < NA, i < NB
     pos_a = P + A_OFF + 2 * i  # sequence positions of A (rows) and B (columns)
     pos_b = P + B_OFF + 2 * i
-    base = metric + b * N * D
     ok_d = d[None, :] < D
-    a = tl.load(base + pos_a[:, None] * D + d[None, :], mask=ok_a[:, None] & ok_d, other=0.0).to(tl.float32)
-    bb = tl.load(base + pos_b[:, None] * D + d[None, :], mask=ok_b[:, None] & ok_d, other=0.0).to(tl.float32)
+    a = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    bb = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    for h in range(H):  # the metric summed over heads (H = 1: the metric itself)
+        base = metric + b.to(tl.int64) * stride_b + h * stride_h
+        a += tl.load(base + pos_a[:, None] * stride_n + d[None, :], mask=ok_a[:, None] & ok_d, other=0.0).to(
+            tl.float32)
+        bb += tl.load(base + pos_b[:, None] * stride_n + d[None, :], mask=ok_b[:, None] & ok_d, other=0.0).to(
+            tl.float32)
     a = a / tl.maximum(tl.sqrt(tl.sum(a * a, axis=1)), 1e-12)[:, None]
     bb = bb / tl.maximum(tl.sqrt(tl.sum(bb * bb, axis=1)), 1e-12)[:, None]
     scores = tl.dot(a.to(metric.dtype.element_ty), tl.trans(bb.to(metric.dtype.element_ty)))  # [A, B]

@@ -51,18 +51,24 @@ def unavailable_reason(t: Tensor, n_img: int) -> str | None:
 
 def bipartite_soft_matching(metric: Tensor, r: int, *, num_prefix: int = 0, size: Tensor | None = None,
                             mergeable: Tensor | None = None, strict: bool = False) -> tuple[core.MergeFn, core.MergeFn]:
-    """:func:`visattn.core.merge.bipartite_soft_matching` on the kernels where they run (see the module doc)."""
+    """:func:`visattn.core.merge.bipartite_soft_matching` on the kernels where they run (see the module doc).
+
+    ``metric`` may also be ToMe's keys ``[B, H, N, D]``, standing for their mean over heads: the match kernel
+    averages them as it reads them (no ``[B, N, D]`` mean is written out); every other path takes the mean first."""
+    tokens = (metric.shape[0], metric.shape[-2])
+    n_img = tokens[1] - num_prefix
+    reason = "a key mask (padded tokens)" if mergeable is not None else unavailable_reason(metric, n_img)
+    if metric.ndim == 4 and reason is not None:
+        metric = metric.mean(dim=1)
     r = core.merge_count(metric, r, num_prefix, mergeable)
     if r <= 0:
         return core.bipartite_soft_matching(metric, 0)
-    n_img = metric.shape[1] - num_prefix
-    reason = "a key mask (padded tokens)" if mergeable is not None else unavailable_reason(metric, n_img)
     if reason is not None:  # r is clamped already: the core decision, not its entry point (no second clamp)
         fallback(f"tome:{reason}", f"visattn tome merge kernels: {reason}; merging through PyTorch", strict)
-        return core.merge_functions(core.decide(metric, r, num_prefix, size, mergeable), metric.shape[:2], size)
+        return core.merge_functions(core.decide(metric, r, num_prefix, size, mergeable), tokens, size)
     with torch.no_grad():
         m = core.Match(*match(metric, r, num_prefix, size))
-    return core.merge_functions(m, metric.shape[:2], size,
+    return core.merge_functions(m, tokens, size,
                                 mean=lambda x, add: merge_mean(x, m.kept, m.src, m.dst_out, size, m.size, add))
 
 
@@ -76,28 +82,30 @@ def _pow2(v: int, low: int) -> int:
 
 
 def match(metric: Tensor, r: int, num_prefix: int, size: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The decision for ``metric`` ``[B, N, D]``: ``(kept [B, N - r], src [B, r], dst_out [B, r],
-    size [B, N - r])`` as in :class:`visattn.core.merge.Match`."""
+    """The decision for ``metric`` ``[B, N, D]`` (or keys ``[B, H, N, D]``, averaged over heads as they are read):
+    ``(kept [B, N - r], src [B, r], dst_out [B, r], size [B, N - r])`` as in :class:`visattn.core.merge.Match`."""
     return launch(_match_op, _match, metric, r, num_prefix, size)
 
 
 def _match_outputs(metric: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    batch, n, _ = metric.shape
+    batch, n = metric.shape[0], metric.shape[-2]
     longs = dict(dtype=torch.long, device=metric.device)
     return (torch.empty(batch, n - r, **longs), torch.empty(batch, r, **longs), torch.empty(batch, r, **longs),
             torch.empty(batch, n - r, dtype=torch.float32, device=metric.device))
 
 
 def _match(metric: Tensor, r: int, num_prefix: int, size: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    batch, n, d = metric.shape
+    keys = metric if metric.ndim == 4 else metric[:, None]  # [B, H, N, D], H = 1 for a metric
+    if keys.stride(-1) != 1:
+        keys = keys.contiguous()
+    batch, heads, n, d = keys.shape
     n_img = n - num_prefix
     a_off = num_prefix % 2
     na, nb = (n_img - a_off + 1) // 2, (n_img - (1 - a_off) + 1) // 2
-    metric = metric.contiguous()
     kept, src, dst, new_size = _match_outputs(metric, r)
     size_in = new_size if size is None else size.float().contiguous()
     _kernels()._match_kernel[(batch,)](
-        metric, size_in, kept, src, dst, new_size, n, d, num_prefix, r, n - r, na, nb,
+        keys, size_in, kept, src, dst, new_size, n, d, heads, *keys.stride()[:3], num_prefix, r, n - r, na, nb,
         A_OFF=a_off, B_OFF=1 - a_off, HAS_SIZE=size is not None,
         BLOCK=_pow2(max(na, nb), 16), BLOCK_D=_pow2(d, 16),
         BLOCK_P=_pow2(num_prefix, 2), num_warps=8)
