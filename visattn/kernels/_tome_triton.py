@@ -47,8 +47,9 @@ def _match_kernel(metric, size_in, kept_out, src_out, dst_out, size_out,
     ok_d = d[None, :] < D
     a = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
     bb = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    seq = metric + b.to(tl.int64) * stride_b
     for h in range(H):  # the metric summed over heads (H = 1: the metric itself)
-        base = metric + b.to(tl.int64) * stride_b + h * stride_h
+        base = seq + h * stride_h
         a += tl.load(base + pos_a[:, None] * stride_n + d[None, :], mask=ok_a[:, None] & ok_d, other=0.0).to(
             tl.float32)
         bb += tl.load(base + pos_b[:, None] * stride_n + d[None, :], mask=ok_b[:, None] & ok_d, other=0.0).to(

@@ -6,11 +6,11 @@ heads merges ``r`` pairs of similar image tokens into their size-weighted averag
 later blocks run on fewer tokens. Later attention layers use proportional attention,
 ``softmax(q k^T / sqrt(d) + log s)``: the ``log s`` row goes into the fused SDPA kernel as an
 additive float mask, never through a materialised attention map. On CUDA each merge is two Triton
-launches (decide, averaging the keys over heads as it reads them; average, reading the residual stream and the
-attention branch and summing them as it reads, so the block's residual sum is never written out;
-:mod:`visattn.kernels.tome`) with no host
-synchronisation, so merging costs less than it saves (ViT-B/16 r=13: 1.44x stock timm on an H100, see
-BENCHMARKS.md) and the patched model captures in a CUDA graph. Prefix tokens (class, registers:
+launches (decide, averaging the keys over heads as it reads them; average, reading the residual stream
+and the attention branch and summing them as it reads, so the block's residual sum is never written
+out; :mod:`visattn.kernels.tome`) with no host synchronisation, so merging costs less than it saves
+(ViT-B/16 r=13: 1.44x stock timm on an H100, see BENCHMARKS.md) and the patched model captures in a
+CUDA graph. Prefix tokens (class, registers:
 ``num_prefix_tokens``) are never merged, and the token count left for the head stays valid.
 
 Unlike the reference implementation, the stock block and attention modules keep running: the
