@@ -18,7 +18,8 @@ Next to each speedup, its bound: the same model doing only the work the method l
 - ``kernel``: the block-sparse kernel at N=4096 (B=1, H=24, D=128, block 128, 1, 2, 3 and 16 of 32 kv blocks kept, bf16)
   against FlexAttention given the same lists (always compiled, as Flex must be) and dense SDPA; ours is timed
   eager, inside a compiled function, and replayed from a CUDA graph; bound: dense SDPA over the kept keys alone;
-  each list's rows are timed interleaved, call by call (these calls are launch-bound);
+  each list's rows are timed interleaved, call by call (these calls are launch-bound), ours and Flex compiled
+  afresh for each list (as a user's function is, with static sizes);
 - ``wan``: one Wan 2.1 1.3B forward at 81x480x832 (32,760 tokens, bf16, random weights), ``sparse_video``
   tile_topk keep 0.1 installed as processors and as the attention backend (``--wan-variants``); bound: every
   self-attention over the first 10% of its keys (SDPA);
