@@ -10,8 +10,8 @@ launches (decide, averaging the keys over heads as it reads them; average, readi
 and the attention branch and summing them as it reads, so the block's residual sum is never written
 out; :mod:`visattn.kernels.tome`) with no host synchronisation, so merging costs less than it saves
 (ViT-B/16 r=13: 1.44x stock timm on an H100, see BENCHMARKS.md) and the patched model captures in a
-CUDA graph. Prefix tokens (class, registers:
-``num_prefix_tokens``) are never merged, and the token count left for the head stays valid.
+CUDA graph. Prefix tokens (class, registers: ``num_prefix_tokens``) are never merged, and the token
+count left for the head stays valid.
 
 Unlike the reference implementation, the stock block and attention modules keep running: the
 timm and open_clip adapters run :class:`TomeStep`, the merge step, between each block's attention
